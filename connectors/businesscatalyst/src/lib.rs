@@ -1,0 +1,1 @@
+//! Business Catalyst CRM (SOAP) source and sink, and its sandbox.

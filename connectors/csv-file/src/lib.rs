@@ -1,0 +1,1 @@
+//! CSV file source and sink (registered as csv).

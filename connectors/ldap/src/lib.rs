@@ -1,0 +1,1 @@
+//! LDAP directory source and sink.

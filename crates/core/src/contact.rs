@@ -1,0 +1,537 @@
+//! The canonical person record and its identity.
+//!
+//! Every source maps what it reads into a [`Contact`]; every sink maps a `Contact` into
+//! what its platform wants. The engine compares contacts only through
+//! [`Contact::content_hash`], so two contacts that mean the same person in the same way
+//! hash the same whatever the order their source listed the fields in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Whether a person should receive mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactStatus {
+    /// Receives mail.
+    #[default]
+    Active,
+    /// Kept, but not mailed (a disabled account, a leaver kept for the record).
+    Inactive,
+    /// The person opted out themselves. Sinks must never re-subscribe them.
+    OptedOut,
+}
+
+impl ContactStatus {
+    /// The spelling used in config files, CSV files and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContactStatus::Active => "active",
+            ContactStatus::Inactive => "inactive",
+            ContactStatus::OptedOut => "opted_out",
+        }
+    }
+}
+
+impl fmt::Display for ContactStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ContactStatus {
+    type Err = String;
+
+    /// Liberal in what it accepts: `active`, `ACTIVE`, `inactive`, `opt_out`,
+    /// `opted-out`, `unsubscribed`, and an empty string for active.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm: String = s
+            .trim()
+            .chars()
+            .filter(|c| c.is_alphanumeric())
+            .flat_map(char::to_lowercase)
+            .collect();
+        match norm.as_str() {
+            "" | "active" | "enabled" | "subscribed" => Ok(ContactStatus::Active),
+            "inactive" | "disabled" | "removed" => Ok(ContactStatus::Inactive),
+            "optedout" | "optout" | "unsubscribed" => Ok(ContactStatus::OptedOut),
+            _ => Err(format!(
+                "unknown status {s:?} (expected active, inactive or opted_out)"
+            )),
+        }
+    }
+}
+
+/// The canonical fields of a [`Contact`], by the names used in config files
+/// (`columns`, `attributes`, field mappings) and error messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Field {
+    /// `external_id`
+    ExternalId,
+    /// `email`
+    Email,
+    /// `first_name`
+    FirstName,
+    /// `last_name`
+    LastName,
+    /// `display_name`
+    DisplayName,
+    /// `phone`
+    Phone,
+    /// `mobile`
+    Mobile,
+    /// `company`
+    Company,
+    /// `department`
+    Department,
+    /// `job_title`
+    JobTitle,
+    /// `language`
+    Language,
+    /// `subscriptions`: list/permission names, separated by `;` or `|` in flat formats.
+    Subscriptions,
+    /// `status`
+    Status,
+    /// `updated_at`
+    UpdatedAt,
+    /// A custom field, `attributes.NAME` in config (or any name that is not canonical).
+    Attribute(String),
+}
+
+impl Field {
+    /// Every canonical field, in the order used for hashing and for default CSV columns.
+    pub const CANONICAL: [Field; 14] = [
+        Field::ExternalId,
+        Field::Email,
+        Field::FirstName,
+        Field::LastName,
+        Field::DisplayName,
+        Field::Phone,
+        Field::Mobile,
+        Field::Company,
+        Field::Department,
+        Field::JobTitle,
+        Field::Language,
+        Field::Subscriptions,
+        Field::Status,
+        Field::UpdatedAt,
+    ];
+
+    /// The config-file name of the field.
+    pub fn name(&self) -> &str {
+        match self {
+            Field::ExternalId => "external_id",
+            Field::Email => "email",
+            Field::FirstName => "first_name",
+            Field::LastName => "last_name",
+            Field::DisplayName => "display_name",
+            Field::Phone => "phone",
+            Field::Mobile => "mobile",
+            Field::Company => "company",
+            Field::Department => "department",
+            Field::JobTitle => "job_title",
+            Field::Language => "language",
+            Field::Subscriptions => "subscriptions",
+            Field::Status => "status",
+            Field::UpdatedAt => "updated_at",
+            Field::Attribute(name) => name,
+        }
+    }
+
+    /// Parses a field name: a canonical name, `attributes.NAME`, or any other name as a
+    /// custom attribute of that name. Never fails, so that a column called `Cost Center`
+    /// simply becomes the attribute `Cost Center`.
+    pub fn parse(name: &str) -> Field {
+        let trimmed = name.trim();
+        if let Some(attr) = trimmed.strip_prefix("attributes.") {
+            return Field::Attribute(attr.to_string());
+        }
+        Field::CANONICAL
+            .iter()
+            .find(|f| f.name().eq_ignore_ascii_case(trimmed))
+            .cloned()
+            .unwrap_or_else(|| Field::Attribute(trimmed.to_string()))
+    }
+
+    /// Whether this is a canonical field (not a custom attribute).
+    pub fn is_canonical(&self) -> bool {
+        !matches!(self, Field::Attribute(_))
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Attribute(name) => write!(f, "attributes.{name}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// One person, in the shape every connector maps to and from.
+///
+/// Empty strings are not values: setters store `None` for blank input, so that a source
+/// that writes `""` and one that omits the field describe the same person.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Contact {
+    /// The identity in the system of record (employee number, member number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// The email address, trimmed, with its domain lower-cased (see [`Contact::normalize_email`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Given name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    /// Family name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    /// The name to show, when it is not simply first and last name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Landline or work phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// Mobile phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mobile: Option<String>,
+    /// Organisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company: Option<String>,
+    /// Department or team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub department: Option<String>,
+    /// Job title or position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_title: Option<String>,
+    /// Preferred language, as the source spells it (`en`, `fr-BE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Custom fields by name; ordered so that hashing and output are deterministic.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// Lists or permissions the person is subscribed to.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub subscriptions: BTreeSet<String>,
+    /// Whether the person should be mailed.
+    #[serde(default)]
+    pub status: ContactStatus,
+    /// When the source last changed the person, if it says. Not part of the content
+    /// hash: a record touched without change is not a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// Which field identifies a person in a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRule {
+    /// The external id when the record has one, else the email (the platforms' own rule).
+    #[default]
+    Auto,
+    /// Always the external id; records without one are rejected.
+    ExternalId,
+    /// Always the normalised email; records without one are rejected.
+    Email,
+}
+
+/// The identity of a contact within one pipeline.
+///
+/// Written `external_id:E123` or `email:ann@example.com`, so that an external id that
+/// happens to look like an email address can never be confused with one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum ContactKey {
+    /// Keyed by the external id.
+    ExternalId(String),
+    /// Keyed by the normalised email.
+    Email(String),
+}
+
+impl ContactKey {
+    /// The value without its kind: the id or the email.
+    pub fn value(&self) -> &str {
+        match self {
+            ContactKey::ExternalId(v) | ContactKey::Email(v) => v,
+        }
+    }
+
+    /// A stable 64-bit hash of the key, for compact in-memory indexes.
+    pub fn hash64(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self.to_string().as_bytes())
+    }
+}
+
+impl fmt::Display for ContactKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContactKey::ExternalId(v) => write!(f, "external_id:{v}"),
+            ContactKey::Email(v) => write!(f, "email:{v}"),
+        }
+    }
+}
+
+impl From<ContactKey> for String {
+    fn from(key: ContactKey) -> String {
+        key.to_string()
+    }
+}
+
+impl TryFrom<String> for ContactKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl FromStr for ContactKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(v) = s.strip_prefix("external_id:") {
+            Ok(ContactKey::ExternalId(v.to_string()))
+        } else if let Some(v) = s.strip_prefix("email:") {
+            Ok(ContactKey::Email(v.to_string()))
+        } else {
+            Err(format!(
+                "not a contact key: {s:?} (expected external_id:… or email:…)"
+            ))
+        }
+    }
+}
+
+fn clean(value: impl Into<String>) -> Option<String> {
+    let value = value.into();
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        None
+    } else if trimmed.len() == value.len() {
+        Some(value)
+    } else {
+        Some(trimmed.to_string())
+    }
+}
+
+impl Contact {
+    /// Normalises an email address the way the platforms match them: trimmed, domain
+    /// lower-cased. The local part keeps its case (RFC 5321 lets servers honour it).
+    /// Returns `None` for a blank value.
+    pub fn normalize_email(raw: &str) -> Option<String> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return None;
+        }
+        Some(match trimmed.rsplit_once('@') {
+            Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
+            None => trimmed.to_string(),
+        })
+    }
+
+    /// Whether `email` is a syntactically valid address (RFC 5322 addr-spec).
+    pub fn is_valid_email(email: &str) -> bool {
+        email_address::EmailAddress::is_valid(email) && email.contains('@')
+    }
+
+    /// The value of a field as text (subscriptions joined with `;`), `None` when unset.
+    pub fn get(&self, field: &Field) -> Option<String> {
+        let s = |v: &Option<String>| v.clone();
+        match field {
+            Field::ExternalId => s(&self.external_id),
+            Field::Email => s(&self.email),
+            Field::FirstName => s(&self.first_name),
+            Field::LastName => s(&self.last_name),
+            Field::DisplayName => s(&self.display_name),
+            Field::Phone => s(&self.phone),
+            Field::Mobile => s(&self.mobile),
+            Field::Company => s(&self.company),
+            Field::Department => s(&self.department),
+            Field::JobTitle => s(&self.job_title),
+            Field::Language => s(&self.language),
+            Field::Subscriptions => {
+                if self.subscriptions.is_empty() {
+                    None
+                } else {
+                    Some(self.subscriptions.iter().cloned().collect::<Vec<_>>().join(";"))
+                }
+            }
+            Field::Status => Some(self.status.as_str().to_string()),
+            Field::UpdatedAt => self.updated_at.map(|t| t.to_rfc3339()),
+            Field::Attribute(name) => self.attributes.get(name).cloned(),
+        }
+    }
+
+    /// Sets a field from text, normalising as the field requires (email, status,
+    /// subscriptions split on `;`, `|` or `,`, timestamps in RFC 3339). A blank value
+    /// clears the field. Errors say what was wrong with the value, without the field's
+    /// name: callers add the origin and field.
+    pub fn set(&mut self, field: &Field, value: &str) -> Result<(), String> {
+        match field {
+            Field::ExternalId => self.external_id = clean(value),
+            Field::Email => self.email = Contact::normalize_email(value),
+            Field::FirstName => self.first_name = clean(value),
+            Field::LastName => self.last_name = clean(value),
+            Field::DisplayName => self.display_name = clean(value),
+            Field::Phone => self.phone = clean(value),
+            Field::Mobile => self.mobile = clean(value),
+            Field::Company => self.company = clean(value),
+            Field::Department => self.department = clean(value),
+            Field::JobTitle => self.job_title = clean(value),
+            Field::Language => self.language = clean(value),
+            Field::Subscriptions => {
+                self.subscriptions = value
+                    .split([';', '|', ','])
+                    .filter_map(clean)
+                    .collect();
+            }
+            Field::Status => self.status = value.parse()?,
+            Field::UpdatedAt => {
+                self.updated_at = match clean(value) {
+                    None => None,
+                    Some(v) => Some(
+                        DateTime::parse_from_rfc3339(&v)
+                            .map_err(|e| format!("not an RFC 3339 timestamp ({e}): {v:?}"))?
+                            .with_timezone(&Utc),
+                    ),
+                }
+            }
+            Field::Attribute(name) => match clean(value) {
+                Some(v) => {
+                    self.attributes.insert(name.clone(), v);
+                }
+                None => {
+                    self.attributes.remove(name);
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// The contact's identity under `rule`, or `None` when the record lacks the field the
+    /// rule needs (the engine rejects such records).
+    pub fn key(&self, rule: KeyRule) -> Option<ContactKey> {
+        let by_id = || self.external_id.clone().map(ContactKey::ExternalId);
+        let by_email = || self.email.clone().map(ContactKey::Email);
+        match rule {
+            KeyRule::Auto => by_id().or_else(by_email),
+            KeyRule::ExternalId => by_id(),
+            KeyRule::Email => by_email(),
+        }
+    }
+
+    /// A stable 64-bit hash of everything a sink would write, in a canonical form:
+    /// fields in a fixed order, each length-prefixed, attributes and subscriptions
+    /// sorted. `updated_at` is left out. The same person hashes the same on every
+    /// machine and every version that keeps this encoding.
+    pub fn content_hash(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut put = |tag: u8, v: &str| {
+            h.update(&[tag]);
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        };
+        fn opt(v: &Option<String>) -> &str {
+            // A NUL stands for "unset", so that unset and "" (never stored) differ.
+            v.as_deref().unwrap_or("\u{0}")
+        }
+        put(1, opt(&self.external_id));
+        put(2, opt(&self.email));
+        put(3, opt(&self.first_name));
+        put(4, opt(&self.last_name));
+        put(5, opt(&self.display_name));
+        put(6, opt(&self.phone));
+        put(7, opt(&self.mobile));
+        put(8, opt(&self.company));
+        put(9, opt(&self.department));
+        put(10, opt(&self.job_title));
+        put(11, opt(&self.language));
+        put(12, self.status.as_str());
+        for (name, value) in &self.attributes {
+            put(13, name);
+            put(14, value);
+        }
+        for sub in &self.subscriptions {
+            put(15, sub);
+        }
+        h.digest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_domain_is_lowercased_and_local_part_kept() {
+        assert_eq!(
+            Contact::normalize_email("  Ann.Lee@Example.COM "),
+            Some("Ann.Lee@example.com".to_string())
+        );
+        assert_eq!(Contact::normalize_email("   "), None);
+    }
+
+    #[test]
+    fn email_validation() {
+        assert!(Contact::is_valid_email("ann@example.com"));
+        assert!(!Contact::is_valid_email("ann@"));
+        assert!(!Contact::is_valid_email("not-an-email"));
+        assert!(!Contact::is_valid_email("ann lee@example.com"));
+    }
+
+    #[test]
+    fn hash_ignores_field_order_and_updated_at_but_not_content() {
+        let mut a = Contact::default();
+        a.set(&Field::Attribute("b".into()), "2").unwrap();
+        a.set(&Field::Attribute("a".into()), "1").unwrap();
+        a.set(&Field::Email, "x@y.org").unwrap();
+        let mut b = Contact::default();
+        b.set(&Field::Email, "x@Y.org").unwrap();
+        b.set(&Field::Attribute("a".into()), "1").unwrap();
+        b.set(&Field::Attribute("b".into()), "2").unwrap();
+        b.set(&Field::UpdatedAt, "2026-01-01T00:00:00Z").unwrap();
+        assert_eq!(a.content_hash(), b.content_hash());
+        b.set(&Field::FirstName, "X").unwrap();
+        assert_ne!(a.content_hash(), b.content_hash());
+    }
+
+    #[test]
+    fn hash_does_not_confuse_adjacent_fields() {
+        let mut a = Contact::default();
+        a.first_name = Some("ab".into());
+        let mut b = Contact::default();
+        b.first_name = Some("a".into());
+        b.last_name = Some("b".into());
+        assert_ne!(a.content_hash(), b.content_hash());
+    }
+
+    #[test]
+    fn key_rule_auto_prefers_external_id() {
+        let mut c = Contact::default();
+        c.set(&Field::Email, "a@b.org").unwrap();
+        assert_eq!(c.key(KeyRule::Auto), Some(ContactKey::Email("a@b.org".into())));
+        assert_eq!(c.key(KeyRule::ExternalId), None);
+        c.set(&Field::ExternalId, " E1 ").unwrap();
+        assert_eq!(c.key(KeyRule::Auto), Some(ContactKey::ExternalId("E1".into())));
+        let text = c.key(KeyRule::Auto).unwrap().to_string();
+        assert_eq!(text, "external_id:E1");
+        assert_eq!(text.parse::<ContactKey>().unwrap(), ContactKey::ExternalId("E1".into()));
+    }
+
+    #[test]
+    fn status_parsing_is_liberal() {
+        assert_eq!("OPT_OUT".parse::<ContactStatus>().unwrap(), ContactStatus::OptedOut);
+        assert_eq!("Inactive".parse::<ContactStatus>().unwrap(), ContactStatus::Inactive);
+        assert_eq!("".parse::<ContactStatus>().unwrap(), ContactStatus::Active);
+        assert!("maybe".parse::<ContactStatus>().is_err());
+    }
+
+    #[test]
+    fn field_names_round_trip() {
+        for f in Field::CANONICAL.iter() {
+            assert_eq!(&Field::parse(f.name()), f);
+        }
+        assert_eq!(Field::parse("attributes.Cost Center"), Field::Attribute("Cost Center".into()));
+        assert_eq!(Field::parse("Cost Center"), Field::Attribute("Cost Center".into()));
+    }
+}

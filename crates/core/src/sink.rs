@@ -1,0 +1,155 @@
+//! Writing changes into a system.
+//!
+//! The engine calls a [`Sink`] in this order in every run that has changes:
+//! [`Sink::recover`] for each batch a previous run left unconfirmed, then
+//! [`Sink::begin`] with the counts of the whole change set, [`Sink::apply`] for each
+//! batch, and [`Sink::finish`]. A dry run calls none of them.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ChangeBatch, ChangePlan, ConnectorError, Outcome, PendingBatch};
+
+/// How a sink removes a person (its configured removal policy), for plans and reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalStyle {
+    /// The record is deleted.
+    Delete,
+    /// The record is kept and marked inactive (or with a configured status).
+    MarkInactive,
+    /// The person is opted out of all mail.
+    OptOut,
+    /// The person is unsubscribed from the configured lists, and kept.
+    Unsubscribe,
+    /// The sink cannot remove people; removals are reported as rejected.
+    Unsupported,
+}
+
+impl fmt::Display for RemovalStyle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RemovalStyle::Delete => "delete",
+            RemovalStyle::MarkInactive => "mark inactive",
+            RemovalStyle::OptOut => "opt out",
+            RemovalStyle::Unsubscribe => "unsubscribe",
+            RemovalStyle::Unsupported => "unsupported",
+        })
+    }
+}
+
+/// What a sink can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkCapabilities {
+    /// The most changes in one [`ChangeBatch`].
+    pub max_batch: usize,
+    /// Whether `apply` runs asynchronous jobs on the platform (and so reports progress).
+    pub asynchronous_jobs: bool,
+    /// Whether applied changes only become durable in [`Sink::finish`] (a file replaced
+    /// at the end). The engine then confirms them only after `finish` succeeds.
+    pub durable_at_finish: bool,
+    /// How removals are carried out.
+    pub removal: RemovalStyle,
+}
+
+/// A small key-value space the engine lends a sink, kept in the sync state and scoped
+/// to the sink's config section: quota counters, the handle of a job in flight. Writes
+/// are durable when the call returns, so they survive a crash.
+pub trait SinkStore: Send {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Result<Option<String>, ConnectorError>;
+    /// Sets `key` to `value`.
+    fn put(&mut self, key: &str, value: &str) -> Result<(), ConnectorError>;
+    /// Removes `key`.
+    fn remove(&mut self, key: &str) -> Result<(), ConnectorError>;
+}
+
+/// Progress of a long job on the platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobProgress {
+    /// What is running (`Poppulo import 6732468`).
+    pub label: String,
+    /// Records processed so far.
+    pub done: u64,
+    /// Records in the job.
+    pub total: u64,
+}
+
+/// Where a sink reports what it is doing. The binary draws progress bars from it; a
+/// library never writes to the terminal itself.
+pub trait ProgressReporter: Send + Sync {
+    /// A job advanced.
+    fn job_progress(&self, progress: &JobProgress);
+    /// Something worth a line in the log (`waiting for a running import to finish`).
+    fn note(&self, message: &str);
+}
+
+/// A [`ProgressReporter`] that reports nowhere (tests, dry runs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressReporter for NoProgress {
+    fn job_progress(&self, _progress: &JobProgress) {}
+    fn note(&self, _message: &str) {}
+}
+
+/// What the engine lends a sink during a run.
+pub struct SinkContext<'a> {
+    /// The sink's own durable key-value space.
+    pub store: &'a mut dyn SinkStore,
+    /// Where to report progress.
+    pub progress: &'a dyn ProgressReporter,
+    /// Set when the user interrupts the run: stop waiting, return what is known.
+    pub cancel: CancellationToken,
+}
+
+/// A system changes are written to.
+///
+/// # Contract
+/// - `apply` returns exactly one [`Outcome`] per change, in the batch's order.
+///   `Applied` means the platform confirmed it. Anything uncertain is
+///   [`Outcome::Unknown`], never `Applied`.
+/// - Every write is an upsert keyed on a stable identity: applying the same batch twice
+///   leaves the platform as applying it once (the engine re-sends after a crash).
+/// - A creation that may already have happened is converged on, never duplicated.
+/// - An `Err` from `apply` means nothing in the batch is known to have happened; the
+///   engine stops the run and re-sends the batch next time.
+/// - Retries of transient failures (throttling, 5xx, dropped connections) happen
+///   inside the sink, bounded in time; a validation error is not retried.
+#[async_trait]
+pub trait Sink: Send {
+    /// Limits and style.
+    fn capabilities(&self) -> SinkCapabilities;
+
+    /// Opens the endpoint and checks credentials and configuration, changing nothing.
+    async fn check(&mut self) -> Result<(), ConnectorError>;
+
+    /// Settles a batch a previous run sent but never confirmed. A sink that can find
+    /// out what happened (the job's handle is in its store) returns the outcomes;
+    /// `None` (the default) lets the engine simply send those changes again.
+    async fn recover(
+        &mut self,
+        _batch: &PendingBatch,
+        _ctx: &mut SinkContext<'_>,
+    ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
+        Ok(None)
+    }
+
+    /// Called once before the first batch, with the counts of the whole change set.
+    async fn begin(&mut self, _plan: &ChangePlan, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+
+    /// Applies one batch.
+    async fn apply(
+        &mut self,
+        batch: &ChangeBatch,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Vec<Outcome>, ConnectorError>;
+
+    /// Called once after the last batch: make everything durable.
+    async fn finish(&mut self, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! Reading people out of a system.
+//!
+//! A [`Source`] opens a [`RecordStream`]; the engine pulls records one at a time (so a
+//! source never holds a population in memory), then calls [`RecordStream::finish`] to
+//! learn whether the read was complete and where the next incremental read starts.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::{ConnectorError, Contact, Origin, RecordError};
+
+/// How much to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadMode {
+    /// Everything. A complete full read is the only read from which the engine infers
+    /// removals by absence.
+    Full,
+    /// What changed since `cursor` (`None`: no cursor yet, so read everything, but it
+    /// still counts as the start of an incremental series). Sources without incremental
+    /// reads treat this as [`ReadMode::Full`] and say so through [`ReadOutcome::complete`].
+    Incremental {
+        /// The cursor a previous [`ReadOutcome`] returned.
+        cursor: Option<String>,
+    },
+}
+
+/// What a source can do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceCapabilities {
+    /// Whether [`ReadMode::Incremental`] reads only changes.
+    pub incremental: bool,
+    /// Whether the source reports deletions itself ([`SourceRecord::deleted`]).
+    pub reports_deletions: bool,
+}
+
+/// One person as read, with where they were read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceRecord {
+    /// The person, mapped into the canonical shape.
+    pub contact: Contact,
+    /// Where the record was read.
+    pub origin: Origin,
+    /// The source says this person was deleted (Business Catalyst's `deleted=true`).
+    /// The engine turns it into a removal whether or not the read is complete.
+    pub deleted: bool,
+}
+
+impl SourceRecord {
+    /// A present (not deleted) record.
+    pub fn new(contact: Contact, origin: Origin) -> Self {
+        SourceRecord {
+            contact,
+            origin,
+            deleted: false,
+        }
+    }
+}
+
+/// One item of a read: a record, or a record the source could not map (a malformed
+/// row, an invalid value). A rejected item is reported and written to the rejects
+/// file; it never stops the read.
+#[derive(Debug, Clone)]
+pub enum SourceItem {
+    /// A record.
+    Record(SourceRecord),
+    /// A record that could not be read, with its origin and why.
+    Rejected(RecordError),
+}
+
+/// How a read ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// Whether every person in scope was read. Only a complete read may produce
+    /// removals by absence: an incremental read, or one that a source cut short, is not.
+    pub complete: bool,
+    /// Where the next incremental read should start; stored by the engine only after the
+    /// whole run succeeded.
+    pub cursor: Option<String>,
+}
+
+/// A read in progress.
+#[async_trait]
+pub trait RecordStream: Send {
+    /// The next item, or `None` at the end. An `Err` ends the read: the engine stops the
+    /// run without applying anything, so a broken read never looks like a short one.
+    async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError>;
+
+    /// Called once after `next` returned `None`: whether the read was complete, and the
+    /// cursor for the next incremental read.
+    async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError>;
+}
+
+/// A system people are read from.
+///
+/// # Contract
+/// - `read` streams: memory must not grow with the population.
+/// - Records come with an [`Origin`] precise enough for a user to find the record.
+/// - A record that cannot be mapped is yielded as [`SourceItem::Rejected`], never
+///   dropped and never fatal.
+/// - Reading the same unchanged system twice yields the same contacts (the engine's
+///   diff depends on it), in any order.
+///
+/// # Example
+/// ```
+/// use contactsync_core::{
+///     async_trait, Contact, ConnectorError, Origin, ReadMode, ReadOutcome, RecordStream,
+///     Source, SourceCapabilities, SourceItem, SourceRecord,
+/// };
+///
+/// /// A source of people held in memory.
+/// struct Fixed(Vec<Contact>);
+///
+/// struct FixedStream(std::vec::IntoIter<Contact>, u64);
+///
+/// #[async_trait]
+/// impl RecordStream for FixedStream {
+///     async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
+///         self.1 += 1;
+///         let line = self.1;
+///         Ok(self.0.next().map(|c| SourceItem::Record(SourceRecord::new(c, Origin::line("fixed", line)))))
+///     }
+///     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
+///         Ok(ReadOutcome { complete: true, cursor: None })
+///     }
+/// }
+///
+/// #[async_trait]
+/// impl Source for Fixed {
+///     fn capabilities(&self) -> SourceCapabilities {
+///         SourceCapabilities::default()
+///     }
+///     async fn check(&self) -> Result<(), ConnectorError> {
+///         Ok(())
+///     }
+///     async fn read(&self, _mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {
+///         Ok(Box::new(FixedStream(self.0.clone().into_iter(), 0)))
+///     }
+/// }
+/// # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// # rt.block_on(async {
+/// let source = Fixed(vec![Contact { email: Some("ann@example.com".into()), ..Contact::default() }]);
+/// let mut stream = source.read(ReadMode::Full).await?;
+/// let mut n = 0;
+/// while let Some(_item) = stream.next().await? { n += 1; }
+/// assert_eq!(n, 1);
+/// assert!(stream.finish().await?.complete);
+/// # Ok::<(), ConnectorError>(())
+/// # }).unwrap();
+/// ```
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// What this source can do.
+    fn capabilities(&self) -> SourceCapabilities;
+
+    /// Opens the endpoint and checks credentials and configuration, changing nothing
+    /// (`contactsync check`).
+    async fn check(&self) -> Result<(), ConnectorError>;
+
+    /// Starts a read.
+    async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError>;
+}

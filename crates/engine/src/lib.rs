@@ -1,0 +1,1 @@
+//! The sync run: read, validate, diff against the state, apply, record.

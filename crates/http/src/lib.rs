@@ -1,0 +1,1 @@
+//! The one HTTP layer connectors share: timeouts, retries that honour Retry-After, redaction.

@@ -1,0 +1,1 @@
+//! A throwaway OpenLDAP `slapd` on loopback, for tests.
