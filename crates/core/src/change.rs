@@ -94,7 +94,9 @@ impl Change {
     /// The contact's identity.
     pub fn key(&self) -> &ContactKey {
         match self {
-            Change::Create { key, .. } | Change::Update { key, .. } | Change::Remove { key, .. } => key,
+            Change::Create { key, .. }
+            | Change::Update { key, .. }
+            | Change::Remove { key, .. } => key,
         }
     }
 
@@ -109,9 +111,9 @@ impl Change {
     /// Where the change came from.
     pub fn origin(&self) -> &Origin {
         match self {
-            Change::Create { origin, .. } | Change::Update { origin, .. } | Change::Remove { origin, .. } => {
-                origin
-            }
+            Change::Create { origin, .. }
+            | Change::Update { origin, .. }
+            | Change::Remove { origin, .. } => origin,
         }
     }
 

@@ -353,7 +353,13 @@ impl Contact {
                 if self.subscriptions.is_empty() {
                     None
                 } else {
-                    Some(self.subscriptions.iter().cloned().collect::<Vec<_>>().join(";"))
+                    Some(
+                        self.subscriptions
+                            .iter()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(";"),
+                    )
                 }
             }
             Field::Status => Some(self.status.as_str().to_string()),
@@ -380,10 +386,7 @@ impl Contact {
             Field::JobTitle => self.job_title = clean(value),
             Field::Language => self.language = clean(value),
             Field::Subscriptions => {
-                self.subscriptions = value
-                    .split([';', '|', ','])
-                    .filter_map(clean)
-                    .collect();
+                self.subscriptions = value.split([';', '|', ',']).filter_map(clean).collect();
             }
             Field::Status => self.status = value.parse()?,
             Field::UpdatedAt => {
@@ -497,11 +500,15 @@ mod tests {
 
     #[test]
     fn hash_does_not_confuse_adjacent_fields() {
-        let mut a = Contact::default();
-        a.first_name = Some("ab".into());
-        let mut b = Contact::default();
-        b.first_name = Some("a".into());
-        b.last_name = Some("b".into());
+        let a = Contact {
+            first_name: Some("ab".into()),
+            ..Contact::default()
+        };
+        let b = Contact {
+            first_name: Some("a".into()),
+            last_name: Some("b".into()),
+            ..Contact::default()
+        };
         assert_ne!(a.content_hash(), b.content_hash());
     }
 
@@ -509,19 +516,34 @@ mod tests {
     fn key_rule_auto_prefers_external_id() {
         let mut c = Contact::default();
         c.set(&Field::Email, "a@b.org").unwrap();
-        assert_eq!(c.key(KeyRule::Auto), Some(ContactKey::Email("a@b.org".into())));
+        assert_eq!(
+            c.key(KeyRule::Auto),
+            Some(ContactKey::Email("a@b.org".into()))
+        );
         assert_eq!(c.key(KeyRule::ExternalId), None);
         c.set(&Field::ExternalId, " E1 ").unwrap();
-        assert_eq!(c.key(KeyRule::Auto), Some(ContactKey::ExternalId("E1".into())));
+        assert_eq!(
+            c.key(KeyRule::Auto),
+            Some(ContactKey::ExternalId("E1".into()))
+        );
         let text = c.key(KeyRule::Auto).unwrap().to_string();
         assert_eq!(text, "external_id:E1");
-        assert_eq!(text.parse::<ContactKey>().unwrap(), ContactKey::ExternalId("E1".into()));
+        assert_eq!(
+            text.parse::<ContactKey>().unwrap(),
+            ContactKey::ExternalId("E1".into())
+        );
     }
 
     #[test]
     fn status_parsing_is_liberal() {
-        assert_eq!("OPT_OUT".parse::<ContactStatus>().unwrap(), ContactStatus::OptedOut);
-        assert_eq!("Inactive".parse::<ContactStatus>().unwrap(), ContactStatus::Inactive);
+        assert_eq!(
+            "OPT_OUT".parse::<ContactStatus>().unwrap(),
+            ContactStatus::OptedOut
+        );
+        assert_eq!(
+            "Inactive".parse::<ContactStatus>().unwrap(),
+            ContactStatus::Inactive
+        );
         assert_eq!("".parse::<ContactStatus>().unwrap(), ContactStatus::Active);
         assert!("maybe".parse::<ContactStatus>().is_err());
     }
@@ -531,7 +553,13 @@ mod tests {
         for f in Field::CANONICAL.iter() {
             assert_eq!(&Field::parse(f.name()), f);
         }
-        assert_eq!(Field::parse("attributes.Cost Center"), Field::Attribute("Cost Center".into()));
-        assert_eq!(Field::parse("Cost Center"), Field::Attribute("Cost Center".into()));
+        assert_eq!(
+            Field::parse("attributes.Cost Center"),
+            Field::Attribute("Cost Center".into())
+        );
+        assert_eq!(
+            Field::parse("Cost Center"),
+            Field::Attribute("Cost Center".into())
+        );
     }
 }

@@ -73,7 +73,11 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// A problem with `key` of `section`.
-    pub fn key(section: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn key(
+        section: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         ConfigError {
             file: None,
             section: section.into(),

@@ -31,7 +31,9 @@ pub use sink::{
     JobProgress, NoProgress, ProgressReporter, RemovalStyle, Sink, SinkCapabilities, SinkContext,
     SinkStore,
 };
-pub use source::{ReadMode, ReadOutcome, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord};
+pub use source::{
+    ReadMode, ReadOutcome, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,
+};
 
 /// Re-exported so that connector crates register themselves without naming `inventory`
 /// in their own manifests' versions (one version for the whole workspace).

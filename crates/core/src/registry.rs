@@ -67,12 +67,15 @@ impl ConnectorSettings {
     /// `#[serde(deny_unknown_fields)]` on it so that a misspelt key is an error that
     /// names the key.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        self.values.clone().try_deserialize::<T>().map_err(|e| ConfigError {
-            file: self.file.clone(),
-            section: self.section.clone(),
-            key: None,
-            message: e.to_string(),
-        })
+        self.values
+            .clone()
+            .try_deserialize::<T>()
+            .map_err(|e| ConfigError {
+                file: self.file.clone(),
+                section: self.section.clone(),
+                key: None,
+                message: e.to_string(),
+            })
     }
 
     /// A path from the settings, resolved against the config file's directory.
@@ -150,7 +153,8 @@ pub struct RunningSandbox {
 }
 
 /// The future a [`SandboxFactory`] returns.
-pub type SandboxStart = Pin<Box<dyn Future<Output = Result<RunningSandbox, ConnectorError>> + Send>>;
+pub type SandboxStart =
+    Pin<Box<dyn Future<Output = Result<RunningSandbox, ConnectorError>> + Send>>;
 
 /// Starts a platform's sandbox, for `base_url = "sandbox"` and `contactsync sandbox NAME`.
 pub struct SandboxFactory {

@@ -137,7 +137,11 @@ pub trait Sink: Send {
     }
 
     /// Called once before the first batch, with the counts of the whole change set.
-    async fn begin(&mut self, _plan: &ChangePlan, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
+    async fn begin(
+        &mut self,
+        _plan: &ChangePlan,
+        _ctx: &mut SinkContext<'_>,
+    ) -> Result<(), ConnectorError> {
         Ok(())
     }
 

@@ -21,7 +21,10 @@ fn settings_keep_key_case_and_name_unknown_keys() {
     let parsed: S = s.parse().unwrap();
     assert_eq!(parsed.path, "a.csv");
     assert_eq!(parsed.max_rows, Some(5));
-    assert_eq!(parsed.columns.get("Cost Center").map(String::as_str), Some("CC"));
+    assert_eq!(
+        parsed.columns.get("Cost Center").map(String::as_str),
+        Some("CC")
+    );
 
     let bad = ConnectorSettings::from_toml("sinks.x", "path = 'a.csv'\npaht = 1\n").unwrap();
     let err = bad.parse::<S>().unwrap_err().to_string();

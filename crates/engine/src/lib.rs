@@ -1,1 +1,20 @@
-//! The sync run: read, validate, diff against the state, apply, record.
+//! The sync run: read → map → validate → diff against the state → apply → record.
+//!
+//! This crate knows no connector by name: it drives any [`contactsync_core::Source`]
+//! into any [`contactsync_core::Sink`], and it is the only code that reads or writes
+//! sync state, through [`state::StateStore`] (SQLite by default, [`state::SqliteState`]).
+//!
+//! Start reading at [`run`]. The shape of a run, its state and its crash safety are
+//! described in the repository's `ARCHITECTURE.md`.
+
+mod index;
+pub mod report;
+mod run;
+pub mod settings;
+mod spool;
+pub mod state;
+
+pub use report::{GuardVerdict, PlannedChange, RejectStage, RejectsWriter, RunReport, RunStatus};
+pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
+pub use settings::{PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
+pub use state::{SqliteState, StateError, StateStore};

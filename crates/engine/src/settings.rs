@@ -1,0 +1,138 @@
+//! What a `[pipelines.NAME]` section may say: how a pair of source and sink syncs.
+
+use std::collections::BTreeMap;
+
+use contactsync_core::{Contact, Field, KeyRule};
+use serde::{Deserialize, Serialize};
+
+/// Which kinds of change a run applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// Create and update; never remove.
+    Upsert,
+    /// Create, update and remove: the sink mirrors the source (the default).
+    #[default]
+    Mirror,
+    /// Only update people the sink already has.
+    UpdateOnly,
+    /// Only create people the sink does not have.
+    CreateOnly,
+}
+
+impl SyncMode {
+    /// Whether creates are applied.
+    pub fn creates(self) -> bool {
+        matches!(
+            self,
+            SyncMode::Upsert | SyncMode::Mirror | SyncMode::CreateOnly
+        )
+    }
+    /// Whether updates are applied.
+    pub fn updates(self) -> bool {
+        matches!(
+            self,
+            SyncMode::Upsert | SyncMode::Mirror | SyncMode::UpdateOnly
+        )
+    }
+    /// Whether removals are applied.
+    pub fn removals(self) -> bool {
+        matches!(self, SyncMode::Mirror)
+    }
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "upsert" => Ok(SyncMode::Upsert),
+            "mirror" => Ok(SyncMode::Mirror),
+            "update-only" => Ok(SyncMode::UpdateOnly),
+            "create-only" => Ok(SyncMode::CreateOnly),
+            other => Err(format!(
+                "unknown mode {other:?}: use upsert, mirror, update-only or create-only"
+            )),
+        }
+    }
+}
+
+/// The default share of the synced population one run may remove.
+pub const DEFAULT_MAX_REMOVAL_RATIO: f64 = 0.10;
+
+/// The settings of one pipeline. Every field has a default, so a pipeline needs no
+/// section at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSettings {
+    /// Which changes to apply.
+    pub mode: SyncMode,
+    /// Which field identifies a person.
+    pub key: KeyRule,
+    /// A run that would remove more than this share of the synced population is
+    /// refused unless `--allow-mass-removal` is given.
+    pub max_removal_ratio: f64,
+    /// Read everything (and so detect removals by absence) every N runs of an
+    /// incremental source; `None`: only on `--full` or when there is no cursor.
+    pub full_every: Option<u32>,
+    /// Copies between fields after the source's own mapping: `target = "source"`,
+    /// e.g. `"attributes.cost_center" = "department"`.
+    pub fields: BTreeMap<String, String>,
+    /// Fields to clear before syncing (never sent, never compared).
+    pub drop: Vec<String>,
+    /// Changes per batch, when smaller than the sink's own limit.
+    pub batch_size: Option<usize>,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            mode: SyncMode::default(),
+            key: KeyRule::default(),
+            max_removal_ratio: DEFAULT_MAX_REMOVAL_RATIO,
+            full_every: None,
+            fields: BTreeMap::new(),
+            drop: Vec::new(),
+            batch_size: None,
+        }
+    }
+}
+
+/// The pipeline's field mapping, parsed once per run.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FieldMapping {
+    copies: Vec<(Field, Field)>,
+    drops: Vec<Field>,
+}
+
+impl FieldMapping {
+    pub(crate) fn new(settings: &PipelineSettings) -> Self {
+        FieldMapping {
+            copies: settings
+                .fields
+                .iter()
+                .map(|(target, source)| (Field::parse(target), Field::parse(source)))
+                .collect(),
+            drops: settings.drop.iter().map(|f| Field::parse(f)).collect(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.copies.is_empty() && self.drops.is_empty()
+    }
+
+    /// Applies the mapping; an error names the target field and why.
+    pub(crate) fn apply(&self, contact: &mut Contact) -> Result<(), (String, String)> {
+        for (target, source) in &self.copies {
+            let value = contact.get(source).unwrap_or_default();
+            contact
+                .set(target, &value)
+                .map_err(|reason| (target.to_string(), reason))?;
+        }
+        for field in &self.drops {
+            // Clearing never fails: a blank value unsets every field but status, which
+            // falls back to active.
+            let _ = contact.set(field, "");
+        }
+        Ok(())
+    }
+}

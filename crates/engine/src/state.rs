@@ -1,0 +1,823 @@
+//! What the engine remembers between runs, behind a small interface of its own.
+//!
+//! The engine is the only code that reads or writes sync state, and it does so only
+//! through [`StateStore`], so that a shared PostgreSQL backend can stand in for the
+//! embedded SQLite one ([`SqliteState`]) without touching a connector.
+//!
+//! Per pipeline (`source->sink`), the state holds:
+//! - `synced`: key → hash of the content the sink last accepted, with the email and the
+//!   sink's handle, so removals can address the person;
+//! - `pending`: changes sent but not yet confirmed, so a crashed run is settled by the
+//!   next one (see DESIGN.md, "Crash safety");
+//! - the source's cursor, advanced only when a run completes;
+//! - the runs, with their reports.
+//!
+//! Per sink config section, a small key-value space the sink uses through
+//! [`contactsync_core::SinkStore`] (quota counters, the handle of a job in flight).
+
+use std::path::{Path, PathBuf};
+
+use contactsync_core::{
+    ChangeKind, ConnectorError, ContactKey, PendingBatch, PendingRecord, SinkStore, SyncedEntry,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// A state operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database could not be opened or used.
+    #[error("state database {}: {source}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database holds something this version does not understand.
+    #[error("state database {}: {message}", path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Two different keys share a 64-bit key hash (about one chance in 10^7 for a
+    /// million contacts): the index cannot tell them apart.
+    #[error("keys {existing} and {new} share a hash; rename one of them or report this")]
+    KeyCollision {
+        /// The key already stored.
+        existing: String,
+        /// The key being stored.
+        new: String,
+    },
+}
+
+/// One row of the synced index, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedRow {
+    /// The contact's key.
+    pub key: ContactKey,
+    /// What was synced.
+    pub entry: SyncedEntry,
+}
+
+/// A change recorded as sent, before the sink confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRow {
+    /// The contact's key.
+    pub key: ContactKey,
+    /// The kind of change.
+    pub kind: ChangeKind,
+    /// The content hash the change carries (0 for a removal).
+    pub content_hash: u64,
+    /// The email it was sent with.
+    pub email: Option<String>,
+}
+
+/// How one pending change ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// The sink holds this content now: remember it.
+    Synced {
+        /// The key.
+        key: ContactKey,
+        /// What to remember.
+        entry: SyncedEntry,
+    },
+    /// The person is no longer synced: forget them.
+    Forgotten {
+        /// The key.
+        key: ContactKey,
+    },
+    /// Drop the pending change without touching `synced` (a retryable rejection):
+    /// the next run's diff sends it again.
+    Dropped {
+        /// The key.
+        key: ContactKey,
+    },
+    /// The sink reported the change applied, but it becomes durable only when the sink
+    /// finishes: keep it pending, marked applied, with what to remember then.
+    AwaitingFinish {
+        /// The key.
+        key: ContactKey,
+        /// The handle the sink returned.
+        handle: Option<String>,
+    },
+}
+
+/// A summary of a pipeline's state, for `contactsync state show`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PipelineSummary {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// Contacts the sink holds, as far as the state knows.
+    pub synced: u64,
+    /// Changes sent and not confirmed.
+    pub pending: u64,
+    /// The source's cursor.
+    pub cursor: Option<String>,
+    /// Runs recorded.
+    pub runs: u64,
+    /// When the last run finished, and how.
+    pub last_run: Option<String>,
+}
+
+/// The engine's view of the sync state. All writes of one call are atomic.
+pub trait StateStore: Send {
+    /// Starts a run of `pipeline`, returning its number (1, 2, …) and the number of the
+    /// last run that read everything, if any.
+    fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError>;
+    /// Records how a run ended; stores `cursor` only when `Some` and `full_read` marks
+    /// the run as the latest complete read.
+    fn finish_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        status: &str,
+        report: &str,
+        cursor: Option<&str>,
+        full_read: bool,
+    ) -> Result<(), StateError>;
+    /// The cursor the last successful run left.
+    fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError>;
+    /// Calls `visit(key_hash, content_hash)` for every synced contact.
+    fn scan_index(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), StateError>;
+    /// The synced row with this key hash.
+    fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError>;
+    /// Records a batch as sent.
+    fn record_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+    ) -> Result<(), StateError>;
+    /// Batches left pending by earlier runs, oldest first.
+    fn pending_batches(
+        &mut self,
+        pipeline: &str,
+    ) -> Result<Vec<(PendingBatch, Vec<u64>)>, StateError>;
+    /// Settles pending changes of `batch_id` (one transaction).
+    fn settle(
+        &mut self,
+        pipeline: &str,
+        batch_id: &str,
+        settlements: &[Settlement],
+    ) -> Result<(), StateError>;
+    /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
+    fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
+    /// Drops every pending change of the pipeline.
+    fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError>;
+    /// The sink's key-value space for config section `scope`.
+    fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a>;
+    /// Summaries of every pipeline.
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError>;
+    /// Forgets everything about `pipeline` (its sink's key-value space is kept).
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
+}
+
+/// The embedded default: one SQLite file per config, in WAL mode.
+pub struct SqliteState {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteState")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+const SCHEMA_VERSION: &str = "1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pipelines (
+    name TEXT PRIMARY KEY,
+    runs INTEGER NOT NULL DEFAULT 0,
+    cursor TEXT,
+    last_full_run INTEGER
+);
+CREATE TABLE IF NOT EXISTS synced (
+    pipeline TEXT NOT NULL,
+    key_hash INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    content_hash INTEGER NOT NULL,
+    email TEXT,
+    handle TEXT,
+    PRIMARY KEY (pipeline, key_hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
+    pipeline TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    key_hash INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    content_hash INTEGER NOT NULL,
+    email TEXT,
+    applied INTEGER NOT NULL DEFAULT 0,
+    handle TEXT,
+    PRIMARY KEY (pipeline, batch_id, seq)
+);
+CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key);
+CREATE TABLE IF NOT EXISTS runs (
+    pipeline TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT,
+    report TEXT,
+    PRIMARY KEY (pipeline, run)
+);
+CREATE TABLE IF NOT EXISTS sink_data (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+";
+
+/// SQLite stores signed integers; hashes are kept as their bit pattern.
+fn to_sql(hash: u64) -> i64 {
+    hash as i64
+}
+
+fn from_sql(value: i64) -> u64 {
+    value as u64
+}
+
+fn kind_name(kind: ChangeKind) -> &'static str {
+    kind.as_str()
+}
+
+fn kind_from(name: &str) -> Option<ChangeKind> {
+    match name {
+        "create" => Some(ChangeKind::Create),
+        "update" => Some(ChangeKind::Update),
+        "remove" => Some(ChangeKind::Remove),
+        _ => None,
+    }
+}
+
+impl SqliteState {
+    /// Opens (creating if needed) the state database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StateError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("cannot create {}: {e}", dir.display()),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| StateError::Database {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let state = SqliteState {
+            conn,
+            path: path.to_path_buf(),
+        };
+        state.init()?;
+        Ok(state)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StateError {
+        StateError::Database {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn init(&self) -> Result<(), StateError> {
+        // WAL: readers never block the writer; synchronous=NORMAL keeps every committed
+        // transaction across a killed process (only power loss may lose the last one).
+        self.conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+        let version: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match version.as_deref() {
+            None => {
+                self.conn
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                        [SCHEMA_VERSION],
+                    )
+                    .map_err(|e| self.err(e))?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(StateError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!(
+                        "schema version {other}, this contactsync understands {SCHEMA_VERSION}; use a matching contactsync"
+                    ),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn parse_key(&self, text: &str) -> Result<ContactKey, StateError> {
+        text.parse().map_err(|message| StateError::Corrupt {
+            path: self.path.clone(),
+            message,
+        })
+    }
+}
+
+impl StateStore for SqliteState {
+    fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|source| StateError::Database {
+                path: self.path.clone(),
+                source,
+            })?;
+        let result = (|| {
+            tx.execute(
+                "INSERT INTO pipelines (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                [pipeline],
+            )?;
+            tx.execute(
+                "UPDATE pipelines SET runs = runs + 1 WHERE name = ?1",
+                [pipeline],
+            )?;
+            let (run, last_full): (i64, Option<i64>) = tx.query_row(
+                "SELECT runs, last_full_run FROM pipelines WHERE name = ?1",
+                [pipeline],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO runs (pipeline, run, started_at) VALUES (?1, ?2, ?3)",
+                params![pipeline, run, chrono::Utc::now().to_rfc3339()],
+            )?;
+            Ok((run, last_full))
+        })();
+        let path = self.path.clone();
+        let value = result.map_err(|source| StateError::Database { path, source })?;
+        tx.commit().map_err(|e| StateError::Database {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(value)
+    }
+
+    fn finish_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        status: &str,
+        report: &str,
+        cursor: Option<&str>,
+        full_read: bool,
+    ) -> Result<(), StateError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|source| StateError::Database {
+                path: self.path.clone(),
+                source,
+            })?;
+        let result = (|| {
+            tx.execute(
+                "UPDATE runs SET finished_at = ?3, status = ?4, report = ?5 WHERE pipeline = ?1 AND run = ?2",
+                params![pipeline, run, chrono::Utc::now().to_rfc3339(), status, report],
+            )?;
+            if let Some(cursor) = cursor {
+                tx.execute(
+                    "UPDATE pipelines SET cursor = ?2 WHERE name = ?1",
+                    params![pipeline, cursor],
+                )?;
+            }
+            if full_read {
+                tx.execute(
+                    "UPDATE pipelines SET last_full_run = ?2 WHERE name = ?1",
+                    params![pipeline, run],
+                )?;
+            }
+            Ok(())
+        })();
+        let path = self.path.clone();
+        result.map_err(|source| StateError::Database { path, source })?;
+        tx.commit().map_err(|e| StateError::Database {
+            path: self.path.clone(),
+            source: e,
+        })
+    }
+
+    fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT cursor FROM pipelines WHERE name = ?1",
+                [pipeline],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(|e| self.err(e))
+    }
+
+    fn scan_index(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key_hash, content_hash FROM synced WHERE pipeline = ?1")
+            .map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        let mut rows = stmt.query([pipeline]).map_err(|e| StateError::Database {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        while let Some(row) = rows.next().map_err(|e| StateError::Database {
+            path: self.path.clone(),
+            source: e,
+        })? {
+            let key_hash: i64 = row.get(0).map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+            let content_hash: i64 = row.get(1).map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+            visit(from_sql(key_hash), from_sql(content_hash));
+        }
+        Ok(())
+    }
+
+    fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {
+        let row: Option<(String, i64, Option<String>, Option<String>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT key, content_hash, email, handle FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![pipeline, to_sql(key_hash)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.err(e))?;
+        row.map(|(key, content_hash, email, handle)| {
+            Ok(SyncedRow {
+                key: self.parse_key(&key)?,
+                entry: SyncedEntry {
+                    content_hash: from_sql(content_hash),
+                    email,
+                    handle,
+                },
+            })
+        })
+        .transpose()
+    }
+
+    fn record_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = |source| StateError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(map)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(map)?;
+            for (seq, row) in rows.iter().enumerate() {
+                stmt.execute(params![
+                    pipeline,
+                    batch_id,
+                    seq as i64,
+                    run,
+                    to_sql(row.key.hash64()),
+                    row.key.to_string(),
+                    kind_name(row.kind),
+                    to_sql(row.content_hash),
+                    row.email,
+                ])
+                .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)
+    }
+
+    fn pending_batches(
+        &mut self,
+        pipeline: &str,
+    ) -> Result<Vec<(PendingBatch, Vec<u64>)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT batch_id, key, kind, email, content_hash FROM pending WHERE pipeline = ?1 ORDER BY run, batch_id, seq",
+            )
+            .map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        let rows: Vec<(String, String, String, Option<String>, i64)> = stmt
+            .query_map([pipeline], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        drop(stmt);
+        let mut batches: Vec<(PendingBatch, Vec<u64>)> = Vec::new();
+        for (batch_id, key, kind, email, content_hash) in rows {
+            let key = self.parse_key(&key)?;
+            let kind = kind_from(&kind).ok_or_else(|| StateError::Corrupt {
+                path: self.path.clone(),
+                message: format!("unknown change kind {kind:?} in pending"),
+            })?;
+            if batches
+                .last()
+                .map(|(b, _)| b.id != batch_id)
+                .unwrap_or(true)
+            {
+                batches.push((
+                    PendingBatch {
+                        id: batch_id.clone(),
+                        records: Vec::new(),
+                    },
+                    Vec::new(),
+                ));
+            }
+            if let Some((batch, hashes)) = batches.last_mut() {
+                batch.records.push(PendingRecord { key, kind, email });
+                hashes.push(from_sql(content_hash));
+            }
+        }
+        Ok(batches)
+    }
+
+    fn settle(
+        &mut self,
+        pipeline: &str,
+        batch_id: &str,
+        settlements: &[Settlement],
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = |source| StateError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(map)?;
+        {
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
+                       email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)
+                     WHERE synced.key = excluded.key",
+                )
+                .map_err(map)?;
+            let mut forget = tx
+                .prepare_cached("DELETE FROM synced WHERE pipeline = ?1 AND key_hash = ?2")
+                .map_err(map)?;
+            let mut unpend = tx
+                .prepare_cached(
+                    "DELETE FROM pending WHERE pipeline = ?1 AND batch_id = ?2 AND key = ?3",
+                )
+                .map_err(map)?;
+            let mut mark = tx
+                .prepare_cached(
+                    "UPDATE pending SET applied = 1, handle = ?4 WHERE pipeline = ?1 AND batch_id = ?2 AND key = ?3",
+                )
+                .map_err(map)?;
+            let mut owner = tx
+                .prepare_cached("SELECT key FROM synced WHERE pipeline = ?1 AND key_hash = ?2")
+                .map_err(map)?;
+            for settlement in settlements {
+                match settlement {
+                    Settlement::Synced { key, entry } => {
+                        let text = key.to_string();
+                        let changed = upsert
+                            .execute(params![
+                                pipeline,
+                                to_sql(key.hash64()),
+                                text,
+                                to_sql(entry.content_hash),
+                                entry.email,
+                                entry.handle,
+                            ])
+                            .map_err(map)?;
+                        if changed == 0 {
+                            let existing: String = owner
+                                .query_row(params![pipeline, to_sql(key.hash64())], |r| r.get(0))
+                                .map_err(map)?;
+                            return Err(StateError::KeyCollision {
+                                existing,
+                                new: text,
+                            });
+                        }
+                        unpend
+                            .execute(params![pipeline, batch_id, text])
+                            .map_err(map)?;
+                    }
+                    Settlement::Forgotten { key } => {
+                        forget
+                            .execute(params![pipeline, to_sql(key.hash64())])
+                            .map_err(map)?;
+                        unpend
+                            .execute(params![pipeline, batch_id, key.to_string()])
+                            .map_err(map)?;
+                    }
+                    Settlement::Dropped { key } => {
+                        unpend
+                            .execute(params![pipeline, batch_id, key.to_string()])
+                            .map_err(map)?;
+                    }
+                    Settlement::AwaitingFinish { key, handle } => {
+                        mark.execute(params![pipeline, batch_id, key.to_string(), handle])
+                            .map_err(map)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(map)
+    }
+
+    fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
+        let path = self.path.clone();
+        let map = |source| StateError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(map)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+                   (SELECT key_hash FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = 'remove')",
+                params![pipeline, run],
+            )
+            .map_err(map)?;
+        let upserted = tx
+            .execute(
+                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle)
+                   SELECT pipeline, key_hash, key, content_hash, email, handle FROM pending
+                   WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != 'remove'
+                 ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
+                   email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)",
+                params![pipeline, run],
+            )
+            .map_err(map)?;
+        tx.execute(
+            "DELETE FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1",
+            params![pipeline, run],
+        )
+        .map_err(map)?;
+        tx.commit().map_err(map)?;
+        Ok((removed + upserted) as u64)
+    }
+
+    fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "DELETE FROM pending WHERE pipeline = ?1 AND batch_id = ?2",
+                params![pipeline, batch_id],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a> {
+        Box::new(SqliteSinkStore {
+            conn: &mut self.conn,
+            scope: scope.to_string(),
+        })
+    }
+
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.name, p.runs, p.cursor,
+                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.name),
+                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.name),
+                   (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
+                 FROM pipelines p ORDER BY p.name",
+            )
+            .map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PipelineSummary {
+                    pipeline: r.get(0)?,
+                    runs: r.get::<_, i64>(1)? as u64,
+                    cursor: r.get(2)?,
+                    synced: r.get::<_, i64>(3)? as u64,
+                    pending: r.get::<_, i64>(4)? as u64,
+                    last_run: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| StateError::Database {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        Ok(rows)
+    }
+
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = |source| StateError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(map)?;
+        for table in ["synced", "pending", "runs"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE pipeline = ?1"),
+                [pipeline],
+            )
+            .map_err(map)?;
+        }
+        tx.execute("DELETE FROM pipelines WHERE name = ?1", [pipeline])
+            .map_err(map)?;
+        tx.commit().map_err(map)
+    }
+}
+
+/// The sink's key-value space, written through at once.
+struct SqliteSinkStore<'a> {
+    conn: &'a mut Connection,
+    scope: String,
+}
+
+fn store_error(e: rusqlite::Error) -> ConnectorError {
+    ConnectorError::Other(format!("sink store in the state database: {e}"))
+}
+
+impl SinkStore for SqliteSinkStore<'_> {
+    fn get(&self, key: &str) -> Result<Option<String>, ConnectorError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM sink_data WHERE scope = ?1 AND key = ?2",
+                params![self.scope, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn put(&mut self, key: &str, value: &str) -> Result<(), ConnectorError> {
+        self.conn
+            .execute(
+                "INSERT INTO sink_data (scope, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
+                params![self.scope, key, value],
+            )
+            .map(|_| ())
+            .map_err(store_error)
+    }
+
+    fn remove(&mut self, key: &str) -> Result<(), ConnectorError> {
+        self.conn
+            .execute(
+                "DELETE FROM sink_data WHERE scope = ?1 AND key = ?2",
+                params![self.scope, key],
+            )
+            .map(|_| ())
+            .map_err(store_error)
+    }
+}
