@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask`: every developer chore, in Rust.
+//!
+//! - `cargo xtask test`: what CI runs. Formatting, clippy with warnings as errors, and
+//!   every unit, doc and end-to-end test of the workspace. Installs what the tests need
+//!   from Debian's packages when it is missing (OpenLDAP's `slapd` and `ldap-utils`).
+//! - `cargo xtask bench [--sizes 100000,1000000]`: generates synthetic contacts, times
+//!   a first full sync and a nightly rerun, and prints records/s and peak memory.
+
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => test(),
+        Some("bench") => bench::run(&root()?, &args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask test | cargo xtask bench [--sizes N,N]");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask lives in the workspace root")?
+        .to_path_buf())
+}
+
+/// Runs a command in the workspace root, failing with its name when it fails.
+pub fn run(program: &str, args: &[&str], dir: &Path) -> Result<()> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn test() -> Result<()> {
+    let root = root()?;
+    let cargo = cargo();
+    ensure_slapd()?;
+    run(&cargo, &["fmt", "--all", "--", "--check"], &root)
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(
+        &cargo,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &root,
+    )?;
+    run(&cargo, &["test", "--workspace", "--no-fail-fast"], &root)?;
+    eprintln!("xtask test: all checks passed");
+    Ok(())
+}
+
+fn found(program: &str) -> bool {
+    [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+    ]
+    .iter()
+    .any(|dir| Path::new(dir).join(program).exists())
+}
+
+/// The LDAP tests run against a real OpenLDAP server; install it when missing.
+fn ensure_slapd() -> Result<()> {
+    if found("slapd") && found("ldapadd") {
+        return Ok(());
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!("the LDAP tests need OpenLDAP's slapd and ldap-utils: install them with your package manager");
+    }
+    eprintln!("xtask: installing slapd and ldap-utils for the LDAP tests");
+    let sudo = if unsafe { libc::geteuid() } == 0 {
+        None
+    } else {
+        Some("sudo")
+    };
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = match sudo {
+            Some(s) => {
+                let mut c = Command::new(s);
+                c.arg("apt-get");
+                c
+            }
+            None => Command::new("apt-get"),
+        };
+        let status = cmd
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!(
+                "apt-get {} failed: install slapd and ldap-utils by hand",
+                args.join(" ")
+            );
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    apt(&[
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "slapd",
+        "ldap-utils",
+    ])?;
+    Ok(())
+}

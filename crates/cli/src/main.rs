@@ -1,1 +1,550 @@
-fn main() {}
+//! `contactsync`: the command line. Wires configured connectors into the engine, shows
+//! progress, writes reports, and turns every outcome into one clear sentence and an
+//! exit code (0 synced, 1 failure, 2 usage or config error, 3 rejected records,
+//! 4 refused by the removal guard).
+
+mod progress;
+mod settings;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
+use contactsync_core::CancellationToken;
+use contactsync_core::{registry, RunningSandbox, SandboxOptions, Sink, Source};
+use contactsync_engine::{
+    run, Pipeline, RunOptions, RunReport, RunStatus, SqliteState, StateStore, SyncMode,
+};
+
+use crate::progress::RunProgress;
+use crate::settings::{base_url, with_base_url, Section, Settings};
+
+// The connectors this binary links. Adding a connector means adding its crate here and
+// to Cargo.toml; each registers itself by name. `extern crate` (not `use … as _`) makes
+// rustc link a crate nothing else names, and with it the crate's registrations.
+extern crate contactsync_businesscatalyst;
+extern crate contactsync_csv;
+extern crate contactsync_ldap;
+extern crate contactsync_poppulo;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "contactsync",
+    version,
+    about = "Keeps the people in one system in step with the platforms that mail them."
+)]
+struct Cli {
+    /// The config file (default: $CONTACTSYNC_CONFIG, else ./contactsync.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sync the people of a source into a sink.
+    Sync(SyncArgs),
+    /// List the registered connectors.
+    Connectors,
+    /// Validate the config and open every configured endpoint, changing nothing.
+    Check,
+    /// Show or reset the sync state.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+        /// The state database (default: from the config).
+        #[arg(long, value_name = "FILE", global = true)]
+        state: Option<PathBuf>,
+    },
+    /// Run a platform's sandbox on loopback until interrupted, to try a mapping offline.
+    Sandbox {
+        /// The platform (see `contactsync connectors`).
+        name: String,
+        /// The port to listen on (default: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Keep the sandbox's data in this file between runs.
+        #[arg(long, value_name = "FILE")]
+        data: Option<PathBuf>,
+    },
+}
+
+#[derive(Parser, Debug)]
+struct SyncArgs {
+    /// The `[sources.NAME]` section to read.
+    #[arg(long, value_name = "NAME")]
+    from: String,
+    /// The `[sinks.NAME]` section to write.
+    #[arg(long, value_name = "NAME")]
+    to: String,
+    /// Show the plan; change neither the sink nor the state.
+    #[arg(long)]
+    dry_run: bool,
+    /// upsert, mirror (default), update-only or create-only.
+    #[arg(long, value_name = "MODE")]
+    mode: Option<SyncMode>,
+    /// Read everything, even from an incremental source (and so detect removals).
+    #[arg(long)]
+    full: bool,
+    /// Allow removing more than the pipeline's max_removal_ratio of the synced people.
+    #[arg(long)]
+    allow_mass_removal: bool,
+    /// Write the run's report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Write rejected records as CSV to FILE (default: last-rejects.csv beside the state).
+    #[arg(long, value_name = "FILE")]
+    rejects: Option<PathBuf>,
+    /// The state database (default: from the config).
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum StateCommand {
+    /// Show every pipeline's synced count, pending changes, cursor and last run.
+    Show {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a pipeline: the next run syncs everyone again (upserts, no duplicates).
+    Reset {
+        /// The source section of the pipeline.
+        #[arg(long, value_name = "NAME")]
+        from: String,
+        /// The sink section of the pipeline.
+        #[arg(long, value_name = "NAME")]
+        to: String,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// An error and the exit code it deserves.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+fn usage(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
+fn failed(error: anyhow::Error) -> Failure {
+    Failure { code: 1, error }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,contactsync=info",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    let config_path = settings::locate(cli.config.as_deref());
+    match cli.command {
+        Command::Connectors => {
+            list_connectors();
+            Ok(0)
+        }
+        Command::Sync(args) => {
+            let settings = Settings::load(&config_path, args.state.as_deref()).map_err(usage)?;
+            sync(&settings, args).await
+        }
+        Command::Check => {
+            let settings = Settings::load(&config_path, None).map_err(usage)?;
+            check(&settings).await
+        }
+        Command::State { command, state } => {
+            let state_path = match state {
+                Some(path) => path,
+                None => {
+                    Settings::load(&config_path, None)
+                        .map_err(usage)?
+                        .state_path
+                }
+            };
+            state_command(&state_path, command)
+        }
+        Command::Sandbox { name, port, data } => sandbox(&name, port, data).await,
+    }
+}
+
+fn list_connectors() {
+    println!("sources:");
+    for f in registry::sources() {
+        println!("  {:18} {}", f.name, f.summary);
+    }
+    println!("sinks:");
+    for f in registry::sinks() {
+        println!("  {:18} {}", f.name, f.summary);
+    }
+    let sandboxes: Vec<&str> = registry::sandboxes().iter().map(|f| f.name).collect();
+    if !sandboxes.is_empty() {
+        println!(
+            "sandboxes (base_url = \"sandbox\", or `contactsync sandbox NAME`): {}",
+            sandboxes.join(", ")
+        );
+    }
+}
+
+/// Sandboxes started in this process, one per platform, so that a source and a sink of
+/// the same platform see the same data.
+#[derive(Default)]
+struct Sandboxes {
+    running: BTreeMap<String, RunningSandbox>,
+}
+
+impl Sandboxes {
+    /// Starts the sandbox a section asks for with `base_url = "sandbox"`, and points the
+    /// section at it.
+    async fn resolve(&mut self, section: Section, data_dir: &Path) -> Result<Section> {
+        if base_url(&section.settings).as_deref() != Some("sandbox") {
+            return Ok(section);
+        }
+        let url = match self.running.get(&section.connector) {
+            Some(running) => running.base_url.clone(),
+            None => {
+                let factory = registry::sandbox(&section.connector).ok_or_else(|| {
+                    anyhow!(
+                        "[{}] base_url = \"sandbox\", but connector `{}` has no sandbox",
+                        section.settings.section,
+                        section.connector
+                    )
+                })?;
+                std::fs::create_dir_all(data_dir)
+                    .with_context(|| format!("creating {}", data_dir.display()))?;
+                let data_file = data_dir.join(format!("sandbox-{}.json", section.connector));
+                let running = (factory.start)(SandboxOptions {
+                    data_file: Some(data_file.clone()),
+                    port: 0,
+                    settings: Some(section.settings.clone()),
+                })
+                .await
+                .with_context(|| format!("starting the {} sandbox", section.connector))?;
+                eprintln!(
+                    "note: [{}] uses the built-in {} SANDBOX at {} (data in {}), not the real platform",
+                    section.settings.section,
+                    section.connector,
+                    running.base_url,
+                    data_file.display()
+                );
+                let url = running.base_url.clone();
+                self.running.insert(section.connector.clone(), running);
+                url
+            }
+        };
+        Ok(Section {
+            settings: with_base_url(&section.settings, &url),
+            connector: section.connector,
+        })
+    }
+
+    fn stop(self) {
+        for (_, running) in self.running {
+            running.shutdown.cancel();
+        }
+    }
+}
+
+fn build_source(section: &Section) -> Result<Box<dyn Source>> {
+    let factory = registry::source(&section.connector).ok_or_else(|| {
+        anyhow!(
+            "[{}] type = \"{}\": no such source (registered: {})",
+            section.settings.section,
+            section.connector,
+            registry::sources()
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    Ok((factory.build)(&section.settings)?)
+}
+
+fn build_sink(section: &Section) -> Result<Box<dyn Sink>> {
+    let factory = registry::sink(&section.connector).ok_or_else(|| {
+        anyhow!(
+            "[{}] type = \"{}\": no such sink (registered: {})",
+            section.settings.section,
+            section.connector,
+            registry::sinks()
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    Ok((factory.build)(&section.settings)?)
+}
+
+async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
+    let data_dir = settings.data_dir();
+    let mut sandboxes = Sandboxes::default();
+    let source_section = sandboxes
+        .resolve(settings.source(&args.from).map_err(usage)?, &data_dir)
+        .await
+        .map_err(failed)?;
+    let sink_section = sandboxes
+        .resolve(settings.sink(&args.to).map_err(usage)?, &data_dir)
+        .await
+        .map_err(failed)?;
+    let source = build_source(&source_section).map_err(usage)?;
+    let mut sink = build_sink(&sink_section).map_err(usage)?;
+    let mut pipeline_settings = settings.pipeline(&args.from, &args.to).map_err(usage)?;
+    if let Some(mode) = args.mode {
+        pipeline_settings.mode = mode;
+    }
+    let pipeline = Pipeline {
+        name: format!("{}->{}", args.from, args.to),
+        sink_scope: sink_section.settings.section.clone(),
+        settings: pipeline_settings,
+    };
+    let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
+    let rejects = args
+        .rejects
+        .clone()
+        .unwrap_or_else(|| data_dir.join("last-rejects.csv"));
+    let cancel = CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!(
+                "interrupted: stopping after the current step; the next run finishes the job"
+            );
+            on_interrupt.cancel();
+        }
+    });
+    let options = RunOptions {
+        dry_run: args.dry_run,
+        allow_mass_removal: args.allow_mass_removal,
+        full: args.full,
+        rejects: Some(rejects.clone()),
+        sample_size: if args.dry_run { 5 } else { 0 },
+        spool_dir: Some(data_dir.clone()),
+        cancel,
+    };
+    let progress = RunProgress::new(std::io::stderr().is_terminal());
+    let report = run(
+        &pipeline,
+        source.as_ref(),
+        sink.as_mut(),
+        &mut state,
+        &options,
+        &progress,
+    )
+    .await;
+    progress.finish();
+    drop(sink);
+    sandboxes.stop();
+
+    print_report(&report, &rejects);
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| failed(anyhow!(e)))?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))
+            .map_err(failed)?;
+    }
+    Ok(match report.status {
+        RunStatus::Synced => 0,
+        RunStatus::Failed => 1,
+        RunStatus::SyncedWithRejects => 3,
+        RunStatus::RefusedByGuard => 4,
+    })
+}
+
+fn print_report(report: &RunReport, rejects: &Path) {
+    let verb = if report.dry_run { "plan" } else { "synced" };
+    println!(
+        "{} {verb}: read {}, created {}, updated {}, removed {}, unchanged {}, rejected {}{}{} ({:.1} s)",
+        report.pipeline,
+        report.read,
+        report.created,
+        report.updated,
+        report.removed,
+        report.unchanged,
+        report.rejected,
+        if report.skipped > 0 { format!(", skipped by mode {}", report.skipped) } else { String::new() },
+        if report.unknown > 0 { format!(", unknown {}", report.unknown) } else { String::new() },
+        report.duration_ms as f64 / 1000.0
+    );
+    if report.dry_run {
+        if report.sample.is_empty() {
+            println!("nothing to do");
+        }
+        for change in &report.sample {
+            println!(
+                "  {:6} {} {} ({})",
+                change.kind.as_str(),
+                change.key,
+                change.email.as_deref().unwrap_or(""),
+                change.origin
+            );
+        }
+        println!("dry run: nothing was changed");
+    }
+    if report.rejected > 0 {
+        println!(
+            "rejected records, with their origin and reason: {}",
+            rejects.display()
+        );
+    }
+    if let Some(error) = &report.error {
+        eprintln!("error: {error}");
+    }
+}
+
+async fn check(settings: &Settings) -> Result<u8, Failure> {
+    let data_dir = settings.data_dir();
+    let mut sandboxes = Sandboxes::default();
+    let mut ok = true;
+    for name in settings.source_names() {
+        let section = settings.source(&name).map_err(usage)?;
+        let section = sandboxes
+            .resolve(section, &data_dir)
+            .await
+            .map_err(failed)?;
+        let source = build_source(&section).map_err(usage)?;
+        match source.check().await {
+            Ok(()) => println!("ok    [sources.{name}] ({})", section.connector),
+            Err(e) => {
+                ok = false;
+                println!("FAIL  [sources.{name}] ({}): {e}", section.connector);
+            }
+        }
+    }
+    for name in settings.sink_names() {
+        let section = settings.sink(&name).map_err(usage)?;
+        let section = sandboxes
+            .resolve(section, &data_dir)
+            .await
+            .map_err(failed)?;
+        let mut sink = build_sink(&section).map_err(usage)?;
+        match sink.check().await {
+            Ok(()) => println!("ok    [sinks.{name}] ({})", section.connector),
+            Err(e) => {
+                ok = false;
+                println!("FAIL  [sinks.{name}] ({}): {e}", section.connector);
+            }
+        }
+    }
+    for (name, from, to) in settings.pipelines() {
+        settings.pipeline(&from, &to).map_err(usage)?;
+        println!("ok    [pipelines.{name}] ({from} -> {to})");
+    }
+    sandboxes.stop();
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn state_command(path: &Path, command: StateCommand) -> Result<u8, Failure> {
+    let mut state = SqliteState::open(path).map_err(|e| failed(anyhow!(e)))?;
+    match command {
+        StateCommand::Show { json } => {
+            let summaries = state.summaries().map_err(|e| failed(anyhow!(e)))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summaries).map_err(|e| failed(anyhow!(e)))?
+                );
+            } else if summaries.is_empty() {
+                println!("{}: no pipeline has run yet", path.display());
+            } else {
+                println!("{}:", path.display());
+                for s in summaries {
+                    println!(
+                        "  {}: {} synced, {} pending, {} runs, cursor {}, last run {}",
+                        s.pipeline,
+                        s.synced,
+                        s.pending,
+                        s.runs,
+                        s.cursor.as_deref().unwrap_or("-"),
+                        s.last_run.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        StateCommand::Reset { from, to, yes } => {
+            let pipeline = format!("{from}->{to}");
+            if !yes {
+                return Err(usage(anyhow!(
+                    "resetting {pipeline} makes the next run send everyone again; add --yes to confirm"
+                )));
+            }
+            state.reset(&pipeline).map_err(|e| failed(anyhow!(e)))?;
+            println!("{pipeline}: state reset");
+            Ok(0)
+        }
+    }
+}
+
+async fn sandbox(name: &str, port: u16, data: Option<PathBuf>) -> Result<u8, Failure> {
+    let factory = registry::sandbox(name).ok_or_else(|| {
+        usage(anyhow!(
+            "no sandbox called {name:?} (available: {})",
+            registry::sandboxes()
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let running = (factory.start)(SandboxOptions {
+        data_file: data,
+        port,
+        settings: None,
+    })
+    .await
+    .map_err(|e| failed(anyhow!(e)))?;
+    println!(
+        "{name} sandbox listening on {} (not the real platform); Ctrl-C stops it",
+        running.base_url
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    running.shutdown.cancel();
+    Ok(0)
+}

@@ -148,7 +148,8 @@ pub struct RunningSandbox {
     pub base_url: String,
     /// Cancel to stop the server (it saves its data first).
     pub shutdown: crate::CancellationToken,
-    /// Completes when the server has stopped and saved its data.
+    /// Stops the server when dropped (it saves its data as it goes, and once more on
+    /// the way out), so a sandbox never outlives the value that started it.
     pub stopped: tokio_util::sync::DropGuard,
 }
 

@@ -107,6 +107,8 @@ pub struct SinkContext<'a> {
 /// A system changes are written to.
 ///
 /// # Contract
+/// - A batch holds either creates and updates, or removals, never both; removals come
+///   after every create and update of the run.
 /// - `apply` returns exactly one [`Outcome`] per change, in the batch's order.
 ///   `Applied` means the platform confirmed it. Anything uncertain is
 ///   [`Outcome::Unknown`], never `Applied`.

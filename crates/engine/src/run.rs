@@ -236,7 +236,10 @@ async fn run_inner(
     let population = index.population();
 
     let mapping = FieldMapping::new(settings);
-    let mut spool = ChangeSpool::create(options.spool_dir.as_deref())?;
+    let mut spool = Spools {
+        upserts: ChangeSpool::create(options.spool_dir.as_deref())?,
+        removals: ChangeSpool::create(options.spool_dir.as_deref())?,
+    };
     let mut plan = ChangePlan::default();
     let mut samples = Samples::new(options.sample_size);
 
@@ -483,7 +486,7 @@ fn plan_change(
     settings: &PipelineSettings,
     plan: &mut ChangePlan,
     report: &mut RunReport,
-    spool: &mut ChangeSpool,
+    spool: &mut Spools,
     samples: &mut Samples,
 ) -> Result<(), RunError> {
     let mode = settings.mode;
@@ -498,8 +501,19 @@ fn plan_change(
     }
     *counter += 1;
     samples.offer(change);
-    spool.push(change)?;
+    match change.kind() {
+        ChangeKind::Remove => spool.removals.push(change)?,
+        _ => spool.upserts.push(change)?,
+    }
     Ok(())
+}
+
+/// The change set, in two parts: a batch never mixes removals with creates and updates
+/// (a platform row that removes someone carries different columns), and removals are
+/// applied last, after everyone who stays is up to date.
+struct Spools {
+    upserts: ChangeSpool,
+    removals: ChangeSpool,
 }
 
 /// The first few changes of each kind.
@@ -614,11 +628,11 @@ async fn apply(
     observer: &dyn RunObserver,
     report: &mut RunReport,
     rejects: &mut RejectsWriter,
-    spool: ChangeSpool,
+    spool: Spools,
     plan: ChangePlan,
     run_id: i64,
 ) -> Result<(), RunError> {
-    if spool.len() == 0 {
+    if spool.upserts.len() + spool.removals.len() == 0 {
         return Ok(());
     }
     let capabilities = sink.capabilities();
@@ -642,11 +656,16 @@ async fn apply(
         };
         sink.begin(&plan, &mut ctx).await.map_err(RunError::Sink)?;
     }
-    let mut reader = spool.into_reader()?;
+    let mut readers = [spool.upserts.into_reader()?, spool.removals.into_reader()?];
+    let mut part = 0;
     let mut number = 0;
     loop {
-        let changes = reader.next_batch(batch_size)?;
+        let changes = readers[part].next_batch(batch_size)?;
         if changes.is_empty() {
+            if part + 1 < readers.len() {
+                part += 1;
+                continue;
+            }
             break;
         }
         if options.cancel.is_cancelled() {

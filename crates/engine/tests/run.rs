@@ -662,3 +662,27 @@ async fn the_sink_store_persists_between_runs() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_batch_never_mixes_removals_with_upserts_and_removals_come_last() {
+    let mut f = Fixture::new();
+    f.settings.max_removal_ratio = 1.0;
+    let mut sink = MemorySink::new(3);
+    let people: Vec<Contact> = (1..=6).map(|i| person(i, "A")).collect();
+    f.run(&ListSource::of(&people), &mut sink).await;
+    sink.platform.lock().unwrap().batches.clear();
+    let mut next: Vec<Contact> = people[2..].to_vec();
+    next[0].set(&Field::FirstName, "B").unwrap();
+    next.push(person(7, "New"));
+    let r = f.run(&ListSource::of(&next), &mut sink).await;
+    assert_eq!((r.created, r.updated, r.removed), (1, 1, 2), "{r:?}");
+    let batches = sink.platform.lock().unwrap().batches.clone();
+    let kinds: Vec<Vec<&str>> = batches
+        .iter()
+        .map(|b| b.iter().map(|(k, _)| k.as_str()).collect())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![vec!["update", "create"], vec!["remove", "remove"]]
+    );
+}

@@ -1,0 +1,339 @@
+//! Writing contacts into Business Catalyst: `ContactList_UpdateInsert` in batches of at
+//! most 100, and removals by delete calls or `MasterOptIn=false`.
+//!
+//! Why it is shaped so:
+//! - The service matches an upsert by `externalId`, else `emailAddress`, and *adds* a
+//!   record with neither. Such a change is rejected here, before sending: it would
+//!   create the person again on every run.
+//! - A bulk call faults as a whole when one record is bad. The batch is then sent again
+//!   one record at a time, so that the fault lands on the record that caused it
+//!   ([`Outcome::Rejected`] with the service's words) and the others are applied.
+//!   Authentication faults stop the run instead. Transport errors and HTTP 5xx without
+//!   a fault are retried by the HTTP layer; if they persist, `apply` fails and the
+//!   engine sends the batch again next run (every call here is an idempotent upsert or
+//!   a delete).
+//! - `entityId` is sent as the handle the engine kept for the person, or -1. Handles
+//!   are learnt only when `resolve_entity_ids = true` (one `Contact_RetrieveBy…` call
+//!   per new contact); otherwise `Applied { handle: None }` for new contacts.
+//! - Removals (`removal = "delete"`): `Contact_DeleteByEntityID` when the handle is
+//!   known; for an external-id key, `Contact_RetrieveByExternalID` then delete by id;
+//!   otherwise `Contact_DeleteByEmailAddress`. A delete that finds nobody is applied
+//!   (the person is gone, which is what was asked). `removal = "opt_out"`: an upsert
+//!   carrying only the identity and `MasterOptIn=false`.
+//! - What is written: externalId, emailAddress, fullName (display name), firstName,
+//!   lastName (sent empty to clear), the configured phone types and addresses, and
+//!   `MasterOptIn` (`false` unless the contact is active). CRM form fields are read by
+//!   the source but not written (writing needs form and field ids).
+
+use contactsync_core::{
+    async_trait, Change, ChangeBatch, ConfigError, ConnectorError, ConnectorSettings, Contact,
+    ContactKey, ContactStatus, Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+};
+
+use crate::client::{BcClient, CallError};
+use crate::config::{BcConfig, Removal, ADDRESS_PARTS};
+use crate::soap::{Address, ContactRecord, PhoneNo};
+
+/// A Business Catalyst site as a sink.
+#[derive(Debug)]
+pub struct BcSink {
+    config: BcConfig,
+    client: BcClient,
+}
+
+impl BcSink {
+    /// A sink for `config`. Touches no network.
+    pub fn new(config: BcConfig) -> Result<BcSink, ConnectorError> {
+        let client = BcClient::new(&config)?;
+        Ok(BcSink { config, client })
+    }
+}
+
+/// The registry's builder.
+pub fn build(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
+    let config = BcConfig::from_settings(settings)?;
+    let sink = BcSink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(sink))
+}
+
+/// One upsert to send: the change's position, the record, the handle it had.
+struct Upsert {
+    index: usize,
+    record: ContactRecord,
+    handle: Option<String>,
+}
+
+fn entity_id(handle: Option<&str>) -> Option<i64> {
+    handle
+        .and_then(|h| h.trim().parse::<i64>().ok())
+        .filter(|id| *id > 0)
+}
+
+const NO_IDENTITY: &str = "the contact has neither an external id nor an email address: \
+Business Catalyst would add it again on every run";
+
+/// The record for an upsert of `contact`, or why it cannot be sent.
+pub fn to_record(
+    contact: &Contact,
+    handle: Option<&str>,
+    config: &BcConfig,
+) -> Result<ContactRecord, String> {
+    if contact.external_id.is_none() && contact.email.is_none() {
+        return Err(NO_IDENTITY.into());
+    }
+    let text = |v: &Option<String>| Some(v.clone().unwrap_or_default());
+    let phone_nos = (!config.phone_types.is_empty()).then(|| {
+        config
+            .phone_types
+            .iter()
+            .map(|(type_id, field)| PhoneNo {
+                type_id: *type_id,
+                number: contact.get(field).unwrap_or_default(),
+            })
+            .collect()
+    });
+    let addresses = (!config.addresses.is_empty()).then(|| {
+        config
+            .addresses
+            .iter()
+            .map(|(type_id, prefix)| {
+                let part = |i: usize| {
+                    contact
+                        .attributes
+                        .get(&format!("{prefix}_{}", ADDRESS_PARTS[i]))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                Address {
+                    type_id: *type_id,
+                    line1: part(0),
+                    line2: part(1),
+                    city: part(2),
+                    zipcode: part(3),
+                    state: part(4),
+                    country_code: part(5),
+                }
+            })
+            .collect()
+    });
+    Ok(ContactRecord {
+        entity_id: entity_id(handle).unwrap_or(-1),
+        external_id: contact.external_id.clone(),
+        email_address: contact.email.clone(),
+        full_name: text(&contact.display_name),
+        first_name: text(&contact.first_name),
+        last_name: text(&contact.last_name),
+        phone_nos,
+        addresses,
+        master_opt_in: Some(contact.status == ContactStatus::Active),
+        ..ContactRecord::default()
+    })
+}
+
+/// The record that opts a removed person out: identity and `MasterOptIn=false` only.
+fn opt_out_record(change: &Change) -> Result<ContactRecord, String> {
+    let external_id = match change.key() {
+        ContactKey::ExternalId(id) => Some(id.clone()),
+        ContactKey::Email(_) => None,
+    };
+    let email = change
+        .email()
+        .map(str::to_string)
+        .or_else(|| match change.key() {
+            ContactKey::Email(e) => Some(e.clone()),
+            ContactKey::ExternalId(_) => None,
+        });
+    if external_id.is_none() && email.is_none() {
+        return Err(NO_IDENTITY.into());
+    }
+    let handle = change.previous().and_then(|p| p.handle.as_deref());
+    Ok(ContactRecord {
+        entity_id: entity_id(handle).unwrap_or(-1),
+        external_id,
+        email_address: email,
+        master_opt_in: Some(false),
+        ..ContactRecord::default()
+    })
+}
+
+fn final_rejection(reason: impl Into<String>) -> Outcome {
+    Outcome::Rejected {
+        reason: reason.into(),
+        field: None,
+        retry: false,
+    }
+}
+
+impl BcSink {
+    /// Sends `upserts` in one call; on a record-level fault, one by one.
+    async fn upsert(
+        &self,
+        upserts: &[Upsert],
+        outcomes: &mut [Option<Outcome>],
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<(), ConnectorError> {
+        let records: Vec<ContactRecord> = upserts.iter().map(|u| u.record.clone()).collect();
+        let fault = match self.client.update_insert(&records).await {
+            Ok(()) => {
+                for u in upserts {
+                    outcomes[u.index] = Some(Outcome::Applied {
+                        handle: u.handle.clone(),
+                    });
+                }
+                return Ok(());
+            }
+            Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => fault,
+            Err(e) => return Err(e.into()),
+        };
+        if upserts.len() == 1 {
+            outcomes[upserts[0].index] = Some(Outcome::rejected(fault.text));
+            return Ok(());
+        }
+        tracing::warn!(records = upserts.len(), fault = %fault.text, "businesscatalyst: a batch faulted; sending its records one by one");
+        ctx.progress
+            .note("Business Catalyst refused a batch; sending its records one by one to find the faulty ones");
+        for u in upserts {
+            if ctx.cancel.is_cancelled() {
+                outcomes[u.index] = Some(Outcome::Unknown {
+                    reason: "cancelled before this record was sent on its own".into(),
+                });
+                continue;
+            }
+            outcomes[u.index] = Some(
+                match self
+                    .client
+                    .update_insert(std::slice::from_ref(&u.record))
+                    .await
+                {
+                    Ok(()) => Outcome::Applied {
+                        handle: u.handle.clone(),
+                    },
+                    Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => {
+                        Outcome::rejected(fault.text)
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Learns the entity id of an applied upsert without one.
+    async fn resolve_handle(
+        &self,
+        record: &ContactRecord,
+    ) -> Result<Option<String>, ConnectorError> {
+        let found = match (&record.external_id, &record.email_address) {
+            (Some(ext), _) => self.client.retrieve_by_external_id(ext).await?,
+            (None, Some(email)) => self.client.retrieve_by_email(email).await?,
+            (None, None) => None,
+        };
+        Ok(found.map(|r| r.entity_id.to_string()))
+    }
+
+    /// Deletes the person a removal names.
+    async fn delete(&self, change: &Change) -> Result<Outcome, ConnectorError> {
+        let handle = change.previous().and_then(|p| p.handle.as_deref());
+        let result = if let Some(id) = entity_id(handle) {
+            self.client.delete_by_entity_id(id).await
+        } else if let ContactKey::ExternalId(ext) = change.key() {
+            match self.client.retrieve_by_external_id(ext).await {
+                Ok(Some(record)) => self.client.delete_by_entity_id(record.entity_id).await,
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            }
+        } else if let Some(email) = change.email() {
+            self.client.delete_by_email(email).await
+        } else {
+            return Ok(final_rejection(NO_IDENTITY));
+        };
+        match result {
+            Ok(deleted) => {
+                if !deleted {
+                    tracing::debug!(key = %change.key(), "businesscatalyst: nobody to delete; already gone");
+                }
+                Ok(Outcome::Applied { handle: None })
+            }
+            Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => {
+                Ok(Outcome::rejected(fault.text))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for BcSink {
+    fn capabilities(&self) -> SinkCapabilities {
+        SinkCapabilities {
+            max_batch: self.config.batch_size,
+            asynchronous_jobs: false,
+            durable_at_finish: false,
+            removal: match self.config.removal {
+                Removal::Delete => RemovalStyle::Delete,
+                Removal::OptOut => RemovalStyle::OptOut,
+            },
+        }
+    }
+
+    async fn check(&mut self) -> Result<(), ConnectorError> {
+        self.client.check().await
+    }
+
+    async fn apply(
+        &mut self,
+        batch: &ChangeBatch,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Vec<Outcome>, ConnectorError> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.changes.len()];
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (index, change) in batch.changes.iter().enumerate() {
+            let handle = change.previous().and_then(|p| p.handle.clone());
+            let record = match change {
+                Change::Create { contact, .. } | Change::Update { contact, .. } => {
+                    to_record(contact, handle.as_deref(), &self.config)
+                }
+                Change::Remove { .. } if self.config.removal == Removal::OptOut => {
+                    opt_out_record(change)
+                }
+                Change::Remove { .. } => {
+                    deletes.push(index);
+                    continue;
+                }
+            };
+            match record {
+                Ok(record) => upserts.push(Upsert {
+                    index,
+                    record,
+                    handle,
+                }),
+                Err(reason) => outcomes[index] = Some(final_rejection(reason)),
+            }
+        }
+        // Batches are at most max_batch long already; chunk anyway, the service's
+        // limit is not negotiable.
+        for chunk in upserts.chunks(crate::config::MAX_BATCH) {
+            self.upsert(chunk, &mut outcomes, ctx).await?;
+        }
+        if self.config.resolve_entity_ids {
+            for u in &upserts {
+                if let Some(Outcome::Applied { handle: None }) = &outcomes[u.index] {
+                    let handle = self.resolve_handle(&u.record).await?;
+                    outcomes[u.index] = Some(Outcome::Applied { handle });
+                }
+            }
+        }
+        for index in deletes {
+            outcomes[index] = Some(self.delete(&batch.changes[index]).await?);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(Outcome::Unknown {
+                    reason: "not processed".into(),
+                })
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,395 @@
+//! Reading contacts out of Business Catalyst: `ContactList_Retrieve` from a date, page
+//! by page.
+//!
+//! Why it is shaped so:
+//! - A full read asks from `0001-01-01T00:00:00` (BC's "no date") and is complete; an
+//!   incremental read asks from the cursor and is never complete, so the engine never
+//!   removes anyone for being absent from it. Deletions come as `deleted=true` records
+//!   either way, yielded with [`SourceRecord::deleted`].
+//! - The cursor is the latest `lastUpdateDate` seen, **as BC writes it: site-local
+//!   time without zone** (`2026-11-21T10:15:00` or with a fraction). It is sent back
+//!   unchanged, so no time zone arithmetic can shift it. The service's comparison is
+//!   inclusive, so the records changed at exactly that instant are read again next
+//!   time: harmless (the engine's diff finds them unchanged) and it never skips a
+//!   record written in the same second after the read.
+//! - One page (100 records) is held at a time.
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use contactsync_core::{
+    async_trait, ConfigError, ConnectorError, ConnectorSettings, Contact, ContactStatus, Field,
+    Origin, ReadMode, ReadOutcome, RecordStream, Source, SourceCapabilities, SourceItem,
+    SourceRecord,
+};
+
+use crate::client::{BcClient, PAGE_SIZE};
+use crate::config::{BcConfig, ADDRESS_PARTS};
+use crate::soap::{ContactRecord, UNSET_DATE};
+
+/// The system name in [`Origin::Record`].
+pub const SYSTEM: &str = "businesscatalyst";
+
+/// A Business Catalyst site as a source of contacts.
+#[derive(Debug)]
+pub struct BcSource {
+    config: BcConfig,
+    client: BcClient,
+}
+
+impl BcSource {
+    /// A source for `config`. Touches no network.
+    pub fn new(config: BcConfig) -> Result<BcSource, ConnectorError> {
+        let client = BcClient::new(&config)?;
+        Ok(BcSource { config, client })
+    }
+}
+
+/// The registry's builder.
+pub fn build(settings: &ConnectorSettings) -> Result<Box<dyn Source>, ConfigError> {
+    let config = BcConfig::from_settings(settings)?;
+    let source = BcSource::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(source))
+}
+
+#[async_trait]
+impl Source for BcSource {
+    fn capabilities(&self) -> SourceCapabilities {
+        SourceCapabilities {
+            incremental: true,
+            reports_deletions: true,
+        }
+    }
+
+    async fn check(&self) -> Result<(), ConnectorError> {
+        self.client.check().await
+    }
+
+    async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {
+        let (since, complete, previous) = match mode {
+            ReadMode::Full => (UNSET_DATE.to_string(), true, None),
+            ReadMode::Incremental { cursor: None } => (UNSET_DATE.to_string(), false, None),
+            ReadMode::Incremental { cursor: Some(c) } => {
+                let date = parse_bc_date(&c, self.config.time_zone).ok_or_else(|| {
+                    ConnectorError::Other(format!(
+                        "the stored Business Catalyst cursor {c:?} is not a date; run a full read to reset it"
+                    ))
+                })?;
+                (format_bc_date(date), false, Some(c))
+            }
+        };
+        tracing::info!(since = %since, complete, "businesscatalyst: reading contacts");
+        Ok(Box::new(RetrieveStream {
+            client: self.client.clone(),
+            config: self.config.clone(),
+            since,
+            complete,
+            next_start: 0,
+            page: 0,
+            buffer: VecDeque::new(),
+            more: true,
+            latest: None,
+            previous_cursor: previous,
+        }))
+    }
+}
+
+/// A read in progress: one page buffered, the next fetched when it runs out.
+struct RetrieveStream {
+    client: BcClient,
+    config: BcConfig,
+    since: String,
+    complete: bool,
+    next_start: u64,
+    page: u64,
+    buffer: VecDeque<(u64, ContactRecord)>,
+    more: bool,
+    latest: Option<NaiveDateTime>,
+    previous_cursor: Option<String>,
+}
+
+#[async_trait]
+impl RecordStream for RetrieveStream {
+    async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
+        loop {
+            if let Some((index, record)) = self.buffer.pop_front() {
+                return Ok(Some(self.item(index, record)));
+            }
+            if !self.more {
+                return Ok(None);
+            }
+            let start = self.next_start;
+            let page = self.client.retrieve_page(&self.since, start).await?;
+            self.page += 1;
+            self.next_start += PAGE_SIZE;
+            self.more = page.more_records;
+            tracing::debug!(
+                record_start = start,
+                records = page.records.len(),
+                more = self.more,
+                "businesscatalyst: page"
+            );
+            if page.records.is_empty() && self.more {
+                return Err(ConnectorError::Protocol {
+                    call: "ContactList_Retrieve".into(),
+                    message: format!(
+                        "an empty page at recordStart {start} says more records follow"
+                    ),
+                });
+            }
+            self.buffer.extend(
+                page.records
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| (i as u64 + 1, r)),
+            );
+        }
+    }
+
+    async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
+        let cursor = match self.latest {
+            Some(latest) => Some(format_bc_date(latest)),
+            None => self.previous_cursor,
+        };
+        Ok(ReadOutcome {
+            complete: self.complete,
+            cursor,
+        })
+    }
+}
+
+impl RetrieveStream {
+    fn item(&mut self, index: u64, record: ContactRecord) -> SourceItem {
+        let origin = if record.entity_id > 0 {
+            Origin::Record {
+                system: SYSTEM.into(),
+                id: record.entity_id.to_string(),
+            }
+        } else {
+            Origin::Page {
+                call: "ContactList_Retrieve".into(),
+                page: self.page,
+                index,
+            }
+        };
+        let updated = record
+            .last_update_date
+            .as_deref()
+            .and_then(|d| parse_bc_date(d, self.config.time_zone));
+        if let Some(updated) = updated {
+            if self.latest.is_none_or(|l| updated > l) {
+                self.latest = Some(updated);
+            }
+        }
+        let deleted = record.deleted;
+        match to_contact(&record, &self.config) {
+            Ok(contact) => SourceItem::Record(SourceRecord {
+                contact,
+                origin,
+                deleted,
+            }),
+            Err(e) => SourceItem::Rejected(e.into_record_error(origin)),
+        }
+    }
+}
+
+/// Why a record could not be mapped.
+#[derive(Debug)]
+pub struct MapError {
+    field: String,
+    reason: String,
+}
+
+impl MapError {
+    fn into_record_error(self, origin: Origin) -> contactsync_core::RecordError {
+        contactsync_core::RecordError::new(origin, self.reason).with_field(self.field)
+    }
+}
+
+/// Parses a BC date: site-local without zone (with or without fraction), or, liberally,
+/// one with an offset (converted to the site's zone), or a bare date.
+pub fn parse_bc_date(value: &str, tz: Tz) -> Option<NaiveDateTime> {
+    let value = value.trim();
+    if let Ok(d) = NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f") {
+        return Some(d);
+    }
+    if let Ok(d) = DateTime::parse_from_rfc3339(value) {
+        return Some(d.with_timezone(&tz).naive_local());
+    }
+    chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+}
+
+/// Writes a BC date: `YYYY-MM-DDTHH:MM:SS`, with the fraction only when there is one.
+pub fn format_bc_date(date: NaiveDateTime) -> String {
+    if date.and_utc().timestamp_subsec_nanos() == 0 {
+        date.format("%Y-%m-%dT%H:%M:%S").to_string()
+    } else {
+        date.format("%Y-%m-%dT%H:%M:%S%.f").to_string()
+    }
+}
+
+/// A site-local date as an instant (the earlier one when the clock went back).
+pub fn to_utc(date: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
+    tz.from_local_datetime(&date)
+        .earliest()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// Maps a `ContactRecord` into a [`Contact`].
+pub fn to_contact(record: &ContactRecord, config: &BcConfig) -> Result<Contact, MapError> {
+    let mut contact = Contact::default();
+    let set = |contact: &mut Contact, field: &Field, value: &str, what: &str| {
+        contact.set(field, value).map_err(|reason| MapError {
+            field: what.to_string(),
+            reason,
+        })
+    };
+    let simple = [
+        (Field::ExternalId, &record.external_id, "externalId"),
+        (Field::Email, &record.email_address, "emailAddress"),
+        (Field::FirstName, &record.first_name, "firstName"),
+        (Field::LastName, &record.last_name, "lastName"),
+        (Field::DisplayName, &record.full_name, "fullName"),
+    ];
+    for (field, value, what) in simple {
+        if let Some(v) = value {
+            set(&mut contact, &field, v, what)?;
+        }
+    }
+    for phone in record.phone_nos.iter().flatten() {
+        if let Some(field) = config.phone_types.get(&phone.type_id) {
+            set(&mut contact, field, &phone.number, "phoneNos")?;
+        }
+    }
+    for address in record.addresses.iter().flatten() {
+        if let Some(prefix) = config.addresses.get(&address.type_id) {
+            let parts = [
+                &address.line1,
+                &address.line2,
+                &address.city,
+                &address.zipcode,
+                &address.state,
+                &address.country_code,
+            ];
+            for (suffix, value) in ADDRESS_PARTS.iter().zip(parts) {
+                set(
+                    &mut contact,
+                    &Field::Attribute(format!("{prefix}_{suffix}")),
+                    value,
+                    "addresses",
+                )?;
+            }
+        }
+    }
+    for form in record.crm_forms.iter().flatten() {
+        for field in &form.fields {
+            let target = match &config.crm_fields {
+                None => Some(Field::Attribute(field.name.trim().to_string())),
+                Some(map) => map.get(field.name.trim()).cloned(),
+            };
+            if let Some(target) = target.filter(|t| !t.name().is_empty()) {
+                set(&mut contact, &target, &field.value, "crmForms")?;
+            }
+        }
+    }
+    if record.master_opt_in == Some(false) {
+        contact.status = ContactStatus::OptedOut;
+    }
+    contact.updated_at = record
+        .last_update_date
+        .as_deref()
+        .and_then(|d| parse_bc_date(d, config.time_zone))
+        .and_then(|d| to_utc(d, config.time_zone));
+    Ok(contact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::soap::{CrmForm, CrmFormField, PhoneNo};
+
+    fn config() -> BcConfig {
+        let s = ConnectorSettings::from_toml(
+            "sources.bc",
+            "base_url = \"http://x\"\nsite_id = 1\npassword = \"p\"\ntime_zone = \"Europe/London\"\naddresses = { \"2\" = \"work\" }",
+        )
+        .unwrap();
+        BcConfig::from_settings(&s).unwrap()
+    }
+
+    #[test]
+    fn maps_a_record() {
+        let record = ContactRecord {
+            entity_id: 5,
+            external_id: Some("E5".into()),
+            email_address: Some(" Ann@Example.COM ".into()),
+            full_name: Some("Ann Lee".into()),
+            first_name: Some("Ann".into()),
+            last_name: Some("Lee".into()),
+            last_update_date: Some("2026-07-01T10:00:00".into()),
+            phone_nos: Some(vec![
+                PhoneNo {
+                    type_id: 3,
+                    number: "0113".into(),
+                },
+                PhoneNo {
+                    type_id: 5,
+                    number: "0777".into(),
+                },
+                PhoneNo {
+                    type_id: 1,
+                    number: "home".into(),
+                },
+            ]),
+            addresses: Some(vec![crate::soap::Address {
+                type_id: 2,
+                city: "Leeds".into(),
+                ..Default::default()
+            }]),
+            crm_forms: Some(vec![CrmForm {
+                form_id: 1,
+                name: "F".into(),
+                fields: vec![CrmFormField {
+                    name: "Level".into(),
+                    value: "Gold".into(),
+                    ..Default::default()
+                }],
+            }]),
+            master_opt_in: Some(false),
+            ..Default::default()
+        };
+        let c = to_contact(&record, &config()).unwrap();
+        assert_eq!(c.email.as_deref(), Some("Ann@example.com"));
+        assert_eq!(c.display_name.as_deref(), Some("Ann Lee"));
+        assert_eq!(c.phone.as_deref(), Some("0113"));
+        assert_eq!(c.mobile.as_deref(), Some("0777"));
+        assert_eq!(
+            c.attributes.get("work_city").map(String::as_str),
+            Some("Leeds")
+        );
+        assert_eq!(c.attributes.get("Level").map(String::as_str), Some("Gold"));
+        assert_eq!(c.status, ContactStatus::OptedOut);
+        // 10:00 in London in July is 09:00 UTC.
+        assert_eq!(
+            c.updated_at.unwrap().to_rfc3339(),
+            "2026-07-01T09:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn dates_round_trip_as_bc_writes_them() {
+        let tz = Tz::UTC;
+        for s in ["2026-01-02T03:04:05", "2026-01-02T03:04:05.120"] {
+            let d = parse_bc_date(s, tz).unwrap();
+            assert_eq!(parse_bc_date(&format_bc_date(d), tz), Some(d));
+        }
+        assert_eq!(
+            format_bc_date(parse_bc_date("0001-01-01T00:00:00", tz).unwrap()),
+            UNSET_DATE
+        );
+        assert!(parse_bc_date("yesterday", tz).is_none());
+    }
+}

@@ -1,0 +1,623 @@
+//! The connector against its sandbox, over real HTTP on 127.0.0.1.
+
+use chrono::{TimeZone, Utc};
+use contactsync_businesscatalyst::sandbox::{
+    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
+};
+use contactsync_businesscatalyst::{sink, source};
+use contactsync_core::{
+    Change, ChangeBatch, ConnectorError, ConnectorSettings, Contact, ContactKey, ContactStatus,
+    Field, KeyRule, Origin, Outcome, ReadMode, SandboxOptions, Sink, Source, SyncedEntry,
+};
+use contactsync_testkit::{read_all, source_conformance, MemoryStore, SinkConformance};
+
+fn settings_for(base_url: &str, extra: &str) -> ConnectorSettings {
+    ConnectorSettings::from_toml(
+        "sources.bc",
+        &format!(
+            "base_url = \"{base_url}\"\nsite_id = 1\nusername = \"sandbox\"\npassword = \"sandbox\"\n\
+             retry_backoff_ms = 5\n{extra}"
+        ),
+    )
+    .unwrap()
+}
+
+fn source_of(sb: &Sandbox, extra: &str) -> Box<dyn Source> {
+    source::build(&settings_for(sb.base_url(), extra)).unwrap()
+}
+
+fn sink_of(sb: &Sandbox, extra: &str) -> Box<dyn Sink> {
+    sink::build(&settings_for(sb.base_url(), extra)).unwrap()
+}
+
+async fn sandbox() -> Sandbox {
+    let sb = Sandbox::start(SandboxConfig::default()).await.unwrap();
+    sb.set_clock(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
+    sb
+}
+
+fn person(i: usize) -> SandboxContact {
+    SandboxContact {
+        external_id: Some(format!("E{i:04}")),
+        email_address: Some(format!("p{i:04}@example.com")),
+        first_name: Some(format!("First{i}")),
+        last_name: Some("Last".into()),
+        master_opt_in: true,
+        ..SandboxContact::default()
+    }
+}
+
+fn contact(ext: Option<&str>, email: Option<&str>, first: &str) -> Contact {
+    let mut c = Contact::default();
+    if let Some(e) = ext {
+        c.set(&Field::ExternalId, e).unwrap();
+    }
+    if let Some(e) = email {
+        c.set(&Field::Email, e).unwrap();
+    }
+    c.set(&Field::FirstName, first).unwrap();
+    c
+}
+
+fn create(c: Contact) -> Change {
+    Change::Create {
+        key: c
+            .key(KeyRule::Auto)
+            .unwrap_or(ContactKey::Email(String::new())),
+        contact: c,
+        origin: Origin::Derived,
+    }
+}
+
+fn batch(changes: Vec<Change>) -> ChangeBatch {
+    ChangeBatch {
+        id: "test-1".into(),
+        changes,
+    }
+}
+
+fn calls<'a>(log: &'a [LoggedRequest], op: &'a str) -> Vec<&'a LoggedRequest> {
+    log.iter().filter(|r| r.operation == op).collect()
+}
+
+#[tokio::test]
+async fn full_then_incremental_read_asks_from_the_cursor() {
+    let sb = sandbox().await;
+    sb.seed((1..=250).map(person).collect());
+    let src = source_of(&sb, "");
+    let full = read_all(src.as_ref(), ReadMode::Full).await.unwrap();
+    assert_eq!(full.records.len(), 250);
+    assert!(full.outcome.complete);
+    assert_eq!(full.outcome.cursor.as_deref(), Some("2026-03-01T12:00:00"));
+    let log = sb.requests();
+    let pages = calls(&log, "ContactList_Retrieve");
+    let starts: Vec<_> = pages.iter().map(|r| r.record_start).collect();
+    assert_eq!(starts, [Some(0), Some(100), Some(200)]);
+    assert!(pages
+        .iter()
+        .all(|r| r.last_update_date.as_deref() == Some("0001-01-01T00:00:00")));
+    let first = &full.records[0];
+    assert_eq!(
+        first.origin,
+        Origin::Record {
+            system: "businesscatalyst".into(),
+            id: "1".into()
+        }
+    );
+    assert_eq!(first.contact.external_id.as_deref(), Some("E0001"));
+    assert_eq!(
+        first.contact.updated_at,
+        Some(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap())
+    );
+
+    // Later: two changes and a deletion.
+    sb.advance_clock(chrono::Duration::minutes(5));
+    sb.clear_requests();
+    let mut snk = sink_of(&sb, "");
+    let mut store = MemoryStore::new();
+    let updated = contact(Some("E0007"), Some("p0007@example.com"), "Changed");
+    let new = contact(Some("E9999"), Some("new@example.com"), "New");
+    let removal = Change::Remove {
+        key: ContactKey::ExternalId("E0010".into()),
+        previous: SyncedEntry {
+            content_hash: 0,
+            email: Some("p0010@example.com".into()),
+            handle: Some("10".into()),
+        },
+        origin: Origin::Derived,
+    };
+    let out = snk
+        .apply(
+            &batch(vec![create(updated), create(new), removal]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Applied { .. })),
+        "{out:?}"
+    );
+
+    let inc = read_all(
+        src.as_ref(),
+        ReadMode::Incremental {
+            cursor: full.outcome.cursor.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!inc.outcome.complete);
+    // Inclusive from the cursor: the 250 of 12:00 are read again, plus the 3 new changes.
+    let after: Vec<_> = inc
+        .records
+        .iter()
+        .filter(|r| {
+            r.contact.updated_at > Some(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap())
+        })
+        .collect();
+    assert_eq!(after.len(), 3);
+    let deleted: Vec<_> = after.iter().filter(|r| r.deleted).collect();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].contact.external_id.as_deref(), Some("E0010"));
+    assert_eq!(inc.outcome.cursor.as_deref(), Some("2026-03-01T12:05:00"));
+    let log = sb.requests();
+    let retrieves = calls(&log, "ContactList_Retrieve");
+    assert!(retrieves
+        .iter()
+        .all(|r| r.last_update_date.as_deref() == Some("2026-03-01T12:00:00")));
+
+    // From the new cursor, only the three.
+    let next = read_all(
+        src.as_ref(),
+        ReadMode::Incremental {
+            cursor: inc.outcome.cursor.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(next.records.len(), 3);
+    assert_eq!(next.outcome.cursor, inc.outcome.cursor);
+    // Nothing new: the cursor is kept.
+    sb.advance_clock(chrono::Duration::minutes(5));
+    let far = read_all(
+        src.as_ref(),
+        ReadMode::Incremental {
+            cursor: Some("2026-03-02T00:00:00".into()),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(far.records.is_empty());
+    assert_eq!(far.outcome.cursor.as_deref(), Some("2026-03-02T00:00:00"));
+}
+
+#[tokio::test]
+async fn upserts_match_by_external_id_then_email_and_keyless_is_rejected_unsent() {
+    let sb = sandbox().await;
+    let mut snk = sink_of(&sb, "resolve_entity_ids = true");
+    let mut store = MemoryStore::new();
+    let out = snk
+        .apply(
+            &batch(vec![
+                create(contact(Some("X1"), Some("x1@example.com"), "Ann")),
+                create(contact(None, Some("only@example.com"), "Bo")),
+                create(contact(None, None, "Nobody")),
+            ]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0],
+        Outcome::Applied {
+            handle: Some("1".into())
+        }
+    );
+    assert_eq!(
+        out[1],
+        Outcome::Applied {
+            handle: Some("2".into())
+        }
+    );
+    assert!(
+        matches!(&out[2], Outcome::Rejected { reason, retry: false, .. } if reason.contains("neither"))
+    );
+    let log = sb.requests();
+    assert_eq!(calls(&log, "ContactList_UpdateInsert")[0].records, 2);
+    assert!(log.iter().all(|r| r.ignored_elements.is_empty()), "{log:?}");
+
+    // Update by external id (email changes too), and by email.
+    let out = snk
+        .apply(
+            &batch(vec![
+                create(contact(Some("X1"), Some("x1.new@example.com"), "Anne")),
+                create(contact(None, Some("ONLY@EXAMPLE.COM"), "Bob")),
+            ]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(out.iter().all(|o| matches!(o, Outcome::Applied { .. })));
+    let stored = sb.contacts();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].first_name.as_deref(), Some("Anne"));
+    assert_eq!(
+        stored[0].email_address.as_deref(),
+        Some("x1.new@example.com")
+    );
+    assert_eq!(stored[1].first_name.as_deref(), Some("Bob"));
+}
+
+#[tokio::test]
+async fn batches_never_exceed_100_records() {
+    let sb = sandbox().await;
+    let mut snk = sink_of(&sb, "");
+    assert_eq!(snk.capabilities().max_batch, 100);
+    let changes: Vec<Change> = (0..250)
+        .map(|i| {
+            create(contact(
+                Some(&format!("B{i}")),
+                Some(&format!("b{i}@example.com")),
+                "B",
+            ))
+        })
+        .collect();
+    let mut store = MemoryStore::new();
+    // Even handed 250 at once, the sink sends 100, 100, 50.
+    let out = snk
+        .apply(&batch(changes), &mut store.context())
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 250);
+    let log = sb.requests();
+    let sizes: Vec<_> = calls(&log, "ContactList_UpdateInsert")
+        .iter()
+        .map(|r| r.records)
+        .collect();
+    assert_eq!(sizes, [100, 100, 50]);
+    assert_eq!(sb.contacts().len(), 250);
+}
+
+#[tokio::test]
+async fn a_fault_on_one_record_rejects_only_that_record() {
+    let sb = sandbox().await;
+    sb.set_faults(Faults {
+        fault_on_emails: vec!["bad@example.com".into()],
+        ..Faults::default()
+    });
+    let mut snk = sink_of(&sb, "");
+    let mut store = MemoryStore::new();
+    let out = snk
+        .apply(
+            &batch(vec![
+                create(contact(Some("F1"), Some("ok1@example.com"), "A")),
+                create(contact(Some("F2"), Some("bad@example.com"), "B")),
+                create(contact(Some("F3"), Some("not-an-email"), "C")),
+                create(contact(Some("F4"), Some("ok2@example.com"), "D")),
+            ]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Outcome::Applied { .. }));
+    assert!(
+        matches!(&out[1], Outcome::Rejected { reason, .. } if reason.contains("ERROR:") && reason.contains("bad@example.com")),
+        "{out:?}"
+    );
+    assert!(
+        matches!(&out[2], Outcome::Rejected { reason, .. } if reason.contains("Invalid email address")),
+        "{out:?}"
+    );
+    assert!(matches!(out[3], Outcome::Applied { .. }));
+    let emails: Vec<_> = sb
+        .contacts()
+        .into_iter()
+        .filter_map(|c| c.email_address)
+        .collect();
+    assert_eq!(emails, ["ok1@example.com", "ok2@example.com"]);
+    // One bulk call, then one per record; no fault was retried.
+    assert_eq!(calls(&sb.requests(), "ContactList_UpdateInsert").len(), 5);
+}
+
+#[tokio::test]
+async fn authentication_faults_are_clear_errors() {
+    let sb = sandbox().await;
+    let bad = ConnectorSettings::from_toml(
+        "sources.bc",
+        &format!(
+            "base_url = \"{}\"\nsite_id = 1\nusername = \"sandbox\"\npassword = \"wrong\"",
+            sb.base_url()
+        ),
+    )
+    .unwrap();
+    let err = source::build(&bad).unwrap().check().await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Auth { message, .. } if message.contains("Invalid username or password")),
+        "{err}"
+    );
+    let other_site = ConnectorSettings::from_toml(
+        "sinks.bc",
+        &format!(
+            "base_url = \"{}\"\nsite_id = 2\nusername = \"sandbox\"\npassword = \"sandbox\"",
+            sb.base_url()
+        ),
+    )
+    .unwrap();
+    let err = sink::build(&other_site).unwrap().check().await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Auth { message, .. } if message.contains("siteId")),
+        "{err}"
+    );
+    // A fault is not retried.
+    assert_eq!(sb.requests().len(), 2);
+    source_of(&sb, "").check().await.unwrap();
+}
+
+#[tokio::test]
+async fn transport_failures_are_retried() {
+    let sb = sandbox().await;
+    sb.seed((1..=250).map(person).collect());
+    sb.set_faults(Faults {
+        http_500_every: 2,
+        ..Faults::default()
+    });
+    let read = read_all(source_of(&sb, "").as_ref(), ReadMode::Full)
+        .await
+        .unwrap();
+    assert_eq!(read.records.len(), 250);
+    sb.set_faults(Faults {
+        drop_every: 2,
+        ..Faults::default()
+    });
+    let read = read_all(source_of(&sb, "").as_ref(), ReadMode::Full)
+        .await
+        .unwrap();
+    assert_eq!(read.records.len(), 250);
+    let log = sb.requests();
+    assert!(log
+        .iter()
+        .any(|r| r.injected.as_deref() == Some("http 500 without fault")));
+    assert!(log
+        .iter()
+        .any(|r| r.injected.as_deref() == Some("dropped connection")));
+    // Always failing: the read fails (bounded), it does not end short.
+    sb.set_faults(Faults {
+        http_500_every: 1,
+        ..Faults::default()
+    });
+    let err = read_all(source_of(&sb, "max_attempts = 2").as_ref(), ReadMode::Full)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectorError::Call {
+                status: Some(500),
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn removal_policies() {
+    let sb = sandbox().await;
+    sb.seed(vec![person(1), person(2), person(3)]);
+    let remove = |key: ContactKey, email: Option<&str>, handle: Option<&str>| Change::Remove {
+        key,
+        previous: SyncedEntry {
+            content_hash: 0,
+            email: email.map(String::from),
+            handle: handle.map(String::from),
+        },
+        origin: Origin::Derived,
+    };
+    let mut store = MemoryStore::new();
+    let mut deleting = sink_of(&sb, "");
+    let out = deleting
+        .apply(
+            &batch(vec![
+                remove(ContactKey::ExternalId("E0001".into()), None, None),
+                remove(
+                    ContactKey::Email("p0002@example.com".into()),
+                    Some("p0002@example.com"),
+                    None,
+                ),
+                remove(
+                    ContactKey::Email("gone@example.com".into()),
+                    Some("gone@example.com"),
+                    None,
+                ),
+            ]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Applied { .. })),
+        "{out:?}"
+    );
+    let ops: Vec<_> = sb.requests().into_iter().map(|r| r.operation).collect();
+    assert_eq!(
+        ops,
+        [
+            "Contact_RetrieveByExternalID",
+            "Contact_DeleteByEntityID",
+            "Contact_DeleteByEmailAddress",
+            "Contact_DeleteByEmailAddress"
+        ]
+    );
+    let mut opting_out = sink_of(&sb, "removal = \"opt_out\"");
+    assert_eq!(
+        opting_out.capabilities().removal,
+        contactsync_core::RemovalStyle::OptOut
+    );
+    let out = opting_out
+        .apply(
+            &batch(vec![remove(
+                ContactKey::ExternalId("E0003".into()),
+                None,
+                Some("3"),
+            )]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Outcome::Applied { .. }));
+    let stored = sb.contacts();
+    assert!(stored[0].deleted && stored[1].deleted && !stored[2].deleted);
+    assert!(!stored[2].master_opt_in);
+    assert_eq!(
+        stored[2].first_name.as_deref(),
+        Some("First3"),
+        "opt-out keeps the rest"
+    );
+    let read = read_all(source_of(&sb, "").as_ref(), ReadMode::Full)
+        .await
+        .unwrap();
+    let third = read
+        .records
+        .iter()
+        .find(|r| r.contact.external_id.as_deref() == Some("E0003"))
+        .unwrap();
+    assert_eq!(third.contact.status, ContactStatus::OptedOut);
+}
+
+#[tokio::test]
+async fn site_time_zone_is_applied_to_dates() {
+    let sb = Sandbox::start(SandboxConfig {
+        time_zone: chrono_tz::Europe::London,
+        ..SandboxConfig::default()
+    })
+    .await
+    .unwrap();
+    sb.set_clock(Utc.with_ymd_and_hms(2026, 7, 1, 9, 0, 0).unwrap());
+    sb.seed(vec![person(1)]);
+    let read = read_all(
+        source_of(&sb, "time_zone = \"Europe/London\"").as_ref(),
+        ReadMode::Full,
+    )
+    .await
+    .unwrap();
+    assert_eq!(read.outcome.cursor.as_deref(), Some("2026-07-01T10:00:00"));
+    assert_eq!(
+        read.records[0].contact.updated_at,
+        Some(Utc.with_ymd_and_hms(2026, 7, 1, 9, 0, 0).unwrap())
+    );
+}
+
+#[tokio::test]
+async fn source_conformance_suite() {
+    let sb = sandbox().await;
+    sb.seed((1..=5).map(person).collect());
+    let expected: Vec<Contact> = (1..=5)
+        .map(|i| {
+            let mut c = contact(
+                Some(&format!("E{i:04}")),
+                Some(&format!("p{i:04}@example.com")),
+                &format!("First{i}"),
+            );
+            c.set(&Field::LastName, "Last").unwrap();
+            c
+        })
+        .collect();
+    source_conformance(source_of(&sb, "").as_ref(), &expected)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sink_conformance_suite() {
+    let sb = sandbox().await;
+    sb.use_system_clock();
+    let fields = vec![
+        Field::ExternalId,
+        Field::Email,
+        Field::FirstName,
+        Field::LastName,
+        Field::DisplayName,
+        Field::Phone,
+        Field::Mobile,
+        Field::Status,
+    ];
+    let unacceptable = vec![
+        Contact {
+            first_name: Some("No identity".into()),
+            ..Contact::default()
+        },
+        Contact {
+            external_id: Some("BAD-EMAIL".into()),
+            email: Some("not-an-email".into()),
+            ..Contact::default()
+        },
+    ];
+    SinkConformance::new(sink_of(&sb, ""), source_of(&sb, ""))
+        .with_round_trip_fields(fields)
+        .with_unacceptable(unacceptable)
+        .run()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn registry_sandbox_accepts_exactly_the_sections_account() {
+    let factory = contactsync_core::registry::sandbox("businesscatalyst").unwrap();
+    let section = ConnectorSettings::from_toml(
+        "sources.bc",
+        "base_url = \"sandbox\"\nsite_id = 77\nusername = \"api\"\npassword = \"s3cret\"\nremoval = \"opt_out\"",
+    )
+    .unwrap();
+    let running = (factory.start)(SandboxOptions {
+        settings: Some(section),
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let good = ConnectorSettings::from_toml(
+        "sources.bc",
+        &format!(
+            "base_url = \"{}\"\nsite_id = 77\nusername = \"api\"\npassword = \"s3cret\"",
+            running.base_url
+        ),
+    )
+    .unwrap();
+    source::build(&good).unwrap().check().await.unwrap();
+    let defaults = settings_for(&running.base_url, "");
+    let err = source::build(&defaults).unwrap().check().await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Auth { .. }));
+    running.shutdown.cancel();
+    assert!(contactsync_core::registry::source("businesscatalyst").is_some());
+    assert!(contactsync_core::registry::sink("businesscatalyst").is_some());
+}
+
+#[tokio::test]
+async fn data_file_persists_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bc.json");
+    let config = SandboxConfig {
+        data_file: Some(file.clone()),
+        ..SandboxConfig::default()
+    };
+    let sb = Sandbox::start(config.clone()).await.unwrap();
+    let mut snk = sink_of(&sb, "");
+    let mut store = MemoryStore::new();
+    snk.apply(
+        &batch(vec![create(contact(
+            Some("P1"),
+            Some("p1@example.com"),
+            "Kept",
+        ))]),
+        &mut store.context(),
+    )
+    .await
+    .unwrap();
+    sb.shutdown().await.unwrap();
+    assert!(file.exists());
+    let sb = Sandbox::start(config).await.unwrap();
+    let contacts = sb.contacts();
+    assert_eq!(contacts.len(), 1);
+    assert_eq!(contacts[0].first_name.as_deref(), Some("Kept"));
+    // New ids continue after the stored ones.
+    assert_eq!(sb.seed(vec![person(2)]), [2]);
+}

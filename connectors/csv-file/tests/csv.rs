@@ -1,0 +1,413 @@
+//! The CSV connector end to end: conformance, file-format edge cases with their line
+//! numbers, column mapping, and the sink's merge and atomic replace.
+
+use std::path::Path;
+
+use contactsync_core::{
+    registry, Change, ChangeBatch, ConnectorError, ConnectorSettings, Contact, ContactKey,
+    ContactStatus, Field, KeyRule, Origin, Outcome, ReadMode, Sink, Source, SyncedEntry,
+};
+use contactsync_csv::config::{SinkConfig, SourceConfig};
+use contactsync_csv::sink::CsvSink;
+use contactsync_csv::source::CsvSource;
+use contactsync_testkit::{
+    read_all, sample_contacts, source_conformance, MemoryStore, SinkConformance, SourceRead,
+};
+
+fn settings(dir: &Path, toml: &str) -> ConnectorSettings {
+    let mut settings = ConnectorSettings::from_toml("pipelines.test", toml).unwrap();
+    settings.base_dir = dir.to_path_buf();
+    settings
+}
+
+fn source(dir: &Path, toml: &str) -> CsvSource {
+    CsvSource::new(SourceConfig::from_settings(&settings(dir, toml)).unwrap())
+}
+
+fn sink(dir: &Path, toml: &str) -> CsvSink {
+    CsvSink::new(SinkConfig::from_settings(&settings(dir, toml)).unwrap())
+}
+
+async fn read(dir: &Path, toml: &str) -> SourceRead {
+    read_all(&source(dir, toml), ReadMode::Full).await.unwrap()
+}
+
+fn line_of(origin: &Origin) -> u64 {
+    match origin {
+        Origin::Line { line, .. } => *line,
+        other => panic!("not a line origin: {other:?}"),
+    }
+}
+
+/// Runs one sink "run": every change in one batch, then finish.
+async fn apply(sink: &mut CsvSink, changes: Vec<Change>) -> Vec<Outcome> {
+    let mut store = MemoryStore::new();
+    let mut ctx = store.context();
+    let outcomes = sink
+        .apply(
+            &ChangeBatch {
+                id: "test-1".into(),
+                changes,
+            },
+            &mut ctx,
+        )
+        .await
+        .unwrap();
+    sink.finish(&mut ctx).await.unwrap();
+    outcomes
+}
+
+fn create(contact: &Contact) -> Change {
+    Change::Create {
+        key: contact.key(KeyRule::Auto).unwrap(),
+        contact: contact.clone(),
+        origin: Origin::line("test", 1),
+    }
+}
+
+fn remove(contact: &Contact) -> Change {
+    Change::Remove {
+        key: contact.key(KeyRule::Auto).unwrap(),
+        previous: SyncedEntry {
+            content_hash: contact.content_hash(),
+            email: contact.email.clone(),
+            handle: None,
+        },
+        origin: Origin::Derived,
+    }
+}
+
+/// Records a sink must refuse: no key at all, and an attribute that would read back as
+/// the email column.
+fn unacceptable() -> Vec<Contact> {
+    let mut masquerading = sample_contacts(1).remove(0);
+    masquerading.external_id = Some("MASK-1".into());
+    masquerading
+        .attributes
+        .insert("Email".into(), "x@example.com".into());
+    vec![
+        Contact {
+            first_name: Some("Nobody".into()),
+            ..Contact::default()
+        },
+        masquerading,
+    ]
+}
+
+#[test]
+fn registered_as_csv() {
+    assert!(registry::source("csv").is_some());
+    assert!(registry::sink("csv").is_some());
+}
+
+#[tokio::test]
+async fn sink_conformance_with_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "path = \"out.csv\"";
+    SinkConformance::new(
+        Box::new(sink(dir.path(), toml)),
+        Box::new(source(dir.path(), toml)),
+    )
+    .with_unacceptable(unacceptable())
+    .run()
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn sink_conformance_with_mark_and_semicolons() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "path = \"out.csv\"\ndelimiter = \";\"";
+    let sink_toml = format!("{toml}\nremoval = \"mark\"");
+    SinkConformance::new(
+        Box::new(sink(dir.path(), &sink_toml)),
+        Box::new(source(dir.path(), toml)),
+    )
+    .with_unacceptable(unacceptable())
+    .with_contacts(sample_contacts(9))
+    .run()
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn source_conformance_on_a_file_the_sink_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let contacts = sample_contacts(7);
+    apply(
+        &mut sink(dir.path(), "path = \"people.csv\""),
+        contacts.iter().map(create).collect(),
+    )
+    .await;
+    let read = source_conformance(&source(dir.path(), "path = \"people.csv\""), &contacts)
+        .await
+        .unwrap();
+    let lines: Vec<u64> = read.records.iter().map(|r| line_of(&r.origin)).collect();
+    assert_eq!(lines, (2..=8).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bom_and_semicolons() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hr.csv"),
+        "\u{feff}Email;First_Name;Status\nann@Example.com;Ann;active\nbob@example.com;Bob;INACTIVE\n",
+    )
+    .unwrap();
+    let read = read(dir.path(), "path = \"hr.csv\"\ndelimiter = \";\"").await;
+    assert!(read.rejected.is_empty(), "{:?}", read.rejected);
+    assert!(read.outcome.complete);
+    assert_eq!(read.outcome.cursor, None);
+    let contacts = read.contacts();
+    assert_eq!(contacts[0].email.as_deref(), Some("ann@example.com"));
+    assert_eq!(contacts[0].first_name.as_deref(), Some("Ann"));
+    assert_eq!(contacts[1].status, ContactStatus::Inactive);
+    assert!(
+        contacts[0].attributes.is_empty(),
+        "the BOM must not make `Email` an attribute"
+    );
+}
+
+#[tokio::test]
+async fn malformed_rows_are_rejected_at_their_real_line_and_the_read_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = Vec::new();
+    file.extend_from_slice(b"external_id,email,job_title,status\n"); // line 1
+    file.extend_from_slice(b"E1,ann@example.com,\"Head of\nSales\",active\n"); // lines 2-3
+    file.extend_from_slice(b"E2,bob@example.com,Clerk\n"); // line 4: 3 fields
+    file.extend_from_slice(b"E3,cy@example.com,\"Multi\nline\nnote\",active\n"); // lines 5-7
+    file.extend_from_slice(b"E4,d\xffn@example.com,Clerk,active\n"); // line 8: bad UTF-8
+    file.extend_from_slice(b"E5,eve@example.com,Clerk,maybe\n"); // line 9: bad status
+    file.extend_from_slice(b"E6,fay@example.com,Clerk,active\n"); // line 10
+    std::fs::write(dir.path().join("hr.csv"), file).unwrap();
+
+    let read = read(dir.path(), "path = \"hr.csv\"").await;
+    assert!(read.outcome.complete);
+    let good: Vec<(Option<String>, u64)> = read
+        .records
+        .iter()
+        .map(|r| (r.contact.external_id.clone(), line_of(&r.origin)))
+        .collect();
+    assert_eq!(
+        good,
+        vec![
+            (Some("E1".into()), 2),
+            (Some("E3".into()), 5),
+            (Some("E6".into()), 10)
+        ]
+    );
+    assert_eq!(
+        read.records[0].contact.job_title.as_deref(),
+        Some("Head of\nSales")
+    );
+    assert_eq!(read.records[0].origin, Origin::line("hr.csv", 2));
+
+    let rejected: Vec<(u64, Option<String>)> = read
+        .rejected
+        .iter()
+        .map(|e| (line_of(&e.origin), e.field.clone()))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (4, None),
+            (8, Some("email".into())),
+            (9, Some("status".into()))
+        ]
+    );
+    assert!(
+        read.rejected[0].reason.contains("3 fields"),
+        "{}",
+        read.rejected[0]
+    );
+    assert_eq!(
+        read.rejected[0].raw.as_deref(),
+        Some("E2,bob@example.com,Clerk")
+    );
+    assert!(read.rejected[1].reason.contains("UTF-8"));
+    assert_eq!(
+        read.rejected[1].raw.as_deref(),
+        Some("E4,d\u{fffd}n@example.com,Clerk,active")
+    );
+    assert_eq!(
+        read.rejected[2].key,
+        Some(ContactKey::ExternalId("E5".into()))
+    );
+}
+
+#[tokio::test]
+async fn column_mapping_and_extra_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hr.csv"),
+        "Emp No,E-Mail,Cost Center,Site,phone\n42,ann@example.com,CC1,Brussels,+32 2\n",
+    )
+    .unwrap();
+    let mapped = "path = \"hr.csv\"\ncolumns = { external_id = \"Emp No\", email = \"e-mail\", \"attributes.cc\" = \"Cost Center\" }";
+    let contact = read(dir.path(), mapped).await.contacts().remove(0);
+    assert_eq!(
+        contact.key(KeyRule::Auto),
+        Some(ContactKey::ExternalId("42".into()))
+    );
+    assert_eq!(contact.email.as_deref(), Some("ann@example.com"));
+    assert_eq!(contact.phone.as_deref(), Some("+32 2"));
+    assert_eq!(
+        contact.get(&Field::Attribute("cc".into())).as_deref(),
+        Some("CC1")
+    );
+    assert_eq!(
+        contact.get(&Field::Attribute("Site".into())).as_deref(),
+        Some("Brussels")
+    );
+
+    let ignoring = format!("{mapped}\nextra_columns = \"ignore\"");
+    let contact = read(dir.path(), &ignoring).await.contacts().remove(0);
+    assert_eq!(contact.attributes.keys().collect::<Vec<_>>(), vec!["cc"]);
+
+    let err = source(
+        dir.path(),
+        "path = \"hr.csv\"\ncolumns = { email = \"Mail\" }",
+    )
+    .check()
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("\"Mail\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_file_is_an_io_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source(dir.path(), "path = \"nowhere.csv\"");
+    for err in [
+        source.check().await.unwrap_err(),
+        source.read(ReadMode::Full).await.err().unwrap(),
+    ] {
+        assert!(
+            matches!(&err, ConnectorError::Io { path, .. } if path.ends_with("nowhere.csv")),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_sink_replaces_atomically_and_keeps_foreign_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.csv");
+    std::fs::write(
+        &path,
+        "email,first_name,Notes\nann@example.com,Ann,keep me\nbob@example.com,Bob,\"two\nlines\"\n",
+    )
+    .unwrap();
+    // `Notes` is not read (extra columns ignored), so the sink must keep its values.
+    let mut sink = sink(
+        dir.path(),
+        "path = \"out.csv\"\nextra_columns = \"ignore\"\nfields = [\"email\", \"first_name\"]",
+    );
+    sink.check().await.unwrap();
+    let mut ann = Contact::default();
+    ann.set(&Field::Email, "ann@example.com").unwrap();
+    ann.set(&Field::FirstName, "Anne").unwrap();
+    let mut cy = Contact::default();
+    cy.set(&Field::Email, "cy@example.com").unwrap();
+    let update = Change::Update {
+        key: ann.key(KeyRule::Auto).unwrap(),
+        contact: ann.clone(),
+        origin: Origin::line("test", 2),
+        previous: SyncedEntry {
+            content_hash: 0,
+            email: ann.email.clone(),
+            handle: None,
+        },
+    };
+    let outcomes = apply(&mut sink, vec![update, create(&cy)]).await;
+    assert_eq!(outcomes, vec![Outcome::applied(), Outcome::applied()]);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "email,first_name,Notes\nann@example.com,Anne,keep me\nbob@example.com,Bob,\"two\nlines\"\ncy@example.com,,\n"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("out.csv")],
+        "temporary files left behind"
+    );
+}
+
+#[tokio::test]
+async fn removal_drop_versus_mark() {
+    let contacts = sample_contacts(3);
+    for (removal, expected_rows, expected_status) in [
+        ("drop", 2, None),
+        ("mark", 3, Some(ContactStatus::Inactive)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!("path = \"out.csv\"\nremoval = \"{removal}\"");
+        let mut sink = sink(dir.path(), &toml);
+        apply(&mut sink, contacts.iter().map(create).collect()).await;
+        apply(&mut sink, vec![remove(&contacts[1])]).await;
+        let read = read(dir.path(), "path = \"out.csv\"").await;
+        let people = read.contacts();
+        assert_eq!(people.len(), expected_rows, "{removal}");
+        let removed = people
+            .iter()
+            .find(|c| c.external_id == contacts[1].external_id);
+        assert_eq!(removed.map(|c| c.status), expected_status, "{removal}");
+        // Removing again changes nothing.
+        apply(&mut sink, vec![remove(&contacts[1])]).await;
+        assert_eq!(super_read(dir.path()).await, people, "{removal}");
+    }
+}
+
+async fn super_read(dir: &Path) -> Vec<Contact> {
+    read(dir, "path = \"out.csv\"").await.contacts()
+}
+
+#[tokio::test]
+async fn a_create_for_an_existing_row_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = sink(dir.path(), "path = \"out.csv\"");
+    let mut contacts = sample_contacts(2);
+    apply(&mut sink, contacts.iter().map(create).collect()).await;
+    contacts[0].first_name = Some("Changed".into());
+    apply(&mut sink, vec![create(&contacts[0]), create(&contacts[0])]).await;
+    let read = super_read(dir.path()).await;
+    assert_eq!(read.len(), 2);
+    assert!(read.contains(&contacts[0]));
+}
+
+/// `cargo test -p contactsync-csv --release -- --ignored` to time a million rows.
+#[tokio::test]
+#[ignore]
+async fn reads_a_million_rows() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(dir.path().join("big.csv")).unwrap());
+    writeln!(
+        file,
+        "external_id,email,first_name,last_name,department,cost_center"
+    )
+    .unwrap();
+    for i in 0..1_000_000 {
+        writeln!(
+            file,
+            "E{i},person.{i}@example.com,First{i},Last{i},Dept {},CC{}",
+            i % 40,
+            i % 300
+        )
+        .unwrap();
+    }
+    drop(file);
+    let started = std::time::Instant::now();
+    let source = source(dir.path(), "path = \"big.csv\"");
+    let mut stream = source.read(ReadMode::Full).await.unwrap();
+    let mut n = 0;
+    while stream.next().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 1_000_000);
+    eprintln!("1M rows read in {:?}", started.elapsed());
+}

@@ -1,0 +1,532 @@
+//! What a user writes in a `[sinks.NAME]` or `[sources.NAME]` section with
+//! `type = "poppulo"`, checked once at build time so that a misspelt key or an
+//! impossible column mapping is a config error naming the key, not a 409 at 2 a.m.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use contactsync_core::{ConfigError, ConnectorSettings, Field, SecretString};
+use serde::{Deserialize, Deserializer};
+
+/// The API base when none is configured.
+pub const DEFAULT_BASE_URL: &str = "https://api.newsweaver.com/v2";
+
+/// How a removal is carried out: an import row with this status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Removal {
+    /// `INACTIVE`: soft; `reactivate_api_removed` brings the person back later.
+    #[default]
+    Inactive,
+    /// `OPT_OUT`: drops every permission.
+    OptOut,
+}
+
+impl Removal {
+    /// The status written in the import row.
+    pub fn status(self) -> &'static str {
+        match self {
+            Removal::Inactive => "INACTIVE",
+            Removal::OptOut => "OPT_OUT",
+        }
+    }
+}
+
+/// A duration in settings: a number of seconds (`30`, `0.5`) or a string with a unit
+/// (`"500ms"`, `"30s"`, `"15m"`, `"2h"`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Secs(pub Duration);
+
+impl fmt::Debug for Secs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        let secs = match Raw::deserialize(d)? {
+            Raw::Int(n) => return Ok(Secs(Duration::from_secs(n))),
+            Raw::Float(f) => f,
+            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom)?,
+        };
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(serde::de::Error::custom(format!("not a duration: {secs}")));
+        }
+        Ok(Secs(Duration::from_secs_f64(secs)))
+    }
+}
+
+fn parse_duration(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (write 30, \"30s\", \"15m\" or \"2h\")"))?;
+    let factor = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" | "mins" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} in {text:?}")),
+    };
+    Ok(n * factor)
+}
+
+fn default_base_url() -> String {
+    DEFAULT_BASE_URL.to_string()
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_rows() -> usize {
+    50_000
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn secs(n: u64) -> Secs {
+    Secs(Duration::from_secs(n))
+}
+fn d_connect() -> Secs {
+    secs(10)
+}
+fn d_request() -> Secs {
+    secs(120)
+}
+fn d_retry_time() -> Secs {
+    secs(900)
+}
+fn d_busy() -> Secs {
+    secs(3600)
+}
+fn d_busy_interval() -> Secs {
+    secs(30)
+}
+fn d_poll() -> Secs {
+    secs(10)
+}
+fn d_min_poll() -> Secs {
+    secs(1)
+}
+fn d_import_wait() -> Secs {
+    secs(6 * 3600)
+}
+
+/// The `[sinks.NAME]` section, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// API base; default `https://api.newsweaver.com/v2` (`https://api.us.newsweaver.com/v2`
+    /// for US-hosted accounts).
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The account code (`/v2/{account}/…`).
+    pub account: String,
+    /// The API user.
+    pub username: String,
+    /// The API user's password (better: `password_file`, or the environment).
+    pub password: Option<SecretString>,
+    /// A file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Canonical field → Poppulo column, merged over the defaults; `""` unmaps a default.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    /// How people are removed.
+    #[serde(default)]
+    pub removal: Removal,
+    /// Must be true: Poppulo refuses imports otherwise.
+    #[serde(default = "yes")]
+    pub accept_terms: bool,
+    /// Update people who exist already (false: only create).
+    #[serde(default = "yes")]
+    pub update_existing: bool,
+    /// Bring back people removed through the API (INACTIVE rows of earlier runs).
+    #[serde(default = "yes")]
+    pub reactivate_api_removed: bool,
+    /// Bring back people removed by an administrator.
+    #[serde(default)]
+    pub reactivate_admin_removed: bool,
+    /// Bring back people removed because their mail bounced.
+    #[serde(default)]
+    pub reactivate_bounced_removed: bool,
+    /// Fields set on every imported row (`source = "hr-sync"`).
+    #[serde(default)]
+    pub set_fields: BTreeMap<String, String>,
+    /// Permissions granted to every imported row.
+    #[serde(default)]
+    pub add_permissions: Vec<String>,
+    /// Permissions withdrawn from every imported row.
+    #[serde(default)]
+    pub remove_permissions: Vec<String>,
+    /// Tags put on every imported row.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The most rows in one import job (the engine's batch size).
+    #[serde(default = "default_max_rows")]
+    pub max_rows_per_job: usize,
+    /// Connection timeout.
+    #[serde(default = "d_connect")]
+    pub connect_timeout: Secs,
+    /// Timeout of one whole request.
+    #[serde(default = "d_request")]
+    pub request_timeout: Secs,
+    /// Most attempts of one call on transient failures.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Most time one call spends retrying transient failures.
+    #[serde(default = "d_retry_time")]
+    pub max_retry_time: Secs,
+    /// Most time to wait for another import of the account to finish before posting.
+    #[serde(default = "d_busy")]
+    pub max_wait_for_busy_account: Secs,
+    /// First wait when the account is busy (doubles, up to 10 minutes).
+    #[serde(default = "d_busy_interval")]
+    pub busy_retry_interval: Secs,
+    /// Wait between polls when the import gives no `ping_after`.
+    #[serde(default = "d_poll")]
+    pub poll_interval: Secs,
+    /// Shortest wait between polls, whatever `ping_after` says.
+    #[serde(default = "d_min_poll")]
+    pub min_poll_interval: Secs,
+    /// Most time to follow one import; past it the rows are reported unknown and the
+    /// next run resumes following the same import.
+    #[serde(default = "d_import_wait")]
+    pub max_import_wait: Secs,
+}
+
+/// The `[sources.NAME]` section, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// API base (see [`SinkSettings::base_url`]).
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The account code.
+    pub account: String,
+    /// The API user.
+    pub username: String,
+    /// The password.
+    pub password: Option<SecretString>,
+    /// A file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Which subscribers to read: `all` (default), `active`, `inactive`, `opt_out`.
+    #[serde(default = "default_status_filter")]
+    pub status: String,
+    /// Connection timeout.
+    #[serde(default = "d_connect")]
+    pub connect_timeout: Secs,
+    /// Timeout of one whole request.
+    #[serde(default = "d_request")]
+    pub request_timeout: Secs,
+    /// Most attempts of one call on transient failures.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Most time one call spends retrying transient failures.
+    #[serde(default = "d_retry_time")]
+    pub max_retry_time: Secs,
+}
+
+fn default_status_filter() -> String {
+    "all".to_string()
+}
+
+/// Where and how to reach the account: what sources and sinks share.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// API base URL.
+    pub base_url: String,
+    /// Account code.
+    pub account: String,
+    /// API user.
+    pub username: String,
+    /// Its password (never printed).
+    pub password: SecretString,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Request timeout.
+    pub request_timeout: Duration,
+    /// Attempts per call.
+    pub max_attempts: u32,
+    /// Retry time per call.
+    pub max_retry_time: Duration,
+}
+
+/// Canonical field → Poppulo column, in the order columns are sent (`email` first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMap(pub Vec<(Field, String)>);
+
+impl ColumnMap {
+    /// The defaults: email, names, company, position, department, external id.
+    pub fn defaults() -> BTreeMap<Field, String> {
+        [
+            (Field::Email, "email"),
+            (Field::FirstName, "name.first name"),
+            (Field::LastName, "name.surname"),
+            (Field::Company, "company"),
+            (Field::JobTitle, "position"),
+            (Field::Department, "workDetails.department"),
+            (Field::ExternalId, "externalId"),
+        ]
+        .into_iter()
+        .map(|(f, c)| (f, c.to_string()))
+        .collect()
+    }
+
+    /// The Poppulo column names, in order.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(_, c)| c.as_str())
+    }
+}
+
+/// The sink's settings, checked and resolved.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// How to reach the account.
+    pub connection: Connection,
+    /// Field → column mapping (never `status`: it is always the last column).
+    pub columns: ColumnMap,
+    /// Removal policy.
+    pub removal: Removal,
+    /// Job flags.
+    pub update_existing: bool,
+    /// See [`SinkSettings::reactivate_api_removed`].
+    pub reactivate_api_removed: bool,
+    /// See [`SinkSettings::reactivate_admin_removed`].
+    pub reactivate_admin_removed: bool,
+    /// See [`SinkSettings::reactivate_bounced_removed`].
+    pub reactivate_bounced_removed: bool,
+    /// Fields set on every row.
+    pub set_fields: BTreeMap<String, String>,
+    /// Permissions granted.
+    pub add_permissions: Vec<String>,
+    /// Permissions withdrawn.
+    pub remove_permissions: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Rows per job.
+    pub max_rows_per_job: usize,
+    /// Busy-account wait bound.
+    pub max_wait_for_busy_account: Duration,
+    /// First busy-account wait.
+    pub busy_retry_interval: Duration,
+    /// Poll interval without `ping_after`.
+    pub poll_interval: Duration,
+    /// Shortest poll interval.
+    pub min_poll_interval: Duration,
+    /// Most time following one import.
+    pub max_import_wait: Duration,
+}
+
+/// The source's settings, checked and resolved.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// How to reach the account.
+    pub connection: Connection,
+    /// The `status` filter of the listing.
+    pub status: String,
+}
+
+fn check_connection(
+    settings: &ConnectorSettings,
+    base_url: &str,
+    account: &str,
+    username: &str,
+) -> Result<(), ConfigError> {
+    let url = url::Url::parse(base_url.trim())
+        .map_err(|e| settings.error("base_url", format!("not a URL ({e}): {base_url:?}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(settings.error("base_url", "expected an http:// or https:// URL"));
+    }
+    if account.trim().is_empty() {
+        return Err(settings.error("account", "empty; set the Poppulo account code"));
+    }
+    if account.contains(['/', '?', '#']) {
+        return Err(settings.error("account", "an account code, not a URL or path"));
+    }
+    if username.trim().is_empty() {
+        return Err(settings.error("username", "empty; set the API user's name"));
+    }
+    Ok(())
+}
+
+fn check_column_name(
+    settings: &ConnectorSettings,
+    key: &str,
+    column: &str,
+) -> Result<(), ConfigError> {
+    if column.contains([',', '\n', '\r', '"']) {
+        return Err(settings.error(
+            key,
+            format!("Poppulo column {column:?} cannot hold a comma, quote or line break"),
+        ));
+    }
+    Ok(())
+}
+
+impl SinkConfig {
+    /// Parses and checks the section.
+    pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
+        let s: SinkSettings = settings.parse()?;
+        check_connection(settings, &s.base_url, &s.account, &s.username)?;
+        let password = settings.secret("password", s.password, s.password_file.as_deref())?;
+        if !s.accept_terms {
+            return Err(settings.error(
+                "accept_terms",
+                "must be true: Poppulo refuses every import job that does not accept its terms (409)",
+            ));
+        }
+        if s.max_rows_per_job == 0 {
+            return Err(settings.error("max_rows_per_job", "must be at least 1"));
+        }
+        if s.max_attempts == 0 {
+            return Err(settings.error("max_attempts", "must be at least 1"));
+        }
+        let mut map = ColumnMap::defaults();
+        for (field_name, column) in &s.columns {
+            let field = Field::parse(field_name);
+            let key = format!("columns.{field_name}");
+            match field {
+                Field::Status => {
+                    return Err(settings.error(
+                        &key,
+                        "the status is always sent, as the `status` column; it cannot be mapped",
+                    ))
+                }
+                Field::UpdatedAt => {
+                    return Err(settings.error(&key, "updated_at is not sent to Poppulo"))
+                }
+                _ => {}
+            }
+            let column = column.trim();
+            if column.is_empty() {
+                map.remove(&field);
+                continue;
+            }
+            check_column_name(settings, &key, column)?;
+            if column.eq_ignore_ascii_case("status") {
+                return Err(settings.error(
+                    &key,
+                    "the `status` column is reserved for the contact's status",
+                ));
+            }
+            map.insert(field, column.to_string());
+        }
+        if !map.contains_key(&Field::Email) {
+            return Err(settings.error(
+                "columns.email",
+                "Poppulo matches people by email: it must be mapped",
+            ));
+        }
+        // Email first (Poppulo's mandatory matching column), then the rest in a fixed order.
+        let mut ordered: Vec<(Field, String)> = Vec::with_capacity(map.len());
+        if let Some(c) = map.remove(&Field::Email) {
+            ordered.push((Field::Email, c));
+        }
+        ordered.extend(map);
+        let mut seen = BTreeSet::new();
+        for (field, column) in &ordered {
+            if !seen.insert(column.to_ascii_lowercase()) {
+                return Err(settings.error(
+                    &format!("columns.{}", field.name()),
+                    format!(
+                        "Poppulo column {column:?} is mapped twice (Poppulo refuses such imports)"
+                    ),
+                ));
+            }
+        }
+        for (name, list) in [
+            ("add_permissions", &s.add_permissions),
+            ("remove_permissions", &s.remove_permissions),
+            ("tags", &s.tags),
+        ] {
+            if list.iter().any(|v| v.trim().is_empty()) {
+                return Err(settings.error(name, "holds an empty name"));
+            }
+        }
+        Ok(SinkConfig {
+            connection: Connection {
+                base_url: s.base_url,
+                account: s.account.trim().to_string(),
+                username: s.username,
+                password,
+                connect_timeout: s.connect_timeout.0,
+                request_timeout: s.request_timeout.0,
+                max_attempts: s.max_attempts,
+                max_retry_time: s.max_retry_time.0,
+            },
+            columns: ColumnMap(ordered),
+            removal: s.removal,
+            update_existing: s.update_existing,
+            reactivate_api_removed: s.reactivate_api_removed,
+            reactivate_admin_removed: s.reactivate_admin_removed,
+            reactivate_bounced_removed: s.reactivate_bounced_removed,
+            set_fields: s.set_fields,
+            add_permissions: s.add_permissions,
+            remove_permissions: s.remove_permissions,
+            tags: s.tags,
+            max_rows_per_job: s.max_rows_per_job,
+            max_wait_for_busy_account: s.max_wait_for_busy_account.0,
+            busy_retry_interval: s.busy_retry_interval.0.max(Duration::from_millis(10)),
+            poll_interval: s.poll_interval.0,
+            min_poll_interval: s.min_poll_interval.0,
+            max_import_wait: s.max_import_wait.0,
+        })
+    }
+}
+
+impl SourceConfig {
+    /// Parses and checks the section.
+    pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
+        let s: SourceSettings = settings.parse()?;
+        check_connection(settings, &s.base_url, &s.account, &s.username)?;
+        let password = settings.secret("password", s.password, s.password_file.as_deref())?;
+        let status = s.status.trim().to_ascii_lowercase();
+        if !matches!(status.as_str(), "all" | "active" | "inactive" | "opt_out") {
+            return Err(settings.error("status", "expected all, active, inactive or opt_out"));
+        }
+        if s.max_attempts == 0 {
+            return Err(settings.error("max_attempts", "must be at least 1"));
+        }
+        Ok(SourceConfig {
+            connection: Connection {
+                base_url: s.base_url,
+                account: s.account.trim().to_string(),
+                username: s.username,
+                password,
+                connect_timeout: s.connect_timeout.0,
+                request_timeout: s.request_timeout.0,
+                max_attempts: s.max_attempts,
+                max_retry_time: s.max_retry_time.0,
+            },
+            status,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), 30.0);
+        assert_eq!(parse_duration("500ms").unwrap(), 0.5);
+        assert_eq!(parse_duration("15m").unwrap(), 900.0);
+        assert_eq!(parse_duration("2h").unwrap(), 7200.0);
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+}

@@ -1,0 +1,362 @@
+//! What goes over the wire, without a server: the import job we build, and the status
+//! entities, imports, subscriber pages and rejected-rows CSV we read (fixtures from the
+//! API documents).
+
+use contactsync_core::{
+    Change, ChangeBatch, ConnectorSettings, Contact, ContactKey, ContactStatus, Origin, SyncedEntry,
+};
+use contactsync_poppulo::rejected::{parse_rejected, RejectionKind};
+use contactsync_poppulo::source::subscriber_to_contact;
+use contactsync_poppulo::xml::{
+    cdata_sections, parse_time, Element, ImportState, ImportStatus, StatusEntity, SubscriberPage,
+};
+use contactsync_poppulo::{PoppuloSink, SinkConfig};
+
+fn settings(extra: &str) -> ConnectorSettings {
+    ConnectorSettings::from_toml(
+        "sinks.poppulo",
+        &format!("account = \"acme\"\nusername = \"api\"\npassword = \"pw\"\n{extra}"),
+    )
+    .unwrap()
+}
+
+fn sink(extra: &str) -> PoppuloSink {
+    PoppuloSink::new(SinkConfig::from_settings(&settings(extra)).unwrap()).unwrap()
+}
+
+fn contact(email: &str, first: &str) -> Contact {
+    Contact {
+        email: Some(email.into()),
+        first_name: Some(first.into()),
+        last_name: Some("Lee".into()),
+        ..Contact::default()
+    }
+}
+
+fn create(c: Contact) -> Change {
+    Change::Create {
+        key: ContactKey::Email(c.email.clone().unwrap()),
+        contact: c,
+        origin: Origin::Derived,
+    }
+}
+
+fn remove(email: &str) -> Change {
+    Change::Remove {
+        key: ContactKey::ExternalId("E9".into()),
+        previous: SyncedEntry {
+            content_hash: 1,
+            email: Some(email.into()),
+            handle: None,
+        },
+        origin: Origin::Derived,
+    }
+}
+
+#[test]
+fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
+    let s = sink(
+        "set_fields = { \"so<urce\" = \"hr & co\" }\nadd_permissions = [\"News\"]\ntags = [\"HR \\\"Sync\\\"\"]\n[columns]\nsubscriptions = \"permissions\"\n\"attributes.Cost Center\" = \"Cost Center\"",
+    );
+    let mut ann = contact("ann@Example.COM", "Ann, \"the\" <first>");
+    ann.attributes.insert("Cost Center".into(), "C]]>42".into());
+    ann.subscriptions.insert("Newsletter".into());
+    ann.subscriptions.insert("Flyer".into());
+    let mut bob = contact("bob@example.com", "Bob");
+    bob.status = ContactStatus::OptedOut;
+    let batch = ChangeBatch {
+        id: "run-1-batch-1".into(),
+        changes: vec![
+            create(ann),
+            create(bob),
+            remove("gone@example.com"),
+            Change::Create {
+                key: ContactKey::ExternalId("E1".into()),
+                contact: Contact::default(),
+                origin: Origin::Derived,
+            },
+        ],
+    };
+    let prepared = s.build_import(&batch).unwrap();
+    let xml = prepared.xml.unwrap();
+    assert!(xml.contains("<![CDATA["), "{xml}");
+    let root = Element::parse(&xml).unwrap();
+    assert!(root.is("subscriber_import_job"));
+    assert_eq!(root.child_text("accept_terms"), Some("true"));
+    assert_eq!(root.child_text("update_existing"), Some("true"));
+    assert_eq!(root.child_text("reactivate_api_removed"), Some("true"));
+    assert_eq!(root.child_text("reactivate_admin_removed"), Some("false"));
+    let set_field = root
+        .child("set_fields")
+        .unwrap()
+        .child("set_field")
+        .unwrap();
+    assert_eq!(set_field.attr("name"), Some("so<urce"));
+    assert_eq!(set_field.text, "hr & co");
+    assert_eq!(
+        root.child("tags")
+            .unwrap()
+            .child("tag")
+            .unwrap()
+            .attr("name"),
+        Some("HR \"Sync\"")
+    );
+    let data = root.child("subscriber_data").unwrap();
+    assert_eq!(
+        data.child_text("columns"),
+        Some("email,externalId,name.first name,name.surname,company,workDetails.department,position,permissions,Cost Center,status")
+    );
+    assert_eq!(data.child_text("skip_first_line"), Some("false"));
+    assert_eq!(data.child_text("field_separator"), Some("comma"));
+    // The CSV, once XML-decoded, is RFC 4180 and round-trips.
+    let csv_text = &data.child("data").unwrap().text;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(csv_text.as_bytes());
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "the contact without email is not sent");
+    assert_eq!(rows[0][0], "ann@example.com");
+    assert_eq!(rows[0][2], "Ann, \"the\" <first>");
+    assert_eq!(rows[0][7], "Flyer|Newsletter");
+    assert_eq!(rows[0][8], "C]]>42");
+    assert_eq!(rows[0][9], "ACTIVE");
+    assert_eq!(rows[1][9], "OPT_OUT");
+    assert_eq!(rows[2][0], "gone@example.com");
+    assert_eq!(rows[2][9], "INACTIVE");
+    assert!(rows[2][1..9].iter().all(String::is_empty));
+    assert!(matches!(
+        &prepared.known[3],
+        contactsync_core::Outcome::Rejected { retry: false, .. }
+    ));
+    assert_eq!(prepared.emails[3], None);
+}
+
+#[test]
+fn opt_out_removal_and_job_flags_follow_the_settings() {
+    let s =
+        sink("removal = \"opt_out\"\nupdate_existing = false\nreactivate_bounced_removed = true");
+    let removals = ChangeBatch {
+        id: "b".into(),
+        changes: vec![remove("x@example.com")],
+    };
+    let xml = s.build_import(&removals).unwrap().xml.unwrap();
+    let root = Element::parse(&xml).unwrap();
+    // A removal job carries only the email and the removal status (a blank cell would
+    // clear the person's fields), and must update existing people whatever the setting.
+    assert_eq!(root.child_text("update_existing"), Some("true"));
+    let data = root.child("subscriber_data").unwrap();
+    assert_eq!(data.child_text("columns"), Some("email,status"));
+    assert_eq!(
+        data.child("data").unwrap().text.trim_end(),
+        "x@example.com,OPT_OUT"
+    );
+
+    let upserts = ChangeBatch {
+        id: "c".into(),
+        changes: vec![create(contact("y@example.com", "Yan"))],
+    };
+    let xml = s.build_import(&upserts).unwrap().xml.unwrap();
+    let root = Element::parse(&xml).unwrap();
+    assert_eq!(root.child_text("update_existing"), Some("false"));
+    assert_eq!(root.child_text("reactivate_bounced_removed"), Some("true"));
+}
+
+#[test]
+fn cdata_never_holds_its_terminator() {
+    assert_eq!(cdata_sections("a]]>b"), vec!["a]]", ">b"]);
+    assert_eq!(cdata_sections("]]>]]>"), vec!["]]", ">]]", ">"]);
+    assert_eq!(cdata_sections("plain"), vec!["plain"]);
+}
+
+#[test]
+fn settings_are_checked() {
+    let err = |extra: &str| {
+        SinkConfig::from_settings(&settings(extra))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err("acount = \"typo\"").contains("acount"));
+    assert!(err("accept_terms = false").contains("accept_terms"));
+    assert!(err("[columns]\nfirst_name = \"email\"").contains("twice"));
+    assert!(err("[columns]\nemail = \"\"").contains("email"));
+    assert!(err("[columns]\nstatus = \"x\"").contains("status"));
+    assert!(
+        err("removal = \"delete\"").contains("removal")
+            || err("removal = \"delete\"").contains("delete")
+    );
+    let missing =
+        ConnectorSettings::from_toml("sinks.poppulo", "account = \"a\"\nusername = \"u\"").unwrap();
+    let text = SinkConfig::from_settings(&missing).unwrap_err().to_string();
+    assert!(
+        text.contains("CONTACTSYNC_SINKS__POPPULO__PASSWORD"),
+        "{text}"
+    );
+    let ok = SinkConfig::from_settings(&settings(
+        "max_wait_for_busy_account = \"15m\"\nmin_poll_interval = 0.25",
+    ))
+    .unwrap();
+    assert_eq!(ok.max_wait_for_busy_account.as_secs(), 900);
+    assert_eq!(ok.min_poll_interval.as_millis(), 250);
+    assert_eq!(ok.connection.base_url, "https://api.newsweaver.com/v2");
+    // The password never shows.
+    assert!(!format!("{ok:?}").contains("\"pw\""));
+    assert!(!format!("{:?}", sink("")).contains("\"pw\""));
+}
+
+#[test]
+fn status_entity_gives_the_created_link() {
+    let body = r#"<?xml version="1.0"?>
+<status>
+  <status_code>202</status_code>
+  <resources_created>
+    <link rel="http://api-info.newsweaver.com/v2/rels/status.created"
+          href="https://api.newsweaver.com/v2/acme/subscriber_import/6732468" title="import"/>
+  </resources_created>
+  <resources_updated/> <resources_deleted/>
+  <warnings><warning>text</warning></warnings>
+</status>"#;
+    let e = StatusEntity::parse(body).unwrap();
+    assert_eq!(e.status_code, Some(202));
+    assert_eq!(
+        e.created.as_deref(),
+        Some("https://api.newsweaver.com/v2/acme/subscriber_import/6732468")
+    );
+    assert_eq!(e.messages, vec!["text"]);
+}
+
+#[test]
+fn an_import_in_progress_from_the_documents() {
+    let body = r#"<subscriber_import created="2012-01-11T16:40:13Z" status="IN_PROGRESS" uri="https://api.newsweaver.com/v2/test-account/subscriber_import/6732468">
+<progress>
+<total_records>5000</total_records>
+<records_processed>1234</records_processed>
+<ping_after>2012-01-11T16:41:13Z</ping_after>
+</progress>
+<specification>
+<accept_terms>true</accept_terms>
+<subscriber_data><columns>email,name.first name,name.surname</columns></subscriber_data>
+</specification>
+</subscriber_import>"#;
+    let s = ImportState::parse(body).unwrap();
+    assert_eq!(s.status, ImportStatus::InProgress);
+    assert_eq!(s.total_records, Some(5000));
+    assert_eq!(s.records_processed, Some(1234));
+    assert_eq!(s.ping_after, parse_time("2012-01-11T16:41:13Z"));
+    assert!(s.results.is_none());
+}
+
+#[test]
+fn a_completed_import_with_status_as_a_child_and_invalid_records() {
+    let body = r#"<ns:subscriber_import xmlns:ns="urn:x">
+  <ns:status>COMPLETED</ns:status>
+  <results>
+    <total_records>5</total_records><new_subscribers>2</new_subscribers>
+    <updated_subscribers>0</updated_subscribers><invalid_records>1</invalid_records>
+    <duplicate_subscribers>1</duplicate_subscribers><previously_opted_out>1</previously_opted_out>
+    <link rel="http://api-info.newsweaver.com/v2/rels/subscriber_import.invalid_subscribers"
+          href="https://api.newsweaver.com/v2/acme/subscriber_import/7/invalid_subscribers"/>
+  </results>
+</ns:subscriber_import>"#;
+    let s = ImportState::parse(body).unwrap();
+    assert_eq!(s.status, ImportStatus::Completed);
+    let r = s.results.unwrap();
+    assert_eq!((r.invalid, r.duplicates, r.previously_opted_out), (1, 1, 1));
+    assert!(r.has_rejections());
+    assert_eq!(
+        r.invalid_link.as_deref(),
+        Some("https://api.newsweaver.com/v2/acme/subscriber_import/7/invalid_subscribers")
+    );
+    for (text, status) in [
+        ("ERROR", ImportStatus::Error),
+        ("CANCELLED", ImportStatus::Cancelled),
+    ] {
+        let s = ImportState::parse(&format!(r#"<subscriber_import status="{text}"/>"#)).unwrap();
+        assert_eq!(s.status, status);
+    }
+}
+
+#[test]
+fn timestamps_with_and_without_fractions() {
+    let whole = parse_time("2012-01-11T16:41:13Z").unwrap();
+    let frac = parse_time("2012-01-11T16:41:13.250Z").unwrap();
+    assert_eq!((frac - whole).num_milliseconds(), 250);
+    assert_eq!(parse_time("2012-01-11T16:41:13"), Some(whole));
+    assert_eq!(parse_time("2012-01-11T17:41:13+01:00"), Some(whole));
+    assert_eq!(parse_time("2012-01-11T16:41:13.250+0000"), Some(frac));
+    assert_eq!(parse_time("yesterday"), None);
+}
+
+#[test]
+fn a_subscriber_page_with_a_next_link() {
+    let body = r#"<subscribers itemsPerPage="2" startIndex="1" totalResults="3">
+  <link rel="next" href="https://api.newsweaver.com/v2/acme/subscribers?status=all&amp;startIndex=3"/>
+  <subscriber uri="https://api.newsweaver.com/v2/acme/subscriber/1" date_modified="2024-05-01T10:00:00Z">
+    <email>Ann@Example.COM</email><status>ACTIVE</status>
+    <first_name>Ann</first_name><surname>Lee</surname><company>Acme</company>
+    <position_company>Engineer</position_company><external_id>E1</external_id>
+    <work_details><department>R&amp;D</department></work_details>
+    <custom_fields><custom_field name="Cost Center">C42</custom_field></custom_fields>
+  </subscriber>
+  <subscriber><email>bob@example.com</email><status>OPT_OUT</status></subscriber>
+</subscribers>"#;
+    let page = SubscriberPage::parse(body).unwrap();
+    assert_eq!(
+        page.next.as_deref(),
+        Some("https://api.newsweaver.com/v2/acme/subscribers?status=all&startIndex=3")
+    );
+    assert_eq!(page.total_results, Some(3));
+    assert_eq!(page.subscribers.len(), 2);
+    let ann = subscriber_to_contact(&page.subscribers[0]).unwrap();
+    assert_eq!(ann.email.as_deref(), Some("Ann@example.com"));
+    assert_eq!(ann.last_name.as_deref(), Some("Lee"));
+    assert_eq!(ann.job_title.as_deref(), Some("Engineer"));
+    assert_eq!(ann.external_id.as_deref(), Some("E1"));
+    assert_eq!(ann.department.as_deref(), Some("R&D"));
+    assert_eq!(
+        ann.attributes.get("Cost Center").map(String::as_str),
+        Some("C42")
+    );
+    assert!(ann.updated_at.is_some());
+    let bob = subscriber_to_contact(&page.subscribers[1]).unwrap();
+    assert_eq!(bob.status, ContactStatus::OptedOut);
+    let bad =
+        Element::parse("<subscriber><email>x@y.org</email><status>WEIRD</status></subscriber>")
+            .unwrap();
+    assert!(subscriber_to_contact(&bad).is_err());
+}
+
+#[test]
+fn the_rejected_rows_csv_in_three_sections() {
+    let columns: Vec<String> = ["email", "name.first name", "status"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let text = "\"Invalid Subscribers\"\r\n\"email\",\"name.first name\",\"status\"\r\n\"not-an-email\",\"Ann, Jr.\",\"ACTIVE\"\r\n\
+\r\n\"Duplicate Subscribers\"\r\nemail,name.first name,status\r\nbob@example.com,\"Bob \"\"B\"\"\",ACTIVE\r\n\
+\"Opted-out Subscribers\"\r\n\"email\",\"name.first name\",\"status\"\r\n\"Carol@Example.com\",\"Carol\",\"ACTIVE\"\r\n";
+    let rows = parse_rejected(text, &columns).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(
+        (rows[0].kind, rows[0].email.as_str()),
+        (RejectionKind::Invalid, "not-an-email")
+    );
+    assert_eq!(
+        (rows[1].kind, rows[1].email.as_str()),
+        (RejectionKind::Duplicate, "bob@example.com")
+    );
+    assert_eq!(
+        (rows[2].kind, rows[2].email.as_str()),
+        (RejectionKind::OptedOut, "Carol@Example.com")
+    );
+    // Empty sections, and a header in another column order.
+    let text = "\"Invalid Subscribers\"\n\"Duplicate Subscribers\"\nstatus,email\n\"Opted-out Subscribers\"\nstatus,email\nACTIVE,dan@example.com\n";
+    let rows = parse_rejected(text, &columns).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].kind, rows[0].email.as_str()),
+        (RejectionKind::OptedOut, "dan@example.com")
+    );
+}

@@ -1,0 +1,246 @@
+//! The config file: where it is, what it holds, and how environment variables
+//! override it. Sections map one-to-one onto components: `[sources.NAME]` and
+//! `[sinks.NAME]` each name a registered connector `type`; `[pipelines.NAME]` holds how
+//! a `from`/`to` pair syncs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use config::{Config, Environment, File, FileFormat, Value, ValueKind};
+use contactsync_core::ConnectorSettings;
+use contactsync_engine::PipelineSettings;
+
+/// The loaded config.
+pub struct Settings {
+    /// The config file.
+    pub file: PathBuf,
+    /// Its directory: relative paths resolve against it.
+    pub base_dir: PathBuf,
+    /// The state database.
+    pub state_path: PathBuf,
+    sources: BTreeMap<String, Value>,
+    sinks: BTreeMap<String, Value>,
+    pipelines: BTreeMap<String, Value>,
+}
+
+/// A connector section, ready for its factory.
+pub struct Section {
+    /// The registered connector type.
+    pub connector: String,
+    /// Its settings.
+    pub settings: ConnectorSettings,
+}
+
+const TOP_LEVEL: [&str; 5] = ["state", "sources", "sinks", "pipelines", "config"];
+
+/// Where the config is: `--config`, else `$CONTACTSYNC_CONFIG`, else `./contactsync.toml`.
+pub fn locate(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("CONTACTSYNC_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("contactsync.toml"))
+}
+
+fn table(value: Value, what: &str, file: &Path) -> Result<BTreeMap<String, Value>> {
+    match value.kind {
+        ValueKind::Table(t) => Ok(t.into_iter().collect()),
+        ValueKind::Nil => Ok(BTreeMap::new()),
+        _ => bail!("{}: `{what}` must be a table of sections", file.display()),
+    }
+}
+
+impl Settings {
+    /// Loads `file`, then `CONTACTSYNC_…` environment overrides
+    /// (`CONTACTSYNC_SINKS__POPPULO__PASSWORD` sets `sinks.poppulo.password`).
+    pub fn load(file: &Path, state_flag: Option<&Path>) -> Result<Settings> {
+        if !file.exists() {
+            bail!(
+                "config file {} not found: pass --config FILE, set CONTACTSYNC_CONFIG, or create contactsync.toml (see README.md)",
+                file.display()
+            );
+        }
+        let config = Config::builder()
+            .add_source(File::from(file).format(FileFormat::Toml).required(true))
+            .add_source(
+                Environment::with_prefix("CONTACTSYNC")
+                    .prefix_separator("_")
+                    .separator("__"),
+            )
+            .build()
+            .with_context(|| format!("reading config file {}", file.display()))?;
+        let root = table(config.cache, "(root)", file)?;
+        for key in root.keys() {
+            if !TOP_LEVEL.contains(&key.as_str()) {
+                bail!(
+                    "{}: unknown top-level key `{key}` (expected state, [sources.NAME], [sinks.NAME], [pipelines.NAME])",
+                    file.display()
+                );
+            }
+        }
+        let base_dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let state_path = match (state_flag, root.get("state")) {
+            (Some(flag), _) => flag.to_path_buf(),
+            (None, Some(value)) => base_dir.join(
+                value
+                    .clone()
+                    .into_string()
+                    .map_err(|e| anyhow!("{}: `state`: {e}", file.display()))?,
+            ),
+            (None, None) => base_dir.join("contactsync-data").join("state.db"),
+        };
+        let get = |name: &str| -> Result<BTreeMap<String, Value>> {
+            root.get(name)
+                .cloned()
+                .map(|v| table(v, name, file))
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        Ok(Settings {
+            file: file.to_path_buf(),
+            base_dir,
+            state_path,
+            sources: get("sources")?,
+            sinks: get("sinks")?,
+            pipelines: get("pipelines")?,
+        })
+    }
+
+    /// Where connectors and sandboxes keep files: beside the state database.
+    pub fn data_dir(&self) -> PathBuf {
+        self.state_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Names of the `[sources.NAME]` sections.
+    pub fn source_names(&self) -> Vec<String> {
+        self.sources.keys().cloned().collect()
+    }
+
+    /// Names of the `[sinks.NAME]` sections.
+    pub fn sink_names(&self) -> Vec<String> {
+        self.sinks.keys().cloned().collect()
+    }
+
+    /// The `[sources.NAME]` section.
+    pub fn source(&self, name: &str) -> Result<Section> {
+        self.section(
+            "sources",
+            name,
+            self.sources.get(name),
+            &self.source_names(),
+        )
+    }
+
+    /// The `[sinks.NAME]` section.
+    pub fn sink(&self, name: &str) -> Result<Section> {
+        self.section("sinks", name, self.sinks.get(name), &self.sink_names())
+    }
+
+    fn section(
+        &self,
+        kind: &str,
+        name: &str,
+        value: Option<&Value>,
+        known: &[String],
+    ) -> Result<Section> {
+        let value = value.ok_or_else(|| {
+            anyhow!(
+                "{}: no [{kind}.{name}] section (configured: {})",
+                self.file.display(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })?;
+        let mut values = table(value.clone(), &format!("{kind}.{name}"), &self.file)?;
+        let connector = values
+            .remove("type")
+            .ok_or_else(|| anyhow!("{}: [{kind}.{name}] `type`: missing; name the connector (see `contactsync connectors`)", self.file.display()))?
+            .into_string()
+            .map_err(|e| anyhow!("{}: [{kind}.{name}] `type`: {e}", self.file.display()))?;
+        Ok(Section {
+            connector,
+            settings: ConnectorSettings {
+                section: format!("{kind}.{name}"),
+                name: name.to_string(),
+                values: Value::new(None, ValueKind::Table(values.into_iter().collect())),
+                base_dir: self.base_dir.clone(),
+                data_dir: self.data_dir(),
+                file: Some(self.file.clone()),
+            },
+        })
+    }
+
+    /// The settings of the pipeline from `from` to `to`: the `[pipelines.NAME]` section
+    /// whose `from` and `to` match, else the defaults.
+    pub fn pipeline(&self, from: &str, to: &str) -> Result<PipelineSettings> {
+        for (name, value) in &self.pipelines {
+            let mut values = table(value.clone(), &format!("pipelines.{name}"), &self.file)?;
+            let field = |values: &mut BTreeMap<String, Value>, key: &str| -> Result<String> {
+                values
+                    .remove(key)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{}: [pipelines.{name}] `{key}`: missing",
+                            self.file.display()
+                        )
+                    })?
+                    .into_string()
+                    .map_err(|e| {
+                        anyhow!("{}: [pipelines.{name}] `{key}`: {e}", self.file.display())
+                    })
+            };
+            let (f, t) = (field(&mut values, "from")?, field(&mut values, "to")?);
+            if f == from && t == to {
+                let value = Value::new(None, ValueKind::Table(values.into_iter().collect()));
+                return value
+                    .try_deserialize::<PipelineSettings>()
+                    .map_err(|e| anyhow!("{}: [pipelines.{name}]: {e}", self.file.display()));
+            }
+        }
+        Ok(PipelineSettings::default())
+    }
+
+    /// Every pipeline section's (name, from, to).
+    pub fn pipelines(&self) -> Vec<(String, String, String)> {
+        self.pipelines
+            .iter()
+            .filter_map(|(name, value)| {
+                let t = table(value.clone(), name, &self.file).ok()?;
+                let from = t.get("from")?.clone().into_string().ok()?;
+                let to = t.get("to")?.clone().into_string().ok()?;
+                Some((name.clone(), from, to))
+            })
+            .collect()
+    }
+}
+
+/// Replaces `base_url` in a section's settings.
+pub fn with_base_url(settings: &ConnectorSettings, url: &str) -> ConnectorSettings {
+    let mut values: BTreeMap<String, Value> = match settings.values.kind.clone() {
+        ValueKind::Table(t) => t.into_iter().collect(),
+        _ => BTreeMap::new(),
+    };
+    values.insert("base_url".into(), Value::from(url));
+    ConnectorSettings {
+        values: Value::new(None, ValueKind::Table(values.into_iter().collect())),
+        ..settings.clone()
+    }
+}
+
+/// The section's `base_url`, when it is a string.
+pub fn base_url(settings: &ConnectorSettings) -> Option<String> {
+    match &settings.values.kind {
+        ValueKind::Table(t) => t.get("base_url").and_then(|v| v.clone().into_string().ok()),
+        _ => None,
+    }
+}

@@ -1,0 +1,169 @@
+//! What every end-to-end scenario needs: a scratch directory with a config, and the
+//! real `contactsync` binary run in it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch directory holding a config, its data and its state.
+pub struct Scenario {
+    pub dir: Dir,
+    _guard: Option<tempfile::TempDir>,
+}
+
+/// The scenario's directory.
+pub enum Dir {
+    Borrowed(PathBuf),
+}
+
+impl Dir {
+    pub fn path(&self) -> &Path {
+        match self {
+            Dir::Borrowed(p) => p,
+        }
+    }
+}
+
+impl Scenario {
+    pub fn new() -> Self {
+        let guard = tempfile::tempdir().expect("temp dir");
+        Scenario {
+            dir: Dir::Borrowed(guard.path().to_path_buf()),
+            _guard: Some(guard),
+        }
+    }
+
+    /// Another handle on the same directory (for a blocking task), which does not
+    /// delete it when dropped.
+    pub fn at(dir: PathBuf) -> Self {
+        Scenario {
+            dir: Dir::Borrowed(dir),
+            _guard: None,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, content).expect("write fixture");
+        path
+    }
+
+    pub fn config(&self, toml: &str) {
+        self.write("contactsync.toml", toml);
+    }
+
+    /// The binary, with the scenario's config, in the scenario's directory.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_contactsync"));
+        cmd.arg("--config")
+            .arg(self.path("contactsync.toml"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("CONTACTSYNC_CONFIG")
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let output = self.command(args).output().expect("run contactsync");
+        Run { output }
+    }
+
+    /// `sync` with a report and a rejects file; returns the run and its report.
+    pub fn sync(&self, from: &str, to: &str, extra: &[&str]) -> (Run, serde_json::Value) {
+        let report = self.path("report.json");
+        let rejects = self.path("rejects.csv");
+        let _ = std::fs::remove_file(&report);
+        let mut args = vec![
+            "sync",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--report",
+            report.to_str().unwrap(),
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let run = self.run(&args);
+        let json = std::fs::read_to_string(&report)
+            .map(|text| serde_json::from_str(&text).expect("report is JSON"))
+            .unwrap_or(serde_json::Value::Null);
+        (run, json)
+    }
+
+    /// The rejects file's rows (without the header).
+    pub fn rejects(&self) -> Vec<csv::StringRecord> {
+        let mut reader = csv::Reader::from_path(self.path("rejects.csv")).expect("rejects file");
+        reader.records().map(|r| r.expect("rejects row")).collect()
+    }
+}
+
+pub struct Run {
+    pub output: Output,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    /// Asserts the exit code, showing the output when it differs.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code(),
+            code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+}
+
+/// The counts of a report, in the order read, created, updated, removed, unchanged, rejected.
+pub fn counts(report: &serde_json::Value) -> [u64; 6] {
+    [
+        "read",
+        "created",
+        "updated",
+        "removed",
+        "unchanged",
+        "rejected",
+    ]
+    .map(|k| {
+        report[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("report lacks {k}: {report}"))
+    })
+}
+
+/// A CSV of people `E1..En`, with the given first name for everyone.
+pub fn people_csv(n: usize, first_name: impl Fn(usize) -> String) -> String {
+    let mut s = String::from("external_id,email,first_name,last_name,department\n");
+    for i in 1..=n {
+        s.push_str(&format!(
+            "E{i},person{i}@example.com,{},Last{i},Dept{}\n",
+            first_name(i),
+            i % 3
+        ));
+    }
+    s
+}
+
+pub fn read_rows(path: &Path) -> Vec<csv::StringRecord> {
+    let mut reader = csv::Reader::from_path(path).expect("csv file");
+    reader.records().map(|r| r.expect("csv row")).collect()
+}

@@ -1,0 +1,264 @@
+//! csv → csv through the binary: the behaviours every pipeline has.
+
+mod common;
+
+use common::{counts, people_csv, read_rows, Scenario};
+
+const CONFIG: &str = r#"
+state = "data/state.db"
+
+[sources.hr]
+type = "csv"
+path = "people.csv"
+
+[sinks.out]
+type = "csv"
+path = "out.csv"
+
+[pipelines.p]
+from = "hr"
+to = "out"
+max_removal_ratio = 0.10
+"#;
+
+fn scenario(n: usize) -> Scenario {
+    let s = Scenario::new();
+    s.config(CONFIG);
+    s.write("people.csv", &people_csv(n, |_| "Ann".into()));
+    s
+}
+
+#[test]
+fn first_run_creates_rerun_does_nothing_an_edit_sends_only_the_edit() {
+    let s = scenario(20);
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(counts(&report), [20, 20, 0, 0, 0, 0]);
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 20);
+
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(counts(&report), [20, 0, 0, 0, 20, 0]);
+
+    s.write(
+        "people.csv",
+        &people_csv(20, |i| if i == 7 { "Bea".into() } else { "Ann".into() }),
+    );
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(counts(&report), [20, 0, 1, 0, 19, 0]);
+    let rows = read_rows(&s.path("out.csv"));
+    let e7 = rows
+        .iter()
+        .find(|r| r.get(0) == Some("E7"))
+        .expect("E7 kept");
+    assert!(e7.iter().any(|v| v == "Bea"), "{e7:?}");
+    assert_eq!(rows.len(), 20);
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let s = scenario(5);
+    let (run, report) = s.sync("hr", "out", &["--dry-run"]);
+    run.expect_code(0);
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(counts(&report)[1], 5, "planned creates");
+    assert!(run.stdout().contains("create"), "{}", run.stdout());
+    assert!(run.stdout().contains("external_id:E1"), "{}", run.stdout());
+    assert!(!s.path("out.csv").exists(), "the sink was not touched");
+    let state = s.run(&["state", "show", "--json"]);
+    state.expect_code(0);
+    assert_eq!(state.stdout().trim(), "[]", "the state was not touched");
+}
+
+#[test]
+fn a_truncated_export_is_refused_unless_allowed() {
+    let s = scenario(30);
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    s.write("people.csv", &people_csv(3, |_| "Ann".into()));
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(4);
+    assert_eq!(report["status"], "refused_by_guard");
+    assert!(
+        run.stderr().contains("--allow-mass-removal"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 30, "nothing removed");
+
+    // An empty file (header only) as well.
+    s.write(
+        "people.csv",
+        "external_id,email,first_name,last_name,department\n",
+    );
+    s.sync("hr", "out", &[]).0.expect_code(4);
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 30);
+
+    s.write("people.csv", &people_csv(3, |_| "Ann".into()));
+    let (run, report) = s.sync("hr", "out", &["--allow-mass-removal"]);
+    run.expect_code(0);
+    assert_eq!(counts(&report)[3], 27);
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 3);
+}
+
+#[test]
+fn bad_rows_are_rejected_with_file_line_and_field_and_the_run_goes_on() {
+    let s = scenario(0);
+    s.write(
+        "people.csv",
+        "external_id,email,first_name,last_name,department\n\
+         E1,ann@example.com,Ann,Lee,Sales\n\
+         E2,not-an-email,Bob,Marsh,Sales\n\
+         E1,ann.again@example.com,Ann,Again,Sales\n\
+         E3,carl@example.com,Carl\n\
+         ,,Nobody,Nokey,Sales\n\
+         E4,dana@example.com,Dana,Ek,Ops\n",
+    );
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(3);
+    assert_eq!(report["status"], "synced_with_rejects");
+    assert_eq!(counts(&report), [6, 2, 0, 0, 0, 4]);
+    let rejects = s.rejects();
+    let by_line = |line: &str| {
+        rejects
+            .iter()
+            .find(|r| r.get(2) == Some(line))
+            .unwrap_or_else(|| panic!("no reject at line {line}: {rejects:?}"))
+            .clone()
+    };
+    assert!(by_line("3").get(1).unwrap().ends_with("people.csv"));
+    assert_eq!(by_line("3").get(5), Some("email"));
+    assert!(by_line("4").get(6).unwrap().contains("duplicate key"));
+    assert!(
+        by_line("5").get(6).unwrap().contains("fields"),
+        "{:?}",
+        by_line("5")
+    );
+    assert!(by_line("6").get(6).unwrap().contains("no key"));
+    assert!(
+        run.stdout().contains("rejects.csv"),
+        "the summary names the rejects file"
+    );
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 2);
+}
+
+#[test]
+fn config_errors_name_the_key_and_exit_2() {
+    let s = scenario(1);
+    s.config(&CONFIG.replace(
+        "path = \"people.csv\"",
+        "path = \"people.csv\"\npaht = \"x\"",
+    ));
+    let run = s.run(&["sync", "--from", "hr", "--to", "out"]);
+    run.expect_code(2);
+    assert!(run.stderr().contains("paht"), "{}", run.stderr());
+    assert!(run.stderr().contains("sources.hr"), "{}", run.stderr());
+
+    let run = s.run(&["sync", "--from", "nope", "--to", "out"]);
+    run.expect_code(2);
+    assert!(run.stderr().contains("[sources.nope]"), "{}", run.stderr());
+
+    let run = s.run(&["sync", "--from", "hr", "--to", "out", "--mode", "sideways"]);
+    run.expect_code(2);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let s = scenario(2);
+    s.write("other.csv", &people_csv(4, |_| "Env".into()));
+    let report = s.path("report.json");
+    let run = s
+        .command(&[
+            "sync",
+            "--from",
+            "hr",
+            "--to",
+            "out",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .env("CONTACTSYNC_SOURCES__HR__PATH", "other.csv")
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    assert_eq!(report["created"], 4);
+}
+
+#[test]
+fn a_run_killed_mid_way_is_finished_by_the_next_without_duplicates() {
+    let s = scenario(0);
+    let n = 60_000;
+    s.write("people.csv", &people_csv(n, |_| "Ann".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    // Everyone changes, then the run is killed while it works.
+    s.write("people.csv", &people_csv(n, |_| "Zoe".into()));
+    let mut child = s
+        .command(&["sync", "--from", "hr", "--to", "out"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(report["rejected"], 0);
+    let rows = read_rows(&s.path("out.csv"));
+    assert_eq!(rows.len(), n, "no duplicate, no loss");
+    assert!(
+        rows.iter().all(|r| r.iter().any(|v| v == "Zoe")),
+        "every change applied"
+    );
+    let (_, report) = s.sync("hr", "out", &[]);
+    assert_eq!(
+        counts(&report),
+        [n as u64, 0, 0, 0, n as u64, 0],
+        "converged"
+    );
+}
+
+#[test]
+fn connectors_lists_every_linked_connector() {
+    let s = scenario(0);
+    let run = s.run(&["connectors"]);
+    run.expect_code(0);
+    for name in ["csv", "poppulo", "businesscatalyst", "ldap"] {
+        assert!(
+            run.stdout().contains(name),
+            "{name} missing: {}",
+            run.stdout()
+        );
+    }
+}
+
+#[test]
+fn state_show_and_reset() {
+    let s = scenario(3);
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    let run = s.run(&["state", "show"]);
+    assert!(
+        run.stdout().contains("hr->out: 3 synced, 0 pending"),
+        "{}",
+        run.stdout()
+    );
+    s.run(&["state", "reset", "--from", "hr", "--to", "out"])
+        .expect_code(2);
+    s.run(&["state", "reset", "--from", "hr", "--to", "out", "--yes"])
+        .expect_code(0);
+    let (_, report) = s.sync("hr", "out", &[]);
+    assert_eq!(report["created"], 3, "everyone sent again, as upserts");
+    assert_eq!(
+        read_rows(&s.path("out.csv")).len(),
+        3,
+        "no duplicates after a reset"
+    );
+}

@@ -1,0 +1,306 @@
+//! csv → poppulo through the binary, against the Poppulo sandbox over HTTP: the
+//! user's nightly job.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{counts, people_csv, Run, Scenario};
+use contactsync_poppulo::sandbox::{
+    Faults, ImportStatus, PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber,
+    SubscriberStatus,
+};
+
+const PASSWORD: &str = "s3cret-Pw-4711";
+
+async fn sandbox(records_per_tick: usize) -> RunningPoppulo {
+    PoppuloSandbox::start(SandboxConfig {
+        account: "acme".into(),
+        username: "api-user".into(),
+        password: PASSWORD.into(),
+        records_per_tick,
+        tick: Duration::from_millis(50),
+        ping_interval: Duration::from_millis(300),
+        ..SandboxConfig::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+fn scenario(sandbox: &RunningPoppulo, people: &str, extra_sink: &str) -> Scenario {
+    let s = Scenario::new();
+    s.write("people.csv", people);
+    s.write("password.txt", PASSWORD);
+    s.config(&format!(
+        r#"
+state = "data/state.db"
+[sources.hr]
+type = "csv"
+path = "people.csv"
+[sinks.poppulo]
+type = "poppulo"
+base_url = "{}"
+account = "acme"
+username = "api-user"
+password_file = "password.txt"
+min_poll_interval = "100ms"
+busy_retry_interval = "200ms"
+{extra_sink}
+[pipelines.nightly]
+from = "hr"
+to = "poppulo"
+max_removal_ratio = 0.5
+"#,
+        sandbox.base_url()
+    ));
+    s
+}
+
+/// Runs a sync without blocking the sandbox's runtime.
+async fn sync(s: &Scenario, extra: &[&str]) -> (Run, serde_json::Value) {
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    let dir = s.dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let s = Scenario::at(dir);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        s.sync("hr", "poppulo", &extra)
+    })
+    .await
+    .expect("sync task")
+}
+
+fn status_of(sandbox: &RunningPoppulo, email: &str) -> Option<SubscriberStatus> {
+    sandbox.subscriber(email).map(|s| s.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_sync_then_nightly_delta_then_removal_as_inactive() {
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(10, |_| "Ann".into()), "");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [10, 10, 0, 0, 0, 0]);
+    assert_eq!(sandbox.subscribers().len(), 10);
+    assert_eq!(
+        sandbox.stats().early_polls,
+        0,
+        "never polled before ping_after"
+    );
+    let first = sandbox.imports();
+    assert_eq!(first.len(), 1, "one import job for the run");
+    let columns = &first[0].job.columns;
+    assert_eq!(columns.first().map(String::as_str), Some("email"));
+    assert_eq!(columns.last().map(String::as_str), Some("status"));
+    let first_name = columns
+        .iter()
+        .position(|c| c == "name.first name")
+        .expect("first name mapped");
+    assert!(
+        columns.iter().any(|c| c == "workDetails.department"),
+        "{columns:?}"
+    );
+
+    // Nothing changed: nothing sent.
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [10, 0, 0, 0, 10, 0]);
+    assert_eq!(sandbox.imports().len(), 1);
+
+    // The nightly delta: one edit, one leaver. Only those rows travel.
+    let mut csv = people_csv(10, |i| if i == 4 { "Dora".into() } else { "Ann".into() });
+    csv = csv
+        .lines()
+        .filter(|l| !l.starts_with("E9,"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    s.write("people.csv", &csv);
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [9, 0, 1, 1, 8, 0]);
+    let imports = sandbox.imports();
+    assert_eq!(
+        imports.len(),
+        3,
+        "an import for the update, one for the removal"
+    );
+    assert_eq!(imports[1].rows.len(), 1);
+    assert_eq!(imports[1].rows[0][0], "person4@example.com");
+    assert_eq!(imports[1].rows[0][first_name], "Dora");
+    assert_eq!(imports[2].job.columns, ["email", "status"]);
+    assert_eq!(
+        imports[2].rows,
+        vec![vec![
+            "person9@example.com".to_string(),
+            "INACTIVE".to_string()
+        ]]
+    );
+    assert_eq!(
+        status_of(&sandbox, "person9@example.com"),
+        Some(SubscriberStatus::Inactive)
+    );
+    let kept = sandbox.subscriber("person9@example.com").unwrap();
+    assert_eq!(
+        kept.fields.get("first_name").map(String::as_str),
+        Some("Ann"),
+        "removal keeps the fields"
+    );
+    assert_eq!(
+        status_of(&sandbox, "person4@example.com"),
+        Some(SubscriberStatus::Active)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rows_are_reported_and_a_self_opt_out_is_respected() {
+    let sandbox = sandbox(500).await;
+    sandbox
+        .seed_subscriber(Subscriber::self_opted_out("person3@example.com"))
+        .unwrap();
+    // E5 and E6 share an address: Poppulo keeps the first and reports the second.
+    let csv = people_csv(6, |_| "Ann".into()).replace("person6@example.com", "person5@example.com");
+    let s = scenario(&sandbox, &csv, "");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(3);
+    assert_eq!(counts(&report), [6, 4, 0, 0, 0, 2]);
+    let rejects = s.rejects();
+    let reason = |key: &str| {
+        rejects
+            .iter()
+            .find(|r| r.get(3) == Some(key))
+            .map(|r| r.get(6).unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("{key} not rejected: {rejects:?}"))
+    };
+    assert!(
+        reason("external_id:E3").contains("opted out"),
+        "{rejects:?}"
+    );
+    assert!(
+        reason("external_id:E6").contains("duplicate"),
+        "{rejects:?}"
+    );
+    assert_eq!(rejects[0].get(0), Some("sink"));
+    assert_eq!(
+        status_of(&sandbox, "person3@example.com"),
+        Some(SubscriberStatus::OptOut),
+        "never re-subscribed"
+    );
+
+    // The opted-out person is not sent again every night; the duplicate is retried.
+    let before = sandbox.imports().len();
+    let (_, report) = sync(&s, &[]).await;
+    let imports = sandbox.imports();
+    assert_eq!(imports.len(), before + 1);
+    let sent: Vec<&str> = imports
+        .last()
+        .unwrap()
+        .rows
+        .iter()
+        .map(|r| r[0].as_str())
+        .collect();
+    assert_eq!(
+        sent,
+        vec!["person5@example.com"],
+        "only the duplicate is retried: {report}"
+    );
+    assert_eq!(
+        status_of(&sandbox, "person3@example.com"),
+        Some(SubscriberStatus::OptOut)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_a_busy_account_are_survived() {
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(8, |_| "Ann".into()), "");
+    sandbox.set_faults(Faults {
+        throttle_every: 2,
+        retry_after_secs: 1,
+        busy_for_ms: 1500,
+        ..Faults::default()
+    });
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1], 8);
+    let stats = sandbox.stats();
+    assert!(
+        stats.throttled > 0 && stats.imports_refused_busy > 0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.imports_posted, 1, "never two imports");
+    assert_eq!(sandbox.subscribers().len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_import_is_sent_again_by_the_next_run() {
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(5, |_| "Ann".into()), "");
+    sandbox.set_faults(Faults {
+        fail_next_import: true,
+        ..Faults::default()
+    });
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(1);
+    assert_eq!(report["unknown"], 5);
+    assert_eq!(sandbox.imports()[0].status, ImportStatus::Error);
+    assert!(sandbox.subscribers().is_empty());
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1], 5, "the same records are sent again");
+    assert_eq!(sandbox.subscribers().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_polling_then_rerun_resumes_the_import() {
+    // 10 records per 50 ms tick: 400 people take about two seconds to import.
+    let sandbox = sandbox(10).await;
+    let s = scenario(&sandbox, &people_csv(400, |_| "Ann".into()), "");
+    let mut child = s
+        .command(&["sync", "--from", "hr", "--to", "poppulo"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sandbox.stats().import_polls == 0 {
+        assert!(std::time::Instant::now() < deadline, "the run never polled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    assert_eq!(
+        sandbox.imports()[0].status,
+        ImportStatus::InProgress,
+        "killed while the import ran"
+    );
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(report["recovered"], 400, "{report}");
+    assert_eq!(counts(&report)[1], 0, "nothing left to create: {report}");
+    assert_eq!(
+        sandbox.stats().imports_posted,
+        1,
+        "the running import was resumed, not posted again"
+    );
+    assert_eq!(sandbox.subscribers().len(), 400);
+    let (_, report) = sync(&s, &[]).await;
+    assert_eq!(counts(&report), [400, 0, 0, 0, 400, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_fails_clearly_without_showing_it() {
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(2, |_| "Ann".into()), "");
+    s.write("password.txt", "wrong-Pw-0815");
+    let (run, report) = sync(&s, &["-vv"]).await;
+    run.expect_code(1);
+    let all = format!("{}{}{}", run.stdout(), run.stderr(), report);
+    assert!(all.to_lowercase().contains("auth"), "{all}");
+    assert!(
+        !all.contains("wrong-Pw-0815") && !all.contains(PASSWORD),
+        "a secret leaked: {all}"
+    );
+    assert!(sandbox.subscribers().is_empty());
+}
