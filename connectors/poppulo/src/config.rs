@@ -3,12 +3,11 @@
 //! impossible column mapping is a config error naming the key, not a 409 at 2 a.m.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use contactsync_core::{ConfigError, ConnectorSettings, Field, SecretString};
-use serde::{Deserialize, Deserializer};
+use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, SecretString};
+use serde::Deserialize;
 
 /// The API base when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.newsweaver.com/v2";
@@ -34,57 +33,6 @@ impl Removal {
     }
 }
 
-/// A duration in settings: a number of seconds (`30`, `0.5`) or a string with a unit
-/// (`"500ms"`, `"30s"`, `"15m"`, `"2h"`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Secs(pub Duration);
-
-impl fmt::Debug for Secs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Secs {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Float(f64),
-            Text(String),
-        }
-        let secs = match Raw::deserialize(d)? {
-            Raw::Int(n) => return Ok(Secs(Duration::from_secs(n))),
-            Raw::Float(f) => f,
-            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom)?,
-        };
-        if !secs.is_finite() || secs < 0.0 {
-            return Err(serde::de::Error::custom(format!("not a duration: {secs}")));
-        }
-        Ok(Secs(Duration::from_secs_f64(secs)))
-    }
-}
-
-fn parse_duration(text: &str) -> Result<f64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?} (write 30, \"30s\", \"15m\" or \"2h\")"))?;
-    let factor = match unit.trim() {
-        "" | "s" | "sec" | "secs" => 1.0,
-        "ms" => 0.001,
-        "m" | "min" | "mins" => 60.0,
-        "h" | "hour" | "hours" => 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} in {text:?}")),
-    };
-    Ok(n * factor)
-}
-
 fn default_base_url() -> String {
     DEFAULT_BASE_URL.to_string()
 }
@@ -97,31 +45,31 @@ fn default_max_rows() -> usize {
 fn default_max_attempts() -> u32 {
     5
 }
-fn secs(n: u64) -> Secs {
-    Secs(Duration::from_secs(n))
+fn secs(n: u64) -> DurationSetting {
+    DurationSetting(Duration::from_secs(n))
 }
-fn d_connect() -> Secs {
+fn d_connect() -> DurationSetting {
     secs(10)
 }
-fn d_request() -> Secs {
+fn d_request() -> DurationSetting {
     secs(120)
 }
-fn d_retry_time() -> Secs {
+fn d_retry_time() -> DurationSetting {
     secs(900)
 }
-fn d_busy() -> Secs {
+fn d_busy() -> DurationSetting {
     secs(3600)
 }
-fn d_busy_interval() -> Secs {
+fn d_busy_interval() -> DurationSetting {
     secs(30)
 }
-fn d_poll() -> Secs {
+fn d_poll() -> DurationSetting {
     secs(10)
 }
-fn d_min_poll() -> Secs {
+fn d_min_poll() -> DurationSetting {
     secs(1)
 }
-fn d_import_wait() -> Secs {
+fn d_import_wait() -> DurationSetting {
     secs(6 * 3600)
 }
 
@@ -179,32 +127,32 @@ pub struct SinkSettings {
     pub max_rows_per_job: usize,
     /// Connection timeout.
     #[serde(default = "d_connect")]
-    pub connect_timeout: Secs,
+    pub connect_timeout: DurationSetting,
     /// Timeout of one whole request.
     #[serde(default = "d_request")]
-    pub request_timeout: Secs,
+    pub request_timeout: DurationSetting,
     /// Most attempts of one call on transient failures.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Most time one call spends retrying transient failures.
     #[serde(default = "d_retry_time")]
-    pub max_retry_time: Secs,
+    pub max_retry_time: DurationSetting,
     /// Most time to wait for another import of the account to finish before posting.
     #[serde(default = "d_busy")]
-    pub max_wait_for_busy_account: Secs,
+    pub max_wait_for_busy_account: DurationSetting,
     /// First wait when the account is busy (doubles, up to 10 minutes).
     #[serde(default = "d_busy_interval")]
-    pub busy_retry_interval: Secs,
+    pub busy_retry_interval: DurationSetting,
     /// Wait between polls when the import gives no `ping_after`.
     #[serde(default = "d_poll")]
-    pub poll_interval: Secs,
+    pub poll_interval: DurationSetting,
     /// Shortest wait between polls, whatever `ping_after` says.
     #[serde(default = "d_min_poll")]
-    pub min_poll_interval: Secs,
+    pub min_poll_interval: DurationSetting,
     /// Most time to follow one import; past it the rows are reported unknown and the
     /// next run resumes following the same import.
     #[serde(default = "d_import_wait")]
-    pub max_import_wait: Secs,
+    pub max_import_wait: DurationSetting,
 }
 
 /// The `[sources.NAME]` section, as written.
@@ -227,16 +175,16 @@ pub struct SourceSettings {
     pub status: String,
     /// Connection timeout.
     #[serde(default = "d_connect")]
-    pub connect_timeout: Secs,
+    pub connect_timeout: DurationSetting,
     /// Timeout of one whole request.
     #[serde(default = "d_request")]
-    pub request_timeout: Secs,
+    pub request_timeout: DurationSetting,
     /// Most attempts of one call on transient failures.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Most time one call spends retrying transient failures.
     #[serde(default = "d_retry_time")]
-    pub max_retry_time: Secs,
+    pub max_retry_time: DurationSetting,
 }
 
 fn default_status_filter() -> String {
@@ -513,20 +461,5 @@ impl SourceConfig {
             },
             status,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30").unwrap(), 30.0);
-        assert_eq!(parse_duration("500ms").unwrap(), 0.5);
-        assert_eq!(parse_duration("15m").unwrap(), 900.0);
-        assert_eq!(parse_duration("2h").unwrap(), 7200.0);
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("3 weeks").is_err());
     }
 }

@@ -25,6 +25,7 @@ use crate::settings::{base_url, with_base_url, Section, Settings};
 // The connectors this binary links. Adding a connector means adding its crate here and
 // to Cargo.toml; each registers itself by name. `extern crate` (not `use … as _`) makes
 // rustc link a crate nothing else names, and with it the crate's registrations.
+extern crate contactsync_actito;
 extern crate contactsync_businesscatalyst;
 extern crate contactsync_csv;
 extern crate contactsync_ldap;
@@ -170,7 +171,8 @@ fn main() -> ExitCode {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn,contactsync=info",
+        // Warnings, and the progress lines of a run that is not on a terminal (cron logs).
+        0 => "warn,contactsync::progress=info",
         1 => "info",
         _ => "debug",
     };

@@ -143,9 +143,10 @@ impl RunObserver for RunProgress {
                 }
                 bar.set_message(label);
             }
-            None => match total {
-                Some(total) => tracing::info!("{label}: {total} changes"),
-                None => tracing::info!("{label}"),
+            None => match (phase, total) {
+                (Phase::Applying, Some(total)) => tracing::info!("{label}: {total} changes"),
+                (_, Some(total)) => tracing::debug!("{label}: {total}"),
+                (_, None) => tracing::debug!("{label}"),
             },
         }
     }

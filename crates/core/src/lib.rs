@@ -10,6 +10,7 @@
 
 pub mod change;
 pub mod contact;
+pub mod duration;
 pub mod error;
 pub mod origin;
 pub mod registry;
@@ -21,6 +22,7 @@ pub use change::{
     Change, ChangeBatch, ChangeKind, ChangePlan, Outcome, PendingBatch, PendingRecord, SyncedEntry,
 };
 pub use contact::{Contact, ContactKey, ContactStatus, Field, KeyRule};
+pub use duration::DurationSetting;
 pub use error::{ConfigError, ConnectorError, RecordError};
 pub use origin::Origin;
 pub use registry::{

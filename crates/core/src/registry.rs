@@ -67,15 +67,17 @@ impl ConnectorSettings {
     /// `#[serde(deny_unknown_fields)]` on it so that a misspelt key is an error that
     /// names the key.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        self.values
-            .clone()
-            .try_deserialize::<T>()
-            .map_err(|e| ConfigError {
+        serde_path_to_error::deserialize(self.values.clone()).map_err(|e| {
+            // The path of the value that failed names the key, whatever the connector's
+            // own deserializer said (unknown and missing keys are named by serde itself).
+            let path = e.path().to_string();
+            ConfigError {
                 file: self.file.clone(),
                 section: self.section.clone(),
-                key: None,
-                message: e.to_string(),
-            })
+                key: (path != ".").then_some(path),
+                message: e.into_inner().to_string(),
+            }
+        })
     }
 
     /// A path from the settings, resolved against the config file's directory.

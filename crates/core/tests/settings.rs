@@ -31,3 +31,11 @@ fn settings_keep_key_case_and_name_unknown_keys() {
     assert!(err.contains("paht"), "{err}");
     assert!(err.contains("sinks.x"), "{err}");
 }
+
+#[test]
+fn a_value_of_the_wrong_type_names_its_key() {
+    let s = ConnectorSettings::from_toml("sinks.x", "path = 'a.csv'\nmax_rows = 'many'\n").unwrap();
+    let err = s.parse::<S>().unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("max_rows"), "{err}");
+    assert!(err.to_string().contains("`max_rows`"), "{err}");
+}

@@ -1,0 +1,449 @@
+//! What a user writes in a `[sinks.NAME]` or `[sources.NAME]` section with
+//! `type = "actito"`, checked once at build time so that a misspelt key is a config
+//! error naming the key rather than a 400 in the night.
+//!
+//! The attribute mapping is only *declared* here: which Actito attribute a canonical
+//! field lands in is resolved against the table's structure, read from the platform in
+//! `check`/`begin` (see [`crate::schema`]), because the defaults are found by type.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, SecretString};
+use serde::Deserialize;
+
+/// The API base when none is configured.
+pub const DEFAULT_BASE_URL: &str = "https://api.actito.com";
+
+/// The bulk imports Actito allows per table per day.
+pub const BULK_IMPORTS_PER_DAY: u32 = 12;
+
+/// How a removal is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Removal {
+    /// Unsubscribe the person from the managed subscriptions; the profile stays.
+    #[default]
+    Unsubscribe,
+    /// Delete the profile.
+    Delete,
+}
+
+/// What to do when the day's bulk imports are used up and a run wants one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuotaExhausted {
+    /// Send the changes one profile at a time instead.
+    #[default]
+    OneByOne,
+    /// Stop the run with a limit error.
+    Stop,
+}
+
+fn default_base_url() -> String {
+    DEFAULT_BASE_URL.to_string()
+}
+fn secs(n: u64) -> DurationSetting {
+    DurationSetting(Duration::from_secs(n))
+}
+fn d_connect() -> DurationSetting {
+    secs(10)
+}
+fn d_request() -> DurationSetting {
+    secs(120)
+}
+fn d_retry_time() -> DurationSetting {
+    secs(600)
+}
+fn d_backoff() -> DurationSetting {
+    secs(1)
+}
+fn d_poll() -> DurationSetting {
+    secs(5)
+}
+fn d_import_wait() -> DurationSetting {
+    secs(6 * 3600)
+}
+fn d_attempts() -> u32 {
+    6
+}
+fn d_threshold() -> u64 {
+    1000
+}
+fn d_max_batch() -> usize {
+    20_000
+}
+fn d_page_size() -> usize {
+    500
+}
+fn d_concurrency() -> usize {
+    5
+}
+
+/// Settings shared by the sink and the source sections.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// API base; default `https://api.actito.com` (`api1`, `api3`, `api-pre1` hosts for
+    /// other environments).
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The entity's name.
+    pub entity: String,
+    /// The profile table's name.
+    pub table: String,
+    /// The API key (better: `api_key_file`, or the environment).
+    pub api_key: Option<SecretString>,
+    /// A file holding the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// Canonical field (or `attributes.NAME`) → Actito attribute, over the defaults
+    /// found by type; `""` unmaps a default.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Contact subscription name → Actito subscription. These are the *managed*
+    /// subscriptions: set or cleared on every write, and left on removal. Empty: every
+    /// subscription of the table, matched by name (case-insensitive).
+    #[serde(default)]
+    pub subscriptions: BTreeMap<String, String>,
+    /// Canonical field (or `attributes.NAME`) → segmentation category: the field's
+    /// value names the segmentation the profile belongs to.
+    #[serde(default)]
+    pub segmentations: BTreeMap<String, String>,
+    /// Change-set size at or above which a run uses bulk imports.
+    #[serde(default = "d_threshold")]
+    pub bulk_threshold: u64,
+    /// `one-by-one` (default) or `stop` when the day's 12 bulk imports are used.
+    #[serde(default)]
+    pub when_bulk_quota_exhausted: QuotaExhausted,
+    /// `unsubscribe` (default) or `delete`.
+    #[serde(default)]
+    pub removal: Removal,
+    /// The most changes in one batch (one bulk import at most per batch).
+    #[serde(default = "d_max_batch")]
+    pub max_batch: usize,
+    /// One-by-one calls in flight at once (at most 5, Actito's limit per licence).
+    #[serde(default = "d_concurrency")]
+    pub concurrency: usize,
+    /// Connection timeout.
+    #[serde(default = "d_connect")]
+    pub connect_timeout: DurationSetting,
+    /// Timeout of one whole request.
+    #[serde(default = "d_request")]
+    pub request_timeout: DurationSetting,
+    /// Most attempts of one call on transient failures (429, 5xx).
+    #[serde(default = "d_attempts")]
+    pub max_attempts: u32,
+    /// Most time one call spends retrying transient failures.
+    #[serde(default = "d_retry_time")]
+    pub max_retry_time: DurationSetting,
+    /// First backoff after a transient failure (doubles at each retry).
+    #[serde(default = "d_backoff")]
+    pub retry_backoff: DurationSetting,
+    /// Wait between polls of a running import.
+    #[serde(default = "d_poll")]
+    pub poll_interval: DurationSetting,
+    /// Most time to follow one import; past it its rows are reported unknown and the
+    /// next run waits for the same import.
+    #[serde(default = "d_import_wait")]
+    pub max_import_wait: DurationSetting,
+}
+
+/// The `[sources.NAME]` section, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// API base (see [`SinkSettings::base_url`]).
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The entity's name.
+    pub entity: String,
+    /// The profile table's name.
+    pub table: String,
+    /// The API key.
+    pub api_key: Option<SecretString>,
+    /// A file holding the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// As for the sink.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// As for the sink: Actito subscriptions are read back under the contact name.
+    #[serde(default)]
+    pub subscriptions: BTreeMap<String, String>,
+    /// Profiles per page (`number`).
+    #[serde(default = "d_page_size")]
+    pub page_size: usize,
+    /// Connection timeout.
+    #[serde(default = "d_connect")]
+    pub connect_timeout: DurationSetting,
+    /// Timeout of one whole request.
+    #[serde(default = "d_request")]
+    pub request_timeout: DurationSetting,
+    /// Most attempts of one call on transient failures.
+    #[serde(default = "d_attempts")]
+    pub max_attempts: u32,
+    /// Most time one call spends retrying.
+    #[serde(default = "d_retry_time")]
+    pub max_retry_time: DurationSetting,
+    /// First backoff after a transient failure.
+    #[serde(default = "d_backoff")]
+    pub retry_backoff: DurationSetting,
+}
+
+/// Where and how to reach the table: what sources and sinks share.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// API base URL.
+    pub base_url: String,
+    /// Entity name.
+    pub entity: String,
+    /// Profile table name.
+    pub table: String,
+    /// The API key (never printed).
+    pub api_key: SecretString,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Request timeout.
+    pub request_timeout: Duration,
+    /// Attempts per call.
+    pub max_attempts: u32,
+    /// Retry time per call.
+    pub max_retry_time: Duration,
+    /// First backoff.
+    pub retry_backoff: Duration,
+}
+
+/// The declared mapping: canonical field → Actito name, `None` for "unmapped on
+/// purpose" (`""` in the config).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// Field → attribute overrides.
+    pub attributes: BTreeMap<Field, Option<String>>,
+    /// Contact subscription → Actito subscription.
+    pub subscriptions: BTreeMap<String, String>,
+    /// Field → segmentation category.
+    pub segmentations: BTreeMap<Field, String>,
+}
+
+/// The sink's settings, checked.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// The config section (`sinks.actito`), for errors found against the table.
+    pub section: String,
+    /// How to reach the table.
+    pub connection: Connection,
+    /// The declared mapping.
+    pub mapping: Mapping,
+    /// Bulk at or above this many changes.
+    pub bulk_threshold: u64,
+    /// What to do without bulk quota.
+    pub when_bulk_quota_exhausted: QuotaExhausted,
+    /// Removal policy.
+    pub removal: Removal,
+    /// Most changes per batch.
+    pub max_batch: usize,
+    /// One-by-one calls in flight.
+    pub concurrency: usize,
+    /// Import poll interval.
+    pub poll_interval: Duration,
+    /// Most time following one import.
+    pub max_import_wait: Duration,
+}
+
+/// The source's settings, checked.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The config section, for errors found against the table.
+    pub section: String,
+    /// How to reach the table.
+    pub connection: Connection,
+    /// The declared mapping.
+    pub mapping: Mapping,
+    /// Profiles per page.
+    pub page_size: usize,
+}
+
+fn parse_mapping(
+    settings: &ConnectorSettings,
+    attributes: BTreeMap<String, String>,
+    subscriptions: BTreeMap<String, String>,
+    segmentations: BTreeMap<String, String>,
+) -> Result<Mapping, ConfigError> {
+    let mut mapping = Mapping::default();
+    for (field, attr) in attributes {
+        let parsed = Field::parse(&field);
+        if matches!(parsed, Field::Subscriptions | Field::UpdatedAt) {
+            return Err(settings.error(
+                &format!("attributes.{field}"),
+                "subscriptions are mapped with `subscriptions`, and updated_at is Actito's own",
+            ));
+        }
+        let attr = attr.trim();
+        mapping
+            .attributes
+            .insert(parsed, (!attr.is_empty()).then(|| attr.to_string()));
+    }
+    for (name, target) in subscriptions {
+        if target.trim().is_empty() {
+            return Err(settings.error(
+                &format!("subscriptions.{name}"),
+                "empty Actito subscription name",
+            ));
+        }
+        mapping
+            .subscriptions
+            .insert(name.trim().to_string(), target.trim().to_string());
+    }
+    for (field, category) in segmentations {
+        if category.trim().is_empty() {
+            return Err(settings.error(
+                &format!("segmentations.{field}"),
+                "empty segmentation category",
+            ));
+        }
+        mapping
+            .segmentations
+            .insert(Field::parse(&field), category.trim().to_string());
+    }
+    Ok(mapping)
+}
+
+fn check_base(settings: &ConnectorSettings, base_url: &str) -> Result<(), ConfigError> {
+    if base_url.trim().is_empty() {
+        return Err(settings.error("base_url", "empty"));
+    }
+    Ok(())
+}
+
+fn check_name(settings: &ConnectorSettings, key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(settings.error(key, "empty; name the Actito entity and profile table"));
+    }
+    Ok(())
+}
+
+impl SinkConfig {
+    /// Parses and checks a `[sinks.NAME]` section.
+    pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
+        let s: SinkSettings = settings.parse()?;
+        check_base(settings, &s.base_url)?;
+        check_name(settings, "entity", &s.entity)?;
+        check_name(settings, "table", &s.table)?;
+        let api_key = settings.secret("api_key", s.api_key, s.api_key_file.as_deref())?;
+        if s.concurrency == 0 || s.concurrency > 5 {
+            return Err(settings.error(
+                "concurrency",
+                "between 1 and 5 (Actito refuses a 6th concurrent request)",
+            ));
+        }
+        if s.max_batch == 0 {
+            return Err(settings.error("max_batch", "must be at least 1"));
+        }
+        if s.max_attempts == 0 {
+            return Err(settings.error("max_attempts", "must be at least 1"));
+        }
+        let mapping = parse_mapping(settings, s.attributes, s.subscriptions, s.segmentations)?;
+        Ok(SinkConfig {
+            section: settings.section.clone(),
+            connection: Connection {
+                base_url: s.base_url.trim().to_string(),
+                entity: s.entity.trim().to_string(),
+                table: s.table.trim().to_string(),
+                api_key,
+                connect_timeout: s.connect_timeout.0,
+                request_timeout: s.request_timeout.0,
+                max_attempts: s.max_attempts,
+                max_retry_time: s.max_retry_time.0,
+                retry_backoff: s.retry_backoff.0,
+            },
+            mapping,
+            bulk_threshold: s.bulk_threshold.max(1),
+            when_bulk_quota_exhausted: s.when_bulk_quota_exhausted,
+            removal: s.removal,
+            max_batch: s.max_batch,
+            concurrency: s.concurrency,
+            poll_interval: s.poll_interval.0.max(Duration::from_millis(10)),
+            max_import_wait: s.max_import_wait.0,
+        })
+    }
+}
+
+impl SourceConfig {
+    /// Parses and checks a `[sources.NAME]` section.
+    pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
+        let s: SourceSettings = settings.parse()?;
+        check_base(settings, &s.base_url)?;
+        check_name(settings, "entity", &s.entity)?;
+        check_name(settings, "table", &s.table)?;
+        let api_key = settings.secret("api_key", s.api_key, s.api_key_file.as_deref())?;
+        if s.page_size == 0 || s.page_size > 1000 {
+            return Err(settings.error("page_size", "between 1 and 1000"));
+        }
+        if s.max_attempts == 0 {
+            return Err(settings.error("max_attempts", "must be at least 1"));
+        }
+        let mapping = parse_mapping(settings, s.attributes, s.subscriptions, BTreeMap::new())?;
+        Ok(SourceConfig {
+            section: settings.section.clone(),
+            connection: Connection {
+                base_url: s.base_url.trim().to_string(),
+                entity: s.entity.trim().to_string(),
+                table: s.table.trim().to_string(),
+                api_key,
+                connect_timeout: s.connect_timeout.0,
+                request_timeout: s.request_timeout.0,
+                max_attempts: s.max_attempts,
+                max_retry_time: s.max_retry_time.0,
+                retry_backoff: s.retry_backoff.0,
+            },
+            mapping,
+            page_size: s.page_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> ConnectorSettings {
+        ConnectorSettings::from_toml("sinks.actito", toml).expect("toml")
+    }
+
+    #[test]
+    fn minimal_sink_settings_take_the_defaults() {
+        let c = SinkConfig::from_settings(&settings(
+            "entity = \"demo\"\ntable = \"contacts\"\napi_key = \"k\"",
+        ))
+        .expect("config");
+        assert_eq!(c.connection.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.bulk_threshold, 1000);
+        assert_eq!(c.removal, Removal::Unsubscribe);
+        assert_eq!(c.when_bulk_quota_exhausted, QuotaExhausted::OneByOne);
+        assert!(!format!("{c:?}").contains("\"k\""));
+    }
+
+    #[test]
+    fn misspelt_key_and_bad_values_are_errors() {
+        assert!(SinkConfig::from_settings(&settings(
+            "entity = \"d\"\ntable = \"t\"\napi_key = \"k\"\nbulk_treshold = 3"
+        ))
+        .is_err());
+        let e = SinkConfig::from_settings(&settings(
+            "entity = \"d\"\ntable = \"t\"\napi_key = \"k\"\nconcurrency = 6",
+        ))
+        .expect_err("concurrency");
+        assert_eq!(e.key.as_deref(), Some("concurrency"));
+        let c = SinkConfig::from_settings(&settings(
+            "entity = \"d\"\ntable = \"t\"\napi_key = \"k\"\nwhen_bulk_quota_exhausted = \"stop\"\nremoval = \"delete\"\n[attributes]\nexternal_id = \"customerId\"\nfirst_name = \"\"",
+        ))
+        .expect("config");
+        assert_eq!(c.when_bulk_quota_exhausted, QuotaExhausted::Stop);
+        assert_eq!(c.removal, Removal::Delete);
+        assert_eq!(
+            c.mapping.attributes.get(&Field::ExternalId),
+            Some(&Some("customerId".to_string()))
+        );
+        assert_eq!(c.mapping.attributes.get(&Field::FirstName), Some(&None));
+    }
+}

@@ -1,0 +1,61 @@
+//! Actito (v4 API) source and sink, and an Actito sandbox.
+//!
+//! - [`ActitoSink`] (`type = "actito"` under `[sinks.…]`) writes changes into one
+//!   profile table: one profile at a time for small change sets, a bulk import for
+//!   large ones (chosen per run from the whole change set), within Actito's limits
+//!   (5 calls in flight, 12 bulk imports per table per day, one import at a time).
+//!   Every record is checked against the table's structure before anything is sent.
+//!   Removals unsubscribe (default) or delete.
+//! - [`ActitoSource`] (`type = "actito"` under `[sources.…]`) reads every profile of
+//!   the table, page by page.
+//! - The [`sandbox`] module is a fake Actito for tests and `base_url = "sandbox"`. The
+//!   client modules never use its types, nor it theirs: each is written from the API
+//!   documents, so that one misunderstanding cannot hide on both sides.
+//!
+//! Read in this order: [`config`] (what a user writes), [`client`] (auth token and
+//! calls, on `contactsync-http`), [`schema`] (the table and record validation),
+//! [`bulk`] (mass imports), [`sink`], [`source`].
+
+pub mod bulk;
+pub mod client;
+pub mod config;
+pub mod schema;
+pub mod sink;
+pub mod source;
+
+pub mod sandbox;
+
+pub use config::{QuotaExhausted, Removal, SinkConfig, SourceConfig};
+pub use sink::ActitoSink;
+pub use source::ActitoSource;
+
+use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory, Source, SourceFactory};
+
+fn build_sink(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
+    let config = SinkConfig::from_settings(settings)?;
+    let sink = ActitoSink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(sink))
+}
+
+fn build_source(settings: &ConnectorSettings) -> Result<Box<dyn Source>, ConfigError> {
+    let config = SourceConfig::from_settings(settings)?;
+    let source =
+        ActitoSource::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(source))
+}
+
+contactsync_core::inventory::submit! {
+    SinkFactory {
+        name: "actito",
+        summary: "Actito (v4): profiles one by one or by bulk import (12/day); removal by unsubscribe or delete",
+        build: build_sink,
+    }
+}
+
+contactsync_core::inventory::submit! {
+    SourceFactory {
+        name: "actito",
+        summary: "Actito (v4): every profile of a table, page by page",
+        build: build_source,
+    }
+}

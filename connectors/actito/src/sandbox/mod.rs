@@ -1,0 +1,522 @@
+//! An Actito (v4) sandbox: a small HTTP server on loopback that behaves like the
+//! documented API, so that the Actito connector and end-to-end tests run with no
+//! network and no licence.
+//!
+//! It is written from `shared/specs/actito.md` and the seed, never from the client's
+//! code: the two share no types. It enforces the documented rules, since a sandbox
+//! that accepts anything proves nothing: tokens from the API key that expire (401
+//! after), entity and table by name (404 otherwise), the table's structure on every
+//! write (400 with `{"status":400,"message":…}`), 5 requests in flight (429 for the
+//! 6th), 12 bulk imports per table per UTC day (429 for the 13th), zips of at most
+//! 100 MB (400), imports processed one after another by a single FIFO worker, and 406
+//! for an `Accept` it cannot serve.
+//!
+//! Start reading from [`ActitoSandbox::start`]; [`Faults`] injects failures, [`Stats`]
+//! counts what it saw.
+//!
+//! Inferred choices (the spec is silent):
+//! - Listing: `GET …/profile?search=attr=value&number=N&page=P`: `search` optional,
+//!   `number` 1..=1000 (default 100; larger is capped), `page` from 0, profiles in id
+//!   order; the answer also carries `totalCount`, `page` and `number`.
+//! - Create answers 201 (+`Location`), update 200, both `{"profileId":n}`; delete and
+//!   unsubscribe answer 200 with `{"profileId":n}`. A `null` attribute value clears it.
+//! - Import status `{"id","status":"WAITING|RUNNING|FINISHED|ERROR",…}`; result
+//!   `{"withErrors","rowsInError","totalRows","createdProfiles","updatedProfiles"}`;
+//!   result-file: a zip holding `errors.csv`: the rejected rows under the import's own
+//!   header plus an `errorMessage` column, in the import's delimiter. An empty cell
+//!   clears the attribute; the key column must have a value.
+//! - An `Accept` is served when it is absent or admits `application/json` (the
+//!   result-file: `application/zip` or `application/octet-stream`) or a wildcard.
+
+mod faults;
+mod import;
+mod model;
+mod routes;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use contactsync_core::registry::{RunningSandbox, SandboxFactory, SandboxOptions, SandboxStart};
+use contactsync_core::{
+    CancellationToken, ConfigError, ConnectorError, ExposeSecret, SecretString,
+};
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+pub use faults::{Faults, LoggedRequest, Stats};
+pub use model::{
+    Attribute, Import, ImportMode, ImportStatus, Profile, ProfileInput, Segmentation, TableDef,
+    ValueRestriction,
+};
+
+use model::Store;
+
+/// Default API key when the sandbox is started without connector settings.
+pub const DEFAULT_API_KEY: &str = "sandbox-key";
+/// Default entity name.
+pub const DEFAULT_ENTITY: &str = "demo";
+/// Default profile table name.
+pub const DEFAULT_TABLE: &str = "contacts";
+
+/// Why the sandbox could not start, load or save.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data file is not the sandbox's JSON.
+    #[error("{}: not an Actito sandbox data file: {message}", path.display())]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The port could not be bound.
+    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    Bind {
+        /// The port asked for.
+        port: u16,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A seeded profile is not acceptable, or its table unknown.
+    #[error("cannot seed a profile: {0}")]
+    Seed(String),
+    /// The connector settings are not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl From<SandboxError> for ConnectorError {
+    fn from(error: SandboxError) -> Self {
+        match error {
+            SandboxError::Io { path, source } => ConnectorError::Io { path, source },
+            SandboxError::Config(e) => ConnectorError::Config(e),
+            other => ConnectorError::Other(other.to_string()),
+        }
+    }
+}
+
+/// How to run the sandbox.
+#[derive(Clone)]
+pub struct SandboxConfig {
+    /// The API key `GET /auth/token` accepts.
+    pub api_key: String,
+    /// The entity's name.
+    pub entity: String,
+    /// The entity's profile tables (used only when the data file has none).
+    pub tables: Vec<TableDef>,
+    /// The loopback port; 0 picks a free one.
+    pub port: u16,
+    /// Where to keep the data between runs; `None`: in memory only.
+    pub data_file: Option<PathBuf>,
+    /// How long a token lives (Actito: 15 minutes).
+    pub token_lifetime: Duration,
+    /// Requests in flight before a 429 (Actito: 5).
+    pub max_concurrent: usize,
+    /// Bulk imports per table per UTC day (Actito: 12).
+    pub bulk_per_day: u32,
+    /// Largest zip accepted (Actito: 100 MB).
+    pub max_zip_bytes: usize,
+    /// How long the worker spends on each import before processing its rows, so
+    /// that tests can see it WAITING or RUNNING.
+    pub import_delay: Duration,
+    /// Faults from the start.
+    pub faults: Faults,
+}
+
+impl std::fmt::Debug for SandboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxConfig")
+            .field("api_key", &"[redacted]")
+            .field("entity", &self.entity)
+            .field("tables", &self.tables)
+            .field("port", &self.port)
+            .field("data_file", &self.data_file)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("max_concurrent", &self.max_concurrent)
+            .finish()
+    }
+}
+
+impl Default for SandboxConfig {
+    /// Key `sandbox-key`, entity `demo`, one table `contacts` with
+    /// [`TableDef::default_named`]'s structure, the documented limits.
+    fn default() -> Self {
+        SandboxConfig {
+            api_key: DEFAULT_API_KEY.to_string(),
+            entity: DEFAULT_ENTITY.to_string(),
+            tables: vec![TableDef::default_named(DEFAULT_TABLE)],
+            port: 0,
+            data_file: None,
+            token_lifetime: Duration::from_secs(900),
+            max_concurrent: 5,
+            bulk_per_day: 12,
+            max_zip_bytes: 100 * 1024 * 1024,
+            import_delay: Duration::from_millis(50),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// What changes while the sandbox runs.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub store: Store,
+    pub tokens: HashMap<String, Instant>,
+    pub faults: Faults,
+    pub fault_counter: u64,
+    pub stats: Stats,
+    pub log: Vec<LoggedRequest>,
+}
+
+/// What the handlers and the import worker share.
+pub(crate) struct Shared {
+    pub config: SandboxConfig,
+    pub state: Mutex<State>,
+    pub in_flight: AtomicU64,
+    pub queue: tokio::sync::mpsc::UnboundedSender<u64>,
+    pub shutdown: CancellationToken,
+    save_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// The state; a poisoned lock (a panic elsewhere) is still usable data.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves the data file, if any.
+    pub fn save(&self) -> Result<(), SandboxError> {
+        let Some(path) = &self.config.data_file else {
+            return Ok(());
+        };
+        let _one_writer = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let store = self.lock().store.clone();
+        store.save(path)
+    }
+
+    /// Saves, logging a failure.
+    pub fn save_logged(&self) {
+        if let Err(e) = self.save() {
+            tracing::error!("Actito sandbox could not save its data: {e}");
+        }
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        let mut state = self.lock();
+        if faults.expire_tokens_now {
+            let now = Instant::now();
+            for expiry in state.tokens.values_mut() {
+                *expiry = now;
+            }
+        }
+        state.fault_counter = 0;
+        state.faults = Faults {
+            expire_tokens_now: false,
+            ..faults
+        };
+    }
+}
+
+/// Starts Actito sandboxes.
+#[derive(Debug)]
+pub struct ActitoSandbox;
+
+impl ActitoSandbox {
+    /// Loads the data file (if any), binds `127.0.0.1:port`, re-queues unfinished
+    /// imports, and serves until [`RunningActito::shutdown`] (or drop).
+    pub async fn start(config: SandboxConfig) -> Result<RunningActito, SandboxError> {
+        let store = match &config.data_file {
+            Some(path) => Store::load(path)?,
+            None => None,
+        }
+        .unwrap_or_else(|| Store::new(&config.tables));
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, config.port))
+            .await
+            .map_err(|source| SandboxError::Bind {
+                port: config.port,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
+            port: config.port,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let (queue, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let unfinished: Vec<u64> = store
+            .imports
+            .values()
+            .filter(|i| matches!(i.status, ImportStatus::Waiting | ImportStatus::Running))
+            .map(|i| i.id)
+            .collect();
+        let faults = config.faults.clone();
+        let shared = Arc::new(Shared {
+            config,
+            state: Mutex::new(State {
+                store,
+                tokens: HashMap::new(),
+                faults: Faults::default(),
+                fault_counter: 0,
+                stats: Stats::default(),
+                log: Vec::new(),
+            }),
+            in_flight: AtomicU64::new(0),
+            queue,
+            shutdown: shutdown.clone(),
+            save_lock: Mutex::new(()),
+        });
+        shared.set_faults(faults);
+        for id in unfinished {
+            // The receiver is alive: the worker is spawned just below.
+            let _ = shared.queue.send(id);
+        }
+        tokio::spawn(import::worker(shared.clone(), receiver));
+        let router = routes::router(shared.clone());
+        let stop = shutdown.clone();
+        let saver = shared.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!("Actito sandbox server ended: {e}");
+            }
+            saver.save_logged();
+        });
+        let base_url = format!("http://{addr}");
+        tracing::info!(
+            entity = %shared.config.entity,
+            "Actito sandbox on {base_url} — not the real Actito"
+        );
+        Ok(RunningActito {
+            shared,
+            addr,
+            base_url,
+            task: Some(task),
+            stop_on_drop: true,
+        })
+    }
+}
+
+/// A running sandbox. Dropping it stops the server.
+pub struct RunningActito {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    base_url: String,
+    task: Option<JoinHandle<()>>,
+    stop_on_drop: bool,
+}
+
+impl std::fmt::Debug for RunningActito {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningActito")
+            .field("base_url", &self.base_url)
+            .finish()
+    }
+}
+
+impl RunningActito {
+    /// The API base, `http://127.0.0.1:PORT` (`/auth/token`, `/v4/…` follow it).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The API key it accepts.
+    pub fn api_key(&self) -> &str {
+        &self.shared.config.api_key
+    }
+
+    /// The entity's name.
+    pub fn entity(&self) -> &str {
+        &self.shared.config.entity
+    }
+
+    /// The first table's name.
+    pub fn table(&self) -> String {
+        self.shared
+            .lock()
+            .store
+            .tables
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Replaces the faults (request numbers count from now); `expire_tokens_now`
+    /// expires every token issued so far.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.set_faults(faults);
+    }
+
+    /// Expires every token issued so far: the next call with one gets 401.
+    pub fn expire_tokens(&self) {
+        let mut faults = self.faults();
+        faults.expire_tokens_now = true;
+        self.shared.set_faults(faults);
+    }
+
+    /// The current faults.
+    pub fn faults(&self) -> Faults {
+        self.shared.lock().faults.clone()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Every API request so far (the last 10,000).
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.shared.lock().log.clone()
+    }
+
+    /// A snapshot of `table`'s profiles, in id order.
+    pub fn profiles(&self, table: &str) -> Vec<Profile> {
+        self.shared
+            .lock()
+            .store
+            .tables
+            .get(table)
+            .map(|t| t.profiles.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The profile of `table` whose `attribute` is `value`.
+    pub fn profile_where(&self, table: &str, attribute: &str, value: &str) -> Option<Profile> {
+        self.profiles(table)
+            .into_iter()
+            .find(|p| p.attributes.get(attribute).map(String::as_str) == Some(value))
+    }
+
+    /// A snapshot of every import, oldest first.
+    pub fn imports(&self) -> Vec<Import> {
+        self.shared.lock().store.imports.values().cloned().collect()
+    }
+
+    /// Sets how many bulk imports `table` has had today (UTC), to test the quota.
+    pub fn set_bulk_count_today(&self, table: &str, count: u32) {
+        let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        if let Some(t) = self.shared.lock().store.tables.get_mut(table) {
+            t.bulk_days.insert(day, count);
+        }
+    }
+
+    /// Adds or updates a profile of `table` as if written through the API (the same
+    /// checks apply); returns its id.
+    pub fn seed_profile(&self, table: &str, input: &ProfileInput) -> Result<u64, SandboxError> {
+        let now = import::now();
+        let id = {
+            let mut state = self.shared.lock();
+            let store = &mut state.store;
+            let mut next = store.next_profile_id;
+            let t = store
+                .tables
+                .get_mut(table)
+                .ok_or_else(|| SandboxError::Seed(format!("no table {table}")))?;
+            let (id, _) = t
+                .write(input, true, true, &mut next, &now)
+                .map_err(SandboxError::Seed)?;
+            store.next_profile_id = next;
+            id
+        };
+        self.shared.save()?;
+        Ok(id)
+    }
+
+    /// Saves the data file now.
+    pub fn save(&self) -> Result<(), SandboxError> {
+        self.shared.save()
+    }
+
+    /// Stops serving, waits for the server to end and saves the data file.
+    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
+        self.shared.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.shared.save()
+    }
+}
+
+impl Drop for RunningActito {
+    fn drop(&mut self) {
+        if self.stop_on_drop {
+            self.shared.shutdown.cancel();
+        }
+    }
+}
+
+/// The part of the Actito connector's settings the sandbox reads (the other keys are
+/// the client's, and allowed).
+#[derive(Debug, Deserialize)]
+struct ConnectorSection {
+    api_key: Option<SecretString>,
+    api_key_file: Option<PathBuf>,
+    entity: Option<String>,
+    table: Option<String>,
+}
+
+fn config_from(options: &SandboxOptions) -> Result<SandboxConfig, SandboxError> {
+    let mut config = SandboxConfig {
+        port: options.port,
+        data_file: options.data_file.clone(),
+        ..SandboxConfig::default()
+    };
+    if let Some(settings) = &options.settings {
+        let section: ConnectorSection = settings.parse()?;
+        if section.api_key.is_some() || section.api_key_file.is_some() {
+            let key =
+                settings.secret("api_key", section.api_key, section.api_key_file.as_deref())?;
+            config.api_key = key.expose_secret().to_string();
+        }
+        if let Some(entity) = section.entity.filter(|e| !e.trim().is_empty()) {
+            config.entity = entity.trim().to_string();
+        }
+        if let Some(table) = section.table.filter(|t| !t.trim().is_empty()) {
+            config.tables = vec![TableDef::default_named(table.trim())];
+        }
+    }
+    Ok(config)
+}
+
+/// Starts the sandbox for the registry (`base_url = "sandbox"`, `contactsync sandbox
+/// actito`): the key, entity and table of the connector settings when given,
+/// otherwise key `sandbox-key`, entity `demo`, table `contacts`.
+pub fn start(options: SandboxOptions) -> SandboxStart {
+    Box::pin(async move {
+        let config = config_from(&options)?;
+        let mut running = ActitoSandbox::start(config).await?;
+        let shutdown = running.shared.shutdown.clone();
+        let base_url = running.base_url.clone();
+        running.task.take();
+        running.stop_on_drop = false;
+        Ok(RunningSandbox {
+            base_url,
+            stopped: shutdown.clone().drop_guard(),
+            shutdown,
+        })
+    })
+}
+
+contactsync_core::inventory::submit! {
+    SandboxFactory { name: "actito", start }
+}

@@ -1,0 +1,613 @@
+//! Writing changes to an Actito profile table.
+//!
+//! Actito offers two ways in, with limits that decide between them:
+//! - one profile at a time (`POST …/profile?allowUpdate=true`): immediate, but at most
+//!   5 calls in flight per licence (the 6th gets 429);
+//! - a bulk import: for large accumulated changes, asynchronous, one at a time on the
+//!   platform, and at most **12 per table per day**.
+//!
+//! So [`Sink::begin`] looks at the whole run's change count and picks bulk at or above
+//! `bulk_threshold`, one-by-one below it. Bulk imports are counted in the engine's state
+//! (`ctx.store`, key `bulk:{entity}/{table}:{YYYY-MM-DD}`, UTC) *before* each post, so
+//! that a crash after the post still counts it; a 13th is never posted: the run falls
+//! back to one-by-one, or stops with [`ConnectorError::Limit`], as configured. The
+//! running import's id is kept in the store until it ends, so no second import is
+//! posted while one of ours runs, and a restarted run finds it again
+//! ([`Sink::recover`]).
+//!
+//! Every record is first checked against the table's structure ([`crate::schema`]):
+//! an invalid one is rejected, naming the field, and never sent. Removals are always
+//! one-by-one: unsubscribe from the managed subscriptions (default) or delete.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use contactsync_core::async_trait;
+use contactsync_core::{
+    Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Outcome, PendingBatch,
+    RemovalStyle, Sink, SinkCapabilities, SinkContext,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::bulk::{BulkImporter, ImportState, Posted, RejectedRow};
+use crate::client::{ActitoClient, ProfileWrite};
+use crate::config::{QuotaExhausted, Removal, SinkConfig, BULK_IMPORTS_PER_DAY};
+use crate::schema::{load_schema, Prepared, Schema};
+
+/// The largest zip Actito takes.
+pub const MAX_ZIP_BYTES: usize = 100 * 1024 * 1024;
+
+/// The store key counting today's (UTC) bulk imports into a table.
+pub fn quota_key(entity: &str, table: &str, day: chrono::NaiveDate) -> String {
+    format!("bulk:{entity}/{table}:{}", day.format("%Y-%m-%d"))
+}
+
+/// The store key of the table's import in flight.
+pub fn running_key(entity: &str, table: &str) -> String {
+    format!("import:{entity}/{table}")
+}
+
+/// What the store keeps of an import in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningImport {
+    /// The import's id.
+    pub id: String,
+    /// The batch it carries.
+    pub batch: String,
+    /// Positions in the batch of the changes *not* in the import (rejected before
+    /// sending, removals): their outcome is not the import's.
+    #[serde(default)]
+    pub skipped: Vec<usize>,
+}
+
+/// How this run writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One profile at a time.
+    OneByOne,
+    /// A bulk import per batch.
+    Bulk,
+}
+
+/// The Actito sink. Built by the `actito` [`contactsync_core::SinkFactory`].
+#[derive(Debug)]
+pub struct ActitoSink {
+    config: SinkConfig,
+    client: ActitoClient,
+    schema: Option<Schema>,
+    mode: Mode,
+}
+
+/// A write to make one profile at a time.
+enum Work {
+    Upsert(Prepared, bool),
+    Remove(Option<String>),
+}
+
+impl ActitoSink {
+    /// A sink for `config`. Touches no network.
+    pub fn new(config: SinkConfig) -> Result<Self, ConnectorError> {
+        let client = ActitoClient::new(&config.connection)?;
+        Ok(ActitoSink {
+            config,
+            client,
+            schema: None,
+            mode: Mode::OneByOne,
+        })
+    }
+
+    /// The mode the current run uses.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The client (for tests and diagnostics).
+    pub fn client(&self) -> &ActitoClient {
+        &self.client
+    }
+
+    async fn schema(&mut self) -> Result<Schema, ConnectorError> {
+        if let Some(s) = &self.schema {
+            return Ok(s.clone());
+        }
+        let s = load_schema(&self.client, &self.config.mapping, &self.config.section).await?;
+        self.schema = Some(s.clone());
+        Ok(s)
+    }
+
+    fn quota_key_today(&self) -> String {
+        quota_key(
+            self.client.entity(),
+            self.client.table(),
+            Utc::now().date_naive(),
+        )
+    }
+
+    fn bulk_used(&self, ctx: &SinkContext<'_>) -> Result<u32, ConnectorError> {
+        Ok(ctx
+            .store
+            .get(&self.quota_key_today())?
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The quota is used up: one-by-one from now on, or stop, as configured.
+    fn quota_exhausted(&mut self, why: &str, ctx: &SinkContext<'_>) -> Result<(), ConnectorError> {
+        match self.config.when_bulk_quota_exhausted {
+            QuotaExhausted::OneByOne => {
+                tracing::warn!("{why}; sending the changes one profile at a time instead");
+                ctx.progress
+                    .note(&format!("{why}; sending the changes one by one"));
+                self.mode = Mode::OneByOne;
+                Ok(())
+            }
+            QuotaExhausted::Stop => Err(ConnectorError::Limit(format!(
+                "{why}; `when_bulk_quota_exhausted = \"stop\"`: nothing was sent. Run again tomorrow (UTC), or set it to \"one-by-one\""
+            ))),
+        }
+    }
+
+    /// Waits for an import of ours that is still running (a crashed run's, or one
+    /// that outlived `max_import_wait`). `false` when it still runs.
+    async fn settle_running(&self, ctx: &mut SinkContext<'_>) -> Result<bool, ConnectorError> {
+        let key = running_key(self.client.entity(), self.client.table());
+        let Some(text) = ctx.store.get(&key)? else {
+            return Ok(true);
+        };
+        let running: RunningImport = match serde_json::from_str(&text) {
+            Ok(r) => r,
+            Err(_) => {
+                ctx.store.remove(&key)?;
+                return Ok(true);
+            }
+        };
+        ctx.progress.note(&format!(
+            "waiting for Actito import {} (batch {}) to end before posting another",
+            running.id, running.batch
+        ));
+        let state = BulkImporter::new(&self.client)
+            .wait(
+                &running.id,
+                self.config.poll_interval,
+                self.config.max_import_wait,
+                &ctx.cancel,
+            )
+            .await?;
+        if state.is_none() {
+            return Ok(false);
+        }
+        ctx.store.remove(&key)?;
+        Ok(true)
+    }
+
+    /// One bulk import of `upserts` (positions in the batch, prepared rows). Returns
+    /// their outcomes, or `None` when the sink fell back to one-by-one.
+    async fn bulk(
+        &mut self,
+        schema: &Schema,
+        batch: &ChangeBatch,
+        upserts: &[(usize, Prepared)],
+        skipped: Vec<usize>,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
+        let unknown = |reason: &str| {
+            Some(vec![
+                Outcome::Unknown {
+                    reason: reason.to_string()
+                };
+                upserts.len()
+            ])
+        };
+        if !self.settle_running(ctx).await? {
+            return Ok(unknown(
+                "an earlier Actito import of this table is still running; sent again next run",
+            ));
+        }
+        let used = self.bulk_used(ctx)?;
+        if used >= BULK_IMPORTS_PER_DAY {
+            self.quota_exhausted(
+                &format!(
+                    "the {BULK_IMPORTS_PER_DAY} bulk imports Actito allows per table per day are used"
+                ),
+                ctx,
+            )?;
+            return Ok(None);
+        }
+        // Columns: every attribute any row sets, key column first.
+        let key_column = schema.key_attribute().to_string();
+        let mut columns: Vec<String> = vec![key_column.clone()];
+        for (_, p) in upserts {
+            for (name, _) in &p.attributes {
+                if !columns.contains(name) {
+                    columns.push(name.clone());
+                }
+            }
+        }
+        let rows: Vec<Vec<String>> = upserts
+            .iter()
+            .map(|(_, p)| {
+                let values: HashMap<&str, &str> = p
+                    .attributes
+                    .iter()
+                    .filter_map(|(n, v)| v.as_deref().map(|v| (n.as_str(), v)))
+                    .collect();
+                columns
+                    .iter()
+                    .map(|c| values.get(c.as_str()).copied().unwrap_or("").to_string())
+                    .collect()
+            })
+            .collect();
+        let zip = BulkImporter::zip_csv(&columns, &rows)?;
+        if zip.len() > MAX_ZIP_BYTES {
+            return Err(ConnectorError::Limit(format!(
+                "the import file of batch {} is {} bytes, over Actito's 100 MB: lower `max_batch`",
+                batch.id,
+                zip.len()
+            )));
+        }
+        // Counted before posting: a crash after the post must still count it.
+        ctx.store
+            .put(&self.quota_key_today(), &(used + 1).to_string())?;
+        let importer = BulkImporter::new(&self.client);
+        let id = match importer.post(zip, &key_column, &ctx.cancel).await? {
+            Posted::Id(id) => id,
+            Posted::Refused(message) => {
+                ctx.store
+                    .put(&self.quota_key_today(), &BULK_IMPORTS_PER_DAY.to_string())?;
+                self.quota_exhausted(
+                    &format!("Actito refused another bulk import today (429: {message})"),
+                    ctx,
+                )?;
+                return Ok(None);
+            }
+        };
+        let key = running_key(self.client.entity(), self.client.table());
+        let running = RunningImport {
+            id: id.clone(),
+            batch: batch.id.clone(),
+            skipped,
+        };
+        ctx.store.put(
+            &key,
+            &serde_json::to_string(&running).map_err(|e| ConnectorError::Other(e.to_string()))?,
+        )?;
+        tracing::info!(import = %id, rows = upserts.len(), batch = %batch.id, "Actito import posted");
+        let keys: Vec<Option<String>> = upserts
+            .iter()
+            .map(|(_, p)| Some(p.key_value.clone()))
+            .collect();
+        self.follow(&id, &key_column, &keys, ctx).await.map(Some)
+    }
+
+    /// Follows import `id` to its end and maps its error rows onto `keys` (the key
+    /// column's value of each row sent, in order; `None`: outcome unknown).
+    async fn follow(
+        &self,
+        id: &str,
+        key_column: &str,
+        keys: &[Option<String>],
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Vec<Outcome>, ConnectorError> {
+        let importer = BulkImporter::new(&self.client);
+        let label = format!("Actito import {id}");
+        let state = importer
+            .wait(
+                id,
+                self.config.poll_interval,
+                self.config.max_import_wait,
+                &ctx.cancel,
+            )
+            .await?;
+        let store_key = running_key(self.client.entity(), self.client.table());
+        let rejected: Vec<RejectedRow> = match state {
+            None => {
+                tracing::warn!("{label} has not ended; the next run waits for it");
+                return Ok(vec![
+                    Outcome::Unknown {
+                        reason: format!("{label} still running; the next run waits for it")
+                    };
+                    keys.len()
+                ]);
+            }
+            Some(ImportState::Failed(status, message)) => {
+                tracing::error!("{label} ended {status}: {message}");
+                ctx.store.remove(&store_key)?;
+                return Ok(vec![
+                    Outcome::Unknown {
+                        reason: format!("{label} ended {status}: {message}")
+                    };
+                    keys.len()
+                ]);
+            }
+            Some(ImportState::Running(_)) | Some(ImportState::Finished) => {
+                importer.rejected_rows(id, key_column, &ctx.cancel).await?
+            }
+        };
+        ctx.store.remove(&store_key)?;
+        let mut by_key: HashMap<&str, usize> = HashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(k) = k {
+                by_key.insert(k.as_str(), i);
+            }
+        }
+        let mut outcomes: Vec<Outcome> = keys
+            .iter()
+            .map(|k| match k {
+                Some(_) => Outcome::applied(),
+                None => Outcome::Unknown {
+                    reason: "not part of the import".into(),
+                },
+            })
+            .collect();
+        let mut unmatched = 0;
+        for row in &rejected {
+            let index = row
+                .key
+                .as_deref()
+                .and_then(|k| by_key.get(k).copied())
+                .or_else(|| {
+                    row.line
+                        .and_then(|l| l.checked_sub(1))
+                        .filter(|i| *i < keys.len())
+                });
+            match index {
+                Some(i) => {
+                    outcomes[i] = Outcome::Rejected {
+                        reason: format!("Actito import: {}", row.reason),
+                        field: self
+                            .schema
+                            .as_ref()
+                            .and_then(|s| s.field_in_message(&row.reason)),
+                        retry: false,
+                    }
+                }
+                None => unmatched += 1,
+            }
+        }
+        if unmatched > 0 {
+            tracing::warn!("{label}: {unmatched} rejected rows could not be matched to a change");
+        }
+        tracing::info!(
+            rows = keys.len(),
+            rejected = rejected.len(),
+            "{label} finished"
+        );
+        Ok(outcomes)
+    }
+
+    /// Writes `work` one profile at a time, at most `concurrency` in flight, outcomes in
+    /// order.
+    async fn one_by_one(
+        &self,
+        schema: &Schema,
+        work: Vec<Work>,
+        cancel: contactsync_core::CancellationToken,
+    ) -> Result<Vec<Outcome>, ConnectorError> {
+        let now = Utc::now().format("%Y-%m-%d %H:%M:%S").to_string();
+        let results: Vec<Result<Outcome, ConnectorError>> = futures::stream::iter(work)
+            .map(|w| {
+                let now = now.clone();
+                let cancel = cancel.clone();
+                async move {
+                    if cancel.is_cancelled() {
+                        return Ok(Outcome::Unknown {
+                            reason: "cancelled before it was sent".into(),
+                        });
+                    }
+                    let result = match w {
+                        Work::Upsert(p, clear) => {
+                            let body = schema.profile_body(&p, clear, &now);
+                            self.client.upsert_profile(&body).await
+                        }
+                        Work::Remove(None) => {
+                            return Ok(Outcome::Rejected {
+                                reason: "cannot address the profile: no unique key value nor profile id known".into(),
+                                field: None,
+                                retry: false,
+                            })
+                        }
+                        Work::Remove(Some(key)) => self.remove(schema, &key).await,
+                    };
+                    match result {
+                        Ok(ProfileWrite::Done(handle)) => Ok(Outcome::Applied { handle }),
+                        Ok(ProfileWrite::NotFound(_)) => Ok(Outcome::applied()),
+                        Ok(ProfileWrite::Refused(reason)) => Ok(Outcome::Rejected {
+                            field: schema.field_in_message(&reason),
+                            reason: format!("Actito refused the profile: {reason}"),
+                            retry: false,
+                        }),
+                        Err(e) if fatal(&e) => Err(e),
+                        Err(e) => Ok(Outcome::Unknown {
+                            reason: e.to_string(),
+                        }),
+                    }
+                }
+            })
+            .buffered(self.config.concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Removes one profile per the removal policy. 404s count as done: already gone.
+    async fn remove(&self, schema: &Schema, key: &str) -> Result<ProfileWrite, ConnectorError> {
+        match self.config.removal {
+            Removal::Delete => self.client.delete_profile(key).await,
+            Removal::Unsubscribe => {
+                for name in schema.managed_subscriptions() {
+                    match self.client.unsubscribe(key, name).await? {
+                        ProfileWrite::Done(_) => {}
+                        // The profile is gone, or not subscribed: either way, done.
+                        ProfileWrite::NotFound(_) => {}
+                        refused @ ProfileWrite::Refused(_) => return Ok(refused),
+                    }
+                }
+                Ok(ProfileWrite::Done(None))
+            }
+        }
+    }
+}
+
+/// Errors that end the batch rather than one record's write.
+fn fatal(e: &ConnectorError) -> bool {
+    match e {
+        ConnectorError::Auth { .. } | ConnectorError::Config(_) | ConnectorError::Cancelled => true,
+        ConnectorError::Call { status, .. } => matches!(status, Some(403..=406)),
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl Sink for ActitoSink {
+    fn capabilities(&self) -> SinkCapabilities {
+        SinkCapabilities {
+            max_batch: self.config.max_batch,
+            asynchronous_jobs: true,
+            durable_at_finish: false,
+            removal: match self.config.removal {
+                Removal::Unsubscribe => RemovalStyle::Unsubscribe,
+                Removal::Delete => RemovalStyle::Delete,
+            },
+        }
+    }
+
+    async fn check(&mut self) -> Result<(), ConnectorError> {
+        self.schema = None;
+        self.schema().await.map(|_| ())
+    }
+
+    async fn recover(
+        &mut self,
+        batch: &PendingBatch,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
+        let key = running_key(self.client.entity(), self.client.table());
+        let Some(text) = ctx.store.get(&key)? else {
+            return Ok(None);
+        };
+        let Ok(running) = serde_json::from_str::<RunningImport>(&text) else {
+            return Ok(None);
+        };
+        if running.batch != batch.id {
+            return Ok(None);
+        }
+        tracing::info!(batch = %batch.id, import = %running.id, "resuming the Actito import a previous run left running");
+        ctx.progress.note(&format!(
+            "resuming Actito import {} of batch {}",
+            running.id, batch.id
+        ));
+        let schema = self.schema().await?;
+        let keys: Vec<Option<String>> = batch
+            .records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                if running.skipped.contains(&i) || r.kind == ChangeKind::Remove {
+                    None
+                } else {
+                    schema.key_value_of(&r.key, r.email.as_deref())
+                }
+            })
+            .collect();
+        self.follow(&running.id, schema.key_attribute(), &keys, ctx)
+            .await
+            .map(Some)
+    }
+
+    async fn begin(
+        &mut self,
+        plan: &ChangePlan,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<(), ConnectorError> {
+        // The structure may have changed since the last run.
+        self.schema = None;
+        self.schema().await?;
+        self.mode = if plan.total() >= self.config.bulk_threshold {
+            Mode::Bulk
+        } else {
+            Mode::OneByOne
+        };
+        if self.mode == Mode::Bulk && self.bulk_used(ctx)? >= BULK_IMPORTS_PER_DAY {
+            self.quota_exhausted(
+                &format!(
+                    "the {BULK_IMPORTS_PER_DAY} bulk imports Actito allows per table per day are used"
+                ),
+                ctx,
+            )?;
+        }
+        tracing::info!(changes = plan.total(), mode = ?self.mode, "Actito sink run starts");
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        batch: &ChangeBatch,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Vec<Outcome>, ConnectorError> {
+        let schema = self.schema().await?;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.changes.len()];
+        let mut upserts: Vec<(usize, Prepared, bool)> = Vec::new();
+        let mut removals: Vec<(usize, Option<String>)> = Vec::new();
+        for (i, change) in batch.changes.iter().enumerate() {
+            match change {
+                Change::Create { contact, .. } | Change::Update { contact, .. } => {
+                    match schema.prepare(contact) {
+                        Ok(p) => upserts.push((i, p, change.kind() == ChangeKind::Update)),
+                        Err(invalid) => {
+                            tracing::debug!(key = %change.key(), field = ?invalid.field, "rejected before sending: {}", invalid.reason);
+                            outcomes[i] = Some(Outcome::Rejected {
+                                reason: invalid.reason,
+                                field: invalid.field,
+                                retry: true,
+                            });
+                        }
+                    }
+                }
+                Change::Remove { key, previous, .. } => removals.push((
+                    i,
+                    schema.profile_key(key, previous.email.as_deref(), previous.handle.as_deref()),
+                )),
+            }
+        }
+        let mut work: Vec<(usize, Work)> = Vec::new();
+        if self.mode == Mode::Bulk && !upserts.is_empty() {
+            let skipped: Vec<usize> = (0..batch.changes.len())
+                .filter(|i| !upserts.iter().any(|(j, _, _)| j == i))
+                .collect();
+            let rows: Vec<(usize, Prepared)> =
+                upserts.iter().map(|(i, p, _)| (*i, p.clone())).collect();
+            match self.bulk(&schema, batch, &rows, skipped, ctx).await? {
+                Some(results) => {
+                    for ((i, _), o) in rows.iter().zip(results) {
+                        outcomes[*i] = Some(o);
+                    }
+                }
+                None => work.extend(upserts.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c)))),
+            }
+        } else {
+            work.extend(upserts.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c))));
+        }
+        work.extend(removals.into_iter().map(|(i, k)| (i, Work::Remove(k))));
+        work.sort_by_key(|(i, _)| *i);
+        let positions: Vec<usize> = work.iter().map(|(i, _)| *i).collect();
+        let results = self
+            .one_by_one(
+                &schema,
+                work.into_iter().map(|(_, w)| w).collect(),
+                ctx.cancel.clone(),
+            )
+            .await?;
+        for (i, o) in positions.into_iter().zip(results) {
+            outcomes[i] = Some(o);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(Outcome::Unknown {
+                    reason: "not handled".into(),
+                })
+            })
+            .collect())
+    }
+}

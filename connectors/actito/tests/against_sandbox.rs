@@ -1,0 +1,583 @@
+//! The Actito sink and source against the sandbox, over real HTTP on 127.0.0.1.
+
+use std::time::Duration;
+
+use contactsync_actito::sandbox::{
+    ActitoSandbox, Attribute, Faults, ProfileInput, RunningActito, SandboxConfig, TableDef,
+};
+use contactsync_actito::sink::quota_key;
+use contactsync_actito::{ActitoSink, ActitoSource, SinkConfig, SourceConfig};
+use contactsync_core::{
+    Change, ChangeBatch, ChangePlan, ConnectorError, ConnectorSettings, Contact, KeyRule, Origin,
+    Outcome, Sink, SyncedEntry,
+};
+use contactsync_testkit::{sample_contacts, source_conformance, MemoryStore, SinkConformance};
+
+/// The default table plus the attributes the sample contacts carry.
+fn rich_table() -> TableDef {
+    let mut def = TableDef::default_named("contacts");
+    for name in ["company", "jobTitle", "cost_center", "site"] {
+        def.attributes.push(Attribute::custom(name, "STRING"));
+    }
+    def
+}
+
+async fn sandbox(config: SandboxConfig) -> RunningActito {
+    ActitoSandbox::start(SandboxConfig {
+        tables: vec![rich_table()],
+        import_delay: Duration::from_millis(20),
+        ..config
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+fn toml(sb: &RunningActito, extra: &str) -> String {
+    format!(
+        "base_url = \"{}\"\nentity = \"{}\"\ntable = \"contacts\"\napi_key = \"{}\"\nretry_backoff = \"50ms\"\n{extra}\n[attributes]\nexternal_id = \"customerId\"\n[subscriptions]\nnewsletter = \"Newsletter\"\nevents = \"Events\"\n",
+        sb.base_url(),
+        sb.entity(),
+        sb.api_key()
+    )
+}
+
+fn sink(sb: &RunningActito, extra: &str) -> ActitoSink {
+    let settings = ConnectorSettings::from_toml(
+        "sinks.actito",
+        &toml(sb, &format!("poll_interval = \"50ms\"\n{extra}")),
+    )
+    .expect("toml");
+    ActitoSink::new(SinkConfig::from_settings(&settings).expect("config")).expect("sink")
+}
+
+fn source(sb: &RunningActito) -> ActitoSource {
+    let settings =
+        ConnectorSettings::from_toml("sources.actito", &toml(sb, "page_size = 4")).expect("toml");
+    ActitoSource::new(SourceConfig::from_settings(&settings).expect("config")).expect("source")
+}
+
+fn creates(contacts: &[Contact]) -> Vec<Change> {
+    contacts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Change::Create {
+            key: c.key(KeyRule::Auto).expect("key"),
+            contact: c.clone(),
+            origin: Origin::line("test", i as u64 + 1),
+        })
+        .collect()
+}
+
+fn plan_of(changes: &[Change]) -> ChangePlan {
+    ChangePlan {
+        creates: changes.len() as u64,
+        ..ChangePlan::default()
+    }
+}
+
+/// begin + one apply per batch + finish; returns every outcome.
+async fn run(
+    sink: &mut ActitoSink,
+    store: &mut MemoryStore,
+    batches: Vec<Vec<Change>>,
+) -> Result<Vec<Outcome>, ConnectorError> {
+    let total: Vec<Change> = batches.iter().flatten().cloned().collect();
+    let mut ctx = store.context();
+    sink.begin(&plan_of(&total), &mut ctx).await?;
+    let mut all = Vec::new();
+    for (n, changes) in batches.into_iter().enumerate() {
+        let batch = ChangeBatch {
+            id: format!("run-1-batch-{}", n + 1),
+            changes,
+        };
+        all.extend(sink.apply(&batch, &mut ctx).await?);
+    }
+    sink.finish(&mut ctx).await?;
+    Ok(all)
+}
+
+fn all_applied(outcomes: &[Outcome]) {
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(matches!(o, Outcome::Applied { .. }), "outcome {i}: {o:?}");
+    }
+}
+
+fn unacceptable() -> Vec<Contact> {
+    vec![
+        Contact {
+            external_id: Some("BAD-EMAIL".into()),
+            email: Some("not-an-email".into()),
+            ..Contact::default()
+        },
+        Contact {
+            external_id: Some("X".repeat(51)),
+            email: Some("too.long.id@example.com".into()),
+            ..Contact::default()
+        },
+    ]
+}
+
+#[tokio::test]
+async fn sink_conformance_with_unsubscribe_removal() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let mut suite = SinkConformance::new(Box::new(sink(&sb, "")), Box::new(source(&sb)))
+        .with_unacceptable(unacceptable());
+    suite.run().await.expect("conformance");
+    assert_eq!(sb.stats().imports_posted, 0);
+}
+
+#[tokio::test]
+async fn sink_conformance_with_delete_removal_and_bulk() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    // Threshold 1: every step goes through bulk imports.
+    let mut suite = SinkConformance::new(
+        Box::new(sink(&sb, "removal = \"delete\"\nbulk_threshold = 1")),
+        Box::new(source(&sb)),
+    )
+    .with_round_trip_fields(vec![
+        contactsync_core::Field::ExternalId,
+        contactsync_core::Field::Email,
+        contactsync_core::Field::FirstName,
+        contactsync_core::Field::LastName,
+        contactsync_core::Field::Department,
+        contactsync_core::Field::JobTitle,
+    ])
+    .with_unacceptable(unacceptable());
+    suite.run().await.expect("conformance");
+    assert!(sb.stats().imports_posted >= 2, "{:?}", sb.stats());
+}
+
+#[tokio::test]
+async fn source_conformance_reads_what_the_sink_wrote() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let contacts = sample_contacts(9);
+    let mut store = MemoryStore::new();
+    let outcomes = run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
+        .await
+        .expect("run");
+    all_applied(&outcomes);
+    let read = source_conformance(&source(&sb), &contacts)
+        .await
+        .expect("source conformance");
+    assert!(matches!(
+        read.records[0].origin,
+        Origin::Page {
+            page: 1,
+            index: 1,
+            ..
+        }
+    ));
+    assert!(matches!(
+        read.records[4].origin,
+        Origin::Page {
+            page: 2,
+            index: 1,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn small_change_set_goes_one_by_one() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let mut store = MemoryStore::new();
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&sample_contacts(5))],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, Outcome::Applied { handle: Some(_) })));
+    let stats = sb.stats();
+    assert_eq!(stats.imports_posted, 0);
+    assert_eq!(stats.profile_posts, 5);
+    assert_eq!(stats.tokens_issued, 1);
+    assert_eq!(sb.profiles("contacts").len(), 5);
+}
+
+#[tokio::test]
+async fn large_change_set_goes_bulk_once() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let mut store = MemoryStore::new();
+    let contacts = sample_contacts(30);
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&contacts)],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    let stats = sb.stats();
+    assert_eq!(stats.imports_posted, 1);
+    assert_eq!(stats.profile_posts, 0);
+    assert_eq!(sb.profiles("contacts").len(), 30);
+    let p = sb
+        .profile_where("contacts", "customerId", "CS-0007")
+        .expect("imported");
+    assert_eq!(
+        p.attributes.get("emailAddress").map(String::as_str),
+        Some("conformance.0007@example.com")
+    );
+    let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
+    assert_eq!(store.values().get(&key).map(String::as_str), Some("1"));
+    assert!(!store.values().keys().any(|k| k.starts_with("import:")));
+}
+
+#[tokio::test]
+async fn the_13th_bulk_of_the_day_is_never_sent() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
+    let contacts = sample_contacts(20);
+
+    // Fallback (the default): one by one.
+    let mut store = MemoryStore::new();
+    store.context().store.put(&key, "12").expect("put");
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&contacts)],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert_eq!(sb.stats().imports_posted, 0);
+    assert_eq!(sb.stats().profile_posts, 20);
+
+    // Stop: a clear limit error, nothing posted.
+    let mut store = MemoryStore::new();
+    store.context().store.put(&key, "12").expect("put");
+    let err = run(
+        &mut sink(
+            &sb,
+            "bulk_threshold = 10\nwhen_bulk_quota_exhausted = \"stop\"",
+        ),
+        &mut store,
+        vec![creates(&contacts)],
+    )
+    .await
+    .expect_err("stops");
+    assert!(matches!(err, ConnectorError::Limit(_)), "{err}");
+    assert!(err.to_string().contains("12 bulk imports"), "{err}");
+    assert_eq!(sb.stats().imports_posted, 0);
+}
+
+#[tokio::test]
+async fn platform_quota_refusal_falls_back_and_is_remembered() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    sb.set_bulk_count_today("contacts", 12);
+    let mut store = MemoryStore::new();
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&sample_contacts(12))],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert_eq!(sb.stats().imports_posted, 0);
+    assert_eq!(sb.stats().profile_posts, 12);
+    let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
+    assert_eq!(store.values().get(&key).map(String::as_str), Some("12"));
+}
+
+#[tokio::test]
+async fn token_expiry_mid_run_is_survived() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let contacts = sample_contacts(6);
+    let mut sink = sink(&sb, "");
+    let mut store = MemoryStore::new();
+    let changes = creates(&contacts);
+    let mut ctx = store.context();
+    sink.begin(&plan_of(&changes), &mut ctx)
+        .await
+        .expect("begin");
+    let first = ChangeBatch {
+        id: "b1".into(),
+        changes: changes[..3].to_vec(),
+    };
+    all_applied(&sink.apply(&first, &mut ctx).await.expect("first"));
+    sb.expire_tokens();
+    let second = ChangeBatch {
+        id: "b2".into(),
+        changes: changes[3..].to_vec(),
+    };
+    all_applied(&sink.apply(&second, &mut ctx).await.expect("second"));
+    let stats = sb.stats();
+    assert!(stats.unauthorized >= 1, "{stats:?}");
+    assert!(stats.tokens_issued >= 2, "{stats:?}");
+    assert_eq!(sb.profiles("contacts").len(), 6);
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_refreshed_before_expiry() {
+    let sb = sandbox(SandboxConfig {
+        token_lifetime: Duration::from_secs(1),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let changes = creates(&sample_contacts(4));
+    let mut sink = sink(&sb, "");
+    let mut store = MemoryStore::new();
+    let mut ctx = store.context();
+    sink.begin(&plan_of(&changes), &mut ctx)
+        .await
+        .expect("begin");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let batch = ChangeBatch {
+        id: "b1".into(),
+        changes,
+    };
+    all_applied(&sink.apply(&batch, &mut ctx).await.expect("apply"));
+    assert_eq!(sb.stats().unauthorized, 0);
+    assert!(sb.stats().tokens_issued >= 2);
+}
+
+#[tokio::test]
+async fn throttling_429s_are_survived() {
+    // Concurrency: the sandbox takes 2 in flight, the sink sends 5.
+    let sb = sandbox(SandboxConfig {
+        max_concurrent: 2,
+        faults: Faults {
+            delay_ms: 60,
+            ..Faults::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut store = MemoryStore::new();
+    let outcomes = run(
+        &mut sink(&sb, ""),
+        &mut store,
+        vec![creates(&sample_contacts(10))],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert!(sb.stats().too_many_requests > 0, "{:?}", sb.stats());
+    assert_eq!(sb.profiles("contacts").len(), 10);
+
+    // Injected: every 3rd request.
+    let sb = sandbox(SandboxConfig::default()).await;
+    sb.set_faults(Faults {
+        too_many_every: 3,
+        ..Faults::default()
+    });
+    let mut store = MemoryStore::new();
+    let outcomes = run(
+        &mut sink(&sb, ""),
+        &mut store,
+        vec![creates(&sample_contacts(10))],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert!(sb.stats().too_many_requests >= 3);
+    assert_eq!(sb.profiles("contacts").len(), 10);
+}
+
+#[tokio::test]
+async fn records_failing_table_validation_are_never_sent() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let mut contacts = sample_contacts(2);
+    contacts.extend(unacceptable());
+    let mut unknown_subscription = sample_contacts(3).remove(2);
+    unknown_subscription.subscriptions.insert("gossip".into());
+    contacts.push(unknown_subscription);
+    let mut store = MemoryStore::new();
+    let outcomes = run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
+        .await
+        .expect("run");
+    assert!(matches!(outcomes[0], Outcome::Applied { .. }));
+    assert!(matches!(outcomes[1], Outcome::Applied { .. }));
+    let fields: Vec<Option<String>> = outcomes[2..]
+        .iter()
+        .map(|o| match o {
+            Outcome::Rejected { field, .. } => field.clone(),
+            other => panic!("expected a rejection, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            Some("email".to_string()),
+            Some("external_id".to_string()),
+            Some("subscriptions".to_string())
+        ]
+    );
+    assert_eq!(
+        sb.stats().profile_posts,
+        2,
+        "invalid records reached the platform"
+    );
+    assert_eq!(sb.profiles("contacts").len(), 2);
+}
+
+fn removal(contact: &Contact) -> Change {
+    Change::Remove {
+        key: contact.key(KeyRule::Auto).expect("key"),
+        previous: SyncedEntry {
+            content_hash: contact.content_hash(),
+            email: contact.email.clone(),
+            handle: None,
+        },
+        origin: Origin::Derived,
+    }
+}
+
+#[tokio::test]
+async fn removal_by_unsubscribe_and_by_delete() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let contacts = sample_contacts(3);
+    let mut store = MemoryStore::new();
+    all_applied(
+        &run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
+            .await
+            .expect("create"),
+    );
+    // Unsubscribe: the profile stays, subscribed to nothing.
+    all_applied(
+        &run(
+            &mut sink(&sb, ""),
+            &mut store,
+            vec![vec![removal(&contacts[1])]],
+        )
+        .await
+        .expect("unsubscribe"),
+    );
+    let p = sb
+        .profile_where("contacts", "customerId", "CS-0002")
+        .expect("kept");
+    assert!(
+        !p.subscribed("Newsletter") && !p.subscribed("Events"),
+        "{p:?}"
+    );
+    // Delete, twice: the second finds nothing (404) and still counts as applied.
+    for _ in 0..2 {
+        all_applied(
+            &run(
+                &mut sink(&sb, "removal = \"delete\""),
+                &mut store,
+                vec![vec![removal(&contacts[2])]],
+            )
+            .await
+            .expect("delete"),
+        );
+    }
+    assert!(sb
+        .profile_where("contacts", "customerId", "CS-0003")
+        .is_none());
+    assert_eq!(sb.profiles("contacts").len(), 2);
+}
+
+#[tokio::test]
+async fn bulk_error_rows_map_back_to_their_records() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    // The 4th contact's email and id belong to two different profiles: its row
+    // conflicts on the platform (the client cannot know it beforehand).
+    for (email, id) in [
+        ("conformance.0004@example.com", "OTHER"),
+        ("someone.else@example.com", "CS-0004"),
+    ] {
+        sb.seed_profile(
+            "contacts",
+            &ProfileInput {
+                attributes: vec![
+                    ("emailAddress".into(), Some(email.into())),
+                    ("customerId".into(), Some(id.into())),
+                ],
+                ..ProfileInput::default()
+            },
+        )
+        .expect("seed");
+    }
+    let contacts = sample_contacts(12);
+    let mut store = MemoryStore::new();
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&contacts)],
+    )
+    .await
+    .expect("run");
+    assert_eq!(sb.stats().imports_posted, 1);
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 3 {
+            match o {
+                Outcome::Rejected { reason, .. } => {
+                    assert!(reason.contains("different profiles"), "{reason}")
+                }
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+        } else {
+            assert!(matches!(o, Outcome::Applied { .. }), "{i}: {o:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_running_import_is_recovered_after_a_crash() {
+    let sb = sandbox(SandboxConfig {
+        import_delay: Duration::from_millis(300),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let contacts = sample_contacts(11);
+    let changes = creates(&contacts);
+    let mut store = MemoryStore::new();
+    {
+        let mut sink = sink(&sb, "bulk_threshold = 10\nmax_import_wait = \"10ms\"");
+        let mut ctx = store.context();
+        sink.begin(&plan_of(&changes), &mut ctx)
+            .await
+            .expect("begin");
+        let outcomes = sink
+            .apply(
+                &ChangeBatch {
+                    id: "run-1-batch-1".into(),
+                    changes: changes.clone(),
+                },
+                &mut ctx,
+            )
+            .await
+            .expect("apply");
+        assert!(outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Unknown { .. })));
+    }
+    assert!(store.values().keys().any(|k| k.starts_with("import:")));
+    let pending = contactsync_core::PendingBatch {
+        id: "run-1-batch-1".into(),
+        records: changes
+            .iter()
+            .map(|c| contactsync_core::PendingRecord {
+                key: c.key().clone(),
+                kind: c.kind(),
+                email: c.email().map(str::to_string),
+            })
+            .collect(),
+    };
+    let mut sink = sink(&sb, "bulk_threshold = 10");
+    let mut ctx = store.context();
+    let recovered = sink
+        .recover(&pending, &mut ctx)
+        .await
+        .expect("recover")
+        .expect("known import");
+    all_applied(&recovered);
+    assert_eq!(sb.stats().imports_posted, 1);
+    assert!(!store.values().keys().any(|k| k.starts_with("import:")));
+    let other = contactsync_core::PendingBatch {
+        id: "other".into(),
+        records: Vec::new(),
+    };
+    assert!(sink
+        .recover(&other, &mut store.context())
+        .await
+        .expect("none")
+        .is_none());
+}

@@ -1,0 +1,296 @@
+//! csv → actito through the binary, against the Actito sandbox over HTTP: one-by-one
+//! writes for small change sets, bulk imports for large ones within the day's quota,
+//! records checked against the table before sending, and both removal policies.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{counts, people_csv, Run, Scenario};
+use contactsync_actito::sandbox::{
+    ActitoSandbox, Attribute, Profile, RunningActito, SandboxConfig, TableDef,
+};
+
+const API_KEY: &str = "actito-Key-5150";
+const TABLE: &str = "contacts";
+
+async fn sandbox(table: TableDef) -> RunningActito {
+    ActitoSandbox::start(SandboxConfig {
+        api_key: API_KEY.into(),
+        tables: vec![table],
+        import_delay: Duration::from_millis(20),
+        ..SandboxConfig::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+/// `extra` goes into `[sinks.actito]`, before its attribute mapping.
+fn scenario(sandbox: &RunningActito, people: &str, extra: &str) -> Scenario {
+    let s = Scenario::new();
+    s.write("people.csv", people);
+    s.write("actito-key.txt", API_KEY);
+    s.config(&format!(
+        r#"
+state = "data/state.db"
+
+[sources.hr]
+type = "csv"
+path = "people.csv"
+
+[sinks.actito]
+type = "actito"
+base_url = "{}"
+entity = "{}"
+table = "{TABLE}"
+api_key_file = "actito-key.txt"
+bulk_threshold = 50
+poll_interval = "50ms"
+retry_backoff = "50ms"
+{extra}
+
+[sinks.actito.attributes]
+external_id = "customerId"
+
+[pipelines.p]
+from = "hr"
+to = "actito"
+max_removal_ratio = 0.5
+"#,
+        sandbox.base_url(),
+        sandbox.entity(),
+    ));
+    s
+}
+
+/// Runs a sync without blocking the sandbox's runtime.
+async fn sync(s: &Scenario, extra: &[&str]) -> (Run, serde_json::Value) {
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    let dir = s.dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let s = Scenario::at(dir);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        s.sync("hr", "actito", &extra)
+    })
+    .await
+    .expect("sync task")
+}
+
+fn profile(sandbox: &RunningActito, id: &str) -> Option<Profile> {
+    sandbox.profile_where(TABLE, "customerId", id)
+}
+
+/// People `E1..En` subscribed to both of the table's subscriptions.
+fn subscribed_csv(n: usize, skip: &[usize]) -> String {
+    let mut s = String::from("external_id,email,first_name,last_name,subscriptions\n");
+    for i in (1..=n).filter(|i| !skip.contains(i)) {
+        s.push_str(&format!(
+            "E{i},person{i}@example.com,Ann,Last{i},Newsletter;Events\n"
+        ));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_delta_goes_one_by_one_and_a_large_one_in_one_bulk_import() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    let s = scenario(&sandbox, &people_csv(10, |_| "Ann".into()), "");
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [10, 10, 0, 0, 0, 0]);
+    let stats = sandbox.stats();
+    assert_eq!(stats.imports_posted, 0, "{stats:?}");
+    assert_eq!(stats.profile_posts, 10, "{stats:?}");
+    assert_eq!(sandbox.profiles(TABLE).len(), 10);
+    let p4 = profile(&sandbox, "E4").expect("E4 written");
+    assert_eq!(p4.attributes["emailAddress"], "person4@example.com");
+    assert_eq!(p4.attributes["firstName"], "Ann");
+    assert_eq!(p4.attributes["lastName"], "Last4");
+    assert_eq!(p4.attributes["department"], "Dept1");
+
+    // 110 new people, 10 unchanged: above the threshold of 50, one bulk import.
+    s.write("people.csv", &people_csv(120, |_| "Ann".into()));
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [120, 110, 0, 0, 10, 0]);
+    let stats = sandbox.stats();
+    assert_eq!(stats.imports_posted, 1, "exactly one import: {stats:?}");
+    assert_eq!(stats.profile_posts, 10, "nothing one by one: {stats:?}");
+    assert_eq!(sandbox.imports().len(), 1);
+    assert_eq!(sandbox.profiles(TABLE).len(), 120);
+    let p99 = profile(&sandbox, "E99").expect("E99 imported");
+    assert_eq!(p99.attributes["emailAddress"], "person99@example.com");
+    assert_eq!(p99.attributes["department"], "Dept0");
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [120, 0, 0, 0, 120, 0]);
+    assert_eq!(sandbox.stats().imports_posted, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_days_12_imports_used_a_large_change_set_goes_one_by_one() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    sandbox.set_bulk_count_today(TABLE, 12);
+    let s = scenario(&sandbox, &people_csv(120, |_| "Ann".into()), "");
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [120, 120, 0, 0, 0, 0]);
+    let stats = sandbox.stats();
+    assert_eq!(stats.imports_posted, 0, "no 13th import: {stats:?}");
+    assert!(sandbox.imports().is_empty());
+    assert_eq!(stats.profile_posts, 120, "one by one instead: {stats:?}");
+    assert_eq!(sandbox.profiles(TABLE).len(), 120);
+
+    // The sink now knows the quota is used: the next large run does not even try.
+    s.write("people.csv", &people_csv(120, |_| "Bea".into()));
+    let refused = sandbox.stats().too_many_requests;
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [120, 0, 120, 0, 0, 0]);
+    let stats = sandbox.stats();
+    assert_eq!(stats.imports_posted, 0, "{stats:?}");
+    assert_eq!(
+        stats.too_many_requests, refused,
+        "no import posted: {stats:?}"
+    );
+    assert_eq!(stats.profile_posts, 240);
+    assert_eq!(
+        profile(&sandbox, "E77").unwrap().attributes["firstName"],
+        "Bea"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_quota_used_and_stop_configured_the_run_fails_and_sends_nothing() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    sandbox.set_bulk_count_today(TABLE, 12);
+    let s = scenario(
+        &sandbox,
+        &people_csv(120, |_| "Ann".into()),
+        "when_bulk_quota_exhausted = \"stop\"",
+    );
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(1);
+    assert_eq!(report["status"], "failed");
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("bulk import") && stderr.contains("when_bulk_quota_exhausted"),
+        "{stderr}"
+    );
+    let stats = sandbox.stats();
+    assert_eq!(stats.imports_posted, 0, "{stats:?}");
+    assert_eq!(stats.profile_posts, 0, "{stats:?}");
+    assert!(sandbox.profiles(TABLE).is_empty());
+
+    // Again: the same answer, without another import attempt.
+    let refused = stats.too_many_requests;
+    let (run, _) = sync(&s, &[]).await;
+    run.expect_code(1);
+    let stats = sandbox.stats();
+    assert_eq!(stats.imports_posted, 0);
+    assert_eq!(stats.profile_posts, 0);
+    assert_eq!(stats.too_many_requests, refused, "{stats:?}");
+    assert!(sandbox.profiles(TABLE).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_table_refuses_is_rejected_before_sending() {
+    let mut table = TableDef::default_named(TABLE);
+    for attribute in &mut table.attributes {
+        if attribute.name == "department" {
+            *attribute = Attribute::custom("department", "STRING").max_length(10);
+        }
+    }
+    let sandbox = sandbox(table).await;
+    let csv = "external_id,email,first_name,last_name,department\n\
+               E1,person1@example.com,Ann,Lee,Sales\n\
+               E2,person2@example.com,Bob,Marsh,Sales\n\
+               E3,person3@example.com,Carl,Ek,Research and Development\n\
+               E4,,Dana,Ek,Ops\n\
+               E5,person5@example.com,Eve,Oz,Ops\n";
+    let s = scenario(&sandbox, csv, "");
+
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(3);
+    assert_eq!(report["status"], "synced_with_rejects");
+    assert_eq!(counts(&report), [5, 3, 0, 0, 0, 2]);
+    let rejects = s.rejects();
+    assert_eq!(rejects.len(), 2, "{rejects:?}");
+    let of = |key: &str| {
+        rejects
+            .iter()
+            .find(|r| r.get(3) == Some(key))
+            .unwrap_or_else(|| panic!("{key} not rejected: {rejects:?}"))
+            .clone()
+    };
+    let e3 = of("external_id:E3");
+    assert_eq!(e3.get(0), Some("sink"));
+    assert_eq!(e3.get(5), Some("department"), "{e3:?}");
+    assert!(e3.get(6).unwrap().contains("10"), "{e3:?}");
+    let e4 = of("external_id:E4");
+    assert_eq!(e4.get(5), Some("email"), "{e4:?}");
+    assert!(e4.get(6).unwrap().contains("mandatory"), "{e4:?}");
+
+    let stats = sandbox.stats();
+    assert_eq!(
+        stats.profile_posts, 3,
+        "the sandbox never saw them: {stats:?}"
+    );
+    assert_eq!(stats.imports_posted, 0);
+    assert!(profile(&sandbox, "E3").is_none());
+    assert!(profile(&sandbox, "E4").is_none());
+    assert_eq!(sandbox.profiles(TABLE).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_unsubscribes_by_default() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    let s = scenario(&sandbox, &subscribed_csv(10, &[]), "");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [10, 10, 0, 0, 0, 0]);
+    let p3 = profile(&sandbox, "E3").unwrap();
+    assert!(
+        p3.subscribed("Newsletter") && p3.subscribed("Events"),
+        "{p3:?}"
+    );
+
+    s.write("people.csv", &subscribed_csv(10, &[3]));
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [9, 0, 0, 1, 9, 0]);
+    let p3 = profile(&sandbox, "E3").expect("the profile stays");
+    assert!(
+        !p3.subscribed("Newsletter") && !p3.subscribed("Events"),
+        "{p3:?}"
+    );
+    assert_eq!(p3.attributes["emailAddress"], "person3@example.com");
+    let stats = sandbox.stats();
+    assert_eq!(stats.subscription_changes, 2, "{stats:?}");
+    assert_eq!(stats.profile_deletes, 0);
+    assert_eq!(sandbox.profiles(TABLE).len(), 10);
+    let p4 = profile(&sandbox, "E4").unwrap();
+    assert!(p4.subscribed("Newsletter") && p4.subscribed("Events"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_deletes_when_configured() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    let s = scenario(&sandbox, &subscribed_csv(10, &[]), "removal = \"delete\"");
+    sync(&s, &[]).await.0.expect_code(0);
+    assert_eq!(sandbox.profiles(TABLE).len(), 10);
+
+    s.write("people.csv", &subscribed_csv(10, &[3]));
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [9, 0, 0, 1, 9, 0]);
+    assert!(profile(&sandbox, "E3").is_none(), "deleted");
+    assert_eq!(sandbox.profiles(TABLE).len(), 9);
+    let stats = sandbox.stats();
+    assert_eq!(stats.profile_deletes, 1, "{stats:?}");
+    assert_eq!(stats.subscription_changes, 0);
+}
