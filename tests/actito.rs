@@ -80,6 +80,15 @@ fn profile(sandbox: &RunningActito, id: &str) -> Option<Profile> {
     sandbox.profile_where(TABLE, "customerId", id)
 }
 
+/// `POST …/import` requests the sandbox received, accepted or not.
+fn import_attempts(sandbox: &RunningActito) -> usize {
+    sandbox
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/import"))
+        .count()
+}
+
 /// People `E1..En` subscribed to both of the table's subscriptions.
 fn subscribed_csv(n: usize, skip: &[usize]) -> String {
     let mut s = String::from("external_id,email,first_name,last_name,subscriptions\n");
@@ -141,21 +150,23 @@ async fn with_the_days_12_imports_used_a_large_change_set_goes_one_by_one() {
     let stats = sandbox.stats();
     assert_eq!(stats.imports_posted, 0, "no 13th import: {stats:?}");
     assert!(sandbox.imports().is_empty());
+    assert!(
+        import_attempts(&sandbox) >= 1 && stats.too_many_requests >= 1,
+        "Actito refused the attempt: {stats:?}"
+    );
     assert_eq!(stats.profile_posts, 120, "one by one instead: {stats:?}");
     assert_eq!(sandbox.profiles(TABLE).len(), 120);
 
     // The sink now knows the quota is used: the next large run does not even try.
     s.write("people.csv", &people_csv(120, |_| "Bea".into()));
-    let refused = sandbox.stats().too_many_requests;
+    let (refused, attempts) = (sandbox.stats().too_many_requests, import_attempts(&sandbox));
     let (run, report) = sync(&s, &[]).await;
     run.expect_code(0);
     assert_eq!(counts(&report), [120, 0, 120, 0, 0, 0]);
     let stats = sandbox.stats();
     assert_eq!(stats.imports_posted, 0, "{stats:?}");
-    assert_eq!(
-        stats.too_many_requests, refused,
-        "no import posted: {stats:?}"
-    );
+    assert_eq!(import_attempts(&sandbox), attempts, "no import posted");
+    assert_eq!(stats.too_many_requests, refused, "{stats:?}");
     assert_eq!(stats.profile_posts, 240);
     assert_eq!(
         profile(&sandbox, "E77").unwrap().attributes["firstName"],
@@ -187,9 +198,15 @@ async fn with_the_quota_used_and_stop_configured_the_run_fails_and_sends_nothing
     assert!(sandbox.profiles(TABLE).is_empty());
 
     // Again: the same answer, without another import attempt.
-    let refused = stats.too_many_requests;
+    let (refused, attempts) = (stats.too_many_requests, import_attempts(&sandbox));
     let (run, _) = sync(&s, &[]).await;
     run.expect_code(1);
+    assert!(
+        run.stderr().contains("when_bulk_quota_exhausted"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(import_attempts(&sandbox), attempts, "no import posted");
     let stats = sandbox.stats();
     assert_eq!(stats.imports_posted, 0);
     assert_eq!(stats.profile_posts, 0);

@@ -234,6 +234,12 @@ fn a_failed_bind_names_the_dn_hides_the_password_and_changes_nothing() {
     for key in ["pipeline", "synced", "pending", "cursor"] {
         assert_eq!(after[0][key], state[0][key], "{key}: {state} -> {after}");
     }
+    // Only the run history records the failed attempt.
+    assert_eq!(after[0]["runs"], state[0]["runs"].as_u64().unwrap() + 1);
+    assert!(
+        after[0]["last_run"].as_str().unwrap().ends_with("failed"),
+        "{after}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

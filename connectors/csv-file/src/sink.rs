@@ -7,8 +7,11 @@
 //! old one. A crash leaves either the old file or the new one, never half of one; and
 //! since nothing is durable before `finish`, the sink says `durable_at_finish`.
 //!
-//! Memory: creates are spooled to an anonymous temporary file as JSON lines; only
-//! updated contacts, and one small entry per key touched, stay in memory.
+//! Memory: every change is spooled to an anonymous temporary file as a JSON line; what
+//! stays in memory is 16 bytes a change (key hash → the line's offset), so a first sync
+//! of a million people costs tens of megabytes. A hash hit is always confirmed against
+//! the exact key read back from the spool, so a hash collision can never misapply a
+//! change. Rows the run does not touch are copied through as raw bytes.
 //!
 //! Columns: an existing file keeps its header, columns and order (columns the sink does
 //! not map keep their values). Columns are appended for fields the run needs that the
@@ -16,15 +19,16 @@
 //! attributes seen in this run's changes, sorted), and `status` when removal is `mark`.
 //! A new file gets exactly those columns.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use contactsync_core::{
-    async_trait, Change, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, Field,
-    KeyRule, Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    async_trait, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, Field, KeyRule,
+    Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
 };
+use nohash_hasher::BuildNoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ExtraColumns, RemovalMode, SinkConfig};
@@ -38,34 +42,24 @@ pub struct CsvSink {
 
 /// What the current run has applied, waiting for `finish`.
 struct PendingRun {
-    /// The latest change per key.
-    latest: HashMap<ContactKey, Latest>,
-    /// Created contacts, one JSON [`SpooledCreate`] per line.
+    /// Every change, one JSON [`SpooledChange`] a line.
     spool: BufWriter<File>,
-    /// Lines written to `spool`.
-    spooled: u64,
+    /// Bytes written to `spool`: the offset of the next line.
+    written: u64,
+    /// Key hash → offset of that key's change in the spool. A key comes at most once a
+    /// run (the engine's contract), so a hash already present is a true collision,
+    /// whose other offsets go to `collisions`.
+    index: HashMap<u64, u64, BuildNoHashHasher<u64>>,
+    collisions: HashMap<u64, Vec<u64>>,
     /// Attribute names of the contacts created or updated, for new columns.
     attributes: BTreeSet<String>,
 }
 
-/// The latest change to a key in this run.
-#[derive(Debug)]
-enum Latest {
-    /// Created: the contact is line `.0` of the spool.
-    Created(u64),
-    /// Updated to this contact.
-    Updated(Box<Contact>),
-    /// The updated row was written; later rows with the same key are duplicates.
-    Written,
-    /// Removed.
-    Removed,
-}
-
-/// One line of the create spool.
+/// One line of the spool: the contact as it should be, or `None` for a removal.
 #[derive(Serialize, Deserialize)]
-struct SpooledCreate {
+struct SpooledChange {
     key: ContactKey,
-    contact: Contact,
+    contact: Option<Contact>,
 }
 
 impl CsvSink {
@@ -87,9 +81,10 @@ impl CsvSink {
             let dir = self.directory();
             let spool = tempfile::tempfile_in(&dir).map_err(|e| ConnectorError::io(&dir, e))?;
             self.run = Some(PendingRun {
-                latest: HashMap::new(),
-                spool: BufWriter::new(spool),
-                spooled: 0,
+                spool: BufWriter::with_capacity(1 << 20, spool),
+                written: 0,
+                index: HashMap::default(),
+                collisions: HashMap::new(),
                 attributes: BTreeSet::new(),
             });
         }
@@ -124,7 +119,7 @@ impl CsvSink {
     }
 
     /// The merge: existing file + changes → temporary file → renamed over the file.
-    fn write_file(&self, mut run: PendingRun) -> Result<(), ConnectorError> {
+    fn write_file(&self, run: PendingRun) -> Result<(), ConnectorError> {
         let format = &self.config.format;
         let path = &format.path;
         let spool_error = |e: std::io::Error| ConnectorError::Other(format!("CSV sink spool: {e}"));
@@ -175,6 +170,13 @@ impl CsvSink {
             .from_writer(BufWriter::with_capacity(256 * 1024, temp.as_file()));
         writer.write_record(&headers).map_err(write_error)?;
 
+        let lookup = ChangeLookup {
+            spool: &spool,
+            index: &run.index,
+            collisions: &run.collisions,
+        };
+        // Offsets of the changes already written in place of an existing row.
+        let mut consumed: HashSet<u64> = HashSet::new();
         let mut row = csv::ByteRecord::new();
         let mut out: Vec<Vec<u8>> = Vec::with_capacity(columns.len());
         let (mut kept, mut replaced, mut removed) = (0u64, 0u64, 0u64);
@@ -183,14 +185,11 @@ impl CsvSink {
                 .read_byte_record(&mut row)
                 .map_err(|e| csv_error(path, e))?
             {
-                let key = row_key(&row, id_column, email_column);
-                let matched = key.and_then(|(by_id, by_email)| {
-                    [by_id, by_email]
-                        .into_iter()
-                        .flatten()
-                        .find(|k| run.latest.contains_key(k))
-                });
-                let entry = matched.and_then(|k| run.latest.get_mut(&k));
+                let hit = if run.index.is_empty() {
+                    None
+                } else {
+                    lookup.find(row_keys(&row, id_column, email_column))?
+                };
                 // Rows of the old header's width get blanks for the new columns; a
                 // malformed row is copied as it was.
                 let width = if row.len() == old_headers.len() {
@@ -198,24 +197,41 @@ impl CsvSink {
                 } else {
                     row.len()
                 };
+                let Some(Found {
+                    offset,
+                    change,
+                    superseded,
+                }) = hit
+                else {
+                    kept += 1;
+                    if width == row.len() {
+                        writer.write_byte_record(&row).map_err(write_error)?;
+                    } else {
+                        for field in row.iter() {
+                            writer.write_field(field).map_err(write_error)?;
+                        }
+                        for _ in row.len()..width {
+                            writer.write_field(b"").map_err(write_error)?;
+                        }
+                        writer.write_record(None::<&[u8]>).map_err(write_error)?;
+                    }
+                    continue;
+                };
+                consumed.extend(superseded);
+                if !consumed.insert(offset) {
+                    // A second row with the key of a change already written: a duplicate.
+                    replaced += 1;
+                    continue;
+                }
                 out.clear();
                 out.extend(row.iter().map(<[u8]>::to_vec));
                 out.resize(width, Vec::new());
-                match entry {
-                    None => kept += 1,
-                    Some(Latest::Created(_)) | Some(Latest::Written) => {
-                        // Replaced by the spooled create, or a duplicate of a row written.
-                        replaced += 1;
-                        continue;
-                    }
-                    Some(latest @ Latest::Updated(_)) => {
-                        if let Latest::Updated(contact) = std::mem::replace(latest, Latest::Written)
-                        {
-                            render(&mut out, &columns, &contact);
-                        }
+                match change.contact {
+                    Some(contact) => {
+                        render(&mut out, &columns, &contact);
                         replaced += 1;
                     }
-                    Some(Latest::Removed) => {
+                    None => {
                         removed += 1;
                         match (self.config.removal, status_column) {
                             (RemovalMode::Mark, Some(status)) if status < out.len() => {
@@ -229,13 +245,33 @@ impl CsvSink {
             }
         }
 
-        // Updates of people not in the file: an update is an upsert too.
+        // Changes of people not in the file: creates, and updates (an update is an
+        // upsert too). Removals of people not in the file have nothing to remove.
         let mut appended = 0u64;
-        for latest in run.latest.values_mut() {
-            if !matches!(latest, Latest::Updated(_)) {
+        let mut offset = 0u64;
+        let mut line = String::new();
+        let mut lines = BufReader::with_capacity(1 << 20, &spool);
+        loop {
+            line.clear();
+            let read = lines.read_line(&mut line).map_err(spool_error)?;
+            if read == 0 {
+                break;
+            }
+            let this = offset;
+            offset += read as u64;
+            if consumed.contains(&this) {
                 continue;
             }
-            if let Latest::Updated(contact) = std::mem::replace(latest, Latest::Written) {
+            let change: SpooledChange = serde_json::from_str(&line)
+                .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))?;
+            if lookup.has_collisions(&change.key)
+                && lookup
+                    .latest(&change.key)?
+                    .is_some_and(|latest| latest.offset != this)
+            {
+                continue; // superseded by a later change of the same key
+            }
+            if let Some(contact) = change.contact {
                 out.clear();
                 out.resize(columns.len(), Vec::new());
                 render(&mut out, &columns, &contact);
@@ -243,22 +279,7 @@ impl CsvSink {
                 appended += 1;
             }
         }
-        for (line_number, line) in (0u64..).zip(BufReader::new(&mut spool).lines()) {
-            let line = line.map_err(spool_error)?;
-            let create: SpooledCreate = serde_json::from_str(&line)
-                .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))?;
-            // Only the latest change of a key counts: a later update or removal, or a
-            // second create, supersedes this one.
-            if !matches!(run.latest.get(&create.key), Some(Latest::Created(n)) if *n == line_number)
-            {
-                continue;
-            }
-            out.clear();
-            out.resize(columns.len(), Vec::new());
-            render(&mut out, &columns, &create.contact);
-            writer.write_record(&out).map_err(write_error)?;
-            appended += 1;
-        }
+        drop(lines);
 
         let mut buffered = writer
             .into_inner()
@@ -299,26 +320,116 @@ impl CsvSink {
     }
 }
 
-/// The row's possible keys: by external id and by email, so a change keyed either way
-/// finds it (`None` when the row has neither).
-fn row_key(
+/// The row's possible keys: by external id and by email, so that a change keyed either
+/// way finds it. Normalised as [`Contact::set`] does, without building a contact.
+fn row_keys(
     row: &csv::ByteRecord,
     id_column: Option<usize>,
     email_column: Option<usize>,
-) -> Option<(Option<ContactKey>, Option<ContactKey>)> {
-    let mut contact = Contact::default();
-    for (column, field) in [(id_column, Field::ExternalId), (email_column, Field::Email)] {
-        if let Some(value) = column
+) -> [Option<ContactKey>; 2] {
+    let text = |column: Option<usize>| {
+        column
             .and_then(|c| row.get(c))
             .and_then(|v| std::str::from_utf8(v).ok())
-        {
-            // Setting an id or email cannot fail; it only normalises.
-            let _ = contact.set(&field, value);
+    };
+    let by_id = text(id_column)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| ContactKey::ExternalId(v.to_string()));
+    let by_email = text(email_column)
+        .and_then(Contact::normalize_email)
+        .map(ContactKey::Email);
+    [by_id, by_email]
+}
+
+/// Finds a key's change in the spool: the index narrows it to offsets, and the lines
+/// read back there (positioned reads, which leave the spool's own cursor alone) confirm
+/// the exact key. Should a key come more than once, the latest change wins.
+struct ChangeLookup<'a> {
+    spool: &'a File,
+    index: &'a HashMap<u64, u64, BuildNoHashHasher<u64>>,
+    collisions: &'a HashMap<u64, Vec<u64>>,
+}
+
+/// A key's latest change, and the offsets of the earlier changes it supersedes.
+struct Found {
+    offset: u64,
+    change: SpooledChange,
+    superseded: Vec<u64>,
+}
+
+impl ChangeLookup<'_> {
+    /// The latest change of the first of `keys` that has one.
+    fn find(&self, keys: [Option<ContactKey>; 2]) -> Result<Option<Found>, ConnectorError> {
+        for key in keys.into_iter().flatten() {
+            if let Some(found) = self.latest(&key)? {
+                return Ok(Some(found));
+            }
         }
+        Ok(None)
     }
-    let by_id = contact.key(KeyRule::ExternalId);
-    let by_email = contact.key(KeyRule::Email);
-    (by_id.is_some() || by_email.is_some()).then_some((by_id, by_email))
+
+    fn latest(&self, key: &ContactKey) -> Result<Option<Found>, ConnectorError> {
+        let hash = key.hash64();
+        let Some(first) = self.index.get(&hash) else {
+            return Ok(None);
+        };
+        let mut found: Option<Found> = None;
+        let others = self.collisions.get(&hash).into_iter().flatten();
+        for &offset in std::iter::once(first).chain(others) {
+            let change = self.read(offset)?;
+            if &change.key != key {
+                continue;
+            }
+            found = Some(match found {
+                None => Found {
+                    offset,
+                    change,
+                    superseded: Vec::new(),
+                },
+                Some(mut earlier) => {
+                    earlier.superseded.push(earlier.offset);
+                    Found {
+                        offset,
+                        change,
+                        superseded: earlier.superseded,
+                    }
+                }
+            });
+        }
+        Ok(found)
+    }
+
+    /// Whether `key` appears more than once in the spool (rare: only on a hash collision
+    /// or a key sent twice).
+    fn has_collisions(&self, key: &ContactKey) -> bool {
+        self.collisions.contains_key(&key.hash64())
+    }
+
+    fn read(&self, offset: u64) -> Result<SpooledChange, ConnectorError> {
+        use std::os::unix::fs::FileExt;
+        let error = |e: std::io::Error| ConnectorError::Other(format!("CSV sink spool: {e}"));
+        let mut line = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self
+                .spool
+                .read_at(&mut chunk, offset + line.len() as u64)
+                .map_err(error)?;
+            if n == 0 {
+                break;
+            }
+            match chunk[..n].iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    line.extend_from_slice(&chunk[..end]);
+                    break;
+                }
+                None => line.extend_from_slice(&chunk[..n]),
+            }
+        }
+        serde_json::from_slice(&line)
+            .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))
+    }
 }
 
 /// Writes `contact`'s fields into the mapped columns of `out`; unmapped columns keep
@@ -382,27 +493,27 @@ impl Sink for CsvSink {
                 outcomes.push(refusal);
                 continue;
             }
-            let key = change.key().clone();
-            match change {
-                Change::Create { contact, .. } => {
-                    run.attributes.extend(contact.attributes.keys().cloned());
-                    let line = serde_json::to_string(&SpooledCreate {
-                        key: key.clone(),
-                        contact: contact.clone(),
-                    })
-                    .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))?;
-                    writeln!(run.spool, "{line}")
-                        .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))?;
-                    run.latest.insert(key, Latest::Created(run.spooled));
-                    run.spooled += 1;
+            let key = change.key();
+            if let Some(contact) = change.contact() {
+                run.attributes.extend(contact.attributes.keys().cloned());
+            }
+            let mut line = serde_json::to_vec(&SpooledChange {
+                key: key.clone(),
+                contact: change.contact().cloned(),
+            })
+            .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))?;
+            line.push(b'\n');
+            run.spool
+                .write_all(&line)
+                .map_err(|e| ConnectorError::Other(format!("CSV sink spool: {e}")))?;
+            let offset = run.written;
+            run.written += line.len() as u64;
+            match run.index.entry(key.hash64()) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    run.collisions.entry(*e.key()).or_default().push(offset)
                 }
-                Change::Update { contact, .. } => {
-                    run.attributes.extend(contact.attributes.keys().cloned());
-                    run.latest
-                        .insert(key, Latest::Updated(Box::new(contact.clone())));
-                }
-                Change::Remove { .. } => {
-                    run.latest.insert(key, Latest::Removed);
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(offset);
                 }
             }
             outcomes.push(Outcome::applied());

@@ -380,8 +380,13 @@ fn reject_unknown_keys(settings: &ConnectorSettings, own: &[&str]) -> Result<(),
             .iter()
             .chain(own)
             .any(|k| k.eq_ignore_ascii_case(key));
-        // `full_every` belongs to the engine (a full read every N runs), not to us.
-        if !known && key != "full_every" {
+        if key == "full_every" {
+            return Err(settings.error(
+                key,
+                "a full read every N runs is a pipeline setting: put `full_every` in the [pipelines.NAME] section of this source and sink",
+            ));
+        }
+        if !known {
             let mut expected: Vec<&str> = CONNECTION_KEYS.iter().chain(own).copied().collect();
             expected.sort_unstable();
             return Err(settings.error(

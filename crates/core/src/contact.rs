@@ -259,9 +259,17 @@ impl ContactKey {
         }
     }
 
-    /// A stable 64-bit hash of the key, for compact in-memory indexes.
+    /// A stable 64-bit hash of the key's text form (`email:…`), for compact indexes.
+    /// Stored in the sync state: it must never change for a given key.
     pub fn hash64(&self) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(self.to_string().as_bytes())
+        let (prefix, value) = match self {
+            ContactKey::ExternalId(v) => ("external_id:", v),
+            ContactKey::Email(v) => ("email:", v),
+        };
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(prefix.as_bytes());
+        h.update(value.as_bytes());
+        h.digest()
     }
 }
 
@@ -532,6 +540,19 @@ mod tests {
             text.parse::<ContactKey>().unwrap(),
             ContactKey::ExternalId("E1".into())
         );
+    }
+
+    #[test]
+    fn key_hash_is_the_hash_of_the_text_form() {
+        for key in [
+            ContactKey::ExternalId("E1".into()),
+            ContactKey::Email("a@b.org".into()),
+        ] {
+            assert_eq!(
+                key.hash64(),
+                xxhash_rust::xxh3::xxh3_64(key.to_string().as_bytes())
+            );
+        }
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub struct SinkContext<'a> {
 /// A system changes are written to.
 ///
 /// # Contract
+/// - A key comes at most once in a run (in all its batches together).
 /// - A batch holds either creates and updates, or removals, never both; removals come
 ///   after every create and update of the run.
 /// - `apply` returns exactly one [`Outcome`] per change, in the batch's order.

@@ -76,6 +76,9 @@ const GROUPS: &[(&str, &[&str])] = &[
 
 type SharedState = State<Arc<Shared>>;
 
+/// The largest request body the sandbox reads (inferred: the documents give none).
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 /// The sandbox's routes.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
@@ -97,7 +100,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             get(get_subscriber).put(update_subscriber),
         )
         .route_layer(from_fn_with_state(shared.clone(), guard))
-        .layer(from_fn_with_state(shared.clone(), faults::layer));
+        .layer(from_fn_with_state(shared.clone(), faults::layer))
+        // The documents set no size limit on an import job; a 50,000-row job (the
+        // connector's default) is about 5 MB. Inferred: 64 MB.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let admin = Router::new()
         .route("/_sandbox/faults", get(get_faults).post(post_faults))
         .route("/_sandbox/stats", get(get_stats))
