@@ -187,10 +187,10 @@ impl Drop for Background {
 }
 
 /// Starts `contactsync sandbox NAME` and returns it with its base URL.
-fn start_sandbox(binary: &Path, name: &str, dir: &Path) -> Result<(Background, String)> {
+/// In memory: a data file would make the bench measure the sandbox's saving.
+fn start_sandbox(binary: &Path, name: &str) -> Result<(Background, String)> {
     let mut child = Command::new(binary)
-        .args(["sandbox", name, "--data"])
-        .arg(dir.join(format!("sandbox-{name}.json")))
+        .args(["sandbox", name])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -232,7 +232,7 @@ fn bench_one(
     generate(&people, n, Day::First)?;
     let sandbox = scenario
         .sandbox
-        .map(|name| start_sandbox(binary, name, dir))
+        .map(|name| start_sandbox(binary, name))
         .transpose()?;
     let url = sandbox.as_ref().map(|(_, u)| u.clone()).unwrap_or_default();
     let fill = |s: &str| {

@@ -3,7 +3,7 @@
 //! lengths, unique keys, mandatory values, known subscriptions and segmentations).
 //! Written from the spec, sharing nothing with the client.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -296,6 +296,10 @@ pub struct Table {
     /// Bulk imports accepted per UTC day (`YYYY-MM-DD`).
     #[serde(default)]
     pub bulk_days: BTreeMap<String, u32>,
+    /// (unique attribute, value) → profile id: a lookup must not scan every profile, or
+    /// a bulk import of a hundred thousand rows takes hours. Derived from `profiles`.
+    #[serde(skip)]
+    unique: HashMap<(String, String), u64>,
 }
 
 impl Table {
@@ -305,7 +309,44 @@ impl Table {
             def,
             profiles: BTreeMap::new(),
             bulk_days: BTreeMap::new(),
+            unique: HashMap::new(),
         }
+    }
+
+    /// Rebuilds the index of unique values (after loading).
+    pub fn reindex(&mut self) {
+        let entries: Vec<((String, String), u64)> = self
+            .profiles
+            .values()
+            .flat_map(|p| self.unique_values(p).map(move |k| (k, p.id)))
+            .collect();
+        self.unique = entries.into_iter().collect();
+    }
+
+    fn unique_values<'a>(
+        &'a self,
+        profile: &'a Profile,
+    ) -> impl Iterator<Item = (String, String)> + 'a {
+        self.def
+            .attributes
+            .iter()
+            .filter(|a| a.unique)
+            .filter_map(move |a| {
+                profile
+                    .attributes
+                    .get(&a.name)
+                    .map(|v| (a.name.clone(), v.clone()))
+            })
+    }
+
+    /// Removes a profile, and its unique values from the index.
+    pub fn remove_profile(&mut self, id: u64) -> Option<Profile> {
+        let profile = self.profiles.remove(&id)?;
+        let keys: Vec<_> = self.unique_values(&profile).collect();
+        for key in keys {
+            self.unique.remove(&key);
+        }
+        Some(profile)
     }
 
     /// The profile `key` names: a profile id, or `attribute=value` of a unique
@@ -314,10 +355,9 @@ impl Table {
         if let Some((attr, value)) = key.split_once('=') {
             let a = self.def.attribute(attr).filter(|a| a.unique)?;
             return self
-                .profiles
-                .values()
-                .find(|p| p.attributes.get(&a.name).map(String::as_str) == Some(value))
-                .map(|p| p.id);
+                .unique
+                .get(&(a.name.clone(), value.to_string()))
+                .copied();
         }
         let id: u64 = key.trim().parse().ok()?;
         self.profiles.contains_key(&id).then_some(id)
@@ -421,6 +461,13 @@ impl Table {
             *next_id += 1;
         }
         let id = profile.id;
+        if let Some(old) = self.remove_profile(id) {
+            drop(old);
+        }
+        let keys: Vec<_> = self.unique_values(&profile).collect();
+        for key in keys {
+            self.unique.insert(key, id);
+        }
         self.profiles.insert(id, profile);
         Ok((id, created))
     }
@@ -520,8 +567,13 @@ impl Store {
                 })
             }
         };
-        serde_json::from_str(&text)
-            .map(Some)
+        serde_json::from_str::<Self>(&text)
+            .map(|mut store| {
+                for table in store.tables.values_mut() {
+                    table.reindex();
+                }
+                Some(store)
+            })
             .map_err(|e| SandboxError::Data {
                 path: path.to_path_buf(),
                 message: e.to_string(),

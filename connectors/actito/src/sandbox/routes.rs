@@ -512,7 +512,7 @@ async fn delete_profile(
         state.stats.profile_deletes += 1;
         state.store.tables.get_mut(&t).and_then(|table| {
             let id = table.find(&key)?;
-            table.profiles.remove(&id).map(|_| id)
+            table.remove_profile(id).map(|_| id)
         })
     };
     match removed {
