@@ -136,9 +136,13 @@ impl RunObserver for RunProgress {
                         bar.set_length(total);
                         bar.set_style(style("{msg:12} [{bar:40}] {pos}/{len} ({per_sec}, {eta})"));
                     }
-                    None => {
+                    None if phase == Phase::Reading => {
                         bar.unset_length();
                         bar.set_style(style("{spinner} {msg:12} {pos} records ({per_sec})"));
+                    }
+                    None => {
+                        bar.unset_length();
+                        bar.set_style(style("{spinner} {msg}"));
                     }
                 }
                 bar.set_message(label);
