@@ -44,26 +44,23 @@ pub enum QuotaExhausted {
 fn default_base_url() -> String {
     DEFAULT_BASE_URL.to_string()
 }
-fn secs(n: u64) -> DurationSetting {
-    DurationSetting(Duration::from_secs(n))
-}
 fn d_connect() -> DurationSetting {
-    secs(10)
+    DurationSetting::secs(10)
 }
 fn d_request() -> DurationSetting {
-    secs(120)
+    DurationSetting::secs(120)
 }
 fn d_retry_time() -> DurationSetting {
-    secs(600)
+    DurationSetting::secs(600)
 }
 fn d_backoff() -> DurationSetting {
-    secs(1)
+    DurationSetting::secs(1)
 }
 fn d_poll() -> DurationSetting {
-    secs(5)
+    DurationSetting::secs(5)
 }
 fn d_import_wait() -> DurationSetting {
-    secs(6 * 3600)
+    DurationSetting::secs(6 * 3600)
 }
 fn d_attempts() -> u32 {
     6

@@ -45,32 +45,29 @@ fn default_max_rows() -> usize {
 fn default_max_attempts() -> u32 {
     5
 }
-fn secs(n: u64) -> DurationSetting {
-    DurationSetting(Duration::from_secs(n))
-}
 fn d_connect() -> DurationSetting {
-    secs(10)
+    DurationSetting::secs(10)
 }
 fn d_request() -> DurationSetting {
-    secs(120)
+    DurationSetting::secs(120)
 }
 fn d_retry_time() -> DurationSetting {
-    secs(900)
+    DurationSetting::secs(900)
 }
 fn d_busy() -> DurationSetting {
-    secs(3600)
+    DurationSetting::secs(3600)
 }
 fn d_busy_interval() -> DurationSetting {
-    secs(30)
+    DurationSetting::secs(30)
 }
 fn d_poll() -> DurationSetting {
-    secs(10)
+    DurationSetting::secs(10)
 }
 fn d_min_poll() -> DurationSetting {
-    secs(1)
+    DurationSetting::secs(1)
 }
 fn d_import_wait() -> DurationSetting {
-    secs(6 * 3600)
+    DurationSetting::secs(6 * 3600)
 }
 
 /// The `[sinks.NAME]` section, as written.

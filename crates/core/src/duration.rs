@@ -12,6 +12,11 @@ use serde::{Deserialize, Deserializer};
 pub struct DurationSetting(pub Duration);
 
 impl DurationSetting {
+    /// `n` seconds (for settings' defaults).
+    pub const fn secs(n: u64) -> Self {
+        DurationSetting(Duration::from_secs(n))
+    }
+
     /// Parses the text form: seconds, or a humantime duration.
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
