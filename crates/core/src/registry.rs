@@ -155,6 +155,18 @@ pub struct RunningSandbox {
     pub stopped: tokio_util::sync::DropGuard,
 }
 
+impl RunningSandbox {
+    /// A sandbox serving at `base_url` until `shutdown` is cancelled or this value is
+    /// dropped.
+    pub fn new(base_url: String, shutdown: crate::CancellationToken) -> Self {
+        RunningSandbox {
+            base_url,
+            stopped: shutdown.clone().drop_guard(),
+            shutdown,
+        }
+    }
+}
+
 /// The future a [`SandboxFactory`] returns.
 pub type SandboxStart =
     Pin<Box<dyn Future<Output = Result<RunningSandbox, ConnectorError>> + Send>>;

@@ -246,6 +246,15 @@ CREATE TABLE IF NOT EXISTS sink_data (
 );
 ";
 
+/// Maps a SQLite error to a [`StateError`] naming the database file. A free function
+/// over the path (not a method) so that it can be used while the connection is borrowed.
+fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StateError + Copy + '_ {
+    move |source| StateError::Database {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// SQLite stores signed integers; hashes are kept as their bit pattern.
 fn to_sql(hash: u64) -> i64 {
     hash as i64
@@ -277,23 +286,13 @@ impl SqliteState {
                 message: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
-        let conn = Connection::open(path).map_err(|source| StateError::Database {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let conn = Connection::open(path).map_err(db_error(path))?;
         let state = SqliteState {
             conn,
             path: path.to_path_buf(),
         };
         state.init()?;
         Ok(state)
-    }
-
-    fn err(&self, source: rusqlite::Error) -> StateError {
-        StateError::Database {
-            path: self.path.clone(),
-            source,
-        }
     }
 
     fn init(&self) -> Result<(), StateError> {
@@ -303,15 +302,17 @@ impl SqliteState {
             .execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
             )
-            .map_err(|e| self.err(e))?;
-        self.conn.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+            .map_err(db_error(&self.path))?;
+        self.conn
+            .execute_batch(SCHEMA)
+            .map_err(db_error(&self.path))?;
         let version: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(|e| self.err(e))?;
+            .map_err(db_error(&self.path))?;
         match version.as_deref() {
             None => {
                 self.conn
@@ -319,7 +320,7 @@ impl SqliteState {
                         "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
                         [SCHEMA_VERSION],
                     )
-                    .map_err(|e| self.err(e))?;
+                    .map_err(db_error(&self.path))?;
             }
             Some(SCHEMA_VERSION) => {}
             Some(other) => {
@@ -349,13 +350,7 @@ impl SqliteState {
 
 impl StateStore for SqliteState {
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| StateError::Database {
-                path: self.path.clone(),
-                source,
-            })?;
+        let tx = self.conn.transaction().map_err(db_error(&self.path))?;
         let result = (|| {
             tx.execute(
                 "INSERT INTO pipelines (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
@@ -376,12 +371,8 @@ impl StateStore for SqliteState {
             )?;
             Ok((run, last_full))
         })();
-        let path = self.path.clone();
-        let value = result.map_err(|source| StateError::Database { path, source })?;
-        tx.commit().map_err(|e| StateError::Database {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        let value = result.map_err(db_error(&self.path))?;
+        tx.commit().map_err(db_error(&self.path))?;
         Ok(value)
     }
 
@@ -394,13 +385,7 @@ impl StateStore for SqliteState {
         cursor: Option<&str>,
         full_read: bool,
     ) -> Result<(), StateError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| StateError::Database {
-                path: self.path.clone(),
-                source,
-            })?;
+        let tx = self.conn.transaction().map_err(db_error(&self.path))?;
         let result = (|| {
             tx.execute(
                 "UPDATE runs SET finished_at = ?3, status = ?4, report = ?5 WHERE pipeline = ?1 AND run = ?2",
@@ -420,12 +405,8 @@ impl StateStore for SqliteState {
             }
             Ok(())
         })();
-        let path = self.path.clone();
-        result.map_err(|source| StateError::Database { path, source })?;
-        tx.commit().map_err(|e| StateError::Database {
-            path: self.path.clone(),
-            source: e,
-        })
+        result.map_err(db_error(&self.path))?;
+        tx.commit().map_err(db_error(&self.path))
     }
 
     fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError> {
@@ -437,7 +418,7 @@ impl StateStore for SqliteState {
             )
             .optional()
             .map(Option::flatten)
-            .map_err(|e| self.err(e))
+            .map_err(db_error(&self.path))
     }
 
     fn scan_index(
@@ -448,26 +429,11 @@ impl StateStore for SqliteState {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT key_hash, content_hash FROM synced WHERE pipeline = ?1")
-            .map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
-        let mut rows = stmt.query([pipeline]).map_err(|e| StateError::Database {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        while let Some(row) = rows.next().map_err(|e| StateError::Database {
-            path: self.path.clone(),
-            source: e,
-        })? {
-            let key_hash: i64 = row.get(0).map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
-            let content_hash: i64 = row.get(1).map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            .map_err(db_error(&self.path))?;
+        let mut rows = stmt.query([pipeline]).map_err(db_error(&self.path))?;
+        while let Some(row) = rows.next().map_err(db_error(&self.path))? {
+            let key_hash: i64 = row.get(0).map_err(db_error(&self.path))?;
+            let content_hash: i64 = row.get(1).map_err(db_error(&self.path))?;
             visit(from_sql(key_hash), from_sql(content_hash));
         }
         Ok(())
@@ -485,7 +451,7 @@ impl StateStore for SqliteState {
                 })
                 .optional()
             })
-            .map_err(|e| self.err(e))?;
+            .map_err(db_error(&self.path))?;
         row.map(|(key, content_hash, email, handle)| {
             Ok(SyncedRow {
                 key: self.parse_key(&key)?,
@@ -506,11 +472,7 @@ impl StateStore for SqliteState {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let map = |source| StateError::Database {
-            path: path.clone(),
-            source,
-        };
+        let map = db_error(&self.path);
         let tx = self.conn.transaction().map_err(map)?;
         {
             let mut stmt = tx
@@ -546,19 +508,13 @@ impl StateStore for SqliteState {
             .prepare(
                 "SELECT batch_id, key, kind, email, content_hash FROM pending WHERE pipeline = ?1 ORDER BY run, batch_id, seq",
             )
-            .map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            .map_err(db_error(&self.path))?;
         let rows: Vec<(String, String, String, Option<String>, i64)> = stmt
             .query_map([pipeline], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
             .and_then(|rows| rows.collect())
-            .map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            .map_err(db_error(&self.path))?;
         drop(stmt);
         let mut batches: Vec<(PendingBatch, Vec<u64>)> = Vec::new();
         for (batch_id, key, kind, email, content_hash) in rows {
@@ -594,11 +550,7 @@ impl StateStore for SqliteState {
         batch_id: &str,
         settlements: &[Settlement],
     ) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let map = |source| StateError::Database {
-            path: path.clone(),
-            source,
-        };
+        let map = db_error(&self.path);
         let tx = self.conn.transaction().map_err(map)?;
         {
             let mut upsert = tx
@@ -676,11 +628,7 @@ impl StateStore for SqliteState {
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
-        let path = self.path.clone();
-        let map = |source| StateError::Database {
-            path: path.clone(),
-            source,
-        };
+        let map = db_error(&self.path);
         let tx = self.conn.transaction().map_err(map)?;
         let removed = tx
             .execute(
@@ -715,7 +663,7 @@ impl StateStore for SqliteState {
                 params![pipeline, batch_id],
             )
             .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(db_error(&self.path))
     }
 
     fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a> {
@@ -735,10 +683,7 @@ impl StateStore for SqliteState {
                    (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
                  FROM pipelines p ORDER BY p.name",
             )
-            .map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            .map_err(db_error(&self.path))?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(PipelineSummary {
@@ -751,19 +696,12 @@ impl StateStore for SqliteState {
                 })
             })
             .and_then(|rows| rows.collect())
-            .map_err(|e| StateError::Database {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            .map_err(db_error(&self.path))?;
         Ok(rows)
     }
 
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let map = |source| StateError::Database {
-            path: path.clone(),
-            source,
-        };
+        let map = db_error(&self.path);
         let tx = self.conn.transaction().map_err(map)?;
         for table in ["synced", "pending", "runs"] {
             tx.execute(

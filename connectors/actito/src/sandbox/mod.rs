@@ -509,11 +509,7 @@ pub fn start(options: SandboxOptions) -> SandboxStart {
         let base_url = running.base_url.clone();
         running.task.take();
         running.stop_on_drop = false;
-        Ok(RunningSandbox {
-            base_url,
-            stopped: shutdown.clone().drop_guard(),
-            shutdown,
-        })
+        Ok(RunningSandbox::new(base_url, shutdown))
     })
 }
 

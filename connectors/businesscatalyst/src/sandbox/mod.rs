@@ -440,11 +440,7 @@ pub fn start(options: SandboxOptions) -> SandboxStart {
         // its state lives on in the server task, which saves the data file as it stops.
         sandbox.stop_on_drop = false;
         drop(sandbox);
-        Ok(RunningSandbox {
-            base_url,
-            stopped: shutdown.clone().drop_guard(),
-            shutdown,
-        })
+        Ok(RunningSandbox::new(base_url, shutdown))
     })
 }
 

@@ -513,11 +513,7 @@ pub fn start(options: SandboxOptions) -> SandboxStart {
         // and the server saves the data when it ends.
         running.task.take();
         running.stop_on_drop = false;
-        Ok(RunningSandbox {
-            base_url,
-            stopped: shutdown.clone().drop_guard(),
-            shutdown,
-        })
+        Ok(RunningSandbox::new(base_url, shutdown))
     })
 }
 
