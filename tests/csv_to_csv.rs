@@ -203,11 +203,33 @@ fn a_run_killed_mid_way_is_finished_by_the_next_without_duplicates() {
         .command(&["sync", "--from", "hr", "--to", "out"])
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    // Kill it while it applies: once a batch is recorded as pending, not before.
+    let pending = |s: &Scenario| {
+        let out = s.run(&["state", "show", "--json"]).stdout();
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v[0]["pending"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pending(&s) == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started applying"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     unsafe {
         libc::kill(child.id() as i32, libc::SIGKILL);
     }
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed mid-run");
+    assert!(pending(&s) > 0, "the killed run left its batch pending");
 
     let (run, report) = s.sync("hr", "out", &[]);
     run.expect_code(0);
