@@ -233,7 +233,7 @@ async fn a_record_the_table_refuses_is_rejected_before_sending() {
 
     let (run, report) = sync(&s, &[]).await;
     run.expect_code(3);
-    assert_eq!(report["status"], "synced_with_rejects");
+    assert_eq!(report["status"], "finished_with_rejects");
     assert_eq!(counts(&report), [5, 3, 0, 0, 0, 2]);
     let rejects = s.rejects();
     assert_eq!(rejects.len(), 2, "{rejects:?}");

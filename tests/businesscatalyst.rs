@@ -442,7 +442,7 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
 
     let (run, report) = sync(&s, "hr", "bc", &[]).await;
     run.expect_code(3);
-    assert_eq!(report["status"], "synced_with_rejects");
+    assert_eq!(report["status"], "finished_with_rejects");
     assert_eq!(counts(&report), [20, 19, 0, 0, 0, 1]);
     let rejects = s.rejects();
     assert_eq!(rejects.len(), 1, "{rejects:?}");

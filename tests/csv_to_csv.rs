@@ -78,7 +78,7 @@ fn a_truncated_export_is_refused_unless_allowed() {
     s.write("people.csv", &people_csv(3, |_| "Ann".into()));
     let (run, report) = s.sync("hr", "out", &[]);
     run.expect_code(4);
-    assert_eq!(report["status"], "refused_by_guard");
+    assert_eq!(report["status"], "refused");
     assert!(
         run.stderr().contains("--allow-mass-removal"),
         "{}",
@@ -116,7 +116,7 @@ fn bad_rows_are_rejected_with_file_line_and_field_and_the_run_goes_on() {
     );
     let (run, report) = s.sync("hr", "out", &[]);
     run.expect_code(3);
-    assert_eq!(report["status"], "synced_with_rejects");
+    assert_eq!(report["status"], "finished_with_rejects");
     assert_eq!(counts(&report), [6, 2, 0, 0, 0, 4]);
     let rejects = s.rejects();
     let by_line = |line: &str| {

@@ -157,7 +157,7 @@ async fn rejected_rows_are_reported_and_a_self_opt_out_is_respected() {
     sandbox
         .seed_subscriber(Subscriber::self_opted_out("person3@example.com"))
         .unwrap();
-    // E5 and E6 share an address: Poppulo keeps the first and reports the second.
+    // E5 and E6 share an address: the first is kept, the second rejected.
     let csv = people_csv(6, |_| "Ann".into()).replace("person6@example.com", "person5@example.com");
     let s = scenario(&sandbox, &csv, "");
     let (run, report) = sync(&s, &[]).await;
@@ -179,30 +179,30 @@ async fn rejected_rows_are_reported_and_a_self_opt_out_is_respected() {
         reason("external_id:E6").contains("duplicate"),
         "{rejects:?}"
     );
-    assert_eq!(rejects[0].get(0), Some("sink"));
+    let stage = |key: &str| {
+        rejects
+            .iter()
+            .find(|r| r.get(3) == Some(key))
+            .and_then(|r| r.get(0).map(str::to_string))
+    };
+    assert_eq!(stage("external_id:E3").as_deref(), Some("sink"));
+    // The engine itself refuses the second person of a shared address, naming the
+    // first one's line, before Poppulo could merge them.
+    assert_eq!(stage("external_id:E6").as_deref(), Some("validation"));
+    assert!(reason("external_id:E6").contains("line 6"), "{rejects:?}");
     assert_eq!(
         status_of(&sandbox, "person3@example.com"),
         Some(SubscriberStatus::OptOut),
         "never re-subscribed"
     );
 
-    // The opted-out person is not sent again every night; the duplicate is retried.
+    // The opted-out person is not sent again every night, and the shared address is
+    // refused again by the engine: nothing is left to send.
     let before = sandbox.imports().len();
-    let (_, report) = sync(&s, &[]).await;
-    let imports = sandbox.imports();
-    assert_eq!(imports.len(), before + 1);
-    let sent: Vec<&str> = imports
-        .last()
-        .unwrap()
-        .rows
-        .iter()
-        .map(|r| r[0].as_str())
-        .collect();
-    assert_eq!(
-        sent,
-        vec!["person5@example.com"],
-        "only the duplicate is retried: {report}"
-    );
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(3);
+    assert_eq!(sandbox.imports().len(), before, "no import: {report}");
+    assert_eq!(counts(&report), [6, 0, 0, 0, 5, 1]);
     assert_eq!(
         status_of(&sandbox, "person3@example.com"),
         Some(SubscriberStatus::OptOut)
@@ -303,4 +303,42 @@ async fn a_wrong_password_fails_clearly_without_showing_it() {
         "a secret leaked: {all}"
     );
     assert!(sandbox.subscribers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_sharing_an_email_stay_one_created_and_one_rejected_every_run() {
+    let sandbox = sandbox(500).await;
+    // E2 (line 3) and E3 (line 4) share an address; Poppulo finds people by email, so
+    // sending E3 would overwrite E2.
+    let csv = people_csv(3, |i| format!("First{i}"))
+        .replace("person3@example.com", "person2@example.com");
+    let s = scenario(&sandbox, &csv, "");
+    for run_number in 1..=3 {
+        let (run, report) = sync(&s, &[]).await;
+        run.expect_code(3);
+        let created = if run_number == 1 { 2 } else { 0 };
+        assert_eq!(
+            counts(&report),
+            [3, created, 0, 0, 2 - created, 1],
+            "run {run_number}: {report}"
+        );
+        let rejects = s.rejects();
+        assert_eq!(rejects.len(), 1, "run {run_number}: {rejects:?}");
+        assert_eq!(rejects[0].get(2), Some("4"));
+        assert_eq!(rejects[0].get(3), Some("external_id:E3"));
+        assert!(rejects[0].get(6).unwrap().contains("line 3"), "{rejects:?}");
+        let kept = sandbox
+            .subscriber("person2@example.com")
+            .expect("E2 exists");
+        assert_eq!(
+            kept.fields.get("first_name").map(String::as_str),
+            Some("First2"),
+            "run {run_number}: E2 was never overwritten"
+        );
+    }
+    assert_eq!(
+        sandbox.imports().len(),
+        1,
+        "only the first run sent anything"
+    );
 }

@@ -462,6 +462,8 @@ fn fatal(e: &ConnectorError) -> bool {
 impl Sink for ActitoSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            // People are found by their email address.
+            addresses_by_email: true,
             max_batch: self.config.max_batch,
             asynchronous_jobs: true,
             durable_at_finish: false,

@@ -424,6 +424,7 @@ fn removal(contact: &Contact) -> Change {
             content_hash: contact.content_hash(),
             email: contact.email.clone(),
             handle: None,
+            record: None,
         },
         origin: Origin::Derived,
     }

@@ -266,6 +266,7 @@ impl BcSink {
 impl Sink for BcSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            addresses_by_email: false,
             max_batch: self.config.batch_size,
             asynchronous_jobs: false,
             durable_at_finish: false,

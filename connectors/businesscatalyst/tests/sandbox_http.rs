@@ -123,6 +123,7 @@ async fn full_then_incremental_read_asks_from_the_cursor() {
             content_hash: 0,
             email: Some("p0010@example.com".into()),
             handle: Some("10".into()),
+            record: None,
         },
         origin: Origin::Derived,
     };
@@ -410,6 +411,7 @@ async fn removal_policies() {
             content_hash: 0,
             email: email.map(String::from),
             handle: handle.map(String::from),
+            record: None,
         },
         origin: Origin::Derived,
     };

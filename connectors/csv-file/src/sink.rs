@@ -32,7 +32,7 @@ use nohash_hasher::BuildNoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ExtraColumns, RemovalMode, SinkConfig};
-use crate::source::{csv_error, open_csv};
+use crate::source::{csv_error, open_csv, LineEnds};
 
 /// A CSV file kept equal to the synced population.
 pub struct CsvSink {
@@ -129,7 +129,7 @@ impl CsvSink {
             .map_err(|e| spool_error(e.into_error()))?;
         spool.rewind().map_err(spool_error)?;
 
-        let existing = open_csv(format)?;
+        let existing = open_csv(format, LineEnds::Any)?;
         let (mut reader, old_headers) = match existing {
             Some((reader, headers)) => (Some(reader), headers.unwrap_or_default()),
             None => (None, Vec::new()),
@@ -453,6 +453,7 @@ fn sync_directory(dir: &Path) {
 impl Sink for CsvSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            addresses_by_email: false,
             max_batch: 10_000,
             asynchronous_jobs: false,
             durable_at_finish: true,

@@ -3,6 +3,19 @@
 //! Parsing runs on its own thread, a chunk of rows ahead of the engine, so that a large
 //! file neither blocks the async runtime nor sits in memory: at most
 //! [`CHUNKS_AHEAD`] chunks of [`CHUNK_ROWS`] rows are ever buffered.
+//!
+//! What the file's shape can spoil, it reports rather than guesses:
+//! - a header without an email or external-id column, or naming one field twice, is
+//!   one error for the file, before any row is read;
+//! - a row with the wrong number of fields, or a quote that is never closed (which
+//!   would swallow the rows after it into one field), is a rejected record with no
+//!   key, so that the engine holds back the run's removals;
+//! - a row with one bad value is rejected with the fields that could be read, so that
+//!   the engine still knows whose row it was.
+//!
+//! Lines end at `\n`, so that line numbers are right in files with Windows (`\r\n`)
+//! line endings too; the `\r` is dropped from the last field. Old Mac files that end
+//! lines with a bare `\r` are read as one line.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -116,13 +129,17 @@ pub(crate) struct RowReader {
     delimiter: u8,
     quote: u8,
     record: csv::ByteRecord,
+    /// The file again, for reading back the bytes of a record that spans lines.
+    raw: File,
+    /// Bytes before the first byte the CSV reader saw (a UTF-8 BOM).
+    raw_offset: u64,
 }
 
 impl RowReader {
     /// Opens the file and maps its header; a missing file, an unreadable header or a
     /// configured column the header lacks is an error.
     pub(crate) fn open(format: &CsvFormat) -> Result<Self, ConnectorError> {
-        let (reader, headers) = open_csv(format)?.ok_or_else(|| {
+        let (reader, headers) = open_csv(format, LineEnds::Newline)?.ok_or_else(|| {
             ConnectorError::io(
                 &format.path,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
@@ -147,6 +164,13 @@ impl RowReader {
                     .join(", ")
             )));
         }
+        check_header(format, &headers, &resolved.fields)?;
+        let raw = File::open(&format.path).map_err(|e| ConnectorError::io(&format.path, e))?;
+        let raw_offset = if has_bom(&raw) {
+            UTF8_BOM.len() as u64
+        } else {
+            0
+        };
         Ok(RowReader {
             reader,
             fields: resolved.fields,
@@ -155,6 +179,8 @@ impl RowReader {
             delimiter: format.delimiter,
             quote: format.quote,
             record: csv::ByteRecord::new(),
+            raw,
+            raw_offset,
         })
     }
 
@@ -192,43 +218,124 @@ impl RowReader {
 
     /// The next row as a record or a rejection; `None` at the end of the file.
     pub(crate) fn next_item(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
-        if !self
-            .reader
-            .read_byte_record(&mut self.record)
-            .map_err(|e| csv_error(&self.path, e))?
-        {
-            return Ok(None);
-        }
-        let line = self.record.position().map_or(0, |p| p.line());
+        let (start, end) = loop {
+            let start = self.reader.position().clone();
+            if !self
+                .reader
+                .read_byte_record(&mut self.record)
+                .map_err(|e| csv_error(&self.path, e))?
+            {
+                return Ok(None);
+            }
+            let start = self.record.position().cloned().unwrap_or(start);
+            // A blank line of a `\r\n` file reads as one field holding `\r`.
+            if self.record.len() == 1 && field_value(&self.record, 0).is_empty() {
+                continue;
+            }
+            break (start, self.reader.position().clone());
+        };
+        let line = start.line();
         let origin = Origin::line(self.display_name.clone(), line);
+        // Only a quoted field can hold a line break, legitimate or not.
+        let spans_lines = self.record.as_slice().contains(&b'\n');
+        if spans_lines {
+            if let Some(quote_line) = self.unclosed_quote(&start, &end)? {
+                let reason = format!(
+                    "the quoted field that starts on line {quote_line} is never closed, so it runs to the end of the file \
+                     and takes lines {line} to {} with it; close or remove the stray {:?}",
+                    end.line().saturating_sub(1).max(line),
+                    self.quote as char
+                );
+                let origin = Origin::line(self.display_name.clone(), quote_line);
+                return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
+            }
+        }
         if self.record.len() != self.fields.len() {
-            let reason = format!(
+            let mut reason = format!(
                 "the row has {} fields, the header has {}",
                 self.record.len(),
                 self.fields.len()
             );
+            if spans_lines {
+                reason.push_str(&format!(
+                    " (a quoted field runs from line {line} to line {}: check for a stray {:?})",
+                    end.line().saturating_sub(1).max(line),
+                    self.quote as char
+                ));
+            }
             return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
         }
         let mut contact = Contact::default();
-        for (field, bytes) in self.fields.iter().zip(self.record.iter()) {
+        let mut failure: Option<(Field, String)> = None;
+        for (i, field) in self.fields.iter().enumerate() {
             let Some(field) = field else { continue };
-            let failure = match std::str::from_utf8(bytes) {
-                Ok(value) => contact.set(field, value).err(),
-                Err(e) => Some(format!("invalid UTF-8 ({e})")),
+            let result = match std::str::from_utf8(field_value(&self.record, i)) {
+                Ok(value) => contact.set(field, value),
+                Err(e) => Err(format!("invalid UTF-8 ({e})")),
             };
-            if let Some(reason) = failure {
-                let error = RecordError::new(origin, reason).with_field(field.name());
-                return Ok(Some(self.reject(error, Some(&contact))));
+            // The first bad value is the one reported; the other fields are still read,
+            // so that the rejection knows whose row it is.
+            if let (Err(reason), None) = (result, &failure) {
+                failure = Some((field.clone(), reason));
             }
+        }
+        if let Some((field, reason)) = failure {
+            let error = RecordError::new(origin, reason).with_field(field.name());
+            return Ok(Some(self.reject(error, Some(contact))));
         }
         Ok(Some(SourceItem::Record(SourceRecord::new(contact, origin))))
     }
 
-    /// A rejection carrying the row as text (re-quoted as written) and, when the fields
-    /// read so far give one, the key.
-    fn reject(&self, mut error: RecordError, partial: Option<&Contact>) -> SourceItem {
-        if let Some(key) = partial.and_then(|c| c.key(KeyRule::Auto)) {
-            error = error.with_key(key);
+    /// For a record that spans lines: the line of a quote that is never closed, if the
+    /// record has one. The record's bytes are read back from the file (such records are
+    /// rare) and its quotes counted: escaped quotes come in pairs, so an odd count means
+    /// the last opening quote has no closing one.
+    fn unclosed_quote(
+        &self,
+        start: &csv::Position,
+        end: &csv::Position,
+    ) -> Result<Option<u64>, ConnectorError> {
+        use std::os::unix::fs::FileExt;
+        let length = end.byte().saturating_sub(start.byte());
+        let mut bytes = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX)];
+        let mut filled = 0;
+        while filled < bytes.len() {
+            let n = self
+                .raw
+                .read_at(
+                    &mut bytes[filled..],
+                    self.raw_offset + start.byte() + filled as u64,
+                )
+                .map_err(|e| ConnectorError::io(&self.path, e))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        bytes.truncate(filled);
+        let mut line = start.line();
+        let mut open_since: Option<u64> = None;
+        for &b in &bytes {
+            if b == self.quote {
+                open_since = match open_since {
+                    Some(_) => None,
+                    None => Some(line),
+                };
+            } else if b == b'\n' {
+                line += 1;
+            }
+        }
+        Ok(open_since)
+    }
+
+    /// A rejection carrying the row as text (re-quoted as written) and, when the row's
+    /// shape could be trusted, the fields that could be read (and the key they give).
+    fn reject(&self, mut error: RecordError, partial: Option<Contact>) -> SourceItem {
+        if let Some(partial) = partial {
+            if let Some(key) = partial.key(KeyRule::Auto) {
+                error = error.with_key(key);
+            }
+            error = error.with_partial(partial);
         }
         SourceItem::Rejected(error.with_raw(raw_row(&self.record, self.delimiter, self.quote)))
     }
@@ -238,9 +345,79 @@ impl RowReader {
 /// (`None` for an empty file).
 pub(crate) type OpenedCsv = (csv::Reader<BufReader<File>>, Option<Vec<String>>);
 
+/// Where a CSV reader ends its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineEnds {
+    /// At `\n` only, so that line numbers count `\r\n` files right; the caller drops
+    /// the `\r` left at the end of the last field ([`field_value`]).
+    Newline,
+    /// At `\n`, `\r` or `\r\n`, the `csv` crate's default: for reading rows that are
+    /// copied, not reported by line.
+    Any,
+}
+
+/// Field `i` of a record read with [`LineEnds::Newline`], without the `\r` of a
+/// `\r\n` line end.
+pub(crate) fn field_value(record: &csv::ByteRecord, i: usize) -> &[u8] {
+    let value = record.get(i).unwrap_or_default();
+    if i + 1 == record.len() {
+        value.strip_suffix(b"\r").unwrap_or(value)
+    } else {
+        value
+    }
+}
+
+/// Whether a file starts with a UTF-8 BOM.
+fn has_bom(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 3];
+    matches!(file.read_at(&mut head, 0), Ok(3)) && head == *UTF8_BOM
+}
+
+/// One error for the whole file when its header cannot be trusted: a column named
+/// twice (which would silently read one and drop the other), or neither an email nor
+/// an external-id column (every row would be rejected for want of a key).
+fn check_header(
+    format: &CsvFormat,
+    headers: &[String],
+    fields: &[Option<Field>],
+) -> Result<(), ConnectorError> {
+    let file = format.path.display();
+    for (i, field) in fields.iter().enumerate() {
+        let Some(field) = field else { continue };
+        if let Some(j) = fields[..i].iter().position(|f| f.as_ref() == Some(field)) {
+            return Err(ConnectorError::Other(format!(
+                "{file}: columns {} ({:?}) and {} ({:?}) both give the field {field}; rename or remove one of them \
+                 (or map one elsewhere with `columns`)",
+                j + 1,
+                headers[j].trim(),
+                i + 1,
+                headers[i].trim()
+            )));
+        }
+    }
+    let has = |wanted: Field| fields.iter().any(|f| f.as_ref() == Some(&wanted));
+    if !has(Field::Email) && !has(Field::ExternalId) {
+        return Err(ConnectorError::Other(format!(
+            "{file}: the header has neither an email nor an external_id column, so no row could be matched to a person \
+             (header: {}); name the columns in `columns`, e.g. columns = {{ email = \"E-mail\" }}",
+            headers
+                .iter()
+                .map(|h| format!("{:?}", h.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Opens `format.path` as CSV, skipping a UTF-8 BOM; `Ok(None)` when the file does not
-/// exist. Also returns the header row, `None` for an empty file.
-pub(crate) fn open_csv(format: &CsvFormat) -> Result<Option<OpenedCsv>, ConnectorError> {
+/// exist. Also returns the header row (trimmed of a `\r` line end), `None` for an
+/// empty file.
+pub(crate) fn open_csv(
+    format: &CsvFormat,
+    line_ends: LineEnds,
+) -> Result<Option<OpenedCsv>, ConnectorError> {
     let file = match File::open(&format.path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -254,27 +431,32 @@ pub(crate) fn open_csv(format: &CsvFormat) -> Result<Option<OpenedCsv>, Connecto
     {
         input.consume(UTF8_BOM.len());
     }
-    let mut reader = csv::ReaderBuilder::new()
+    let mut builder = csv::ReaderBuilder::new();
+    builder
         .delimiter(format.delimiter)
         .quote(format.quote)
         .flexible(true)
-        .has_headers(true)
-        .from_reader(input);
+        .has_headers(true);
+    if line_ends == LineEnds::Newline {
+        builder.terminator(csv::Terminator::Any(b'\n'));
+    }
+    let mut reader = builder.from_reader(input);
     let headers = reader
         .byte_headers()
         .map_err(|e| csv_error(&format.path, e))?;
     if headers.is_empty() {
         return Ok(Some((reader, None)));
     }
-    let headers = headers
-        .iter()
-        .map(|h| {
-            std::str::from_utf8(h).map(str::to_string).map_err(|_| {
-                ConnectorError::Other(format!(
-                    "{}: the header row is not valid UTF-8",
-                    format.path.display()
-                ))
-            })
+    let headers = (0..headers.len())
+        .map(|i| {
+            std::str::from_utf8(field_value(headers, i))
+                .map(str::to_string)
+                .map_err(|_| {
+                    ConnectorError::Other(format!(
+                        "{}: the header row is not valid UTF-8",
+                        format.path.display()
+                    ))
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some((reader, Some(headers))))
@@ -296,7 +478,8 @@ fn raw_row(record: &csv::ByteRecord, delimiter: u8, quote: u8) -> String {
         .flexible(true)
         .terminator(csv::Terminator::Any(b'\n'))
         .from_writer(Vec::new());
-    let written = writer.write_byte_record(record).is_ok();
+    let written = (0..record.len()).all(|i| writer.write_field(field_value(record, i)).is_ok())
+        && writer.write_record(None::<&[u8]>).is_ok();
     let bytes = match writer.into_inner() {
         Ok(bytes) if written => bytes,
         // Writing to memory cannot fail; fall back to a plain join all the same.

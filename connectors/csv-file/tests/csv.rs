@@ -72,6 +72,7 @@ fn remove(contact: &Contact) -> Change {
             content_hash: contact.content_hash(),
             email: contact.email.clone(),
             handle: None,
+            record: None,
         },
         origin: Origin::Derived,
     }
@@ -317,6 +318,7 @@ async fn the_sink_replaces_atomically_and_keeps_foreign_columns() {
             content_hash: 0,
             email: ann.email.clone(),
             handle: None,
+            record: None,
         },
     };
     let outcomes = apply(&mut sink, vec![update, create(&cy)]).await;

@@ -433,6 +433,7 @@ fn rejection(result: &LdapResult) -> Outcome {
 impl Sink for LdapSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            addresses_by_email: false,
             max_batch: MAX_BATCH,
             asynchronous_jobs: false,
             durable_at_finish: false,

@@ -46,6 +46,7 @@ fn update(contact: Contact) -> Change {
             content_hash: 0,
             email: contact.email.clone(),
             handle: None,
+            record: None,
         },
         contact,
         origin: Origin::Derived,
@@ -59,6 +60,7 @@ fn remove(contact: &Contact) -> Change {
             content_hash: 0,
             email: contact.email.clone(),
             handle: None,
+            record: None,
         },
         origin: Origin::Derived,
     }

@@ -472,6 +472,8 @@ pub fn map_outcomes(
 impl Sink for PoppuloSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            // People are found by their email address.
+            addresses_by_email: true,
             max_batch: self.config.max_rows_per_job,
             asynchronous_jobs: true,
             durable_at_finish: false,

@@ -92,6 +92,7 @@ fn update(c: Contact) -> Change {
             content_hash: 0,
             email: c.email.clone(),
             handle: None,
+            record: None,
         },
         contact: c,
         origin: Origin::Derived,
@@ -105,6 +106,7 @@ fn remove(email: &str) -> Change {
             content_hash: 0,
             email: Some(email.into()),
             handle: None,
+            record: None,
         },
         origin: Origin::Derived,
     }

@@ -48,6 +48,7 @@ fn remove(email: &str) -> Change {
             content_hash: 1,
             email: Some(email.into()),
             handle: None,
+            record: None,
         },
         origin: Origin::Derived,
     }

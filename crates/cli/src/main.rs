@@ -1,7 +1,7 @@
 //! `contactsync`: the command line. Wires configured connectors into the engine, shows
 //! progress, writes reports, and turns every outcome into one clear sentence and an
-//! exit code (0 synced, 1 failure, 2 usage or config error, 3 rejected records,
-//! 4 refused by the removal guard).
+//! exit code (0 synced, 1 failure, 2 usage or config error, 3 rejected records or
+//! removals held back, 4 refused by the removal guard, 130 interrupted).
 
 mod progress;
 mod settings;
@@ -103,6 +103,10 @@ struct SyncArgs {
     /// Write rejected records as CSV to FILE (default: last-rejects.csv beside the state).
     #[arg(long, value_name = "FILE")]
     rejects: Option<PathBuf>,
+    /// Write every change of the run to FILE, one JSON object a line, with each
+    /// field's value before and after (with or without --dry-run).
+    #[arg(long, value_name = "FILE")]
+    plan: Option<PathBuf>,
     /// The state database (default: from the config).
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
@@ -341,11 +345,12 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
     if let Some(mode) = args.mode {
         pipeline_settings.mode = mode;
     }
-    let pipeline = Pipeline {
-        name: format!("{}->{}", args.from, args.to),
-        sink_scope: sink_section.settings.section.clone(),
-        settings: pipeline_settings,
-    };
+    let pipeline = Pipeline::new(
+        &args.from,
+        &args.to,
+        &sink_section.settings.section,
+        pipeline_settings,
+    );
     let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
     let rejects = args
         .rejects
@@ -366,6 +371,7 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         allow_mass_removal: args.allow_mass_removal,
         full: args.full,
         rejects: Some(rejects.clone()),
+        plan: args.plan.clone(),
         sample_size: if args.dry_run { 5 } else { 0 },
         spool_dir: Some(data_dir.clone()),
         cancel,
@@ -391,27 +397,57 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
             .with_context(|| format!("writing the report to {}", path.display()))
             .map_err(failed)?;
     }
-    Ok(match report.status {
+    Ok(exit_code(report.status))
+}
+
+/// The exit code of a run that ended with `status` (the README's table).
+fn exit_code(status: RunStatus) -> u8 {
+    match status {
         RunStatus::Synced => 0,
         RunStatus::Failed => 1,
-        RunStatus::SyncedWithRejects => 3,
-        RunStatus::RefusedByGuard => 4,
-    })
+        RunStatus::FinishedWithRejects | RunStatus::RemovalsHeld => 3,
+        RunStatus::Refused => 4,
+        RunStatus::Interrupted => 130,
+    }
 }
 
 fn print_report(report: &RunReport, rejects: &Path) {
-    let verb = if report.dry_run { "plan" } else { "synced" };
-    println!(
-        "{} {verb}: read {}, created {}, updated {}, removed {}, unchanged {}, rejected {}{}{} ({:.1} s)",
-        report.pipeline,
-        report.read,
+    // The first word says how the run ended. The counts of a dry run, or of a run the
+    // guard refused, are what the run would have done: nothing was changed.
+    let word = if report.dry_run {
+        "plan"
+    } else {
+        report.status.as_str()
+    };
+    let planned = report.dry_run || report.status == RunStatus::Refused;
+    let counts = format!(
+        "{}created {}, updated {}, removed {}",
+        if planned { "would have " } else { "" },
         report.created,
         report.updated,
-        report.removed,
+        report.removed
+    );
+    println!(
+        "{word}: {}: read {}, {counts}, unchanged {}, rejected {}{}{}{} ({:.1} s)",
+        report.pipeline,
+        report.read,
         report.unchanged,
         report.rejected,
-        if report.skipped > 0 { format!(", skipped by mode {}", report.skipped) } else { String::new() },
-        if report.unknown > 0 { format!(", unknown {}", report.unknown) } else { String::new() },
+        if report.removals_held > 0 {
+            format!(", removals held {}", report.removals_held)
+        } else {
+            String::new()
+        },
+        if report.skipped > 0 {
+            format!(", skipped by mode {}", report.skipped)
+        } else {
+            String::new()
+        },
+        if report.unknown > 0 {
+            format!(", unknown {}", report.unknown)
+        } else {
+            String::new()
+        },
         report.duration_ms as f64 / 1000.0
     );
     if report.dry_run {
@@ -426,6 +462,22 @@ fn print_report(report: &RunReport, rejects: &Path) {
                 change.email.as_deref().unwrap_or(""),
                 change.origin
             );
+            for field in &change.fields {
+                let show = |v: &Option<String>| match v {
+                    Some(v) => format!("{v:?}"),
+                    None => "(unset)".to_string(),
+                };
+                if change.kind == contactsync_core::ChangeKind::Create || !change.before_known {
+                    println!("           {}: {}", field.field, show(&field.after));
+                } else {
+                    println!(
+                        "           {}: {} -> {}",
+                        field.field,
+                        show(&field.before),
+                        show(&field.after)
+                    );
+                }
+            }
         }
         println!("dry run: nothing was changed");
     }
@@ -434,6 +486,9 @@ fn print_report(report: &RunReport, rejects: &Path) {
             "rejected records, with their origin and reason: {}",
             rejects.display()
         );
+    }
+    if let Some(reason) = &report.removals_held_reason {
+        println!("removals held: {reason}");
     }
     if let Some(error) = &report.error {
         eprintln!("error: {error}");
@@ -511,7 +566,7 @@ fn state_command(path: &Path, command: StateCommand) -> Result<u8, Failure> {
             Ok(0)
         }
         StateCommand::Reset { from, to, yes } => {
-            let pipeline = format!("{from}->{to}");
+            let pipeline = Pipeline::id(&from, &to);
             if !yes {
                 return Err(usage(anyhow!(
                     "resetting {pipeline} makes the next run send everyone again; add --yes to confirm"

@@ -7,10 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Contact, ContactKey, Origin};
+use crate::{Contact, ContactKey, FieldChange, Origin};
 
 /// What the state remembers of a contact the sink last accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncedEntry {
     /// The [`Contact::content_hash`] of the contact as last accepted.
     pub content_hash: u64,
@@ -20,6 +20,12 @@ pub struct SyncedEntry {
     /// What the sink asked to keep to address the person later (Actito's profileId,
     /// Business Catalyst's entityId), as returned in [`Outcome::Applied`].
     pub handle: Option<String>,
+    /// The contact as the sink last accepted it: the `before` of an update or a
+    /// removal. `None` when the state does not know it yet (a state written before
+    /// records were kept, or a final rejection): a sink then behaves as if it knew
+    /// nothing of the person's previous values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<Contact>>,
 }
 
 /// The three kinds of change.
@@ -122,6 +128,43 @@ impl Change {
         match self {
             Change::Create { .. } => None,
             Change::Update { previous, .. } | Change::Remove { previous, .. } => Some(previous),
+        }
+    }
+
+    /// The contact as the sink last accepted it, for updates and removals, when the
+    /// state knows it (see [`SyncedEntry::record`]).
+    pub fn before(&self) -> Option<&Contact> {
+        self.previous().and_then(|p| p.record.as_deref())
+    }
+
+    /// The contact as it should be after the change; `None` for a removal. The same as
+    /// [`Change::contact`], named for reading next to [`Change::before`].
+    pub fn after(&self) -> Option<&Contact> {
+        self.contact()
+    }
+
+    /// The email the sink last accepted for this person, when it differs from the one
+    /// the change carries: the person's address changed (same key, new email), and a
+    /// sink that addresses people by email must deal with the old address.
+    pub fn previous_email(&self) -> Option<&str> {
+        let old = self
+            .before()
+            .and_then(|b| b.email.as_deref())
+            .or_else(|| self.previous().and_then(|p| p.email.as_deref()))?;
+        match self.contact() {
+            Some(after) if after.email.as_deref() != Some(old) => Some(old),
+            _ => None,
+        }
+    }
+
+    /// The fields this change sets, with their values before and after: for an update
+    /// the fields that differ from [`Change::before`] (every set field, with no
+    /// `before`, when the previous record is not known), for a create every set field,
+    /// for a removal none.
+    pub fn field_changes(&self) -> Vec<FieldChange> {
+        match self.contact() {
+            Some(after) => Contact::field_changes(self.before(), after),
+            None => Vec::new(),
         }
     }
 

@@ -66,8 +66,10 @@ impl FromStr for ContactStatus {
 }
 
 /// The canonical fields of a [`Contact`], by the names used in config files
-/// (`columns`, `attributes`, field mappings) and error messages.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// (`columns`, `attributes`, field mappings) and error messages. Serialised as that
+/// name (`attributes.NAME` for a custom field).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
 pub enum Field {
     /// `external_id`
     ExternalId,
@@ -162,6 +164,18 @@ impl Field {
     }
 }
 
+impl From<Field> for String {
+    fn from(field: Field) -> String {
+        field.to_string()
+    }
+}
+
+impl From<String> for Field {
+    fn from(name: String) -> Field {
+        Field::parse(&name)
+    }
+}
+
 impl fmt::Display for Field {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -223,6 +237,18 @@ pub struct Contact {
     /// hash: a record touched without change is not a change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// One field that a change sets: its value before (as the sink last accepted it) and
+/// after. `None` stands for "unset". Values are text, as [`Contact::get`] gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// The field.
+    pub field: Field,
+    /// Its value as last sent; `None` when it was unset or is not known.
+    pub before: Option<String>,
+    /// Its value now; `None` when the change clears it.
+    pub after: Option<String>,
 }
 
 /// Which field identifies a person in a pipeline.
@@ -419,6 +445,68 @@ impl Contact {
         Ok(())
     }
 
+    /// Every field that is set, with its value as text, in a fixed order: the canonical
+    /// fields (status always, `updated_at` never, since it is not content), then the
+    /// attributes by name.
+    pub fn set_fields(&self) -> Vec<(Field, String)> {
+        let mut fields: Vec<(Field, String)> = Field::CANONICAL
+            .iter()
+            .filter(|f| **f != Field::UpdatedAt)
+            .filter_map(|f| self.get(f).map(|v| (f.clone(), v)))
+            .collect();
+        fields.extend(
+            self.attributes
+                .iter()
+                .map(|(name, value)| (Field::Attribute(name.clone()), value.clone())),
+        );
+        fields
+    }
+
+    /// The fields in which `after` differs from `before`, in [`Contact::set_fields`]
+    /// order. With no `before` (a create, or a previous record the state does not know)
+    /// every set field of `after` is listed with `before: None`.
+    pub fn field_changes(before: Option<&Contact>, after: &Contact) -> Vec<FieldChange> {
+        let Some(before) = before else {
+            return after
+                .set_fields()
+                .into_iter()
+                .map(|(field, value)| FieldChange {
+                    field,
+                    before: None,
+                    after: Some(value),
+                })
+                .collect();
+        };
+        let mut changes: Vec<FieldChange> = Field::CANONICAL
+            .iter()
+            .filter(|f| **f != Field::UpdatedAt)
+            .filter_map(|f| {
+                let (old, new) = (before.get(f), after.get(f));
+                (old != new).then(|| FieldChange {
+                    field: f.clone(),
+                    before: old,
+                    after: new,
+                })
+            })
+            .collect();
+        let names: BTreeSet<&String> = before
+            .attributes
+            .keys()
+            .chain(after.attributes.keys())
+            .collect();
+        for name in names {
+            let (old, new) = (before.attributes.get(name), after.attributes.get(name));
+            if old != new {
+                changes.push(FieldChange {
+                    field: Field::Attribute(name.clone()),
+                    before: old.cloned(),
+                    after: new.cloned(),
+                });
+            }
+        }
+        changes
+    }
+
     /// The contact's identity under `rule`, or `None` when the record lacks the field the
     /// rule needs (the engine rejects such records).
     pub fn key(&self, rule: KeyRule) -> Option<ContactKey> {
@@ -567,6 +655,44 @@ mod tests {
         );
         assert_eq!("".parse::<ContactStatus>().unwrap(), ContactStatus::Active);
         assert!("maybe".parse::<ContactStatus>().is_err());
+    }
+
+    #[test]
+    fn field_changes_list_only_what_differs() {
+        let mut before = Contact::default();
+        before.set(&Field::Email, "ann@example.com").unwrap();
+        before.set(&Field::LastName, "Lee").unwrap();
+        before
+            .set(&Field::Attribute("site".into()), "Gent")
+            .unwrap();
+        let mut after = before.clone();
+        after.set(&Field::LastName, "Smith").unwrap();
+        after.set(&Field::Attribute("site".into()), "").unwrap();
+        after.set(&Field::Attribute("cc".into()), "CC-1").unwrap();
+        after
+            .set(&Field::UpdatedAt, "2026-01-01T00:00:00Z")
+            .unwrap();
+        let changes = Contact::field_changes(Some(&before), &after);
+        let seen: Vec<(String, Option<&str>, Option<&str>)> = changes
+            .iter()
+            .map(|c| (c.field.to_string(), c.before.as_deref(), c.after.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("last_name".to_string(), Some("Lee"), Some("Smith")),
+                ("attributes.cc".to_string(), None, Some("CC-1")),
+                ("attributes.site".to_string(), Some("Gent"), None),
+            ]
+        );
+        let created = Contact::field_changes(None, &before);
+        assert_eq!(
+            created.len(),
+            4,
+            "email, last name, status, site: {created:?}"
+        );
+        assert!(created.iter().all(|c| c.before.is_none()));
+        assert!(Contact::field_changes(Some(&before), &before).is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use crate::{ContactKey, Origin};
+use crate::{Contact, ContactKey, Origin};
 
 /// One record that cannot be synced, and why. Carries everything needed to find it again.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,6 +24,12 @@ pub struct RecordError {
     pub reason: String,
     /// The record as read (a raw line, or the contact as JSON), so nothing is lost.
     pub raw: Option<String>,
+    /// The fields that could be read before (and after) the one at fault, when the
+    /// record's shape could be trusted. The engine works out the key from them under
+    /// the pipeline's own key rule, so that a rejected person still counts as seen and
+    /// is never removed for being invalid. `None` when nothing of the record can be
+    /// trusted (a row with the wrong number of fields, an unterminated quote).
+    pub partial: Option<Box<Contact>>,
 }
 
 impl RecordError {
@@ -35,6 +41,7 @@ impl RecordError {
             field: None,
             reason: reason.into(),
             raw: None,
+            partial: None,
         }
     }
 
@@ -47,6 +54,12 @@ impl RecordError {
     /// Attaches the record's key.
     pub fn with_key(mut self, key: ContactKey) -> Self {
         self.key = Some(key);
+        self
+    }
+
+    /// Attaches the fields that could be read (see [`RecordError::partial`]).
+    pub fn with_partial(mut self, contact: Contact) -> Self {
+        self.partial = Some(Box::new(contact));
         self
     }
 

@@ -21,7 +21,7 @@ pub mod source;
 pub use change::{
     Change, ChangeBatch, ChangeKind, ChangePlan, Outcome, PendingBatch, PendingRecord, SyncedEntry,
 };
-pub use contact::{Contact, ContactKey, ContactStatus, Field, KeyRule};
+pub use contact::{Contact, ContactKey, ContactStatus, Field, FieldChange, KeyRule};
 pub use duration::DurationSetting;
 pub use error::{ConfigError, ConnectorError, RecordError};
 pub use origin::Origin;

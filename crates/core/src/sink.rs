@@ -51,6 +51,11 @@ pub struct SinkCapabilities {
     pub durable_at_finish: bool,
     /// How removals are carried out.
     pub removal: RemovalStyle,
+    /// Whether the platform finds people by their email address (Poppulo, Actito,
+    /// Business Catalyst). The engine then rejects the later of two records of one
+    /// read that share an email under different keys, on every run, so that one
+    /// person can never overwrite another.
+    pub addresses_by_email: bool,
 }
 
 /// A small key-value space the engine lends a sink, kept in the sync state and scoped

@@ -8,13 +8,16 @@
 //! described in the repository's `ARCHITECTURE.md`.
 
 mod index;
+mod record;
 pub mod report;
 mod run;
 pub mod settings;
 mod spool;
 pub mod state;
 
-pub use report::{GuardVerdict, PlannedChange, RejectStage, RejectsWriter, RunReport, RunStatus};
+pub use report::{
+    GuardVerdict, PlanError, PlannedChange, RejectStage, RejectsWriter, RunReport, RunStatus,
+};
 pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
 pub use settings::{PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
 pub use state::{SqliteState, StateError, StateStore};

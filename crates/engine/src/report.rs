@@ -4,34 +4,58 @@
 
 use std::path::{Path, PathBuf};
 
-use contactsync_core::{Change, ChangeKind, ContactKey, Origin, RecordError};
+use contactsync_core::{Change, ChangeKind, ContactKey, FieldChange, Origin, RecordError};
 use serde::Serialize;
 
 use crate::settings::SyncMode;
 
-/// How a run ended.
+/// How a run ended. The report's `status`, the first word of the summary line, and
+/// (through the binary) the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Everything synced.
     Synced,
-    /// Finished, but some records were rejected.
-    SyncedWithRejects,
+    /// Finished, but some records were rejected (see the rejects file).
+    FinishedWithRejects,
     /// Refused by the removal guard; nothing was changed.
-    RefusedByGuard,
+    Refused,
     /// Failed; what was not confirmed is sent again next run.
     Failed,
+    /// Interrupted by the user; what was not confirmed is sent again next run.
+    Interrupted,
+    /// Finished, but removals were held back: the read was complete, yet some records
+    /// could not be keyed, and one of them could be a person who would otherwise have
+    /// been taken for a leaver.
+    RemovalsHeld,
 }
 
 impl RunStatus {
-    /// The name stored in the state.
+    /// The name used in reports, the summary line and the state.
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Synced => "synced",
-            RunStatus::SyncedWithRejects => "synced_with_rejects",
-            RunStatus::RefusedByGuard => "refused_by_guard",
+            RunStatus::FinishedWithRejects => "finished_with_rejects",
+            RunStatus::Refused => "refused",
             RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::RemovalsHeld => "removals_held",
         }
+    }
+
+    /// Whether the run did what it set out to do (perhaps with rejected records), so
+    /// that the source's cursor may advance.
+    pub fn succeeded(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Synced | RunStatus::FinishedWithRejects | RunStatus::RemovalsHeld
+        )
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -46,6 +70,11 @@ pub struct PlannedChange {
     pub email: Option<String>,
     /// Where it came from.
     pub origin: String,
+    /// The fields it sets, with their values before and after (none for a removal).
+    pub fields: Vec<FieldChange>,
+    /// Whether the values before are known (false for an update of a person synced
+    /// before the state kept records: every field is then listed with no `before`).
+    pub before_known: bool,
 }
 
 impl PlannedChange {
@@ -55,7 +84,107 @@ impl PlannedChange {
             key: change.key().to_string(),
             email: change.email().map(str::to_string),
             origin: change.origin().to_string(),
+            fields: change.field_changes(),
+            before_known: change.kind() != ChangeKind::Update || change.before().is_some(),
         }
+    }
+
+    /// The change as one line of a `--plan` file: `{"kind", "key", "email", "origin",
+    /// "fields": {"last_name": {"before": "Lee", "after": "Smith"}}}`, fields in the
+    /// order of the canonical record; `"before_known": false` when the values before are
+    /// not known.
+    pub fn to_json_line(&self) -> String {
+        let line = PlanLine {
+            kind: self.kind.as_str(),
+            key: &self.key,
+            email: self.email.as_deref(),
+            origin: &self.origin,
+            fields: OrderedFields(&self.fields),
+            before_known: (!self.before_known).then_some(false),
+        };
+        // Strings, options and maps of strings always serialise.
+        serde_json::to_string(&line).unwrap_or_default()
+    }
+}
+
+#[derive(Serialize)]
+struct PlanLine<'a> {
+    kind: &'static str,
+    key: &'a str,
+    email: Option<&'a str>,
+    origin: &'a str,
+    fields: OrderedFields<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    before_known: Option<bool>,
+}
+
+/// Field changes as a JSON object keyed by field name, in the order given.
+struct OrderedFields<'a>(&'a [FieldChange]);
+
+impl Serialize for OrderedFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct BeforeAfter<'a> {
+            before: &'a Option<String>,
+            after: &'a Option<String>,
+        }
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for change in self.0 {
+            map.serialize_entry(
+                &change.field.to_string(),
+                &BeforeAfter {
+                    before: &change.before,
+                    after: &change.after,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// Writes every change of a run to a `--plan` file, one JSON object a line.
+pub(crate) struct PlanWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+}
+
+/// The plan file failed.
+#[derive(Debug, thiserror::Error)]
+#[error("plan file {}: {source}", path.display())]
+pub struct PlanError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl PlanWriter {
+    pub(crate) fn create(path: &Path) -> Result<Self, PlanError> {
+        let file = std::fs::File::create(path).map_err(|source| PlanError {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(PlanWriter {
+            out: std::io::BufWriter::new(file),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub(crate) fn write(&mut self, change: &Change) -> Result<(), PlanError> {
+        use std::io::Write;
+        let line = PlannedChange::of(change).to_json_line();
+        writeln!(self.out, "{line}").map_err(|source| PlanError {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub(crate) fn flush(&mut self) -> Result<(), PlanError> {
+        use std::io::Write;
+        self.out.flush().map_err(|source| PlanError {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 
@@ -105,6 +234,11 @@ pub struct RunReport {
     pub unknown: u64,
     /// Changes of earlier, interrupted runs settled at the start of this one.
     pub recovered: u64,
+    /// Removals this run would have made but held back, because the read, though
+    /// complete, had records whose key could not be read ([`RunReport::removals_held_reason`]).
+    pub removals_held: u64,
+    /// Why removals were held back.
+    pub removals_held_reason: Option<String>,
     /// The removal guard's verdict, when there were removals.
     pub guard: Option<GuardVerdict>,
     /// The first changes of each kind (dry runs).
@@ -135,6 +269,8 @@ impl RunReport {
             skipped: 0,
             unknown: 0,
             recovered: 0,
+            removals_held: 0,
+            removals_held_reason: None,
             guard: None,
             sample: Vec::new(),
             started_at: chrono::Utc::now().to_rfc3339(),
@@ -181,7 +317,12 @@ pub struct RejectsWriter {
 }
 
 impl RejectsWriter {
-    /// A writer to `path`, or one that only counts when `None`.
+    /// A writer that only logs.
+    pub fn counting() -> Self {
+        RejectsWriter { writer: None }
+    }
+
+    /// A writer to `path`, or one that only logs when `None`.
     pub fn create(path: Option<&Path>) -> Result<Self, RejectsError> {
         let writer = match path {
             None => None,

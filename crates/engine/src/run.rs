@@ -1,29 +1,37 @@
-//! One run of one pipeline.
+//! One run of one pipeline, in five steps, each a method of [`Run`]:
 //!
-//! 1. Settle what an interrupted earlier run left pending ([`contactsync_core::Sink::recover`]).
-//! 2. Read the source, map and validate each record, and diff it against the compact
-//!    index of what the sink last accepted; changes go to a spool file.
-//! 3. After a complete read, the keys of the state that were not read are removals.
-//! 4. The removal guard; a dry run stops here with the plan.
-//! 5. Apply in batches: each batch is recorded as pending before it is sent, and each
-//!    outcome settles its change in one transaction.
-//! 6. Record the run; the source's cursor advances only if nothing failed.
+//! 1. **Recover**: settle what an interrupted earlier run left pending
+//!    ([`contactsync_core::Sink::recover`]).
+//! 2. **Read and diff**: read the source, map and validate each record, and diff it
+//!    against the compact index of what the sink last accepted; changes go to a spool
+//!    file (and to the `--plan` file). Every record read counts as *seen*, valid or not:
+//!    after a complete read, the keys of the state that were not seen are removals,
+//!    unless some rejected record had no key that could be read, in which case removals
+//!    are held back (any of those records could be a person the sweep would remove).
+//! 3. **Guard**: the removal guard; a dry run stops here with the plan.
+//! 4. **Apply** in batches: each batch is recorded as pending before it is sent, and
+//!    each outcome settles its change (and the last-sent record) in one transaction.
+//! 5. **Record** the run; the source's cursor advances only if the run succeeded.
 //!
 //! A process killed anywhere leaves pending changes the next run settles or re-sends;
 //! every sink call is an upsert, so re-sending converges without duplicates.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use contactsync_core::{
-    Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, KeyRule, NoProgress, Origin,
-    Outcome, ProgressReporter, ReadMode, Sink, SinkContext, Source, SourceItem, SyncedEntry,
+    Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Contact, ContactKey, KeyRule,
+    NoProgress, Origin, Outcome, ProgressReporter, ReadMode, ReadOutcome, Sink, SinkCapabilities,
+    SinkContext, SinkStore, Source, SourceItem, SourceRecord, SyncedEntry,
 };
+use nohash_hasher::BuildNoHashHasher;
 use tokio_util::sync::CancellationToken;
 
 use crate::index::{ContactIndex, Seen};
 use crate::report::{
-    GuardVerdict, PlannedChange, RejectStage, RejectsWriter, RunReport, RunStatus,
+    GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, RejectsWriter, RunReport,
+    RunStatus,
 };
 use crate::settings::{FieldMapping, PipelineSettings};
 use crate::spool::ChangeSpool;
@@ -32,12 +40,29 @@ use crate::state::{PendingRow, Settlement, StateError, StateStore};
 /// A pipeline to run: a source, a sink, and how they sync.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
-    /// The pipeline's identity in the state: `source->sink` by config section names.
+    /// The pipeline's identity in the state: `source->sink` by config section names
+    /// (see [`Pipeline::id`]).
     pub name: String,
     /// The sink's config section (`sinks.poppulo`): the scope of its key-value space.
     pub sink_scope: String,
     /// How they sync.
     pub settings: PipelineSettings,
+}
+
+impl Pipeline {
+    /// The pipeline from source section `from` to sink section `to`.
+    pub fn new(from: &str, to: &str, sink_scope: &str, settings: PipelineSettings) -> Self {
+        Pipeline {
+            name: Pipeline::id(from, to),
+            sink_scope: sink_scope.to_string(),
+            settings,
+        }
+    }
+
+    /// The identity in the state of the pipeline from `from` to `to`: `from->to`.
+    pub fn id(from: &str, to: &str) -> String {
+        format!("{from}->{to}")
+    }
 }
 
 /// Options of one run, from the command line.
@@ -51,7 +76,9 @@ pub struct RunOptions {
     pub full: bool,
     /// Where to write rejected records.
     pub rejects: Option<PathBuf>,
-    /// How many changes of each kind the report shows.
+    /// Where to write every change of the run, one JSON object a line (`--plan`).
+    pub plan: Option<PathBuf>,
+    /// How many changes of each kind the report shows, with their fields.
     pub sample_size: usize,
     /// Where to spool the change set (the system's temp dir when `None`).
     pub spool_dir: Option<PathBuf>,
@@ -110,6 +137,8 @@ enum RunError {
     State(#[from] StateError),
     #[error(transparent)]
     Rejects(#[from] crate::report::RejectsError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("change spool: {0}")]
     Spool(#[from] std::io::Error),
     #[error("the sink returned {got} outcomes for a batch of {expected} changes; nothing of that batch is trusted")]
@@ -130,159 +159,334 @@ pub async fn run(
     observer: &dyn RunObserver,
 ) -> RunReport {
     let started = Instant::now();
-    let mut report = RunReport::new(&pipeline.name, pipeline.settings.mode, options.dry_run);
-    let mut run_id = 0;
-    let result = run_inner(
+    let mut run = Run {
         pipeline,
-        source,
-        sink,
-        state,
         options,
         observer,
-        &mut report,
-        &mut run_id,
-    )
-    .await;
-    report.duration_ms = started.elapsed().as_millis() as u64;
-    let (cursor, full_read) = match result {
-        Ok(progress) => progress,
-        Err(e) => {
-            report.status = RunStatus::Failed;
-            report.error = Some(e.to_string());
-            (None, false)
-        }
+        state,
+        report: RunReport::new(&pipeline.name, pipeline.settings.mode, options.dry_run),
+        rejects: RejectsWriter::counting(),
+        capabilities: sink.capabilities(),
     };
-    if report.status == RunStatus::Synced && (report.rejected > 0) {
-        report.status = RunStatus::SyncedWithRejects;
-    }
-    if report.status != RunStatus::Failed && report.unknown > 0 {
-        report.status = RunStatus::Failed;
-        report.error.get_or_insert_with(|| {
-            format!(
-                "{} changes have an unknown outcome; the next run sends them again",
-                report.unknown
-            )
-        });
-    }
-    if !options.dry_run && run_id > 0 {
-        let succeeded = matches!(
-            report.status,
-            RunStatus::Synced | RunStatus::SyncedWithRejects
-        );
-        let json = serde_json::to_string(&report).unwrap_or_default();
-        let cursor = if succeeded { cursor } else { None };
-        if let Err(e) = state.finish_run(
-            &pipeline.name,
-            run_id,
-            report.status.as_str(),
-            &json,
-            cursor.as_deref(),
-            succeeded && full_read,
-        ) {
-            report.status = RunStatus::Failed;
-            report.error = Some(e.to_string());
-        }
-    }
-    report
+    let result = run.execute(source, sink).await;
+    run.record(result, started)
 }
 
-/// Returns the cursor to store and whether the read was a complete full read.
-#[allow(clippy::too_many_arguments)]
-async fn run_inner(
-    pipeline: &Pipeline,
-    source: &dyn Source,
-    sink: &mut dyn Sink,
-    state: &mut dyn StateStore,
-    options: &RunOptions,
-    observer: &dyn RunObserver,
-    report: &mut RunReport,
-    run_id: &mut i64,
-) -> Result<(Option<String>, bool), RunError> {
-    let settings = &pipeline.settings;
-    let mut rejects = RejectsWriter::create(options.rejects.as_deref())?;
+/// How the steps before [`Run::record`] ended, when nothing failed.
+#[derive(Debug, Default)]
+struct Completion {
+    /// The source's new cursor, stored if the run succeeded.
+    cursor: Option<String>,
+    /// Whether this run counts as a full read for `full_every`: complete, trusted for
+    /// removals, and applied.
+    full_read: bool,
+}
 
-    let last_full = if options.dry_run {
-        None
-    } else {
-        let (run, last_full) = state.begin_run(&pipeline.name)?;
-        *run_id = run;
-        report.run = run;
-        observer.phase(Phase::Recovering, None);
-        report.recovered = recover(pipeline, sink, state, observer, &options.cancel).await?;
-        last_full
-    };
+/// One run in progress: what every step shares.
+struct Run<'r> {
+    pipeline: &'r Pipeline,
+    options: &'r RunOptions,
+    observer: &'r dyn RunObserver,
+    state: &'r mut dyn StateStore,
+    report: RunReport,
+    rejects: RejectsWriter,
+    capabilities: SinkCapabilities,
+}
 
-    // Which read: full when asked, when the source cannot do better, when there is no
-    // cursor yet, or when the pipeline's `full_every` says it is time.
-    let cursor = state.cursor(&pipeline.name)?;
-    let full_due = match (settings.full_every, last_full) {
-        (Some(n), Some(last)) => *run_id - last >= i64::from(n.max(1)),
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    let read_mode =
-        if options.full || !source.capabilities().incremental || cursor.is_none() || full_due {
+/// A record that cannot be synced, on its way to the rejects file.
+struct Rejection<'a> {
+    stage: RejectStage,
+    origin: &'a Origin,
+    key: Option<&'a ContactKey>,
+    email: Option<&'a str>,
+    field: Option<&'a str>,
+    reason: String,
+    /// The record as the engine saw it, written as JSON…
+    contact: Option<&'a Contact>,
+    /// …or as the source read it, when it could not be mapped.
+    raw: Option<&'a str>,
+}
+
+impl<'a> Rejection<'a> {
+    /// A record the engine refuses while diffing, at the field `field`.
+    fn of_record(
+        origin: &'a Origin,
+        contact: &'a Contact,
+        key: Option<&'a ContactKey>,
+        field: &'a str,
+        reason: String,
+    ) -> Self {
+        Rejection {
+            stage: RejectStage::Validation,
+            origin,
+            key,
+            email: contact.email.as_deref(),
+            field: Some(field),
+            reason,
+            contact: Some(contact),
+            raw: None,
+        }
+    }
+}
+
+/// What the read and diff produced: the change set, spooled, and how the read ended.
+struct ChangeSet {
+    /// Creates and updates. A batch never mixes removals with creates and updates (a
+    /// platform row that removes someone carries different columns), and removals are
+    /// applied last, after everyone who stays is up to date.
+    upserts: ChangeSpool,
+    removals: ChangeSpool,
+    plan: ChangePlan,
+    /// Contacts in the state before the run.
+    population: u64,
+    read: ReadOutcome,
+    /// Whether the read was a full one.
+    full_read: bool,
+}
+
+/// The diff's working set during the read.
+struct Diff {
+    index: ContactIndex,
+    mapping: FieldMapping,
+    changes: ChangeSet,
+    samples: Samples,
+    plan_file: Option<PlanWriter>,
+    /// Email (lower-cased, hashed) → the key hash and line of the first record of this
+    /// read with it; only for sinks that find people by email.
+    emails: Option<HashMap<u64, (u64, u64), BuildNoHashHasher<u64>>>,
+    /// Rejected records whose key could not be read: a complete read with any of these
+    /// removes nobody.
+    keyless_rejects: u64,
+}
+
+impl<'r> Run<'r> {
+    async fn execute(
+        &mut self,
+        source: &dyn Source,
+        sink: &mut dyn Sink,
+    ) -> Result<Completion, RunError> {
+        self.rejects = RejectsWriter::create(self.options.rejects.as_deref())?;
+        let result = self.steps(source, sink).await;
+        self.rejects.flush()?;
+        result
+    }
+
+    async fn steps(
+        &mut self,
+        source: &dyn Source,
+        sink: &mut dyn Sink,
+    ) -> Result<Completion, RunError> {
+        let last_full = if self.options.dry_run {
+            None
+        } else {
+            let (run, last_full) = self.state.begin_run(&self.pipeline.name)?;
+            self.report.run = run;
+            self.recover(sink).await?;
+            last_full
+        };
+        let changes = self.read_and_diff(source, last_full).await?;
+        if !self.guard(&changes) || self.options.dry_run {
+            return Ok(Completion::default());
+        }
+        let cursor = changes.read.cursor.clone();
+        let full_read =
+            changes.full_read && changes.read.complete && self.report.removals_held == 0;
+        self.apply(sink, changes).await?;
+        Ok(Completion { cursor, full_read })
+    }
+
+    /// What the sink is lent for one call: its key-value space, the observer, and the
+    /// cancellation token.
+    fn lend(&mut self) -> Lent<'_> {
+        Lent {
+            store: self.state.sink_store(&self.pipeline.sink_scope),
+            progress: self.observer,
+            cancel: self.options.cancel.clone(),
+        }
+    }
+
+    /// Step 1: settles batches an interrupted run left pending.
+    async fn recover(&mut self, sink: &mut dyn Sink) -> Result<(), RunError> {
+        self.observer.phase(Phase::Recovering, None);
+        let batches = self.state.pending_batches(&self.pipeline.name)?;
+        for (batch, rows) in batches {
+            tracing::info!(batch = %batch.id, changes = batch.records.len(), "settling a batch an earlier run left unconfirmed");
+            let outcomes = {
+                let mut lent = self.lend();
+                sink.recover(&batch, &mut lent.context())
+                    .await
+                    .map_err(RunError::Sink)?
+            };
+            let Some(outcomes) = outcomes else {
+                // Sent again by this run's diff, since `synced` still holds the old content.
+                self.state.drop_pending(&self.pipeline.name, &batch.id)?;
+                continue;
+            };
+            if outcomes.len() != rows.len() {
+                return Err(RunError::OutcomeCount {
+                    got: outcomes.len(),
+                    expected: rows.len(),
+                });
+            }
+            let settlements: Vec<Settlement> = rows
+                .into_iter()
+                .zip(outcomes)
+                .map(|(row, outcome)| match (outcome, row.kind) {
+                    (Outcome::Applied { .. }, ChangeKind::Remove) => {
+                        Settlement::Forgotten { key: row.key }
+                    }
+                    (Outcome::Applied { handle }, _) => Settlement::Synced {
+                        key: row.key,
+                        entry: SyncedEntry {
+                            content_hash: row.content_hash,
+                            email: row.email,
+                            handle,
+                            record: row.record.map(Box::new),
+                        },
+                    },
+                    // Whatever else: the diff of this run decides again.
+                    _ => Settlement::Dropped { key: row.key },
+                })
+                .collect();
+            self.report.recovered += settlements.len() as u64;
+            self.state
+                .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        }
+        Ok(())
+    }
+
+    /// Step 2: reads the source and diffs every record against the state.
+    async fn read_and_diff(
+        &mut self,
+        source: &dyn Source,
+        last_full: Option<i64>,
+    ) -> Result<ChangeSet, RunError> {
+        let settings = &self.pipeline.settings;
+        // Which read: full when asked, when the source cannot do better, when there is
+        // no cursor yet, or when the pipeline's `full_every` says it is time.
+        let cursor = self.state.cursor(&self.pipeline.name)?;
+        let full_due = match (settings.full_every, last_full) {
+            (Some(n), Some(last)) => self.report.run - last >= i64::from(n.max(1)),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let read_mode = if self.options.full
+            || !source.capabilities().incremental
+            || cursor.is_none()
+            || full_due
+        {
             ReadMode::Full
         } else {
             ReadMode::Incremental { cursor }
         };
-    let full_read = read_mode == ReadMode::Full;
-    tracing::info!(pipeline = %pipeline.name, mode = ?read_mode, "reading");
+        tracing::info!(pipeline = %self.pipeline.name, mode = ?read_mode, "reading");
 
-    let mut index = ContactIndex::default();
-    state.scan_index(&pipeline.name, &mut |key_hash, content_hash| {
-        index.insert_synced(key_hash, content_hash)
-    })?;
-    let population = index.population();
-
-    let mapping = FieldMapping::new(settings);
-    let mut spool = Spools {
-        upserts: ChangeSpool::create(options.spool_dir.as_deref())?,
-        removals: ChangeSpool::create(options.spool_dir.as_deref())?,
-    };
-    let mut plan = ChangePlan::default();
-    let mut samples = Samples::new(options.sample_size);
-
-    observer.phase(Phase::Reading, None);
-    let mut stream = source.read(read_mode).await.map_err(RunError::Source)?;
-    loop {
-        if options.cancel.is_cancelled() {
-            return Err(RunError::Cancelled);
-        }
-        let item = match stream.next().await.map_err(RunError::Source)? {
-            Some(item) => item,
-            None => break,
+        let mut index = ContactIndex::default();
+        self.state
+            .scan_index(&self.pipeline.name, &mut |key_hash, content_hash| {
+                index.insert_synced(key_hash, content_hash)
+            })?;
+        let spool_dir = self.options.spool_dir.as_deref();
+        let mut diff = Diff {
+            changes: ChangeSet {
+                upserts: ChangeSpool::create(spool_dir)?,
+                removals: ChangeSpool::create(spool_dir)?,
+                plan: ChangePlan::default(),
+                population: index.population(),
+                read: ReadOutcome::default(),
+                full_read: read_mode == ReadMode::Full,
+            },
+            index,
+            mapping: FieldMapping::new(settings),
+            samples: Samples::new(self.options.sample_size),
+            plan_file: self
+                .options
+                .plan
+                .as_deref()
+                .map(PlanWriter::create)
+                .transpose()?,
+            emails: self.capabilities.addresses_by_email.then(HashMap::default),
+            keyless_rejects: 0,
         };
-        report.read += 1;
-        if report.read.is_multiple_of(4096) {
-            observer.advance(4096);
-        }
-        let record = match item {
-            SourceItem::Rejected(error) => {
-                report.rejected += 1;
-                rejects.write_error(RejectStage::Source, &error)?;
-                continue;
+
+        self.observer.phase(Phase::Reading, None);
+        let mut stream = source.read(read_mode).await.map_err(RunError::Source)?;
+        loop {
+            if self.options.cancel.is_cancelled() {
+                return Err(RunError::Cancelled);
             }
-            SourceItem::Record(record) => record,
-        };
-        let mut contact = record.contact;
-        if !mapping.is_empty() {
-            if let Err((field, reason)) = mapping.apply(&mut contact) {
-                report.rejected += 1;
-                rejects.write(
-                    RejectStage::Validation,
-                    &record.origin,
-                    None,
-                    contact.email.as_deref(),
-                    Some(&field),
-                    &reason,
-                    serde_json::to_string(&contact).ok().as_deref(),
-                )?;
-                continue;
+            let Some(item) = stream.next().await.map_err(RunError::Source)? else {
+                break;
+            };
+            self.report.read += 1;
+            if self.report.read.is_multiple_of(4096) {
+                self.observer.advance(4096);
+            }
+            match item {
+                SourceItem::Rejected(error) => {
+                    let key = error
+                        .partial
+                        .as_deref()
+                        .and_then(|partial| {
+                            let mut partial = partial.clone();
+                            // The key may come from a mapped field; a mapping error only
+                            // means the key is taken from the fields as read.
+                            let _ = diff.mapping.apply(&mut partial);
+                            trusted_key(&partial, settings.key)
+                        })
+                        .or_else(|| error.key.clone().filter(|k| rule_allows(settings.key, k)));
+                    self.seen_rejected(&mut diff, key.as_ref());
+                    self.reject(Rejection {
+                        stage: RejectStage::Source,
+                        origin: &error.origin,
+                        key: key.as_ref().or(error.key.as_ref()),
+                        email: error.partial.as_ref().and_then(|c| c.email.as_deref()),
+                        field: error.field.as_deref(),
+                        reason: error.reason.clone(),
+                        contact: None,
+                        raw: error.raw.as_deref(),
+                    })?;
+                }
+                SourceItem::Record(record) => self.diff_record(&mut diff, record)?,
             }
         }
-        let Some(key) = contact.key(settings.key) else {
-            let (field, reason) = match settings.key {
+        diff.changes.read = stream.finish().await.map_err(RunError::Source)?;
+        self.report.complete_read = diff.changes.read.complete;
+        self.observer.advance(self.report.read % 4096);
+        self.sweep(&mut diff)?;
+
+        if let Some(plan_file) = diff.plan_file.as_mut() {
+            plan_file.flush()?;
+        }
+        let plan = diff.changes.plan;
+        self.report.created = plan.creates;
+        self.report.updated = plan.updates;
+        self.report.removed = plan.removals;
+        self.report.sample = diff.samples.into_changes();
+        Ok(diff.changes)
+    }
+
+    /// Diffs one record read from the source.
+    fn diff_record(&mut self, diff: &mut Diff, record: SourceRecord) -> Result<(), RunError> {
+        let rule = self.pipeline.settings.key;
+        let SourceRecord {
+            mut contact,
+            origin,
+            deleted,
+        } = record;
+        if let Err((field, reason)) = diff.mapping.apply(&mut contact) {
+            let key = trusted_key(&contact, rule);
+            self.seen_rejected(diff, key.as_ref());
+            return self.reject(Rejection::of_record(
+                &origin,
+                &contact,
+                key.as_ref(),
+                &field,
+                reason,
+            ));
+        }
+        let Some(key) = contact.key(rule) else {
+            let (field, reason) = match rule {
                 KeyRule::Auto => (
                     "external_id",
                     "no key: the record has neither an external id nor an email",
@@ -296,224 +500,498 @@ async fn run_inner(
                     "no key: the pipeline keys on email and the record has none",
                 ),
             };
-            report.rejected += 1;
-            rejects.write(
-                RejectStage::Validation,
-                &record.origin,
+            self.seen_rejected(diff, None);
+            return self.reject(Rejection::of_record(
+                &origin,
+                &contact,
                 None,
-                contact.email.as_deref(),
-                Some(field),
-                reason,
-                serde_json::to_string(&contact).ok().as_deref(),
-            )?;
-            continue;
+                field,
+                reason.to_string(),
+            ));
         };
         if let Some(email) = contact.email.as_deref() {
-            if !contactsync_core::Contact::is_valid_email(email) && !record.deleted {
-                report.rejected += 1;
-                rejects.write(
-                    RejectStage::Validation,
-                    &record.origin,
+            if !deleted && !Contact::is_valid_email(email) {
+                let trusted = trusted_key(&contact, rule);
+                self.seen_rejected(diff, trusted.as_ref());
+                return self.reject(Rejection::of_record(
+                    &origin,
+                    &contact,
                     Some(&key),
-                    Some(email),
-                    Some("email"),
-                    &format!("not a valid email address: {email:?}"),
-                    serde_json::to_string(&contact).ok().as_deref(),
-                )?;
-                continue;
+                    "email",
+                    format!("not a valid email address: {email:?}"),
+                ));
             }
         }
         let key_hash = key.hash64();
-        let change = match index.mark(key_hash) {
-            Seen::Duplicate => {
-                report.rejected += 1;
-                rejects.write(
-                    RejectStage::Validation,
-                    &record.origin,
+        let seen = diff.index.mark(key_hash);
+        if seen == Seen::Duplicate {
+            let reason = format!(
+                "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
+            );
+            let field = key_field(&key);
+            return self.reject(Rejection::of_record(
+                &origin,
+                &contact,
+                Some(&key),
+                field,
+                reason,
+            ));
+        }
+        if let (Some(emails), Some(email), false) =
+            (diff.emails.as_mut(), contact.email.as_deref(), deleted)
+        {
+            let email_hash = email_identity_hash(email);
+            let line = match &origin {
+                Origin::Line { line, .. } => *line,
+                _ => 0,
+            };
+            let (first_key, first_line) = *emails.entry(email_hash).or_insert((key_hash, line));
+            if first_key != key_hash {
+                let earlier = if first_line > 0 {
+                    format!("the record on line {first_line}")
+                } else {
+                    "an earlier record of this read".to_string()
+                };
+                let reason = format!(
+                    "duplicate email {email}: {earlier} has it under another key, and the sink finds people by email, \
+                     so this record would overwrite that person; the first one wins. Give each person their own address"
+                );
+                return self.reject(Rejection::of_record(
+                    &origin,
+                    &contact,
                     Some(&key),
-                    contact.email.as_deref(),
-                    Some(settings_key_field(settings.key, &key)),
-                    &format!("duplicate key {key}: an earlier record of this read has the same key, and the first one wins"),
-                    serde_json::to_string(&contact).ok().as_deref(),
-                )?;
-                continue;
+                    "email",
+                    reason,
+                ));
             }
-            Seen::New if record.deleted => {
-                report.unchanged += 1;
-                continue;
+        }
+        let change = match seen {
+            Seen::Duplicate => return Ok(()),
+            Seen::New if deleted => {
+                self.report.unchanged += 1;
+                return Ok(());
             }
-            Seen::Synced(_) if record.deleted => {
-                let previous = previous_entry(state, &pipeline.name, key_hash)?;
-                Change::Remove {
-                    key,
-                    previous,
-                    origin: record.origin,
-                }
-            }
+            Seen::Synced(_) if deleted => Change::Remove {
+                previous: self.previous(key_hash)?,
+                key,
+                origin,
+            },
             Seen::New => Change::Create {
                 key,
                 contact,
-                origin: record.origin,
+                origin,
             },
             Seen::Synced(synced_hash) => {
                 if synced_hash == contact.content_hash() {
-                    report.unchanged += 1;
-                    continue;
+                    self.report.unchanged += 1;
+                    return Ok(());
                 }
-                let previous = previous_entry(state, &pipeline.name, key_hash)?;
                 Change::Update {
+                    previous: self.previous(key_hash)?,
                     key,
                     contact,
-                    origin: record.origin,
-                    previous,
+                    origin,
                 }
             }
         };
-        plan_change(
-            &change,
-            settings,
-            &mut plan,
-            report,
-            &mut spool,
-            &mut samples,
-        )?;
+        self.plan_change(diff, &change)
     }
-    let outcome = stream.finish().await.map_err(RunError::Source)?;
-    report.complete_read = outcome.complete;
-    observer.advance(report.read % 4096);
 
-    // Removals by absence: only from a complete read, and only when the mode removes.
-    if outcome.complete && settings.mode.removals() {
-        let unseen: Vec<u64> = index.unseen().collect();
+    /// After a complete read, the keys of the state that were not seen are removals,
+    /// unless the read had records without a key: then they are held back.
+    fn sweep(&mut self, diff: &mut Diff) -> Result<(), RunError> {
+        if !diff.changes.read.complete || !self.pipeline.settings.mode.removals() {
+            return Ok(());
+        }
+        let unseen: Vec<u64> = diff.index.unseen().collect();
+        if unseen.is_empty() {
+            return Ok(());
+        }
+        if diff.keyless_rejects > 0 {
+            self.report.removals_held = unseen.len() as u64;
+            self.report.removals_held_reason = Some(format!(
+                "{} rejected record(s) of this read have no key that could be read (see the rejects file); \
+                 any of them could be one of the {} people not seen, so none is removed. \
+                 Fix those rows and run again.",
+                diff.keyless_rejects,
+                unseen.len()
+            ));
+            return Ok(());
+        }
         for key_hash in unseen {
-            if let Some(row) = state.synced(&pipeline.name, key_hash)? {
+            if let Some(row) = self.state.synced(&self.pipeline.name, key_hash)? {
                 let change = Change::Remove {
                     key: row.key,
                     previous: row.entry,
                     origin: Origin::Derived,
                 };
-                plan_change(
-                    &change,
-                    settings,
-                    &mut plan,
-                    report,
-                    &mut spool,
-                    &mut samples,
-                )?;
+                self.plan_change(diff, &change)?;
             }
         }
+        Ok(())
     }
-    drop(index);
-    report.created = plan.creates;
-    report.updated = plan.updates;
-    report.removed = plan.removals;
-    report.sample = samples.into_changes();
 
-    // The guard: an empty or truncated export must never wipe a platform.
-    if plan.removals > 0 {
-        let ratio = plan.removals as f64 / population.max(1) as f64;
-        let over = ratio > settings.max_removal_ratio;
-        let allowed = !over || options.allow_mass_removal;
-        report.guard = Some(GuardVerdict {
-            removals: plan.removals,
+    /// A rejected record still counts as seen when its key is known, so that it keeps
+    /// its last synced state; without a key, it holds back this run's removals.
+    fn seen_rejected(&mut self, diff: &mut Diff, key: Option<&ContactKey>) {
+        match key {
+            Some(key) => {
+                diff.index.mark(key.hash64());
+            }
+            None => diff.keyless_rejects += 1,
+        }
+    }
+
+    /// What the state remembers of a key the index says is synced.
+    fn previous(&mut self, key_hash: u64) -> Result<SyncedEntry, RunError> {
+        Ok(self
+            .state
+            .synced(&self.pipeline.name, key_hash)?
+            .map(|row| row.entry)
+            .unwrap_or_default())
+    }
+
+    /// Counts a change against the mode, and spools it when the mode applies it.
+    fn plan_change(&mut self, diff: &mut Diff, change: &Change) -> Result<(), RunError> {
+        let mode = self.pipeline.settings.mode;
+        let plan = &mut diff.changes.plan;
+        let (wanted, counter) = match change.kind() {
+            ChangeKind::Create => (mode.creates(), &mut plan.creates),
+            ChangeKind::Update => (mode.updates(), &mut plan.updates),
+            ChangeKind::Remove => (mode.removals(), &mut plan.removals),
+        };
+        if !wanted {
+            self.report.skipped += 1;
+            return Ok(());
+        }
+        *counter += 1;
+        diff.samples.offer(change);
+        if let Some(plan_file) = diff.plan_file.as_mut() {
+            plan_file.write(change)?;
+        }
+        match change.kind() {
+            ChangeKind::Remove => diff.changes.removals.push(change)?,
+            _ => diff.changes.upserts.push(change)?,
+        }
+        Ok(())
+    }
+
+    /// The one way a record is rejected: counted, logged and written to the rejects file.
+    fn reject(&mut self, rejection: Rejection<'_>) -> Result<(), RunError> {
+        self.report.rejected += 1;
+        let record = match rejection.raw {
+            Some(raw) => Some(raw.to_string()),
+            None => rejection
+                .contact
+                .and_then(|c| serde_json::to_string(c).ok()),
+        };
+        self.rejects.write(
+            rejection.stage,
+            rejection.origin,
+            rejection.key,
+            rejection.email,
+            rejection.field,
+            &rejection.reason,
+            record.as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// Step 3: the guard. An empty or truncated export must never wipe a platform.
+    /// Returns whether the run may go on.
+    fn guard(&mut self, changes: &ChangeSet) -> bool {
+        let removals = changes.plan.removals;
+        if removals == 0 {
+            return true;
+        }
+        let population = changes.population;
+        let max = self.pipeline.settings.max_removal_ratio;
+        let ratio = removals as f64 / population.max(1) as f64;
+        let allowed = ratio <= max || self.options.allow_mass_removal;
+        self.report.guard = Some(GuardVerdict {
+            removals,
             population,
-            max_removal_ratio: settings.max_removal_ratio,
+            max_removal_ratio: max,
             allowed,
         });
         if !allowed {
-            report.status = RunStatus::RefusedByGuard;
-            report.error = Some(format!(
-                "refused: this run would remove {} of {} synced contacts ({:.1}%), more than max_removal_ratio {:.1}%. \
+            self.report.status = RunStatus::Refused;
+            self.report.error = Some(format!(
+                "refused: this run would remove {removals} of {population} synced contacts ({:.1}%), more than max_removal_ratio {:.1}%. \
                  If the source really lost them, run again with --allow-mass-removal; otherwise check the source export.",
-                plan.removals,
-                population,
                 ratio * 100.0,
-                settings.max_removal_ratio * 100.0
+                max * 100.0
             ));
-            rejects.flush()?;
-            return Ok((None, false));
+        }
+        allowed
+    }
+
+    /// Step 4: applies the spooled change set in batches.
+    async fn apply(&mut self, sink: &mut dyn Sink, changes: ChangeSet) -> Result<(), RunError> {
+        if changes.upserts.len() + changes.removals.len() == 0 {
+            return Ok(());
+        }
+        let capabilities = self.capabilities;
+        let batch_size = self
+            .pipeline
+            .settings
+            .batch_size
+            .unwrap_or(usize::MAX)
+            .min(capabilities.max_batch)
+            .max(1);
+        // Counted again from the outcomes: the plan's counts become what really happened.
+        self.report.created = 0;
+        self.report.updated = 0;
+        self.report.removed = 0;
+        self.observer
+            .phase(Phase::Applying, Some(changes.plan.total()));
+        {
+            let mut lent = self.lend();
+            sink.begin(&changes.plan, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?;
+        }
+        let run_id = self.report.run;
+        let mut parts = [
+            changes.upserts.into_reader()?,
+            changes.removals.into_reader()?,
+        ];
+        let mut number = 0;
+        for part in parts.iter_mut() {
+            loop {
+                let batch = part.next_batch(batch_size)?;
+                if batch.is_empty() {
+                    break;
+                }
+                if self.options.cancel.is_cancelled() {
+                    return Err(RunError::Cancelled);
+                }
+                number += 1;
+                let batch = ChangeBatch {
+                    id: format!("run-{run_id}-batch-{number}"),
+                    changes: batch,
+                };
+                self.apply_batch(sink, &batch).await?;
+            }
+        }
+        self.observer.phase(Phase::Finishing, None);
+        {
+            let mut lent = self.lend();
+            sink.finish(&mut lent.context())
+                .await
+                .map_err(RunError::Sink)?;
+        }
+        if capabilities.durable_at_finish {
+            self.state.confirm_finished(&self.pipeline.name, run_id)?;
+        }
+        Ok(())
+    }
+
+    /// Records one batch as pending, sends it, and settles each outcome.
+    async fn apply_batch(
+        &mut self,
+        sink: &mut dyn Sink,
+        batch: &ChangeBatch,
+    ) -> Result<(), RunError> {
+        let rows: Vec<PendingRow> = batch
+            .changes
+            .iter()
+            .map(|c| PendingRow {
+                key: c.key().clone(),
+                kind: c.kind(),
+                content_hash: c.contact().map(Contact::content_hash).unwrap_or(0),
+                email: c.email().map(str::to_string),
+                record: c.contact().cloned(),
+            })
+            .collect();
+        self.state
+            .record_pending(&self.pipeline.name, self.report.run, &batch.id, &rows)?;
+        let outcomes = {
+            let mut lent = self.lend();
+            sink.apply(batch, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?
+        };
+        if outcomes.len() != batch.changes.len() {
+            return Err(RunError::OutcomeCount {
+                got: outcomes.len(),
+                expected: batch.changes.len(),
+            });
+        }
+        let durable_at_finish = self.capabilities.durable_at_finish;
+        let mut settlements = Vec::with_capacity(outcomes.len());
+        for ((change, row), outcome) in batch.changes.iter().zip(rows).zip(outcomes) {
+            let kind = change.kind();
+            let key = row.key.clone();
+            let kept_handle = || change.previous().and_then(|p| p.handle.clone());
+            match outcome {
+                Outcome::Applied { handle } => {
+                    match kind {
+                        ChangeKind::Create => self.report.created += 1,
+                        ChangeKind::Update => self.report.updated += 1,
+                        ChangeKind::Remove => self.report.removed += 1,
+                    }
+                    settlements.push(if durable_at_finish {
+                        Settlement::AwaitingFinish { key, handle }
+                    } else if kind == ChangeKind::Remove {
+                        Settlement::Forgotten { key }
+                    } else {
+                        Settlement::Synced {
+                            key,
+                            entry: SyncedEntry {
+                                content_hash: row.content_hash,
+                                email: row.email,
+                                handle: handle.or_else(kept_handle),
+                                record: row.record.map(Box::new),
+                            },
+                        }
+                    });
+                }
+                Outcome::Rejected {
+                    reason,
+                    field,
+                    retry,
+                } => {
+                    self.reject(Rejection {
+                        stage: RejectStage::Sink,
+                        origin: change.origin(),
+                        key: Some(&key),
+                        email: change.email(),
+                        field: field.as_deref(),
+                        reason,
+                        contact: change.contact(),
+                        raw: None,
+                    })?;
+                    settlements.push(match (retry, kind) {
+                        (true, _) => Settlement::Dropped { key },
+                        // Final: remember the content so it is not re-sent every night,
+                        // only when the person changes again. The last-sent record stays
+                        // what the sink last accepted.
+                        (false, ChangeKind::Remove) => Settlement::Forgotten { key },
+                        (false, _) => Settlement::Synced {
+                            key,
+                            entry: SyncedEntry {
+                                content_hash: row.content_hash,
+                                email: row.email,
+                                handle: kept_handle(),
+                                record: None,
+                            },
+                        },
+                    });
+                }
+                Outcome::Unknown { reason } => {
+                    self.report.unknown += 1;
+                    tracing::debug!(key = %key, "outcome unknown, sent again next run: {reason}");
+                    // Stays pending; the next run settles or re-sends it.
+                }
+            }
+        }
+        self.state
+            .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        self.observer.advance(batch.changes.len() as u64);
+        Ok(())
+    }
+
+    /// Step 5: decides the run's status and records the run in the state.
+    fn record(mut self, result: Result<Completion, RunError>, started: Instant) -> RunReport {
+        let completion = match result {
+            Ok(completion) => Some(completion),
+            Err(RunError::Cancelled) => {
+                self.report.status = RunStatus::Interrupted;
+                self.report.error = Some(RunError::Cancelled.to_string());
+                None
+            }
+            Err(e) => {
+                self.report.status = RunStatus::Failed;
+                self.report.error = Some(e.to_string());
+                None
+            }
+        };
+        let report = &mut self.report;
+        if report.status == RunStatus::Synced {
+            if report.unknown > 0 {
+                report.status = RunStatus::Failed;
+                report.error = Some(format!(
+                    "{} changes have an unknown outcome; the next run sends them again",
+                    report.unknown
+                ));
+            } else if report.removals_held > 0 {
+                report.status = RunStatus::RemovalsHeld;
+            } else if report.rejected > 0 {
+                report.status = RunStatus::FinishedWithRejects;
+            }
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        if !self.options.dry_run && report.run > 0 {
+            let succeeded = report.status.succeeded();
+            let (cursor, full_read) = match completion.filter(|_| succeeded) {
+                Some(c) => (c.cursor, c.full_read),
+                None => (None, false),
+            };
+            let json = serde_json::to_string(&*report).unwrap_or_default();
+            if let Err(e) = self.state.finish_run(
+                &self.pipeline.name,
+                report.run,
+                report.status.as_str(),
+                &json,
+                cursor.as_deref(),
+                full_read,
+            ) {
+                report.status = RunStatus::Failed;
+                report.error = Some(e.to_string());
+            }
+        }
+        self.report
+    }
+}
+
+/// What a sink is lent for one call (see [`Run::lend`]).
+struct Lent<'a> {
+    store: Box<dyn SinkStore + 'a>,
+    progress: &'a dyn ProgressReporter,
+    cancel: CancellationToken,
+}
+
+impl Lent<'_> {
+    fn context(&mut self) -> SinkContext<'_> {
+        SinkContext {
+            store: &mut *self.store,
+            progress: self.progress,
+            cancel: self.cancel.clone(),
         }
     }
-    if options.dry_run {
-        rejects.flush()?;
-        return Ok((None, false));
-    }
-
-    let outcome_cursor = outcome.cursor;
-    let applied = apply(
-        pipeline,
-        sink,
-        state,
-        options,
-        observer,
-        report,
-        &mut rejects,
-        spool,
-        plan,
-        *run_id,
-    )
-    .await;
-    rejects.flush()?;
-    applied?;
-    Ok((outcome_cursor, full_read && outcome.complete))
 }
 
-fn settings_key_field(rule: KeyRule, key: &contactsync_core::ContactKey) -> &'static str {
+/// The record's key under `rule`, when it can be trusted to name the person: a key
+/// made of an invalid email address could be anyone's.
+fn trusted_key(contact: &Contact, rule: KeyRule) -> Option<ContactKey> {
+    match contact.key(rule)? {
+        ContactKey::Email(email) if !Contact::is_valid_email(&email) => None,
+        key => Some(key),
+    }
+}
+
+/// Whether a key a source worked out is one the pipeline's rule would give.
+fn rule_allows(rule: KeyRule, key: &ContactKey) -> bool {
     match (rule, key) {
-        (_, contactsync_core::ContactKey::Email(_)) => "email",
-        _ => "external_id",
+        (KeyRule::Auto, _) => true,
+        (KeyRule::ExternalId, ContactKey::ExternalId(_)) => true,
+        (KeyRule::Email, ContactKey::Email(email)) => Contact::is_valid_email(email),
+        _ => false,
     }
 }
 
-fn previous_entry(
-    state: &mut dyn StateStore,
-    pipeline: &str,
-    key_hash: u64,
-) -> Result<SyncedEntry, RunError> {
-    Ok(state
-        .synced(pipeline, key_hash)?
-        .map(|row| row.entry)
-        .unwrap_or(SyncedEntry {
-            content_hash: 0,
-            email: None,
-            handle: None,
-        }))
+fn key_field(key: &ContactKey) -> &'static str {
+    match key {
+        ContactKey::Email(_) => "email",
+        ContactKey::ExternalId(_) => "external_id",
+    }
 }
 
-/// Counts a change against the mode, and spools it when the mode applies it.
-fn plan_change(
-    change: &Change,
-    settings: &PipelineSettings,
-    plan: &mut ChangePlan,
-    report: &mut RunReport,
-    spool: &mut Spools,
-    samples: &mut Samples,
-) -> Result<(), RunError> {
-    let mode = settings.mode;
-    let (wanted, counter) = match change.kind() {
-        ChangeKind::Create => (mode.creates(), &mut plan.creates),
-        ChangeKind::Update => (mode.updates(), &mut plan.updates),
-        ChangeKind::Remove => (mode.removals(), &mut plan.removals),
-    };
-    if !wanted {
-        report.skipped += 1;
-        return Ok(());
-    }
-    *counter += 1;
-    samples.offer(change);
-    match change.kind() {
-        ChangeKind::Remove => spool.removals.push(change)?,
-        _ => spool.upserts.push(change)?,
-    }
-    Ok(())
-}
-
-/// The change set, in two parts: a batch never mixes removals with creates and updates
-/// (a platform row that removes someone carries different columns), and removals are
-/// applied last, after everyone who stays is up to date.
-struct Spools {
-    upserts: ChangeSpool,
-    removals: ChangeSpool,
+/// The hash under which an email is compared with the other emails of a read: the
+/// platforms match addresses without regard to case.
+fn email_identity_hash(email: &str) -> u64 {
+    ContactKey::Email(email.to_lowercase()).hash64()
 }
 
 /// The first few changes of each kind.
@@ -548,241 +1026,4 @@ impl Samples {
         self.changes.sort_by_key(|c| c.kind as u8);
         self.changes
     }
-}
-
-/// Settles batches an interrupted run left pending. Returns how many changes it settled.
-async fn recover(
-    pipeline: &Pipeline,
-    sink: &mut dyn Sink,
-    state: &mut dyn StateStore,
-    observer: &dyn RunObserver,
-    cancel: &CancellationToken,
-) -> Result<u64, RunError> {
-    let batches = state.pending_batches(&pipeline.name)?;
-    let mut settled = 0;
-    for (batch, hashes) in batches {
-        tracing::info!(batch = %batch.id, changes = batch.records.len(), "settling a batch an earlier run left unconfirmed");
-        let outcomes = {
-            let mut store = state.sink_store(&pipeline.sink_scope);
-            let mut ctx = SinkContext {
-                store: &mut *store,
-                progress: observer,
-                cancel: cancel.clone(),
-            };
-            sink.recover(&batch, &mut ctx)
-                .await
-                .map_err(RunError::Sink)?
-        };
-        match outcomes {
-            Some(outcomes) if outcomes.len() == batch.records.len() => {
-                let settlements: Vec<Settlement> = batch
-                    .records
-                    .iter()
-                    .zip(hashes)
-                    .zip(outcomes)
-                    .map(
-                        |((record, content_hash), outcome)| match (outcome, record.kind) {
-                            (Outcome::Applied { .. }, ChangeKind::Remove) => {
-                                Settlement::Forgotten {
-                                    key: record.key.clone(),
-                                }
-                            }
-                            (Outcome::Applied { handle }, _) => Settlement::Synced {
-                                key: record.key.clone(),
-                                entry: SyncedEntry {
-                                    content_hash,
-                                    email: record.email.clone(),
-                                    handle,
-                                },
-                            },
-                            // Whatever else: the diff of this run decides again.
-                            _ => Settlement::Dropped {
-                                key: record.key.clone(),
-                            },
-                        },
-                    )
-                    .collect();
-                settled += settlements.len() as u64;
-                state.settle(&pipeline.name, &batch.id, &settlements)?;
-            }
-            Some(outcomes) => {
-                return Err(RunError::OutcomeCount {
-                    got: outcomes.len(),
-                    expected: batch.records.len(),
-                })
-            }
-            // Sent again by this run's diff, since `synced` still holds the old content.
-            None => state.drop_pending(&pipeline.name, &batch.id)?,
-        }
-    }
-    Ok(settled)
-}
-
-/// Applies the spooled change set in batches.
-#[allow(clippy::too_many_arguments)]
-async fn apply(
-    pipeline: &Pipeline,
-    sink: &mut dyn Sink,
-    state: &mut dyn StateStore,
-    options: &RunOptions,
-    observer: &dyn RunObserver,
-    report: &mut RunReport,
-    rejects: &mut RejectsWriter,
-    spool: Spools,
-    plan: ChangePlan,
-    run_id: i64,
-) -> Result<(), RunError> {
-    if spool.upserts.len() + spool.removals.len() == 0 {
-        return Ok(());
-    }
-    let capabilities = sink.capabilities();
-    let batch_size = pipeline
-        .settings
-        .batch_size
-        .unwrap_or(usize::MAX)
-        .min(capabilities.max_batch)
-        .max(1);
-    // Counted again from the outcomes: the plan's counts become what really happened.
-    report.created = 0;
-    report.updated = 0;
-    report.removed = 0;
-    observer.phase(Phase::Applying, Some(plan.total()));
-    {
-        let mut store = state.sink_store(&pipeline.sink_scope);
-        let mut ctx = SinkContext {
-            store: &mut *store,
-            progress: observer,
-            cancel: options.cancel.clone(),
-        };
-        sink.begin(&plan, &mut ctx).await.map_err(RunError::Sink)?;
-    }
-    let mut readers = [spool.upserts.into_reader()?, spool.removals.into_reader()?];
-    let mut part = 0;
-    let mut number = 0;
-    loop {
-        let changes = readers[part].next_batch(batch_size)?;
-        if changes.is_empty() {
-            if part + 1 < readers.len() {
-                part += 1;
-                continue;
-            }
-            break;
-        }
-        if options.cancel.is_cancelled() {
-            return Err(RunError::Cancelled);
-        }
-        number += 1;
-        let batch = ChangeBatch {
-            id: format!("run-{run_id}-batch-{number}"),
-            changes,
-        };
-        let rows: Vec<PendingRow> = batch
-            .changes
-            .iter()
-            .map(|c| PendingRow {
-                key: c.key().clone(),
-                kind: c.kind(),
-                content_hash: c.contact().map(|c| c.content_hash()).unwrap_or(0),
-                email: c.email().map(str::to_string),
-            })
-            .collect();
-        state.record_pending(&pipeline.name, run_id, &batch.id, &rows)?;
-        let outcomes = {
-            let mut store = state.sink_store(&pipeline.sink_scope);
-            let mut ctx = SinkContext {
-                store: &mut *store,
-                progress: observer,
-                cancel: options.cancel.clone(),
-            };
-            sink.apply(&batch, &mut ctx).await.map_err(RunError::Sink)?
-        };
-        if outcomes.len() != batch.changes.len() {
-            return Err(RunError::OutcomeCount {
-                got: outcomes.len(),
-                expected: batch.changes.len(),
-            });
-        }
-        let mut settlements = Vec::with_capacity(outcomes.len());
-        for ((change, row), outcome) in batch.changes.iter().zip(&rows).zip(outcomes) {
-            let key = change.key().clone();
-            match outcome {
-                Outcome::Applied { handle } => {
-                    match change.kind() {
-                        ChangeKind::Create => report.created += 1,
-                        ChangeKind::Update => report.updated += 1,
-                        ChangeKind::Remove => report.removed += 1,
-                    }
-                    settlements.push(if capabilities.durable_at_finish {
-                        Settlement::AwaitingFinish { key, handle }
-                    } else if change.kind() == ChangeKind::Remove {
-                        Settlement::Forgotten { key }
-                    } else {
-                        Settlement::Synced {
-                            key,
-                            entry: SyncedEntry {
-                                content_hash: row.content_hash,
-                                email: row.email.clone(),
-                                handle: handle
-                                    .or_else(|| change.previous().and_then(|p| p.handle.clone())),
-                            },
-                        }
-                    });
-                }
-                Outcome::Rejected {
-                    reason,
-                    field,
-                    retry,
-                } => {
-                    report.rejected += 1;
-                    rejects.write(
-                        RejectStage::Sink,
-                        change.origin(),
-                        Some(&key),
-                        change.email(),
-                        field.as_deref(),
-                        &reason,
-                        change
-                            .contact()
-                            .and_then(|c| serde_json::to_string(c).ok())
-                            .as_deref(),
-                    )?;
-                    settlements.push(match (retry, change.kind()) {
-                        (true, _) => Settlement::Dropped { key },
-                        // Final: remember the content so it is not re-sent every night,
-                        // only when the person changes again.
-                        (false, ChangeKind::Remove) => Settlement::Forgotten { key },
-                        (false, _) => Settlement::Synced {
-                            key,
-                            entry: SyncedEntry {
-                                content_hash: row.content_hash,
-                                email: row.email.clone(),
-                                handle: change.previous().and_then(|p| p.handle.clone()),
-                            },
-                        },
-                    });
-                }
-                Outcome::Unknown { reason } => {
-                    report.unknown += 1;
-                    tracing::warn!(key = %key, "outcome unknown, sent again next run: {reason}");
-                    // Stays pending; the next run settles or re-sends it.
-                }
-            }
-        }
-        state.settle(&pipeline.name, &batch.id, &settlements)?;
-        observer.advance(batch.changes.len() as u64);
-    }
-    observer.phase(Phase::Finishing, None);
-    {
-        let mut store = state.sink_store(&pipeline.sink_scope);
-        let mut ctx = SinkContext {
-            store: &mut *store,
-            progress: observer,
-            cancel: options.cancel.clone(),
-        };
-        sink.finish(&mut ctx).await.map_err(RunError::Sink)?;
-    }
-    if capabilities.durable_at_finish {
-        state.confirm_finished(&pipeline.name, run_id)?;
-    }
-    Ok(())
 }

@@ -116,10 +116,6 @@ impl FieldMapping {
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.copies.is_empty() && self.drops.is_empty()
-    }
-
     /// Applies the mapping; an error names the target field and why.
     pub(crate) fn apply(&self, contact: &mut Contact) -> Result<(), (String, String)> {
         for (target, source) in &self.copies {

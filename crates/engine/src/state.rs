@@ -6,7 +6,8 @@
 //!
 //! Per pipeline (`source->sink`), the state holds:
 //! - `synced`: key → hash of the content the sink last accepted, with the email and the
-//!   sink's handle, so removals can address the person;
+//!   sink's handle, so removals can address the person, and the record itself in a
+//!   compact binary form (`crate::record`), so that the next change knows its `before`;
 //! - `pending`: changes sent but not yet confirmed, so a crashed run is settled by the
 //!   next one (see DESIGN.md, "Crash safety");
 //! - the source's cursor, advanced only when a run completes;
@@ -18,7 +19,8 @@
 use std::path::{Path, PathBuf};
 
 use contactsync_core::{
-    ChangeKind, ConnectorError, ContactKey, PendingBatch, PendingRecord, SinkStore, SyncedEntry,
+    ChangeKind, ConnectorError, Contact, ContactKey, PendingBatch, PendingRecord, SinkStore,
+    SyncedEntry,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -73,12 +75,17 @@ pub struct PendingRow {
     pub content_hash: u64,
     /// The email it was sent with.
     pub email: Option<String>,
+    /// The contact it sends (`None` for a removal), remembered as the last-sent record
+    /// once the change is confirmed.
+    pub record: Option<Contact>,
 }
 
 /// How one pending change ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
-    /// The sink holds this content now: remember it.
+    /// The sink holds this content now: remember it. An `entry.record` of `None`
+    /// keeps the record stored before (a final rejection changes the hash only, since
+    /// the sink never accepted those values).
     Synced {
         /// The key.
         key: ContactKey,
@@ -157,11 +164,12 @@ pub trait StateStore: Send {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError>;
-    /// Batches left pending by earlier runs, oldest first.
+    /// Batches left pending by earlier runs, oldest first, each with the rows recorded
+    /// for it (in the batch's order).
     fn pending_batches(
         &mut self,
         pipeline: &str,
-    ) -> Result<Vec<(PendingBatch, Vec<u64>)>, StateError>;
+    ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError>;
     /// Settles pending changes of `batch_id` (one transaction).
     fn settle(
         &mut self,
@@ -195,7 +203,8 @@ impl std::fmt::Debug for SqliteState {
     }
 }
 
-const SCHEMA_VERSION: &str = "1";
+/// Version 2 added the last-sent record (`record` in `synced` and `pending`).
+const SCHEMA_VERSION: &str = "2";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -212,6 +221,7 @@ CREATE TABLE IF NOT EXISTS synced (
     content_hash INTEGER NOT NULL,
     email TEXT,
     handle TEXT,
+    record BLOB,
     PRIMARY KEY (pipeline, key_hash)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
@@ -226,6 +236,7 @@ CREATE TABLE IF NOT EXISTS pending (
     email TEXT,
     applied INTEGER NOT NULL DEFAULT 0,
     handle TEXT,
+    record BLOB,
     PRIMARY KEY (pipeline, batch_id, seq)
 );
 CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key);
@@ -262,6 +273,23 @@ fn to_sql(hash: u64) -> i64 {
 
 fn from_sql(value: i64) -> u64 {
     value as u64
+}
+
+/// A stored record, decoded. One that cannot be read (written by a newer contactsync,
+/// or damaged) counts as not known: the sink then behaves as it did before records
+/// were kept, which is safe, and the next change stores a fresh one.
+fn stored_record(key: &str, bytes: Option<&[u8]>) -> Option<Contact> {
+    let bytes = bytes?;
+    match crate::record::decode(bytes) {
+        Ok(contact) => Some(contact),
+        Err(e) => {
+            tracing::warn!(
+                key,
+                "the last-sent record is not readable, treated as unknown: {e}"
+            );
+            None
+        }
+    }
 }
 
 fn kind_name(kind: ChangeKind) -> &'static str {
@@ -323,6 +351,20 @@ impl SqliteState {
                     .map_err(db_error(&self.path))?;
             }
             Some(SCHEMA_VERSION) => {}
+            Some("1") => {
+                // Version 1 kept no records: people synced by it have no `before` until
+                // their next change is sent, and nobody is sent again for the upgrade.
+                self.conn
+                    .execute_batch(
+                        "BEGIN;
+                         ALTER TABLE synced ADD COLUMN record BLOB;
+                         ALTER TABLE pending ADD COLUMN record BLOB;
+                         UPDATE meta SET value = '2' WHERE key = 'schema';
+                         COMMIT;",
+                    )
+                    .map_err(db_error(&self.path))?;
+                tracing::info!(state = %self.path.display(), "state migrated from schema 1 to 2 (last-sent records)");
+            }
             Some(other) => {
                 return Err(StateError::Corrupt {
                     path: self.path.clone(),
@@ -440,26 +482,28 @@ impl StateStore for SqliteState {
     }
 
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {
-        let row: Option<(String, i64, Option<String>, Option<String>)> = self
+        type Row = (String, i64, Option<String>, Option<String>, Option<Vec<u8>>);
+        let row: Option<Row> = self
             .conn
             .prepare_cached(
-                "SELECT key, content_hash, email, handle FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
+                "SELECT key, content_hash, email, handle, record FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
             )
             .and_then(|mut s| {
                 s.query_row(params![pipeline, to_sql(key_hash)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })
                 .optional()
             })
             .map_err(db_error(&self.path))?;
-        row.map(|(key, content_hash, email, handle)| {
+        row.map(|(key, content_hash, email, handle, record)| {
             Ok(SyncedRow {
-                key: self.parse_key(&key)?,
                 entry: SyncedEntry {
                     content_hash: from_sql(content_hash),
                     email,
                     handle,
+                    record: stored_record(&key, record.as_deref()).map(Box::new),
                 },
+                key: self.parse_key(&key)?,
             })
         })
         .transpose()
@@ -477,8 +521,8 @@ impl StateStore for SqliteState {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email, record)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(map)?;
             for (seq, row) in rows.iter().enumerate() {
@@ -492,6 +536,7 @@ impl StateStore for SqliteState {
                     kind_name(row.kind),
                     to_sql(row.content_hash),
                     row.email,
+                    row.record.as_ref().map(crate::record::encode),
                 ])
                 .map_err(map)?;
             }
@@ -502,23 +547,31 @@ impl StateStore for SqliteState {
     fn pending_batches(
         &mut self,
         pipeline: &str,
-    ) -> Result<Vec<(PendingBatch, Vec<u64>)>, StateError> {
+    ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT batch_id, key, kind, email, content_hash FROM pending WHERE pipeline = ?1 ORDER BY run, batch_id, seq",
+                "SELECT batch_id, key, kind, email, content_hash, record FROM pending WHERE pipeline = ?1 ORDER BY run, batch_id, seq",
             )
             .map_err(db_error(&self.path))?;
-        let rows: Vec<(String, String, String, Option<String>, i64)> = stmt
+        type Row = (String, String, String, Option<String>, i64, Option<Vec<u8>>);
+        let rows: Vec<Row> = stmt
             .query_map([pipeline], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })
             .and_then(|rows| rows.collect())
             .map_err(db_error(&self.path))?;
         drop(stmt);
-        let mut batches: Vec<(PendingBatch, Vec<u64>)> = Vec::new();
-        for (batch_id, key, kind, email, content_hash) in rows {
-            let key = self.parse_key(&key)?;
+        let mut batches: Vec<(PendingBatch, Vec<PendingRow>)> = Vec::new();
+        for (batch_id, key_text, kind, email, content_hash, record) in rows {
+            let key = self.parse_key(&key_text)?;
             let kind = kind_from(&kind).ok_or_else(|| StateError::Corrupt {
                 path: self.path.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
@@ -536,9 +589,19 @@ impl StateStore for SqliteState {
                     Vec::new(),
                 ));
             }
-            if let Some((batch, hashes)) = batches.last_mut() {
-                batch.records.push(PendingRecord { key, kind, email });
-                hashes.push(from_sql(content_hash));
+            if let Some((batch, rows)) = batches.last_mut() {
+                batch.records.push(PendingRecord {
+                    key: key.clone(),
+                    kind,
+                    email: email.clone(),
+                });
+                rows.push(PendingRow {
+                    key,
+                    kind,
+                    content_hash: from_sql(content_hash),
+                    email,
+                    record: stored_record(&key_text, record.as_deref()),
+                });
             }
         }
         Ok(batches)
@@ -555,9 +618,10 @@ impl StateStore for SqliteState {
         {
             let mut upsert = tx
                 .prepare_cached(
-                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
-                       email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)
+                       email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
+                       record = COALESCE(excluded.record, synced.record)
                      WHERE synced.key = excluded.key",
                 )
                 .map_err(map)?;
@@ -589,6 +653,7 @@ impl StateStore for SqliteState {
                                 to_sql(entry.content_hash),
                                 entry.email,
                                 entry.handle,
+                                entry.record.as_deref().map(crate::record::encode),
                             ])
                             .map_err(map)?;
                         if changed == 0 {
@@ -639,11 +704,12 @@ impl StateStore for SqliteState {
             .map_err(map)?;
         let upserted = tx
             .execute(
-                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle)
-                   SELECT pipeline, key_hash, key, content_hash, email, handle FROM pending
+                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
+                   SELECT pipeline, key_hash, key, content_hash, email, handle, record FROM pending
                    WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != 'remove'
                  ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
-                   email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)",
+                   email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
+                   record = COALESCE(excluded.record, synced.record)",
                 params![pipeline, run],
             )
             .map_err(map)?;

@@ -97,6 +97,8 @@ struct Platform {
     /// Keys whose recovery the sink can answer (a job it can find again).
     recoverable: bool,
     recovered: Vec<String>,
+    /// The `before` record of every update and removal applied, in order.
+    befores: Vec<(String, Option<Contact>)>,
 }
 
 #[derive(Clone, Default)]
@@ -121,6 +123,7 @@ impl MemorySink {
 impl Sink for MemorySink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            addresses_by_email: false,
             max_batch: self.max_batch,
             asynchronous_jobs: false,
             durable_at_finish: false,
@@ -197,6 +200,10 @@ impl Sink for MemorySink {
                         reason: "job failed".into(),
                     });
                     continue;
+                }
+                if change.kind() != contactsync_core::ChangeKind::Create {
+                    p.befores
+                        .push((change.key().to_string(), change.before().cloned()));
                 }
                 match change {
                     Change::Create { key, contact, .. } | Change::Update { key, contact, .. } => {
@@ -351,7 +358,7 @@ async fn the_guard_refuses_mass_removal_unless_allowed() {
 
     // An empty export would remove everyone: refused, nothing touched.
     let r = f.run(&ListSource::of(&[]), &mut sink).await;
-    assert_eq!(r.status, RunStatus::RefusedByGuard);
+    assert_eq!(r.status, RunStatus::Refused);
     assert!(r.error.as_deref().unwrap().contains("--allow-mass-removal"));
     assert_eq!(sink.people().len(), 18);
     let r = f.run(&ListSource::of(&people[..18]), &mut sink).await;
@@ -399,7 +406,7 @@ async fn dry_run_plans_and_touches_nothing() {
     assert_eq!(r.removed, 1);
     assert_eq!(
         r.status,
-        RunStatus::RefusedByGuard,
+        RunStatus::Refused,
         "25% > 10%, reported in the plan too"
     );
     assert_eq!(sink.people().len(), 4);
@@ -435,7 +442,7 @@ async fn invalid_and_duplicate_records_are_rejected_with_their_line() {
     assert_eq!(r.read, 6);
     assert_eq!(r.created, 2);
     assert_eq!(r.rejected, 4);
-    assert_eq!(r.status, RunStatus::SyncedWithRejects);
+    assert_eq!(r.status, RunStatus::FinishedWithRejects);
     assert_eq!(
         sink.people()[&ContactKey::ExternalId("E1".into())]
             .first_name
@@ -685,4 +692,170 @@ async fn a_batch_never_mixes_removals_with_upserts_and_removals_come_last() {
         kinds,
         vec![vec!["update", "create"], vec!["remove", "remove"]]
     );
+}
+
+/// The schema of the first release, which kept no last-sent records.
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pipelines (
+    name TEXT PRIMARY KEY,
+    runs INTEGER NOT NULL DEFAULT 0,
+    cursor TEXT,
+    last_full_run INTEGER
+);
+CREATE TABLE IF NOT EXISTS synced (
+    pipeline TEXT NOT NULL,
+    key_hash INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    content_hash INTEGER NOT NULL,
+    email TEXT,
+    handle TEXT,
+    PRIMARY KEY (pipeline, key_hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
+    pipeline TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    key_hash INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    content_hash INTEGER NOT NULL,
+    email TEXT,
+    applied INTEGER NOT NULL DEFAULT 0,
+    handle TEXT,
+    PRIMARY KEY (pipeline, batch_id, seq)
+);
+CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key);
+CREATE TABLE IF NOT EXISTS runs (
+    pipeline TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT,
+    report TEXT,
+    PRIMARY KEY (pipeline, run)
+);
+CREATE TABLE IF NOT EXISTS sink_data (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+";
+
+#[tokio::test]
+async fn a_state_of_the_first_release_is_migrated_and_nobody_is_sent_again() {
+    let f = Fixture::new();
+    let mut people: Vec<Contact> = (1..=3).map(|i| person(i, "Ann")).collect();
+    {
+        let db = rusqlite::Connection::open(f.dir.path().join("state.db")).unwrap();
+        db.execute_batch(SCHEMA_V1).unwrap();
+        db.execute_batch(
+            "INSERT INTO meta VALUES ('schema', '1');
+             INSERT INTO pipelines (name, runs) VALUES ('list->memory', 1);",
+        )
+        .unwrap();
+        for c in &people {
+            let key = c.key(contactsync_core::KeyRule::Auto).unwrap();
+            db.execute(
+                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email) VALUES ('list->memory', ?1, ?2, ?3, ?4)",
+                rusqlite::params![
+                    key.hash64() as i64,
+                    key.to_string(),
+                    c.content_hash() as i64,
+                    c.email
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let mut sink = MemorySink::new(10);
+    let r = f.run(&ListSource::of(&people), &mut sink).await;
+    assert_eq!(r.status, RunStatus::Synced, "{r:?}");
+    assert_eq!(
+        (r.created, r.updated, r.unchanged),
+        (0, 0, 3),
+        "nobody re-sent"
+    );
+    assert!(sink.platform.lock().unwrap().batches.is_empty());
+
+    // The first change after the upgrade has no `before`; it stores one for the next.
+    people[1].set(&Field::FirstName, "Bea").unwrap();
+    let r = f.run(&ListSource::of(&people), &mut sink).await;
+    assert_eq!((r.updated, r.unchanged), (1, 2), "{r:?}");
+    assert_eq!(r.sample.len(), 0);
+    people[1].set(&Field::FirstName, "Cy").unwrap();
+    let r = f
+        .run_with(
+            &ListSource::of(&people),
+            &mut sink,
+            RunOptions {
+                sample_size: 5,
+                ..RunOptions::default()
+            },
+        )
+        .await;
+    assert_eq!(r.updated, 1);
+    let fields = &r.sample[0].fields;
+    assert_eq!(fields.len(), 1, "{fields:?}");
+    assert_eq!(fields[0].before.as_deref(), Some("Bea"));
+    assert_eq!(fields[0].after.as_deref(), Some("Cy"));
+    let befores = sink.platform.lock().unwrap().befores.clone();
+    assert_eq!(befores.len(), 2);
+    assert_eq!(befores[0], ("external_id:E2".to_string(), None));
+    assert_eq!(
+        befores[1].1.as_ref().and_then(|c| c.first_name.as_deref()),
+        Some("Bea"),
+        "the second change knows what the first one sent"
+    );
+
+    // A removal carries the record last sent, when there is one.
+    let allow = RunOptions {
+        allow_mass_removal: true,
+        ..RunOptions::default()
+    };
+    let r = f
+        .run_with(&ListSource::of(&people[..2]), &mut sink, allow)
+        .await;
+    assert_eq!((r.status, r.removed), (RunStatus::Synced, 1), "{r:?}");
+    let befores = sink.platform.lock().unwrap().befores.clone();
+    assert_eq!(befores[2].0, "external_id:E3");
+    assert_eq!(befores[2].1, None, "E3 was synced by the old release");
+}
+
+#[tokio::test]
+async fn a_source_reject_with_a_key_is_seen_and_one_without_holds_back_removals() {
+    let f = Fixture::new();
+    let mut sink = MemorySink::new(10);
+    let people: Vec<Contact> = (1..=4).map(|i| person(i, "Ann")).collect();
+    f.run(&ListSource::of(&people), &mut sink).await;
+
+    // E2's row could not be mapped, but the source read its id: E2 is seen.
+    let mut source = ListSource::of(&[people[0].clone(), people[2].clone(), people[3].clone()]);
+    source.items.push(SourceItem::Rejected(
+        RecordError::new(Origin::line("people.csv", 9), "bad value")
+            .with_field("status")
+            .with_partial(people[1].clone()),
+    ));
+    let r = f.run(&source, &mut sink).await;
+    assert_eq!(r.status, RunStatus::FinishedWithRejects, "{r:?}");
+    assert_eq!((r.removed, r.removals_held, r.rejected), (0, 0, 1));
+    assert_eq!(sink.people().len(), 4);
+
+    // A row whose shape cannot be trusted (no partial record): nobody is removed,
+    // although E2 and E4 are missing.
+    let mut source = ListSource::of(&[people[0].clone(), people[2].clone()]);
+    source.items.push(SourceItem::Rejected(RecordError::new(
+        Origin::line("people.csv", 4),
+        "the row has 2 fields, the header has 5",
+    )));
+    let r = f.run(&source, &mut sink).await;
+    assert_eq!(r.status, RunStatus::RemovalsHeld, "{r:?}");
+    assert_eq!((r.removed, r.removals_held), (0, 2));
+    assert!(r
+        .removals_held_reason
+        .unwrap()
+        .contains("1 rejected record"));
+    assert_eq!(sink.people().len(), 4);
 }

@@ -290,6 +290,7 @@ impl SinkConformance {
             content_hash: contact.content_hash(),
             email: contact.email.clone(),
             handle: handles.get(key).cloned().flatten(),
+            record: Some(Box::new(contact.clone())),
         }
     }
 

@@ -39,6 +39,7 @@ struct MemorySink {
 impl Sink for MemorySink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
+            addresses_by_email: false,
             max_batch: 4,
             asynchronous_jobs: false,
             durable_at_finish: false,
