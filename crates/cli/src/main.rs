@@ -110,6 +110,14 @@ struct SyncArgs {
     /// The state database (default: from the config).
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// When another run holds this pipeline (or its sink section), wait up to DURATION
+    /// (`90s`, `10m`) for it instead of exiting 5.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    wait_for_lock: Option<std::time::Duration>,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    contactsync_core::DurationSetting::parse(text).map(|d| d.0)
 }
 
 #[derive(Subcommand, Debug)]
@@ -372,6 +380,7 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         full: args.full,
         rejects: Some(rejects.clone()),
         plan: args.plan.clone(),
+        wait_for_lock: args.wait_for_lock,
         sample_size: if args.dry_run { 5 } else { 0 },
         spool_dir: Some(data_dir.clone()),
         cancel,
@@ -407,6 +416,7 @@ fn exit_code(status: RunStatus) -> u8 {
         RunStatus::Failed => 1,
         RunStatus::FinishedWithRejects | RunStatus::RemovalsHeld => 3,
         RunStatus::Refused => 4,
+        RunStatus::Locked => 5,
         RunStatus::Interrupted => 130,
     }
 }

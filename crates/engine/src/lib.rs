@@ -20,4 +20,4 @@ pub use report::{
 };
 pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
 pub use settings::{PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
-pub use state::{SqliteState, StateError, StateStore};
+pub use state::{LockAttempt, LockHolder, SqliteState, StateError, StateStore};

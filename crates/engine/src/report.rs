@@ -24,6 +24,8 @@ pub enum RunStatus {
     Failed,
     /// Interrupted by the user; what was not confirmed is sent again next run.
     Interrupted,
+    /// Not started: another run holds the pipeline's or its sink section's lock.
+    Locked,
     /// Finished, but removals were held back: the read was complete, yet some records
     /// could not be keyed, and one of them could be a person who would otherwise have
     /// been taken for a leaver.
@@ -39,6 +41,7 @@ impl RunStatus {
             RunStatus::Refused => "refused",
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::Locked => "locked",
             RunStatus::RemovalsHeld => "removals_held",
         }
     }

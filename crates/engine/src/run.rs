@@ -35,7 +35,7 @@ use crate::report::{
 };
 use crate::settings::{FieldMapping, PipelineSettings};
 use crate::spool::ChangeSpool;
-use crate::state::{PendingRow, Settlement, StateError, StateStore};
+use crate::state::{LockAttempt, LockHolder, PendingRow, Settlement, StateError, StateStore};
 
 /// A pipeline to run: a source, a sink, and how they sync.
 #[derive(Debug, Clone)]
@@ -84,6 +84,9 @@ pub struct RunOptions {
     pub spool_dir: Option<PathBuf>,
     /// Cancelled when the user interrupts: the run stops between batches.
     pub cancel: CancellationToken,
+    /// How long to wait for the pipeline's and the sink section's locks when another
+    /// run holds them; `None` gives up at once ([`RunStatus::Locked`]).
+    pub wait_for_lock: Option<std::time::Duration>,
 }
 
 /// The phases a run goes through, for progress display.
@@ -145,6 +148,8 @@ enum RunError {
     OutcomeCount { got: usize, expected: usize },
     #[error("interrupted; what was not confirmed is sent again by the next run")]
     Cancelled,
+    #[error("{0}")]
+    Locked(String),
 }
 
 /// Runs `pipeline` once and reports what happened. Never panics on bad input and
@@ -168,8 +173,18 @@ pub async fn run(
         rejects: RejectsWriter::counting(),
         capabilities: sink.capabilities(),
     };
-    let result = run.execute(source, sink).await;
-    run.record(result, started)
+    let holder = LockHolder::current(&pipeline.name);
+    let result = match run.lock(&holder).await {
+        Ok(()) => run.execute(source, sink).await,
+        Err(e) => Err(e),
+    };
+    run.record(result, started);
+    if !options.dry_run {
+        if let Err(e) = run.state.unlock(&holder) {
+            tracing::warn!("could not release the run lock: {e}");
+        }
+    }
+    run.report
 }
 
 /// How the steps before [`Run::record`] ended, when nothing failed.
@@ -260,6 +275,72 @@ struct Diff {
 }
 
 impl<'r> Run<'r> {
+    /// Step 0: takes the locks of the pipeline and of its sink section, waiting for them
+    /// up to `--wait-for-lock`. A dry run changes nothing and takes none.
+    async fn lock(&mut self, holder: &LockHolder) -> Result<(), RunError> {
+        if self.options.dry_run {
+            return Ok(());
+        }
+        let names = [
+            format!("pipeline:{}", self.pipeline.name),
+            format!("sink:{}", self.pipeline.sink_scope),
+        ];
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            match self.state.lock(&names, holder)? {
+                LockAttempt::Acquired { taken_over } => {
+                    for (name, stale) in taken_over {
+                        tracing::warn!(
+                            "took over the lock {name} from pid {} on host {} (since {}): that run is gone",
+                            stale.pid,
+                            stale.host,
+                            stale.since
+                        );
+                    }
+                    return Ok(());
+                }
+                LockAttempt::Busy {
+                    name,
+                    holder: other,
+                } => {
+                    let what = match name.strip_prefix("sink:") {
+                        Some(section) if other.pipeline != self.pipeline.name => format!(
+                            "sink section {section} is being written by pipeline {} (pid {} on host {} since {})",
+                            other.pipeline,
+                            other.pid,
+                            other.host,
+                            lock_time(&other.since)
+                        ),
+                        _ => format!(
+                            "pipeline {} is being synced by pid {} on host {} since {}",
+                            self.pipeline.name,
+                            other.pid,
+                            other.host,
+                            lock_time(&other.since)
+                        ),
+                    };
+                    let wait = self.options.wait_for_lock.unwrap_or_default();
+                    if started.elapsed() >= wait {
+                        return Err(RunError::Locked(if wait.is_zero() {
+                            format!("{what}; try again later or pass --wait-for-lock 10m")
+                        } else {
+                            format!("{what}; gave up after waiting {}s", wait.as_secs())
+                        }));
+                    }
+                    if !said {
+                        self.observer.note(&format!("{what}; waiting for it"));
+                        said = true;
+                    }
+                    tokio::select! {
+                        _ = self.options.cancel.cancelled() => return Err(RunError::Cancelled),
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
     async fn execute(
         &mut self,
         source: &dyn Source,
@@ -893,9 +974,16 @@ impl<'r> Run<'r> {
     }
 
     /// Step 5: decides the run's status and records the run in the state.
-    fn record(mut self, result: Result<Completion, RunError>, started: Instant) -> RunReport {
+    fn record(&mut self, result: Result<Completion, RunError>, started: Instant) {
         let completion = match result {
             Ok(completion) => Some(completion),
+            Err(RunError::Locked(message)) => {
+                // Another run holds the pipeline: this one did nothing, and records nothing.
+                self.report.status = RunStatus::Locked;
+                self.report.error = Some(message);
+                self.report.duration_ms = started.elapsed().as_millis() as u64;
+                return;
+            }
             Err(RunError::Cancelled) => {
                 self.report.status = RunStatus::Interrupted;
                 self.report.error = Some(RunError::Cancelled.to_string());
@@ -941,7 +1029,6 @@ impl<'r> Run<'r> {
                 report.error = Some(e.to_string());
             }
         }
-        self.report
     }
 }
 
@@ -960,6 +1047,17 @@ impl Lent<'_> {
             cancel: self.cancel.clone(),
         }
     }
+}
+
+/// A lock's start time for a message: `2026-12-01 02:00:03 UTC`.
+fn lock_time(since: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(since)
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string()
+        })
+        .unwrap_or_else(|_| since.to_string())
 }
 
 /// The record's key under `rule`, when it can be trusted to name the person: a key

@@ -130,8 +130,78 @@ pub struct PipelineSummary {
     pub last_run: Option<String>,
 }
 
+/// Who holds a run lock: enough for a user to find the process, and a token that tells
+/// this holder from an earlier process with the same pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Unique to one run of one process.
+    pub token: String,
+    /// The process id.
+    pub pid: u32,
+    /// The host the process runs on.
+    pub host: String,
+    /// The pipeline the run syncs.
+    pub pipeline: String,
+    /// When the lock was taken (RFC 3339).
+    pub since: String,
+}
+
+impl LockHolder {
+    /// This process, running `pipeline`.
+    pub fn current(pipeline: &str) -> Self {
+        let now = chrono::Utc::now();
+        let pid = std::process::id();
+        LockHolder {
+            token: format!("{pid}-{}", now.timestamp_nanos_opt().unwrap_or_default()),
+            pid,
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            pipeline: pipeline.to_string(),
+            since: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    /// Whether the holder is certainly gone: a process on this host that no longer
+    /// exists. (On another host only the heartbeat can tell.)
+    fn is_gone(&self) -> bool {
+        let here = gethostname::gethostname().to_string_lossy().into_owned();
+        self.host == here && !Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+/// What a lock attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockAttempt {
+    /// Every lock is ours now; `taken_over` lists the stale holders replaced.
+    Acquired {
+        /// Holders whose process was gone or whose heartbeat had stopped.
+        taken_over: Vec<(String, LockHolder)>,
+    },
+    /// A lock is held by a live run: nothing was taken.
+    Busy {
+        /// The lock's name (`pipeline:hr->poppulo`, `sink:sinks.poppulo`).
+        name: String,
+        /// Who holds it.
+        holder: LockHolder,
+    },
+}
+
+/// How long a lock holder's heartbeat may be silent before the lock counts as
+/// abandoned (a holder on another host that died without releasing it).
+pub const LOCK_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often a holder renews its heartbeat.
+pub const LOCK_HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The engine's view of the sync state. All writes of one call are atomic.
 pub trait StateStore: Send {
+    /// Takes every lock of `names` for `holder` at once, or none: a run holds the lock
+    /// of its pipeline and of its sink section for its whole length, so that two runs
+    /// never post the same change set, nor two pipelines write one sink section at a
+    /// time. A lock whose holder is gone (its process no longer exists on this host, or
+    /// its heartbeat is older than [`LOCK_STALE_AFTER`]) is taken over. The store keeps
+    /// the locks alive (a heartbeat) until [`StateStore::unlock`] or until it is dropped.
+    fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError>;
+    /// Releases the locks `holder` took.
+    fn unlock(&mut self, holder: &LockHolder) -> Result<(), StateError>;
     /// Starts a run of `pipeline`, returning its number (1, 2, …) and the number of the
     /// last run that read everything, if any.
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError>;
@@ -193,6 +263,66 @@ pub trait StateStore: Send {
 pub struct SqliteState {
     conn: Connection,
     path: PathBuf,
+    /// Renews the heartbeat of the locks this store holds; stopped on unlock or drop.
+    heartbeat: Option<Heartbeat>,
+}
+
+/// A thread with its own connection that renews a holder's locks.
+struct Heartbeat {
+    token: String,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(path: &Path, token: &str) -> Result<Heartbeat, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let owned = token.to_string();
+        let thread = std::thread::Builder::new()
+            .name("state-lock-heartbeat".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(LOCK_HEARTBEAT_EVERY)
+                {
+                    if let Err(e) = conn.execute(
+                        "UPDATE locks SET heartbeat = ?2 WHERE token = ?1",
+                        params![owned, chrono::Utc::now().timestamp()],
+                    ) {
+                        tracing::warn!("could not renew the run lock's heartbeat: {e}");
+                    }
+                }
+            })
+            .ok();
+        Ok(Heartbeat {
+            token: token.to_string(),
+            stop,
+            thread,
+        })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SqliteState {
+    /// A store dropped while holding locks (a panic, an early return) releases them.
+    fn drop(&mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let token = heartbeat.token.clone();
+            drop(heartbeat);
+            let _ = self
+                .conn
+                .execute("DELETE FROM locks WHERE token = ?1", [token]);
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteState {
@@ -248,6 +378,15 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT,
     report TEXT,
     PRIMARY KEY (pipeline, run)
+);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    since TEXT NOT NULL,
+    heartbeat INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sink_data (
     scope TEXT NOT NULL,
@@ -318,6 +457,7 @@ impl SqliteState {
         let state = SqliteState {
             conn,
             path: path.to_path_buf(),
+            heartbeat: None,
         };
         state.init()?;
         Ok(state)
@@ -391,6 +531,90 @@ impl SqliteState {
 }
 
 impl StateStore for SqliteState {
+    fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError> {
+        let map = db_error(&self.path);
+        // IMMEDIATE: the check and the insert are one write, so two processes can
+        // never both see the lock free.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(map)?;
+        let now = chrono::Utc::now().timestamp();
+        let mut taken_over = Vec::new();
+        {
+            let mut find = tx
+                .prepare_cached(
+                    "SELECT token, pid, host, pipeline, since, heartbeat FROM locks WHERE name = ?1",
+                )
+                .map_err(map)?;
+            for name in names {
+                let found: Option<(LockHolder, i64)> = find
+                    .query_row([name], |r| {
+                        Ok((
+                            LockHolder {
+                                token: r.get(0)?,
+                                pid: r.get::<_, i64>(1)? as u32,
+                                host: r.get(2)?,
+                                pipeline: r.get(3)?,
+                                since: r.get(4)?,
+                            },
+                            r.get(5)?,
+                        ))
+                    })
+                    .optional()
+                    .map_err(map)?;
+                let Some((other, heartbeat)) = found else {
+                    continue;
+                };
+                if other.token == holder.token {
+                    continue;
+                }
+                let silent = now - heartbeat > LOCK_STALE_AFTER.as_secs() as i64;
+                if other.is_gone() || silent {
+                    taken_over.push((name.clone(), other));
+                } else {
+                    return Ok(LockAttempt::Busy {
+                        name: name.clone(),
+                        holder: other,
+                    });
+                }
+            }
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO locks (name, token, pid, host, pipeline, since, heartbeat)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(map)?;
+            for name in names {
+                put.execute(params![
+                    name,
+                    holder.token,
+                    i64::from(holder.pid),
+                    holder.host,
+                    holder.pipeline,
+                    holder.since,
+                    now
+                ])
+                .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)?;
+        if self.heartbeat.as_ref().map(|h| &h.token) != Some(&holder.token) {
+            self.heartbeat = Some(Heartbeat::start(&self.path, &holder.token).map_err(map)?);
+        }
+        Ok(LockAttempt::Acquired { taken_over })
+    }
+
+    fn unlock(&mut self, holder: &LockHolder) -> Result<(), StateError> {
+        if self.heartbeat.as_ref().map(|h| &h.token) == Some(&holder.token) {
+            self.heartbeat = None;
+        }
+        self.conn
+            .execute("DELETE FROM locks WHERE token = ?1", [&holder.token])
+            .map(|_| ())
+            .map_err(db_error(&self.path))
+    }
+
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
         let tx = self.conn.transaction().map_err(db_error(&self.path))?;
         let result = (|| {
