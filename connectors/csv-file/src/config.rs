@@ -192,11 +192,22 @@ impl CsvFormat {
                 ));
             }
         }
+        let delimiter = single_byte(settings, "delimiter", delimiter, b',')?;
+        let quote = single_byte(settings, "quote", quote, b'"')?;
+        if delimiter == quote {
+            return Err(settings.error(
+                "quote",
+                format!(
+                    "must differ from the delimiter (both are {:?})",
+                    delimiter as char
+                ),
+            ));
+        }
         Ok(CsvFormat {
             display_name: path.display().to_string(),
             path: settings.path(&path),
-            delimiter: single_byte(settings, "delimiter", delimiter, b',')?,
-            quote: single_byte(settings, "quote", quote, b'"')?,
+            delimiter,
+            quote,
             columns: ColumnMap {
                 configured,
                 extra_columns,
@@ -221,10 +232,15 @@ fn single_byte(
         value
     };
     match value.as_bytes() {
-        [b] if b.is_ascii() => Ok(*b),
+        // CSV ends its lines with these: they cannot also separate or quote fields.
+        [b'\n' | b'\r'] => Err(settings.error(
+            key,
+            format!("cannot be a line break, got {value:?}"),
+        )),
+        [b] if b.is_ascii() && !b.is_ascii_alphanumeric() => Ok(*b),
         _ => Err(settings.error(
             key,
-            format!("must be one ASCII character (\"\\t\" for tab), got {value:?}"),
+            format!("must be one ASCII character that is not a letter or digit (\"\\t\" for tab), got {value:?}"),
         )),
     }
 }

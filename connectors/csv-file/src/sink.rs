@@ -464,6 +464,10 @@ impl Sink for CsvSink {
         }
     }
 
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.config.format.path.clone()]
+    }
+
     /// The file's directory exists and a file can be created in it.
     async fn check(&mut self) -> Result<(), ConnectorError> {
         let dir = self.directory();

@@ -64,6 +64,10 @@ impl Source for CsvSource {
         run_blocking(move || RowReader::open(&format).map(|_| ())).await
     }
 
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        vec![self.config.format.path.clone()]
+    }
+
     /// Every row; an incremental read is a full read (`complete: true`, no cursor).
     async fn read(&self, _mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {
         let format = self.config.format.clone();

@@ -304,6 +304,20 @@ impl Sandboxes {
     }
 }
 
+/// For a section with `base_url = "sandbox"`: builds the connector against a loopback
+/// address nothing listens on (building opens no connection), so that its settings are
+/// checked before a sandbox is started for it.
+fn validate_sandboxed<T>(section: &Section, build: fn(&Section) -> Result<T>) -> Result<()> {
+    if base_url(&section.settings).as_deref() != Some("sandbox") {
+        return Ok(());
+    }
+    let probe = Section {
+        connector: section.connector.clone(),
+        settings: with_base_url(&section.settings, "http://127.0.0.1:9/"),
+    };
+    build(&probe).map(drop)
+}
+
 fn build_source(section: &Section) -> Result<Box<dyn Source>> {
     let factory = registry::source(&section.connector).ok_or_else(|| {
         anyhow!(
@@ -339,12 +353,18 @@ fn build_sink(section: &Section) -> Result<Box<dyn Sink>> {
 async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
     let data_dir = settings.data_dir();
     let mut sandboxes = Sandboxes::default();
+    // A section that uses the sandbox is checked as the real connector would be first,
+    // so that a config mistake is a config error (exit 2), not a sandbox failure.
+    let source_section = settings.source(&args.from).map_err(usage)?;
+    validate_sandboxed(&source_section, build_source).map_err(usage)?;
+    let sink_section = settings.sink(&args.to).map_err(usage)?;
+    validate_sandboxed(&sink_section, build_sink).map_err(usage)?;
     let source_section = sandboxes
-        .resolve(settings.source(&args.from).map_err(usage)?, &data_dir)
+        .resolve(source_section, &data_dir)
         .await
         .map_err(failed)?;
     let sink_section = sandboxes
-        .resolve(settings.sink(&args.to).map_err(usage)?, &data_dir)
+        .resolve(sink_section, &data_dir)
         .await
         .map_err(failed)?;
     let source = build_source(&source_section).map_err(usage)?;
@@ -359,11 +379,22 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         &sink_section.settings.section,
         pipeline_settings,
     );
-    let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
     let rejects = args
         .rejects
         .clone()
         .unwrap_or_else(|| data_dir.join("last-rejects.csv"));
+    check_paths(
+        source.as_ref(),
+        sink.as_ref(),
+        &[
+            ("--report", args.report.as_deref()),
+            ("--rejects", Some(&rejects)),
+            ("--plan", args.plan.as_deref()),
+            ("the state", Some(&settings.state_path)),
+        ],
+    )
+    .map_err(usage)?;
+    let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
     let cancel = CancellationToken::new();
     let on_interrupt = cancel.clone();
     tokio::spawn(async move {
@@ -407,6 +438,66 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
             .map_err(failed)?;
     }
     Ok(exit_code(report.status))
+}
+
+/// Refuses, before anything runs, a source and sink on one file, and an output (report,
+/// rejects, plan, state) that names an input, the sink's file or another output: the
+/// run would truncate the export before reading it, or turn the sink into JSON.
+fn check_paths(
+    source: &dyn Source,
+    sink: &dyn Sink,
+    outputs: &[(&str, Option<&Path>)],
+) -> Result<()> {
+    let source_files = source.files();
+    let sink_files = sink.files();
+    for s in &source_files {
+        if sink_files.iter().any(|k| same_file(s, k)) {
+            anyhow::bail!(
+                "the source and the sink are the same file ({}): a sink file is rewritten while it is read; give the sink its own path",
+                s.display()
+            );
+        }
+    }
+    let mut named: Vec<(String, &Path)> = source_files
+        .iter()
+        .map(|f| ("the source file".to_string(), f.as_path()))
+        .chain(
+            sink_files
+                .iter()
+                .map(|f| ("the sink file".to_string(), f.as_path())),
+        )
+        .collect();
+    for (what, path) in outputs {
+        let Some(path) = path else { continue };
+        if let Some((other, _)) = named.iter().find(|(_, p)| same_file(p, path)) {
+            anyhow::bail!(
+                "{what} {} is also {other}: writing it would destroy that file; choose another path",
+                path.display()
+            );
+        }
+        named.push((what.to_string(), path));
+    }
+    Ok(())
+}
+
+/// Whether two paths name one file, also when neither exists yet.
+fn same_file(a: &Path, b: &Path) -> bool {
+    fn normal(p: &Path) -> PathBuf {
+        if let Ok(real) = p.canonicalize() {
+            return real;
+        }
+        let absolute = std::env::current_dir()
+            .map(|dir| dir.join(p))
+            .unwrap_or_else(|_| p.to_path_buf());
+        match (absolute.parent(), absolute.file_name()) {
+            (Some(dir), Some(name)) => dir
+                .canonicalize()
+                .map(|d| d.join(name))
+                .unwrap_or(absolute.clone()),
+            _ => absolute,
+        }
+    }
+    normal(a) == normal(b)
 }
 
 /// The exit code of a run that ended with `status` (the README's table).
@@ -511,6 +602,7 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
     let mut ok = true;
     for name in settings.source_names() {
         let section = settings.source(&name).map_err(usage)?;
+        validate_sandboxed(&section, build_source).map_err(usage)?;
         let section = sandboxes
             .resolve(section, &data_dir)
             .await
@@ -526,6 +618,7 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
     }
     for name in settings.sink_names() {
         let section = settings.sink(&name).map_err(usage)?;
+        validate_sandboxed(&section, build_sink).map_err(usage)?;
         let section = sandboxes
             .resolve(section, &data_dir)
             .await

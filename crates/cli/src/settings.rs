@@ -83,13 +83,14 @@ impl Settings {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let state_path = match (state_flag, root.get("state")) {
-            (Some(flag), _) => flag.to_path_buf(),
-            (None, Some(value)) => base_dir.join(
-                value
+            (Some(flag), _) => state_location(&flag.to_string_lossy(), "--state")?.into(),
+            (None, Some(value)) => base_dir.join(state_location(
+                &value
                     .clone()
                     .into_string()
                     .map_err(|e| anyhow!("{}: `state`: {e}", file.display()))?,
-            ),
+                &format!("{}: `state`", file.display()),
+            )?),
             (None, None) => base_dir.join("contactsync-data").join("state.db"),
         };
         let get = |name: &str| -> Result<BTreeMap<String, Value>> {
@@ -202,9 +203,16 @@ impl Settings {
             let (f, t) = (field(&mut values, "from")?, field(&mut values, "to")?);
             if f == from && t == to {
                 let value = Value::new(None, ValueKind::Table(values.into_iter().collect()));
-                return value
+                let settings = value
                     .try_deserialize::<PipelineSettings>()
-                    .map_err(|e| anyhow!("{}: [pipelines.{name}]: {e}", self.file.display()));
+                    .map_err(|e| anyhow!("{}: [pipelines.{name}]: {e}", self.file.display()))?;
+                settings.validate().map_err(|(key, message)| {
+                    anyhow!(
+                        "{}: [pipelines.{name}] `{key}`: {message}",
+                        self.file.display()
+                    )
+                })?;
+                return Ok(settings);
             }
         }
         Ok(PipelineSettings::default())
@@ -222,6 +230,24 @@ impl Settings {
             })
             .collect()
     }
+}
+
+/// Checks that a `state` setting names something this build can keep state in: a file
+/// path. A URL (`postgres://…`) would otherwise become a folder called `postgres:`.
+fn state_location(value: &str, what: &str) -> Result<String> {
+    if let Some((scheme, _)) = value.split_once("://") {
+        let looks_like_scheme = !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if looks_like_scheme {
+            bail!(
+                "{what} = {scheme}://…: this contactsync keeps its state in a SQLite file only; \
+                 give a file path such as \"contactsync-data/state.db\""
+            );
+        }
+    }
+    Ok(value.to_string())
 }
 
 /// Replaces `base_url` in a section's settings.

@@ -164,4 +164,11 @@ pub trait Sink: Send {
     async fn finish(&mut self, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
         Ok(())
     }
+
+    /// The local files this sink writes (a CSV file), so that the binary can refuse to
+    /// write a report, rejects or plan file over one, or to read and write one file.
+    /// Most sinks have none.
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }

@@ -161,4 +161,10 @@ pub trait Source: Send + Sync {
 
     /// Starts a read.
     async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError>;
+
+    /// The local files this source reads (a CSV export), so that the binary can refuse
+    /// to write a report, rejects or plan file over one. Most sources have none.
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }

@@ -83,6 +83,34 @@ pub struct PipelineSettings {
     pub batch_size: Option<usize>,
 }
 
+impl PipelineSettings {
+    /// Checks every value's range, naming the key at fault and what it may be.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let ratio = self.max_removal_ratio;
+        if !(0.0..=1.0).contains(&ratio) || ratio.is_nan() {
+            return Err((
+                "max_removal_ratio",
+                format!(
+                    "must be a share between 0 and 1 (0.10 allows removing 10% a run), got {ratio}"
+                ),
+            ));
+        }
+        if self.full_every == Some(0) {
+            return Err((
+                "full_every",
+                "must be at least 1 (a full read every N runs); leave it out for no scheduled full reads".into(),
+            ));
+        }
+        if self.batch_size == Some(0) {
+            return Err((
+                "batch_size",
+                "must be at least 1; leave it out to use the sink's own batch size".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for PipelineSettings {
     fn default() -> Self {
         PipelineSettings {
