@@ -76,8 +76,8 @@ async fn sync(s: &Scenario, from: &str, extra: &[&str]) -> (Run, serde_json::Val
     .expect("sync task")
 }
 
-/// Starts a sync in the background and returns once its import is on the platform,
-/// that is while it holds the locks.
+/// Starts a sync in the background and returns once it polls its import on the
+/// platform, that is while it holds the locks.
 async fn start_holder(s: &Scenario, sandbox: &RunningPoppulo) -> Child {
     let report = s.path("holder-report.json");
     let child = s
@@ -94,8 +94,9 @@ async fn start_holder(s: &Scenario, sandbox: &RunningPoppulo) -> Child {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sandbox.stats().imports_posted == 0 {
-        assert!(Instant::now() < deadline, "the first run never posted");
+    // Polling: the import is posted and its handle stored.
+    while sandbox.stats().import_polls == 0 {
+        assert!(Instant::now() < deadline, "the first run never polled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child

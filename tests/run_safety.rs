@@ -141,3 +141,125 @@ fn every_bad_setting_is_refused_with_exit_2_naming_its_key() {
         assert!(!s.path("out.csv").exists(), "nothing ran");
     }
 }
+
+fn rows_with(s: &Scenario, first_name: &str) -> usize {
+    read_rows(&s.path("out.csv"))
+        .iter()
+        .filter(|r| r.iter().any(|v| v == first_name))
+        .count()
+}
+
+#[test]
+fn a_deleted_sink_file_is_rebuilt_from_the_read() {
+    let s = scenario();
+    s.write("people.csv", &people_csv(100, |_| "Ann".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    std::fs::remove_file(s.path("out.csv")).unwrap();
+    // One source row changes too: the new file must still hold all 100.
+    s.write(
+        "people.csv",
+        &people_csv(100, |i| if i == 5 { "Bea".into() } else { "Ann".into() }),
+    );
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert!(
+        report["rebuilt"].as_str().unwrap().contains("missing"),
+        "{report}"
+    );
+    assert!(run.stdout().contains("rebuilt:"), "{}", run.stdout());
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 100);
+    assert_eq!(rows_with(&s, "Bea"), 1);
+
+    // Trusted again: the next run sends nothing.
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(report["unchanged"], 100);
+    assert!(report["rebuilt"].is_null());
+}
+
+#[test]
+fn a_hand_edited_sink_file_is_rebuilt_and_a_touched_one_is_not() {
+    let s = scenario();
+    s.write("people.csv", &people_csv(20, |_| "Ann".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+
+    // Only the modification time moves: the content hash says nothing changed.
+    let text = std::fs::read_to_string(s.path("out.csv")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(s.path("out.csv"), &text).unwrap();
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert!(report["rebuilt"].is_null(), "{report}");
+
+    // Someone deletes a row and edits another.
+    let edited: String = text
+        .lines()
+        .filter(|l| !l.starts_with("E3,"))
+        .map(|l| l.replace("Last4", "Hand-edited") + "\n")
+        .collect();
+    std::fs::write(s.path("out.csv"), edited).unwrap();
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert!(
+        report["rebuilt"]
+            .as_str()
+            .unwrap()
+            .contains("changed outside contactsync"),
+        "{report}"
+    );
+    let rows = read_rows(&s.path("out.csv"));
+    assert_eq!(rows.len(), 20);
+    assert!(!rows.iter().any(|r| r.iter().any(|v| v == "Hand-edited")));
+    assert!(rows.iter().any(|r| r.get(0) == Some("E3")));
+}
+
+#[test]
+fn the_sink_creates_its_directory_and_keeps_the_file_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = scenario();
+    s.config(&CONFIG.replace("path = \"out.csv\"", "path = \"exports/today/out.csv\""));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    let out = s.path("exports/today/out.csv");
+    assert_eq!(read_rows(&out).len(), 5);
+    // A new file gets the mode any new file gets here (under the umask), not 0600.
+    let probe = s.path("probe");
+    std::fs::write(&probe, "").unwrap();
+    let usual = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out), usual);
+
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+    s.write("people.csv", &people_csv(5, |_| "Bea".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    assert_eq!(read_rows(&out).len(), 5);
+    assert_eq!(mode(&out), 0o640, "an existing file keeps its mode");
+}
+
+#[test]
+fn a_new_state_facing_a_non_empty_sink_file_says_so_and_keeps_its_rows() {
+    let s = scenario();
+    s.write("people.csv", &people_csv(3, |_| "Ann".into()));
+    s.write(
+        "out.csv",
+        "external_id,email,first_name\nE1,person1@example.com,Old\nX9,someone@example.com,Stranger\n",
+    );
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert!(
+        report["foreign"].as_str().unwrap().contains("2 rows"),
+        "{report}"
+    );
+    assert_eq!(report["unknown_in_sink"], 1, "{report}");
+    assert!(
+        run.stdout().contains("removals cannot be detected"),
+        "{}",
+        run.stdout()
+    );
+    let rows = read_rows(&s.path("out.csv"));
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().any(|r| r.get(0) == Some("X9")), "kept");
+    // Said once: the state knows its people now.
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert!(report["foreign"].is_null(), "{report}");
+}

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use contactsync_core::{
     async_trait, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, Field, KeyRule,
-    Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkIntegrity, SinkSummary,
 };
 use nohash_hasher::BuildNoHashHasher;
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,78 @@ use crate::source::{csv_error, open_csv, LineEnds};
 pub struct CsvSink {
     config: SinkConfig,
     run: Option<PendingRun>,
+    /// How this run treats the file it finds, as [`Sink::verify`] decided.
+    trust: FileTrust,
+    /// Rows kept that the state never synced, counted when the file was foreign.
+    unknown_in_sink: Option<u64>,
+}
+
+/// What the sink makes of the file it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum FileTrust {
+    /// What contactsync last wrote: the changes are merged into it.
+    #[default]
+    Trusted,
+    /// Missing or changed by hand: the file is written anew from this run's changes,
+    /// which then hold everyone.
+    Rebuild,
+    /// Rows written before this state existed: kept, and counted.
+    Foreign,
+}
+
+/// What the sink records of the file it last wrote, to tell at the next run whether
+/// anyone else changed it: size and modification time (cheap), and a content hash
+/// (for when only the time moved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Fingerprint {
+    size: u64,
+    modified_ns: u128,
+    hash: u64,
+}
+
+fn modified_ns(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Hashes what passes through on its way to the file.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: xxhash_rust::xxh3::Xxh3,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The content hash of a file, as [`HashingWriter`] computes it while writing.
+fn hash_file(path: &Path) -> std::io::Result<u64> {
+    let mut file = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    loop {
+        let buf = file.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(hasher.digest());
+        }
+        hasher.update(buf);
+        let n = buf.len();
+        file.consume(n);
+    }
+}
+
+/// What writing the file did, for the fingerprint and the summary.
+struct Written {
+    fingerprint: Fingerprint,
+    kept: u64,
 }
 
 /// What the current run has applied, waiting for `finish`.
@@ -63,9 +135,19 @@ struct SpooledChange {
 }
 
 impl CsvSink {
+    /// The sink-store key of the file's fingerprint.
+    fn fingerprint_key(&self) -> String {
+        format!("fingerprint:{}", self.config.format.path.display())
+    }
+
     /// A sink writing the file `config` names.
     pub fn new(config: SinkConfig) -> Self {
-        CsvSink { config, run: None }
+        CsvSink {
+            config,
+            run: None,
+            trust: FileTrust::default(),
+            unknown_in_sink: None,
+        }
     }
 
     fn directory(&self) -> PathBuf {
@@ -79,6 +161,7 @@ impl CsvSink {
     fn run(&mut self) -> Result<&mut PendingRun, ConnectorError> {
         if self.run.is_none() {
             let dir = self.directory();
+            std::fs::create_dir_all(&dir).map_err(|e| ConnectorError::io(&dir, e))?;
             let spool = tempfile::tempfile_in(&dir).map_err(|e| ConnectorError::io(&dir, e))?;
             self.run = Some(PendingRun {
                 spool: BufWriter::with_capacity(1 << 20, spool),
@@ -119,7 +202,7 @@ impl CsvSink {
     }
 
     /// The merge: existing file + changes → temporary file → renamed over the file.
-    fn write_file(&self, run: PendingRun) -> Result<(), ConnectorError> {
+    fn write_file(&self, run: PendingRun) -> Result<Written, ConnectorError> {
         let format = &self.config.format;
         let path = &format.path;
         let spool_error = |e: std::io::Error| ConnectorError::Other(format!("CSV sink spool: {e}"));
@@ -129,7 +212,14 @@ impl CsvSink {
             .map_err(|e| spool_error(e.into_error()))?;
         spool.rewind().map_err(spool_error)?;
 
-        let existing = open_csv(format, LineEnds::Any)?;
+        // A file that cannot be trusted is not merged: this run's changes hold everyone.
+        let existing = match self.trust {
+            FileTrust::Rebuild => None,
+            _ => open_csv(format, LineEnds::Any)?,
+        };
+        // An existing file keeps its mode; a new one gets the usual mode under the
+        // umask (the temporary file is created 0600).
+        let mode = std::fs::metadata(path).ok().map(|m| m.permissions());
         let (mut reader, old_headers) = match existing {
             Some((reader, headers)) => (Some(reader), headers.unwrap_or_default()),
             None => (None, Vec::new()),
@@ -153,6 +243,7 @@ impl CsvSink {
         );
 
         let dir = self.directory();
+        std::fs::create_dir_all(&dir).map_err(|e| ConnectorError::io(&dir, e))?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -160,6 +251,10 @@ impl CsvSink {
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{file_name}."))
             .suffix(".tmp")
+            .permissions(mode.clone().unwrap_or_else(|| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::Permissions::from_mode(0o666)
+            }))
             .tempfile_in(&dir)
             .map_err(|e| ConnectorError::io(&dir, e))?;
         let write_error = |e: csv::Error| csv_error(temp.path(), e);
@@ -167,7 +262,13 @@ impl CsvSink {
             .delimiter(format.delimiter)
             .quote(format.quote)
             .flexible(true)
-            .from_writer(BufWriter::with_capacity(256 * 1024, temp.as_file()));
+            .from_writer(BufWriter::with_capacity(
+                256 * 1024,
+                HashingWriter {
+                    inner: temp.as_file(),
+                    hasher: xxhash_rust::xxh3::Xxh3::new(),
+                },
+            ));
         writer.write_record(&headers).map_err(write_error)?;
 
         let lookup = ChangeLookup {
@@ -287,18 +388,37 @@ impl CsvSink {
         buffered
             .flush()
             .map_err(|e| ConnectorError::io(temp.path(), e))?;
-        drop(buffered);
+        let hash = buffered
+            .into_inner()
+            .map_err(|e| ConnectorError::io(temp.path(), e.into_error()))?
+            .hasher
+            .digest();
+        if let Some(mode) = mode {
+            // The umask does not apply to an explicit change of mode.
+            std::fs::set_permissions(temp.path(), mode)
+                .map_err(|e| ConnectorError::io(temp.path(), e))?;
+        }
         temp.as_file()
             .sync_all()
             .map_err(|e| ConnectorError::io(temp.path(), e))?;
-        temp.persist(path)
+        let file = temp
+            .persist(path)
             .map_err(|e| ConnectorError::io(path, e.error))?;
         sync_directory(&dir);
+        let meta = file.metadata().map_err(|e| ConnectorError::io(path, e))?;
         tracing::info!(
             file = %path.display(), kept, replaced, removed, appended,
+            rebuilt = self.trust == FileTrust::Rebuild,
             "CSV file written"
         );
-        Ok(())
+        Ok(Written {
+            fingerprint: Fingerprint {
+                size: meta.len(),
+                modified_ns: modified_ns(&meta),
+                hash,
+            },
+            kept,
+        })
     }
 
     /// The fields the file must have columns for in this run.
@@ -442,6 +562,72 @@ fn render(out: &mut [Vec<u8>], columns: &[Option<Field>], contact: &Contact) {
     }
 }
 
+/// Decides how far the file can be trusted, given how many people the state says it
+/// holds and the fingerprint recorded when it was last written.
+fn judge_file(
+    format: &crate::config::CsvFormat,
+    synced: u64,
+    stored: Option<&Fingerprint>,
+) -> Result<(FileTrust, SinkIntegrity), ConnectorError> {
+    let path = &format.path;
+    let name = &format.display_name;
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ConnectorError::io(path, e)),
+    };
+    let rebuild = |reason: String| Ok((FileTrust::Rebuild, SinkIntegrity::Rebuild { reason }));
+    match (synced, meta) {
+        (0, None) => Ok((FileTrust::Trusted, SinkIntegrity::Intact)),
+        (0, Some(_)) => {
+            let rows = match open_csv(format, LineEnds::Any)? {
+                Some((mut reader, Some(_))) => {
+                    let mut record = csv::ByteRecord::new();
+                    let mut rows = 0u64;
+                    while reader
+                        .read_byte_record(&mut record)
+                        .map_err(|e| csv_error(path, e))?
+                    {
+                        rows += 1;
+                    }
+                    rows
+                }
+                _ => 0,
+            };
+            if rows == 0 {
+                Ok((FileTrust::Trusted, SinkIntegrity::Intact))
+            } else {
+                Ok((
+                    FileTrust::Foreign,
+                    SinkIntegrity::Foreign {
+                        reason: format!(
+                            "{name} already holds {rows} rows that this state has never synced"
+                        ),
+                    },
+                ))
+            }
+        }
+        (_, None) => rebuild(format!("{name} is missing")),
+        (_, Some(meta)) => match stored {
+            // Written by a contactsync that kept no fingerprint: trusted this once.
+            None => Ok((FileTrust::Trusted, SinkIntegrity::Intact)),
+            Some(fp) if fp.size == meta.len() && fp.modified_ns == modified_ns(&meta) => {
+                Ok((FileTrust::Trusted, SinkIntegrity::Intact))
+            }
+            Some(fp) => {
+                let hash = hash_file(path).map_err(|e| ConnectorError::io(path, e))?;
+                if hash == fp.hash {
+                    Ok((FileTrust::Trusted, SinkIntegrity::Intact))
+                } else {
+                    rebuild(format!(
+                        "{name} was changed outside contactsync since the last run"
+                    ))
+                }
+            }
+        },
+    }
+}
+
 /// Makes the rename durable. Best effort: not every platform can open a directory.
 fn sync_directory(dir: &Path) {
     if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
@@ -526,17 +712,51 @@ impl Sink for CsvSink {
         Ok(outcomes)
     }
 
-    /// Merges the run's changes into the file and replaces it atomically.
-    async fn finish(&mut self, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
+    /// Merges the run's changes into the file (or writes it anew when it could not be
+    /// trusted), replaces it atomically, and records its fingerprint.
+    async fn finish(&mut self, ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
         let Some(run) = self.run.take() else {
             return Ok(());
         };
         let sink = CsvSink {
             config: self.config.clone(),
             run: None,
+            trust: self.trust,
+            unknown_in_sink: None,
         };
-        tokio::task::spawn_blocking(move || sink.write_file(run))
+        let written = tokio::task::spawn_blocking(move || sink.write_file(run))
             .await
-            .map_err(|e| ConnectorError::Other(format!("CSV sink finish failed: {e}")))?
+            .map_err(|e| ConnectorError::Other(format!("CSV sink finish failed: {e}")))??;
+        if self.trust == FileTrust::Foreign {
+            self.unknown_in_sink = Some(written.kept);
+        }
+        let fingerprint = serde_json::to_string(&written.fingerprint)
+            .map_err(|e| ConnectorError::Other(format!("CSV sink fingerprint: {e}")))?;
+        ctx.store.put(&self.fingerprint_key(), &fingerprint)
+    }
+
+    /// Whether the file is still what this sink last wrote (see [`FileTrust`]).
+    async fn verify(
+        &mut self,
+        synced: u64,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<SinkIntegrity, ConnectorError> {
+        let stored: Option<Fingerprint> = ctx
+            .store
+            .get(&self.fingerprint_key())?
+            .and_then(|text| serde_json::from_str(&text).ok());
+        let format = self.config.format.clone();
+        let (trust, integrity) =
+            tokio::task::spawn_blocking(move || judge_file(&format, synced, stored.as_ref()))
+                .await
+                .map_err(|e| ConnectorError::Other(format!("CSV sink check failed: {e}")))??;
+        self.trust = trust;
+        Ok(integrity)
+    }
+
+    fn summary(&self) -> SinkSummary {
+        SinkSummary {
+            unknown_in_sink: self.unknown_in_sink,
+        }
     }
 }

@@ -588,6 +588,18 @@ fn print_report(report: &RunReport, rejects: &Path) {
             rejects.display()
         );
     }
+    if let Some(reason) = &report.rebuilt {
+        println!("rebuilt: {reason}, so everyone of this read was written again");
+    }
+    if let Some(reason) = &report.foreign {
+        println!(
+            "note: {reason}; removals cannot be detected for people synced before this state existed{}",
+            report
+                .unknown_in_sink
+                .map(|n| format!(" ({n} kept, not in the source: unknown_in_sink)"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(reason) = &report.removals_held_reason {
         println!("removals held: {reason}");
     }

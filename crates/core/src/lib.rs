@@ -31,7 +31,7 @@ pub use registry::{
 pub use secret::{resolve_secret, ExposeSecret, SecretString};
 pub use sink::{
     JobProgress, NoProgress, ProgressReporter, RemovalStyle, Sink, SinkCapabilities, SinkContext,
-    SinkStore,
+    SinkIntegrity, SinkStore, SinkSummary,
 };
 pub use source::{
     ReadMode, ReadOutcome, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,

@@ -58,6 +58,35 @@ pub struct SinkCapabilities {
     pub addresses_by_email: bool,
 }
 
+/// What a sink found when asked whether it still holds what the state says it was sent
+/// ([`Sink::verify`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkIntegrity {
+    /// As far as the sink can tell, it holds what it was last sent.
+    Intact,
+    /// The sink cannot trust what it holds (a file deleted or edited by hand): the
+    /// engine sends everyone of a full read again, and the sink rebuilds from them.
+    Rebuild {
+        /// Why, in a sentence for the summary.
+        reason: String,
+    },
+    /// The state knows nobody yet, but the sink already holds people: they were synced
+    /// before this state existed (or by hand), so their removal cannot be detected.
+    /// The engine says so once; the sink keeps them.
+    Foreign {
+        /// What the sink holds, in a sentence for the summary.
+        reason: String,
+    },
+}
+
+/// What a sink has to say about a run after [`Sink::finish`], for the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkSummary {
+    /// People the sink holds that this run's source does not have and the state never
+    /// synced (kept, and counted so that a user can clean them up).
+    pub unknown_in_sink: Option<u64>,
+}
+
 /// A small key-value space the engine lends a sink, kept in the sync state and scoped
 /// to the sink's config section: quota counters, the handle of a job in flight. Writes
 /// are durable when the call returns, so they survive a crash.
@@ -163,6 +192,25 @@ pub trait Sink: Send {
     /// Called once after the last batch: make everything durable.
     async fn finish(&mut self, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
         Ok(())
+    }
+
+    /// Called once a run, before the read, with the number of people the state says
+    /// the sink holds: whether the sink still holds what it was sent. A sink that can
+    /// tell (a file it can fingerprint) answers [`SinkIntegrity::Rebuild`] when it
+    /// cannot trust its content, and then rebuilds from the changes of this run, which
+    /// then hold everyone; [`SinkIntegrity::Foreign`] when a new state meets a sink
+    /// that already holds people. Changes nothing.
+    async fn verify(
+        &mut self,
+        _synced: u64,
+        _ctx: &mut SinkContext<'_>,
+    ) -> Result<SinkIntegrity, ConnectorError> {
+        Ok(SinkIntegrity::Intact)
+    }
+
+    /// What the sink has to add to the run's report, after [`Sink::finish`].
+    fn summary(&self) -> SinkSummary {
+        SinkSummary::default()
     }
 
     /// The local files this sink writes (a CSV file), so that the binary can refuse to

@@ -242,6 +242,14 @@ pub struct RunReport {
     pub removals_held: u64,
     /// Why removals were held back.
     pub removals_held_reason: Option<String>,
+    /// Why the sink was rebuilt from this run's read (its content could not be
+    /// trusted: a file deleted or edited by hand), when it was.
+    pub rebuilt: Option<String>,
+    /// What the sink held that this state never synced (a new state facing a non-empty
+    /// sink), when it did.
+    pub foreign: Option<String>,
+    /// People the sink holds that neither the source nor the state knows (kept).
+    pub unknown_in_sink: Option<u64>,
     /// The removal guard's verdict, when there were removals.
     pub guard: Option<GuardVerdict>,
     /// The first changes of each kind (dry runs).
@@ -274,6 +282,9 @@ impl RunReport {
             recovered: 0,
             removals_held: 0,
             removals_held_reason: None,
+            rebuilt: None,
+            foreign: None,
+            unknown_in_sink: None,
             guard: None,
             sample: Vec::new(),
             started_at: chrono::Utc::now().to_rfc3339(),

@@ -23,7 +23,7 @@ use std::time::Instant;
 use contactsync_core::{
     Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Contact, ContactKey, KeyRule,
     NoProgress, Origin, Outcome, ProgressReporter, ReadMode, ReadOutcome, Sink, SinkCapabilities,
-    SinkContext, SinkStore, Source, SourceItem, SourceRecord, SyncedEntry,
+    SinkContext, SinkIntegrity, SinkStore, Source, SourceItem, SourceRecord, SyncedEntry,
 };
 use nohash_hasher::BuildNoHashHasher;
 use tokio_util::sync::CancellationToken;
@@ -272,6 +272,8 @@ struct Diff {
     /// Rejected records whose key could not be read: a complete read with any of these
     /// removes nobody.
     keyless_rejects: u64,
+    /// The sink is rebuilt: unchanged people are sent again too.
+    resend_all: bool,
 }
 
 impl<'r> Run<'r> {
@@ -365,7 +367,7 @@ impl<'r> Run<'r> {
             self.recover(sink).await?;
             last_full
         };
-        let changes = self.read_and_diff(source, last_full).await?;
+        let changes = self.read_and_diff(source, sink, last_full).await?;
         if !self.guard(&changes) || self.options.dry_run {
             return Ok(Completion::default());
         }
@@ -440,11 +442,41 @@ impl<'r> Run<'r> {
     async fn read_and_diff(
         &mut self,
         source: &dyn Source,
+        sink: &mut dyn Sink,
         last_full: Option<i64>,
     ) -> Result<ChangeSet, RunError> {
         let settings = &self.pipeline.settings;
+        let mut index = ContactIndex::default();
+        self.state
+            .scan_index(&self.pipeline.name, &mut |key_hash, content_hash| {
+                index.insert_synced(key_hash, content_hash)
+            })?;
+        // Does the sink still hold what the state says? If not, everyone is sent again.
+        let integrity = {
+            let population = index.population();
+            let mut lent = self.lend();
+            sink.verify(population, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?
+        };
+        let resend_all = match integrity {
+            SinkIntegrity::Intact => false,
+            SinkIntegrity::Rebuild { reason } => {
+                tracing::warn!("{reason}: everyone is sent again and the sink is rebuilt");
+                self.report.rebuilt = Some(reason);
+                true
+            }
+            SinkIntegrity::Foreign { reason } => {
+                tracing::warn!(
+                    "{reason}: removals cannot be detected for people synced before this state existed; they are kept"
+                );
+                self.report.foreign = Some(reason);
+                false
+            }
+        };
         // Which read: full when asked, when the source cannot do better, when there is
-        // no cursor yet, or when the pipeline's `full_every` says it is time.
+        // no cursor yet, when the pipeline's `full_every` says it is time, or when the
+        // sink is rebuilt from this read.
         let cursor = self.state.cursor(&self.pipeline.name)?;
         let full_due = match (settings.full_every, last_full) {
             (Some(n), Some(last)) => self.report.run - last >= i64::from(n.max(1)),
@@ -452,6 +484,7 @@ impl<'r> Run<'r> {
             (None, _) => false,
         };
         let read_mode = if self.options.full
+            || resend_all
             || !source.capabilities().incremental
             || cursor.is_none()
             || full_due
@@ -462,11 +495,6 @@ impl<'r> Run<'r> {
         };
         tracing::info!(pipeline = %self.pipeline.name, mode = ?read_mode, "reading");
 
-        let mut index = ContactIndex::default();
-        self.state
-            .scan_index(&self.pipeline.name, &mut |key_hash, content_hash| {
-                index.insert_synced(key_hash, content_hash)
-            })?;
         let spool_dir = self.options.spool_dir.as_deref();
         let mut diff = Diff {
             changes: ChangeSet {
@@ -488,6 +516,7 @@ impl<'r> Run<'r> {
                 .transpose()?,
             emails: self.capabilities.addresses_by_email.then(HashMap::default),
             keyless_rejects: 0,
+            resend_all,
         };
 
         self.observer.phase(Phase::Reading, None);
@@ -663,7 +692,7 @@ impl<'r> Run<'r> {
                 origin,
             },
             Seen::Synced(synced_hash) => {
-                if synced_hash == contact.content_hash() {
+                if synced_hash == contact.content_hash() && !diff.resend_all {
                     self.report.unchanged += 1;
                     return Ok(());
                 }
@@ -865,6 +894,7 @@ impl<'r> Run<'r> {
         if capabilities.durable_at_finish {
             self.state.confirm_finished(&self.pipeline.name, run_id)?;
         }
+        self.report.unknown_in_sink = sink.summary().unknown_in_sink;
         Ok(())
     }
 
