@@ -351,3 +351,31 @@ fn the_plan_lists_exactly_the_nightly_delta_with_before_and_after() {
         lines.len()
     );
 }
+
+#[test]
+fn a_record_longer_than_max_record_bytes_is_rejected_with_its_line_unread() {
+    let s = Scenario::new();
+    s.config(&CONFIG.replace(
+        "path = \"people.csv\"",
+        "path = \"people.csv\"\nmax_record_bytes = 4096",
+    ));
+    // Line 3 holds a 100 kB quoted value with line breaks; line 4 is a 100 kB bare one.
+    let huge = "x".repeat(50_000);
+    let csv = format!(
+        "{HEADER}{}E2,person2@example.com,\"{huge}\n{huge}\",Last2,Dept2\nE3,person3@example.com,{huge}{huge},Last3,Dept0\n{}",
+        row(1, "Ann"),
+        row(5, "Ann"),
+    );
+    s.write("people.csv", &csv);
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(3);
+    assert_eq!(counts(&report), [4, 2, 0, 0, 0, 2], "{report}");
+    let rejects = s.rejects();
+    for line in ["3", "5"] {
+        let reason = reject_at(&rejects, line).get(6).unwrap();
+        assert!(reason.contains("max_record_bytes (4096 bytes)"), "{reason}");
+    }
+    // The rejects file carries at most the limit of each, not the whole record.
+    assert!(std::fs::metadata(s.path("rejects.csv")).unwrap().len() < 20_000);
+    assert!(out_row(&s, "E5").is_some(), "the rows after it are read");
+}

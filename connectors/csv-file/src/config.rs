@@ -50,6 +50,17 @@ pub struct SourceSettings {
     /// What to do with other columns; default `attributes`.
     #[serde(default)]
     pub extra_columns: ExtraColumns,
+    /// A record longer than this many bytes is rejected with its line instead of
+    /// being read into memory; default 1 MiB.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: u64,
+}
+
+/// The default of `max_record_bytes`: 1 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: u64 = 1 << 20;
+
+fn default_max_record_bytes() -> u64 {
+    DEFAULT_MAX_RECORD_BYTES
 }
 
 /// The settings of a CSV sink section.
@@ -92,6 +103,8 @@ pub struct CsvFormat {
     pub quote: u8,
     /// How headers map to fields.
     pub columns: ColumnMap,
+    /// The longest record read (bytes); longer ones are rejected unread.
+    pub max_record_bytes: u64,
 }
 
 /// The resolved source configuration.
@@ -116,7 +129,14 @@ impl SourceConfig {
     /// Parses and checks a source section.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
         let s: SourceSettings = settings.parse()?;
-        Ok(SourceConfig {
+        if s.max_record_bytes == 0 {
+            return Err(settings.error(
+                "max_record_bytes",
+                "must be at least 1 (the default is 1048576, 1 MiB)",
+            ));
+        }
+        let max_record_bytes = s.max_record_bytes;
+        let mut config = SourceConfig {
             format: CsvFormat::new(
                 settings,
                 s.path,
@@ -125,7 +145,9 @@ impl SourceConfig {
                 s.columns,
                 s.extra_columns,
             )?,
-        })
+        };
+        config.format.max_record_bytes = max_record_bytes;
+        Ok(config)
     }
 }
 
@@ -212,6 +234,7 @@ impl CsvFormat {
                 configured,
                 extra_columns,
             },
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
         })
     }
 }

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod config;
+mod limiter;
 pub mod sink;
 pub mod source;
 

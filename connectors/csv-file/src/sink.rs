@@ -215,7 +215,7 @@ impl CsvSink {
         // A file that cannot be trusted is not merged: this run's changes hold everyone.
         let existing = match self.trust {
             FileTrust::Rebuild => None,
-            _ => open_csv(format, LineEnds::Any)?,
+            _ => open_csv(format, LineEnds::Any, u64::MAX)?,
         };
         // An existing file keeps its mode; a new one gets the usual mode under the
         // umask (the temporary file is created 0600).
@@ -580,7 +580,7 @@ fn judge_file(
     match (synced, meta) {
         (0, None) => Ok((FileTrust::Trusted, SinkIntegrity::Intact)),
         (0, Some(_)) => {
-            let rows = match open_csv(format, LineEnds::Any)? {
+            let rows = match open_csv(format, LineEnds::Any, u64::MAX)? {
                 Some((mut reader, Some(_))) => {
                     let mut record = csv::ByteRecord::new();
                     let mut rows = 0u64;

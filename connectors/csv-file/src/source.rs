@@ -27,6 +27,7 @@ use contactsync_core::{
 use tokio::sync::mpsc;
 
 use crate::config::{CsvFormat, SourceConfig};
+use crate::limiter::RecordLimiter;
 
 /// Rows parsed per message to the engine's side: large enough that channel overhead
 /// vanishes, small enough to keep memory flat.
@@ -124,7 +125,7 @@ impl RecordStream for CsvStream {
 
 /// Parses one file row by row, with the column→field mapping worked out once.
 pub(crate) struct RowReader {
-    reader: csv::Reader<BufReader<File>>,
+    reader: csv::Reader<RecordLimiter<BufReader<File>>>,
     /// The field each column is read into.
     fields: Vec<Option<Field>>,
     /// The file as the user named it.
@@ -133,22 +134,20 @@ pub(crate) struct RowReader {
     delimiter: u8,
     quote: u8,
     record: csv::ByteRecord,
-    /// The file again, for reading back the bytes of a record that spans lines.
-    raw: File,
-    /// Bytes before the first byte the CSV reader saw (a UTF-8 BOM).
-    raw_offset: u64,
+    max_record_bytes: u64,
 }
 
 impl RowReader {
     /// Opens the file and maps its header; a missing file, an unreadable header or a
     /// configured column the header lacks is an error.
     pub(crate) fn open(format: &CsvFormat) -> Result<Self, ConnectorError> {
-        let (reader, headers) = open_csv(format, LineEnds::Newline)?.ok_or_else(|| {
-            ConnectorError::io(
-                &format.path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-            )
-        })?;
+        let (reader, headers) = open_csv(format, LineEnds::Newline, format.max_record_bytes)?
+            .ok_or_else(|| {
+                ConnectorError::io(
+                    &format.path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+                )
+            })?;
         let headers = headers.ok_or_else(|| {
             ConnectorError::Other(format!(
                 "{}: the file is empty; a header row is required",
@@ -169,12 +168,6 @@ impl RowReader {
             )));
         }
         check_header(format, &headers, &resolved.fields)?;
-        let raw = File::open(&format.path).map_err(|e| ConnectorError::io(&format.path, e))?;
-        let raw_offset = if has_bom(&raw) {
-            UTF8_BOM.len() as u64
-        } else {
-            0
-        };
         Ok(RowReader {
             reader,
             fields: resolved.fields,
@@ -183,8 +176,7 @@ impl RowReader {
             delimiter: format.delimiter,
             quote: format.quote,
             record: csv::ByteRecord::new(),
-            raw,
-            raw_offset,
+            max_record_bytes: format.max_record_bytes,
         })
     }
 
@@ -242,8 +234,21 @@ impl RowReader {
         let origin = Origin::line(self.display_name.clone(), line);
         // Only a quoted field can hold a line break, legitimate or not.
         let spans_lines = self.record.as_slice().contains(&b'\n');
+        if self.reader.get_mut().oversized(line) {
+            let reason = format!(
+                "the record is longer than max_record_bytes ({} bytes), so it was not read; \
+                 raise max_record_bytes if such records are real",
+                self.max_record_bytes
+            );
+            return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
+        }
         if spans_lines {
-            if let Some(quote_line) = self.unclosed_quote(&start, &end)? {
+            let unclosed = self
+                .reader
+                .get_ref()
+                .open_quote_at_end()
+                .filter(|&q| line <= q && q < end.line());
+            if let Some(quote_line) = unclosed {
                 let reason = format!(
                     "the quoted field that starts on line {quote_line} is never closed, so it runs to the end of the file \
                      and takes lines {line} to {} with it; close or remove the stray {:?}",
@@ -290,48 +295,6 @@ impl RowReader {
         Ok(Some(SourceItem::Record(SourceRecord::new(contact, origin))))
     }
 
-    /// For a record that spans lines: the line of a quote that is never closed, if the
-    /// record has one. The record's bytes are read back from the file (such records are
-    /// rare) and its quotes counted: escaped quotes come in pairs, so an odd count means
-    /// the last opening quote has no closing one.
-    fn unclosed_quote(
-        &self,
-        start: &csv::Position,
-        end: &csv::Position,
-    ) -> Result<Option<u64>, ConnectorError> {
-        use std::os::unix::fs::FileExt;
-        let length = end.byte().saturating_sub(start.byte());
-        let mut bytes = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX)];
-        let mut filled = 0;
-        while filled < bytes.len() {
-            let n = self
-                .raw
-                .read_at(
-                    &mut bytes[filled..],
-                    self.raw_offset + start.byte() + filled as u64,
-                )
-                .map_err(|e| ConnectorError::io(&self.path, e))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        bytes.truncate(filled);
-        let mut line = start.line();
-        let mut open_since: Option<u64> = None;
-        for &b in &bytes {
-            if b == self.quote {
-                open_since = match open_since {
-                    Some(_) => None,
-                    None => Some(line),
-                };
-            } else if b == b'\n' {
-                line += 1;
-            }
-        }
-        Ok(open_since)
-    }
-
     /// A rejection carrying the row as text (re-quoted as written) and, when the row's
     /// shape could be trusted, the fields that could be read (and the key they give).
     fn reject(&self, mut error: RecordError, partial: Option<Contact>) -> SourceItem {
@@ -347,7 +310,10 @@ impl RowReader {
 
 /// A CSV file opened for reading: the reader past the header, and the header row
 /// (`None` for an empty file).
-pub(crate) type OpenedCsv = (csv::Reader<BufReader<File>>, Option<Vec<String>>);
+pub(crate) type OpenedCsv = (
+    csv::Reader<RecordLimiter<BufReader<File>>>,
+    Option<Vec<String>>,
+);
 
 /// Where a CSV reader ends its lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,13 +335,6 @@ pub(crate) fn field_value(record: &csv::ByteRecord, i: usize) -> &[u8] {
     } else {
         value
     }
-}
-
-/// Whether a file starts with a UTF-8 BOM.
-fn has_bom(file: &File) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut head = [0u8; 3];
-    matches!(file.read_at(&mut head, 0), Ok(3)) && head == *UTF8_BOM
 }
 
 /// One error for the whole file when its header cannot be trusted: a column named
@@ -421,6 +380,7 @@ fn check_header(
 pub(crate) fn open_csv(
     format: &CsvFormat,
     line_ends: LineEnds,
+    max_record_bytes: u64,
 ) -> Result<Option<OpenedCsv>, ConnectorError> {
     let file = match File::open(&format.path) {
         Ok(file) => file,
@@ -444,7 +404,12 @@ pub(crate) fn open_csv(
     if line_ends == LineEnds::Newline {
         builder.terminator(csv::Terminator::Any(b'\n'));
     }
-    let mut reader = builder.from_reader(input);
+    let mut reader = builder.from_reader(RecordLimiter::new(
+        input,
+        format.delimiter,
+        format.quote,
+        max_record_bytes,
+    ));
     let headers = reader
         .byte_headers()
         .map_err(|e| csv_error(&format.path, e))?;
