@@ -143,7 +143,11 @@ fn every_bad_setting_is_refused_with_exit_2_naming_its_key() {
 }
 
 fn rows_with(s: &Scenario, first_name: &str) -> usize {
-    read_rows(&s.path("out.csv"))
+    rows_in(&s.path("out.csv"), first_name)
+}
+
+fn rows_in(path: &std::path::Path, first_name: &str) -> usize {
+    read_rows(path)
         .iter()
         .filter(|r| r.iter().any(|v| v == first_name))
         .count()
@@ -262,4 +266,127 @@ fn a_new_state_facing_a_non_empty_sink_file_says_so_and_keeps_its_rows() {
     let (run, report) = s.sync("hr", "out", &[]);
     run.expect_code(0);
     assert!(report["foreign"].is_null(), "{report}");
+}
+
+/// The README's own setup: Poppulo behind `base_url = "sandbox"`, started inside the
+/// process and killed with it.
+const SANDBOX_CONFIG: &str = r#"
+state = "data/state.db"
+
+[sources.hr]
+type = "csv"
+path = "people.csv"
+
+[sinks.poppulo]
+type = "poppulo"
+base_url = "sandbox"
+account = "acme"
+username = "api-user"
+password = "sandbox-password"
+min_poll_interval = "100ms"
+busy_retry_interval = "200ms"
+
+[sources.back]
+type = "poppulo"
+base_url = "sandbox"
+account = "acme"
+username = "api-user"
+password = "sandbox-password"
+
+[sinks.export]
+type = "csv"
+path = "export.csv"
+
+[pipelines.nightly]
+from = "hr"
+to = "poppulo"
+max_removal_ratio = 1.0
+"#;
+
+/// Starts a sync of `hr` into the in-process sandbox and kills it with SIGKILL once a
+/// batch has been pending for `after` (the import is posted within milliseconds and
+/// takes about a second for 6,000 rows).
+fn kill_during_import(s: &Scenario, after: std::time::Duration) {
+    let mut child = s
+        .command(&["sync", "--from", "hr", "--to", "poppulo"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no batch ever pending"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        let show = s.run(&["state", "show", "--json"]);
+        let pending = serde_json::from_str::<serde_json::Value>(&show.stdout())
+            .ok()
+            .and_then(|v| v[0]["pending"].as_u64())
+            .unwrap_or(0);
+        if pending > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(after);
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    assert_eq!(child.wait().unwrap().code(), None, "killed");
+}
+
+#[test]
+fn kill_9_during_an_in_process_sandbox_import_ten_times_then_a_rerun_finishes() {
+    let s = Scenario::new();
+    s.config(SANDBOX_CONFIG);
+    let n = 6000;
+    for trial in 0..10 {
+        s.write("people.csv", &people_csv(n, |_| format!("Trial{trial}")));
+        kill_during_import(&s, std::time::Duration::from_millis(50 + 80 * trial));
+    }
+    s.write("people.csv", &people_csv(n, |_| "Final".into()));
+    let (run, _) = s.sync("hr", "poppulo", &[]);
+    run.expect_code(0);
+    // The platform equals the source: read it back through the same sandbox.
+    let (run, report) = s.sync("back", "export", &[]);
+    run.expect_code(0);
+    assert_eq!(report["read"], n as u64, "{report}");
+    assert_eq!(rows_in(&s.path("export.csv"), "Final"), n);
+}
+
+#[test]
+fn an_import_that_can_no_longer_be_followed_is_given_up_and_sent_again() {
+    let s = Scenario::new();
+    s.config(SANDBOX_CONFIG);
+    let n = 6000;
+    s.write("people.csv", &people_csv(n, |_| "Ann".into()));
+    kill_during_import(&s, std::time::Duration::from_millis(300));
+    // The port the sandbox had is taken now: it comes back on another one, and the
+    // stored link of the killed run's import leads nowhere.
+    let port: u16 = std::fs::read_to_string(s.path("data/sandbox-poppulo.port"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (run, _) = s.sync("hr", "poppulo", &[]);
+    run.expect_code(0);
+    assert!(
+        run.stderr().contains("can no longer be followed") && run.stderr().contains("port"),
+        "{}",
+        run.stderr()
+    );
+    drop(squatter);
+    let (run, report) = s.sync("back", "export", &[]);
+    run.expect_code(0);
+    assert_eq!(report["read"], n as u64, "{report}");
+    // And the pipeline is not wedged: the next run has nothing to do.
+    let (run, report) = s.sync("hr", "poppulo", &[]);
+    run.expect_code(0);
+    assert_eq!(report["unchanged"], n as u64, "{report}");
 }

@@ -468,6 +468,29 @@ pub fn map_outcomes(
         .collect()
 }
 
+/// Whether following a stored import failed for good: the import is gone (404, 410),
+/// nothing listens where it was (connection refused), or the link leads outside the
+/// configured base URL (a sandbox restarted on another port, a changed `base_url`).
+/// Throttling, a busy account or a 5xx are passing, and fail the run as usual.
+fn cannot_be_followed(error: &ConnectorError) -> bool {
+    match error {
+        ConnectorError::Protocol { .. } => true,
+        ConnectorError::Call {
+            status: Some(404 | 410),
+            ..
+        } => true,
+        ConnectorError::Call {
+            status: None,
+            message,
+            ..
+        } => {
+            let message = message.to_lowercase();
+            message.contains("connection refused")
+        }
+        _ => false,
+    }
+}
+
 #[async_trait]
 impl Sink for PoppuloSink {
     fn capabilities(&self) -> SinkCapabilities {
@@ -519,9 +542,22 @@ impl Sink for PoppuloSink {
                 }
             }
         }
-        self.follow(&key, &href, known, &emails, ctx)
-            .await
-            .map(Some)
+        match self.follow(&key, &href, known, &emails, ctx).await {
+            Ok(outcomes) => Ok(Some(outcomes)),
+            Err(e) if cannot_be_followed(&e) => {
+                // A handle that can never be followed again must not wedge the pipeline:
+                // say so once, forget it, and let the engine send the batch again (an
+                // import is an upsert, so whatever the lost import did converges).
+                tracing::warn!(import = %href, "the import an earlier run left can no longer be followed ({e}); its changes are sent again");
+                ctx.progress.note(&format!(
+                    "gave up following Poppulo import {} of an earlier run ({e}); its changes are sent again",
+                    import_id(&href)
+                ));
+                ctx.store.remove(&key)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn apply(

@@ -245,6 +245,13 @@ fn list_connectors() {
     }
 }
 
+/// The port of a `http://127.0.0.1:PORT/…` URL.
+fn url_port(url: &str) -> Option<u16> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    authority.rsplit_once(':')?.1.parse().ok()
+}
+
 /// Sandboxes started in this process, one per platform, so that a source and a sink of
 /// the same platform see the same data.
 #[derive(Default)]
@@ -272,13 +279,39 @@ impl Sandboxes {
                 std::fs::create_dir_all(data_dir)
                     .with_context(|| format!("creating {}", data_dir.display()))?;
                 let data_file = data_dir.join(format!("sandbox-{}.json", section.connector));
-                let running = (factory.start)(SandboxOptions {
+                // The sandbox keeps the port it had, when it is free, so that the link
+                // of an import a killed run left behind still leads to it.
+                let port_file = data_dir.join(format!("sandbox-{}.port", section.connector));
+                let last_port = std::fs::read_to_string(&port_file)
+                    .ok()
+                    .and_then(|p| p.trim().parse::<u16>().ok());
+                let options = |port| SandboxOptions {
                     data_file: Some(data_file.clone()),
-                    port: 0,
+                    port,
                     settings: Some(section.settings.clone()),
-                })
-                .await
-                .with_context(|| format!("starting the {} sandbox", section.connector))?;
+                };
+                let started = match last_port {
+                    Some(port) => {
+                        match (factory.start)(options(port)).await {
+                            Ok(running) => Ok(running),
+                            Err(e) => {
+                                tracing::info!("port {port} of the last {} sandbox is taken ({e}); using another", section.connector);
+                                (factory.start)(options(0)).await
+                            }
+                        }
+                    }
+                    None => (factory.start)(options(0)).await,
+                };
+                let running = started
+                    .with_context(|| format!("starting the {} sandbox", section.connector))?;
+                if let Some(port) = url_port(&running.base_url) {
+                    if let Err(e) = std::fs::write(&port_file, format!("{port}\n")) {
+                        tracing::warn!(
+                            "could not keep the sandbox's port in {}: {e}",
+                            port_file.display()
+                        );
+                    }
+                }
                 eprintln!(
                     "note: [{}] uses the built-in {} SANDBOX at {} (data in {}), not the real platform",
                     section.settings.section,

@@ -307,11 +307,27 @@ impl<'a> Call<'a> {
         let url = self.url?;
         let call = format!("{} {}", self.method, url.path());
         if !self.client.may_send_credentials(&url) {
+            let base = &self.client.base;
+            let (what, configured) =
+                if url.host_str() == base.host_str() && url.scheme() == base.scheme() {
+                    (
+                        format!("port {}", url.port_or_known_default().unwrap_or_default()),
+                        format!("port {}", base.port_or_known_default().unwrap_or_default()),
+                    )
+                } else {
+                    (
+                        format!(
+                            "{}://{}",
+                            url.scheme(),
+                            url.host_str().unwrap_or("another host")
+                        ),
+                        format!("{}://{}", base.scheme(), base.host_str().unwrap_or("?")),
+                    )
+                };
             return Err(ConnectorError::Protocol {
                 call,
                 message: format!(
-                    "the link points to {}, not to the configured base URL's host; credentials withheld",
-                    url.host_str().unwrap_or("another host")
+                    "the link points to {what}, not to the configured base URL's {configured}; credentials withheld"
                 ),
             });
         }
