@@ -390,3 +390,130 @@ fn an_import_that_can_no_longer_be_followed_is_given_up_and_sent_again() {
     run.expect_code(0);
     assert_eq!(report["unchanged"], n as u64, "{report}");
 }
+
+#[test]
+fn logs_written_to_a_file_or_pipe_carry_no_escape_codes() {
+    let s = scenario();
+    s.config(SANDBOX_CONFIG);
+    let output = s
+        .command(&["sync", "--from", "hr", "--to", "poppulo"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let run = common::Run { output };
+    run.expect_code(0);
+    assert!(run.stderr().contains("INFO"), "{}", run.stderr());
+    assert!(!run.stderr().contains('\u{1b}'), "{:?}", run.stderr());
+    assert!(!run.stdout().contains('\u{1b}'), "{:?}", run.stdout());
+}
+
+#[test]
+fn ctrl_c_prints_one_line_exits_130_and_the_next_run_finishes() {
+    let s = Scenario::new();
+    s.config(SANDBOX_CONFIG);
+    let n = 6000;
+    s.write("people.csv", &people_csv(n, |_| "Ann".into()));
+    let child = s
+        .command(&["sync", "--from", "hr", "--to", "poppulo"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no batch ever pending"
+        );
+        let show = s.run(&["state", "show", "--json"]);
+        let pending = serde_json::from_str::<serde_json::Value>(&show.stdout())
+            .ok()
+            .and_then(|v| v[0]["pending"].as_u64())
+            .unwrap_or(0);
+        if pending > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(
+        lines[0].starts_with("interrupted: hr->poppulo: ")
+            && lines[0].ends_with("changes not confirmed; the next run sends them again"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.lines().filter(|l| l.contains("WARN")).count() <= 1,
+        "not one line a record: {stderr}"
+    );
+    let (run, report) = s.sync("hr", "poppulo", &[]);
+    run.expect_code(0);
+    let (run, export) = s.sync("back", "export", &[]);
+    run.expect_code(0);
+    assert_eq!(export["read"], n as u64, "{report}");
+}
+
+/// Under a pseudo-terminal (`script`), the bar shows the import's own progress while
+/// the sandbox works through it, not just 0 and then the end.
+#[test]
+fn on_a_terminal_the_bar_follows_the_platform_import() {
+    let s = Scenario::new();
+    s.config(SANDBOX_CONFIG);
+    s.write("people.csv", &people_csv(8000, |_| "Ann".into()));
+    let command = format!(
+        "{} --config {} sync --from hr --to poppulo",
+        env!("CARGO_BIN_EXE_contactsync"),
+        s.path("contactsync.toml").display()
+    );
+    let output = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .current_dir(s.dir.path())
+        .env("RUST_LOG", "warn")
+        .env("COLUMNS", "160")
+        .output()
+        .expect("script (util-linux) runs the binary under a pseudo-terminal");
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{screen}");
+    // Positions drawn for the job: "Poppulo import 1 … 2345/8000 records".
+    let positions: Vec<u64> = screen
+        .split("/8000 records")
+        .filter_map(|before| {
+            let digits: String = before
+                .chars()
+                .rev()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            digits.parse().ok()
+        })
+        .collect();
+    assert!(screen.contains("Poppulo import"), "{screen}");
+    assert!(
+        positions.iter().any(|&p| p > 0 && p < 8000),
+        "the bar moved between 0 and 8000 while the import ran: {positions:?}"
+    );
+    // Whole-number rates only.
+    assert!(!has_fractional_rate(&screen), "{screen}");
+}
+
+/// Whether `text` shows a rate with a fraction, such as `3,677.5023/s`.
+fn has_fractional_rate(text: &str) -> bool {
+    text.split("/s").any(|before| {
+        let number: String = before
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ','))
+            .collect();
+        number.contains('.')
+    })
+}

@@ -190,9 +190,14 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour only for a person at a terminal: never in a file, a pipe or a cron mail,
+    // and never when NO_COLOR is set (https://no-color.org).
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false)
         .init();
 }
@@ -430,11 +435,9 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
     let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
     let cancel = CancellationToken::new();
     let on_interrupt = cancel.clone();
+    // The run stops at its next step and says what was left in its summary line.
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!(
-                "interrupted: stopping after the current step; the next run finishes the job"
-            );
             on_interrupt.cancel();
         }
     });
@@ -546,6 +549,13 @@ fn exit_code(status: RunStatus) -> u8 {
 }
 
 fn print_report(report: &RunReport, rejects: &Path) {
+    if report.status == RunStatus::Interrupted {
+        println!(
+            "interrupted: {}: {} changes not confirmed; the next run sends them again",
+            report.pipeline, report.unconfirmed
+        );
+        return;
+    }
     // The first word says how the run ended. The counts of a dry run, or of a run the
     // guard refused, are what the run would have done: nothing was changed.
     let word = if report.dry_run {

@@ -235,6 +235,9 @@ pub struct RunReport {
     pub skipped: u64,
     /// Changes sent whose outcome is unknown; sent again next run.
     pub unknown: u64,
+    /// Changes of this run's plan not confirmed when it stopped (interrupted or failed):
+    /// the next run sends them again.
+    pub unconfirmed: u64,
     /// Changes of earlier, interrupted runs settled at the start of this one.
     pub recovered: u64,
     /// Removals this run would have made but held back, because the read, though
@@ -279,6 +282,7 @@ impl RunReport {
             rejected: 0,
             skipped: 0,
             unknown: 0,
+            unconfirmed: 0,
             recovered: 0,
             removals_held: 0,
             removals_held_reason: None,

@@ -850,6 +850,7 @@ impl<'r> Run<'r> {
             .min(capabilities.max_batch)
             .max(1);
         // Counted again from the outcomes: the plan's counts become what really happened.
+        self.report.unconfirmed = changes.plan.total();
         self.report.created = 0;
         self.report.updated = 0;
         self.report.removed = 0;
@@ -999,6 +1000,9 @@ impl<'r> Run<'r> {
         }
         self.state
             .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        // What stays pending (unknown outcomes) is still not confirmed.
+        let settled = settlements.len() as u64;
+        self.report.unconfirmed = self.report.unconfirmed.saturating_sub(settled);
         self.observer.advance(batch.changes.len() as u64);
         Ok(())
     }
@@ -1038,6 +1042,14 @@ impl<'r> Run<'r> {
             } else if report.rejected > 0 {
                 report.status = RunStatus::FinishedWithRejects;
             }
+        }
+        // A run the user interrupted that therefore could not finish (its job's
+        // outcome unknown, a call cut short) was interrupted, not broken.
+        if report.status == RunStatus::Failed && self.options.cancel.is_cancelled() {
+            report.status = RunStatus::Interrupted;
+        }
+        if report.status.succeeded() || report.status == RunStatus::Refused {
+            report.unconfirmed = 0;
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
         if !self.options.dry_run && report.run > 0 {

@@ -36,6 +36,14 @@ pub enum StateError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database file cannot be opened (permissions, a directory in the way).
+    #[error("state database {}: {message}", path.display())]
+    Unavailable {
+        /// The database file.
+        path: PathBuf,
+        /// What the file system said.
+        message: String,
+    },
     /// The database holds something this version does not understand.
     #[error("state database {}: {message}", path.display())]
     Corrupt {
@@ -452,6 +460,19 @@ impl SqliteState {
                 path: path.to_path_buf(),
                 message: format!("cannot create {}: {e}", dir.display()),
             })?;
+        }
+        // SQLite says only "unable to open database file"; the file system says why.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+        {
+            return Err(StateError::Unavailable {
+                path: path.to_path_buf(),
+                message: format!("cannot open it for reading and writing: {e}"),
+            });
         }
         let conn = Connection::open(path).map_err(db_error(path))?;
         let state = SqliteState {
