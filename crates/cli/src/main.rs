@@ -3,6 +3,8 @@
 //! exit code (0 synced, 1 failure, 2 usage or config error, 3 rejected records or
 //! removals held back, 4 refused by the removal guard, 130 interrupted).
 
+mod metrics;
+mod notify;
 mod progress;
 mod settings;
 
@@ -18,6 +20,7 @@ use contactsync_core::{registry, RunningSandbox, SandboxOptions, Sink, Source};
 use contactsync_engine::{
     run, Pipeline, RunOptions, RunReport, RunStatus, SqliteState, StateStore, SyncMode,
 };
+use tracing::Instrument;
 
 use crate::progress::RunProgress;
 use crate::settings::{base_url, with_base_url, Section, Settings};
@@ -44,8 +47,37 @@ struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// `text` (default) or `json`: one JSON object a line on stderr, for log shippers.
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object a line: time, level, pipeline, run, message, fields.
+    Json,
+}
+
+/// Whether logs are JSON: then everything on stderr goes through the log.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Says something on stderr: a line for a person, or a log record in JSON mode, so
+/// that every line of stderr stays parseable.
+fn say(level: tracing::Level, message: &str) {
+    if JSON_LOGS.get().copied().unwrap_or(false) {
+        match level {
+            tracing::Level::ERROR => tracing::error!("{message}"),
+            tracing::Level::WARN => tracing::warn!("{message}"),
+            _ => tracing::info!("{message}"),
+        }
+    } else {
+        eprintln!("{message}");
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,6 +94,32 @@ enum Command {
         command: StateCommand,
         /// The state database (default: from the config).
         #[arg(long, value_name = "FILE", global = true)]
+        state: Option<PathBuf>,
+    },
+    /// List past runs from the state: start, duration, status, counts.
+    Runs {
+        /// Only this pipeline (`from->to`).
+        #[arg(long, value_name = "NAME")]
+        pipeline: Option<String>,
+        /// How many, newest first.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        last: usize,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        /// The state database (default: from the config).
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
+    },
+    /// What contactsync did to one person, from the state's audit (`audit_days`).
+    History {
+        /// The person's email, key (`external_id:E1`) or external id.
+        who: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        /// The state database (default: from the config).
+        #[arg(long, value_name = "FILE")]
         state: Option<PathBuf>,
     },
     /// Run a platform's sandbox on loopback until interrupted, to try a mapping offline.
@@ -110,6 +168,10 @@ struct SyncArgs {
     /// The state database (default: from the config).
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Write the run's metrics in the Prometheus text format to FILE (atomically), for
+    /// node_exporter's textfile collector.
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
     /// When another run holds this pipeline (or its sink section), wait up to DURATION
     /// (`90s`, `10m`) for it instead of exiting 5.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -164,7 +226,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -175,13 +237,14 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(Failure { code, error }) => {
-            eprintln!("error: {error:#}");
+            say(tracing::Level::ERROR, &format!("error: {error:#}"));
             ExitCode::from(code)
         }
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
+    let _ = JSON_LOGS.set(format == LogFormat::Json);
     let default = match verbose {
         // Warnings, and the progress lines of a run that is not on a terminal (cron logs).
         0 => "warn,contactsync::progress=info",
@@ -194,12 +257,19 @@ fn init_logging(verbose: u8) {
     // and never when NO_COLOR is set (https://no-color.org).
     let colour = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(colour).init(),
+        // `pipeline` and `run` come from the run's span.
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 async fn dispatch(cli: Cli) -> Result<u8, Failure> {
@@ -218,17 +288,171 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             check(&settings).await
         }
         Command::State { command, state } => {
-            let state_path = match state {
-                Some(path) => path,
-                None => {
-                    Settings::load(&config_path, None)
-                        .map_err(usage)?
-                        .state_path
-                }
-            };
-            state_command(&state_path, command)
+            let path = state_path(&config_path, state)?;
+            state_command(&path, command)
+        }
+        Command::Runs {
+            pipeline,
+            last,
+            json,
+            state,
+        } => {
+            let path = state_path(&config_path, state)?;
+            runs_command(&path, pipeline.as_deref(), last, json)
+        }
+        Command::History { who, json, state } => {
+            let path = state_path(&config_path, state)?;
+            history_command(&path, &who, json)
         }
         Command::Sandbox { name, port, data } => sandbox(&name, port, data).await,
+    }
+}
+
+/// `--state FILE`, else the config's `state`.
+fn state_path(config: &Path, flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    match flag {
+        Some(path) => Ok(path),
+        None => Ok(Settings::load(config, None).map_err(usage)?.state_path),
+    }
+}
+
+fn runs_command(
+    path: &Path,
+    pipeline: Option<&str>,
+    last: usize,
+    json: bool,
+) -> Result<u8, Failure> {
+    let mut state = SqliteState::open(path).map_err(|e| failed(anyhow!(e)))?;
+    let runs = state.runs(pipeline, last).map_err(|e| failed(anyhow!(e)))?;
+    let rows: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            let report: serde_json::Value = r
+                .report
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or_default();
+            serde_json::json!({
+                "pipeline": r.pipeline,
+                "run": r.run,
+                "started_at": chrono::DateTime::parse_from_rfc3339(&r.started_at)
+                    .map(|t| t.with_timezone(&chrono::Utc).format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_else(|_| r.started_at.clone()),
+                "finished_at": r.finished_at,
+                "status": r.status.as_deref().unwrap_or("running or killed"),
+                "duration_ms": report["duration_ms"],
+                "read": report["read"],
+                "created": report["created"],
+                "updated": report["updated"],
+                "removed": report["removed"],
+                "unchanged": report["unchanged"],
+                "rejected": report["rejected"],
+            })
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| failed(anyhow!(e)))?
+        );
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no runs recorded in {}", path.display());
+        return Ok(0);
+    }
+    println!(
+        "{:<24} {:>5} {:<19} {:>8} {:<22} {:>8} {:>8} {:>8} {:>8}",
+        "pipeline",
+        "run",
+        "started (UTC)",
+        "time",
+        "status",
+        "created",
+        "updated",
+        "removed",
+        "rejected"
+    );
+    for r in &rows {
+        let n = |k: &str| r[k].as_u64().map(|v| v.to_string()).unwrap_or("-".into());
+        let time = r["duration_ms"]
+            .as_u64()
+            .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+            .unwrap_or("-".into());
+        println!(
+            "{:<24} {:>5} {:<19} {:>8} {:<22} {:>8} {:>8} {:>8} {:>8}",
+            r["pipeline"].as_str().unwrap_or(""),
+            r["run"],
+            r["started_at"].as_str().unwrap_or(""),
+            time,
+            r["status"].as_str().unwrap_or(""),
+            n("created"),
+            n("updated"),
+            n("removed"),
+            n("rejected")
+        );
+    }
+    Ok(0)
+}
+
+fn history_command(path: &Path, who: &str, json: bool) -> Result<u8, Failure> {
+    let mut state = SqliteState::open(path).map_err(|e| failed(anyhow!(e)))?;
+    let entries = state.history(who).map_err(|e| failed(anyhow!(e)))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).map_err(|e| failed(anyhow!(e)))?
+        );
+        return Ok(0);
+    }
+    if entries.is_empty() {
+        println!("{who}: nothing in the audit (kept for each pipeline's audit_days)");
+        return Ok(0);
+    }
+    for e in &entries {
+        let at = chrono::DateTime::from_timestamp(e.at, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_default();
+        let fields = describe_fields(&e.fields);
+        println!(
+            "{at}  {} run {}  {} {} ({}){}{}",
+            e.pipeline,
+            e.run,
+            e.kind,
+            e.key,
+            e.outcome,
+            if fields.is_empty() {
+                String::new()
+            } else {
+                format!(": {fields}")
+            },
+            e.reason
+                .as_deref()
+                .map(|r| format!(" — {r}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
+/// An audit entry's fields as `last_name: "Lee" -> "Smith", …` (or just names).
+fn describe_fields(fields: &str) -> String {
+    let show = |v: &serde_json::Value| match v.as_str() {
+        Some(s) => format!("{s:?}"),
+        None => "(unset)".to_string(),
+    };
+    match serde_json::from_str::<serde_json::Value>(fields) {
+        Ok(serde_json::Value::Object(map)) => map
+            .iter()
+            .map(|(name, pair)| format!("{name}: {} -> {}", show(&pair[0]), show(&pair[1])))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Ok(serde_json::Value::Array(names)) => names
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => String::new(),
     }
 }
 
@@ -317,13 +541,13 @@ impl Sandboxes {
                         );
                     }
                 }
-                eprintln!(
+                say(tracing::Level::WARN, &format!(
                     "note: [{}] uses the built-in {} SANDBOX at {} (data in {}), not the real platform",
                     section.settings.section,
                     section.connector,
                     running.base_url,
                     data_file.display()
-                );
+                ));
                 let url = running.base_url.clone();
                 self.running.insert(section.connector.clone(), running);
                 url
@@ -452,7 +676,12 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         spool_dir: Some(data_dir.clone()),
         cancel,
     };
+    let notify = settings
+        .pipeline_notify(&args.from, &args.to)
+        .map_err(usage)?;
     let progress = RunProgress::new(std::io::stderr().is_terminal());
+    // Every log line of the run carries the pipeline and (once known) the run number.
+    let span = tracing::info_span!("run", pipeline = %pipeline.name, run = tracing::field::Empty);
     let report = run(
         &pipeline,
         source.as_ref(),
@@ -461,6 +690,7 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         &options,
         &progress,
     )
+    .instrument(span.clone())
     .await;
     progress.finish();
     drop(sink);
@@ -473,7 +703,80 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
             .with_context(|| format!("writing the report to {}", path.display()))
             .map_err(failed)?;
     }
+    after_run(settings, &args, &notify, &mut state, &report)
+        .instrument(span)
+        .await;
     Ok(exit_code(report.status))
+}
+
+/// Metrics and notifications of a finished run. Neither ever changes the exit code: a
+/// problem is logged.
+async fn after_run(
+    settings: &Settings,
+    args: &SyncArgs,
+    notify: &notify::NotifySettings,
+    state: &mut SqliteState,
+    report: &RunReport,
+) {
+    if report.dry_run {
+        return;
+    }
+    // The runs in the state, newest first: this one (unless it never started), then
+    // the one before, whose status says whether anything changed.
+    let runs = match state.runs(Some(&report.pipeline), 50) {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!("reading the run history for notifications and metrics: {e}");
+            Vec::new()
+        }
+    };
+    let earlier: Vec<_> = runs.iter().filter(|r| r.run != report.run).collect();
+    if args.metrics.is_some() || settings.metrics.push_gateway.is_some() {
+        let now = chrono::Utc::now().timestamp() as f64;
+        let last_success = if report.status.succeeded() {
+            Some(now)
+        } else {
+            earlier
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r.status.as_deref(),
+                        Some("synced" | "finished_with_rejects" | "removals_held")
+                    )
+                })
+                .find_map(|r| r.finished_at.as_deref())
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp() as f64)
+        };
+        match metrics::render(report, now, last_success) {
+            Ok(text) => {
+                if let Some(path) = &args.metrics {
+                    if let Err(e) = metrics::write_file(path, &text) {
+                        tracing::warn!("writing the metrics: {e:#}");
+                    }
+                }
+                if let Some(gateway) = &settings.metrics.push_gateway {
+                    if let Err(e) = metrics::push(gateway, &report.pipeline, text).await {
+                        tracing::warn!("pushing the metrics to the Pushgateway: {e:#}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+    if !notify.is_empty() {
+        let previous = earlier.first().and_then(|r| {
+            let status = r.status.clone()?;
+            let rejected = r
+                .report
+                .as_deref()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                .and_then(|v| v["rejected"].as_u64())
+                .unwrap_or(0);
+            Some((status, rejected))
+        });
+        notify::after_run(notify, report, previous).await;
+    }
 }
 
 /// Refuses, before anything runs, a source and sink on one file, and an output (report,
@@ -647,7 +950,7 @@ fn print_report(report: &RunReport, rejects: &Path) {
         println!("removals held: {reason}");
     }
     if let Some(error) = &report.error {
-        eprintln!("error: {error}");
+        say(tracing::Level::ERROR, &format!("error: {error}"));
     }
 }
 

@@ -11,6 +11,9 @@ use config::{Config, Environment, File, FileFormat, Value, ValueKind};
 use contactsync_core::ConnectorSettings;
 use contactsync_engine::PipelineSettings;
 
+use crate::metrics::MetricsSettings;
+use crate::notify::NotifySettings;
+
 /// The loaded config.
 pub struct Settings {
     /// The config file.
@@ -22,6 +25,10 @@ pub struct Settings {
     sources: BTreeMap<String, Value>,
     sinks: BTreeMap<String, Value>,
     pipelines: BTreeMap<String, Value>,
+    /// `[notify]`: who is told about runs, unless a pipeline says otherwise.
+    pub notify: NotifySettings,
+    /// `[metrics]`.
+    pub metrics: MetricsSettings,
 }
 
 /// A connector section, ready for its factory.
@@ -32,7 +39,15 @@ pub struct Section {
     pub settings: ConnectorSettings,
 }
 
-const TOP_LEVEL: [&str; 5] = ["state", "sources", "sinks", "pipelines", "config"];
+const TOP_LEVEL: [&str; 7] = [
+    "state",
+    "sources",
+    "sinks",
+    "pipelines",
+    "config",
+    "notify",
+    "metrics",
+];
 
 /// Where the config is: `--config`, else `$CONTACTSYNC_CONFIG`, else `./contactsync.toml`.
 pub fn locate(flag: Option<&Path>) -> PathBuf {
@@ -72,7 +87,7 @@ impl Settings {
         for key in root.keys() {
             if !TOP_LEVEL.contains(&key.as_str()) {
                 bail!(
-                    "{}: unknown top-level key `{key}` (expected state, [sources.NAME], [sinks.NAME], [pipelines.NAME])",
+                    "{}: unknown top-level key `{key}` (expected state, [sources.NAME], [sinks.NAME], [pipelines.NAME], [notify], [metrics])",
                     file.display()
                 );
             }
@@ -100,7 +115,24 @@ impl Settings {
                 .transpose()
                 .map(Option::unwrap_or_default)
         };
+        let notify: NotifySettings = match root.get("notify") {
+            Some(value) => value
+                .clone()
+                .try_deserialize()
+                .map_err(|e| anyhow!("{}: [notify]: {e}", file.display()))?,
+            None => NotifySettings::default(),
+        };
+        notify.validate("notify")?;
+        let metrics: MetricsSettings = match root.get("metrics") {
+            Some(value) => value
+                .clone()
+                .try_deserialize()
+                .map_err(|e| anyhow!("{}: [metrics]: {e}", file.display()))?,
+            None => MetricsSettings::default(),
+        };
         Ok(Settings {
+            notify,
+            metrics,
             file: file.to_path_buf(),
             base_dir,
             state_path,
@@ -201,6 +233,8 @@ impl Settings {
                     })
             };
             let (f, t) = (field(&mut values, "from")?, field(&mut values, "to")?);
+            // Read by `pipeline_notify`.
+            values.remove("notify");
             if f == from && t == to {
                 let value = Value::new(None, ValueKind::Table(values.into_iter().collect()));
                 let settings = value
@@ -216,6 +250,30 @@ impl Settings {
             }
         }
         Ok(PipelineSettings::default())
+    }
+
+    /// Who is told about runs of the pipeline from `from` to `to`: its own `notify`
+    /// section, else the top-level one.
+    pub fn pipeline_notify(&self, from: &str, to: &str) -> Result<NotifySettings> {
+        for (name, value) in &self.pipelines {
+            let values = table(value.clone(), &format!("pipelines.{name}"), &self.file)?;
+            let is = |key: &str, want: &str| {
+                values
+                    .get(key)
+                    .and_then(|v| v.clone().into_string().ok())
+                    .is_some_and(|v| v == want)
+            };
+            if is("from", from) && is("to", to) {
+                if let Some(notify) = values.get("notify") {
+                    let notify: NotifySettings = notify.clone().try_deserialize().map_err(|e| {
+                        anyhow!("{}: [pipelines.{name}.notify]: {e}", self.file.display())
+                    })?;
+                    notify.validate(&format!("pipelines.{name}.notify"))?;
+                    return Ok(notify);
+                }
+            }
+        }
+        Ok(self.notify.clone())
     }
 
     /// Every pipeline section's (name, from, to).

@@ -16,8 +16,11 @@ mod spool;
 pub mod state;
 
 pub use report::{
-    GuardVerdict, PlanError, PlannedChange, RejectStage, RejectsWriter, RunReport, RunStatus,
+    GuardVerdict, PlanError, PlannedChange, RejectStage, RejectionSummary, RejectsWriter,
+    RunReport, RunStatus,
 };
 pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
 pub use settings::{PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
-pub use state::{LockAttempt, LockHolder, SqliteState, StateError, StateStore};
+pub use state::{
+    AuditEntry, LockAttempt, LockHolder, RunRecord, SqliteState, StateError, StateStore,
+};

@@ -257,6 +257,9 @@ pub struct RunReport {
     pub guard: Option<GuardVerdict>,
     /// The first changes of each kind (dry runs).
     pub sample: Vec<PlannedChange>,
+    /// The first [`RunReport::FIRST_REJECTIONS`] rejections: key, origin, field and
+    /// reason, never the record itself (for notifications).
+    pub rejections: Vec<RejectionSummary>,
     /// When the run started (RFC 3339).
     pub started_at: String,
     /// How long it took, in milliseconds.
@@ -265,7 +268,23 @@ pub struct RunReport {
     pub error: Option<String>,
 }
 
+/// One rejected record, as a notification may show it: where and why, not what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectionSummary {
+    /// The record's key, when known.
+    pub key: Option<String>,
+    /// Where it was read (`people.csv:12`).
+    pub origin: String,
+    /// The field at fault, when known.
+    pub field: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
 impl RunReport {
+    /// How many rejections a report lists.
+    pub const FIRST_REJECTIONS: usize = 20;
+
     pub(crate) fn new(pipeline: &str, mode: SyncMode, dry_run: bool) -> Self {
         RunReport {
             pipeline: pipeline.to_string(),
@@ -291,6 +310,7 @@ impl RunReport {
             unknown_in_sink: None,
             guard: None,
             sample: Vec::new(),
+            rejections: Vec::new(),
             started_at: chrono::Utc::now().to_rfc3339(),
             duration_ms: 0,
             error: None,

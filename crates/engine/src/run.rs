@@ -30,12 +30,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::index::{ContactIndex, Seen};
 use crate::report::{
-    GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, RejectsWriter, RunReport,
-    RunStatus,
+    GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, RejectionSummary,
+    RejectsWriter, RunReport, RunStatus,
 };
 use crate::settings::{FieldMapping, PipelineSettings};
 use crate::spool::ChangeSpool;
-use crate::state::{LockAttempt, LockHolder, PendingRow, Settlement, StateError, StateStore};
+use crate::state::{
+    AuditEntry, LockAttempt, LockHolder, PendingRow, Settlement, StateError, StateStore,
+};
 
 /// A pipeline to run: a source, a sink, and how they sync.
 #[derive(Debug, Clone)]
@@ -364,6 +366,7 @@ impl<'r> Run<'r> {
         } else {
             let (run, last_full) = self.state.begin_run(&self.pipeline.name)?;
             self.report.run = run;
+            tracing::Span::current().record("run", run);
             self.recover(sink).await?;
             last_full
         };
@@ -789,6 +792,14 @@ impl<'r> Run<'r> {
     /// The one way a record is rejected: counted, logged and written to the rejects file.
     fn reject(&mut self, rejection: Rejection<'_>) -> Result<(), RunError> {
         self.report.rejected += 1;
+        if self.report.rejections.len() < RunReport::FIRST_REJECTIONS {
+            self.report.rejections.push(RejectionSummary {
+                key: rejection.key.map(ToString::to_string),
+                origin: rejection.origin.to_string(),
+                field: rejection.field.map(str::to_string),
+                reason: rejection.reason.clone(),
+            });
+        }
         let record = match rejection.raw {
             Some(raw) => Some(raw.to_string()),
             None => rejection
@@ -932,12 +943,14 @@ impl<'r> Run<'r> {
         }
         let durable_at_finish = self.capabilities.durable_at_finish;
         let mut settlements = Vec::with_capacity(outcomes.len());
+        let mut audit: Vec<(&'static str, Option<String>)> = Vec::with_capacity(outcomes.len());
         for ((change, row), outcome) in batch.changes.iter().zip(rows).zip(outcomes) {
             let kind = change.kind();
             let key = row.key.clone();
             let kept_handle = || change.previous().and_then(|p| p.handle.clone());
             match outcome {
                 Outcome::Applied { handle } => {
+                    audit.push(("applied", None));
                     match kind {
                         ChangeKind::Create => self.report.created += 1,
                         ChangeKind::Update => self.report.updated += 1,
@@ -964,6 +977,7 @@ impl<'r> Run<'r> {
                     field,
                     retry,
                 } => {
+                    audit.push(("rejected", Some(reason.clone())));
                     self.reject(Rejection {
                         stage: RejectStage::Sink,
                         origin: change.origin(),
@@ -992,6 +1006,7 @@ impl<'r> Run<'r> {
                     });
                 }
                 Outcome::Unknown { reason } => {
+                    audit.push(("unknown", Some(reason.clone())));
                     self.report.unknown += 1;
                     tracing::debug!(key = %key, "outcome unknown, sent again next run: {reason}");
                     // Stays pending; the next run settles or re-sends it.
@@ -1000,10 +1015,57 @@ impl<'r> Run<'r> {
         }
         self.state
             .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        self.audit(batch, audit)?;
         // What stays pending (unknown outcomes) is still not confirmed.
         let settled = settlements.len() as u64;
         self.report.unconfirmed = self.report.unconfirmed.saturating_sub(settled);
         self.observer.advance(batch.changes.len() as u64);
+        Ok(())
+    }
+
+    /// Keeps what the sink was asked to do to each person of `batch`, and what came of
+    /// it, for `contactsync history` (unless `audit_days = 0`).
+    fn audit(
+        &mut self,
+        batch: &ChangeBatch,
+        outcomes: Vec<(&'static str, Option<String>)>,
+    ) -> Result<(), RunError> {
+        let settings = &self.pipeline.settings;
+        if settings.audit_days == 0 {
+            return Ok(());
+        }
+        let at = chrono::Utc::now().timestamp();
+        let entries: Vec<AuditEntry> = batch
+            .changes
+            .iter()
+            .zip(outcomes)
+            .map(|(change, (outcome, reason))| {
+                let changes = change.field_changes();
+                let fields = if settings.audit_values {
+                    let map: serde_json::Map<String, serde_json::Value> = changes
+                        .into_iter()
+                        .map(|c| (c.field.to_string(), serde_json::json!([c.before, c.after])))
+                        .collect();
+                    serde_json::Value::Object(map).to_string()
+                } else {
+                    let names: Vec<String> =
+                        changes.into_iter().map(|c| c.field.to_string()).collect();
+                    serde_json::Value::from(names).to_string()
+                };
+                AuditEntry {
+                    pipeline: self.pipeline.name.clone(),
+                    run: self.report.run,
+                    at,
+                    key: change.key().to_string(),
+                    email: change.email().map(str::to_string),
+                    kind: change.kind().as_str().to_string(),
+                    outcome: outcome.to_string(),
+                    reason,
+                    fields,
+                }
+            })
+            .collect();
+        self.state.record_audit(&entries)?;
         Ok(())
     }
 
@@ -1059,6 +1121,17 @@ impl<'r> Run<'r> {
                 None => (None, false),
             };
             let json = serde_json::to_string(&*report).unwrap_or_default();
+            let audit_days = self.pipeline.settings.audit_days;
+            if audit_days > 0 {
+                let before = chrono::Utc::now().timestamp() - i64::from(audit_days) * 86_400;
+                match self.state.prune_audit(&self.pipeline.name, before) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::debug!("pruned {n} audit entries older than {audit_days} days")
+                    }
+                    Err(e) => tracing::warn!("could not prune the audit: {e}"),
+                }
+            }
             if let Err(e) = self.state.finish_run(
                 &self.pipeline.name,
                 report.run,

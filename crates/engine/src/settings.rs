@@ -81,6 +81,11 @@ pub struct PipelineSettings {
     pub drop: Vec<String>,
     /// Changes per batch, when smaller than the sink's own limit.
     pub batch_size: Option<usize>,
+    /// Days every applied change is kept in the state for `contactsync history`;
+    /// 0 keeps none.
+    pub audit_days: u32,
+    /// Whether the audit keeps the fields' values (`false`: only their names).
+    pub audit_values: bool,
 }
 
 impl PipelineSettings {
@@ -121,6 +126,8 @@ impl Default for PipelineSettings {
             fields: BTreeMap::new(),
             drop: Vec::new(),
             batch_size: None,
+            audit_days: 90,
+            audit_values: true,
         }
     }
 }

@@ -199,6 +199,48 @@ pub const LOCK_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs
 /// How often a holder renews its heartbeat.
 pub const LOCK_HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// One recorded run, for `contactsync runs` and for notifications.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunRecord {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// The run's number.
+    pub run: i64,
+    /// When it started and finished (RFC 3339); `finished_at` is `None` for a run that
+    /// was killed.
+    pub started_at: String,
+    /// See `started_at`.
+    pub finished_at: Option<String>,
+    /// How it ended (`synced`, `failed`, …).
+    pub status: Option<String>,
+    /// Its report, as JSON.
+    pub report: Option<String>,
+}
+
+/// One change the sink was asked to make, kept for `contactsync history`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// The run.
+    pub run: i64,
+    /// When (Unix seconds).
+    pub at: i64,
+    /// The person's key.
+    pub key: String,
+    /// Their email, when known.
+    pub email: Option<String>,
+    /// `create`, `update` or `remove`.
+    pub kind: String,
+    /// `applied`, `rejected` or `unknown`.
+    pub outcome: String,
+    /// Why it was rejected or is unknown.
+    pub reason: Option<String>,
+    /// The fields that changed, as compact JSON: `{"last_name":["Lee","Smith"]}`, or
+    /// `["last_name"]` when values are not kept (`audit_values = false`).
+    pub fields: String,
+}
+
 /// The engine's view of the sync state. All writes of one call are atomic.
 pub trait StateStore: Send {
     /// Takes every lock of `names` for `holder` at once, or none: a run holds the lock
@@ -263,6 +305,16 @@ pub trait StateStore: Send {
     fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a>;
     /// Summaries of every pipeline.
     fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError>;
+    /// The last `last` runs, newest first, of `pipeline` (or of every pipeline).
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError>;
+    /// Keeps what the sink was asked to do to each person.
+    fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError>;
+    /// Forgets the audit of `pipeline` from before `before` (Unix seconds); returns how
+    /// many entries went.
+    fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError>;
+    /// What happened to the person with this key (`external_id:E1`), bare key value, or
+    /// email, oldest first.
+    fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError>;
     /// Forgets everything about `pipeline` (its sink's key-value space is kept).
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
 }
@@ -395,6 +447,17 @@ CREATE TABLE IF NOT EXISTS locks (
     pipeline TEXT NOT NULL,
     since TEXT NOT NULL,
     heartbeat INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    pipeline TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    email TEXT,
+    kind TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    fields TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sink_data (
     scope TEXT NOT NULL,
@@ -1011,10 +1074,95 @@ impl StateStore for SqliteState {
         Ok(rows)
     }
 
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT pipeline, run, started_at, finished_at, status, report FROM runs
+                 WHERE ?1 IS NULL OR pipeline = ?1 ORDER BY started_at DESC, run DESC LIMIT ?2",
+            )
+            .map_err(db_error(&self.path))?;
+        let rows = stmt
+            .query_map(params![pipeline, last as i64], |r| {
+                Ok(RunRecord {
+                    pipeline: r.get(0)?,
+                    run: r.get(1)?,
+                    started_at: r.get(2)?,
+                    finished_at: r.get(3)?,
+                    status: r.get(4)?,
+                    report: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(db_error(&self.path))?;
+        Ok(rows)
+    }
+
+    fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction().map_err(map)?;
+        {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(map)?;
+            for e in entries {
+                put.execute(params![
+                    e.pipeline, e.run, e.at, e.key, e.email, e.kind, e.outcome, e.reason, e.fields
+                ])
+                .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)
+    }
+
+    fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError> {
+        self.conn
+            .execute(
+                "DELETE FROM audit WHERE pipeline = ?1 AND at < ?2",
+                params![pipeline, before],
+            )
+            .map(|n| n as u64)
+            .map_err(db_error(&self.path))
+    }
+
+    fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
+        let who = who.trim();
+        let email = Contact::normalize_email(who).unwrap_or_default();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields FROM audit
+                 WHERE key = ?1 OR key = 'external_id:' || ?1 OR key = 'email:' || ?2
+                    OR email = ?2 COLLATE NOCASE
+                 ORDER BY at, rowid",
+            )
+            .map_err(db_error(&self.path))?;
+        let rows = stmt
+            .query_map(params![who, email], |r| {
+                Ok(AuditEntry {
+                    pipeline: r.get(0)?,
+                    run: r.get(1)?,
+                    at: r.get(2)?,
+                    key: r.get(3)?,
+                    email: r.get(4)?,
+                    kind: r.get(5)?,
+                    outcome: r.get(6)?,
+                    reason: r.get(7)?,
+                    fields: r.get(8)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(db_error(&self.path))?;
+        Ok(rows)
+    }
+
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction().map_err(map)?;
-        for table in ["synced", "pending", "runs"] {
+        for table in ["synced", "pending", "runs", "audit"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE pipeline = ?1"),
                 [pipeline],

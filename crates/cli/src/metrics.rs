@@ -1,0 +1,178 @@
+//! A run's numbers for Prometheus: `--metrics FILE` writes them in the text exposition
+//! format, atomically, for node_exporter's textfile collector; `[metrics]
+//! push_gateway = "http://…"` pushes the same to a Pushgateway. Encoded by the
+//! `prometheus-client` crate.
+
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use contactsync_engine::{RunReport, RunStatus};
+use contactsync_http::{Auth, HttpClient, HttpSettings, Method, RetryPolicy};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// A Pushgateway to push each run's metrics to (`http://pushgateway:9091`).
+    #[serde(default)]
+    pub push_gateway: Option<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabel {
+    pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    pipeline: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    pipeline: String,
+    status: String,
+}
+
+/// Every status a run can end with, so that a dashboard sees the zeros too.
+const STATUSES: [RunStatus; 7] = [
+    RunStatus::Synced,
+    RunStatus::FinishedWithRejects,
+    RunStatus::RemovalsHeld,
+    RunStatus::Refused,
+    RunStatus::Failed,
+    RunStatus::Interrupted,
+    RunStatus::Locked,
+];
+
+/// The text exposition of one run's metrics. `last_success` is when the pipeline last
+/// synced (Unix seconds), this run or an earlier one.
+pub fn render(report: &RunReport, finished_at: f64, last_success: Option<f64>) -> Result<String> {
+    let mut registry = Registry::default();
+    let pipeline = report.pipeline.clone();
+
+    let records = Family::<OutcomeLabels, Gauge>::default();
+    registry.register(
+        "contactsync_records",
+        "Records of the last run, by outcome",
+        records.clone(),
+    );
+    for (outcome, n) in [
+        ("created", report.created),
+        ("updated", report.updated),
+        ("removed", report.removed),
+        ("unchanged", report.unchanged),
+        ("rejected", report.rejected),
+        ("held", report.removals_held),
+    ] {
+        records
+            .get_or_create(&OutcomeLabels {
+                pipeline: pipeline.clone(),
+                outcome: outcome.into(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    let seconds = |name: &str, help: &str, registry: &mut Registry, value: f64| {
+        let family = Family::<PipelineLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(name, help, family.clone());
+        family
+            .get_or_create(&PipelineLabel {
+                pipeline: pipeline.clone(),
+            })
+            .set(value);
+    };
+    seconds(
+        "contactsync_run_duration_seconds",
+        "How long the last run took",
+        &mut registry,
+        report.duration_ms as f64 / 1000.0,
+    );
+    seconds(
+        "contactsync_last_run_timestamp_seconds",
+        "When the last run finished",
+        &mut registry,
+        finished_at,
+    );
+    if let Some(at) = last_success {
+        seconds(
+            "contactsync_last_success_timestamp_seconds",
+            "When the pipeline last synced",
+            &mut registry,
+            at,
+        );
+    }
+
+    let status = Family::<StatusLabels, Gauge>::default();
+    registry.register(
+        "contactsync_run_status",
+        "1 for the status the last run ended with, 0 for the others",
+        status.clone(),
+    );
+    for s in STATUSES {
+        status
+            .get_or_create(&StatusLabels {
+                pipeline: pipeline.clone(),
+                status: s.as_str().into(),
+            })
+            .set(i64::from(s == report.status));
+    }
+
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .map_err(|e| anyhow!("encoding the metrics: {e}"))?;
+    Ok(out)
+}
+
+/// Writes `text` to `path` atomically (a temporary file in the same directory, renamed
+/// over it), so that a collector never reads half a file.
+pub fn write_file(path: &Path, text: &str) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(".contactsync-metrics.")
+        .permissions({
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::Permissions::from_mode(0o644)
+        })
+        .tempfile_in(&dir)
+        .with_context(|| format!("writing metrics in {}", dir.display()))?;
+    std::io::Write::write_all(&mut temp, text.as_bytes())
+        .with_context(|| format!("writing metrics in {}", dir.display()))?;
+    temp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Pushes `text` to a Pushgateway, grouped by job `contactsync` and the pipeline.
+pub async fn push(gateway: &str, pipeline: &str, text: String) -> Result<()> {
+    let mut settings = HttpSettings::new(gateway).map_err(|e| anyhow!("{e}"))?;
+    settings.request_timeout = Duration::from_secs(10);
+    settings.retry = RetryPolicy {
+        max_attempts: 3,
+        max_elapsed: Duration::from_secs(30),
+        ..RetryPolicy::default()
+    };
+    let client = HttpClient::new(settings, Auth::None).map_err(|e| anyhow!("{e}"))?;
+    client
+        .request_segments(
+            Method::PUT,
+            &["metrics", "job", "contactsync", "pipeline", pipeline],
+        )
+        .body("text/plain; version=0.0.4", text)
+        .send()
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
