@@ -330,6 +330,11 @@ fn history_shows_a_create_an_update_and_a_removal_and_runs_lists_the_runs() {
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines[0].contains("run 1") && lines[0].contains("create external_id:E2"));
     assert!(
+        lines[0].contains("first_name: (unset) -> \"Ann\""),
+        "a create keeps its values: {}",
+        lines[0]
+    );
+    assert!(
         lines[1].contains("run 2")
             && lines[1].contains("update")
             && lines[1].contains("first_name: \"Ann\" -> \"Bea\""),

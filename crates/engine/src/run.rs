@@ -1040,8 +1040,18 @@ impl<'r> Run<'r> {
             .iter()
             .zip(outcomes)
             .map(|(change, (outcome, reason))| {
-                let changes = change.field_changes();
-                let fields = if settings.audit_values {
+                // A create keeps its record in the compact form, not as JSON.
+                let created = (settings.audit_values && change.kind() == ChangeKind::Create)
+                    .then(|| change.contact().cloned().map(Box::new))
+                    .flatten();
+                let changes = if created.is_some() {
+                    Vec::new()
+                } else {
+                    change.field_changes()
+                };
+                let fields = if created.is_some() {
+                    String::new()
+                } else if settings.audit_values {
                     let map: serde_json::Map<String, serde_json::Value> = changes
                         .into_iter()
                         .map(|c| (c.field.to_string(), serde_json::json!([c.before, c.after])))
@@ -1062,6 +1072,7 @@ impl<'r> Run<'r> {
                     outcome: outcome.to_string(),
                     reason,
                     fields,
+                    created,
                 }
             })
             .collect();

@@ -239,6 +239,11 @@ pub struct AuditEntry {
     /// The fields that changed, as compact JSON: `{"last_name":["Lee","Smith"]}`, or
     /// `["last_name"]` when values are not kept (`audit_values = false`).
     pub fields: String,
+    /// For a create with values kept: the record created, stored in the compact form
+    /// of the last-sent records (a JSON object of every field would be some 300 bytes a
+    /// person on a first sync); [`StateStore::history`] turns it back into `fields`.
+    #[serde(skip)]
+    pub created: Option<Box<Contact>>,
 }
 
 /// The engine's view of the sync state. All writes of one call are atomic.
@@ -457,7 +462,8 @@ CREATE TABLE IF NOT EXISTS audit (
     kind TEXT NOT NULL,
     outcome TEXT NOT NULL,
     reason TEXT,
-    fields TEXT NOT NULL
+    fields TEXT NOT NULL,
+    created BLOB
 );
 CREATE TABLE IF NOT EXISTS sink_data (
     scope TEXT NOT NULL,
@@ -1104,13 +1110,22 @@ impl StateStore for SqliteState {
         {
             let mut put = tx
                 .prepare_cached(
-                    "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(map)?;
             for e in entries {
                 put.execute(params![
-                    e.pipeline, e.run, e.at, e.key, e.email, e.kind, e.outcome, e.reason, e.fields
+                    e.pipeline,
+                    e.run,
+                    e.at,
+                    e.key,
+                    e.email,
+                    e.kind,
+                    e.outcome,
+                    e.reason,
+                    e.fields,
+                    e.created.as_deref().map(crate::record::encode),
                 ])
                 .map_err(map)?;
             }
@@ -1134,7 +1149,7 @@ impl StateStore for SqliteState {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields FROM audit
+                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit
                  WHERE key = ?1 OR key = 'external_id:' || ?1 OR key = 'email:' || ?2
                     OR email = ?2 COLLATE NOCASE
                  ORDER BY at, rowid",
@@ -1142,16 +1157,28 @@ impl StateStore for SqliteState {
             .map_err(db_error(&self.path))?;
         let rows = stmt
             .query_map(params![who, email], |r| {
+                let key: String = r.get(3)?;
+                let created = stored_record(&key, r.get::<_, Option<Vec<u8>>>(9)?.as_deref());
+                let mut fields: String = r.get(8)?;
+                if let Some(contact) = &created {
+                    let map: serde_json::Map<String, serde_json::Value> =
+                        Contact::field_changes(None, contact)
+                            .into_iter()
+                            .map(|c| (c.field.to_string(), serde_json::json!([c.before, c.after])))
+                            .collect();
+                    fields = serde_json::Value::Object(map).to_string();
+                }
                 Ok(AuditEntry {
                     pipeline: r.get(0)?,
                     run: r.get(1)?,
                     at: r.get(2)?,
-                    key: r.get(3)?,
+                    key,
                     email: r.get(4)?,
                     kind: r.get(5)?,
                     outcome: r.get(6)?,
                     reason: r.get(7)?,
-                    fields: r.get(8)?,
+                    fields,
+                    created: created.map(Box::new),
                 })
             })
             .and_then(|rows| rows.collect())
