@@ -364,3 +364,25 @@ fn history_shows_a_create_an_update_and_a_removal_and_runs_lists_the_runs() {
     let text = s.run(&["runs", "--last", "2"]);
     assert_eq!(text.stdout().lines().count(), 3, "a header and two runs");
 }
+
+#[test]
+fn metrics_are_pushed_to_a_pushgateway() {
+    let gateway = Receiver::start(Answer::Ok);
+    let hook = Receiver::start(Answer::Ok);
+    let s = Scenario::new();
+    s.config(&format!(
+        "{}\n[metrics]\npush_gateway = \"http://127.0.0.1:{}\"\n",
+        config(hook.port, ""),
+        gateway.port
+    ));
+    s.write("people.csv", &people_csv(2, |_| "Ann".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    let pushed = gateway.bodies.lock().unwrap().clone();
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    let lines = pushed[0].lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    assert!(scrape
+        .samples
+        .iter()
+        .any(|s| s.metric == "contactsync_records" && s.labels.get("outcome") == Some("created")));
+}
