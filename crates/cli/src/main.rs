@@ -20,6 +20,7 @@ use contactsync_core::{registry, RunningSandbox, SandboxOptions, Sink, Source};
 use contactsync_engine::{
     run, Pipeline, RunOptions, RunReport, RunStatus, SqliteState, StateStore, SyncMode,
 };
+use futures::StreamExt;
 use tracing::Instrument;
 
 use crate::progress::RunProgress;
@@ -137,12 +138,22 @@ enum Command {
 
 #[derive(Parser, Debug)]
 struct SyncArgs {
-    /// The `[sources.NAME]` section to read.
+    /// The `[sources.NAME]` section to read (with --to).
+    #[arg(long, value_name = "NAME", requires = "to", conflicts_with_all = ["all", "pipeline"])]
+    from: Option<String>,
+    /// The `[sinks.NAME]` section to write (with --from).
+    #[arg(long, value_name = "NAME", requires = "from")]
+    to: Option<String>,
+    /// Run every `[pipelines.NAME]` of the config, in the order the file lists them.
+    #[arg(long, conflicts_with = "pipeline")]
+    all: bool,
+    /// Run the `[pipelines.NAME]` section NAME (repeatable).
     #[arg(long, value_name = "NAME")]
-    from: String,
-    /// The `[sinks.NAME]` section to write.
-    #[arg(long, value_name = "NAME")]
-    to: String,
+    pipeline: Vec<String>,
+    /// How many pipelines may run at once (pipelines that write one sink section
+    /// always run one after the other).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    jobs: usize,
     /// Show the plan; change neither the sink nor the state.
     #[arg(long)]
     dry_run: bool,
@@ -566,18 +577,19 @@ impl Sandboxes {
     }
 }
 
-/// For a section with `base_url = "sandbox"`: builds the connector against a loopback
-/// address nothing listens on (building opens no connection), so that its settings are
-/// checked before a sandbox is started for it.
-fn validate_sandboxed<T>(section: &Section, build: fn(&Section) -> Result<T>) -> Result<()> {
+/// Builds a connector only to check it (settings, files) before anything runs; a
+/// section with `base_url = "sandbox"` against a loopback address nothing listens on
+/// (building opens no connection), so that its settings are checked before a sandbox
+/// is started for it.
+fn built_for_checks<T>(section: &Section, build: fn(&Section) -> Result<T>) -> Result<T> {
     if base_url(&section.settings).as_deref() != Some("sandbox") {
-        return Ok(());
+        return build(section);
     }
     let probe = Section {
         connector: section.connector.clone(),
         settings: with_base_url(&section.settings, "http://127.0.0.1:9/"),
     };
-    build(&probe).map(drop)
+    build(&probe)
 }
 
 fn build_source(section: &Section) -> Result<Box<dyn Source>> {
@@ -612,74 +624,337 @@ fn build_sink(section: &Section) -> Result<Box<dyn Sink>> {
     Ok((factory.build)(&section.settings)?)
 }
 
-async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
-    let data_dir = settings.data_dir();
-    let mut sandboxes = Sandboxes::default();
-    // A section that uses the sandbox is checked as the real connector would be first,
-    // so that a config mistake is a config error (exit 2), not a sandbox failure.
-    let source_section = settings.source(&args.from).map_err(usage)?;
-    validate_sandboxed(&source_section, build_source).map_err(usage)?;
-    let sink_section = settings.sink(&args.to).map_err(usage)?;
-    validate_sandboxed(&sink_section, build_sink).map_err(usage)?;
-    let source_section = sandboxes
-        .resolve(source_section, &data_dir)
-        .await
-        .map_err(failed)?;
-    let sink_section = sandboxes
-        .resolve(sink_section, &data_dir)
-        .await
-        .map_err(failed)?;
-    let source = build_source(&source_section).map_err(usage)?;
-    let mut sink = build_sink(&sink_section).map_err(usage)?;
-    let mut pipeline_settings = settings.pipeline(&args.from, &args.to).map_err(usage)?;
-    if let Some(mode) = args.mode {
-        pipeline_settings.mode = mode;
+/// One pipeline a `sync` runs.
+#[derive(Debug, Clone)]
+struct Job {
+    /// How the user knows it: the `[pipelines.NAME]` section, or `from->to`.
+    name: String,
+    from: String,
+    to: String,
+}
+
+/// What one pipeline's run came to.
+struct Finished {
+    job: Job,
+    report: Option<RunReport>,
+    code: u8,
+    /// When the pipeline last synced (Unix seconds), for the metrics.
+    last_success: Option<f64>,
+}
+
+/// The pipelines `args` names: `--from/--to`, `--pipeline NAME…` or `--all`.
+fn select_jobs(settings: &Settings, args: &SyncArgs) -> Result<Vec<Job>> {
+    if let (Some(from), Some(to)) = (&args.from, &args.to) {
+        return Ok(vec![Job {
+            name: Pipeline::id(from, to),
+            from: from.clone(),
+            to: to.clone(),
+        }]);
     }
-    let pipeline = Pipeline::new(
-        &args.from,
-        &args.to,
-        &sink_section.settings.section,
-        pipeline_settings,
-    );
-    let rejects = args
-        .rejects
-        .clone()
-        .unwrap_or_else(|| data_dir.join("last-rejects.csv"));
-    check_paths(
-        source.as_ref(),
-        sink.as_ref(),
-        &[
-            ("--report", args.report.as_deref()),
-            ("--rejects", Some(&rejects)),
-            ("--plan", args.plan.as_deref()),
-            ("the state", Some(&settings.state_path)),
-        ],
-    )
-    .map_err(usage)?;
-    let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
+    let all = settings.pipelines();
+    if args.all {
+        if all.is_empty() {
+            anyhow::bail!("--all: the config has no [pipelines.NAME] section");
+        }
+        return Ok(all
+            .into_iter()
+            .map(|(name, from, to)| Job { name, from, to })
+            .collect());
+    }
+    if args.pipeline.is_empty() {
+        anyhow::bail!("say what to sync: --from NAME --to NAME, --pipeline NAME, or --all");
+    }
+    args.pipeline
+        .iter()
+        .map(|wanted| {
+            all.iter()
+                .find(|(name, _, _)| name == wanted)
+                .map(|(name, from, to)| Job {
+                    name: name.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                })
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--pipeline {wanted}: no [pipelines.{wanted}] section (configured: {})",
+                        all.iter()
+                            .map(|(n, _, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The order of badness of exit codes: the worst of several runs is the command's.
+fn severity(code: u8) -> u8 {
+    match code {
+        0 => 0,
+        3 => 1,
+        5 => 2,
+        4 => 3,
+        2 => 4,
+        1 => 5,
+        _ => 6, // 130: interrupted
+    }
+}
+
+async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
+    let jobs = select_jobs(settings, &args).map_err(usage)?;
+    let many = jobs.len() > 1;
+    // Every section, pipeline and path is checked before any of them runs.
+    for job in &jobs {
+        let source = settings.source(&job.from).map_err(usage)?;
+        let source = built_for_checks(&source, build_source).map_err(usage)?;
+        let sink = settings.sink(&job.to).map_err(usage)?;
+        let sink = built_for_checks(&sink, build_sink).map_err(usage)?;
+        settings.pipeline(&job.from, &job.to).map_err(usage)?;
+        settings
+            .pipeline_notify(&job.from, &job.to)
+            .map_err(usage)?;
+        let (rejects, plan) = outputs(settings, &args, job, many);
+        check_paths(
+            source.as_ref(),
+            sink.as_ref(),
+            &[
+                ("--report", args.report.as_deref()),
+                ("--rejects", Some(&rejects)),
+                ("--plan", plan.as_deref()),
+                ("the state", Some(&settings.state_path)),
+            ],
+        )
+        .map_err(usage)?;
+    }
     let cancel = CancellationToken::new();
     let on_interrupt = cancel.clone();
-    // The run stops at its next step and says what was left in its summary line.
+    // Each run stops at its next step and says what was left in its summary line.
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             on_interrupt.cancel();
         }
     });
+    let sandboxes = tokio::sync::Mutex::new(Sandboxes::default());
+    // Pipelines that write one sink section run one after the other, in config order;
+    // the groups run side by side, up to --jobs at a time.
+    let mut groups: Vec<Vec<(usize, Job)>> = Vec::new();
+    for (i, job) in jobs.iter().cloned().enumerate() {
+        match groups.iter_mut().find(|g| g[0].1.to == job.to) {
+            Some(group) => group.push((i, job)),
+            None => groups.push(vec![(i, job)]),
+        }
+    }
+    let interactive = std::io::stderr().is_terminal() && args.jobs <= 1;
+    let args = &args;
+    let sandboxes = &sandboxes;
+    let cancel = &cancel;
+    let mut finished: Vec<(usize, Finished)> = futures::stream::iter(groups)
+        .map(|group| async move {
+            let mut done = Vec::new();
+            for (i, job) in group {
+                let result =
+                    sync_one(settings, args, &job, many, interactive, sandboxes, cancel).await;
+                let finished = match result {
+                    Ok(finished) => finished,
+                    Err(Failure { code, error }) => {
+                        say(
+                            tracing::Level::ERROR,
+                            &format!("error: {}: {error:#}", job.name),
+                        );
+                        Finished {
+                            job,
+                            report: None,
+                            code,
+                            last_success: None,
+                        }
+                    }
+                };
+                done.push((i, finished));
+            }
+            done
+        })
+        .buffer_unordered(args.jobs.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    finished.sort_by_key(|(i, _)| *i);
+    std::mem::take(&mut *sandboxes.lock().await).stop();
+
+    let worst = finished
+        .iter()
+        .map(|(_, f)| f.code)
+        .max_by_key(|c| severity(*c))
+        .unwrap_or(0);
+    if many {
+        print_table(&finished);
+    }
+    let reports: Vec<&RunReport> = finished
+        .iter()
+        .filter_map(|(_, f)| f.report.as_ref())
+        .collect();
+    if let (Some(path), false) = (&args.report, reports.is_empty()) {
+        let json = if many {
+            serde_json::to_string_pretty(&serde_json::json!({ "pipelines": reports }))
+        } else {
+            match reports.first() {
+                Some(report) => serde_json::to_string_pretty(report),
+                None => Ok(String::from("null")),
+            }
+        }
+        .map_err(|e| failed(anyhow!(e)))?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))
+            .map_err(failed)?;
+    }
+    let measured: Vec<(&RunReport, Option<f64>)> = finished
+        .iter()
+        .filter_map(|(_, f)| {
+            f.report
+                .as_ref()
+                .filter(|r| !r.dry_run)
+                .map(|r| (r, f.last_success))
+        })
+        .collect();
+    if !measured.is_empty() && (args.metrics.is_some() || settings.metrics.push_gateway.is_some()) {
+        write_metrics(settings, args, &measured).await;
+    }
+    Ok(worst)
+}
+
+/// The summary of several runs: one line a pipeline.
+fn print_table(finished: &[(usize, Finished)]) {
+    println!(
+        "{:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "pipeline", "status", "created", "updated", "removed", "rejected", "time"
+    );
+    for (_, f) in finished {
+        match &f.report {
+            Some(r) => println!(
+                "{:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>6.1} s",
+                f.job.name,
+                r.status.as_str(),
+                r.created,
+                r.updated,
+                r.removed,
+                r.rejected,
+                r.duration_ms as f64 / 1000.0
+            ),
+            None => println!(
+                "{:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                f.job.name,
+                format!("error (exit {})", f.code),
+                "-",
+                "-",
+                "-",
+                "-",
+                "-"
+            ),
+        }
+    }
+}
+
+/// A run's rejects file and plan file.
+fn outputs(
+    settings: &Settings,
+    args: &SyncArgs,
+    job: &Job,
+    many: bool,
+) -> (PathBuf, Option<PathBuf>) {
+    let rejects = per_pipeline(args.rejects.as_deref(), many, job, "csv").unwrap_or_else(|| {
+        if many {
+            settings
+                .data_dir()
+                .join(format!("last-rejects-{}.csv", file_safe(&job.name)))
+        } else {
+            settings.data_dir().join("last-rejects.csv")
+        }
+    });
+    (
+        rejects,
+        per_pipeline(args.plan.as_deref(), many, job, "jsonl"),
+    )
+}
+
+/// Where a run's rejects or plan go: the file given, or with several pipelines one file
+/// a pipeline in the directory given.
+fn per_pipeline(given: Option<&Path>, many: bool, job: &Job, ext: &str) -> Option<PathBuf> {
+    let given = given?;
+    if !many {
+        return Some(given.to_path_buf());
+    }
+    let _ = std::fs::create_dir_all(given);
+    Some(given.join(format!("{}.{ext}", file_safe(&job.name))))
+}
+
+/// A pipeline name as a file name (`hr->poppulo` → `hr-poppulo`).
+fn file_safe(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || matches!(c, '_' | '.') {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out
+}
+
+/// Syncs one pipeline and prints its summary.
+async fn sync_one(
+    settings: &Settings,
+    args: &SyncArgs,
+    job: &Job,
+    many: bool,
+    interactive: bool,
+    sandboxes: &tokio::sync::Mutex<Sandboxes>,
+    cancel: &CancellationToken,
+) -> Result<Finished, Failure> {
+    let data_dir = settings.data_dir();
+    let source_section = settings.source(&job.from).map_err(usage)?;
+    let sink_section = settings.sink(&job.to).map_err(usage)?;
+    let (source_section, sink_section) = {
+        let mut sandboxes = sandboxes.lock().await;
+        let source = sandboxes
+            .resolve(source_section, &data_dir)
+            .await
+            .map_err(failed)?;
+        let sink = sandboxes
+            .resolve(sink_section, &data_dir)
+            .await
+            .map_err(failed)?;
+        (source, sink)
+    };
+    let source = build_source(&source_section).map_err(usage)?;
+    let mut sink = build_sink(&sink_section).map_err(usage)?;
+    let mut pipeline_settings = settings.pipeline(&job.from, &job.to).map_err(usage)?;
+    if let Some(mode) = args.mode {
+        pipeline_settings.mode = mode;
+    }
+    let pipeline = Pipeline::new(
+        &job.from,
+        &job.to,
+        &sink_section.settings.section,
+        pipeline_settings,
+    );
+    let (rejects, plan) = outputs(settings, args, job, many);
+    let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
     let options = RunOptions {
         dry_run: args.dry_run,
         allow_mass_removal: args.allow_mass_removal,
         full: args.full,
         rejects: Some(rejects.clone()),
-        plan: args.plan.clone(),
+        plan,
         wait_for_lock: args.wait_for_lock,
         sample_size: if args.dry_run { 5 } else { 0 },
         spool_dir: Some(data_dir.clone()),
-        cancel,
+        cancel: cancel.clone(),
     };
     let notify = settings
-        .pipeline_notify(&args.from, &args.to)
+        .pipeline_notify(&job.from, &job.to)
         .map_err(usage)?;
-    let progress = RunProgress::new(std::io::stderr().is_terminal());
+    let progress = RunProgress::new(interactive);
     // Every log line of the run carries the pipeline and (once known) the run number.
     let span = tracing::info_span!("run", pipeline = %pipeline.name, run = tracing::field::Empty);
     let report = run(
@@ -694,32 +969,57 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
     .await;
     progress.finish();
     drop(sink);
-    sandboxes.stop();
 
     print_report(&report, &rejects);
-    if let Some(path) = &args.report {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| failed(anyhow!(e)))?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("writing the report to {}", path.display()))
-            .map_err(failed)?;
-    }
-    after_run(settings, &args, &notify, &mut state, &report)
+    let last_success = after_run(&notify, &mut state, &report)
         .instrument(span)
         .await;
-    Ok(exit_code(report.status))
+    Ok(Finished {
+        job: job.clone(),
+        code: exit_code(report.status),
+        report: Some(report),
+        last_success,
+    })
 }
 
-/// Metrics and notifications of a finished run. Neither ever changes the exit code: a
-/// problem is logged.
+/// Writes and pushes the metrics of the runs of this command.
+async fn write_metrics(settings: &Settings, args: &SyncArgs, runs: &[(&RunReport, Option<f64>)]) {
+    let now = chrono::Utc::now().timestamp() as f64;
+    let text = match metrics::render(runs, now) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!("{e:#}");
+            return;
+        }
+    };
+    if let Some(path) = &args.metrics {
+        if let Err(e) = metrics::write_file(path, &text) {
+            tracing::warn!("writing the metrics: {e:#}");
+        }
+    }
+    // The Pushgateway groups by pipeline: each pipeline's metrics replace only its own.
+    if let Some(gateway) = &settings.metrics.push_gateway {
+        for &(report, last_success) in runs {
+            let pushed = match metrics::render(&[(report, last_success)], now) {
+                Ok(text) => metrics::push(gateway, &report.pipeline, text).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = pushed {
+                tracing::warn!("pushing the metrics to the Pushgateway: {e:#}");
+            }
+        }
+    }
+}
+
+/// Notifications of a finished run (they never change the exit code: a problem is
+/// logged), and when the pipeline last synced, for the metrics.
 async fn after_run(
-    settings: &Settings,
-    args: &SyncArgs,
     notify: &notify::NotifySettings,
     state: &mut SqliteState,
     report: &RunReport,
-) {
+) -> Option<f64> {
     if report.dry_run {
-        return;
+        return None;
     }
     // The runs in the state, newest first: this one (unless it never started), then
     // the one before, whose status says whether anything changed.
@@ -731,39 +1031,21 @@ async fn after_run(
         }
     };
     let earlier: Vec<_> = runs.iter().filter(|r| r.run != report.run).collect();
-    if args.metrics.is_some() || settings.metrics.push_gateway.is_some() {
-        let now = chrono::Utc::now().timestamp() as f64;
-        let last_success = if report.status.succeeded() {
-            Some(now)
-        } else {
-            earlier
-                .iter()
-                .filter(|r| {
-                    matches!(
-                        r.status.as_deref(),
-                        Some("synced" | "finished_with_rejects" | "removals_held")
-                    )
-                })
-                .find_map(|r| r.finished_at.as_deref())
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.timestamp() as f64)
-        };
-        match metrics::render(report, now, last_success) {
-            Ok(text) => {
-                if let Some(path) = &args.metrics {
-                    if let Err(e) = metrics::write_file(path, &text) {
-                        tracing::warn!("writing the metrics: {e:#}");
-                    }
-                }
-                if let Some(gateway) = &settings.metrics.push_gateway {
-                    if let Err(e) = metrics::push(gateway, &report.pipeline, text).await {
-                        tracing::warn!("pushing the metrics to the Pushgateway: {e:#}");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("{e:#}"),
-        }
-    }
+    let last_success = if report.status.succeeded() {
+        Some(chrono::Utc::now().timestamp() as f64)
+    } else {
+        earlier
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.status.as_deref(),
+                    Some("synced" | "finished_with_rejects" | "removals_held")
+                )
+            })
+            .find_map(|r| r.finished_at.as_deref())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp() as f64)
+    };
     if !notify.is_empty() {
         let previous = earlier.first().and_then(|r| {
             let status = r.status.clone()?;
@@ -777,6 +1059,7 @@ async fn after_run(
         });
         notify::after_run(notify, report, previous).await;
     }
+    last_success
 }
 
 /// Refuses, before anything runs, a source and sink on one file, and an output (report,
@@ -960,7 +1243,7 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
     let mut ok = true;
     for name in settings.source_names() {
         let section = settings.source(&name).map_err(usage)?;
-        validate_sandboxed(&section, build_source).map_err(usage)?;
+        built_for_checks(&section, build_source).map_err(usage)?;
         let section = sandboxes
             .resolve(section, &data_dir)
             .await
@@ -976,7 +1259,7 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
     }
     for name in settings.sink_names() {
         let section = settings.sink(&name).map_err(usage)?;
-        validate_sandboxed(&section, build_sink).map_err(usage)?;
+        built_for_checks(&section, build_sink).map_err(usage)?;
         let section = sandboxes
             .resolve(section, &data_dir)
             .await

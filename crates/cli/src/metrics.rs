@@ -53,79 +53,78 @@ const STATUSES: [RunStatus; 7] = [
     RunStatus::Locked,
 ];
 
-/// The text exposition of one run's metrics. `last_success` is when the pipeline last
-/// synced (Unix seconds), this run or an earlier one.
-pub fn render(report: &RunReport, finished_at: f64, last_success: Option<f64>) -> Result<String> {
+/// The text exposition of the metrics of one or more runs (one a pipeline), finished
+/// at `finished_at`; with each, when its pipeline last synced (Unix seconds).
+pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<String> {
     let mut registry = Registry::default();
-    let pipeline = report.pipeline.clone();
-
     let records = Family::<OutcomeLabels, Gauge>::default();
     registry.register(
         "contactsync_records",
         "Records of the last run, by outcome",
         records.clone(),
     );
-    for (outcome, n) in [
-        ("created", report.created),
-        ("updated", report.updated),
-        ("removed", report.removed),
-        ("unchanged", report.unchanged),
-        ("rejected", report.rejected),
-        ("held", report.removals_held),
-    ] {
-        records
-            .get_or_create(&OutcomeLabels {
-                pipeline: pipeline.clone(),
-                outcome: outcome.into(),
-            })
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    let seconds = |name: &str, help: &str, registry: &mut Registry, value: f64| {
+    let seconds = |name: &str, help: &str, registry: &mut Registry| {
         let family = Family::<PipelineLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(name, help, family.clone());
         family
-            .get_or_create(&PipelineLabel {
-                pipeline: pipeline.clone(),
-            })
-            .set(value);
     };
-    seconds(
+    let duration = seconds(
         "contactsync_run_duration_seconds",
         "How long the last run took",
         &mut registry,
-        report.duration_ms as f64 / 1000.0,
     );
-    seconds(
+    let last_run = seconds(
         "contactsync_last_run_timestamp_seconds",
         "When the last run finished",
         &mut registry,
-        finished_at,
     );
-    if let Some(at) = last_success {
-        seconds(
-            "contactsync_last_success_timestamp_seconds",
-            "When the pipeline last synced",
-            &mut registry,
-            at,
-        );
-    }
-
+    let last_success_family = seconds(
+        "contactsync_last_success_timestamp_seconds",
+        "When the pipeline last synced",
+        &mut registry,
+    );
     let status = Family::<StatusLabels, Gauge>::default();
     registry.register(
         "contactsync_run_status",
         "1 for the status the last run ended with, 0 for the others",
         status.clone(),
     );
-    for s in STATUSES {
-        status
-            .get_or_create(&StatusLabels {
-                pipeline: pipeline.clone(),
-                status: s.as_str().into(),
-            })
-            .set(i64::from(s == report.status));
+    for &(report, last_success) in runs {
+        let pipeline = report.pipeline.clone();
+        for (outcome, n) in [
+            ("created", report.created),
+            ("updated", report.updated),
+            ("removed", report.removed),
+            ("unchanged", report.unchanged),
+            ("rejected", report.rejected),
+            ("held", report.removals_held),
+        ] {
+            records
+                .get_or_create(&OutcomeLabels {
+                    pipeline: pipeline.clone(),
+                    outcome: outcome.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let label = PipelineLabel {
+            pipeline: pipeline.clone(),
+        };
+        duration
+            .get_or_create(&label)
+            .set(report.duration_ms as f64 / 1000.0);
+        last_run.get_or_create(&label).set(finished_at);
+        if let Some(at) = last_success {
+            last_success_family.get_or_create(&label).set(at);
+        }
+        for s in STATUSES {
+            status
+                .get_or_create(&StatusLabels {
+                    pipeline: pipeline.clone(),
+                    status: s.as_str().into(),
+                })
+                .set(i64::from(s == report.status));
+        }
     }
-
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)
         .map_err(|e| anyhow!("encoding the metrics: {e}"))?;

@@ -29,6 +29,8 @@ pub struct Settings {
     pub notify: NotifySettings,
     /// `[metrics]`.
     pub metrics: MetricsSettings,
+    /// The `[pipelines.NAME]` sections in the order the file lists them.
+    pipeline_order: Vec<String>,
 }
 
 /// A connector section, ready for its factory.
@@ -130,7 +132,15 @@ impl Settings {
                 .map_err(|e| anyhow!("{}: [metrics]: {e}", file.display()))?,
             None => MetricsSettings::default(),
         };
+        // The config crate keeps no order; `sync --all` runs pipelines as listed.
+        let pipeline_order = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("pipelines").and_then(|p| p.as_table()).cloned())
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
         Ok(Settings {
+            pipeline_order,
             notify,
             metrics,
             file: file.to_path_buf(),
@@ -276,9 +286,11 @@ impl Settings {
         Ok(self.notify.clone())
     }
 
-    /// Every pipeline section's (name, from, to).
+    /// Every pipeline section's (name, from, to), in the order of the config file
+    /// (sections that only the environment adds come last, by name).
     pub fn pipelines(&self) -> Vec<(String, String, String)> {
-        self.pipelines
+        let mut all: Vec<(String, String, String)> = self
+            .pipelines
             .iter()
             .filter_map(|(name, value)| {
                 let t = table(value.clone(), name, &self.file).ok()?;
@@ -286,7 +298,15 @@ impl Settings {
                 let to = t.get("to")?.clone().into_string().ok()?;
                 Some((name.clone(), from, to))
             })
-            .collect()
+            .collect();
+        let rank = |name: &str| {
+            self.pipeline_order
+                .iter()
+                .position(|n| n == name)
+                .unwrap_or(usize::MAX)
+        };
+        all.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0)));
+        all
     }
 }
 
