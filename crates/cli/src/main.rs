@@ -932,12 +932,17 @@ async fn sync_one(
     if let Some(mode) = args.mode {
         pipeline_settings.mode = mode;
     }
+    let section = settings
+        .pipeline_section(&job.from, &job.to)
+        .unwrap_or_else(|| job.name.clone());
     let pipeline = Pipeline::new(
         &job.from,
         &job.to,
         &sink_section.settings.section,
         pipeline_settings,
-    );
+    )
+    .with_shaping(&section, settings.lookups.clone())
+    .map_err(|e| usage(anyhow!(e)))?;
     let (rejects, plan) = outputs(settings, args, job, many);
     let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
     let options = RunOptions {

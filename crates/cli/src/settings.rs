@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use config::{Config, Environment, File, FileFormat, Value, ValueKind};
 use contactsync_core::ConnectorSettings;
-use contactsync_engine::PipelineSettings;
+use std::sync::Arc;
+
+use contactsync_engine::{Lookups, Pipeline, PipelineSettings};
 
 use crate::metrics::MetricsSettings;
 use crate::notify::NotifySettings;
@@ -31,6 +33,8 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// The `[pipelines.NAME]` sections in the order the file lists them.
     pipeline_order: Vec<String>,
+    /// `[lookups.NAME]`: the tables `lookup()` reads, loaded once.
+    pub lookups: Arc<Lookups>,
 }
 
 /// A connector section, ready for its factory.
@@ -41,7 +45,8 @@ pub struct Section {
     pub settings: ConnectorSettings,
 }
 
-const TOP_LEVEL: [&str; 7] = [
+const TOP_LEVEL: [&str; 8] = [
+    "lookups",
     "state",
     "sources",
     "sinks",
@@ -139,7 +144,9 @@ impl Settings {
             .and_then(|t| t.get("pipelines").and_then(|p| p.as_table()).cloned())
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
+        let lookups = Arc::new(load_lookups(root.get("lookups"), file, &base_dir)?);
         Ok(Settings {
+            lookups,
             pipeline_order,
             notify,
             metrics,
@@ -256,10 +263,22 @@ impl Settings {
                         self.file.display()
                     )
                 })?;
+                // Compiled here too, so that a template error is a config error at load.
+                Pipeline::new(from, to, "", settings.clone())
+                    .with_shaping(name, self.lookups.clone())
+                    .map_err(|e| anyhow!("{}: {e}", self.file.display()))?;
                 return Ok(settings);
             }
         }
         Ok(PipelineSettings::default())
+    }
+
+    /// The `[pipelines.NAME]` section of the pair, if there is one.
+    pub fn pipeline_section(&self, from: &str, to: &str) -> Option<String> {
+        self.pipelines()
+            .into_iter()
+            .find(|(_, f, t)| f == from && t == to)
+            .map(|(name, _, _)| name)
     }
 
     /// Who is told about runs of the pipeline from `from` to `to`: its own `notify`
@@ -308,6 +327,64 @@ impl Settings {
         all.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0)));
         all
     }
+}
+
+/// Loads `[lookups.NAME]` tables: inline (`Sales = "CC-100"`) or from a two-column
+/// CSV file (`file = "cost-centers.csv"`, header row, key then value).
+fn load_lookups(value: Option<&Value>, file: &Path, base_dir: &Path) -> Result<Lookups> {
+    let mut lookups = Lookups::new();
+    let Some(value) = value else {
+        return Ok(lookups);
+    };
+    for (name, table_value) in table(value.clone(), "lookups", file)? {
+        let entries = table(table_value, &format!("lookups.{name}"), file)?;
+        let mut map = std::collections::HashMap::new();
+        if let Some(path) = entries.get("file") {
+            let path = path
+                .clone()
+                .into_string()
+                .map_err(|e| anyhow!("{}: [lookups.{name}] `file`: {e}", file.display()))?;
+            if entries.len() > 1 {
+                bail!(
+                    "{}: [lookups.{name}]: a table is either `file = \"…\"` or key = value lines, not both",
+                    file.display()
+                );
+            }
+            let full = base_dir.join(&path);
+            let mut reader = csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_path(&full)
+                .with_context(|| {
+                    format!(
+                        "{}: [lookups.{name}] `file`: {}",
+                        file.display(),
+                        full.display()
+                    )
+                })?;
+            for (i, row) in reader.records().enumerate() {
+                let row = row.with_context(|| format!("{}: line {}", full.display(), i + 2))?;
+                match (row.get(0), row.get(1)) {
+                    (Some(k), Some(v)) => {
+                        map.insert(k.trim().to_string(), v.trim().to_string());
+                    }
+                    _ => bail!(
+                        "{}: line {}: a lookup row needs a key and a value",
+                        full.display(),
+                        i + 2
+                    ),
+                }
+            }
+        } else {
+            for (key, v) in entries {
+                let v = v
+                    .into_string()
+                    .map_err(|e| anyhow!("{}: [lookups.{name}] `{key}`: {e}", file.display()))?;
+                map.insert(key, v);
+            }
+        }
+        lookups.insert(name, map);
+    }
+    Ok(lookups)
 }
 
 /// Checks that a `state` setting names something this build can keep state in: a file

@@ -12,6 +12,7 @@ mod record;
 pub mod report;
 mod run;
 pub mod settings;
+pub mod shaping;
 mod spool;
 pub mod state;
 
@@ -20,7 +21,8 @@ pub use report::{
     RunReport, RunStatus,
 };
 pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
-pub use settings::{PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
+pub use settings::{OutOfScope, PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
+pub use shaping::{Lookups, RecordShaping, ShapingError};
 pub use state::{
     AuditEntry, LockAttempt, LockHolder, RunRecord, SqliteState, StateError, StateStore,
 };

@@ -233,6 +233,8 @@ pub struct RunReport {
     pub rejected: u64,
     /// Changes the mode left out (creates in update-only, …).
     pub skipped: u64,
+    /// Records outside the pipeline's `where` scope (not sent).
+    pub out_of_scope: u64,
     /// Changes sent whose outcome is unknown; sent again next run.
     pub unknown: u64,
     /// Changes of this run's plan not confirmed when it stopped (interrupted or failed):
@@ -300,6 +302,7 @@ impl RunReport {
             unchanged: 0,
             rejected: 0,
             skipped: 0,
+            out_of_scope: 0,
             unknown: 0,
             unconfirmed: 0,
             recovered: 0,

@@ -33,7 +33,8 @@ use crate::report::{
     GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, RejectionSummary,
     RejectsWriter, RunReport, RunStatus,
 };
-use crate::settings::{FieldMapping, PipelineSettings};
+use crate::settings::{FieldMapping, OutOfScope, PipelineSettings};
+use crate::shaping::{FieldFailure, Lookups, RecordShaping, Scope, ShapingError};
 use crate::spool::ChangeSpool;
 use crate::state::{
     AuditEntry, LockAttempt, LockHolder, PendingRow, Settlement, StateError, StateStore,
@@ -49,6 +50,8 @@ pub struct Pipeline {
     pub sink_scope: String,
     /// How they sync.
     pub settings: PipelineSettings,
+    /// The compiled `map`, `on_create` and `where` of the settings, when any.
+    pub shaping: Option<std::sync::Arc<RecordShaping>>,
 }
 
 impl Pipeline {
@@ -58,6 +61,33 @@ impl Pipeline {
             name: Pipeline::id(from, to),
             sink_scope: sink_scope.to_string(),
             settings,
+            shaping: None,
+        }
+    }
+
+    /// Compiles the settings' `map`, `on_create` and `where` against `lookups`; a
+    /// syntax error names `section` (the `[pipelines.NAME]`), the field and the position.
+    pub fn with_shaping(
+        mut self,
+        section: &str,
+        lookups: std::sync::Arc<Lookups>,
+    ) -> Result<Self, ShapingError> {
+        let s = &self.settings;
+        if s.map.is_empty() && s.on_create.is_empty() && s.scope.is_none() {
+            return Ok(self);
+        }
+        let shaping =
+            RecordShaping::compile(section, &s.map, &s.on_create, s.scope.as_deref(), lookups)?;
+        self.shaping = Some(std::sync::Arc::new(shaping));
+        Ok(self)
+    }
+
+    /// What the state's content hash is for `contact`: without the fields `on_create`
+    /// sets, which are never compared.
+    fn diff_hash(&self, contact: &Contact) -> u64 {
+        match &self.shaping {
+            Some(shaping) => shaping.diff_hash(contact),
+            None => contact.content_hash(),
         }
     }
 
@@ -598,6 +628,56 @@ impl<'r> Run<'r> {
                 reason,
             ));
         }
+        if let Some(shaping) = self.pipeline.shaping.clone() {
+            // The scope is decided on the record as read: who is in at all, before
+            // what they become.
+            let (record, verdict) = shaping.scope(contact);
+            contact = record;
+            match verdict {
+                Ok(Scope::In) => {}
+                Ok(Scope::Out) => {
+                    self.report.out_of_scope += 1;
+                    // Kept: seen, so not removed. Removed: left unseen, so the sweep
+                    // removes whoever was synced (through the guard).
+                    if self.pipeline.settings.out_of_scope == OutOfScope::Keep {
+                        if let Some(key) = trusted_key(&contact, rule) {
+                            diff.index.mark(key.hash64());
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(reason) => {
+                    let key = trusted_key(&contact, rule);
+                    self.seen_rejected(diff, key.as_ref());
+                    return self.reject(Rejection::of_record(
+                        &origin,
+                        &contact,
+                        key.as_ref(),
+                        "where",
+                        format!("where: {reason}"),
+                    ));
+                }
+            }
+            contact = match shaping.map(contact) {
+                Ok(mapped) => mapped,
+                Err(failure) => {
+                    let FieldFailure {
+                        contact,
+                        field,
+                        reason,
+                    } = *failure;
+                    let key = trusted_key(&contact, rule);
+                    self.seen_rejected(diff, key.as_ref());
+                    return self.reject(Rejection::of_record(
+                        &origin,
+                        &contact,
+                        key.as_ref(),
+                        &field,
+                        format!("map: {reason}"),
+                    ));
+                }
+            };
+        }
         let Some(key) = contact.key(rule) else {
             let (field, reason) = match rule {
                 KeyRule::Auto => (
@@ -689,18 +769,50 @@ impl<'r> Run<'r> {
                 key,
                 origin,
             },
-            Seen::New => Change::Create {
-                key,
-                contact,
-                origin,
-            },
+            Seen::New => {
+                let contact = match self.pipeline.shaping.clone() {
+                    Some(shaping) => match shaping.on_create(contact) {
+                        Ok(contact) => contact,
+                        Err(failure) => {
+                            let FieldFailure {
+                                contact,
+                                field,
+                                reason,
+                            } = *failure;
+                            return self.reject(Rejection::of_record(
+                                &origin,
+                                &contact,
+                                Some(&key),
+                                &field,
+                                format!("on_create: {reason}"),
+                            ));
+                        }
+                    },
+                    None => contact,
+                };
+                Change::Create {
+                    key,
+                    contact,
+                    origin,
+                }
+            }
             Seen::Synced(synced_hash) => {
-                if synced_hash == contact.content_hash() && !diff.resend_all {
+                if synced_hash == self.pipeline.diff_hash(&contact) && !diff.resend_all {
                     self.report.unchanged += 1;
                     return Ok(());
                 }
+                let previous = self.previous(key_hash)?;
+                let mut contact = contact;
+                // What `on_create` set stays as it was sent.
+                if let (Some(shaping), Some(before)) = (&self.pipeline.shaping, &previous.record) {
+                    for field in shaping.on_create_fields() {
+                        if let (Some(value), None) = (before.get(field), contact.get(field)) {
+                            let _ = contact.set(field, &value);
+                        }
+                    }
+                }
                 Change::Update {
-                    previous: self.previous(key_hash)?,
+                    previous,
                     key,
                     contact,
                     origin,
@@ -922,7 +1034,7 @@ impl<'r> Run<'r> {
             .map(|c| PendingRow {
                 key: c.key().clone(),
                 kind: c.kind(),
-                content_hash: c.contact().map(Contact::content_hash).unwrap_or(0),
+                content_hash: c.contact().map(|c| self.pipeline.diff_hash(c)).unwrap_or(0),
                 email: c.email().map(str::to_string),
                 record: c.contact().cloned(),
             })

@@ -56,6 +56,17 @@ impl std::str::FromStr for SyncMode {
     }
 }
 
+/// What becomes of a person synced before who falls out of the pipeline's `where`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutOfScope {
+    /// Removed, like a person who left the source (through the removal guard).
+    #[default]
+    Remove,
+    /// Left as last synced.
+    Keep,
+}
+
 /// The default share of the synced population one run may remove.
 pub const DEFAULT_MAX_REMOVAL_RATIO: f64 = 0.10;
 
@@ -86,6 +97,17 @@ pub struct PipelineSettings {
     pub audit_days: u32,
     /// Whether the audit keeps the fields' values (`false`: only their names).
     pub audit_values: bool,
+    /// Field → Jinja template, evaluated on each record after the source's mapping:
+    /// `display_name = "{{ first_name }} {{ last_name | upper }}"`.
+    pub map: BTreeMap<String, String>,
+    /// Field → template, set only when the person is created (never compared or sent
+    /// again afterwards).
+    pub on_create: BTreeMap<String, String>,
+    /// A Jinja expression; records for which it is false are out of scope.
+    #[serde(rename = "where")]
+    pub scope: Option<String>,
+    /// What becomes of a synced person who falls out of scope.
+    pub out_of_scope: OutOfScope,
 }
 
 impl PipelineSettings {
@@ -128,6 +150,10 @@ impl Default for PipelineSettings {
             batch_size: None,
             audit_days: 90,
             audit_values: true,
+            map: BTreeMap::new(),
+            on_create: BTreeMap::new(),
+            scope: None,
+            out_of_scope: OutOfScope::default(),
         }
     }
 }

@@ -244,6 +244,7 @@ impl Fixture {
             name: "list->memory".into(),
             sink_scope: "sinks.memory".into(),
             settings: self.settings.clone(),
+            shaping: None,
         }
     }
     async fn run_with(

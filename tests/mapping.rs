@@ -1,0 +1,211 @@
+//! What a person becomes on the platform: a pipeline's `map`, `on_create`, lookups and
+//! `where`, through the binary into the Poppulo sandbox, read back from it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{counts, Run, Scenario};
+use contactsync_poppulo::sandbox::{
+    PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber, SubscriberStatus,
+};
+
+const PASSWORD: &str = "s3cret-Pw-4711";
+
+async fn sandbox() -> RunningPoppulo {
+    PoppuloSandbox::start(SandboxConfig {
+        account: "acme".into(),
+        username: "api-user".into(),
+        password: PASSWORD.into(),
+        records_per_tick: 500,
+        tick: Duration::from_millis(50),
+        ping_interval: Duration::from_millis(300),
+        ..SandboxConfig::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+const PEOPLE: &str = "external_id,email,first_name,last_name,department\n\
+E1,ann@example.com,Ann,Lee,Sales\n\
+E2,bob@example.com,Bob,Marsh,Marketing\n\
+E3,cy@example.com,Cy,Hall,Contractors\n\
+E4,dee@example.com,Dee,Ek,Sales\n";
+
+fn scenario(sandbox: &RunningPoppulo, out_of_scope: &str) -> Scenario {
+    let s = Scenario::new();
+    s.write("people.csv", PEOPLE);
+    s.write("password.txt", PASSWORD);
+    s.write(
+        "cost-centers.csv",
+        "department,cost_center\nSales,CC-100\nMarketing,CC-200\n",
+    );
+    s.config(&format!(
+        r#"
+state = "data/state.db"
+
+[sources.hr]
+type = "csv"
+path = "people.csv"
+
+[sinks.poppulo]
+type = "poppulo"
+base_url = "{}"
+account = "acme"
+username = "api-user"
+password_file = "password.txt"
+min_poll_interval = "100ms"
+busy_retry_interval = "200ms"
+
+[sinks.poppulo.columns]
+"attributes.cost_center" = "Cost Center"
+"attributes.origin" = "Origin"
+
+[lookups.cost_centers]
+file = "cost-centers.csv"
+
+[pipelines.nightly]
+from = "hr"
+to = "poppulo"
+max_removal_ratio = 0.5
+where = "department != 'Contractors'"
+out_of_scope = "{out_of_scope}"
+
+[pipelines.nightly.map]
+first_name = "{{{{ first_name | upper }}}}"
+company = "{{{{ company | default('Acme') }}}}"
+"attributes.cost_center" = "{{{{ lookup('cost_centers', department) }}}}"
+
+[pipelines.nightly.on_create]
+"attributes.origin" = "hr-sync"
+"#,
+        sandbox.base_url()
+    ));
+    s
+}
+
+async fn sync(s: &Scenario) -> (Run, serde_json::Value) {
+    let dir = s.dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || Scenario::at(dir).sync("hr", "poppulo", &[]))
+        .await
+        .expect("sync task")
+}
+
+fn subscriber(sandbox: &RunningPoppulo, email: &str) -> Subscriber {
+    sandbox
+        .subscriber(email)
+        .unwrap_or_else(|| panic!("{email} not in Poppulo"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_on_create_lookup_and_where_shape_what_poppulo_gets() {
+    let sandbox = sandbox().await;
+    let s = scenario(&sandbox, "remove");
+    let (run, report) = sync(&s).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [4, 3, 0, 0, 0, 0]);
+    assert_eq!(report["out_of_scope"], 1);
+    let ann = subscriber(&sandbox, "ann@example.com");
+    assert_eq!(
+        ann.fields.get("first_name").map(String::as_str),
+        Some("ANN"),
+        "{ann:?}"
+    );
+    assert_eq!(ann.fields.get("company").map(String::as_str), Some("Acme"));
+    assert_eq!(
+        ann.custom_fields.get("Cost Center").map(String::as_str),
+        Some("CC-100")
+    );
+    assert_eq!(
+        ann.custom_fields.get("Origin").map(String::as_str),
+        Some("hr-sync")
+    );
+    assert!(
+        sandbox.subscriber("cy@example.com").is_none(),
+        "out of scope, never sent"
+    );
+
+    // Nothing changed: nothing is sent (the on_create value is not compared).
+    let (run, report) = sync(&s).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [4, 0, 0, 0, 3, 0]);
+
+    // The lookup table changes for Marketing only, and Dee moves to Contractors.
+    s.write(
+        "cost-centers.csv",
+        "department,cost_center\nSales,CC-100\nMarketing,CC-201\n",
+    );
+    s.write(
+        "people.csv",
+        &PEOPLE.replace("Dee,Ek,Sales", "Dee,Ek,Contractors"),
+    );
+    let imports_before = sandbox.imports().len();
+    let (run, report) = sync(&s).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [4, 0, 1, 1, 1, 0], "{report}");
+    let bob = subscriber(&sandbox, "bob@example.com");
+    assert_eq!(
+        bob.custom_fields.get("Cost Center").map(String::as_str),
+        Some("CC-201")
+    );
+    assert_eq!(
+        bob.custom_fields.get("Origin").map(String::as_str),
+        Some("hr-sync"),
+        "an update keeps what on_create set"
+    );
+    let last = &sandbox.imports()[imports_before..];
+    let sent: Vec<&str> = last
+        .iter()
+        .flat_map(|i| i.rows.iter().map(|r| r[0].as_str()))
+        .collect();
+    assert!(
+        sent.contains(&"bob@example.com") && !sent.contains(&"ann@example.com"),
+        "{sent:?}"
+    );
+    assert_ne!(
+        subscriber(&sandbox, "dee@example.com").status,
+        SubscriberStatus::Active,
+        "out of scope now: removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_scope_keep_leaves_the_person_as_last_synced() {
+    let sandbox = sandbox().await;
+    let s = scenario(&sandbox, "keep");
+    sync(&s).await.0.expect_code(0);
+    s.write(
+        "people.csv",
+        &PEOPLE.replace("Dee,Ek,Sales", "Dee,Ek,Contractors"),
+    );
+    let (run, report) = sync(&s).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [4, 0, 0, 0, 2, 0], "{report}");
+    assert_eq!(report["out_of_scope"], 2);
+    assert_eq!(
+        subscriber(&sandbox, "dee@example.com").status,
+        SubscriberStatus::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_syntax_error_exits_2_naming_the_field() {
+    let sandbox = sandbox().await;
+    let s = scenario(&sandbox, "remove");
+    let config = std::fs::read_to_string(s.path("contactsync.toml"))
+        .unwrap()
+        .replace(
+            "{{ company | default('Acme') }}",
+            "{{ company | default('Acme') ",
+        );
+    s.config(&config);
+    let (run, _) = sync(&s).await;
+    run.expect_code(2);
+    assert!(
+        run.stderr().contains("[pipelines.nightly] map.\"company\""),
+        "{}",
+        run.stderr()
+    );
+    assert!(run.stderr().contains("line 1"), "{}", run.stderr());
+    assert!(sandbox.subscribers().is_empty());
+}
