@@ -209,3 +209,31 @@ async fn a_template_syntax_error_exits_2_naming_the_field() {
     assert!(run.stderr().contains("line 1"), "{}", run.stderr());
     assert!(sandbox.subscribers().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_shows_what_the_first_records_become_before_any_sync() {
+    let sandbox = sandbox().await;
+    let s = scenario(&sandbox, "remove");
+    let dir = s.dir.path().to_path_buf();
+    let run = tokio::task::spawn_blocking(move || Scenario::at(dir).run(&["check"]))
+        .await
+        .unwrap();
+    run.expect_code(0);
+    let out = run.stdout();
+    assert!(
+        out.contains("first 4 records: 3 would be sent, 1 out of scope, 0 rejected"),
+        "{out}"
+    );
+    assert!(out.contains("first_name: \"Ann\" -> \"ANN\""), "{out}");
+    assert!(out.contains("company: (unset) -> \"Acme\""), "{out}");
+    assert!(
+        out.contains("attributes.cost_center: (unset) -> \"CC-100\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("attributes.origin: (unset) -> \"hr-sync\""),
+        "{out}"
+    );
+    assert!(out.contains("people.csv:4: out of scope"), "{out}");
+    assert!(sandbox.subscribers().is_empty(), "check changes nothing");
+}

@@ -1279,11 +1279,78 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
         }
     }
     for (name, from, to) in settings.pipelines() {
-        settings.pipeline(&from, &to).map_err(usage)?;
+        let pipeline_settings = settings.pipeline(&from, &to).map_err(usage)?;
         println!("ok    [pipelines.{name}] ({from} -> {to})");
+        let pipeline = Pipeline::new(&from, &to, "", pipeline_settings)
+            .with_shaping(&name, settings.lookups.clone())
+            .map_err(|e| usage(anyhow!(e)))?;
+        // What the mapping and scope make of the first records, before any sync.
+        let section = sandboxes
+            .resolve(settings.source(&from).map_err(usage)?, &data_dir)
+            .await
+            .map_err(failed)?;
+        let source = build_source(&section).map_err(usage)?;
+        match contactsync_engine::preview(&pipeline, source.as_ref(), PREVIEW_READ).await {
+            Ok(records) => print_preview(&records),
+            Err(e) => {
+                ok = false;
+                println!("FAIL  [pipelines.{name}]: reading {from} for a preview: {e}");
+            }
+        }
     }
     sandboxes.stop();
     Ok(if ok { 0 } else { 1 })
+}
+
+/// Records `check` reads for a pipeline's preview, and how many it shows.
+const PREVIEW_READ: usize = 100;
+const PREVIEW_SHOWN: usize = 5;
+
+/// The first records before and after the pipeline's mapping, and counts over all read.
+fn print_preview(records: &[contactsync_engine::PreviewRecord]) {
+    use contactsync_engine::PreviewOutcome;
+    let sent = records
+        .iter()
+        .filter(|r| matches!(r.outcome, PreviewOutcome::Sent { .. }))
+        .count();
+    let out = records
+        .iter()
+        .filter(|r| r.outcome == PreviewOutcome::OutOfScope)
+        .count();
+    println!(
+        "      first {} records: {sent} would be sent, {out} out of scope, {} rejected",
+        records.len(),
+        records.len() - sent - out
+    );
+    let show = |v: &Option<String>| match v {
+        Some(v) => format!("{v:?}"),
+        None => "(unset)".to_string(),
+    };
+    for record in records.iter().take(PREVIEW_SHOWN) {
+        match &record.outcome {
+            PreviewOutcome::Sent { after } => {
+                println!("      {}: sent as", record.origin);
+                let before = record.before.as_deref();
+                for (field, value) in after.set_fields() {
+                    let old = before.and_then(|b| b.get(&field));
+                    if old.as_deref() == Some(value.as_str()) {
+                        println!("        {field}: {value:?}");
+                    } else {
+                        println!("        {field}: {} -> {value:?}", show(&old));
+                    }
+                }
+            }
+            PreviewOutcome::OutOfScope => println!("      {}: out of scope (where)", record.origin),
+            PreviewOutcome::Rejected { field, reason } => println!(
+                "      {}: rejected{}: {reason}",
+                record.origin,
+                field
+                    .as_deref()
+                    .map(|f| format!(" at {f}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
 }
 
 fn state_command(path: &Path, command: StateCommand) -> Result<u8, Failure> {

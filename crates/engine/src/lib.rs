@@ -8,6 +8,7 @@
 //! described in the repository's `ARCHITECTURE.md`.
 
 mod index;
+mod preview;
 mod record;
 pub mod report;
 mod run;
@@ -16,6 +17,7 @@ pub mod shaping;
 mod spool;
 pub mod state;
 
+pub use preview::{preview, PreviewOutcome, PreviewRecord};
 pub use report::{
     GuardVerdict, PlanError, PlannedChange, RejectStage, RejectionSummary, RejectsWriter,
     RunReport, RunStatus,
