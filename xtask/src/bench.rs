@@ -41,7 +41,21 @@ struct Scenario {
     source: Option<&'static str>,
     /// Sizes above this are skipped (a sandbox is not built for millions).
     max_size: usize,
+    /// More of `[pipelines.bench]` (keys, then sub-tables and other top-level tables).
+    pipeline: &'static str,
 }
+
+/// The mapping the mapping bench measures: five expressions and a scope.
+const MAPPED: &str = "where = \"department != 'Contractors'\"\n\
+[pipelines.bench.map]\n\
+display_name = \"{{ first_name }} {{ last_name | upper }}\"\n\
+email = \"{{ email | lower | trim }}\"\n\
+company = \"{{ company | default('Acme') }}\"\n\
+\"attributes.cost_center\" = \"{{ lookup('cost_centers', department, 'CC-000') }}\"\n\
+job_title = \"{{ job_title | title }}\"\n\
+[lookups.cost_centers]\n\
+Sales = \"CC-100\"\n\
+Engineering = \"CC-200\"\n";
 
 const POPPULO: &str = "type = \"poppulo\"\nbase_url = \"{url}\"\naccount = \"demo\"\nusername = \"sandbox\"\npassword = \"sandbox\"\nmin_poll_interval = \"200ms\"\n";
 const ACTITO: &str = "type = \"actito\"\nbase_url = \"{url}\"\nentity = \"demo\"\ntable = \"contacts\"\napi_key = \"sandbox-key\"\nattributes = { external_id = \"customerId\" }\n";
@@ -49,12 +63,22 @@ const BC: &str = "type = \"businesscatalyst\"\nbase_url = \"{url}\"\nsite_id = 1
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
+        name: "csv -> csv (map + where)",
+        from: From::Csv,
+        sandbox: None,
+        sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
+        source: None,
+        max_size: usize::MAX,
+        pipeline: MAPPED,
+    },
+    Scenario {
         name: "csv -> csv",
         from: From::Csv,
         sandbox: None,
         sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
         source: None,
         max_size: usize::MAX,
+        pipeline: "",
     },
     Scenario {
         name: "csv -> poppulo",
@@ -63,6 +87,7 @@ const SCENARIOS: &[Scenario] = &[
         sink: POPPULO,
         source: None,
         max_size: 100_000,
+        pipeline: "",
     },
     Scenario {
         name: "csv -> actito (bulk)",
@@ -71,6 +96,7 @@ const SCENARIOS: &[Scenario] = &[
         sink: ACTITO,
         source: None,
         max_size: 100_000,
+        pipeline: "",
     },
     Scenario {
         name: "csv -> actito (one-by-one)",
@@ -79,6 +105,7 @@ const SCENARIOS: &[Scenario] = &[
         sink: ACTITO_ONE_BY_ONE,
         source: None,
         max_size: 100_000,
+        pipeline: "",
     },
     Scenario {
         name: "businesscatalyst -> csv",
@@ -87,6 +114,7 @@ const SCENARIOS: &[Scenario] = &[
         sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
         source: Some(BC),
         max_size: 100_000,
+        pipeline: "",
     },
     Scenario {
         name: "ldap -> csv",
@@ -95,6 +123,7 @@ const SCENARIOS: &[Scenario] = &[
         sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
         source: None,
         max_size: 100_000,
+        pipeline: "",
     },
 ];
 
@@ -268,10 +297,11 @@ fn bench_one(
     fs::write(
         &config,
         format!(
-            "state = \"{d}/state.db\"\n[sources.bench]\n{source}[sinks.bench]\n{}[sources.seed]\ntype = \"csv\"\npath = \"{}\"\n[sinks.seed]\n{}[pipelines.bench]\nfrom = \"bench\"\nto = \"bench\"\nmax_removal_ratio = 0.5\n",
+            "state = \"{d}/state.db\"\n[sources.bench]\n{source}[sinks.bench]\n{}[sources.seed]\ntype = \"csv\"\npath = \"{}\"\n[sinks.seed]\n{}[pipelines.bench]\nfrom = \"bench\"\nto = \"bench\"\nmax_removal_ratio = 0.5\n{}",
             fill(scenario.sink),
             people.display(),
             fill(scenario.source.unwrap_or("")),
+            scenario.pipeline,
             d = dir.display()
         ),
     )?;

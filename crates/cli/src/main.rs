@@ -35,6 +35,11 @@ extern crate contactsync_csv;
 extern crate contactsync_ldap;
 extern crate contactsync_poppulo;
 
+// The run allocates on two threads (the source's parser and the engine) and frees on
+// the other one: glibc's allocator serialises that on its arena lock, mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "contactsync",

@@ -34,7 +34,7 @@ use crate::report::{
     RejectsWriter, RunReport, RunStatus,
 };
 use crate::settings::{FieldMapping, OutOfScope, PipelineSettings};
-use crate::shaping::{FieldFailure, Lookups, RecordShaping, Scope, ShapingError};
+use crate::shaping::{FieldFailure, Lookups, RecordShaping, Shaped, ShapingError};
 use crate::spool::ChangeSpool;
 use crate::state::{
     AuditEntry, LockAttempt, LockHolder, PendingRow, Settlement, StateError, StateStore,
@@ -631,11 +631,9 @@ impl<'r> Run<'r> {
         if let Some(shaping) = self.pipeline.shaping.clone() {
             // The scope is decided on the record as read: who is in at all, before
             // what they become.
-            let (record, verdict) = shaping.scope(contact);
-            contact = record;
-            match verdict {
-                Ok(Scope::In) => {}
-                Ok(Scope::Out) => {
+            contact = match shaping.scope_and_map(contact) {
+                Shaped::In(mapped) => mapped,
+                Shaped::Out(contact) => {
                     self.report.out_of_scope += 1;
                     // Kept: seen, so not removed. Removed: left unseen, so the sweep
                     // removes whoever was synced (through the guard).
@@ -646,7 +644,7 @@ impl<'r> Run<'r> {
                     }
                     return Ok(());
                 }
-                Err(reason) => {
+                Shaped::ScopeError(contact, reason) => {
                     let key = trusted_key(&contact, rule);
                     self.seen_rejected(diff, key.as_ref());
                     return self.reject(Rejection::of_record(
@@ -657,10 +655,7 @@ impl<'r> Run<'r> {
                         format!("where: {reason}"),
                     ));
                 }
-            }
-            contact = match shaping.map(contact) {
-                Ok(mapped) => mapped,
-                Err(failure) => {
+                Shaped::MapError(failure) => {
                     let FieldFailure {
                         contact,
                         field,

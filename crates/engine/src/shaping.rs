@@ -51,7 +51,30 @@ pub struct RecordShaping {
     map: Vec<(Field, String)>,
     on_create: Vec<(Field, String)>,
     scope: Option<String>,
+    /// The `map` (and `on_create`) templates joined into one, so that a record costs one
+    /// render, not one a field: their outputs are split at [`SEPARATOR`].
+    map_all: Option<String>,
+    on_create_all: Option<String>,
+    /// `where` and `map` in one template (`0`, or `1` and the map's outputs), so that
+    /// a record in scope costs one render in all.
+    scope_and_map: Option<String>,
 }
+
+/// What `where` and `map` make of a record.
+pub(crate) enum Shaped {
+    /// In scope, and mapped.
+    In(Contact),
+    /// Out of scope (not mapped).
+    Out(Contact),
+    /// `where` failed to evaluate.
+    ScopeError(Contact, String),
+    /// A `map` template failed, or a value it gave is invalid.
+    MapError(Box<FieldFailure>),
+}
+
+/// Between the outputs of the joined templates: a control character no value has (one
+/// that does makes the record fall back to one render a field).
+const SEPARATOR: char = '\u{1f}';
 
 impl std::fmt::Debug for RecordShaping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,9 +121,21 @@ impl Object for RecordView {
                     .iter()
                     .map(|s| Value::from(s.as_str())),
             )),
+            // Unset is undefined, so that `default(…)` applies.
+            "external_id" => contact.external_id.as_deref().map(Value::from),
+            "email" => contact.email.as_deref().map(Value::from),
+            "first_name" => contact.first_name.as_deref().map(Value::from),
+            "last_name" => contact.last_name.as_deref().map(Value::from),
+            "display_name" => contact.display_name.as_deref().map(Value::from),
+            "phone" => contact.phone.as_deref().map(Value::from),
+            "mobile" => contact.mobile.as_deref().map(Value::from),
+            "company" => contact.company.as_deref().map(Value::from),
+            "department" => contact.department.as_deref().map(Value::from),
+            "job_title" => contact.job_title.as_deref().map(Value::from),
+            "language" => contact.language.as_deref().map(Value::from),
+            "status" => Some(Value::from(contact.status.as_str())),
             _ => {
                 let field = Field::parse(name);
-                // Unset is undefined, so that `default(…)` applies.
                 field
                     .is_canonical()
                     .then(|| contact.get(&field))
@@ -184,8 +219,24 @@ impl RecordShaping {
             }
             Ok::<_, ShapingError>(out)
         };
+        let map_sources: Vec<String> = map.values().cloned().collect();
+        let map_body = map_sources.clone();
+        let expression = scope.map(str::to_string);
+        let on_create_sources: Vec<String> = on_create.values().cloned().collect();
         let map = add("map", map)?;
         let on_create = add("on_create", on_create)?;
+        // Each part compiled alone above, so the joined one compiles too.
+        let mut join = |name: &str, sources: Vec<String>| -> Result<Option<String>, ShapingError> {
+            if sources.len() < 2 {
+                return Ok(None);
+            }
+            let joined = sources.join(&SEPARATOR.to_string());
+            env.add_template_owned(name.to_string(), joined)
+                .map_err(|e| error(name.to_string(), e))?;
+            Ok(Some(name.to_string()))
+        };
+        let map_all = join("map (all fields)", map_sources)?;
+        let on_create_all = join("on_create (all fields)", on_create_sources)?;
         let scope = match scope {
             Some(expression) => {
                 let name = "where".to_string();
@@ -198,11 +249,28 @@ impl RecordShaping {
             }
             None => None,
         };
+        let scope_and_map = match (scope.as_deref(), map.is_empty()) {
+            (Some(_), false) => {
+                let expression = expression.unwrap_or_default();
+                let body = map_body.join(&SEPARATOR.to_string());
+                let name = "where and map".to_string();
+                env.add_template_owned(
+                    name.clone(),
+                    format!("{{% if {expression} %}}1{SEPARATOR}{body}{{% else %}}0{{% endif %}}"),
+                )
+                .map_err(|e| error(name.clone(), e))?;
+                Some(name)
+            }
+            _ => None,
+        };
         Ok(RecordShaping {
             env,
             map,
             on_create,
             scope,
+            map_all,
+            on_create_all,
+            scope_and_map,
         })
     }
 
@@ -237,10 +305,31 @@ impl RecordShaping {
             .collect()
     }
 
+    /// One render of the joined templates, split back into one value a field; `None`
+    /// when that does not work out (an error, whose field the single renders then
+    /// name, or a value holding the separator).
+    fn render_joined(
+        &self,
+        templates: &[(Field, String)],
+        joined: Option<&String>,
+        view: &Value,
+    ) -> Option<Vec<(Field, String)>> {
+        let out = self.env.get_template(joined?).ok()?.render(view).ok()?;
+        let parts: Vec<&str> = out.split(SEPARATOR).collect();
+        (parts.len() == templates.len()).then(|| {
+            templates
+                .iter()
+                .zip(parts)
+                .map(|((field, _), value)| (field.clone(), value.to_string()))
+                .collect()
+        })
+    }
+
     /// Applies `templates`, each evaluated on the record as it was before any of them.
     fn apply(
         &self,
         templates: &[(Field, String)],
+        joined: Option<&String>,
         contact: Contact,
     ) -> Result<Contact, Box<FieldFailure>> {
         if templates.is_empty() {
@@ -248,7 +337,10 @@ impl RecordShaping {
         }
         let shared = Arc::new(contact);
         let view = Value::from_object(RecordView(shared.clone()));
-        let rendered = self.render(templates, &view);
+        let rendered = match self.render_joined(templates, joined, &view) {
+            Some(values) => Ok(values),
+            None => self.render(templates, &view),
+        };
         drop(view);
         let mut contact = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
         let values = match rendered {
@@ -273,14 +365,63 @@ impl RecordShaping {
         Ok(contact)
     }
 
+    /// `where`, then `map` for a record in scope: one render when both are set; the
+    /// separate evaluations (which name what failed) when that render does not work out.
+    pub(crate) fn scope_and_map(&self, contact: Contact) -> Shaped {
+        if let Some(name) = &self.scope_and_map {
+            let shared = Arc::new(contact);
+            let view = Value::from_object(RecordView(shared.clone()));
+            let out = self
+                .env
+                .get_template(name)
+                .ok()
+                .and_then(|t| t.render(&view).ok());
+            drop(view);
+            let mut contact = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
+            match out.as_deref() {
+                Some("0") => return Shaped::Out(contact),
+                Some(out) => {
+                    let parts: Vec<&str> = out.split(SEPARATOR).collect();
+                    if parts.len() == self.map.len() + 1 && parts[0] == "1" {
+                        for ((field, _), value) in self.map.iter().zip(&parts[1..]) {
+                            if let Err(reason) = contact.set(field, value) {
+                                return Shaped::MapError(Box::new(FieldFailure {
+                                    contact,
+                                    field: field.to_string(),
+                                    reason,
+                                }));
+                            }
+                        }
+                        return Shaped::In(contact);
+                    }
+                    return self.scope_then_map(contact);
+                }
+                None => return self.scope_then_map(contact),
+            }
+        }
+        self.scope_then_map(contact)
+    }
+
+    fn scope_then_map(&self, contact: Contact) -> Shaped {
+        let (contact, verdict) = self.scope(contact);
+        match verdict {
+            Err(reason) => Shaped::ScopeError(contact, reason),
+            Ok(Scope::Out) => Shaped::Out(contact),
+            Ok(Scope::In) => match self.map(contact) {
+                Ok(contact) => Shaped::In(contact),
+                Err(failure) => Shaped::MapError(failure),
+            },
+        }
+    }
+
     /// The `map`: the record as the pipeline sends it. An error names the field.
     pub(crate) fn map(&self, contact: Contact) -> Result<Contact, Box<FieldFailure>> {
-        self.apply(&self.map, contact)
+        self.apply(&self.map, self.map_all.as_ref(), contact)
     }
 
     /// The `on_create` values, added to a person about to be created.
     pub(crate) fn on_create(&self, contact: Contact) -> Result<Contact, Box<FieldFailure>> {
-        self.apply(&self.on_create, contact)
+        self.apply(&self.on_create, self.on_create_all.as_ref(), contact)
     }
 
     /// Whether the record is in the pipeline's `where` scope; hands the record back.
@@ -404,6 +545,16 @@ mod tests {
             "{}",
             failure.reason
         );
+        // Several templates render as one; an error still names its own field.
+        let s = shaping(
+            &[
+                ("attributes.cc", "{{ lookup('cost_centers', 'Ops') }}"),
+                ("first_name", "{{ first_name | upper }}"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.map(person()).unwrap_err().field, "attributes.cc");
         let s = shaping(&[("status", "{{ 'maybe' }}")], None).unwrap();
         let failure = s.map(person()).unwrap_err();
         assert_eq!(failure.field, "status");
