@@ -966,7 +966,8 @@ async fn sync_one(
         .map_err(usage)?;
     let progress = RunProgress::new(interactive);
     // Every log line of the run carries the pipeline and (once known) the run number.
-    let span = tracing::info_span!("run", pipeline = %pipeline.name, run = tracing::field::Empty);
+    // At WARN level, so that the default filter (warnings) keeps it for every line.
+    let span = tracing::warn_span!("run", pipeline = %pipeline.name, run = tracing::field::Empty);
     let report = run(
         &pipeline,
         source.as_ref(),
