@@ -303,6 +303,30 @@ to = "poppulo"
 max_removal_ratio = 1.0
 "#;
 
+/// Waits until the run `child` has a batch pending in the state (it is applying).
+fn wait_for_pending(s: &Scenario, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no batch ever pending"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was stopped"
+        );
+        let show = s.run(&["state", "show", "--json"]);
+        let pending = serde_json::from_str::<serde_json::Value>(&show.stdout())
+            .ok()
+            .and_then(|v| v[0]["pending"].as_u64())
+            .unwrap_or(0);
+        if pending > 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Starts a sync of `hr` into the in-process sandbox and kills it with SIGKILL once a
 /// batch has been pending for `after` (the import is posted within milliseconds and
 /// takes about a second for 6,000 rows).
@@ -313,26 +337,7 @@ fn kill_during_import(s: &Scenario, after: std::time::Duration) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no batch ever pending"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it was killed"
-        );
-        let show = s.run(&["state", "show", "--json"]);
-        let pending = serde_json::from_str::<serde_json::Value>(&show.stdout())
-            .ok()
-            .and_then(|v| v[0]["pending"].as_u64())
-            .unwrap_or(0);
-        if pending > 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_pending(s, &mut child);
     std::thread::sleep(after);
     unsafe {
         libc::kill(child.id() as i32, libc::SIGKILL);
@@ -413,28 +418,13 @@ fn ctrl_c_prints_one_line_exits_130_and_the_next_run_finishes() {
     s.config(SANDBOX_CONFIG);
     let n = 6000;
     s.write("people.csv", &people_csv(n, |_| "Ann".into()));
-    let child = s
+    let mut child = s
         .command(&["sync", "--from", "hr", "--to", "poppulo"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no batch ever pending"
-        );
-        let show = s.run(&["state", "show", "--json"]);
-        let pending = serde_json::from_str::<serde_json::Value>(&show.stdout())
-            .ok()
-            .and_then(|v| v[0]["pending"].as_u64())
-            .unwrap_or(0);
-        if pending > 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_pending(&s, &mut child);
     std::thread::sleep(std::time::Duration::from_millis(200));
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);

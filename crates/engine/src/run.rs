@@ -618,15 +618,7 @@ impl<'r> Run<'r> {
             deleted,
         } = record;
         if let Err((field, reason)) = diff.mapping.apply(&mut contact) {
-            let key = trusted_key(&contact, rule);
-            self.seen_rejected(diff, key.as_ref());
-            return self.reject(Rejection::of_record(
-                &origin,
-                &contact,
-                key.as_ref(),
-                &field,
-                reason,
-            ));
+            return self.reject_seen(diff, &origin, &contact, &field, reason);
         }
         if let Some(shaping) = self.pipeline.shaping.clone() {
             // The scope is decided on the record as read: who is in at all, before
@@ -645,15 +637,8 @@ impl<'r> Run<'r> {
                     return Ok(());
                 }
                 Shaped::ScopeError(contact, reason) => {
-                    let key = trusted_key(&contact, rule);
-                    self.seen_rejected(diff, key.as_ref());
-                    return self.reject(Rejection::of_record(
-                        &origin,
-                        &contact,
-                        key.as_ref(),
-                        "where",
-                        format!("where: {reason}"),
-                    ));
+                    let reason = format!("where: {reason}");
+                    return self.reject_seen(diff, &origin, &contact, "where", reason);
                 }
                 Shaped::MapError(failure) => {
                     let FieldFailure {
@@ -661,15 +646,8 @@ impl<'r> Run<'r> {
                         field,
                         reason,
                     } = *failure;
-                    let key = trusted_key(&contact, rule);
-                    self.seen_rejected(diff, key.as_ref());
-                    return self.reject(Rejection::of_record(
-                        &origin,
-                        &contact,
-                        key.as_ref(),
-                        &field,
-                        format!("map: {reason}"),
-                    ));
+                    let reason = format!("map: {reason}");
+                    return self.reject_seen(diff, &origin, &contact, &field, reason);
                 }
             };
         }
@@ -849,6 +827,27 @@ impl<'r> Run<'r> {
             }
         }
         Ok(())
+    }
+
+    /// Rejects a record the engine refuses at `field`, counting it as seen under the
+    /// key its fields give (see [`Run::seen_rejected`]).
+    fn reject_seen(
+        &mut self,
+        diff: &mut Diff,
+        origin: &Origin,
+        contact: &Contact,
+        field: &str,
+        reason: String,
+    ) -> Result<(), RunError> {
+        let key = trusted_key(contact, self.pipeline.settings.key);
+        self.seen_rejected(diff, key.as_ref());
+        self.reject(Rejection::of_record(
+            origin,
+            contact,
+            key.as_ref(),
+            field,
+            reason,
+        ))
     }
 
     /// A rejected record still counts as seen when its key is known, so that it keeps
