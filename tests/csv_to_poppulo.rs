@@ -7,24 +7,13 @@ use std::time::Duration;
 
 use common::{counts, people_csv, Run, Scenario};
 use contactsync_poppulo::sandbox::{
-    Faults, ImportStatus, PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber,
-    SubscriberStatus,
+    Faults, ImportStatus, RunningPoppulo, Subscriber, SubscriberStatus,
 };
 
-const PASSWORD: &str = "s3cret-Pw-4711";
+const PASSWORD: &str = common::POPPULO_PASSWORD;
 
 async fn sandbox(records_per_tick: usize) -> RunningPoppulo {
-    PoppuloSandbox::start(SandboxConfig {
-        account: "acme".into(),
-        username: "api-user".into(),
-        password: PASSWORD.into(),
-        records_per_tick,
-        tick: Duration::from_millis(50),
-        ping_interval: Duration::from_millis(300),
-        ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts")
+    common::poppulo_sandbox(records_per_tick).await
 }
 
 fn scenario(sandbox: &RunningPoppulo, people: &str, extra_sink: &str) -> Scenario {

@@ -3,27 +3,13 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{counts, Run, Scenario};
-use contactsync_poppulo::sandbox::{
-    PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber, SubscriberStatus,
-};
+use contactsync_poppulo::sandbox::{RunningPoppulo, Subscriber, SubscriberStatus};
 
-const PASSWORD: &str = "s3cret-Pw-4711";
+const PASSWORD: &str = common::POPPULO_PASSWORD;
 
 async fn sandbox() -> RunningPoppulo {
-    PoppuloSandbox::start(SandboxConfig {
-        account: "acme".into(),
-        username: "api-user".into(),
-        password: PASSWORD.into(),
-        records_per_tick: 500,
-        tick: Duration::from_millis(50),
-        ping_interval: Duration::from_millis(300),
-        ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts")
+    common::poppulo_sandbox(500).await
 }
 
 const PEOPLE: &str = "external_id,email,first_name,last_name,department\n\

@@ -8,23 +8,13 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{counts, people_csv, Run, Scenario};
-use contactsync_poppulo::sandbox::{PoppuloSandbox, RunningPoppulo, SandboxConfig};
+use contactsync_poppulo::sandbox::RunningPoppulo;
 
-const PASSWORD: &str = "s3cret-Pw-4711";
+const PASSWORD: &str = common::POPPULO_PASSWORD;
 
 /// 10 records per 50 ms tick: 300 people take about 1.5 s to import.
 async fn slow_sandbox() -> RunningPoppulo {
-    PoppuloSandbox::start(SandboxConfig {
-        account: "acme".into(),
-        username: "api-user".into(),
-        password: PASSWORD.into(),
-        records_per_tick: 10,
-        tick: Duration::from_millis(50),
-        ping_interval: Duration::from_millis(300),
-        ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts")
+    common::poppulo_sandbox(10).await
 }
 
 fn scenario(sandbox: &RunningPoppulo, people: &str) -> Scenario {

@@ -167,3 +167,25 @@ pub fn read_rows(path: &Path) -> Vec<csv::StringRecord> {
     let mut reader = csv::Reader::from_path(path).expect("csv file");
     reader.records().map(|r| r.expect("csv row")).collect()
 }
+
+/// The password of the Poppulo sandboxes the scenarios start.
+pub const POPPULO_PASSWORD: &str = "s3cret-Pw-4711";
+
+/// A Poppulo sandbox on loopback for account `acme` (user `api-user`), working through
+/// `records_per_tick` rows every 50 ms.
+pub async fn poppulo_sandbox(
+    records_per_tick: usize,
+) -> contactsync_poppulo::sandbox::RunningPoppulo {
+    use contactsync_poppulo::sandbox::{PoppuloSandbox, SandboxConfig};
+    PoppuloSandbox::start(SandboxConfig {
+        account: "acme".into(),
+        username: "api-user".into(),
+        password: POPPULO_PASSWORD.into(),
+        records_per_tick,
+        tick: std::time::Duration::from_millis(50),
+        ping_interval: std::time::Duration::from_millis(300),
+        ..SandboxConfig::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
