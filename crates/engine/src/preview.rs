@@ -5,7 +5,7 @@ use contactsync_core::{ConnectorError, Contact, Origin, ReadMode, Source, Source
 
 use crate::run::Pipeline;
 use crate::settings::FieldMapping;
-use crate::shaping::Scope;
+use crate::shaping::Shaped;
 
 /// What the pipeline makes of one record.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,27 +76,27 @@ pub async fn preview(
                 None => PreviewOutcome::Sent {
                     after: Box::new(contact),
                 },
-                Some(shaping) => {
-                    let (contact, verdict) = shaping.scope(contact);
-                    match verdict {
-                        Err(reason) => PreviewOutcome::Rejected {
-                            field: Some("where".into()),
-                            reason,
+                // The same decision a run makes, then what a create would add.
+                Some(shaping) => match shaping.scope_and_map(contact) {
+                    Shaped::Out(_) => PreviewOutcome::OutOfScope,
+                    Shaped::ScopeError(_, reason) => PreviewOutcome::Rejected {
+                        field: Some("where".into()),
+                        reason,
+                    },
+                    Shaped::MapError(failure) => PreviewOutcome::Rejected {
+                        field: Some(failure.field),
+                        reason: failure.reason,
+                    },
+                    Shaped::In(mapped) => match shaping.on_create(mapped) {
+                        Ok(after) => PreviewOutcome::Sent {
+                            after: Box::new(after),
                         },
-                        Ok(Scope::Out) => PreviewOutcome::OutOfScope,
-                        Ok(Scope::In) => {
-                            match shaping.map(contact).and_then(|c| shaping.on_create(c)) {
-                                Ok(after) => PreviewOutcome::Sent {
-                                    after: Box::new(after),
-                                },
-                                Err(failure) => PreviewOutcome::Rejected {
-                                    field: Some(failure.field),
-                                    reason: failure.reason,
-                                },
-                            }
-                        }
-                    }
-                }
+                        Err(failure) => PreviewOutcome::Rejected {
+                            field: Some(failure.field),
+                            reason: failure.reason,
+                        },
+                    },
+                },
             },
         };
         out.push(PreviewRecord {

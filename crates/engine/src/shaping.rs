@@ -146,6 +146,17 @@ impl Object for RecordView {
     }
 }
 
+/// Lends `contact` to templates as their context for `work`, and hands it back
+/// without copying it (the view holds the only other reference, dropped first).
+fn with_view<R>(contact: Contact, work: impl FnOnce(&Value) -> R) -> (Contact, R) {
+    let shared = Arc::new(contact);
+    let view = Value::from_object(RecordView(shared.clone()));
+    let result = work(&view);
+    drop(view);
+    let contact = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
+    (contact, result)
+}
+
 fn position(error: &minijinja::Error) -> String {
     let mut text = error.detail().unwrap_or("").to_string();
     if text.is_empty() {
@@ -335,14 +346,12 @@ impl RecordShaping {
         if templates.is_empty() {
             return Ok(contact);
         }
-        let shared = Arc::new(contact);
-        let view = Value::from_object(RecordView(shared.clone()));
-        let rendered = match self.render_joined(templates, joined, &view) {
-            Some(values) => Ok(values),
-            None => self.render(templates, &view),
-        };
-        drop(view);
-        let mut contact = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
+        let (mut contact, rendered) = with_view(contact, |view| {
+            match self.render_joined(templates, joined, view) {
+                Some(values) => Ok(values),
+                None => self.render(templates, view),
+            }
+        });
         let values = match rendered {
             Ok(values) => values,
             Err((field, reason)) => {
@@ -369,15 +378,12 @@ impl RecordShaping {
     /// separate evaluations (which name what failed) when that render does not work out.
     pub(crate) fn scope_and_map(&self, contact: Contact) -> Shaped {
         if let Some(name) = &self.scope_and_map {
-            let shared = Arc::new(contact);
-            let view = Value::from_object(RecordView(shared.clone()));
-            let out = self
-                .env
-                .get_template(name)
-                .ok()
-                .and_then(|t| t.render(&view).ok());
-            drop(view);
-            let mut contact = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
+            let (mut contact, out) = with_view(contact, |view| {
+                self.env
+                    .get_template(name)
+                    .ok()
+                    .and_then(|t| t.render(view).ok())
+            });
             match out.as_deref() {
                 Some("0") => return Shaped::Out(contact),
                 Some(out) => {
@@ -429,17 +435,13 @@ impl RecordShaping {
         let Some(name) = &self.scope else {
             return (contact, Ok(Scope::In));
         };
-        let shared = Arc::new(contact);
-        let view = Value::from_object(RecordView(shared.clone()));
-        let verdict = self
-            .env
-            .get_template(name)
-            .map_err(|e| e.to_string())
-            .and_then(|t| t.render(&view).map_err(|e| position(&e)))
-            .map(|out| if out == "1" { Scope::In } else { Scope::Out });
-        drop(view);
-        let contact = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
-        (contact, verdict)
+        with_view(contact, |view| {
+            self.env
+                .get_template(name)
+                .map_err(|e| e.to_string())
+                .and_then(|t| t.render(view).map_err(|e| position(&e)))
+                .map(|out| if out == "1" { Scope::In } else { Scope::Out })
+        })
     }
 
     /// What `contact` hashes to for the diff: without the fields `on_create` owns.
