@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{counts, people_csv, Run, Scenario};
-use contactsync_actito::sandbox::{
+use contactsync_sandbox_actito::{
     ActitoSandbox, Attribute, Profile, RunningActito, SandboxConfig, TableDef,
 };
 

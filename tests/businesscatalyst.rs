@@ -10,12 +10,12 @@ use std::path::Path;
 use chrono::{NaiveDateTime, TimeZone, Utc};
 use common::{counts, Run, Scenario};
 use contactsync_businesscatalyst::client::BcClient;
-use contactsync_businesscatalyst::sandbox::{
-    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
-};
 use contactsync_businesscatalyst::soap::ContactRecord;
 use contactsync_businesscatalyst::BcConfig;
 use contactsync_core::{ConnectorSettings, SecretString};
+use contactsync_sandbox_businesscatalyst::{
+    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
+};
 
 const PASSWORD: &str = "bc-Pw-9931";
 const RETRIEVE: &str = "ContactList_Retrieve";

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{counts, people_csv, Run, Scenario};
-use contactsync_poppulo::sandbox::{
-    Faults, ImportStatus, RunningPoppulo, Subscriber, SubscriberStatus,
+use contactsync_sandbox_poppulo::{
+    Faults, ImportStatus, RunningPoppulo, Subscriber, SubscriberStatus, WireFaults,
 };
 
 const PASSWORD: &str = common::POPPULO_PASSWORD;
@@ -202,9 +202,12 @@ async fn rejected_rows_are_reported_and_a_self_opt_out_is_respected() {
 async fn throttling_and_a_busy_account_are_survived() {
     let sandbox = sandbox(500).await;
     let s = scenario(&sandbox, &people_csv(8, |_| "Ann".into()), "");
-    sandbox.set_faults(Faults {
+    sandbox.set_wire_faults(WireFaults {
         throttle_every: 2,
         retry_after_secs: 1,
+        ..WireFaults::default()
+    });
+    sandbox.set_faults(Faults {
         busy_for_ms: 1500,
         ..Faults::default()
     });

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{counts, Scenario};
-use contactsync_poppulo::sandbox::{PoppuloSandbox, SandboxConfig, SubscriberStatus};
+use contactsync_sandbox_poppulo::{PoppuloSandbox, SandboxConfig, SubscriberStatus};
 use contactsync_testkit::slapd::{Slapd, SlapdBuilder};
 
 fn slapd(builder: SlapdBuilder) -> Slapd {

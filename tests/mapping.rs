@@ -4,7 +4,7 @@
 mod common;
 
 use common::{counts, Run, Scenario};
-use contactsync_poppulo::sandbox::{RunningPoppulo, Subscriber, SubscriberStatus};
+use contactsync_sandbox_poppulo::{RunningPoppulo, Subscriber, SubscriberStatus};
 
 const PASSWORD: &str = common::POPPULO_PASSWORD;
 

@@ -8,7 +8,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{counts, people_csv, Run, Scenario};
-use contactsync_poppulo::sandbox::RunningPoppulo;
+use contactsync_sandbox_poppulo::RunningPoppulo;
 
 const PASSWORD: &str = common::POPPULO_PASSWORD;
 

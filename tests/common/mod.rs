@@ -175,8 +175,8 @@ pub const POPPULO_PASSWORD: &str = "s3cret-Pw-4711";
 /// `records_per_tick` rows every 50 ms.
 pub async fn poppulo_sandbox(
     records_per_tick: usize,
-) -> contactsync_poppulo::sandbox::RunningPoppulo {
-    use contactsync_poppulo::sandbox::{PoppuloSandbox, SandboxConfig};
+) -> contactsync_sandbox_poppulo::RunningPoppulo {
+    use contactsync_sandbox_poppulo::{PoppuloSandbox, SandboxConfig};
     PoppuloSandbox::start(SandboxConfig {
         account: "acme".into(),
         username: "api-user".into(),

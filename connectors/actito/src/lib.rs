@@ -1,4 +1,4 @@
-//! Actito (v4 API) source and sink, and an Actito sandbox.
+//! Actito (v4 API) source and sink.
 //!
 //! - [`ActitoSink`] (`type = "actito"` under `[sinks.…]`) writes changes into one
 //!   profile table: one profile at a time for small change sets, a bulk import for
@@ -8,9 +8,10 @@
 //!   Removals unsubscribe (default) or delete.
 //! - [`ActitoSource`] (`type = "actito"` under `[sources.…]`) reads every profile of
 //!   the table, page by page.
-//! - The [`sandbox`] module is a fake Actito for tests and `base_url = "sandbox"`. The
-//!   client modules never use its types, nor it theirs: each is written from the API
-//!   documents, so that one misunderstanding cannot hide on both sides.
+//! - The fake Actito for tests and `base_url = "sandbox"` is its own crate,
+//!   `contactsync-sandbox-actito`, which does not depend on this one (nor this one on
+//!   it): each is written from the API documents, so that one misunderstanding cannot
+//!   hide on both sides.
 //!
 //! Read in this order: [`config`] (what a user writes), [`client`] (auth token and
 //! calls, on `contactsync-http`), [`schema`] (the table and record validation),
@@ -22,8 +23,6 @@ pub mod config;
 pub mod schema;
 pub mod sink;
 pub mod source;
-
-pub mod sandbox;
 
 pub use config::{QuotaExhausted, Removal, SinkConfig, SourceConfig};
 pub use sink::ActitoSink;

@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
-use contactsync_actito::sandbox::{
-    ActitoSandbox, Attribute, Faults, ProfileInput, RunningActito, SandboxConfig, TableDef,
-};
 use contactsync_actito::sink::quota_key;
 use contactsync_actito::{ActitoSink, ActitoSource, SinkConfig, SourceConfig};
 use contactsync_core::{
     Change, ChangeBatch, ChangePlan, ConnectorError, ConnectorSettings, Contact, KeyRule, Origin,
     Outcome, Sink, SyncedEntry,
+};
+use contactsync_sandbox_actito::{
+    ActitoSandbox, Attribute, Faults, ProfileInput, RunningActito, SandboxConfig, TableDef,
 };
 use contactsync_testkit::{sample_contacts, source_conformance, MemoryStore, SinkConformance};
 

@@ -1,19 +1,18 @@
-//! Business Catalyst CRM (SOAP) source and sink, and its sandbox.
+//! Business Catalyst CRM (SOAP) source and sink.
 //!
 //! Business Catalyst (Adobe, retired 2019; compatible exports live on) exposes its CRM
 //! as an ASP.NET SOAP web service. This crate speaks it directly with quick-xml (no SOAP
 //! framework): [`config`] is what the user writes, [`soap`] builds and reads envelopes,
 //! [`client`] makes the calls (authentication in every call, retries, faults),
 //! [`source`] reads contacts changed since a date, page by page, and [`sink`] upserts
-//! and removes them. [`sandbox`] is a fake service for tests; it shares no code with the
-//! client.
+//! and removes them. The fake service for tests is its own crate,
+//! `contactsync-sandbox-businesscatalyst`; it shares no code with the client.
 //!
 //! Start reading at [`config::BcSettings`], then [`source::BcSource`] and
 //! [`sink::BcSink`].
 
 pub mod client;
 pub mod config;
-pub mod sandbox;
 pub mod sink;
 pub mod soap;
 pub mod source;

@@ -1,13 +1,13 @@
 //! The connector against its sandbox, over real HTTP on 127.0.0.1.
 
 use chrono::{TimeZone, Utc};
-use contactsync_businesscatalyst::sandbox::{
-    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
-};
 use contactsync_businesscatalyst::{sink, source};
 use contactsync_core::{
     Change, ChangeBatch, ConnectorError, ConnectorSettings, Contact, ContactKey, ContactStatus,
     Field, KeyRule, Origin, Outcome, ReadMode, SandboxOptions, Sink, Source, SyncedEntry,
+};
+use contactsync_sandbox_businesscatalyst::{
+    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
 };
 use contactsync_testkit::{read_all, source_conformance, MemoryStore, SinkConformance};
 

@@ -1,4 +1,4 @@
-//! Poppulo (Newsweaver API v2) source and sink, and a Poppulo sandbox.
+//! Poppulo (Newsweaver API v2) source and sink.
 //!
 //! - [`PoppuloSink`] (`type = "poppulo"` under `[sinks.…]`) writes changes as one
 //!   subscriber import job per batch, follows the job to its end (no earlier than
@@ -7,9 +7,10 @@
 //!   has no delete.
 //! - [`PoppuloSource`] (`type = "poppulo"` under `[sources.…]`) reads every subscriber,
 //!   page by page, following `next` links.
-//! - The `sandbox` module is a fake Poppulo for tests and `base_url = "sandbox"`. The
-//!   client modules never use its types, nor it theirs: each is written from the API
-//!   documents, so that one misunderstanding cannot hide on both sides.
+//! - The fake Poppulo for tests and `base_url = "sandbox"` is its own crate,
+//!   `contactsync-sandbox-poppulo`, which does not depend on this one (nor this one on
+//!   it): each is written from the API documents, so that one misunderstanding cannot
+//!   hide on both sides.
 //!
 //! Read in this order: [`config`] (what a user writes), [`client`] (the calls, on
 //! `contactsync-http`), [`xml`] and [`rejected`] (what goes over the wire), [`sink`],
@@ -56,4 +57,3 @@ contactsync_core::inventory::submit! {
         build: build_source,
     }
 }
-pub mod sandbox;

@@ -10,11 +10,11 @@ use contactsync_core::{
     ContactStatus, Field, Origin, Outcome, PendingBatch, PendingRecord, ReadMode, Sink, Source,
     SyncedEntry,
 };
-use contactsync_poppulo::sandbox::{
-    Faults, PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber,
-};
 use contactsync_poppulo::sink::{store_key, REASON_DUPLICATE, REASON_INVALID, REASON_OPTED_OUT};
 use contactsync_poppulo::{PoppuloSink, PoppuloSource, SinkConfig, SourceConfig};
+use contactsync_sandbox_poppulo::{
+    Faults, PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber, WireFaults,
+};
 use contactsync_testkit::{read_all, MemoryStore, SinkConformance};
 
 async fn sandbox() -> RunningPoppulo {
@@ -254,10 +254,10 @@ async fn a_busy_account_is_given_up_on_at_the_bound() {
 #[tokio::test]
 async fn throttling_is_survived() {
     let sb = sandbox().await;
-    sb.set_faults(Faults {
+    sb.set_wire_faults(WireFaults {
         throttle_every: 2,
         retry_after_secs: 1,
-        ..Faults::default()
+        ..WireFaults::default()
     });
     let mut sink = sink(&sb, "");
     let mut store = MemoryStore::new();

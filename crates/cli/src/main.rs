@@ -34,6 +34,13 @@ extern crate contactsync_businesscatalyst;
 extern crate contactsync_csv;
 extern crate contactsync_ldap;
 extern crate contactsync_poppulo;
+// The sandboxes register themselves the same way, in builds with the `sandboxes` feature.
+#[cfg(feature = "sandboxes")]
+extern crate contactsync_sandbox_actito;
+#[cfg(feature = "sandboxes")]
+extern crate contactsync_sandbox_businesscatalyst;
+#[cfg(feature = "sandboxes")]
+extern crate contactsync_sandbox_poppulo;
 
 // The run allocates on two threads (the source's parser and the engine) and frees on
 // the other one: glibc's allocator serialises that on its arena lock, mimalloc does not.
@@ -497,6 +504,13 @@ fn url_port(url: &str) -> Option<u16> {
     authority.rsplit_once(':')?.1.parse().ok()
 }
 
+/// Said after "no sandbox" in builds that left the sandboxes out.
+const NO_SANDBOXES_HINT: &str = if cfg!(feature = "sandboxes") {
+    ""
+} else {
+    " (this build has no sandboxes: build with the default `sandboxes` feature)"
+};
+
 /// Sandboxes started in this process, one per platform, so that a source and a sink of
 /// the same platform see the same data.
 #[derive(Default)]
@@ -516,9 +530,10 @@ impl Sandboxes {
             None => {
                 let factory = registry::sandbox(&section.connector).ok_or_else(|| {
                     anyhow!(
-                        "[{}] base_url = \"sandbox\", but connector `{}` has no sandbox",
+                        "[{}] base_url = \"sandbox\", but connector `{}` has no sandbox{}",
                         section.settings.section,
-                        section.connector
+                        section.connector,
+                        NO_SANDBOXES_HINT
                     )
                 })?;
                 std::fs::create_dir_all(data_dir)
@@ -1404,7 +1419,7 @@ fn state_command(path: &Path, command: StateCommand) -> Result<u8, Failure> {
 async fn sandbox(name: &str, port: u16, data: Option<PathBuf>) -> Result<u8, Failure> {
     let factory = registry::sandbox(name).ok_or_else(|| {
         usage(anyhow!(
-            "no sandbox called {name:?} (available: {})",
+            "no sandbox called {name:?} (available: {}){NO_SANDBOXES_HINT}",
             registry::sandboxes()
                 .iter()
                 .map(|f| f.name)

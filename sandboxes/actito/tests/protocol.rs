@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-use contactsync_actito::sandbox::{ActitoSandbox, RunningActito, SandboxConfig};
 use contactsync_core::{ConnectorSettings, SandboxOptions};
+use contactsync_sandbox_actito::{ActitoSandbox, RunningActito, SandboxConfig};
 use serde_json::{json, Value};
 
 async fn start(config: SandboxConfig) -> RunningActito {
@@ -334,7 +334,7 @@ async fn faults_stats_persistence_and_registry() {
     assert_eq!(stats["unauthorized"], 1);
     sb.seed_profile(
         "contacts",
-        &contactsync_actito::sandbox::ProfileInput {
+        &contactsync_sandbox_actito::ProfileInput {
             attributes: vec![("emailAddress".into(), Some("kept@example.com".into()))],
             ..Default::default()
         },

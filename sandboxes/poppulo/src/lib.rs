@@ -37,19 +37,17 @@ mod routes;
 mod xml;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use contactsync_core::registry::{RunningSandbox, SandboxFactory, SandboxOptions, SandboxStart};
-use contactsync_core::{
-    CancellationToken, ConfigError, ConnectorError, ExposeSecret, SecretString,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
+use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
+use contactsync_sandbox_kit::{Answers, Platform, Running, Wire};
 use serde::Deserialize;
-use tokio::task::JoinHandle;
 
+pub use contactsync_sandbox_kit::{LoggedRequest, SandboxError, WireFaults};
 pub use faults::{Faults, Stats};
 pub use import::CustomFields;
 pub use model::{
@@ -65,58 +63,6 @@ pub const DEFAULT_ACCOUNT: &str = "demo";
 pub const DEFAULT_USERNAME: &str = "sandbox";
 /// Default API user password.
 pub const DEFAULT_PASSWORD: &str = "sandbox";
-
-/// Why the sandbox could not start, load or save.
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The data file is not the sandbox's JSON.
-    #[error("{}: not a Poppulo sandbox data file: {message}", path.display())]
-    Data {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// The port could not be bound.
-    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
-    Bind {
-        /// The port asked for.
-        port: u16,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A seeded subscriber is not acceptable.
-    #[error("cannot seed {email}: {message}")]
-    Seed {
-        /// The subscriber's email.
-        email: String,
-        /// Why.
-        message: String,
-    },
-    /// The connector settings do not name an account and credentials.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-}
-
-impl From<SandboxError> for ConnectorError {
-    fn from(error: SandboxError) -> Self {
-        match error {
-            SandboxError::Io { path, source } => ConnectorError::Io { path, source },
-            SandboxError::Config(e) => ConnectorError::Config(e),
-            other => ConnectorError::Other(other.to_string()),
-        }
-    }
-}
 
 /// How to run the sandbox.
 #[derive(Debug, Clone)]
@@ -141,8 +87,10 @@ pub struct SandboxConfig {
     pub ping_interval: Duration,
     /// The account's custom fields.
     pub custom_fields: CustomFields,
-    /// Faults from the start.
+    /// Platform faults from the start.
     pub faults: Faults,
+    /// Wire faults (throttling, lost answers, delays) from the start.
+    pub wire_faults: WireFaults,
 }
 
 impl Default for SandboxConfig {
@@ -159,6 +107,7 @@ impl Default for SandboxConfig {
             ping_interval: Duration::from_secs(1),
             custom_fields: CustomFields::Any,
             faults: Faults::default(),
+            wire_faults: WireFaults::default(),
         }
     }
 }
@@ -180,7 +129,6 @@ impl SandboxConfig {
 pub(crate) struct State {
     pub store: Store,
     pub faults: Faults,
-    pub fault_counter: u64,
     pub busy_until: Option<Instant>,
     pub stats: Stats,
 }
@@ -190,6 +138,7 @@ pub(crate) struct State {
 pub(crate) struct Shared {
     pub config: SandboxConfig,
     pub state: Mutex<State>,
+    pub wire: Arc<Wire>,
     pub shutdown: CancellationToken,
     save_lock: Mutex<()>,
 }
@@ -206,25 +155,75 @@ impl Shared {
             return Ok(());
         };
         let _one_writer = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let json = self.lock().store.to_json()?;
-        model::write_atomically(path, &json)
+        let json = contactsync_sandbox_kit::data::encode(Self::NAME, path, &self.lock().store)?;
+        contactsync_sandbox_kit::data::write(path, &json)
+    }
+
+    /// The counters so far: the platform's and the wire's.
+    pub fn stats(&self) -> Stats {
+        let counts = self.wire.counts();
+        let mut stats = self.lock().stats.clone();
+        stats.requests = counts.requests;
+        stats.requests_by_route = counts.requests_by_route;
+        stats.throttled += counts.throttled;
+        stats.dropped = counts.dropped;
+        stats
     }
 
     /// Saves, logging a failure (for background saves nobody waits for).
     pub fn save_logged(&self) {
-        if let Err(e) = self.save() {
+        if let Err(e) = Platform::save(self) {
             tracing::error!("Poppulo sandbox could not save its data: {e}");
         }
+    }
+}
+
+impl Platform for Shared {
+    const NAME: &'static str = "Poppulo";
+    type Faults = Faults;
+
+    fn wire(&self) -> &Wire {
+        &self.wire
+    }
+
+    fn faults(&self) -> Faults {
+        self.lock().faults.clone()
     }
 
     fn set_faults(&self, faults: Faults) {
         let mut state = self.lock();
         state.busy_until = (faults.busy_for_ms > 0)
             .then(|| Instant::now() + Duration::from_millis(faults.busy_for_ms));
-        state.fault_counter = 0;
         state.faults = faults;
     }
+
+    fn reset(&self) {
+        let mut state = self.lock();
+        state.store = Store::default();
+        state.stats = Stats::default();
+        state.busy_until = None;
+    }
+
+    fn save(&self) -> Result<(), SandboxError> {
+        Shared::save(self)
+    }
 }
+
+/// How Poppulo words a throttled answer and a server error.
+const ANSWERS: Answers = Answers {
+    throttled: || {
+        routes::error_response(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "rate limit exceeded: retry later",
+        )
+    },
+    failed: || {
+        routes::error_response(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error",
+        )
+    },
+};
 
 /// Starts Poppulo sandboxes.
 #[derive(Debug)]
@@ -238,28 +237,19 @@ impl PoppuloSandbox {
             Some(path) => Store::load(path)?,
             None => Store::default(),
         };
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, config.port))
-            .await
-            .map_err(|source| SandboxError::Bind {
-                port: config.port,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
-            port: config.port,
-            source,
-        })?;
-        let shutdown = CancellationToken::new();
         let faults = config.faults.clone();
+        let port = config.port;
         let shared = Arc::new(Shared {
+            wire: Arc::new(Wire::new(ANSWERS, config.wire_faults.clone())),
             config,
             state: Mutex::new(State {
                 store,
                 ..State::default()
             }),
-            shutdown: shutdown.clone(),
+            shutdown: CancellationToken::new(),
             save_lock: Mutex::new(()),
         });
-        shared.set_faults(faults);
+        Platform::set_faults(&*shared, faults);
         let unfinished: Vec<u64> = shared
             .lock()
             .store
@@ -268,180 +258,123 @@ impl PoppuloSandbox {
             .filter(|i| i.status == ImportStatus::InProgress)
             .map(|i| i.id)
             .collect();
+        let router = routes::router(shared.clone());
+        let shutdown = shared.shutdown.clone();
+        let running =
+            contactsync_sandbox_kit::start(shared.clone(), shutdown, port, "/v2", router).await?;
         for id in unfinished {
             tokio::spawn(import::run(shared.clone(), id));
         }
-        let router = routes::router(shared.clone());
-        let task = tokio::spawn(serve(listener, router, shared.clone()));
-        let base_url = format!("http://{addr}/v2");
-        tracing::info!("Poppulo sandbox on {base_url} — not the real Poppulo");
-        Ok(RunningPoppulo {
-            shared,
-            addr,
-            base_url,
-            task: Some(task),
-            stop_on_drop: true,
-        })
+        Ok(RunningPoppulo { running })
     }
 }
-
-/// Accepts connections until shutdown; each connection is served by hyper so that a
-/// request marked [`faults::DropConnection`] can end its connection without an answer.
-async fn serve(listener: tokio::net::TcpListener, router: axum::Router, shared: Arc<Shared>) {
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("Poppulo sandbox accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let router = router.clone();
-        let service =
-            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let mut router = router.clone();
-                async move {
-                    let response = match tower_service::Service::call(&mut router, request).await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    };
-                    if response
-                        .extensions()
-                        .get::<faults::DropConnection>()
-                        .is_some()
-                    {
-                        Err(DroppedOnPurpose)
-                    } else {
-                        Ok(response)
-                    }
-                }
-            });
-        connections.spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // Errors here are dropped connections (on purpose or by the client).
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-        while connections.try_join_next().is_some() {}
-    }
-    connections.abort_all();
-    shared.save_logged();
-}
-
-/// The error that makes hyper close a connection without answering.
-#[derive(Debug, thiserror::Error)]
-#[error("connection dropped on purpose by the sandbox")]
-struct DroppedOnPurpose;
 
 /// A running sandbox. Dropping it stops the server (saving is then best effort; call
 /// [`RunningPoppulo::shutdown`] to wait for the save).
 #[derive(Debug)]
 pub struct RunningPoppulo {
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    base_url: String,
-    task: Option<JoinHandle<()>>,
-    stop_on_drop: bool,
+    running: Running<Shared>,
 }
 
 impl RunningPoppulo {
     /// The API base, `http://127.0.0.1:PORT/v2` (the account code follows it).
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        self.running.base_url()
     }
 
     /// The account's base, `http://127.0.0.1:PORT/v2/{account}`.
     pub fn account_url(&self) -> String {
-        format!("{}/{}", self.base_url, self.shared.config.account)
+        format!("{}/{}", self.base_url(), self.shared().config.account)
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.running.addr()
+    }
+
+    fn shared(&self) -> &Shared {
+        self.running.platform()
     }
 
     /// The account code it accepts.
     pub fn account(&self) -> &str {
-        &self.shared.config.account
+        &self.shared().config.account
     }
 
     /// The API user name it accepts.
     pub fn username(&self) -> &str {
-        &self.shared.config.username
+        &self.shared().config.username
     }
 
     /// The password it accepts.
     pub fn password(&self) -> &str {
-        &self.shared.config.password
+        &self.shared().config.password
     }
 
-    /// Replaces the faults; request numbers count from now.
+    /// Replaces the platform faults.
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.set_faults(faults);
+        Platform::set_faults(self.shared(), faults);
     }
 
-    /// The current faults.
+    /// The current platform faults.
     pub fn faults(&self) -> Faults {
-        self.shared.lock().faults.clone()
+        Platform::faults(self.shared())
     }
 
-    /// The counters so far.
+    /// Replaces the wire faults (throttling, drops, delays); call numbers count from
+    /// now.
+    pub fn set_wire_faults(&self, faults: WireFaults) {
+        self.running.wire().set_faults(faults);
+    }
+
+    /// The calls seen so far, oldest first.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.running.wire().requests()
+    }
+
+    /// The counters so far: the platform's and the wire's.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats.clone()
+        self.shared().stats()
     }
 
     /// A snapshot of every subscriber, in creation order.
     pub fn subscribers(&self) -> Vec<Subscriber> {
-        self.shared.lock().store.subscribers().cloned().collect()
+        self.shared().lock().store.subscribers().cloned().collect()
     }
 
     /// The subscriber with this email (domain case-insensitive).
     pub fn subscriber(&self, email: &str) -> Option<Subscriber> {
-        self.shared.lock().store.find(email).cloned()
+        self.shared().lock().store.find(email).cloned()
     }
 
     /// Adds a subscriber as if created on the platform (for example one who opted out
     /// themselves, [`Subscriber::self_opted_out`]); returns it with its id.
     pub fn seed_subscriber(&self, subscriber: Subscriber) -> Result<Subscriber, SandboxError> {
-        let seeded = seed(&self.shared, subscriber)?;
-        self.shared.save()?;
+        let seeded = seed(self.shared(), subscriber)?;
+        self.shared().save()?;
         Ok(seeded)
     }
 
     /// A snapshot of every import (its columns in `job.columns`, its rows as parsed),
     /// oldest first.
     pub fn imports(&self) -> Vec<Import> {
-        self.shared.lock().store.imports.values().cloned().collect()
+        self.shared()
+            .lock()
+            .store
+            .imports
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Saves the data file now.
     pub fn save(&self) -> Result<(), SandboxError> {
-        self.shared.save()
+        self.shared().save()
     }
 
     /// Stops serving, waits for the server to end and saves the data file.
-    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
-        self.shared.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            // A panicked server task has nothing more to do; the save below still runs.
-            let _ = task.await;
-        }
-        self.shared.save()
-    }
-}
-
-impl Drop for RunningPoppulo {
-    fn drop(&mut self) {
-        if self.stop_on_drop {
-            self.shared.shutdown.cancel();
-        }
+    pub async fn shutdown(self) -> Result<(), SandboxError> {
+        self.running.shutdown().await
     }
 }
 
@@ -449,17 +382,15 @@ impl Drop for RunningPoppulo {
 pub(crate) fn seed(shared: &Shared, subscriber: Subscriber) -> Result<Subscriber, SandboxError> {
     let email = subscriber.email.trim().to_string();
     if !model::valid_email(&email) {
-        return Err(SandboxError::Seed {
-            email,
-            message: "not a valid email address".into(),
-        });
+        return Err(SandboxError::Seed(format!(
+            "{email}: not a valid email address"
+        )));
     }
     let mut state = shared.lock();
     if state.store.find(&email).is_some() {
-        return Err(SandboxError::Seed {
-            email,
-            message: "a subscriber with this email exists".into(),
-        });
+        return Err(SandboxError::Seed(format!(
+            "{email}: a subscriber with this email exists"
+        )));
     }
     Ok(state
         .store
@@ -506,14 +437,7 @@ fn config_from(options: &SandboxOptions) -> Result<SandboxConfig, SandboxError> 
 pub fn start(options: SandboxOptions) -> SandboxStart {
     Box::pin(async move {
         let config = config_from(&options)?;
-        let mut running = PoppuloSandbox::start(config).await?;
-        let shutdown = running.shared.shutdown.clone();
-        let base_url = running.base_url.clone();
-        // The server task lives on its own; the token (and its drop guard) stops it,
-        // and the server saves the data when it ends.
-        running.task.take();
-        running.stop_on_drop = false;
-        Ok(RunningSandbox::new(base_url, shutdown))
+        Ok(PoppuloSandbox::start(config).await?.running.detach())
     })
 }
 

@@ -21,7 +21,9 @@ use base64::Engine;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Deserialize;
 
-use super::faults::{self, throttled, Faults, Stats};
+use contactsync_sandbox_kit::{inject_faults, log_calls};
+
+use super::faults::{throttled, Stats};
 use super::import::{self, resolve, CustomFields, JobError, Target};
 use super::model::{
     now, valid_email, Import, ImportStatus, PlannedEnd, RemovedBy, Subscriber, SubscriberStatus,
@@ -100,12 +102,13 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             get(get_subscriber).put(update_subscriber),
         )
         .route_layer(from_fn_with_state(shared.clone(), guard))
-        .layer(from_fn_with_state(shared.clone(), faults::layer))
+        // Faults before auth, as a front proxy would; the log sees every answer.
+        .layer(from_fn_with_state(shared.wire.clone(), inject_faults))
+        .layer(from_fn_with_state(shared.wire.clone(), log_calls))
         // The documents set no size limit on an import job; a 50,000-row job (the
         // connector's default) is about 5 MB. Inferred: 64 MB.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let admin = Router::new()
-        .route("/_sandbox/faults", get(get_faults).post(post_faults))
         .route("/_sandbox/stats", get(get_stats))
         .route(
             "/_sandbox/subscribers",
@@ -113,6 +116,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/_sandbox/imports", get(admin_imports));
     api.merge(admin)
+        .merge(contactsync_sandbox_kit::admin_routes(shared.clone()))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such resource") })
         .with_state(shared)
 }
@@ -881,17 +885,8 @@ async fn update_subscriber(
     with_etag(response, &updated)
 }
 
-async fn get_faults(State(shared): SharedState) -> Json<Faults> {
-    Json(shared.lock().faults.clone())
-}
-
-async fn post_faults(State(shared): SharedState, Json(faults): Json<Faults>) -> Json<Faults> {
-    shared.set_faults(faults);
-    Json(shared.lock().faults.clone())
-}
-
 async fn get_stats(State(shared): SharedState) -> Json<Stats> {
-    Json(shared.lock().stats.clone())
+    Json(shared.stats())
 }
 
 async fn admin_subscribers(State(shared): SharedState) -> Json<Vec<Subscriber>> {

@@ -1,7 +1,7 @@
 //! The sandbox's SOAP front door, spoken to by hand (not through the client): SOAP 1.1
 //! and 1.2, content types, `SOAPAction`, malformed requests, the admin endpoints.
 
-use contactsync_businesscatalyst::sandbox::{Sandbox, SandboxConfig, SandboxContact};
+use contactsync_sandbox_businesscatalyst::{Sandbox, SandboxConfig, SandboxContact};
 
 const NS: &str = "http://tempuri.org/CatalystDeveloperService/CatalystCRMWebservice";
 const PATH: &str = "/CatalystWebService/CatalystCRMWebService.asmx";

@@ -6,7 +6,7 @@
 //! (`shared/specs/poppulo.md`), never from the client's types.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -411,22 +411,11 @@ impl Store {
         self.next_import_id
     }
 
-    /// Loads a store saved by [`Store::save_to`]; a missing file is an empty store.
+    /// Loads a store saved by the sandbox; a missing file is an empty store.
     pub fn load(path: &Path) -> Result<Store, SandboxError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Store::default()),
-            Err(source) => {
-                return Err(SandboxError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+        let Some(mut store) = contactsync_sandbox_kit::data::load::<Store>("Poppulo", path)? else {
+            return Ok(Store::default());
         };
-        let mut store: Store = serde_json::from_str(&text).map_err(|e| SandboxError::Data {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
         store.by_email = store
             .subscribers
             .values()
@@ -434,31 +423,6 @@ impl Store {
             .collect();
         Ok(store)
     }
-
-    /// The store as JSON, to be written by [`write_atomically`].
-    pub fn to_json(&self) -> Result<String, SandboxError> {
-        serde_json::to_string_pretty(self).map_err(|e| SandboxError::Data {
-            path: PathBuf::new(),
-            message: e.to_string(),
-        })
-    }
-}
-
-/// Writes `text` to `path` through a temporary file and a rename, so that a crash never
-/// leaves half a file.
-pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), SandboxError> {
-    let io = |source| SandboxError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = PathBuf::from(temp);
-    std::fs::write(&temp, text).map_err(io)?;
-    std::fs::rename(&temp, path).map_err(io)
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use contactsync_poppulo::sandbox::{
+use contactsync_sandbox_poppulo::{
     Faults, ImportStatus, PoppuloSandbox, RemovedBy, RunningPoppulo, SandboxConfig, Subscriber,
-    SubscriberStatus,
+    SubscriberStatus, WireFaults,
 };
 use reqwest::StatusCode;
 
@@ -608,10 +608,10 @@ async fn a_second_import_waits_for_the_first() {
 #[tokio::test]
 async fn throttling_answers_503_with_retry_after() {
     let sandbox = start(fast()).await;
-    sandbox.set_faults(Faults {
+    sandbox.set_wire_faults(WireFaults {
         throttle_every: 3,
         retry_after_secs: 7,
-        ..Faults::default()
+        ..WireFaults::default()
     });
     let api = Api::new(&sandbox);
     let url = format!("{}/subscribers", api.account_url);
@@ -827,10 +827,10 @@ async fn single_subscribers_with_etags() {
 async fn dropped_connections_get_no_answer() {
     let sandbox = start(fast()).await;
     let api = Api::new(&sandbox);
-    sandbox.set_faults(Faults {
+    sandbox.set_wire_faults(WireFaults {
         drop_nth: Some(2),
         drop_after_handling: true,
-        ..Faults::default()
+        ..WireFaults::default()
     });
     let url = format!("{}/subscribers", api.account_url);
     assert_eq!(api.get(&url).await.status(), StatusCode::OK);
@@ -930,7 +930,7 @@ async fn the_registry_starts_it_with_the_connector_settings() {
         .send()
         .await
         .expect("send");
-    assert_eq!(faults.status(), StatusCode::OK);
+    assert_eq!(faults.status(), StatusCode::NO_CONTENT);
     let throttled = http
         .get(&url)
         .basic_auth("api", Some("s3cret"))
@@ -956,10 +956,10 @@ async fn the_registry_starts_it_with_the_connector_settings() {
 async fn delays_and_drops_before_handling() {
     let sandbox = start(fast()).await;
     let api = Api::new(&sandbox);
-    sandbox.set_faults(Faults {
+    sandbox.set_wire_faults(WireFaults {
         delay_ms: 200,
         drop_nth: Some(1),
-        ..Faults::default()
+        ..WireFaults::default()
     });
     let lost = api
         .http
