@@ -14,7 +14,7 @@ use contactsync_businesscatalyst::soap::ContactRecord;
 use contactsync_businesscatalyst::BcConfig;
 use contactsync_core::{ConnectorSettings, SecretString};
 use contactsync_sandbox_businesscatalyst::{
-    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
+    Faults, Sandbox, SandboxConfig, SandboxContact, SoapCall,
 };
 
 const PASSWORD: &str = "bc-Pw-9931";
@@ -127,7 +127,7 @@ async fn sync(s: &Scenario, from: &str, to: &str, extra: &[&str]) -> (Run, serde
     .expect("sync task")
 }
 
-fn calls<'a>(log: &'a [LoggedRequest], operation: &str) -> Vec<&'a LoggedRequest> {
+fn calls<'a>(log: &'a [SoapCall], operation: &str) -> Vec<&'a SoapCall> {
     log.iter().filter(|r| r.operation == operation).collect()
 }
 
@@ -435,7 +435,6 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     let sandbox = sandbox().await;
     sandbox.set_faults(Faults {
         fault_on_emails: vec!["person7@example.com".into()],
-        ..Faults::default()
     });
     let s = scenario(&sandbox);
     s.write("people.csv", &people(20, |_| "Ann".into()));

@@ -9,7 +9,7 @@ use contactsync_core::{
     Outcome, Sink, SyncedEntry,
 };
 use contactsync_sandbox_actito::{
-    ActitoSandbox, Attribute, Faults, ProfileInput, RunningActito, SandboxConfig, TableDef,
+    ActitoSandbox, Attribute, ProfileInput, RunningActito, SandboxConfig, TableDef, WireFaults,
 };
 use contactsync_testkit::{sample_contacts, source_conformance, MemoryStore, SinkConformance};
 
@@ -342,9 +342,9 @@ async fn throttling_429s_are_survived() {
     // Concurrency: the sandbox takes 2 in flight, the sink sends 5.
     let sb = sandbox(SandboxConfig {
         max_concurrent: 2,
-        faults: Faults {
+        wire_faults: WireFaults {
             delay_ms: 60,
-            ..Faults::default()
+            ..WireFaults::default()
         },
         ..SandboxConfig::default()
     })
@@ -363,9 +363,9 @@ async fn throttling_429s_are_survived() {
 
     // Injected: every 3rd request.
     let sb = sandbox(SandboxConfig::default()).await;
-    sb.set_faults(Faults {
-        too_many_every: 3,
-        ..Faults::default()
+    sb.set_wire_faults(WireFaults {
+        throttle_every: 3,
+        ..WireFaults::default()
     });
     let mut store = MemoryStore::new();
     let outcomes = run(

@@ -7,7 +7,7 @@ use contactsync_core::{
     Field, KeyRule, Origin, Outcome, ReadMode, SandboxOptions, Sink, Source, SyncedEntry,
 };
 use contactsync_sandbox_businesscatalyst::{
-    Faults, LoggedRequest, Sandbox, SandboxConfig, SandboxContact,
+    Faults, Injected, Sandbox, SandboxConfig, SandboxContact, SoapCall, WireFaults,
 };
 use contactsync_testkit::{read_all, source_conformance, MemoryStore, SinkConformance};
 
@@ -76,7 +76,7 @@ fn batch(changes: Vec<Change>) -> ChangeBatch {
     }
 }
 
-fn calls<'a>(log: &'a [LoggedRequest], op: &'a str) -> Vec<&'a LoggedRequest> {
+fn calls<'a>(log: &'a [SoapCall], op: &'a str) -> Vec<&'a SoapCall> {
     log.iter().filter(|r| r.operation == op).collect()
 }
 
@@ -284,7 +284,6 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     let sb = sandbox().await;
     sb.set_faults(Faults {
         fault_on_emails: vec!["bad@example.com".into()],
-        ..Faults::default()
     });
     let mut snk = sink_of(&sb, "");
     let mut store = MemoryStore::new();
@@ -358,33 +357,29 @@ async fn authentication_faults_are_clear_errors() {
 async fn transport_failures_are_retried() {
     let sb = sandbox().await;
     sb.seed((1..=250).map(person).collect());
-    sb.set_faults(Faults {
-        http_500_every: 2,
-        ..Faults::default()
+    sb.set_wire_faults(WireFaults {
+        fail_every: 2,
+        ..WireFaults::default()
     });
     let read = read_all(source_of(&sb, "").as_ref(), ReadMode::Full)
         .await
         .unwrap();
     assert_eq!(read.records.len(), 250);
-    sb.set_faults(Faults {
+    sb.set_wire_faults(WireFaults {
         drop_every: 2,
-        ..Faults::default()
+        ..WireFaults::default()
     });
     let read = read_all(source_of(&sb, "").as_ref(), ReadMode::Full)
         .await
         .unwrap();
     assert_eq!(read.records.len(), 250);
     let log = sb.requests();
-    assert!(log
-        .iter()
-        .any(|r| r.injected.as_deref() == Some("http 500 without fault")));
-    assert!(log
-        .iter()
-        .any(|r| r.injected.as_deref() == Some("dropped connection")));
+    assert!(log.iter().any(|r| r.injected == Some(Injected::Failed)));
+    assert!(log.iter().any(|r| r.injected == Some(Injected::Dropped)));
     // Always failing: the read fails (bounded), it does not end short.
-    sb.set_faults(Faults {
-        http_500_every: 1,
-        ..Faults::default()
+    sb.set_wire_faults(WireFaults {
+        fail_every: 1,
+        ..WireFaults::default()
     });
     let err = read_all(source_of(&sb, "max_attempts = 2").as_ref(), ReadMode::Full)
         .await

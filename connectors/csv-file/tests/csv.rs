@@ -403,13 +403,12 @@ async fn reads_a_million_rows() {
         .unwrap();
     }
     drop(file);
-    let started = std::time::Instant::now();
     let source = source(dir.path(), "path = \"big.csv\"");
     let mut stream = source.read(ReadMode::Full).await.unwrap();
     let mut n = 0;
     while stream.next().await.unwrap().is_some() {
         n += 1;
     }
+    // Speed is `cargo xtask bench`'s to measure; this asserts every row arrives.
     assert_eq!(n, 1_000_000);
-    eprintln!("1M rows read in {:?}", started.elapsed());
 }

@@ -201,7 +201,7 @@ impl<P: Platform> Drop for Running<P> {
 /// The admin endpoints every sandbox has, needing no auth:
 /// - `GET /_sandbox/faults`: the [`WireFaults`] and the platform's faults, one object;
 ///   `POST` replaces both from one object (missing keys: defaults; an unknown key: 400
-///   naming it).
+///   naming it) and answers the faults now set.
 /// - `GET /_sandbox/requests`: the [`LoggedRequest`]s; `DELETE` forgets them.
 /// - `POST /_sandbox/reset`: no records, no faults, no log.
 pub fn admin_routes<P: Platform, S: Clone + Send + Sync + 'static>(platform: Arc<P>) -> Router<S> {
@@ -239,11 +239,13 @@ fn bad_request(message: String) -> Response {
         .into_response()
 }
 
+/// Takes the body as JSON whatever its `Content-Type` says (liberal in what it accepts:
+/// this is a test tool).
 async fn post_faults<P: Platform>(
     State(platform): State<Arc<P>>,
-    Json(body): Json<Value>,
+    body: axum::body::Bytes,
 ) -> Response {
-    let Value::Object(mut rest) = body else {
+    let Ok(Value::Object(mut rest)) = serde_json::from_slice::<Value>(&body) else {
         return bad_request("faults must be a JSON object".into());
     };
     let mut wire = Map::new();
@@ -262,7 +264,7 @@ async fn post_faults<P: Platform>(
     };
     platform.wire().set_faults(wire);
     platform.set_faults(own);
-    StatusCode::NO_CONTENT.into_response()
+    get_faults(State(platform)).await.into_response()
 }
 
 async fn get_requests<P: Platform>(State(platform): State<Arc<P>>) -> Json<Vec<LoggedRequest>> {

@@ -1,19 +1,14 @@
-//! Failures on demand, and what the sandbox saw: so that tests can provoke throttling,
-//! server errors, slow answers and expired tokens, and then check what the client did.
+//! Actito's own faults, and what the sandbox saw: so that tests can expire tokens and
+//! then check what the client did. Throttling, server errors, slow answers and lost
+//! answers are the kit's wire faults, set through the same `/_sandbox/faults` object.
 
 use serde::{Deserialize, Serialize};
 
-/// Failures to inject (`POST /_sandbox/faults` takes the same JSON). Request numbers
-/// count API requests (not `/_sandbox/…`) from when the faults were set.
+/// Actito faults to inject (`POST /_sandbox/faults` takes the same JSON, together with
+/// the wire faults).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
-    /// Answer 429 to every Nth request (0: never).
-    pub too_many_every: u64,
-    /// Answer 500 to every Nth request (0: never).
-    pub error_every: u64,
-    /// Hold every request this many milliseconds (while it counts as in flight).
-    pub delay_ms: u64,
     /// Expire every token issued so far, once, when set.
     pub expire_tokens_now: bool,
 }
@@ -39,15 +34,4 @@ pub struct Stats {
     pub unauthorized: u64,
     /// Most requests in flight at once.
     pub max_in_flight: u64,
-}
-
-/// One request, as logged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoggedRequest {
-    /// The method.
-    pub method: String,
-    /// The path (percent-decoding not applied; no query string).
-    pub path: String,
-    /// The answer's status.
-    pub status: u16,
 }

@@ -34,20 +34,19 @@ mod model;
 mod routes;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use contactsync_core::registry::{RunningSandbox, SandboxFactory, SandboxOptions, SandboxStart};
-use contactsync_core::{
-    CancellationToken, ConfigError, ConnectorError, ExposeSecret, SecretString,
-};
+use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
+use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
+use contactsync_sandbox_kit::{Answers, Platform, Running, Wire};
 use serde::Deserialize;
-use tokio::task::JoinHandle;
 
-pub use faults::{Faults, LoggedRequest, Stats};
+pub use contactsync_sandbox_kit::{LoggedRequest, SandboxError, WireFaults};
+pub use faults::{Faults, Stats};
 pub use model::{
     Attribute, Import, ImportMode, ImportStatus, Profile, ProfileInput, Segmentation, TableDef,
     ValueRestriction,
@@ -61,53 +60,6 @@ pub const DEFAULT_API_KEY: &str = "sandbox-key";
 pub const DEFAULT_ENTITY: &str = "demo";
 /// Default profile table name.
 pub const DEFAULT_TABLE: &str = "contacts";
-
-/// Why the sandbox could not start, load or save.
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The data file is not the sandbox's JSON.
-    #[error("{}: not an Actito sandbox data file: {message}", path.display())]
-    Data {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// The port could not be bound.
-    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
-    Bind {
-        /// The port asked for.
-        port: u16,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A seeded profile is not acceptable, or its table unknown.
-    #[error("cannot seed a profile: {0}")]
-    Seed(String),
-    /// The connector settings are not usable.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-}
-
-impl From<SandboxError> for ConnectorError {
-    fn from(error: SandboxError) -> Self {
-        match error {
-            SandboxError::Io { path, source } => ConnectorError::Io { path, source },
-            SandboxError::Config(e) => ConnectorError::Config(e),
-            other => ConnectorError::Other(other.to_string()),
-        }
-    }
-}
 
 /// How to run the sandbox.
 #[derive(Clone)]
@@ -133,8 +85,10 @@ pub struct SandboxConfig {
     /// How long the worker spends on each import before processing its rows, so
     /// that tests can see it WAITING or RUNNING.
     pub import_delay: Duration,
-    /// Faults from the start.
+    /// Platform faults from the start.
     pub faults: Faults,
+    /// Wire faults (throttling, server errors, delays, lost answers) from the start.
+    pub wire_faults: WireFaults,
 }
 
 impl std::fmt::Debug for SandboxConfig {
@@ -167,6 +121,7 @@ impl Default for SandboxConfig {
             max_zip_bytes: 100 * 1024 * 1024,
             import_delay: Duration::from_millis(50),
             faults: Faults::default(),
+            wire_faults: WireFaults::default(),
         }
     }
 }
@@ -176,10 +131,7 @@ impl Default for SandboxConfig {
 pub(crate) struct State {
     pub store: Store,
     pub tokens: HashMap<String, Instant>,
-    pub faults: Faults,
-    pub fault_counter: u64,
     pub stats: Stats,
-    pub log: Vec<LoggedRequest>,
 }
 
 /// What the handlers and the import worker share.
@@ -188,6 +140,7 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub in_flight: AtomicU64,
     pub queue: tokio::sync::mpsc::UnboundedSender<u64>,
+    pub wire: Arc<Wire>,
     pub shutdown: CancellationToken,
     save_lock: Mutex<()>,
 }
@@ -204,8 +157,8 @@ impl Shared {
             return Ok(());
         };
         let _one_writer = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let store = self.lock().store.clone();
-        store.save(path)
+        let json = contactsync_sandbox_kit::data::encode(Self::NAME, path, &self.lock().store)?;
+        contactsync_sandbox_kit::data::write(path, &json)
     }
 
     /// Saves, logging a failure.
@@ -215,21 +168,63 @@ impl Shared {
         }
     }
 
-    pub fn set_faults(&self, faults: Faults) {
-        let mut state = self.lock();
+    /// The counters so far, with the wire's count of requests.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.lock().stats.clone();
+        stats.requests = self.wire.counts().requests;
+        stats
+    }
+}
+
+impl Platform for Shared {
+    const NAME: &'static str = "Actito";
+    type Faults = Faults;
+
+    fn wire(&self) -> &Wire {
+        &self.wire
+    }
+
+    /// Expiring tokens is done at once, so the fault never stays set.
+    fn faults(&self) -> Faults {
+        Faults::default()
+    }
+
+    fn set_faults(&self, faults: Faults) {
         if faults.expire_tokens_now {
             let now = Instant::now();
-            for expiry in state.tokens.values_mut() {
+            for expiry in self.lock().tokens.values_mut() {
                 *expiry = now;
             }
         }
-        state.fault_counter = 0;
-        state.faults = Faults {
-            expire_tokens_now: false,
-            ..faults
-        };
+    }
+
+    fn reset(&self) {
+        let mut state = self.lock();
+        state.store = Store::new(&self.config.tables);
+        state.tokens.clear();
+        state.stats = Stats::default();
+    }
+
+    fn save(&self) -> Result<(), SandboxError> {
+        Shared::save(self)
     }
 }
+
+/// How Actito words a throttled answer and a server error.
+const ANSWERS: Answers = Answers {
+    throttled: || {
+        routes::error(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too many requests (injected)",
+        )
+    },
+    failed: || {
+        routes::error(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error (injected)",
+        )
+    },
+};
 
 /// Starts Actito sandboxes.
 #[derive(Debug)]
@@ -244,17 +239,6 @@ impl ActitoSandbox {
             None => None,
         }
         .unwrap_or_else(|| Store::new(&config.tables));
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, config.port))
-            .await
-            .map_err(|source| SandboxError::Bind {
-                port: config.port,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
-            port: config.port,
-            source,
-        })?;
-        let shutdown = CancellationToken::new();
         let (queue, receiver) = tokio::sync::mpsc::unbounded_channel();
         let unfinished: Vec<u64> = store
             .imports
@@ -263,95 +247,68 @@ impl ActitoSandbox {
             .map(|i| i.id)
             .collect();
         let faults = config.faults.clone();
+        let port = config.port;
         let shared = Arc::new(Shared {
+            wire: Arc::new(Wire::new(ANSWERS, config.wire_faults.clone())),
             config,
             state: Mutex::new(State {
                 store,
                 tokens: HashMap::new(),
-                faults: Faults::default(),
-                fault_counter: 0,
                 stats: Stats::default(),
-                log: Vec::new(),
             }),
             in_flight: AtomicU64::new(0),
             queue,
-            shutdown: shutdown.clone(),
+            shutdown: CancellationToken::new(),
             save_lock: Mutex::new(()),
         });
-        shared.set_faults(faults);
+        Platform::set_faults(&*shared, faults);
         for id in unfinished {
             // The receiver is alive: the worker is spawned just below.
             let _ = shared.queue.send(id);
         }
         tokio::spawn(import::worker(shared.clone(), receiver));
         let router = routes::router(shared.clone());
-        let stop = shutdown.clone();
-        let saver = shared.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!("Actito sandbox server ended: {e}");
-            }
-            saver.save_logged();
-        });
-        let base_url = format!("http://{addr}");
-        tracing::info!(
-            entity = %shared.config.entity,
-            "Actito sandbox on {base_url} — not the real Actito"
-        );
-        Ok(RunningActito {
-            shared,
-            addr,
-            base_url,
-            task: Some(task),
-            stop_on_drop: true,
-        })
+        let shutdown = shared.shutdown.clone();
+        let running =
+            contactsync_sandbox_kit::start(shared.clone(), shutdown, port, "", router).await?;
+        Ok(RunningActito { running })
     }
 }
 
 /// A running sandbox. Dropping it stops the server.
+#[derive(Debug)]
 pub struct RunningActito {
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    base_url: String,
-    task: Option<JoinHandle<()>>,
-    stop_on_drop: bool,
-}
-
-impl std::fmt::Debug for RunningActito {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningActito")
-            .field("base_url", &self.base_url)
-            .finish()
-    }
+    running: Running<Shared>,
 }
 
 impl RunningActito {
     /// The API base, `http://127.0.0.1:PORT` (`/auth/token`, `/v4/…` follow it).
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        self.running.base_url()
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.running.addr()
+    }
+
+    fn shared(&self) -> &Shared {
+        self.running.platform()
     }
 
     /// The API key it accepts.
     pub fn api_key(&self) -> &str {
-        &self.shared.config.api_key
+        &self.shared().config.api_key
     }
 
     /// The entity's name.
     pub fn entity(&self) -> &str {
-        &self.shared.config.entity
+        &self.shared().config.entity
     }
 
     /// The first table's name.
     pub fn table(&self) -> String {
-        self.shared
+        self.shared()
             .lock()
             .store
             .tables
@@ -361,37 +318,41 @@ impl RunningActito {
             .unwrap_or_default()
     }
 
-    /// Replaces the faults (request numbers count from now); `expire_tokens_now`
-    /// expires every token issued so far.
+    /// Applies platform faults (expiring tokens).
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.set_faults(faults);
+        Platform::set_faults(self.shared(), faults);
     }
 
-    /// Expires every token issued so far: the next call with one gets 401.
+    /// Expires every token issued so far.
     pub fn expire_tokens(&self) {
-        let mut faults = self.faults();
-        faults.expire_tokens_now = true;
-        self.shared.set_faults(faults);
+        self.set_faults(Faults {
+            expire_tokens_now: true,
+        });
     }
 
-    /// The current faults.
-    pub fn faults(&self) -> Faults {
-        self.shared.lock().faults.clone()
+    /// Replaces the wire faults (429s, 500s, delays, lost answers); call numbers count
+    /// from now.
+    pub fn set_wire_faults(&self, faults: WireFaults) {
+        self.running.wire().set_faults(faults);
+    }
+
+    /// The current wire faults.
+    pub fn wire_faults(&self) -> WireFaults {
+        self.running.wire().faults()
     }
 
     /// The counters so far.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats.clone()
+        self.shared().stats()
     }
 
-    /// Every API request so far (the last 10,000).
+    /// Every API request logged, oldest first.
     pub fn requests(&self) -> Vec<LoggedRequest> {
-        self.shared.lock().log.clone()
+        self.running.wire().requests()
     }
 
-    /// A snapshot of `table`'s profiles, in id order.
     pub fn profiles(&self, table: &str) -> Vec<Profile> {
-        self.shared
+        self.shared()
             .lock()
             .store
             .tables
@@ -409,13 +370,19 @@ impl RunningActito {
 
     /// A snapshot of every import, oldest first.
     pub fn imports(&self) -> Vec<Import> {
-        self.shared.lock().store.imports.values().cloned().collect()
+        self.shared()
+            .lock()
+            .store
+            .imports
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Sets how many bulk imports `table` has had today (UTC), to test the quota.
     pub fn set_bulk_count_today(&self, table: &str, count: u32) {
         let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
-        if let Some(t) = self.shared.lock().store.tables.get_mut(table) {
+        if let Some(t) = self.shared().lock().store.tables.get_mut(table) {
             t.bulk_days.insert(day, count);
         }
     }
@@ -425,7 +392,7 @@ impl RunningActito {
     pub fn seed_profile(&self, table: &str, input: &ProfileInput) -> Result<u64, SandboxError> {
         let now = import::now();
         let id = {
-            let mut state = self.shared.lock();
+            let mut state = self.shared().lock();
             let store = &mut state.store;
             let mut next = store.next_profile_id;
             let t = store
@@ -438,35 +405,21 @@ impl RunningActito {
             store.next_profile_id = next;
             id
         };
-        self.shared.save()?;
+        self.shared().save()?;
         Ok(id)
     }
 
     /// Saves the data file now.
     pub fn save(&self) -> Result<(), SandboxError> {
-        self.shared.save()
+        self.shared().save()
     }
 
     /// Stops serving, waits for the server to end and saves the data file.
-    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
-        self.shared.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        self.shared.save()
+    pub async fn shutdown(self) -> Result<(), SandboxError> {
+        self.running.shutdown().await
     }
 }
 
-impl Drop for RunningActito {
-    fn drop(&mut self) {
-        if self.stop_on_drop {
-            self.shared.shutdown.cancel();
-        }
-    }
-}
-
-/// The part of the Actito connector's settings the sandbox reads (the other keys are
-/// the client's, and allowed).
 #[derive(Debug, Deserialize)]
 struct ConnectorSection {
     api_key: Option<SecretString>,
@@ -504,12 +457,7 @@ fn config_from(options: &SandboxOptions) -> Result<SandboxConfig, SandboxError> 
 pub fn start(options: SandboxOptions) -> SandboxStart {
     Box::pin(async move {
         let config = config_from(&options)?;
-        let mut running = ActitoSandbox::start(config).await?;
-        let shutdown = running.shared.shutdown.clone();
-        let base_url = running.base_url.clone();
-        running.task.take();
-        running.stop_on_drop = false;
-        Ok(RunningSandbox::new(base_url, shutdown))
+        Ok(ActitoSandbox::start(config).await?.running.detach())
     })
 }
 

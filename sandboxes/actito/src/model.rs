@@ -555,44 +555,15 @@ impl Store {
         }
     }
 
-    /// Loads `path`, or `None` when it does not exist.
+    /// Loads a store saved by the sandbox; `None` when there is no file yet.
     pub fn load(path: &Path) -> Result<Option<Self>, SandboxError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(SandboxError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
+        let store = contactsync_sandbox_kit::data::load::<Self>("Actito", path)?;
+        Ok(store.map(|mut store| {
+            for table in store.tables.values_mut() {
+                table.reindex();
             }
-        };
-        serde_json::from_str::<Self>(&text)
-            .map(|mut store| {
-                for table in store.tables.values_mut() {
-                    table.reindex();
-                }
-                Some(store)
-            })
-            .map_err(|e| SandboxError::Data {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })
-    }
-
-    /// Writes `path` atomically (a temporary file renamed over it).
-    pub fn save(&self, path: &Path) -> Result<(), SandboxError> {
-        let io = |source| SandboxError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let json = serde_json::to_vec_pretty(self).map_err(|e| SandboxError::Data {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+            store
+        }))
     }
 }
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -16,19 +16,18 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::faults::{Faults, LoggedRequest};
+use axum::middleware::from_fn_with_state;
+use contactsync_sandbox_kit::{inject_faults, log_calls};
+
 use super::import;
 use super::model::{ProfileInput, Segmentation};
 use super::Shared;
 
 type S = State<Arc<Shared>>;
-
-/// The most entries the request log keeps.
-const LOG_LIMIT: usize = 10_000;
 
 /// An error answer: `{"status":n,"message":"…"}`.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -69,11 +68,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v4/entity/{e}/import/{id}/result-file",
             get(import::result_file),
         )
-        .route("/_sandbox/faults", post(set_faults).get(get_faults))
+        // Injected faults inside the gate: a delayed request counts as in flight.
+        .layer(from_fn_with_state(shared.wire.clone(), inject_faults))
+        .layer(from_fn_with_state(shared.clone(), gate))
+        .layer(from_fn_with_state(shared.wire.clone(), log_calls))
         .route("/_sandbox/stats", get(stats))
-        .route("/_sandbox/requests", delete(clear_log).get(log))
+        .merge(contactsync_sandbox_kit::admin_routes(shared.clone()))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource") })
-        .layer(axum::middleware::from_fn_with_state(shared.clone(), gate))
         .with_state(shared)
 }
 
@@ -104,54 +105,25 @@ fn accepts(headers: &HeaderMap, wanted: &[&str]) -> bool {
     })
 }
 
-/// Faults, concurrency limit, delay, token and `Accept` checks, and the log.
+/// The concurrency limit, token and `Accept` checks, and the 429/401 counters.
 async fn gate(State(shared): S, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
     if path.starts_with("/_sandbox") {
         return next.run(request).await;
     }
-    let method = request.method().to_string();
     let response = gated(&shared, &path, request, next).await;
     let status = response.status().as_u16();
     let mut state = shared.lock();
-    state.stats.requests += 1;
     if status == 429 {
         state.stats.too_many_requests += 1;
     }
     if status == 401 {
         state.stats.unauthorized += 1;
     }
-    if state.log.len() >= LOG_LIMIT {
-        state.log.remove(0);
-    }
-    state.log.push(LoggedRequest {
-        method,
-        path,
-        status,
-    });
     response
 }
 
 async fn gated(shared: &Shared, path: &str, request: Request, next: Next) -> Response {
-    let faults: Faults = {
-        let mut state = shared.lock();
-        state.fault_counter += 1;
-        let n = state.fault_counter;
-        let f = state.faults.clone();
-        if f.too_many_every > 0 && n.is_multiple_of(f.too_many_every) {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many requests (injected)",
-            );
-        }
-        if f.error_every > 0 && n.is_multiple_of(f.error_every) {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error (injected)",
-            );
-        }
-        f
-    };
     let now_in_flight = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = InFlight(shared);
     {
@@ -166,9 +138,6 @@ async fn gated(shared: &Shared, path: &str, request: Request, next: Next) -> Res
                 shared.config.max_concurrent
             ),
         );
-    }
-    if faults.delay_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
     }
     if path != "/auth/token" {
         let token = request
@@ -582,30 +551,6 @@ fn set_subscription(
     }
 }
 
-async fn set_faults(State(shared): S, body: Bytes) -> Response {
-    match serde_json::from_slice::<Faults>(&body) {
-        Ok(f) => {
-            shared.set_faults(f);
-            Json(serde_json::to_value(shared.lock().faults.clone()).unwrap_or(Value::Null))
-                .into_response()
-        }
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("not a faults object: {e}")),
-    }
-}
-
-async fn get_faults(State(shared): S) -> Response {
-    Json(serde_json::to_value(shared.lock().faults.clone()).unwrap_or(Value::Null)).into_response()
-}
-
-async fn stats(State(shared): S) -> Response {
-    Json(serde_json::to_value(shared.lock().stats.clone()).unwrap_or(Value::Null)).into_response()
-}
-
-async fn log(State(shared): S) -> Response {
-    Json(serde_json::to_value(shared.lock().log.clone()).unwrap_or(Value::Null)).into_response()
-}
-
-async fn clear_log(State(shared): S) -> Response {
-    shared.lock().log.clear();
-    StatusCode::NO_CONTENT.into_response()
+async fn stats(State(shared): S) -> Json<super::Stats> {
+    Json(shared.stats())
 }

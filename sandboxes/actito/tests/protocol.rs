@@ -295,7 +295,7 @@ async fn faults_stats_persistence_and_registry() {
     let t = token(&http, &sb).await;
     let r = http
         .post(format!("{}/_sandbox/faults", sb.base_url()))
-        .body(r#"{"error_every": 1}"#)
+        .body(r#"{"fail_every": 1}"#)
         .send()
         .await
         .expect("s");

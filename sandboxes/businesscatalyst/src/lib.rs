@@ -20,7 +20,7 @@
 //!   with neither, always added. A matched soft-deleted contact is revived. Absent
 //!   elements keep their stored value, empty ones clear it; phones and addresses merge
 //!   by type (an empty number/address removes that type). Out-of-order elements are
-//!   ignored as XmlSerializer does, and listed in [`LoggedRequest::ignored_elements`].
+//!   ignored as XmlSerializer does, and listed in [`SoapCall::ignored_elements`].
 //! - `ContactList_Retrieve`: `lastUpdateDate >= given`, ordered by last update then
 //!   entity id, 100 per page, deleted ones with `deleted=true`.
 //! - Deletes are soft: the contact is marked deleted and its `lastUpdateDate` bumped.
@@ -29,24 +29,27 @@
 //! - Dates are the site's local time without zone (the sandbox's [`SandboxConfig::time_zone`]),
 //!   with milliseconds when they are not zero, from a clock tests can fix and advance.
 //!
-//! Admin endpoints: `POST`/`GET /_sandbox/faults` ([`Faults`] as JSON),
-//! `GET`/`DELETE /_sandbox/requests` ([`LoggedRequest`]s), `GET /_sandbox/contacts`,
-//! `POST /_sandbox/clock` (`{"utc": "…"}`, `{"advance_secs": 60}` or `{"system": true}`).
+//! Admin endpoints: the kit's `POST`/`GET /_sandbox/faults` ([`Faults`] and the
+//! [`WireFaults`] as one JSON object), `GET`/`DELETE /_sandbox/requests` (the kit's log;
+//! each entry's `detail` is a [`SoapCall`]) and `POST /_sandbox/reset`; and its own
+//! `GET /_sandbox/contacts`, `POST /_sandbox/clock` (`{"utc": "…"}`,
+//! `{"advance_secs": 60}` or `{"system": true}`).
 
 mod model;
 mod server;
 mod xml;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use contactsync_core::registry::SandboxStart;
-use contactsync_core::{ConnectorError, RunningSandbox, SandboxOptions, SecretString};
+use contactsync_core::{CancellationToken, ConnectorError, SandboxOptions, SecretString};
+use contactsync_sandbox_kit::{Running, Wire};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
+
+pub use contactsync_sandbox_kit::{Injected, SandboxError, WireFaults};
 
 pub use model::{
     SandboxAddress, SandboxContact, SandboxCrmField, SandboxCrmForm, SandboxPhone, MAX_BATCH,
@@ -56,24 +59,20 @@ pub use xml::SoapVersion;
 
 use server::{Clock, Credentials, Inner, Shared};
 
-/// Faults the sandbox injects, settable through [`Sandbox::set_faults`] or
-/// `POST /_sandbox/faults`. Counters count every call to the SOAP endpoint, from 1.
+/// Business Catalyst faults, settable through [`Sandbox::set_faults`] or
+/// `POST /_sandbox/faults` (in one object with the kit's [`WireFaults`]: a server error
+/// is HTTP 500 with a plain body and no SOAP Fault; a drop closes the connection).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
-    /// Every Nth call answers HTTP 500 with a plain body and no SOAP Fault (0: never).
-    pub http_500_every: u32,
-    /// Every Nth call drops the connection after the headers (0: never).
-    pub drop_every: u32,
-    /// Every call waits this long before being processed.
-    pub delay_ms: u64,
     /// A `ContactList_UpdateInsert` holding a record with one of these emails faults.
     pub fault_on_emails: Vec<String>,
 }
 
-/// One call to the SOAP endpoint, as the sandbox saw it.
+/// One call to the SOAP endpoint, as the sandbox saw it (the kit's log entry, with the
+/// SOAP details the handler added).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoggedRequest {
+pub struct SoapCall {
     /// The operation (`ContactList_Retrieve`), empty when unreadable.
     pub operation: String,
     /// The SOAP version spoken, when the content type said.
@@ -89,7 +88,7 @@ pub struct LoggedRequest {
     /// The fault text, when the call faulted.
     pub fault: Option<String>,
     /// The injected fault, when one was.
-    pub injected: Option<String>,
+    pub injected: Option<Injected>,
     /// `ContactRecord` elements ignored because unknown or out of order.
     pub ignored_elements: Vec<String>,
     /// Whether the call changed the store.
@@ -146,77 +145,27 @@ impl Default for SandboxConfig {
     }
 }
 
-/// Why the sandbox could not start or stop.
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    /// The port could not be bound.
-    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
-    Bind {
-        /// The port asked for.
-        port: u16,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The data file could not be read or written.
-    #[error("sandbox data file {}: {message}", path.display())]
-    DataFile {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
-    /// The server task failed.
-    #[error("sandbox server failed: {0}")]
-    Server(String),
-}
-
-/// A running sandbox. Dropping it without [`Sandbox::shutdown`] stops the server too.
+/// A running sandbox. Dropping it stops the server (best effort); call
+/// [`Sandbox::shutdown`] to wait for it and its final save.
+#[derive(Debug)]
 pub struct Sandbox {
-    base_url: String,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<Result<(), SandboxError>>>,
-    stop_on_drop: bool,
-}
-
-impl std::fmt::Debug for Sandbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox")
-            .field("base_url", &self.base_url)
-            .finish_non_exhaustive()
-    }
+    running: Running<Shared>,
 }
 
 impl Sandbox {
     /// Starts a sandbox on 127.0.0.1. Must be called inside a tokio runtime.
     pub async fn start(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         use contactsync_core::ExposeSecret;
-        let mut store = model::Store::default();
-        if let Some(path) = &config.data_file {
-            match std::fs::read(path) {
-                Ok(bytes) => {
-                    store = serde_json::from_slice(&bytes).map_err(|e| SandboxError::DataFile {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(SandboxError::DataFile {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })
-                }
-            }
+        let store = match &config.data_file {
+            Some(path) => contactsync_sandbox_kit::data::load("Business Catalyst", path)?,
+            None => None,
         }
+        .unwrap_or_default();
         let mut inner = Inner {
             store,
             clock: Clock::System,
             time_zone: config.time_zone,
             faults: Faults::default(),
-            calls: 0,
-            log: Vec::new(),
         };
         if !config.contacts.is_empty() {
             let now = inner.now_local();
@@ -234,105 +183,89 @@ impl Sandbox {
             },
             data_file: config.data_file.clone(),
             inner: Mutex::new(inner),
+            wire: Arc::new(Wire::new(server::ANSWERS, WireFaults::default())),
         });
-        let listener =
-            tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], config.port)))
-                .await
-                .map_err(|source| SandboxError::Bind {
-                    port: config.port,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
-            port: config.port,
-            source,
-        })?;
-        let base_url = format!("http://{addr}");
-        let shutdown = CancellationToken::new();
         let app = server::router(shared.clone());
-        let stop = shutdown.clone();
-        let saver = shared.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(|e| SandboxError::Server(e.to_string()))?;
-            let store = saver.lock().store.clone();
-            if let Some(path) = &saver.data_file {
-                server::save_store(path, &store).map_err(|e| SandboxError::DataFile {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            }
-            Ok(())
-        });
+        let running =
+            contactsync_sandbox_kit::start(shared, CancellationToken::new(), config.port, "", app)
+                .await?;
         tracing::info!(
-            %base_url,
             username = %config.username,
             site_id = config.site_id,
             time_zone = %config.time_zone,
             data_file = ?config.data_file,
-            "Business Catalyst sandbox listening (SOAP endpoint {base_url}{})",
+            "Business Catalyst SOAP endpoint {}{}",
+            running.base_url(),
             server::ENDPOINT_PATH
         );
-        Ok(Sandbox {
-            base_url,
-            shared,
-            shutdown,
-            task: Some(task),
-            stop_on_drop: true,
-        })
+        Ok(Sandbox { running })
     }
 
-    /// The site URL to put in the connector's `base_url` (`http://127.0.0.1:PORT`).
+    fn shared(&self) -> &Shared {
+        self.running.platform()
+    }
+
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        self.running.base_url()
     }
 
     /// The accepted username.
     pub fn username(&self) -> &str {
-        &self.shared.credentials.username
+        &self.shared().credentials.username
     }
 
     /// The accepted site id.
     pub fn site_id(&self) -> i64 {
-        self.shared.credentials.site_id
+        self.shared().credentials.site_id
     }
 
     /// Adds contacts as they are (ids and dates assigned when missing); returns their
     /// entity ids.
     pub fn seed(&self, contacts: Vec<SandboxContact>) -> Vec<i64> {
-        let mut inner = self.shared.lock();
+        let mut inner = self.shared().lock();
         let now = inner.now_local();
         let ids = inner.store.seed(contacts, now);
-        if let Err(e) = self.shared.save(&inner.store) {
-            tracing::error!(error = %e, "businesscatalyst sandbox: cannot save its data file");
-        }
+        drop(inner);
+        self.shared().save_logged();
         ids
     }
 
     /// Every stored contact, deleted ones included, by entity id.
     pub fn contacts(&self) -> Vec<SandboxContact> {
-        self.shared.lock().store.contacts.clone()
+        self.shared().lock().store.contacts.clone()
     }
 
     /// Every call to the SOAP endpoint so far, in order.
-    pub fn requests(&self) -> Vec<LoggedRequest> {
-        self.shared.lock().log.clone()
+    pub fn requests(&self) -> Vec<SoapCall> {
+        self.running
+            .wire()
+            .requests()
+            .into_iter()
+            .map(|logged| {
+                let mut call = logged
+                    .detail
+                    .and_then(|detail| serde_json::from_value::<SoapCall>(detail).ok())
+                    .unwrap_or_default();
+                call.status = logged.status;
+                call.injected = logged.injected;
+                call
+            })
+            .collect()
     }
 
     /// Forgets the request log.
     pub fn clear_requests(&self) {
-        self.shared.lock().log.clear();
+        self.running.wire().clear_requests();
     }
 
     /// Fixes the clock at `now` (UTC); writes are stamped with it, in the site's zone.
     pub fn set_clock(&self, now: DateTime<Utc>) {
-        self.shared.lock().clock = Clock::Fixed(now);
+        self.shared().lock().clock = Clock::Fixed(now);
     }
 
     /// Moves the clock forward (fixing it first if it followed the system clock).
     pub fn advance_clock(&self, by: chrono::Duration) {
-        let mut inner = self.shared.lock();
+        let mut inner = self.shared().lock();
         let base = match inner.clock {
             Clock::System => Utc::now(),
             Clock::Fixed(t) => t,
@@ -342,41 +275,38 @@ impl Sandbox {
 
     /// Follows the system clock again.
     pub fn use_system_clock(&self) {
-        self.shared.lock().clock = Clock::System;
+        self.shared().lock().clock = Clock::System;
     }
 
     /// Changes the site's time zone.
     pub fn set_time_zone(&self, tz: Tz) {
-        self.shared.lock().time_zone = tz;
+        self.shared().lock().time_zone = tz;
     }
 
     /// Sets the faults to inject (replacing the previous ones).
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.lock().faults = faults;
+        self.shared().lock().faults = faults;
+    }
+
+    /// Replaces the wire faults (HTTP 500s, dropped connections, delays); call numbers
+    /// count from now.
+    pub fn set_wire_faults(&self, faults: WireFaults) {
+        self.running.wire().set_faults(faults);
+    }
+
+    /// The current wire faults.
+    pub fn wire_faults(&self) -> WireFaults {
+        self.running.wire().faults()
     }
 
     /// The faults being injected.
     pub fn faults(&self) -> Faults {
-        self.shared.lock().faults.clone()
+        self.shared().lock().faults.clone()
     }
 
     /// Stops the server and saves the data file.
-    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
-        self.shutdown.cancel();
-        match self.task.take() {
-            Some(task) => task
-                .await
-                .map_err(|e| SandboxError::Server(e.to_string()))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if self.stop_on_drop {
-            self.shutdown.cancel();
-        }
+    pub async fn shutdown(self) -> Result<(), SandboxError> {
+        self.running.shutdown().await
     }
 }
 
@@ -431,16 +361,7 @@ fn config_from_options(options: &SandboxOptions) -> Result<SandboxConfig, Connec
 pub fn start(options: SandboxOptions) -> SandboxStart {
     Box::pin(async move {
         let config = config_from_options(&options)?;
-        let mut sandbox = Sandbox::start(config)
-            .await
-            .map_err(|e| ConnectorError::Other(e.to_string()))?;
-        let shutdown = sandbox.shutdown.clone();
-        let base_url = sandbox.base_url.clone();
-        // The server keeps running until `shutdown` is cancelled (or the guard dropped);
-        // its state lives on in the server task, which saves the data file as it stops.
-        sandbox.stop_on_drop = false;
-        drop(sandbox);
-        Ok(RunningSandbox::new(base_url, shutdown))
+        Ok(Sandbox::start(config).await?.running.detach())
     })
 }
 

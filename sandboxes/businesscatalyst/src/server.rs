@@ -5,11 +5,9 @@
 //! envelope namespace, operation namespace) so that a client that gets any of them
 //! wrong fails here and not first against a real site.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +22,10 @@ use super::model::{
     SandboxCrmForm, SandboxPhone, Store, MAX_BATCH,
 };
 use super::xml::{self, esc, SoapVersion, XmlNode, CRM_NS};
-use super::{Faults, LoggedRequest};
+use super::{Faults, SoapCall};
+use contactsync_sandbox_kit::{
+    inject_faults, log_calls, Answers, LogDetail, Platform, SandboxError, Wire,
+};
 
 /// The endpoint's path, compared case-insensitively.
 pub const ENDPOINT_PATH: &str = "/catalystwebservice/catalystcrmwebservice.asmx";
@@ -53,8 +54,6 @@ pub struct Inner {
     pub clock: Clock,
     pub time_zone: Tz,
     pub faults: Faults,
-    pub calls: u64,
-    pub log: Vec<LoggedRequest>,
 }
 
 impl Inner {
@@ -75,6 +74,7 @@ pub struct Shared {
     pub credentials: Credentials,
     pub data_file: Option<std::path::PathBuf>,
     pub inner: Mutex<Inner>,
+    pub wire: Arc<Wire>,
 }
 
 impl Shared {
@@ -86,56 +86,77 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Saves the store to `data_file` (write a sibling, then rename over: atomic).
-    pub fn save(&self, store: &Store) -> std::io::Result<()> {
+    /// Saves the store to `data_file`, atomically.
+    pub fn save(&self) -> Result<(), SandboxError> {
+        self.save_store(&self.lock().store)
+    }
+
+    /// Saves `store` (this sandbox's, under the lock the caller holds).
+    pub fn save_store(&self, store: &Store) -> Result<(), SandboxError> {
         let Some(path) = &self.data_file else {
             return Ok(());
         };
-        save_store(path, store)
+        let json = contactsync_sandbox_kit::data::encode(Self::NAME, path, store)?;
+        contactsync_sandbox_kit::data::write(path, &json)
+    }
+
+    /// Saves, logging a failure (for saves nobody waits for).
+    pub fn save_logged(&self) {
+        if let Err(e) = self.save() {
+            tracing::error!("Business Catalyst sandbox could not save its data: {e}");
+        }
     }
 }
 
-/// Writes `store` to `path` atomically.
-pub fn save_store(path: &Path, store: &Store) -> std::io::Result<()> {
-    let json = serde_json::to_vec_pretty(store).map_err(std::io::Error::other)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, path)
+impl Platform for Shared {
+    const NAME: &'static str = "Business Catalyst";
+    type Faults = Faults;
+
+    fn wire(&self) -> &Wire {
+        &self.wire
+    }
+
+    fn faults(&self) -> Faults {
+        self.lock().faults.clone()
+    }
+
+    fn set_faults(&self, faults: Faults) {
+        tracing::info!(?faults, "businesscatalyst sandbox: faults set");
+        self.lock().faults = faults;
+    }
+
+    fn reset(&self) {
+        self.lock().store = Store::default();
+    }
+
+    fn save(&self) -> Result<(), SandboxError> {
+        Shared::save(self)
+    }
 }
+
+/// How the service answers an injected throttle or server error: ASP.NET's plain
+/// 503 and 500 pages, without a SOAP Fault.
+pub const ANSWERS: Answers = Answers {
+    throttled: || plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
+    failed: || plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+};
 
 /// The router: admin endpoints, and everything else to the SOAP endpoint.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/_sandbox/faults", post(set_faults).get(get_faults))
-        .route(
-            "/_sandbox/requests",
-            get(get_requests).delete(clear_requests),
-        )
+        .fallback(soap_endpoint)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.wire.clone(),
+            inject_faults,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.wire.clone(),
+            log_calls,
+        ))
         .route("/_sandbox/contacts", get(get_contacts))
         .route("/_sandbox/clock", post(set_clock))
-        .fallback(soap_endpoint)
+        .merge(contactsync_sandbox_kit::admin_routes(shared.clone()))
         .with_state(shared)
-}
-
-async fn set_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> StatusCode {
-    tracing::info!(?faults, "businesscatalyst sandbox: faults set");
-    shared.lock().faults = faults;
-    StatusCode::NO_CONTENT
-}
-
-async fn get_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
-    Json(shared.lock().faults.clone())
-}
-
-async fn get_requests(State(shared): State<Arc<Shared>>) -> Json<Vec<LoggedRequest>> {
-    Json(shared.lock().log.clone())
-}
-
-async fn clear_requests(State(shared): State<Arc<Shared>>) -> StatusCode {
-    shared.lock().log.clear();
-    StatusCode::NO_CONTENT
 }
 
 async fn get_contacts(State(shared): State<Arc<Shared>>) -> Json<Vec<SandboxContact>> {
@@ -217,78 +238,23 @@ async fn soap_endpoint(
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only POST is served here");
     }
 
-    let (delay, injected) = {
-        let mut inner = shared.lock();
-        inner.calls += 1;
-        let n = inner.calls;
-        let every = |k: u32| k > 0 && n % u64::from(k) == 0;
-        let injected = if every(inner.faults.drop_every) {
-            Some("dropped")
-        } else if every(inner.faults.http_500_every) {
-            Some("http 500")
-        } else {
-            None
-        };
-        (inner.faults.delay_ms, injected)
-    };
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
-
-    let mut entry = LoggedRequest::default();
-    let response = match injected {
-        Some("dropped") => {
-            entry.operation = operation_hint(&body);
-            entry.injected = Some("dropped connection".into());
-            // Headers go out, then the body fails: the client sees the connection die.
-            let stream = futures::stream::once(async {
-                Err::<Bytes, std::io::Error>(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "sandbox: injected dropped connection",
-                ))
-            });
-            Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
-                .body(Body::from_stream(stream))
-                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-        }
-        Some(_) => {
-            entry.operation = operation_hint(&body);
-            entry.injected = Some("http 500 without fault".into());
-            entry.status = 500;
-            plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
-        }
-        None => handle_soap(&shared, &headers, &body, &mut entry),
-    };
+    let mut entry = SoapCall::default();
+    let mut response = handle_soap(&shared, &headers, &body, &mut entry);
     if entry.status == 0 {
         entry.status = response.status().as_u16();
     }
     tracing::debug!(operation = %entry.operation, status = entry.status, "businesscatalyst sandbox: request");
-    shared.lock().log.push(entry);
+    if let Ok(detail) = serde_json::to_value(&entry) {
+        response.extensions_mut().insert(LogDetail(detail));
+    }
     response
-}
-
-/// The operation named in a body, for the log of requests that were not processed.
-fn operation_hint(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    xml::parse_document(&text)
-        .ok()
-        .and_then(|root| {
-            root.children
-                .iter()
-                .find(|c| c.name == "Body")
-                .and_then(|b| b.children.first())
-                .map(|op| op.name.clone())
-        })
-        .unwrap_or_default()
 }
 
 fn handle_soap(
     shared: &Shared,
     headers: &HeaderMap,
     body: &[u8],
-    entry: &mut LoggedRequest,
+    entry: &mut SoapCall,
 ) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -338,7 +304,7 @@ fn process(
     headers: &HeaderMap,
     action_param: Option<String>,
     body: &[u8],
-    entry: &mut LoggedRequest,
+    entry: &mut SoapCall,
 ) -> Answer {
     let sender_fault = |text: String| Answer::Fault { sender: true, text };
     let Ok(text) = std::str::from_utf8(body) else {
@@ -396,7 +362,7 @@ fn process(
     let mut inner = shared.lock();
     let answer = dispatch(&mut inner, op, entry);
     if entry.wrote {
-        if let Err(e) = shared.save(&inner.store) {
+        if let Err(e) = shared.save_store(&inner.store) {
             tracing::error!(error = %e, "businesscatalyst sandbox: cannot save its data file");
             return error_fault(format!("storage failure: {e}"));
         }
@@ -429,7 +395,7 @@ fn authenticate(credentials: &Credentials, op: &XmlNode) -> Option<Answer> {
     None
 }
 
-fn dispatch(inner: &mut Inner, op: &XmlNode, entry: &mut LoggedRequest) -> Answer {
+fn dispatch(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCall) -> Answer {
     let name = op.name.as_str();
     match name {
         "ContactList_Retrieve" => retrieve_list(inner, op, entry),
@@ -522,7 +488,7 @@ fn format_date(date: Option<NaiveDateTime>) -> String {
     }
 }
 
-fn retrieve_list(inner: &mut Inner, op: &XmlNode, entry: &mut LoggedRequest) -> Answer {
+fn retrieve_list(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCall) -> Answer {
     let since = match op.crm_text("lastUpdateDate") {
         None | Some("") => None,
         Some(v) => match parse_date(v, inner.time_zone) {
@@ -550,7 +516,7 @@ fn retrieve_list(inner: &mut Inner, op: &XmlNode, entry: &mut LoggedRequest) -> 
     ))
 }
 
-fn update_insert(inner: &mut Inner, op: &XmlNode, entry: &mut LoggedRequest) -> Answer {
+fn update_insert(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCall) -> Answer {
     let records: Vec<&XmlNode> = op
         .crm_child("contactsList")
         .map(|list| list.crm_children("ContactRecord").collect())
