@@ -3,10 +3,13 @@
 //! - `cargo xtask test`: what CI runs. Formatting, clippy with warnings as errors, and
 //!   every unit, doc and end-to-end test of the workspace. Installs what the tests need
 //!   from Debian's packages when it is missing (OpenLDAP's `slapd` and `ldap-utils`).
+//! - `cargo xtask tidy`: the architecture's invariants (`tidy.rs`) as one report; the
+//!   same checks run as tests under `cargo xtask test`.
 //! - `cargo xtask bench [--sizes 100000,1000000]`: generates synthetic contacts, times
 //!   a first full sync and a nightly rerun, and prints records/s and peak memory.
 
 mod bench;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,8 +21,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("bench") => bench::run(&root()?, &args[1..]),
+        Some("tidy") => tidy::run(&root()?),
         _ => {
-            eprintln!("usage: cargo xtask test | cargo xtask bench [--sizes N,N]");
+            eprintln!(
+                "usage: cargo xtask test | cargo xtask tidy | cargo xtask bench [--sizes N,N]"
+            );
             std::process::exit(2);
         }
     }

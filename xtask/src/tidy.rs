@@ -1,0 +1,268 @@
+//! The architecture's invariants as tests, in the manner of rust-analyzer's
+//! `xtask/src/tidy.rs`: `cargo xtask test` runs them with every other test, and a change
+//! that breaks one fails CI with a sentence saying which rule and where.
+//!
+//! The crate graph comes from `cargo metadata`; the rules are the ones `ARCHITECTURE.md`
+//! names.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use cargo_metadata::{DependencyKind, Metadata, MetadataCommand, Package};
+
+/// The workspace's crates by where they live.
+#[derive(Debug)]
+pub struct Workspace {
+    root: PathBuf,
+    metadata: Metadata,
+}
+
+/// What a crate is, by the folder it lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `connectors/*`.
+    Connector,
+    /// `sandboxes/*`.
+    Sandbox,
+    /// `crates/*` other than the binary.
+    Library,
+    /// `crates/cli`.
+    Binary,
+    /// `xtask`.
+    Xtask,
+}
+
+impl Workspace {
+    /// Reads `cargo metadata` of the workspace at `root`.
+    pub fn load(root: &Path) -> Result<Self> {
+        let metadata = MetadataCommand::new()
+            .manifest_path(root.join("Cargo.toml"))
+            .no_deps()
+            .exec()
+            .context("running `cargo metadata`")?;
+        Ok(Workspace {
+            root: root.to_path_buf(),
+            metadata,
+        })
+    }
+
+    /// The workspace's own packages.
+    pub fn packages(&self) -> impl Iterator<Item = &Package> {
+        self.metadata
+            .packages
+            .iter()
+            .filter(|p| self.metadata.workspace_members.contains(&p.id))
+    }
+
+    /// What `package` is, from its folder.
+    pub fn role(&self, package: &Package) -> Role {
+        let dir = package
+            .manifest_path
+            .parent()
+            .map(|d| d.as_std_path().to_path_buf())
+            .unwrap_or_default();
+        let relative = dir.strip_prefix(&self.root).unwrap_or(&dir);
+        let first = relative
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match first.as_str() {
+            "connectors" => Role::Connector,
+            "sandboxes" => Role::Sandbox,
+            "xtask" => Role::Xtask,
+            _ if relative == Path::new("crates/cli") => Role::Binary,
+            _ => Role::Library,
+        }
+    }
+
+    /// The names of the workspace packages with this role.
+    pub fn named(&self, role: Role) -> BTreeSet<String> {
+        self.packages()
+            .filter(|p| self.role(p) == role)
+            .map(|p| p.name.to_string())
+            .collect()
+    }
+
+    /// Every rule the crate graph breaks, one sentence each.
+    pub fn dependency_violations(&self) -> Vec<String> {
+        let connectors = self.named(Role::Connector);
+        let sandboxes = self.named(Role::Sandbox);
+        let mut found = Vec::new();
+        for package in self.packages() {
+            let role = self.role(package);
+            for dep in &package.dependencies {
+                let name = dep.name.as_str();
+                let linked = dep.kind != DependencyKind::Development;
+                let kind = match dep.kind {
+                    DependencyKind::Development => "dev-dependency",
+                    DependencyKind::Build => "build-dependency",
+                    _ => "dependency",
+                };
+                let mut broken = |rule: &str| {
+                    found.push(format!("{} has {kind} `{name}`: {rule}", package.name))
+                };
+                match role {
+                    Role::Connector if linked => {
+                        if connectors.contains(name) {
+                            broken("a connector never depends on another connector");
+                        }
+                        if name == "contactsync-engine" {
+                            broken("a connector never depends on the engine (it sees state only through SinkStore)");
+                        }
+                        if name == "rusqlite" {
+                            broken("a connector never touches SQL (the engine owns the state)");
+                        }
+                        if sandboxes.contains(name) || name == "contactsync-sandbox-kit" {
+                            broken("a connector never links a sandbox (only its tests may)");
+                        }
+                    }
+                    Role::Sandbox => {
+                        if connectors.contains(name) {
+                            broken("a sandbox never depends on a connector: both are written from the documents, apart");
+                        }
+                        if sandboxes.contains(name) {
+                            broken("a sandbox never depends on another sandbox");
+                        }
+                    }
+                    _ => {}
+                }
+                if linked && name == "indicatif" && !matches!(role, Role::Binary | Role::Xtask) {
+                    broken("only the binary draws on the terminal");
+                }
+            }
+        }
+        found
+    }
+
+    /// The folder names of the connector crates (`csv-file`).
+    pub fn connector_folders(&self) -> BTreeSet<String> {
+        self.packages()
+            .filter(|p| self.role(p) == Role::Connector)
+            .filter_map(|p| {
+                let dir = p.manifest_path.parent()?;
+                Some(dir.file_name()?.to_string())
+            })
+            .collect()
+    }
+
+    /// The library crates (all but the binary and xtask, which may print) whose
+    /// manifest does not take the workspace's lints.
+    pub fn crates_without_workspace_lints(&self) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for package in self.packages() {
+            if matches!(self.role(package), Role::Binary | Role::Xtask) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&package.manifest_path)
+                .with_context(|| format!("reading {}", package.manifest_path))?;
+            let manifest: toml::Table = text
+                .parse()
+                .with_context(|| format!("parsing {}", package.manifest_path))?;
+            let inherits = manifest
+                .get("lints")
+                .and_then(|l| l.get("workspace"))
+                .and_then(toml::Value::as_bool)
+                == Some(true);
+            if !inherits {
+                missing.push(package.name.to_string());
+            }
+        }
+        Ok(missing)
+    }
+}
+
+/// `cargo xtask tidy`: the same checks as the tests, as one report.
+pub fn run(root: &Path) -> Result<()> {
+    let workspace = Workspace::load(root)?;
+    let mut problems = workspace.dependency_violations();
+    for name in workspace.crates_without_workspace_lints()? {
+        problems.push(format!(
+            "{name}: add `[lints] workspace = true` to its Cargo.toml"
+        ));
+    }
+    let text =
+        std::fs::read_to_string(root.join("ARCHITECTURE.md")).context("reading ARCHITECTURE.md")?;
+    let listed = connectors_in_architecture(&text);
+    let folders = workspace.connector_folders();
+    if listed != folders {
+        problems.push(format!(
+            "ARCHITECTURE.md lists the connectors {listed:?}, the workspace has {folders:?}"
+        ));
+    }
+    if problems.is_empty() {
+        eprintln!("xtask tidy: the crate graph keeps ARCHITECTURE.md's invariants");
+        return Ok(());
+    }
+    anyhow::bail!("xtask tidy:\n- {}", problems.join("\n- "))
+}
+
+/// The connector crates `ARCHITECTURE.md` lists: the backticked folder names in the
+/// first paragraph of its `connectors/*` section.
+pub fn connectors_in_architecture(text: &str) -> BTreeSet<String> {
+    let Some(start) = text.find("### `connectors/*`") else {
+        return BTreeSet::new();
+    };
+    let section = &text[start..];
+    let body = section.split_once('\n').map(|(_, b)| b).unwrap_or("");
+    let paragraph = body.split("\n\n").next().unwrap_or("");
+    paragraph
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workspace() -> Workspace {
+        let root = crate::root().expect("workspace root");
+        Workspace::load(&root).expect("cargo metadata")
+    }
+
+    #[test]
+    fn crate_graph_keeps_the_architecture() {
+        let violations = workspace().dependency_violations();
+        assert!(
+            violations.is_empty(),
+            "the crate graph breaks ARCHITECTURE.md's invariants:\n- {}",
+            violations.join("\n- ")
+        );
+    }
+
+    #[test]
+    fn architecture_lists_every_connector() {
+        let workspace = workspace();
+        let in_workspace = workspace.connector_folders();
+        let text = std::fs::read_to_string(workspace.root.join("ARCHITECTURE.md"))
+            .expect("ARCHITECTURE.md");
+        let listed = connectors_in_architecture(&text);
+        assert_eq!(
+            listed, in_workspace,
+            "ARCHITECTURE.md's connectors/* section lists other connector folders than the workspace has"
+        );
+    }
+
+    #[test]
+    fn every_crate_takes_the_workspace_lints() {
+        let missing = workspace()
+            .crates_without_workspace_lints()
+            .expect("manifests");
+        assert!(
+            missing.is_empty(),
+            "add `[lints] workspace = true` to: {}",
+            missing.join(", ")
+        );
+    }
+
+    #[test]
+    fn the_architecture_list_is_read_from_its_section() {
+        let text = "# A\n\n### `connectors/*` — one crate\n`csv-file`, `ldap`.\n\nLater `x`.\n";
+        let listed: Vec<String> = connectors_in_architecture(text).into_iter().collect();
+        assert_eq!(listed, ["csv-file", "ldap"]);
+    }
+}
