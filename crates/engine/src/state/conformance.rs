@@ -1,0 +1,316 @@
+//! The contract every [`StateStore`] backend keeps, as a suite a backend's tests run:
+//!
+//! ```
+//! # fn main() -> Result<(), String> {
+//! let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+//! let mut n = 0;
+//! contactsync_engine::state::conformance::check(&mut || {
+//!     n += 1;
+//!     let path = dir.path().join(format!("state-{n}.db"));
+//!     contactsync_engine::state::SqliteState::open(&path)
+//!         .map(|s| Box::new(s) as Box<dyn contactsync_engine::state::StateStore>)
+//!         .map_err(|e| e.to_string())
+//! })
+//! # }
+//! ```
+//!
+//! Each part starts from a new, empty store (`new_store` is called once per part) and
+//! says which promise broke. The engine's own tests cover how a run uses these
+//! promises; this suite covers only what a second backend (PostgreSQL) must also do.
+
+use contactsync_core::{ChangeKind, Contact, ContactKey, SyncedEntry};
+
+use super::{AuditEntry, LockAttempt, LockHolder, PendingRow, Settlement, StateStore};
+
+/// Makes a new, empty store.
+pub type NewStore<'a> = dyn FnMut() -> Result<Box<dyn StateStore>, String> + 'a;
+
+/// Runs every part of the suite; the first broken promise is the error.
+pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
+    runs_and_cursor(new_store()?.as_mut()).map_err(|e| format!("runs and cursor: {e}"))?;
+    pending_then_settled(new_store()?.as_mut())
+        .map_err(|e| format!("pending and settlement: {e}"))?;
+    locks_are_exclusive(new_store()?.as_mut()).map_err(|e| format!("locks: {e}"))?;
+    sink_store_is_scoped(new_store()?.as_mut()).map_err(|e| format!("sink store: {e}"))?;
+    audit_and_history(new_store()?.as_mut()).map_err(|e| format!("audit: {e}"))?;
+    Ok(())
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($message:tt)+) => {
+        if !$cond {
+            return Err(format!($($message)+));
+        }
+    };
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+const PIPELINE: &str = "hr->platform";
+
+fn person(id: &str) -> (ContactKey, Contact) {
+    let contact = Contact {
+        external_id: Some(id.to_string()),
+        email: Some(format!("{}@example.com", id.to_lowercase())),
+        first_name: Some("Ann".into()),
+        ..Contact::default()
+    };
+    (ContactKey::ExternalId(id.to_string()), contact)
+}
+
+fn runs_and_cursor(store: &mut dyn StateStore) -> Result<(), String> {
+    let (first, full) = store.begin_run(PIPELINE).map_err(err)?;
+    ensure!(
+        first == 1 && full.is_none(),
+        "a first run is 1 with no full read before it, got {first}, {full:?}"
+    );
+    store
+        .finish_run(PIPELINE, first, "synced", "{}", Some("c1"), true)
+        .map_err(err)?;
+    ensure!(
+        store.cursor(PIPELINE).map_err(err)?.as_deref() == Some("c1"),
+        "the cursor a finished run stores is read back"
+    );
+    let (second, full) = store.begin_run(PIPELINE).map_err(err)?;
+    ensure!(
+        second == 2 && full == Some(1),
+        "the second run knows the full read of run 1, got {second}, {full:?}"
+    );
+    store
+        .finish_run(PIPELINE, second, "failed", "{}", None, false)
+        .map_err(err)?;
+    ensure!(
+        store.cursor(PIPELINE).map_err(err)?.as_deref() == Some("c1"),
+        "a run that stores no cursor keeps the last one"
+    );
+    let runs = store.runs(Some(PIPELINE), 10).map_err(err)?;
+    ensure!(
+        runs.iter().map(|r| r.run).collect::<Vec<_>>() == [2, 1],
+        "runs are listed newest first"
+    );
+    store.reset(PIPELINE).map_err(err)?;
+    ensure!(
+        store.cursor(PIPELINE).map_err(err)?.is_none(),
+        "reset forgets the cursor"
+    );
+    Ok(())
+}
+
+fn pending_then_settled(store: &mut dyn StateStore) -> Result<(), String> {
+    let (run, _) = store.begin_run(PIPELINE).map_err(err)?;
+    let (ann, ann_record) = person("E1");
+    let (bob, bob_record) = person("E2");
+    let rows = vec![
+        PendingRow {
+            key: ann.clone(),
+            kind: ChangeKind::Create,
+            content_hash: 11,
+            email: ann_record.email.clone(),
+            record: Some(ann_record.clone()),
+        },
+        PendingRow {
+            key: bob.clone(),
+            kind: ChangeKind::Create,
+            content_hash: 22,
+            email: bob_record.email.clone(),
+            record: Some(bob_record),
+        },
+    ];
+    store
+        .record_pending(PIPELINE, run, "b1", &rows)
+        .map_err(err)?;
+    let pending = store.pending_batches(PIPELINE).map_err(err)?;
+    ensure!(
+        pending.len() == 1 && pending[0].1 == rows,
+        "a recorded batch is read back whole, in order: {pending:?}"
+    );
+    let mut index = Vec::new();
+    store
+        .scan_index(PIPELINE, &mut |k, h| index.push((k, h)))
+        .map_err(err)?;
+    ensure!(index.is_empty(), "pending changes are not synced yet");
+    store
+        .settle(
+            PIPELINE,
+            "b1",
+            &[
+                Settlement::Synced {
+                    key: ann.clone(),
+                    entry: SyncedEntry {
+                        content_hash: 11,
+                        email: ann_record.email.clone(),
+                        handle: Some("h1".into()),
+                        record: Some(Box::new(ann_record.clone())),
+                    },
+                },
+                Settlement::Dropped { key: bob.clone() },
+            ],
+        )
+        .map_err(err)?;
+    ensure!(
+        store.pending_batches(PIPELINE).map_err(err)?.is_empty(),
+        "a settled batch is no longer pending"
+    );
+    let row = store.synced(PIPELINE, ann.hash64()).map_err(err)?;
+    ensure!(
+        row.as_ref()
+            .map(|r| (&r.key, r.entry.content_hash, r.entry.handle.as_deref()))
+            == Some((&ann, 11, Some("h1"))),
+        "a synced settlement is remembered with its handle: {row:?}"
+    );
+    ensure!(
+        row.and_then(|r| r.entry.record).map(|r| *r) == Some(ann_record),
+        "the last-sent record is kept"
+    );
+    ensure!(
+        store.synced(PIPELINE, bob.hash64()).map_err(err)?.is_none(),
+        "a dropped change leaves nothing synced"
+    );
+    let mut index = Vec::new();
+    store
+        .scan_index(PIPELINE, &mut |k, h| index.push((k, h)))
+        .map_err(err)?;
+    ensure!(
+        index == [(ann.hash64(), 11)],
+        "the index holds what was synced: {index:?}"
+    );
+    store
+        .record_pending(
+            PIPELINE,
+            run,
+            "b2",
+            &[PendingRow {
+                key: ann.clone(),
+                kind: ChangeKind::Remove,
+                content_hash: 0,
+                email: None,
+                record: None,
+            }],
+        )
+        .map_err(err)?;
+    store
+        .settle(
+            PIPELINE,
+            "b2",
+            &[Settlement::Forgotten { key: ann.clone() }],
+        )
+        .map_err(err)?;
+    ensure!(
+        store.synced(PIPELINE, ann.hash64()).map_err(err)?.is_none(),
+        "a forgotten person is no longer synced"
+    );
+    Ok(())
+}
+
+fn holder(token: &str) -> LockHolder {
+    LockHolder {
+        token: token.to_string(),
+        ..LockHolder::current(PIPELINE)
+    }
+}
+
+fn locks_are_exclusive(store: &mut dyn StateStore) -> Result<(), String> {
+    let names = vec![
+        format!("pipeline:{PIPELINE}"),
+        "sink:sinks.platform".to_string(),
+    ];
+    let first = holder("first");
+    let second = holder("second");
+    ensure!(
+        matches!(
+            store.lock(&names, &first).map_err(err)?,
+            LockAttempt::Acquired { .. }
+        ),
+        "a free lock is acquired"
+    );
+    let busy = store.lock(&names[1..], &second).map_err(err)?;
+    ensure!(
+        matches!(&busy, LockAttempt::Busy { name, holder } if name == &names[1] && holder.token == "first"),
+        "a held lock is refused, naming it and its holder: {busy:?}"
+    );
+    store.unlock(&first).map_err(err)?;
+    ensure!(
+        matches!(
+            store.lock(&names, &second).map_err(err)?,
+            LockAttempt::Acquired { .. }
+        ),
+        "a released lock can be taken"
+    );
+    store.unlock(&second).map_err(err)?;
+    Ok(())
+}
+
+fn sink_store_is_scoped(store: &mut dyn StateStore) -> Result<(), String> {
+    store.sink_store("sinks.a").put("job", "1").map_err(err)?;
+    store.sink_store("sinks.a").put("job", "2").map_err(err)?;
+    ensure!(
+        store
+            .sink_store("sinks.a")
+            .get("job")
+            .map_err(err)?
+            .as_deref()
+            == Some("2"),
+        "a put replaces the value"
+    );
+    ensure!(
+        store
+            .sink_store("sinks.b")
+            .get("job")
+            .map_err(err)?
+            .is_none(),
+        "each sink section has its own space"
+    );
+    Ok(())
+}
+
+fn audit_and_history(store: &mut dyn StateStore) -> Result<(), String> {
+    let entry = |at: i64, kind: &str| AuditEntry {
+        pipeline: PIPELINE.to_string(),
+        run: 1,
+        at,
+        key: "external_id:E1".into(),
+        email: Some("e1@example.com".into()),
+        kind: kind.into(),
+        outcome: "applied".into(),
+        reason: None,
+        fields: r#"{"first_name":[null,"Ann"]}"#.into(),
+        created: None,
+    };
+    store
+        .record_audit(&[entry(100, "create"), entry(200, "update")])
+        .map_err(err)?;
+    for who in ["external_id:E1", "E1", "e1@example.com"] {
+        let history = store.history(who).map_err(err)?;
+        ensure!(
+            history.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>() == ["create", "update"],
+            "history of {who:?} is every change, oldest first: {history:?}"
+        );
+    }
+    ensure!(
+        store.prune_audit(PIPELINE, 150).map_err(err)? == 1,
+        "pruning forgets the older entry"
+    );
+    ensure!(
+        store.history("E1").map_err(err)?.len() == 1,
+        "the newer entry stays"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sqlite_keeps_the_contract() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut n = 0;
+        let result = super::check(&mut || {
+            n += 1;
+            super::super::SqliteState::open(&dir.path().join(format!("state-{n}.db")))
+                .map(|s| Box::new(s) as Box<dyn super::StateStore>)
+                .map_err(|e| e.to_string())
+        });
+        assert_eq!(result, Ok(()));
+    }
+}

@@ -1,0 +1,329 @@
+//! What the engine remembers between runs, behind a small interface of its own.
+//!
+//! The engine is the only code that reads or writes sync state, and it does so only
+//! through [`StateStore`], so that a shared PostgreSQL backend can stand in for the
+//! embedded SQLite one ([`SqliteState`]) without touching a connector.
+//!
+//! Per pipeline (`source->sink`), the state holds:
+//! - `synced`: key → hash of the content the sink last accepted, with the email and the
+//!   sink's handle, so removals can address the person, and the record itself in a
+//!   compact binary form (`crate::record`), so that the next change knows its `before`;
+//! - `pending`: changes sent but not yet confirmed, so a crashed run is settled by the
+//!   next one (see DESIGN.md, "Crash safety");
+//! - the source's cursor, advanced only when a run completes;
+//! - the runs, with their reports.
+//!
+//! Per sink config section, a small key-value space the sink uses through
+//! [`contactsync_core::SinkStore`] (quota counters, the handle of a job in flight).
+//!
+//! This module is the interface and its contract; [`sqlite`] the embedded backend;
+//! [`conformance`] the suite every backend passes (call it from the backend's tests).
+
+pub mod conformance;
+mod sqlite;
+
+pub use sqlite::SqliteState;
+
+use std::path::{Path, PathBuf};
+
+use contactsync_core::{ChangeKind, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
+
+/// A state operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database could not be opened or used.
+    #[error("state database {}: {source}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database file cannot be opened (permissions, a directory in the way).
+    #[error("state database {}: {message}", path.display())]
+    Unavailable {
+        /// The database file.
+        path: PathBuf,
+        /// What the file system said.
+        message: String,
+    },
+    /// The database holds something this version does not understand.
+    #[error("state database {}: {message}", path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Two different keys share a 64-bit key hash (about one chance in 10^7 for a
+    /// million contacts): the index cannot tell them apart.
+    #[error("keys {existing} and {new} share a hash; rename one of them or report this")]
+    KeyCollision {
+        /// The key already stored.
+        existing: String,
+        /// The key being stored.
+        new: String,
+    },
+}
+
+/// One row of the synced index, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedRow {
+    /// The contact's key.
+    pub key: ContactKey,
+    /// What was synced.
+    pub entry: SyncedEntry,
+}
+
+/// A change recorded as sent, before the sink confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRow {
+    /// The contact's key.
+    pub key: ContactKey,
+    /// The kind of change.
+    pub kind: ChangeKind,
+    /// The content hash the change carries (0 for a removal).
+    pub content_hash: u64,
+    /// The email it was sent with.
+    pub email: Option<String>,
+    /// The contact it sends (`None` for a removal), remembered as the last-sent record
+    /// once the change is confirmed.
+    pub record: Option<Contact>,
+}
+
+/// How one pending change ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// The sink holds this content now: remember it. An `entry.record` of `None`
+    /// keeps the record stored before (a final rejection changes the hash only, since
+    /// the sink never accepted those values).
+    Synced {
+        /// The key.
+        key: ContactKey,
+        /// What to remember.
+        entry: SyncedEntry,
+    },
+    /// The person is no longer synced: forget them.
+    Forgotten {
+        /// The key.
+        key: ContactKey,
+    },
+    /// Drop the pending change without touching `synced` (a retryable rejection):
+    /// the next run's diff sends it again.
+    Dropped {
+        /// The key.
+        key: ContactKey,
+    },
+    /// The sink reported the change applied, but it becomes durable only when the sink
+    /// finishes: keep it pending, marked applied, with what to remember then.
+    AwaitingFinish {
+        /// The key.
+        key: ContactKey,
+        /// The handle the sink returned.
+        handle: Option<String>,
+    },
+}
+
+/// A summary of a pipeline's state, for `contactsync state show`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PipelineSummary {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// Contacts the sink holds, as far as the state knows.
+    pub synced: u64,
+    /// Changes sent and not confirmed.
+    pub pending: u64,
+    /// The source's cursor.
+    pub cursor: Option<String>,
+    /// Runs recorded.
+    pub runs: u64,
+    /// When the last run finished, and how.
+    pub last_run: Option<String>,
+}
+
+/// Who holds a run lock: enough for a user to find the process, and a token that tells
+/// this holder from an earlier process with the same pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Unique to one run of one process.
+    pub token: String,
+    /// The process id.
+    pub pid: u32,
+    /// The host the process runs on.
+    pub host: String,
+    /// The pipeline the run syncs.
+    pub pipeline: String,
+    /// When the lock was taken (RFC 3339).
+    pub since: String,
+}
+
+impl LockHolder {
+    /// This process, running `pipeline`.
+    pub fn current(pipeline: &str) -> Self {
+        let now = chrono::Utc::now();
+        let pid = std::process::id();
+        LockHolder {
+            token: format!("{pid}-{}", now.timestamp_nanos_opt().unwrap_or_default()),
+            pid,
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            pipeline: pipeline.to_string(),
+            since: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    /// Whether the holder is certainly gone: a process on this host that no longer
+    /// exists. (On another host only the heartbeat can tell.)
+    fn is_gone(&self) -> bool {
+        let here = gethostname::gethostname().to_string_lossy().into_owned();
+        self.host == here && !Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+/// What a lock attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockAttempt {
+    /// Every lock is ours now; `taken_over` lists the stale holders replaced.
+    Acquired {
+        /// Holders whose process was gone or whose heartbeat had stopped.
+        taken_over: Vec<(String, LockHolder)>,
+    },
+    /// A lock is held by a live run: nothing was taken.
+    Busy {
+        /// The lock's name (`pipeline:hr->poppulo`, `sink:sinks.poppulo`).
+        name: String,
+        /// Who holds it.
+        holder: LockHolder,
+    },
+}
+
+/// How long a lock holder's heartbeat may be silent before the lock counts as
+/// abandoned (a holder on another host that died without releasing it).
+pub const LOCK_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often a holder renews its heartbeat.
+pub const LOCK_HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// One recorded run, for `contactsync runs` and for notifications.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunRecord {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// The run's number.
+    pub run: i64,
+    /// When it started and finished (RFC 3339); `finished_at` is `None` for a run that
+    /// was killed.
+    pub started_at: String,
+    /// See `started_at`.
+    pub finished_at: Option<String>,
+    /// How it ended (`synced`, `failed`, …).
+    pub status: Option<String>,
+    /// Its report, as JSON.
+    pub report: Option<String>,
+}
+
+/// One change the sink was asked to make, kept for `contactsync history`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// The run.
+    pub run: i64,
+    /// When (Unix seconds).
+    pub at: i64,
+    /// The person's key.
+    pub key: String,
+    /// Their email, when known.
+    pub email: Option<String>,
+    /// `create`, `update` or `remove`.
+    pub kind: String,
+    /// `applied`, `rejected` or `unknown`.
+    pub outcome: String,
+    /// Why it was rejected or is unknown.
+    pub reason: Option<String>,
+    /// The fields that changed, as compact JSON: `{"last_name":["Lee","Smith"]}`, or
+    /// `["last_name"]` when values are not kept (`audit_values = false`).
+    pub fields: String,
+    /// For a create with values kept: the record created, stored in the compact form
+    /// of the last-sent records (a JSON object of every field would be some 300 bytes a
+    /// person on a first sync); [`StateStore::history`] turns it back into `fields`.
+    #[serde(skip)]
+    pub created: Option<Box<Contact>>,
+}
+
+/// The engine's view of the sync state. All writes of one call are atomic.
+pub trait StateStore: Send {
+    /// Takes every lock of `names` for `holder` at once, or none: a run holds the lock
+    /// of its pipeline and of its sink section for its whole length, so that two runs
+    /// never post the same change set, nor two pipelines write one sink section at a
+    /// time. A lock whose holder is gone (its process no longer exists on this host, or
+    /// its heartbeat is older than [`LOCK_STALE_AFTER`]) is taken over. The store keeps
+    /// the locks alive (a heartbeat) until [`StateStore::unlock`] or until it is dropped.
+    fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError>;
+    /// Releases the locks `holder` took.
+    fn unlock(&mut self, holder: &LockHolder) -> Result<(), StateError>;
+    /// Starts a run of `pipeline`, returning its number (1, 2, …) and the number of the
+    /// last run that read everything, if any.
+    fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError>;
+    /// Records how a run ended; stores `cursor` only when `Some` and `full_read` marks
+    /// the run as the latest complete read.
+    fn finish_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        status: &str,
+        report: &str,
+        cursor: Option<&str>,
+        full_read: bool,
+    ) -> Result<(), StateError>;
+    /// The cursor the last successful run left.
+    fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError>;
+    /// Calls `visit(key_hash, content_hash)` for every synced contact.
+    fn scan_index(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), StateError>;
+    /// The synced row with this key hash.
+    fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError>;
+    /// Records a batch as sent.
+    fn record_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+    ) -> Result<(), StateError>;
+    /// Batches left pending by earlier runs, oldest first, each with the rows recorded
+    /// for it (in the batch's order).
+    fn pending_batches(
+        &mut self,
+        pipeline: &str,
+    ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError>;
+    /// Settles pending changes of `batch_id` (one transaction).
+    fn settle(
+        &mut self,
+        pipeline: &str,
+        batch_id: &str,
+        settlements: &[Settlement],
+    ) -> Result<(), StateError>;
+    /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
+    fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
+    /// Drops every pending change of the pipeline.
+    fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError>;
+    /// The sink's key-value space for config section `scope`.
+    fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a>;
+    /// Summaries of every pipeline.
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError>;
+    /// The last `last` runs, newest first, of `pipeline` (or of every pipeline).
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError>;
+    /// Keeps what the sink was asked to do to each person.
+    fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError>;
+    /// Forgets the audit of `pipeline` from before `before` (Unix seconds); returns how
+    /// many entries went.
+    fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError>;
+    /// What happened to the person with this key (`external_id:E1`), bare key value, or
+    /// email, oldest first.
+    fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError>;
+    /// Forgets everything about `pipeline` (its sink's key-value space is kept).
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
+}
