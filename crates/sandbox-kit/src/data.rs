@@ -2,11 +2,58 @@
 //! file and a rename, so that a crash never leaves half a file.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::SandboxError;
+
+/// A sandbox's data file, if it has one: saved by one writer at a time, encoded under
+/// the sandbox's own lock and written outside it.
+#[derive(Debug)]
+pub struct DataFile {
+    platform: &'static str,
+    path: Option<PathBuf>,
+    one_writer: Mutex<()>,
+}
+
+impl DataFile {
+    /// The data file of `platform` at `path`; `None` keeps the data in memory only.
+    pub fn new(platform: &'static str, path: Option<PathBuf>) -> Self {
+        DataFile {
+            platform,
+            path,
+            one_writer: Mutex::new(()),
+        }
+    }
+
+    /// What the file holds; `Ok(None)` without a file (or a data file) yet.
+    pub fn load<T: DeserializeOwned>(&self) -> Result<Option<T>, SandboxError> {
+        match &self.path {
+            Some(path) => load(self.platform, path),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves what `locked` hands to its encoder: `data.save(|encode|
+    /// encode(&self.lock().store))`, so that the sandbox's lock is held only while
+    /// encoding.
+    pub fn save<T: Serialize>(
+        &self,
+        locked: impl FnOnce(
+            &dyn Fn(&T) -> Result<Vec<u8>, SandboxError>,
+        ) -> Result<Vec<u8>, SandboxError>,
+    ) -> Result<(), SandboxError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        // A poisoned lock only means another save panicked; this one may go ahead.
+        let _one_writer = self.one_writer.lock().unwrap_or_else(|e| e.into_inner());
+        let json = locked(&|value: &T| encode(self.platform, path, value))?;
+        write(path, &json)
+    }
+}
 
 /// Reads `path`; `Ok(None)` when there is no such file (a first start).
 pub fn load<T: DeserializeOwned>(

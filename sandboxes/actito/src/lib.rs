@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
 use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
+use contactsync_sandbox_kit::data::DataFile;
 use contactsync_sandbox_kit::{Answers, Platform, Running, Wire};
 use serde::Deserialize;
 
@@ -142,7 +143,7 @@ pub(crate) struct Shared {
     pub queue: tokio::sync::mpsc::UnboundedSender<u64>,
     pub wire: Arc<Wire>,
     pub shutdown: CancellationToken,
-    save_lock: Mutex<()>,
+    data: DataFile,
 }
 
 impl Shared {
@@ -153,12 +154,7 @@ impl Shared {
 
     /// Saves the data file, if any.
     pub fn save(&self) -> Result<(), SandboxError> {
-        let Some(path) = &self.config.data_file else {
-            return Ok(());
-        };
-        let _one_writer = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let json = contactsync_sandbox_kit::data::encode(Self::NAME, path, &self.lock().store)?;
-        contactsync_sandbox_kit::data::write(path, &json)
+        self.data.save(|encode| encode(&self.lock().store))
     }
 
     /// Saves, logging a failure.
@@ -234,6 +230,7 @@ impl ActitoSandbox {
     /// Loads the data file (if any), binds `127.0.0.1:port`, re-queues unfinished
     /// imports, and serves until [`RunningActito::shutdown`] (or drop).
     pub async fn start(config: SandboxConfig) -> Result<RunningActito, SandboxError> {
+        let data_file = config.data_file.clone();
         let store = match &config.data_file {
             Some(path) => Store::load(path)?,
             None => None,
@@ -259,7 +256,7 @@ impl ActitoSandbox {
             in_flight: AtomicU64::new(0),
             queue,
             shutdown: CancellationToken::new(),
-            save_lock: Mutex::new(()),
+            data: DataFile::new(<Shared as Platform>::NAME, data_file),
         });
         Platform::set_faults(&*shared, faults);
         for id in unfinished {

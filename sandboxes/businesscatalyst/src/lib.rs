@@ -46,6 +46,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use contactsync_core::registry::SandboxStart;
 use contactsync_core::{CancellationToken, ConnectorError, SandboxOptions, SecretString};
+use contactsync_sandbox_kit::data::DataFile;
 use contactsync_sandbox_kit::{Running, Wire};
 use serde::{Deserialize, Serialize};
 
@@ -156,11 +157,8 @@ impl Sandbox {
     /// Starts a sandbox on 127.0.0.1. Must be called inside a tokio runtime.
     pub async fn start(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         use contactsync_core::ExposeSecret;
-        let store = match &config.data_file {
-            Some(path) => contactsync_sandbox_kit::data::load("Business Catalyst", path)?,
-            None => None,
-        }
-        .unwrap_or_default();
+        let data = DataFile::new("Business Catalyst", config.data_file.clone());
+        let store = data.load()?.unwrap_or_default();
         let mut inner = Inner {
             store,
             clock: Clock::System,
@@ -181,7 +179,7 @@ impl Sandbox {
                     .as_ref()
                     .map(|t| t.expose_secret().to_string()),
             },
-            data_file: config.data_file.clone(),
+            data,
             inner: Mutex::new(inner),
             wire: Arc::new(Wire::new(server::ANSWERS, WireFaults::default())),
         });

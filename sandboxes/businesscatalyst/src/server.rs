@@ -23,6 +23,7 @@ use super::model::{
 };
 use super::xml::{self, esc, SoapVersion, XmlNode, CRM_NS};
 use super::{Faults, SoapCall};
+use contactsync_sandbox_kit::data::DataFile;
 use contactsync_sandbox_kit::{
     inject_faults, log_calls, Answers, LogDetail, Platform, SandboxError, Wire,
 };
@@ -72,7 +73,7 @@ impl Inner {
 /// State shared by every request and the Rust API.
 pub struct Shared {
     pub credentials: Credentials,
-    pub data_file: Option<std::path::PathBuf>,
+    pub data: DataFile,
     pub inner: Mutex<Inner>,
     pub wire: Arc<Wire>,
 }
@@ -93,11 +94,7 @@ impl Shared {
 
     /// Saves `store` (this sandbox's, under the lock the caller holds).
     pub fn save_store(&self, store: &Store) -> Result<(), SandboxError> {
-        let Some(path) = &self.data_file else {
-            return Ok(());
-        };
-        let json = contactsync_sandbox_kit::data::encode(Self::NAME, path, store)?;
-        contactsync_sandbox_kit::data::write(path, &json)
+        self.data.save(|encode| encode(store))
     }
 
     /// Saves, logging a failure (for saves nobody waits for).

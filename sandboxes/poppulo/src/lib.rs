@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
 use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
+use contactsync_sandbox_kit::data::DataFile;
 use contactsync_sandbox_kit::{Answers, Platform, Running, Wire};
 use serde::Deserialize;
 
@@ -140,7 +141,7 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub wire: Arc<Wire>,
     pub shutdown: CancellationToken,
-    save_lock: Mutex<()>,
+    data: DataFile,
 }
 
 impl Shared {
@@ -151,12 +152,7 @@ impl Shared {
 
     /// Saves the data file, if any.
     pub fn save(&self) -> Result<(), SandboxError> {
-        let Some(path) = &self.config.data_file else {
-            return Ok(());
-        };
-        let _one_writer = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let json = contactsync_sandbox_kit::data::encode(Self::NAME, path, &self.lock().store)?;
-        contactsync_sandbox_kit::data::write(path, &json)
+        self.data.save(|encode| encode(&self.lock().store))
     }
 
     /// The counters so far: the platform's and the wire's.
@@ -233,6 +229,7 @@ impl PoppuloSandbox {
     /// Loads the data file (if any), binds `127.0.0.1:port`, resumes imports that were
     /// in progress, and serves until [`RunningPoppulo::shutdown`] (or drop).
     pub async fn start(config: SandboxConfig) -> Result<RunningPoppulo, SandboxError> {
+        let data_file = config.data_file.clone();
         let store = match &config.data_file {
             Some(path) => Store::load(path)?,
             None => Store::default(),
@@ -247,7 +244,7 @@ impl PoppuloSandbox {
                 ..State::default()
             }),
             shutdown: CancellationToken::new(),
-            save_lock: Mutex::new(()),
+            data: DataFile::new(<Shared as Platform>::NAME, data_file),
         });
         Platform::set_faults(&*shared, faults);
         let unfinished: Vec<u64> = shared
