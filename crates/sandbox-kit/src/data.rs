@@ -56,7 +56,7 @@ impl DataFile {
 }
 
 /// Reads `path`; `Ok(None)` when there is no such file (a first start).
-pub fn load<T: DeserializeOwned>(
+fn load<T: DeserializeOwned>(
     platform: &'static str,
     path: &Path,
 ) -> Result<Option<T>, SandboxError> {
@@ -79,18 +79,9 @@ pub fn load<T: DeserializeOwned>(
         })
 }
 
-/// Writes `value` to `path` atomically (a sibling `.tmp` file, then a rename), creating
-/// the directory when needed.
-pub fn save<T: Serialize>(
-    platform: &'static str,
-    path: &Path,
-    value: &T,
-) -> Result<(), SandboxError> {
-    write(path, &encode(platform, path, value)?)
-}
-
-/// `value` as the data file's JSON: to encode under a lock, then [`write`] outside it.
-pub fn encode<T: Serialize>(
+/// `value` as the data file's JSON: encoded under the sandbox's lock, then written
+/// outside it.
+fn encode<T: Serialize>(
     platform: &'static str,
     path: &Path,
     value: &T,
@@ -103,7 +94,7 @@ pub fn encode<T: Serialize>(
 }
 
 /// Writes `json` to `path` atomically, creating the directory when needed.
-pub fn write(path: &Path, json: &[u8]) -> Result<(), SandboxError> {
+fn write(path: &Path, json: &[u8]) -> Result<(), SandboxError> {
     let io = |source| SandboxError::Io {
         path: path.to_path_buf(),
         source,
@@ -123,18 +114,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trip_and_missing_file() {
+    fn round_trip_missing_file_and_memory_only() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("sub/data.json");
-        assert!(matches!(load::<Vec<u32>>("T", &path), Ok(None)));
-        save("T", &path, &vec![1u32, 2]).expect("saved");
-        assert!(matches!(load::<Vec<u32>>("T", &path), Ok(Some(v)) if v == vec![1, 2]));
+        let file = DataFile::new("T", Some(path.clone()));
+        assert!(matches!(file.load::<Vec<u32>>(), Ok(None)));
+        file.save(|encode| encode(&vec![1u32, 2])).expect("saved");
+        assert!(matches!(file.load::<Vec<u32>>(), Ok(Some(v)) if v == vec![1, 2]));
         assert!(!path.with_extension("json.tmp").exists());
         std::fs::write(&path, "not json").expect("written");
-        let error = load::<Vec<u32>>("T", &path).map(|_| ());
+        let error = file.load::<Vec<u32>>().map(|_| ());
         assert!(
             matches!(&error, Err(SandboxError::Data { .. })),
             "{error:?}"
         );
+
+        let memory = DataFile::new("T", None);
+        memory
+            .save(|encode| encode(&vec![3u32]))
+            .expect("nothing to save");
+        assert!(matches!(memory.load::<Vec<u32>>(), Ok(None)));
     }
 }

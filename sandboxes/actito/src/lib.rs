@@ -230,12 +230,8 @@ impl ActitoSandbox {
     /// Loads the data file (if any), binds `127.0.0.1:port`, re-queues unfinished
     /// imports, and serves until [`RunningActito::shutdown`] (or drop).
     pub async fn start(config: SandboxConfig) -> Result<RunningActito, SandboxError> {
-        let data_file = config.data_file.clone();
-        let store = match &config.data_file {
-            Some(path) => Store::load(path)?,
-            None => None,
-        }
-        .unwrap_or_else(|| Store::new(&config.tables));
+        let data = DataFile::new(<Shared as Platform>::NAME, config.data_file.clone());
+        let store = Store::loaded(data.load()?, &config.tables);
         let (queue, receiver) = tokio::sync::mpsc::unbounded_channel();
         let unfinished: Vec<u64> = store
             .imports
@@ -256,7 +252,7 @@ impl ActitoSandbox {
             in_flight: AtomicU64::new(0),
             queue,
             shutdown: CancellationToken::new(),
-            data: DataFile::new(<Shared as Platform>::NAME, data_file),
+            data,
         });
         Platform::set_faults(&*shared, faults);
         for id in unfinished {

@@ -4,12 +4,9 @@
 //! Written from the spec, sharing nothing with the client.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-
-use super::SandboxError;
 
 /// Attributes Actito maintains itself; clients cannot write them.
 pub const TECHNICAL: [&str; 3] = ["profileId", "creationMoment", "updateMoment"];
@@ -555,15 +552,15 @@ impl Store {
         }
     }
 
-    /// Loads a store saved by the sandbox; `None` when there is no file yet.
-    pub fn load(path: &Path) -> Result<Option<Self>, SandboxError> {
-        let store = contactsync_sandbox_kit::data::load::<Self>("Actito", path)?;
-        Ok(store.map(|mut store| {
-            for table in store.tables.values_mut() {
-                table.reindex();
-            }
-            store
-        }))
+    /// The store the data file held (its indexes rebuilt), or a new one with `tables`.
+    pub fn loaded(saved: Option<Self>, tables: &[TableDef]) -> Self {
+        let Some(mut store) = saved else {
+            return Store::new(tables);
+        };
+        for table in store.tables.values_mut() {
+            table.reindex();
+        }
+        store
     }
 }
 

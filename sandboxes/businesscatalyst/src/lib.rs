@@ -47,7 +47,7 @@ use chrono_tz::Tz;
 use contactsync_core::registry::SandboxStart;
 use contactsync_core::{CancellationToken, ConnectorError, SandboxOptions, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Running, Wire};
+use contactsync_sandbox_kit::{Platform, Running, Wire};
 use serde::{Deserialize, Serialize};
 
 pub use contactsync_sandbox_kit::{Injected, SandboxError, WireFaults};
@@ -157,7 +157,7 @@ impl Sandbox {
     /// Starts a sandbox on 127.0.0.1. Must be called inside a tokio runtime.
     pub async fn start(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         use contactsync_core::ExposeSecret;
-        let data = DataFile::new("Business Catalyst", config.data_file.clone());
+        let data = DataFile::new(<server::Shared as Platform>::NAME, config.data_file.clone());
         let store = data.load()?.unwrap_or_default();
         let mut inner = Inner {
             store,

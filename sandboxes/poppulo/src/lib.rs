@@ -229,11 +229,8 @@ impl PoppuloSandbox {
     /// Loads the data file (if any), binds `127.0.0.1:port`, resumes imports that were
     /// in progress, and serves until [`RunningPoppulo::shutdown`] (or drop).
     pub async fn start(config: SandboxConfig) -> Result<RunningPoppulo, SandboxError> {
-        let data_file = config.data_file.clone();
-        let store = match &config.data_file {
-            Some(path) => Store::load(path)?,
-            None => Store::default(),
-        };
+        let data = DataFile::new(<Shared as Platform>::NAME, config.data_file.clone());
+        let store = Store::loaded(data.load()?);
         let faults = config.faults.clone();
         let port = config.port;
         let shared = Arc::new(Shared {
@@ -244,7 +241,7 @@ impl PoppuloSandbox {
                 ..State::default()
             }),
             shutdown: CancellationToken::new(),
-            data: DataFile::new(<Shared as Platform>::NAME, data_file),
+            data,
         });
         Platform::set_faults(&*shared, faults);
         let unfinished: Vec<u64> = shared

@@ -6,12 +6,9 @@
 //! (`shared/specs/poppulo.md`), never from the client's types.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-
-use super::SandboxError;
 
 /// A subscriber's status, as the API spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -411,17 +408,17 @@ impl Store {
         self.next_import_id
     }
 
-    /// Loads a store saved by the sandbox; a missing file is an empty store.
-    pub fn load(path: &Path) -> Result<Store, SandboxError> {
-        let Some(mut store) = contactsync_sandbox_kit::data::load::<Store>("Poppulo", path)? else {
-            return Ok(Store::default());
+    /// The store the data file held (its email index rebuilt), or an empty one.
+    pub fn loaded(saved: Option<Store>) -> Store {
+        let Some(mut store) = saved else {
+            return Store::default();
         };
         store.by_email = store
             .subscribers
             .values()
             .map(|s| (match_key(&s.email), s.id))
             .collect();
-        Ok(store)
+        store
     }
 }
 
