@@ -64,7 +64,7 @@ fn seed_people(sandbox: &Sandbox, n: usize) -> Vec<i64> {
 /// The connector section, for the binary's config and the test's own client.
 fn section(sandbox: &Sandbox) -> String {
     format!(
-        "type = \"businesscatalyst\"\nbase_url = \"{}\"\nsite_id = 4711\nusername = \"api-user\"\npassword_file = \"bc-password.txt\"\nretry_backoff_ms = 50\n",
+        "type = \"businesscatalyst\"\nbase_url = \"{}\"\nsite_id = 4711\nusername = \"api-user\"\npassword_file = \"bc-password.txt\"\nretry_backoff = \"50ms\"\n",
         sandbox.base_url()
     )
 }
@@ -106,7 +106,7 @@ max_removal_ratio = 0.5
 /// A client of its own, to change contacts the way another BC user would.
 fn client(sandbox: &Sandbox) -> BcClient {
     let toml = format!(
-        "base_url = \"{}\"\nsite_id = 4711\nusername = \"api-user\"\npassword = \"{PASSWORD}\"\nretry_backoff_ms = 50\n",
+        "base_url = \"{}\"\nsite_id = 4711\nusername = \"api-user\"\npassword = \"{PASSWORD}\"\nretry_backoff = \"50ms\"\n",
         sandbox.base_url()
     );
     let settings = ConnectorSettings::from_toml("sinks.test", &toml).expect("settings");

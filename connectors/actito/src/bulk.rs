@@ -19,8 +19,8 @@
 use std::io::{Cursor, Read, Write};
 use std::time::Duration;
 
-use bytes::Bytes;
 use contactsync_core::{CancellationToken, ConnectorError};
+use contactsync_http::multipart::{self, Part};
 use contactsync_http::{Method, RetryPolicy};
 use serde_json::{json, Value};
 
@@ -111,8 +111,15 @@ impl<'a> BulkImporter<'a> {
         key_column: &str,
         cancel: &CancellationToken,
     ) -> Result<Posted, ConnectorError> {
-        let (content_type, body) =
-            multipart_body(zip, Self::parameters(key_column).to_string()).await?;
+        let (content_type, body) = multipart::form(vec![
+            Part::file("inputFile", "profiles.zip", "application/zip", zip),
+            Part::text(
+                "parameters",
+                "application/json",
+                Self::parameters(key_column).to_string(),
+            ),
+        ])
+        .await?;
         let mut request = Request::new(Method::POST, self.client.table_path(&["import"]));
         request.body = Some((content_type, body));
         request.retry = Some(RetryPolicy {
@@ -248,43 +255,6 @@ impl<'a> BulkImporter<'a> {
         let answer = self.client.send_ok(&request, None).await?;
         parse_json(&answer)
     }
-}
-
-/// The multipart body, built by reqwest's own form and collected into bytes, since the
-/// shared HTTP layer takes a body as bytes.
-async fn multipart_body(
-    zip: Vec<u8>,
-    parameters: String,
-) -> Result<(String, Bytes), ConnectorError> {
-    use http_body_util::BodyExt;
-    let fail = |e: &dyn std::fmt::Display| {
-        ConnectorError::Other(format!("cannot build the import's multipart body: {e}"))
-    };
-    let file = reqwest::multipart::Part::bytes(zip)
-        .file_name("profiles.zip")
-        .mime_str("application/zip")
-        .map_err(|e| fail(&e))?;
-    let params = reqwest::multipart::Part::text(parameters)
-        .mime_str("application/json")
-        .map_err(|e| fail(&e))?;
-    let form = reqwest::multipart::Form::new()
-        .part("inputFile", file)
-        .part("parameters", params);
-    let builder = reqwest::Client::builder().build().map_err(|e| fail(&e))?;
-    let mut request = builder
-        .post("http://localhost/")
-        .multipart(form)
-        .build()
-        .map_err(|e| fail(&e))?;
-    let content_type = request
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .ok_or_else(|| fail(&"no content type"))?;
-    let body = request.body_mut().take().ok_or_else(|| fail(&"no body"))?;
-    let bytes = body.collect().await.map_err(|e| fail(&e))?.to_bytes();
-    Ok((content_type, bytes))
 }
 
 /// The first file of a zip, as text.

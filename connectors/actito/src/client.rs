@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use contactsync_core::{CancellationToken, ConnectorError, ExposeSecret, SecretString};
-use contactsync_http::{header, Answer, Auth, Decision, HttpClient, HttpSettings, Method};
+use contactsync_http::{header, Answer, Auth, Decision, HttpClient, Method};
 use contactsync_http::{Call, RetryPolicy};
 use serde_json::Value;
 
@@ -111,22 +111,12 @@ pub enum ProfileWrite {
 impl ActitoClient {
     /// A client for `connection`. Touches no network.
     pub fn new(connection: &Connection) -> Result<Self, ConnectorError> {
-        let mut settings = HttpSettings::new(&connection.base_url)?;
-        settings.connect_timeout = connection.connect_timeout;
-        settings.request_timeout = connection.request_timeout;
-        settings.user_agent_suffix = Some("actito".into());
-        settings.retry = RetryPolicy {
-            max_attempts: connection.max_attempts,
-            max_elapsed: connection.max_retry_time,
-            base_backoff: connection.retry_backoff,
-            ..RetryPolicy::default()
-        };
-        settings
-            .default_headers
-            .insert(header::ACCEPT, header::HeaderValue::from_static(JSON));
+        let mut headers = header::HeaderMap::new();
+        headers.insert(header::ACCEPT, header::HeaderValue::from_static(JSON));
+        let http = &connection.http;
         Ok(ActitoClient {
             // Credentials are set per call: the bearer token changes.
-            http: HttpClient::new(settings, Auth::None)?,
+            http: http.client(&http.base_url, "actito", headers, Auth::None)?,
             entity: connection.entity.clone(),
             table: connection.table.clone(),
             api_key: connection.api_key.clone(),

@@ -11,10 +11,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, SecretString};
+use contactsync_http::{HttpDefaults, HttpSettings};
 use serde::Deserialize;
 
 /// The API base when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.actito.com";
+
+/// Actito's defaults for the connection settings (`base_url`, timeouts, retries).
+#[derive(Debug)]
+pub struct ActitoDefaults;
+
+impl HttpDefaults for ActitoDefaults {
+    /// `api1`, `api3`, `api-pre1` hosts serve other environments.
+    const BASE_URL: Option<&'static str> = Some(DEFAULT_BASE_URL);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+    const MAX_ATTEMPTS: u32 = 6;
+}
 
 /// The bulk imports Actito allows per table per day.
 pub const BULK_IMPORTS_PER_DAY: u32 = 12;
@@ -41,29 +53,11 @@ pub enum QuotaExhausted {
     Stop,
 }
 
-fn default_base_url() -> String {
-    DEFAULT_BASE_URL.to_string()
-}
-fn d_connect() -> DurationSetting {
-    DurationSetting::secs(10)
-}
-fn d_request() -> DurationSetting {
-    DurationSetting::secs(120)
-}
-fn d_retry_time() -> DurationSetting {
-    DurationSetting::secs(600)
-}
-fn d_backoff() -> DurationSetting {
-    DurationSetting::secs(1)
-}
 fn d_poll() -> DurationSetting {
     DurationSetting::secs(5)
 }
 fn d_import_wait() -> DurationSetting {
     DurationSetting::secs(6 * 3600)
-}
-fn d_attempts() -> u32 {
-    6
 }
 fn d_threshold() -> u64 {
     1000
@@ -82,10 +76,6 @@ fn d_concurrency() -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkSettings {
-    /// API base; default `https://api.actito.com` (`api1`, `api3`, `api-pre1` hosts for
-    /// other environments).
-    #[serde(default = "default_base_url")]
-    pub base_url: String,
     /// The entity's name.
     pub entity: String,
     /// The profile table's name.
@@ -122,21 +112,6 @@ pub struct SinkSettings {
     /// One-by-one calls in flight at once (at most 5, Actito's limit per licence).
     #[serde(default = "d_concurrency")]
     pub concurrency: usize,
-    /// Connection timeout.
-    #[serde(default = "d_connect")]
-    pub connect_timeout: DurationSetting,
-    /// Timeout of one whole request.
-    #[serde(default = "d_request")]
-    pub request_timeout: DurationSetting,
-    /// Most attempts of one call on transient failures (429, 5xx).
-    #[serde(default = "d_attempts")]
-    pub max_attempts: u32,
-    /// Most time one call spends retrying transient failures.
-    #[serde(default = "d_retry_time")]
-    pub max_retry_time: DurationSetting,
-    /// First backoff after a transient failure (doubles at each retry).
-    #[serde(default = "d_backoff")]
-    pub retry_backoff: DurationSetting,
     /// Wait between polls of a running import.
     #[serde(default = "d_poll")]
     pub poll_interval: DurationSetting,
@@ -150,9 +125,6 @@ pub struct SinkSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
-    /// API base (see [`SinkSettings::base_url`]).
-    #[serde(default = "default_base_url")]
-    pub base_url: String,
     /// The entity's name.
     pub entity: String,
     /// The profile table's name.
@@ -170,44 +142,19 @@ pub struct SourceSettings {
     /// Profiles per page (`number`).
     #[serde(default = "d_page_size")]
     pub page_size: usize,
-    /// Connection timeout.
-    #[serde(default = "d_connect")]
-    pub connect_timeout: DurationSetting,
-    /// Timeout of one whole request.
-    #[serde(default = "d_request")]
-    pub request_timeout: DurationSetting,
-    /// Most attempts of one call on transient failures.
-    #[serde(default = "d_attempts")]
-    pub max_attempts: u32,
-    /// Most time one call spends retrying.
-    #[serde(default = "d_retry_time")]
-    pub max_retry_time: DurationSetting,
-    /// First backoff after a transient failure.
-    #[serde(default = "d_backoff")]
-    pub retry_backoff: DurationSetting,
 }
 
 /// Where and how to reach the table: what sources and sinks share.
 #[derive(Debug, Clone)]
 pub struct Connection {
-    /// API base URL.
-    pub base_url: String,
+    /// The connection settings (`base_url`, timeouts, retries).
+    pub http: HttpSettings,
     /// Entity name.
     pub entity: String,
     /// Profile table name.
     pub table: String,
     /// The API key (never printed).
     pub api_key: SecretString,
-    /// Connection timeout.
-    pub connect_timeout: Duration,
-    /// Request timeout.
-    pub request_timeout: Duration,
-    /// Attempts per call.
-    pub max_attempts: u32,
-    /// Retry time per call.
-    pub max_retry_time: Duration,
-    /// First backoff.
-    pub retry_backoff: Duration,
 }
 
 /// The declared mapping: canonical field → Actito name, `None` for "unmapped on
@@ -305,13 +252,6 @@ fn parse_mapping(
     Ok(mapping)
 }
 
-fn check_base(settings: &ConnectorSettings, base_url: &str) -> Result<(), ConfigError> {
-    if base_url.trim().is_empty() {
-        return Err(settings.error("base_url", "empty"));
-    }
-    Ok(())
-}
-
 fn check_name(settings: &ConnectorSettings, key: &str, value: &str) -> Result<(), ConfigError> {
     if value.trim().is_empty() {
         return Err(settings.error(key, "empty; name the Actito entity and profile table"));
@@ -322,8 +262,7 @@ fn check_name(settings: &ConnectorSettings, key: &str, value: &str) -> Result<()
 impl SinkConfig {
     /// Parses and checks a `[sinks.NAME]` section.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
-        let s: SinkSettings = settings.parse()?;
-        check_base(settings, &s.base_url)?;
+        let (s, http): (SinkSettings, _) = HttpSettings::parse::<ActitoDefaults, _>(settings)?;
         check_name(settings, "entity", &s.entity)?;
         check_name(settings, "table", &s.table)?;
         let api_key = settings.secret("api_key", s.api_key, s.api_key_file.as_deref())?;
@@ -336,22 +275,14 @@ impl SinkConfig {
         if s.max_batch == 0 {
             return Err(settings.error("max_batch", "must be at least 1"));
         }
-        if s.max_attempts == 0 {
-            return Err(settings.error("max_attempts", "must be at least 1"));
-        }
         let mapping = parse_mapping(settings, s.attributes, s.subscriptions, s.segmentations)?;
         Ok(SinkConfig {
             section: settings.section.clone(),
             connection: Connection {
-                base_url: s.base_url.trim().to_string(),
+                http,
                 entity: s.entity.trim().to_string(),
                 table: s.table.trim().to_string(),
                 api_key,
-                connect_timeout: s.connect_timeout.0,
-                request_timeout: s.request_timeout.0,
-                max_attempts: s.max_attempts,
-                max_retry_time: s.max_retry_time.0,
-                retry_backoff: s.retry_backoff.0,
             },
             mapping,
             bulk_threshold: s.bulk_threshold.max(1),
@@ -368,30 +299,21 @@ impl SinkConfig {
 impl SourceConfig {
     /// Parses and checks a `[sources.NAME]` section.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
-        let s: SourceSettings = settings.parse()?;
-        check_base(settings, &s.base_url)?;
+        let (s, http): (SourceSettings, _) = HttpSettings::parse::<ActitoDefaults, _>(settings)?;
         check_name(settings, "entity", &s.entity)?;
         check_name(settings, "table", &s.table)?;
         let api_key = settings.secret("api_key", s.api_key, s.api_key_file.as_deref())?;
         if s.page_size == 0 || s.page_size > 1000 {
             return Err(settings.error("page_size", "between 1 and 1000"));
         }
-        if s.max_attempts == 0 {
-            return Err(settings.error("max_attempts", "must be at least 1"));
-        }
         let mapping = parse_mapping(settings, s.attributes, s.subscriptions, BTreeMap::new())?;
         Ok(SourceConfig {
             section: settings.section.clone(),
             connection: Connection {
-                base_url: s.base_url.trim().to_string(),
+                http,
                 entity: s.entity.trim().to_string(),
                 table: s.table.trim().to_string(),
                 api_key,
-                connect_timeout: s.connect_timeout.0,
-                request_timeout: s.request_timeout.0,
-                max_attempts: s.max_attempts,
-                max_retry_time: s.max_retry_time.0,
-                retry_backoff: s.retry_backoff.0,
             },
             mapping,
             page_size: s.page_size,
@@ -413,7 +335,7 @@ mod tests {
             "entity = \"demo\"\ntable = \"contacts\"\napi_key = \"k\"",
         ))
         .expect("config");
-        assert_eq!(c.connection.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.connection.http.base_url, DEFAULT_BASE_URL);
         assert_eq!(c.bulk_threshold, 1000);
         assert_eq!(c.removal, Removal::Unsubscribe);
         assert_eq!(c.when_bulk_quota_exhausted, QuotaExhausted::OneByOne);

@@ -7,7 +7,7 @@
 //! answer and is handed back as [`CallError::Fault`], never retried.
 
 use contactsync_core::{ConnectorError, ExposeSecret, SecretString};
-use contactsync_http::{Answer, Decision, HttpClient, HttpSettings, Method, RetryPolicy};
+use contactsync_http::{header, Answer, Decision, HttpClient, Method};
 
 use crate::config::BcConfig;
 use crate::soap::{self, ContactRecord, Fault, Login, Node, Reply};
@@ -101,17 +101,13 @@ fn classify(answer: &Answer) -> Decision {
 impl BcClient {
     /// A client for `config`. Touches no network.
     pub fn new(config: &BcConfig) -> Result<BcClient, ConnectorError> {
-        let mut settings = HttpSettings::new(&config.endpoint)?;
-        settings.connect_timeout = config.connect_timeout;
-        settings.request_timeout = config.timeout;
-        settings.user_agent_suffix = Some("businesscatalyst".into());
-        settings.retry = RetryPolicy {
-            max_attempts: config.max_attempts,
-            base_backoff: config.retry_backoff,
-            ..RetryPolicy::default()
-        };
-        let path = settings.base_url.path().trim_end_matches('/').to_string();
-        let http = HttpClient::new(settings, contactsync_http::Auth::None)?;
+        let http = config.http.client(
+            &config.endpoint,
+            "businesscatalyst",
+            header::HeaderMap::new(),
+            contactsync_http::Auth::None,
+        )?;
+        let path = http.base_url().path().trim_end_matches('/').to_string();
         Ok(BcClient {
             http,
             endpoint: config.endpoint.clone(),

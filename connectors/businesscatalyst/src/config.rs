@@ -21,16 +21,43 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use chrono_tz::Tz;
 use contactsync_core::{ConfigError, ConnectorSettings, Field, SecretString};
+use contactsync_http::{HttpDefaults, HttpSettings, OldKey, OldUnit};
 use serde::Deserialize;
 
 /// The service's path under the site URL.
 pub const ENDPOINT_PATH: &str = "/catalystwebservice/catalystcrmwebservice.asmx";
 /// The most records `ContactList_UpdateInsert` takes per call.
 pub const MAX_BATCH: usize = 100;
+
+/// Business Catalyst's defaults for the connection settings: the shared ones, and no
+/// default site.
+#[derive(Debug)]
+pub struct BcDefaults;
+
+impl HttpDefaults for BcDefaults {}
+
+/// The keys this connector took before the shared connection settings, still read
+/// (with a deprecation warning): whole seconds, and milliseconds for the backoff.
+pub const OLD_KEYS: &[OldKey] = &[
+    OldKey {
+        name: "timeout_secs",
+        now: "request_timeout",
+        unit: OldUnit::Same,
+    },
+    OldKey {
+        name: "connect_timeout_secs",
+        now: "connect_timeout",
+        unit: OldUnit::Same,
+    },
+    OldKey {
+        name: "retry_backoff_ms",
+        now: "retry_backoff",
+        unit: OldUnit::Millis,
+    },
+];
 
 /// How a removal is carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -43,13 +70,14 @@ pub enum Removal {
     OptOut,
 }
 
-/// The settings as written (see the module example). Parsed with
-/// [`ConnectorSettings::parse`]; unknown keys are errors.
+/// The settings as written (see the module example), but for the connection settings
+/// ([`HttpSettings`]: `base_url`, the site or the full `.asmx` URL; `request_timeout`,
+/// default 60 s; `connect_timeout`, 10 s; `max_attempts` on transport errors and HTTP
+/// 5xx without a SOAP Fault, which is never retried, 5; `retry_backoff`, 1 s; and
+/// `max_retry_time`). Unknown keys are errors.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BcSettings {
-    /// The site (`https://example.worldsecuresystems.com`), or the full `.asmx` URL.
-    pub base_url: String,
     /// The site id (API Integration page).
     pub site_id: i64,
     /// The API user; empty for site-token mode.
@@ -83,19 +111,6 @@ pub struct BcSettings {
     /// Records per `ContactList_UpdateInsert`, at most 100 (the default).
     #[serde(default)]
     pub batch_size: Option<usize>,
-    /// Seconds one call may take, answer included. Default 60.
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-    /// Seconds to wait for a connection. Default 10.
-    #[serde(default)]
-    pub connect_timeout_secs: Option<u64>,
-    /// Attempts per call on transport errors and HTTP 5xx without a SOAP Fault
-    /// (a Fault is never retried). Default 5.
-    #[serde(default)]
-    pub max_attempts: Option<u32>,
-    /// The first backoff between attempts, in milliseconds, doubling. Default 1000.
-    #[serde(default)]
-    pub retry_backoff_ms: Option<u64>,
     /// After upserting new contacts, look each one's `entityId` up
     /// (`Contact_RetrieveByExternalID`/`ByEmailAddress`, one call per new contact) so
     /// later updates and deletions address it by id. Default false.
@@ -126,14 +141,8 @@ pub struct BcConfig {
     pub removal: Removal,
     /// Records per upsert call.
     pub batch_size: usize,
-    /// Per-call timeout.
-    pub timeout: Duration,
-    /// Connect timeout.
-    pub connect_timeout: Duration,
-    /// Attempts per call.
-    pub max_attempts: u32,
-    /// First backoff.
-    pub retry_backoff: Duration,
+    /// The connection settings (timeouts, retries; `base_url` as configured).
+    pub http: HttpSettings,
     /// Look up entity ids of new contacts.
     pub resolve_entity_ids: bool,
 }
@@ -165,9 +174,10 @@ pub const ADDRESS_PARTS: [&str; 6] = [
 impl BcConfig {
     /// Parses and validates a section.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<BcConfig, ConfigError> {
-        let raw: BcSettings = settings.parse()?;
+        let (raw, http): (BcSettings, _) =
+            HttpSettings::parse_with_old_keys::<BcDefaults, _>(settings, OLD_KEYS)?;
         let password = settings.secret("password", raw.password, raw.password_file.as_deref())?;
-        let endpoint = endpoint_url(&raw.base_url).map_err(|m| settings.error("base_url", m))?;
+        let endpoint = endpoint_url(&http.base_url).map_err(|m| settings.error("base_url", m))?;
         let time_zone = match raw.time_zone.as_deref().map(str::trim) {
             None | Some("") => Tz::UTC,
             Some(name) => name.parse().map_err(|_| {
@@ -212,10 +222,6 @@ impl BcConfig {
                 format!("{batch_size} is out of range: Business Catalyst takes 1 to {MAX_BATCH} records per call"),
             ));
         }
-        let max_attempts = raw.max_attempts.unwrap_or(5);
-        if max_attempts == 0 {
-            return Err(settings.error("max_attempts", "must be at least 1"));
-        }
         Ok(BcConfig {
             endpoint,
             site_id: raw.site_id,
@@ -227,10 +233,7 @@ impl BcConfig {
             crm_fields,
             removal: raw.removal,
             batch_size,
-            timeout: Duration::from_secs(raw.timeout_secs.unwrap_or(60).max(1)),
-            connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10).max(1)),
-            max_attempts,
-            retry_backoff: Duration::from_millis(raw.retry_backoff_ms.unwrap_or(1000)),
+            http,
             resolve_entity_ids: raw.resolve_entity_ids,
         })
     }
@@ -260,6 +263,7 @@ pub fn endpoint_url(base_url: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn settings(toml: &str) -> ConnectorSettings {
         ConnectorSettings::from_toml("sources.bc", toml).unwrap()
@@ -297,5 +301,24 @@ mod tests {
         assert!(err("phone_types = { x = \"phone\" }").contains("phone_types"));
         assert!(err("colour = \"red\"").contains("colour"));
         assert!(err("removal = \"burn\"").contains("burn"));
+        assert!(err("timeout_secs = 5\nrequest_timeout = 5").contains("timeout_secs"));
+    }
+
+    #[test]
+    fn the_old_integer_keys_still_read() {
+        let c = BcConfig::from_settings(&settings(
+            "base_url = \"https://x\"\nsite_id = 5\npassword = \"p\"\n\
+             timeout_secs = 30\nconnect_timeout_secs = 3\nretry_backoff_ms = 250",
+        ))
+        .unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.http.retry_backoff, Duration::from_millis(250));
+        let c = BcConfig::from_settings(&settings(
+            "base_url = \"https://x\"\nsite_id = 5\npassword = \"p\"\nrequest_timeout = \"2m\"",
+        ))
+        .unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(120));
+        assert_eq!(c.http.max_attempts, 5);
     }
 }

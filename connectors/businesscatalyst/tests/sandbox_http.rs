@@ -16,7 +16,7 @@ fn settings_for(base_url: &str, extra: &str) -> ConnectorSettings {
         "sources.bc",
         &format!(
             "base_url = \"{base_url}\"\nsite_id = 1\nusername = \"sandbox\"\npassword = \"sandbox\"\n\
-             retry_backoff_ms = 5\n{extra}"
+             retry_backoff = \"5ms\"\n{extra}"
         ),
     )
     .unwrap()

@@ -43,8 +43,11 @@ pub enum MultiValue {
     Join,
 }
 
-/// The connection settings shared by the source and the sink.
+/// The connection settings shared by the source and the sink, kept flat in the section
+/// and split off it by [`ConnectorSettings::split`] (so that each part can deny unknown
+/// keys, which `serde(flatten)` cannot).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ConnectionToml {
     url: String,
     #[serde(default)]
@@ -155,9 +158,8 @@ impl Connection {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SourceToml {
-    #[serde(flatten)]
-    connection: ConnectionToml,
     base_dn: String,
     #[serde(default)]
     filter: Option<String>,
@@ -198,9 +200,8 @@ pub struct SourceConfig {
 impl SourceConfig {
     /// Reads and checks the settings.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
-        reject_unknown_keys(settings, SOURCE_KEYS)?;
-        let raw: SourceToml = settings.parse()?;
-        let connection = Connection::from_toml(settings, raw.connection)?;
+        let (own, connection) = split_connection(settings)?;
+        let raw: SourceToml = own.parse()?;
         let base_dn = non_empty(settings, "base_dn", raw.base_dn)?;
         let filter = match raw.filter {
             None => DEFAULT_FILTER.to_string(),
@@ -250,9 +251,8 @@ enum RemovalToml {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SinkToml {
-    #[serde(flatten)]
-    connection: ConnectionToml,
     base_dn: String,
     #[serde(default)]
     rdn_attribute: Option<String>,
@@ -285,9 +285,8 @@ pub struct SinkConfig {
 impl SinkConfig {
     /// Reads and checks the settings.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
-        reject_unknown_keys(settings, SINK_KEYS)?;
-        let raw: SinkToml = settings.parse()?;
-        let connection = Connection::from_toml(settings, raw.connection)?;
+        let (own, connection) = split_connection(settings)?;
+        let raw: SinkToml = own.parse()?;
         let base_dn = non_empty(settings, "base_dn", raw.base_dn)?;
         let rdn_attribute = non_empty(
             settings,
@@ -352,50 +351,19 @@ const CONNECTION_KEYS: &[&str] = &[
     "connect_timeout",
     "operation_timeout",
 ];
-const SOURCE_KEYS: &[&str] = &[
-    "base_dn",
-    "filter",
-    "attributes",
-    "multi_value",
-    "multi_value_separator",
-    "inactive_filter",
-    "page_size",
-];
-const SINK_KEYS: &[&str] = &[
-    "base_dn",
-    "rdn_attribute",
-    "object_classes",
-    "attributes",
-    "removal",
-];
-
-/// `serde(deny_unknown_fields)` does not work across `serde(flatten)`, which shares the
-/// connection keys between source and sink; so misspelt keys are caught here instead.
-fn reject_unknown_keys(settings: &ConnectorSettings, own: &[&str]) -> Result<(), ConfigError> {
-    let Ok(table) = settings.values.clone().into_table() else {
-        return Ok(()); // not a table: `parse` reports it
-    };
-    for key in table.keys() {
-        let known = CONNECTION_KEYS
-            .iter()
-            .chain(own)
-            .any(|k| k.eq_ignore_ascii_case(key));
-        if key == "full_every" {
-            return Err(settings.error(
-                key,
-                "a full read every N runs is a pipeline setting: put `full_every` in the [pipelines.NAME] section of this source and sink",
-            ));
-        }
-        if !known {
-            let mut expected: Vec<&str> = CONNECTION_KEYS.iter().chain(own).copied().collect();
-            expected.sort_unstable();
-            return Err(settings.error(
-                key,
-                format!("unknown setting (expected one of: {})", expected.join(", ")),
-            ));
-        }
+/// The connection, and the rest of the section for the source's or sink's own keys.
+fn split_connection(
+    settings: &ConnectorSettings,
+) -> Result<(ConnectorSettings, Connection), ConfigError> {
+    if settings.has("full_every") {
+        return Err(settings.error(
+            "full_every",
+            "a full read every N runs is a pipeline setting: put `full_every` in the [pipelines.NAME] section of this source and sink",
+        ));
     }
-    Ok(())
+    let (own, connection) = settings.split(CONNECTION_KEYS);
+    let connection = Connection::from_toml(settings, connection.parse()?)?;
+    Ok((own, connection))
 }
 
 fn non_empty(
@@ -543,11 +511,12 @@ mod tests {
             config.connection.operation_timeout,
             Duration::from_millis(250)
         );
-        // The connection keys are flattened into the section, and serde loses the key's
-        // path through `flatten`: the error names the section and the value instead.
+        // The connection keys are split off the section and parsed on their own, so a
+        // bad value names its key.
         let err = source("connect_timeout = \"soon\"").unwrap_err();
         assert!(err.to_string().contains("\"soon\""), "{err}");
         assert_eq!(err.section, "sources.dir");
+        assert_eq!(err.key.as_deref(), Some("connect_timeout"));
         assert_eq!(
             source("connect_timeout = 0").unwrap_err().key.as_deref(),
             Some("connect_timeout")

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use contactsync_core::{CancellationToken, ConnectorError, ProgressReporter};
-use contactsync_http::{
-    header, Answer, Auth, Decision, HttpClient, HttpSettings, Method, RetryPolicy,
-};
+use contactsync_http::{header, Answer, Auth, Decision, HttpClient, Method};
 
 use crate::config::Connection;
 use crate::xml::{error_text, ImportState, StatusEntity, SubscriberPage};
@@ -29,22 +27,15 @@ pub struct PoppuloClient {
 impl PoppuloClient {
     /// A client for `connection`. Touches no network.
     pub fn new(connection: &Connection) -> Result<Self, ConnectorError> {
-        let mut settings = HttpSettings::new(&connection.base_url)?;
-        settings.connect_timeout = connection.connect_timeout;
-        settings.request_timeout = connection.request_timeout;
-        settings.user_agent_suffix = Some("poppulo".into());
-        settings.retry = RetryPolicy {
-            max_attempts: connection.max_attempts,
-            max_elapsed: connection.max_retry_time,
-            ..RetryPolicy::default()
-        };
-        settings.default_headers.insert(
+        let mut headers = header::HeaderMap::new();
+        headers.insert(
             header::ACCEPT,
             header::HeaderValue::from_static("application/xml"),
         );
         let auth = Auth::basic(connection.username.clone(), connection.password.clone());
+        let http = &connection.http;
         Ok(PoppuloClient {
-            http: HttpClient::new(settings, auth)?,
+            http: http.client(&http.base_url, "poppulo", headers, auth)?,
             account: connection.account.clone(),
         })
     }

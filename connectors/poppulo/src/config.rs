@@ -7,10 +7,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, SecretString};
+use contactsync_http::{HttpDefaults, HttpSettings};
 use serde::Deserialize;
 
 /// The API base when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.newsweaver.com/v2";
+
+/// Poppulo's defaults for the connection settings (`base_url`, timeouts, retries).
+#[derive(Debug)]
+pub struct PoppuloDefaults;
+
+impl HttpDefaults for PoppuloDefaults {
+    /// `https://api.us.newsweaver.com/v2` serves US-hosted accounts.
+    const BASE_URL: Option<&'static str> = Some(DEFAULT_BASE_URL);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+    const MAX_RETRY_TIME: Duration = Duration::from_secs(900);
+}
 
 /// How a removal is carried out: an import row with this status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -33,26 +45,11 @@ impl Removal {
     }
 }
 
-fn default_base_url() -> String {
-    DEFAULT_BASE_URL.to_string()
-}
 fn yes() -> bool {
     true
 }
 fn default_max_rows() -> usize {
     50_000
-}
-fn default_max_attempts() -> u32 {
-    5
-}
-fn d_connect() -> DurationSetting {
-    DurationSetting::secs(10)
-}
-fn d_request() -> DurationSetting {
-    DurationSetting::secs(120)
-}
-fn d_retry_time() -> DurationSetting {
-    DurationSetting::secs(900)
 }
 fn d_busy() -> DurationSetting {
     DurationSetting::secs(3600)
@@ -74,10 +71,6 @@ fn d_import_wait() -> DurationSetting {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkSettings {
-    /// API base; default `https://api.newsweaver.com/v2` (`https://api.us.newsweaver.com/v2`
-    /// for US-hosted accounts).
-    #[serde(default = "default_base_url")]
-    pub base_url: String,
     /// The account code (`/v2/{account}/…`).
     pub account: String,
     /// The API user.
@@ -122,18 +115,6 @@ pub struct SinkSettings {
     /// The most rows in one import job (the engine's batch size).
     #[serde(default = "default_max_rows")]
     pub max_rows_per_job: usize,
-    /// Connection timeout.
-    #[serde(default = "d_connect")]
-    pub connect_timeout: DurationSetting,
-    /// Timeout of one whole request.
-    #[serde(default = "d_request")]
-    pub request_timeout: DurationSetting,
-    /// Most attempts of one call on transient failures.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// Most time one call spends retrying transient failures.
-    #[serde(default = "d_retry_time")]
-    pub max_retry_time: DurationSetting,
     /// Most time to wait for another import of the account to finish before posting.
     #[serde(default = "d_busy")]
     pub max_wait_for_busy_account: DurationSetting,
@@ -156,9 +137,6 @@ pub struct SinkSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
-    /// API base (see [`SinkSettings::base_url`]).
-    #[serde(default = "default_base_url")]
-    pub base_url: String,
     /// The account code.
     pub account: String,
     /// The API user.
@@ -170,18 +148,6 @@ pub struct SourceSettings {
     /// Which subscribers to read: `all` (default), `active`, `inactive`, `opt_out`.
     #[serde(default = "default_status_filter")]
     pub status: String,
-    /// Connection timeout.
-    #[serde(default = "d_connect")]
-    pub connect_timeout: DurationSetting,
-    /// Timeout of one whole request.
-    #[serde(default = "d_request")]
-    pub request_timeout: DurationSetting,
-    /// Most attempts of one call on transient failures.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// Most time one call spends retrying transient failures.
-    #[serde(default = "d_retry_time")]
-    pub max_retry_time: DurationSetting,
 }
 
 fn default_status_filter() -> String {
@@ -191,22 +157,14 @@ fn default_status_filter() -> String {
 /// Where and how to reach the account: what sources and sinks share.
 #[derive(Debug, Clone)]
 pub struct Connection {
-    /// API base URL.
-    pub base_url: String,
+    /// The connection settings (`base_url`, timeouts, retries).
+    pub http: HttpSettings,
     /// Account code.
     pub account: String,
     /// API user.
     pub username: String,
     /// Its password (never printed).
     pub password: SecretString,
-    /// Connection timeout.
-    pub connect_timeout: Duration,
-    /// Request timeout.
-    pub request_timeout: Duration,
-    /// Attempts per call.
-    pub max_attempts: u32,
-    /// Retry time per call.
-    pub max_retry_time: Duration,
 }
 
 /// Canonical field → Poppulo column, in the order columns are sent (`email` first).
@@ -324,8 +282,8 @@ fn check_column_name(
 impl SinkConfig {
     /// Parses and checks the section.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
-        let s: SinkSettings = settings.parse()?;
-        check_connection(settings, &s.base_url, &s.account, &s.username)?;
+        let (s, http): (SinkSettings, _) = HttpSettings::parse::<PoppuloDefaults, _>(settings)?;
+        check_connection(settings, &http.base_url, &s.account, &s.username)?;
         let password = settings.secret("password", s.password, s.password_file.as_deref())?;
         if !s.accept_terms {
             return Err(settings.error(
@@ -335,9 +293,6 @@ impl SinkConfig {
         }
         if s.max_rows_per_job == 0 {
             return Err(settings.error("max_rows_per_job", "must be at least 1"));
-        }
-        if s.max_attempts == 0 {
-            return Err(settings.error("max_attempts", "must be at least 1"));
         }
         let mut map = ColumnMap::defaults();
         for (field_name, column) in &s.columns {
@@ -403,14 +358,10 @@ impl SinkConfig {
         }
         Ok(SinkConfig {
             connection: Connection {
-                base_url: s.base_url,
+                http,
                 account: s.account.trim().to_string(),
                 username: s.username,
                 password,
-                connect_timeout: s.connect_timeout.0,
-                request_timeout: s.request_timeout.0,
-                max_attempts: s.max_attempts,
-                max_retry_time: s.max_retry_time.0,
             },
             columns: ColumnMap(ordered),
             removal: s.removal,
@@ -435,26 +386,19 @@ impl SinkConfig {
 impl SourceConfig {
     /// Parses and checks the section.
     pub fn from_settings(settings: &ConnectorSettings) -> Result<Self, ConfigError> {
-        let s: SourceSettings = settings.parse()?;
-        check_connection(settings, &s.base_url, &s.account, &s.username)?;
+        let (s, http): (SourceSettings, _) = HttpSettings::parse::<PoppuloDefaults, _>(settings)?;
+        check_connection(settings, &http.base_url, &s.account, &s.username)?;
         let password = settings.secret("password", s.password, s.password_file.as_deref())?;
         let status = s.status.trim().to_ascii_lowercase();
         if !matches!(status.as_str(), "all" | "active" | "inactive" | "opt_out") {
             return Err(settings.error("status", "expected all, active, inactive or opt_out"));
         }
-        if s.max_attempts == 0 {
-            return Err(settings.error("max_attempts", "must be at least 1"));
-        }
         Ok(SourceConfig {
             connection: Connection {
-                base_url: s.base_url,
+                http,
                 account: s.account.trim().to_string(),
                 username: s.username,
                 password,
-                connect_timeout: s.connect_timeout.0,
-                request_timeout: s.request_timeout.0,
-                max_attempts: s.max_attempts,
-                max_retry_time: s.max_retry_time.0,
             },
             status,
         })

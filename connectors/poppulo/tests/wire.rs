@@ -201,7 +201,7 @@ fn settings_are_checked() {
     .unwrap();
     assert_eq!(ok.max_wait_for_busy_account.as_secs(), 900);
     assert_eq!(ok.min_poll_interval.as_millis(), 250);
-    assert_eq!(ok.connection.base_url, "https://api.newsweaver.com/v2");
+    assert_eq!(ok.connection.http.base_url, "https://api.newsweaver.com/v2");
     // The password never shows.
     assert!(!format!("{ok:?}").contains("\"pw\""));
     assert!(!format!("{:?}", sink("")).contains("\"pw\""));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use contactsync_engine::{RunReport, RunStatus};
-use contactsync_http::{Auth, HttpClient, HttpSettings, Method, RetryPolicy};
+use contactsync_http::{Auth, ClientConfig, HttpClient, Method, RetryPolicy};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -156,7 +156,7 @@ pub fn write_file(path: &Path, text: &str) -> Result<()> {
 
 /// Pushes `text` to a Pushgateway, grouped by job `contactsync` and the pipeline.
 pub async fn push(gateway: &str, pipeline: &str, text: String) -> Result<()> {
-    let mut settings = HttpSettings::new(gateway).map_err(|e| anyhow!("{e}"))?;
+    let mut settings = ClientConfig::new(gateway).map_err(|e| anyhow!("{e}"))?;
     settings.request_timeout = Duration::from_secs(10);
     settings.retry = RetryPolicy {
         max_attempts: 3,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use contactsync_core::{DurationSetting, ExposeSecret, SecretString};
 use contactsync_engine::{RunReport, RunStatus};
-use contactsync_http::{Auth, HttpClient, HttpSettings, Method, RetryPolicy, Url};
+use contactsync_http::{Auth, ClientConfig, HttpClient, Method, RetryPolicy, Url};
 use serde::Deserialize;
 
 /// What a run was, as far as telling anyone goes.
@@ -263,7 +263,7 @@ async fn send_webhook(hook: &WebhookSettings, report: &RunReport, event: Event) 
     let url = url.expose_secret();
     let parsed = Url::parse(url).map_err(|_| anyhow!("the webhook URL is not a URL"))?;
     let origin = parsed.origin().ascii_serialization();
-    let mut settings = HttpSettings::new(&origin).map_err(|e| anyhow!("{e}"))?;
+    let mut settings = ClientConfig::new(&origin).map_err(|e| anyhow!("{e}"))?;
     settings.connect_timeout = hook.timeout.0.min(Duration::from_secs(5));
     settings.request_timeout = hook.timeout.0;
     // Bounded: a receiver that is down costs the run at most half a minute.

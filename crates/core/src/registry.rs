@@ -80,6 +80,38 @@ impl ConnectorSettings {
         })
     }
 
+    /// Splits the section in two: the keys of a settings group shared by several
+    /// connectors (`ClientConfig`'s `base_url`, `connect_timeout`, …), which stay flat in
+    /// the file, and the rest. Each part is then [`ConnectorSettings::parse`]d on its own,
+    /// with `deny_unknown_fields`, so that a misspelt key is still an error naming it
+    /// (`serde(flatten)` would lose both).
+    pub fn split(&self, group_keys: &[&str]) -> (ConnectorSettings, ConnectorSettings) {
+        let mut rest = config::Map::new();
+        let mut group = config::Map::new();
+        if let Ok(table) = self.values.clone().into_table() {
+            for (key, value) in table {
+                if group_keys.contains(&key.as_str()) {
+                    group.insert(key, value);
+                } else {
+                    rest.insert(key, value);
+                }
+            }
+        }
+        let part = |map: config::Map<String, config::Value>| ConnectorSettings {
+            values: config::Value::new(None, config::ValueKind::Table(map)),
+            ..self.clone()
+        };
+        (part(rest), part(group))
+    }
+
+    /// Whether the section sets `key`.
+    pub fn has(&self, key: &str) -> bool {
+        self.values
+            .clone()
+            .into_table()
+            .is_ok_and(|table| table.contains_key(key))
+    }
+
     /// A path from the settings, resolved against the config file's directory.
     pub fn path(&self, path: &Path) -> PathBuf {
         self.base_dir.join(path)

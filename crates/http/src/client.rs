@@ -13,9 +13,9 @@ use crate::answer::excerpt;
 use crate::retry::Standard;
 use crate::{Answer, Auth, Classify, Decision, RetryPolicy, USER_AGENT};
 
-/// How an [`HttpClient`] is built. Start from [`HttpSettings::new`] and change fields.
+/// How an [`HttpClient`] is built. Start from [`ClientConfig::new`] and change fields.
 #[derive(Debug, Clone)]
-pub struct HttpSettings {
+pub struct ClientConfig {
     /// The base every relative path is resolved against
     /// (`https://api.newsweaver.com/v2/`). A missing trailing `/` is added, so that
     /// `acme/subscribers` lands under it.
@@ -32,7 +32,7 @@ pub struct HttpSettings {
     pub default_headers: HeaderMap,
 }
 
-impl HttpSettings {
+impl ClientConfig {
     /// Defaults around `base_url`; fails if it is not an absolute `http(s)` URL.
     pub fn new(base_url: &str) -> Result<Self, ConnectorError> {
         let mut base = Url::parse(base_url.trim())
@@ -48,7 +48,7 @@ impl HttpSettings {
         }
         base.set_query(None);
         base.set_fragment(None);
-        Ok(HttpSettings {
+        Ok(ClientConfig {
             base_url: base,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
@@ -93,7 +93,7 @@ impl fmt::Debug for HttpClient {
 
 impl HttpClient {
     /// A client for `settings`, authenticating every request with `auth`.
-    pub fn new(settings: HttpSettings, auth: Auth) -> Result<Self, ConnectorError> {
+    pub fn new(settings: ClientConfig, auth: Auth) -> Result<Self, ConnectorError> {
         let user_agent = match settings.user_agent_suffix.as_deref().map(str::trim) {
             Some(suffix) if !suffix.is_empty() => format!("{USER_AGENT} {suffix}"),
             _ => USER_AGENT.to_string(),

@@ -22,15 +22,17 @@
 //!
 //! What it is not: it knows no platform, no XML, no JSON. Connectors parse bodies.
 //!
-//! Start reading at [`HttpClient`]; then [`Call`] (one request and its retries) and
-//! [`Answer`] (what came back).
+//! Start reading at [`HttpSettings`] (the connection keys every HTTP connector's section
+//! takes, with its own defaults, and the client built from them), then [`HttpClient`],
+//! [`Call`] (one request and its retries) and [`Answer`] (what came back).
+//! [`multipart`] builds `multipart/form-data` bodies.
 //!
 //! # Example
 //! ```no_run
-//! use contactsync_http::{Auth, HttpClient, HttpSettings, Decision, Answer, SecretString};
+//! use contactsync_http::{Auth, HttpClient, ClientConfig, Decision, Answer, SecretString};
 //!
 //! # async fn demo() -> Result<(), contactsync_core::ConnectorError> {
-//! let settings = HttpSettings::new("https://api.example.com/v2")?;
+//! let settings = ClientConfig::new("https://api.example.com/v2")?;
 //! let auth = Auth::basic("api-user", SecretString::from("s3cret"));
 //! let client = HttpClient::new(settings, auth)?;
 //!
@@ -64,12 +66,15 @@
 mod answer;
 mod auth;
 mod client;
+pub mod multipart;
 mod retry;
+mod settings;
 
 pub use answer::Answer;
 pub use auth::Auth;
-pub use client::{Call, HttpClient, HttpSettings};
+pub use client::{Call, ClientConfig, HttpClient};
 pub use retry::{parse_retry_after, Classify, Decision, RetryPolicy};
+pub use settings::{HttpDefaults, HttpSettings, OldKey, OldUnit};
 
 pub use contactsync_core::{CancellationToken, ConnectorError, SecretString};
 /// Re-exported so that connectors name methods, statuses and headers without their own

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Request, Response};
 use contactsync_core::{ConnectorError, JobProgress, ProgressReporter};
 use contactsync_http::{
-    Answer, Auth, CancellationToken, Decision, HttpClient, HttpSettings, RetryPolicy, SecretString,
+    Answer, Auth, CancellationToken, ClientConfig, Decision, HttpClient, RetryPolicy, SecretString,
 };
 
 #[derive(Clone)]
@@ -81,7 +81,7 @@ fn fast_policy() -> RetryPolicy {
 }
 
 fn client(base: &str) -> HttpClient {
-    let mut settings = HttpSettings::new(base).unwrap();
+    let mut settings = ClientConfig::new(base).unwrap();
     settings.retry = fast_policy();
     settings.user_agent_suffix = Some("test".into());
     HttpClient::new(
