@@ -11,7 +11,8 @@ use contactsync_core::{
 };
 use serde::Deserialize;
 
-use crate::mapping::AttributeMap;
+pub use crate::mapping::MultiValue;
+use crate::mapping::{check_attribute_name, AttributeMap};
 
 /// The filter a source uses when none is configured.
 pub const DEFAULT_FILTER: &str = "(objectClass=inetOrgPerson)";
@@ -30,17 +31,6 @@ pub enum TlsMode {
     Ldaps,
     /// `ldap://` upgraded with the StartTLS extended operation before binding.
     Starttls,
-}
-
-/// How a multi-valued attribute becomes one field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MultiValue {
-    /// The first value the server returns.
-    #[default]
-    First,
-    /// All values, joined with `multi_value_separator`.
-    Join,
 }
 
 /// The connection settings shared by the source and the sink, kept flat in the section
@@ -398,23 +388,6 @@ fn check_filter(
         )
     })?;
     Ok(wrapped)
-}
-
-/// An attribute description: a name (letters, digits, hyphens) or an OID.
-pub(crate) fn check_attribute_name(
-    settings: &ConnectorSettings,
-    key: &str,
-    name: &str,
-) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ';');
-    if ok {
-        Ok(())
-    } else {
-        Err(settings.error(key, format!("{name:?} is not an LDAP attribute name")))
-    }
 }
 
 #[cfg(test)]

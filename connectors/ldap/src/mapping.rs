@@ -10,8 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use contactsync_core::{ConfigError, ConnectorSettings, Contact, Field};
-
-use crate::config::{check_attribute_name, MultiValue};
+use serde::Deserialize;
 
 /// The inetOrgPerson defaults: attribute, field.
 pub const DEFAULT_ATTRIBUTES: [(&str, Field); 11] = [
@@ -135,6 +134,34 @@ impl AttributeMap {
             }
         }
         out
+    }
+}
+
+/// How a multi-valued attribute becomes one field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MultiValue {
+    /// The first value the server returns.
+    #[default]
+    First,
+    /// All values, joined with `multi_value_separator`.
+    Join,
+}
+
+/// An attribute description: a name (letters, digits, hyphens) or an OID.
+pub(crate) fn check_attribute_name(
+    settings: &ConnectorSettings,
+    key: &str,
+    name: &str,
+) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ';');
+    if ok {
+        Ok(())
+    } else {
+        Err(settings.error(key, format!("{name:?} is not an LDAP attribute name")))
     }
 }
 

@@ -6,11 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::Response;
 use serde::{Deserialize, Serialize};
-
-use super::routes::error_response;
 
 /// Poppulo faults to inject. JSON field names are the same as here.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,13 +44,4 @@ pub struct Stats {
     pub throttled: u64,
     /// Connections dropped on purpose.
     pub dropped: u64,
-}
-
-/// A 503 with `Retry-After`.
-pub(crate) fn throttled(seconds: u64, message: &str) -> Response {
-    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message);
-    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
-        response.headers_mut().insert("retry-after", value);
-    }
-    response
 }
