@@ -5,10 +5,13 @@
 //!   from Debian's packages when it is missing (OpenLDAP's `slapd` and `ldap-utils`).
 //! - `cargo xtask tidy`: the architecture's invariants (`tidy.rs`) as one report; the
 //!   same checks run as tests under `cargo xtask test`.
+//! - `cargo xtask new-connector NAME [--sandbox]`: a new connector crate (and its
+//!   sandbox crate), wired into the workspace and the binary (`scaffold.rs`).
 //! - `cargo xtask bench [--sizes 100000,1000000]`: generates synthetic contacts, times
 //!   a first full sync and a nightly rerun, and prints records/s and peak memory.
 
 mod bench;
+mod scaffold;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +25,7 @@ fn main() -> Result<()> {
         Some("test") => test(),
         Some("bench") => bench::run(&root()?, &args[1..]),
         Some("tidy") => tidy::run(&root()?),
+        Some("new-connector") => scaffold::run(&root()?, &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask test | cargo xtask tidy | cargo xtask bench [--sizes N,N]"
@@ -83,6 +87,8 @@ fn test() -> Result<()> {
         &root,
     )?;
     run(&cargo, &["test", "--workspace", "--no-fail-fast"], &root)?;
+    // The guide's first step must keep working: scaffold a connector in a copy.
+    scaffold::check_in_copy(&root)?;
     eprintln!("xtask test: all checks passed");
     Ok(())
 }

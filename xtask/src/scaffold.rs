@@ -1,0 +1,460 @@
+//! `cargo xtask new-connector NAME [--sandbox]`: a connector crate (config, client,
+//! source, sink, a conformance test) and, with `--sandbox`, its sandbox crate on the
+//! sandbox kit, wired into the workspace and the binary. The result builds, passes
+//! clippy and its tests unchanged; `cargo xtask test` scaffolds one into a temporary
+//! copy of the workspace to prove it (`check_in_copy`), so the templates and
+//! `docs/writing-a-connector.md` cannot rot.
+//!
+//! The templates are under `xtask/templates/`, with `__name__` (`acme-crm`), `__Name__`
+//! (`AcmeCrm`), `__snake__` (`acme_crm`) and `__SNAKE__` (`ACME_CRM`) for the name.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// One template: where it goes (under the crate's folder) and its text.
+type Template = (&'static str, &'static str);
+
+const CONNECTOR: &[Template] = &[
+    (
+        "Cargo.toml",
+        include_str!("../templates/connector/Cargo.toml"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../templates/connector/src/lib.rs"),
+    ),
+    (
+        "src/config.rs",
+        include_str!("../templates/connector/src/config.rs"),
+    ),
+    (
+        "src/client.rs",
+        include_str!("../templates/connector/src/client.rs"),
+    ),
+    (
+        "src/source.rs",
+        include_str!("../templates/connector/src/source.rs"),
+    ),
+    (
+        "src/sink.rs",
+        include_str!("../templates/connector/src/sink.rs"),
+    ),
+];
+
+const CONFORMANCE_WITH_SANDBOX: Template = (
+    "tests/conformance.rs",
+    include_str!("../templates/connector/tests/conformance.rs"),
+);
+
+const CONFORMANCE_WITHOUT_SANDBOX: Template = (
+    "tests/conformance.rs",
+    include_str!("../templates/connector/tests/conformance_without_sandbox.rs"),
+);
+
+const SANDBOX: &[Template] = &[
+    (
+        "Cargo.toml",
+        include_str!("../templates/sandbox/Cargo.toml"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../templates/sandbox/src/lib.rs"),
+    ),
+    (
+        "tests/protocol.rs",
+        include_str!("../templates/sandbox/tests/protocol.rs"),
+    ),
+];
+
+/// The name in each of its spellings.
+#[derive(Debug, Clone)]
+pub struct Name {
+    /// `acme-crm`: the folder, the crate suffix and the `type` in a config section.
+    pub kebab: String,
+    /// `AcmeCrm`: type names.
+    pub camel: String,
+    /// `acme_crm`: the crate's identifier.
+    pub snake: String,
+}
+
+impl Name {
+    /// Checks `name`: lower-case letters, digits and inner hyphens, starting with a letter.
+    pub fn parse(name: &str) -> Result<Name> {
+        let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+            && !name.ends_with('-')
+            && !name.contains("--")
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid {
+            bail!("{name:?} is not a connector name: use lower-case letters, digits and hyphens, starting with a letter (`acme-crm`)");
+        }
+        let camel = name
+            .split('-')
+            .map(|part| {
+                let mut chars = part.chars();
+                chars
+                    .next()
+                    .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        Ok(Name {
+            kebab: name.to_string(),
+            camel,
+            snake: name.replace('-', "_"),
+        })
+    }
+
+    fn fill(&self, template: &str, with_sandbox: bool) -> String {
+        let sandbox_dev = if with_sandbox {
+            format!("contactsync-sandbox-{}.workspace = true\n", self.kebab)
+        } else {
+            String::new()
+        };
+        template
+            .replace("__sandbox_dev_dependency__", &sandbox_dev)
+            .replace("__name__", &self.kebab)
+            .replace("__Name__", &self.camel)
+            .replace("__snake__", &self.snake)
+            .replace("__SNAKE__", &self.snake.to_ascii_uppercase())
+    }
+}
+
+/// `cargo xtask new-connector NAME [--sandbox]`, in the workspace at `root`.
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let mut name = None;
+    let mut with_sandbox = false;
+    for arg in args {
+        match arg.as_str() {
+            "--sandbox" => with_sandbox = true,
+            flag if flag.starts_with('-') => {
+                bail!("unknown option {flag} (usage: cargo xtask new-connector NAME [--sandbox])")
+            }
+            given if name.is_none() => name = Some(given.to_string()),
+            extra => bail!("one name only, not also {extra:?}"),
+        }
+    }
+    let Some(name) = name else {
+        bail!("usage: cargo xtask new-connector NAME [--sandbox]");
+    };
+    new_connector(root, &Name::parse(&name)?, with_sandbox)
+}
+
+/// Writes the crates and wires them in.
+pub fn new_connector(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
+    let connector = root.join("connectors").join(&name.kebab);
+    let sandbox = root.join("sandboxes").join(&name.kebab);
+    for dir in [&connector, &sandbox] {
+        if dir.exists() {
+            bail!("{} exists already: pick another name", dir.display());
+        }
+    }
+    let conformance = if with_sandbox {
+        CONFORMANCE_WITH_SANDBOX
+    } else {
+        CONFORMANCE_WITHOUT_SANDBOX
+    };
+    let connector_files = CONNECTOR.iter().chain(std::iter::once(&conformance));
+    write_all(&connector, connector_files, name, with_sandbox)?;
+    if with_sandbox {
+        write_all(&sandbox, SANDBOX.iter(), name, with_sandbox)?;
+    }
+    wire_in(root, name, with_sandbox)?;
+    // The binary's crate too: its new `extern crate` lines are put in rustfmt's order.
+    let mut packages = vec![
+        "contactsync".to_string(),
+        format!("contactsync-{}", name.kebab),
+    ];
+    if with_sandbox {
+        packages.push(format!("contactsync-sandbox-{}", name.kebab));
+    }
+    let mut fmt = vec!["fmt".to_string()];
+    for package in &packages {
+        fmt.extend(["-p".to_string(), package.clone()]);
+    }
+    let fmt: Vec<&str> = fmt.iter().map(String::as_str).collect();
+    crate::run(&crate::cargo(), &fmt, root)?;
+    eprintln!(
+        "xtask new-connector: wrote {}{}, and wired `{}` into Cargo.toml, crates/cli and ARCHITECTURE.md.\n\
+         Next: replace the placeholder protocol with the platform's (docs/writing-a-connector.md), then `cargo xtask test`.",
+        connector.display(),
+        if with_sandbox { format!(" and {}", sandbox.display()) } else { String::new() },
+        name.kebab
+    );
+    Ok(())
+}
+
+fn write_all<'a>(
+    dir: &Path,
+    templates: impl Iterator<Item = &'a Template>,
+    name: &Name,
+    with_sandbox: bool,
+) -> Result<()> {
+    for (path, text) in templates {
+        let target = dir.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&target, name.fill(text, with_sandbox))
+            .with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(())
+}
+
+/// Inserts `line` into `text` after the first line for which `after` holds; fails
+/// naming `what` when there is none.
+fn insert_after(
+    text: &str,
+    after: impl Fn(&str) -> bool,
+    line: &str,
+    what: &str,
+) -> Result<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(at) = lines.iter().rposition(|l| after(l)) else {
+        bail!("cannot find {what}: add `{line}` by hand");
+    };
+    let mut out: Vec<&str> = lines[..=at].to_vec();
+    out.push(line);
+    out.extend(&lines[at + 1..]);
+    Ok(out.join("\n") + "\n")
+}
+
+fn edit(path: &Path, change: impl FnOnce(&str) -> Result<String>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let changed = change(&text).with_context(|| format!("editing {}", path.display()))?;
+    std::fs::write(path, changed).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The lines outside the new crates: the workspace dependency, the binary's dependency
+/// and `extern crate` (the sandbox's behind the `sandboxes` feature), the
+/// `ARCHITECTURE.md` list.
+fn wire_in(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
+    let kebab = &name.kebab;
+    edit(&root.join("Cargo.toml"), |text| {
+        let mut text = insert_after(
+            text,
+            |l| l.starts_with("contactsync-") && l.contains("path = \"connectors/"),
+            &format!("contactsync-{kebab} = {{ path = \"connectors/{kebab}\" }}"),
+            "the connectors in [workspace.dependencies]",
+        )?;
+        if with_sandbox {
+            text = insert_after(
+                &text,
+                |l| l.starts_with("contactsync-sandbox-") && l.contains("path = \"sandboxes/"),
+                &format!("contactsync-sandbox-{kebab} = {{ path = \"sandboxes/{kebab}\" }}"),
+                "the sandboxes in [workspace.dependencies]",
+            )?;
+        }
+        Ok(text)
+    })?;
+    edit(&root.join("crates/cli/Cargo.toml"), |text| {
+        let mut text = insert_after(
+            text,
+            |l| l == "[dependencies]",
+            &format!("contactsync-{kebab}.workspace = true"),
+            "[dependencies]",
+        )?;
+        if with_sandbox {
+            text = insert_after(
+                &text,
+                |l| l == "[dependencies]",
+                &format!("contactsync-sandbox-{kebab} = {{ workspace = true, optional = true }}"),
+                "[dependencies]",
+            )?;
+            text = insert_after(
+                &text,
+                |l| l.trim() == "sandboxes = [",
+                &format!("    \"dep:contactsync-sandbox-{kebab}\","),
+                "the `sandboxes` feature",
+            )?;
+        }
+        Ok(text)
+    })?;
+    edit(&root.join("crates/cli/src/main.rs"), |text| {
+        let mut text = insert_after(
+            text,
+            |l| {
+                l.starts_with("extern crate contactsync_")
+                    && !l.starts_with("extern crate contactsync_sandbox_")
+            },
+            &format!("extern crate contactsync_{};", name.snake),
+            "the connectors' `extern crate` lines",
+        )?;
+        if with_sandbox {
+            text = insert_after(
+                &text,
+                |l| l.starts_with("extern crate contactsync_sandbox_"),
+                &format!(
+                    "#[cfg(feature = \"sandboxes\")]\nextern crate contactsync_sandbox_{};",
+                    name.snake
+                ),
+                "the sandboxes' `extern crate` lines",
+            )?;
+        }
+        Ok(text)
+    })?;
+    edit(&root.join("ARCHITECTURE.md"), |text| {
+        add_to_architecture(text, kebab)
+    })
+}
+
+/// Adds `folder` to the backticked list under `### \`connectors/*\``, kept sorted.
+fn add_to_architecture(text: &str, folder: &str) -> Result<String> {
+    let mut names = crate::tidy::connectors_in_architecture(text);
+    if names.is_empty() {
+        bail!("ARCHITECTURE.md has no list under ### `connectors/*`");
+    }
+    let heading = text
+        .find("### `connectors/*`")
+        .context("no connectors/* heading")?;
+    let list_start = heading + text[heading..].find('\n').context("an empty heading")? + 1;
+    let list_end = list_start
+        + text[list_start..]
+            .find("\n\n")
+            .unwrap_or(text.len() - list_start);
+    names.insert(folder.to_string());
+    let list: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    Ok(format!(
+        "{}{}.{}",
+        &text[..list_start],
+        list.join(", "),
+        &text[list_end..]
+    ))
+}
+
+/// What `cargo xtask test` does with the scaffold: a temporary copy of the workspace
+/// (its tracked and unignored files), `new-connector demo --sandbox` in it, then
+/// format, clippy, the new crates' tests, the binary's build and the tidy checks there.
+pub fn check_in_copy(root: &Path) -> Result<()> {
+    let copy = tempfile::Builder::new()
+        .prefix("contactsync-scaffold-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    copy_workspace(root, copy.path())?;
+    let name = Name::parse("demo")?;
+    new_connector(copy.path(), &name, true)?;
+    let cargo = crate::cargo();
+    // A target directory of its own, kept between runs, so that only the copy's
+    // crates are built again.
+    let target = root.join("target").join("scaffold");
+    let target = target.to_string_lossy().into_owned();
+    let in_copy = |args: &[&str]| -> Result<()> {
+        eprintln!("$ (scaffold copy) {cargo} {}", args.join(" "));
+        let status = std::process::Command::new(&cargo)
+            .args(args)
+            .current_dir(copy.path())
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .with_context(|| format!("starting {cargo}"))?;
+        if !status.success() {
+            bail!(
+                "the scaffold does not pass `cargo {}` ({status}): fix xtask/templates",
+                args.join(" ")
+            );
+        }
+        Ok(())
+    };
+    in_copy(&["fmt", "--all", "--", "--check"])?;
+    in_copy(&[
+        "clippy",
+        "-p",
+        "contactsync-demo",
+        "-p",
+        "contactsync-sandbox-demo",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    in_copy(&[
+        "test",
+        "-p",
+        "contactsync-demo",
+        "-p",
+        "contactsync-sandbox-demo",
+    ])?;
+    in_copy(&["check", "-p", "contactsync"])?;
+    crate::tidy::run(copy.path()).context("the scaffold breaks a tidy rule")?;
+    eprintln!("xtask test: `new-connector demo --sandbox` builds, passes clippy and its tests");
+    Ok(())
+}
+
+/// Copies the files git would put in a clean clone (tracked, and new files not ignored).
+fn copy_workspace(root: &Path, to: &Path) -> Result<()> {
+    let listed = std::process::Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(root)
+        .output()
+        .context("running git ls-files")?;
+    if !listed.status.success() {
+        bail!(
+            "git ls-files failed: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+    }
+    for file in listed.stdout.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        let relative = PathBuf::from(String::from_utf8_lossy(file).into_owned());
+        let from = root.join(&relative);
+        if !from.is_file() {
+            continue; // deleted in the work tree
+        }
+        let target = to.join(&relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(&from, &target).with_context(|| format!("copying {}", from.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_spelt_every_way_and_bad_ones_refused() {
+        let name = Name::parse("acme-crm").expect("a name");
+        assert_eq!(
+            (name.camel.as_str(), name.snake.as_str()),
+            ("AcmeCrm", "acme_crm")
+        );
+        for bad in ["Acme", "1acme", "acme-", "ac--me", "acme_crm", ""] {
+            assert!(Name::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_architecture_list_stays_sorted() {
+        let text = "# A\n\n### `connectors/*` — one crate\n`csv-file`, `ldap`.\n\nMore.\n";
+        let added = add_to_architecture(text, "demo").expect("added");
+        assert_eq!(
+            added,
+            "# A\n\n### `connectors/*` — one crate\n`csv-file`, `demo`, `ldap`.\n\nMore.\n"
+        );
+    }
+
+    #[test]
+    fn lines_go_after_the_last_match() {
+        let text = "a\nextern crate x;\nextern crate y;\nb\n";
+        let out = insert_after(
+            text,
+            |l| l.starts_with("extern crate"),
+            "extern crate z;",
+            "externs",
+        );
+        assert_eq!(
+            out.expect("inserted"),
+            "a\nextern crate x;\nextern crate y;\nextern crate z;\nb\n"
+        );
+    }
+}

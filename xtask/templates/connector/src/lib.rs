@@ -1,0 +1,54 @@
+//! __Name__ source and sink.
+//!
+//! - [`__Name__Sink`] (`type = "__name__"` under `[sinks.…]`) writes each change as one
+//!   call: `PUT /people/{key}` (an upsert, so that a change sent twice does no harm)
+//!   or `DELETE /people/{key}`.
+//! - [`__Name__Source`] (`type = "__name__"` under `[sources.…]`) reads `GET /people`,
+//!   page by page.
+//!
+//! Written by `cargo xtask new-connector`: the calls are a placeholder protocol (JSON
+//! people under `/people`). Replace them with the platform's, from its documents in
+//! `../shared/specs/`, keeping the shape.
+//!
+//! Read in this order: [`config`] (what a user writes), [`client`] (the calls, on
+//! `contactsync-http`), [`sink`], [`source`].
+
+pub mod client;
+pub mod config;
+pub mod sink;
+pub mod source;
+
+pub use config::{SinkConfig, SourceConfig};
+pub use sink::__Name__Sink;
+pub use source::__Name__Source;
+
+use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory, Source, SourceFactory};
+
+fn build_sink(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
+    let config = SinkConfig::from_settings(settings)?;
+    let sink = __Name__Sink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(sink))
+}
+
+fn build_source(settings: &ConnectorSettings) -> Result<Box<dyn Source>, ConfigError> {
+    let config = SourceConfig::from_settings(settings)?;
+    let source =
+        __Name__Source::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(source))
+}
+
+contactsync_core::inventory::submit! {
+    SinkFactory {
+        name: "__name__",
+        summary: "__Name__: people upserted and deleted one call each",
+        build: build_sink,
+    }
+}
+
+contactsync_core::inventory::submit! {
+    SourceFactory {
+        name: "__name__",
+        summary: "__Name__: every person, page by page",
+        build: build_source,
+    }
+}
