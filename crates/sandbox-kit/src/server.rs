@@ -39,6 +39,14 @@ pub trait Platform: Send + Sync + 'static {
     fn reset(&self);
     /// Saves the data file, if the sandbox has one.
     fn save(&self) -> Result<(), SandboxError>;
+
+    /// Saves, logging a failure: for saves nobody waits for (after a background
+    /// import, on the way out).
+    fn save_logged(&self) {
+        if let Err(e) = self.save() {
+            tracing::error!("{} sandbox could not save its data: {e}", Self::NAME);
+        }
+    }
 }
 
 /// Binds `127.0.0.1:port` (0: any free port), serves `router` with [`serve`] until
@@ -62,9 +70,7 @@ pub async fn start<P: Platform>(
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
         serve(listener, router, stop).await;
-        if let Err(e) = saver.save() {
-            tracing::error!("{} sandbox could not save its data: {e}", P::NAME);
-        }
+        saver.save_logged();
     });
     let base_url = format!("http://{addr}{path}");
     tracing::info!(
@@ -280,8 +286,6 @@ async fn reset<P: Platform>(State(platform): State<Arc<P>>) -> StatusCode {
     platform.wire().reset();
     platform.set_faults(P::Faults::default());
     platform.reset();
-    if let Err(e) = platform.save() {
-        tracing::error!("{} sandbox could not save its data: {e}", P::NAME);
-    }
+    platform.save_logged();
     StatusCode::NO_CONTENT
 }

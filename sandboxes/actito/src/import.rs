@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::model::{ImportMode, ImportStatus, ProfileInput};
 use super::Shared;
+use contactsync_sandbox_kit::Platform as _;
 
 /// Now, as the sandbox stamps profiles and imports (`YYYY-MM-DD HH:MM:SS`, UTC).
 pub fn now() -> String {

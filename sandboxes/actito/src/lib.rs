@@ -157,13 +157,6 @@ impl Shared {
         self.data.save(|encode| encode(&self.lock().store))
     }
 
-    /// Saves, logging a failure.
-    pub fn save_logged(&self) {
-        if let Err(e) = self.save() {
-            tracing::error!("Actito sandbox could not save its data: {e}");
-        }
-    }
-
     /// The counters so far, with the wire's count of requests.
     pub fn stats(&self) -> Stats {
         let mut stats = self.lock().stats.clone();

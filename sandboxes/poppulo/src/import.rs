@@ -12,6 +12,7 @@ use super::model::{
 };
 use super::xml::Element;
 use super::Shared;
+use contactsync_sandbox_kit::Platform as _;
 
 /// Where a column's values go.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

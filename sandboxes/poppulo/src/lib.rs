@@ -165,13 +165,6 @@ impl Shared {
         stats.dropped = counts.dropped;
         stats
     }
-
-    /// Saves, logging a failure (for background saves nobody waits for).
-    pub fn save_logged(&self) {
-        if let Err(e) = Platform::save(self) {
-            tracing::error!("Poppulo sandbox could not save its data: {e}");
-        }
-    }
 }
 
 impl Platform for Shared {

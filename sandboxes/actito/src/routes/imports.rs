@@ -8,6 +8,7 @@ use axum::extract::multipart::{Multipart, MultipartRejection};
 use super::*;
 use crate::import::now;
 use crate::model::{Import, ImportMode, ImportStatus};
+use contactsync_sandbox_kit::Platform as _;
 
 pub(super) fn today() -> String {
     chrono::Utc::now().format("%Y-%m-%d").to_string()

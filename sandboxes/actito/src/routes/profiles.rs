@@ -2,6 +2,7 @@
 //! subscriptions.
 
 use super::*;
+use contactsync_sandbox_kit::Platform as _;
 
 pub(super) fn text(v: &Value) -> Option<Option<String>> {
     match v {

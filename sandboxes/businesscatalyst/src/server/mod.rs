@@ -104,13 +104,6 @@ impl Shared {
     pub fn save_store(&self, store: &Store) -> Result<(), SandboxError> {
         self.data.save(|encode| encode(store))
     }
-
-    /// Saves, logging a failure (for saves nobody waits for).
-    pub fn save_logged(&self) {
-        if let Err(e) = self.save() {
-            tracing::error!("Business Catalyst sandbox could not save its data: {e}");
-        }
-    }
 }
 
 impl Platform for Shared {

@@ -1,6 +1,7 @@
 //! The sandbox's own `/_sandbox/…` routes beyond the kit's: counters, subscribers, imports, seeding.
 
 use super::*;
+use contactsync_sandbox_kit::Platform as _;
 
 pub(super) async fn get_stats(State(shared): SharedState) -> Json<Stats> {
     Json(shared.stats())

@@ -1,6 +1,7 @@
 //! Subscriber import jobs over HTTP: post one, follow it, read its rejected rows.
 
 use super::*;
+use contactsync_sandbox_kit::Platform as _;
 
 pub(super) fn whole_seconds(interval: Duration) -> bool {
     interval.subsec_nanos() == 0

@@ -1,6 +1,7 @@
 //! Subscribers over HTTP: list, read, create and update one.
 
 use super::*;
+use contactsync_sandbox_kit::Platform as _;
 
 /// Top-level standard fields of a subscriber entity, in output order.
 pub(super) const TOP_FIELDS: &[&str] = &[
