@@ -336,6 +336,26 @@ impl FromStr for ContactKey {
     }
 }
 
+/// Sets `slot` to `value`, trimmed (`None` when blank), reusing the string it holds:
+/// a record reshaped in place (a pipeline's `map`) allocates nothing for a value that
+/// is unchanged or fits.
+fn assign(slot: &mut Option<String>, value: &str) {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        *slot = None;
+        return;
+    }
+    match slot {
+        Some(current) => {
+            if current != trimmed {
+                current.clear();
+                current.push_str(trimmed);
+            }
+        }
+        None => *slot = Some(trimmed.to_string()),
+    }
+}
+
 fn clean(value: impl Into<String>) -> Option<String> {
     let value = value.into();
     let trimmed = value.trim();
@@ -408,17 +428,30 @@ impl Contact {
     /// name: callers add the origin and field.
     pub fn set(&mut self, field: &Field, value: &str) -> Result<(), String> {
         match field {
-            Field::ExternalId => self.external_id = clean(value),
-            Field::Email => self.email = Contact::normalize_email(value),
-            Field::FirstName => self.first_name = clean(value),
-            Field::LastName => self.last_name = clean(value),
-            Field::DisplayName => self.display_name = clean(value),
-            Field::Phone => self.phone = clean(value),
-            Field::Mobile => self.mobile = clean(value),
-            Field::Company => self.company = clean(value),
-            Field::Department => self.department = clean(value),
-            Field::JobTitle => self.job_title = clean(value),
-            Field::Language => self.language = clean(value),
+            Field::ExternalId => assign(&mut self.external_id, value),
+            Field::Email => {
+                let trimmed = value.trim();
+                // The domain is lower-cased; one that is already ASCII lower case is kept.
+                let lower = trimmed.rsplit_once('@').is_none_or(|(_, domain)| {
+                    domain
+                        .bytes()
+                        .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+                });
+                if lower {
+                    assign(&mut self.email, trimmed);
+                } else {
+                    self.email = Contact::normalize_email(trimmed);
+                }
+            }
+            Field::FirstName => assign(&mut self.first_name, value),
+            Field::LastName => assign(&mut self.last_name, value),
+            Field::DisplayName => assign(&mut self.display_name, value),
+            Field::Phone => assign(&mut self.phone, value),
+            Field::Mobile => assign(&mut self.mobile, value),
+            Field::Company => assign(&mut self.company, value),
+            Field::Department => assign(&mut self.department, value),
+            Field::JobTitle => assign(&mut self.job_title, value),
+            Field::Language => assign(&mut self.language, value),
             Field::Subscriptions => {
                 self.subscriptions = value.split([';', '|', ',']).filter_map(clean).collect();
             }
@@ -433,13 +466,20 @@ impl Contact {
                     ),
                 }
             }
-            Field::Attribute(name) => match clean(value) {
-                Some(v) => {
-                    self.attributes.insert(name.clone(), v);
+            Field::Attribute(name) => match self.attributes.get_mut(name) {
+                Some(current) if !value.trim().is_empty() => {
+                    let mut slot = Some(std::mem::take(current));
+                    assign(&mut slot, value);
+                    *current = slot.unwrap_or_default();
                 }
-                None => {
-                    self.attributes.remove(name);
-                }
+                _ => match clean(value) {
+                    Some(v) => {
+                        self.attributes.insert(name.clone(), v);
+                    }
+                    None => {
+                        self.attributes.remove(name);
+                    }
+                },
             },
         }
         Ok(())
@@ -568,6 +608,25 @@ mod tests {
             Some("Ann.Lee@example.com".to_string())
         );
         assert_eq!(Contact::normalize_email("   "), None);
+    }
+
+    #[test]
+    fn setting_a_set_field_again_replaces_trims_and_clears() {
+        let mut c = Contact::default();
+        for (field, value, expected) in [
+            (Field::FirstName, "  Ann ", Some("Ann")),
+            (Field::FirstName, "Bo", Some("Bo")),
+            (Field::FirstName, "   ", None),
+            (Field::Email, "Ann@Example.COM", Some("Ann@example.com")),
+            (Field::Email, " bo@example.com ", Some("bo@example.com")),
+            (Field::Email, "Bo@Éxample.com", Some("Bo@éxample.com")),
+            (Field::Attribute("cc".into()), " CC-1 ", Some("CC-1")),
+            (Field::Attribute("cc".into()), "CC-22", Some("CC-22")),
+            (Field::Attribute("cc".into()), "", None),
+        ] {
+            c.set(&field, value).expect("set");
+            assert_eq!(c.get(&field).as_deref(), expected, "{field:?} = {value:?}");
+        }
     }
 
     #[test]

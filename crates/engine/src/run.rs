@@ -22,8 +22,9 @@ use std::time::Instant;
 
 use contactsync_core::{
     Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Contact, ContactKey, KeyRule,
-    NoProgress, Origin, Outcome, ProgressReporter, ReadMode, ReadOutcome, Sink, SinkCapabilities,
-    SinkContext, SinkIntegrity, SinkStore, Source, SourceItem, SourceRecord, SyncedEntry,
+    NoProgress, Origin, Outcome, ProgressReporter, ReadMode, ReadOutcome, RecordError,
+    RecordStream, Sink, SinkCapabilities, SinkContext, SinkIntegrity, SinkStore, Source,
+    SourceItem, SourceRecord, SyncedEntry,
 };
 use nohash_hasher::BuildNoHashHasher;
 use tokio_util::sync::CancellationToken;
@@ -553,12 +554,13 @@ impl<'r> Run<'r> {
         };
 
         self.observer.phase(Phase::Reading, None);
-        let mut stream = source.read(read_mode).await.map_err(RunError::Source)?;
+        let stream = source.read(read_mode).await.map_err(RunError::Source)?;
+        let mut feed = Feed::new(stream, diff.mapping.clone(), self.pipeline.shaping.clone());
         loop {
             if self.options.cancel.is_cancelled() {
                 return Err(RunError::Cancelled);
             }
-            let Some(item) = stream.next().await.map_err(RunError::Source)? else {
+            let Some(item) = feed.next().await.map_err(RunError::Source)? else {
                 break;
             };
             self.report.read += 1;
@@ -566,7 +568,7 @@ impl<'r> Run<'r> {
                 self.observer.advance(4096);
             }
             match item {
-                SourceItem::Rejected(error) => {
+                Staged::Rejected(error) => {
                     let key = error
                         .partial
                         .as_deref()
@@ -590,10 +592,10 @@ impl<'r> Run<'r> {
                         raw: error.raw.as_deref(),
                     })?;
                 }
-                SourceItem::Record(record) => self.diff_record(&mut diff, record)?,
+                staged => self.diff_record(&mut diff, staged)?,
             }
         }
-        diff.changes.read = stream.finish().await.map_err(RunError::Source)?;
+        diff.changes.read = feed.finish().await.map_err(RunError::Source)?;
         self.report.complete_read = diff.changes.read.complete;
         self.observer.advance(self.report.read % 4096);
         self.sweep(&mut diff)?;
@@ -609,48 +611,50 @@ impl<'r> Run<'r> {
         Ok(diff.changes)
     }
 
-    /// Diffs one record read from the source.
-    fn diff_record(&mut self, diff: &mut Diff, record: SourceRecord) -> Result<(), RunError> {
+    /// Diffs one record read from the source, after the stage that mapped and shaped it.
+    fn diff_record(&mut self, diff: &mut Diff, staged: Staged) -> Result<(), RunError> {
         let rule = self.pipeline.settings.key;
         let SourceRecord {
-            mut contact,
+            contact,
             origin,
             deleted,
-        } = record;
-        if let Err((field, reason)) = diff.mapping.apply(&mut contact) {
-            return self.reject_seen(diff, &origin, &contact, &field, reason);
-        }
-        if let Some(shaping) = self.pipeline.shaping.clone() {
-            // The scope is decided on the record as read: who is in at all, before
-            // what they become.
-            contact = match shaping.scope_and_map(contact) {
-                Shaped::In(mapped) => mapped,
-                Shaped::Out(contact) => {
-                    self.report.out_of_scope += 1;
-                    // Kept: seen, so not removed. Removed: left unseen, so the sweep
-                    // removes whoever was synced (through the guard).
-                    if self.pipeline.settings.out_of_scope == OutOfScope::Keep {
-                        if let Some(key) = trusted_key(&contact, rule) {
-                            diff.index.mark(key.hash64());
-                        }
+        } = match staged {
+            Staged::Ready(record) => record,
+            Staged::Rejected(_) => return Ok(()),
+            Staged::Unmapped {
+                record,
+                field,
+                reason,
+            } => return self.reject_seen(diff, &record.origin, &record.contact, &field, reason),
+            Staged::Out(contact) => {
+                self.report.out_of_scope += 1;
+                // Kept: seen, so not removed. Removed: left unseen, so the sweep
+                // removes whoever was synced (through the guard).
+                if self.pipeline.settings.out_of_scope == OutOfScope::Keep {
+                    if let Some(key) = trusted_key(&contact, rule) {
+                        diff.index.mark(key.hash64());
                     }
-                    return Ok(());
                 }
-                Shaped::ScopeError(contact, reason) => {
-                    let reason = format!("where: {reason}");
-                    return self.reject_seen(diff, &origin, &contact, "where", reason);
-                }
-                Shaped::MapError(failure) => {
-                    let FieldFailure {
-                        contact,
-                        field,
-                        reason,
-                    } = *failure;
-                    let reason = format!("map: {reason}");
-                    return self.reject_seen(diff, &origin, &contact, &field, reason);
-                }
-            };
-        }
+                return Ok(());
+            }
+            Staged::ScopeError {
+                origin,
+                contact,
+                reason,
+            } => {
+                let reason = format!("where: {reason}");
+                return self.reject_seen(diff, &origin, &contact, "where", reason);
+            }
+            Staged::MapError { origin, failure } => {
+                let FieldFailure {
+                    contact,
+                    field,
+                    reason,
+                } = *failure;
+                let reason = format!("map: {reason}");
+                return self.reject_seen(diff, &origin, &contact, &field, reason);
+            }
+        };
         let Some(key) = contact.key(rule) else {
             let (field, reason) = match rule {
                 KeyRule::Auto => (
@@ -1355,5 +1359,212 @@ impl Samples {
     fn into_changes(mut self) -> Vec<PlannedChange> {
         self.changes.sort_by_key(|c| c.kind as u8);
         self.changes
+    }
+}
+
+/// One source item after the pipeline's field mapping and shaping.
+enum Staged {
+    /// The source refused it.
+    Rejected(RecordError),
+    /// Mapped and shaped: ready to diff.
+    Ready(SourceRecord),
+    /// The field mapping refused it.
+    Unmapped {
+        record: SourceRecord,
+        field: String,
+        reason: String,
+    },
+    /// Out of the pipeline's `where`.
+    Out(Contact),
+    /// `where` could not be decided.
+    ScopeError {
+        origin: Origin,
+        contact: Contact,
+        reason: String,
+    },
+    /// A `map` expression failed.
+    MapError {
+        origin: Origin,
+        failure: Box<FieldFailure>,
+    },
+}
+
+/// Maps and shapes one item. The scope is decided on the record as read: who is in at
+/// all, before what they become.
+fn stage(mapping: &FieldMapping, shaping: Option<&RecordShaping>, item: SourceItem) -> Staged {
+    let mut record = match item {
+        SourceItem::Rejected(error) => return Staged::Rejected(error),
+        SourceItem::Record(record) => record,
+    };
+    if let Err((field, reason)) = mapping.apply(&mut record.contact) {
+        return Staged::Unmapped {
+            record,
+            field,
+            reason,
+        };
+    }
+    let Some(shaping) = shaping else {
+        return Staged::Ready(record);
+    };
+    let SourceRecord {
+        contact,
+        origin,
+        deleted,
+    } = record;
+    match shaping.scope_and_map(contact) {
+        Shaped::In(contact) => Staged::Ready(SourceRecord {
+            contact,
+            origin,
+            deleted,
+        }),
+        Shaped::Out(contact) => Staged::Out(contact),
+        Shaped::ScopeError(contact, reason) => Staged::ScopeError {
+            origin,
+            contact,
+            reason,
+        },
+        Shaped::MapError(failure) => Staged::MapError { origin, failure },
+    }
+}
+
+/// Items staged at once: enough to make the channels' cost small.
+const STAGE_BATCH: usize = 512;
+
+/// The source's items, mapped and shaped. Without shaping this happens inline. With
+/// it, templates are the costliest part of a read, so a reader task hands batches in
+/// turn to one shaping task per core, and [`Feed::next`] takes their results back in
+/// the same turn: the records keep their order, and the templates run beside the
+/// diff instead of before it.
+enum Feed {
+    Inline {
+        stream: Box<dyn RecordStream>,
+        mapping: FieldMapping,
+    },
+    Staged {
+        /// Each shaping task's results, in turn.
+        shaped: Vec<tokio::sync::mpsc::Receiver<Result<Vec<Staged>, ConnectorError>>>,
+        /// Whose turn it is.
+        turn: usize,
+        current: std::vec::IntoIter<Staged>,
+        reader: tokio::task::JoinHandle<Box<dyn RecordStream>>,
+    },
+}
+
+type Batch<T> = Result<Vec<T>, ConnectorError>;
+
+impl Feed {
+    fn new(
+        stream: Box<dyn RecordStream>,
+        mapping: FieldMapping,
+        shaping: Option<std::sync::Arc<RecordShaping>>,
+    ) -> Feed {
+        let Some(shaping) = shaping else {
+            return Feed::Inline { stream, mapping };
+        };
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let mut inputs = Vec::with_capacity(workers);
+        let mut shaped = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (to_worker, mut from_reader) = tokio::sync::mpsc::channel::<Batch<SourceItem>>(4);
+            let (to_feed, from_worker) = tokio::sync::mpsc::channel::<Batch<Staged>>(4);
+            let (mapping, shaping) = (mapping.clone(), shaping.clone());
+            tokio::spawn(async move {
+                while let Some(batch) = from_reader.recv().await {
+                    let staged = batch.map(|items| {
+                        items
+                            .into_iter()
+                            .map(|item| stage(&mapping, Some(&shaping), item))
+                            .collect()
+                    });
+                    if to_feed.send(staged).await.is_err() {
+                        return; // The run stopped reading (an error, a cancel).
+                    }
+                }
+            });
+            inputs.push(to_worker);
+            shaped.push(from_worker);
+        }
+        let reader = tokio::spawn(async move {
+            let mut stream = stream;
+            let mut turn = 0;
+            loop {
+                let mut batch = Vec::with_capacity(STAGE_BATCH);
+                let mut end = Ok(false);
+                while batch.len() < STAGE_BATCH {
+                    match stream.next().await {
+                        Ok(Some(item)) => batch.push(item),
+                        Ok(None) => {
+                            end = Ok(true);
+                            break;
+                        }
+                        Err(e) => {
+                            end = Err(e);
+                            break;
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    if inputs[turn].send(Ok(batch)).await.is_err() {
+                        break; // The run stopped reading.
+                    }
+                    turn = (turn + 1) % inputs.len();
+                }
+                match end {
+                    Ok(false) => {}
+                    Ok(true) => break,
+                    Err(e) => {
+                        // In turn, after what was read before it.
+                        let _ = inputs[turn].send(Err(e)).await;
+                        break;
+                    }
+                }
+            }
+            stream
+        });
+        Feed::Staged {
+            shaped,
+            turn: 0,
+            current: Vec::new().into_iter(),
+            reader,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Staged>, ConnectorError> {
+        match self {
+            Feed::Inline { stream, mapping } => {
+                Ok(stream.next().await?.map(|item| stage(mapping, None, item)))
+            }
+            Feed::Staged {
+                shaped,
+                turn,
+                current,
+                ..
+            } => loop {
+                if let Some(item) = current.next() {
+                    return Ok(Some(item));
+                }
+                // The batch of this turn, or none: the reader ended before it.
+                let received = shaped[*turn].recv().await;
+                *turn = (*turn + 1) % shaped.len();
+                match received {
+                    Some(Ok(batch)) => *current = batch.into_iter(),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(None),
+                }
+            },
+        }
+    }
+
+    async fn finish(self) -> Result<ReadOutcome, ConnectorError> {
+        let stream = match self {
+            Feed::Inline { stream, .. } => stream,
+            Feed::Staged { shaped, reader, .. } => {
+                drop(shaped);
+                reader.await.map_err(|e| {
+                    ConnectorError::Other(format!("the shaping stage of the read failed: {e}"))
+                })?
+            }
+        };
+        stream.finish().await
     }
 }

@@ -860,3 +860,120 @@ async fn a_source_reject_with_a_key_is_seen_and_one_without_holds_back_removals(
         .contains("1 rejected record"));
     assert_eq!(sink.people().len(), 4);
 }
+
+/// A source that fails after `fail_after` records.
+#[derive(Clone)]
+struct FailingSource {
+    people: Vec<Contact>,
+    fail_after: usize,
+}
+
+struct FailingStream(std::vec::IntoIter<Contact>, usize, u64);
+
+#[async_trait]
+impl RecordStream for FailingStream {
+    async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
+        if self.2 as usize == self.1 {
+            return Err(ConnectorError::Other("the export broke off".into()));
+        }
+        self.2 += 1;
+        Ok(self.0.next().map(|c| {
+            SourceItem::Record(SourceRecord::new(c, Origin::line("people.csv", self.2 + 1)))
+        }))
+    }
+    async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
+        Ok(ReadOutcome {
+            complete: true,
+            cursor: None,
+        })
+    }
+}
+
+#[async_trait]
+impl Source for FailingSource {
+    fn capabilities(&self) -> SourceCapabilities {
+        SourceCapabilities::default()
+    }
+    async fn check(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+    async fn read(&self, _mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {
+        Ok(Box::new(FailingStream(
+            self.people.clone().into_iter(),
+            self.fail_after,
+            0,
+        )))
+    }
+}
+
+/// With a `map`, records are shaped by several tasks in batches: they must still reach
+/// the diff in the order read (the first of two records with one key wins, and rejects
+/// name their lines), and a source error must still end the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shaped_reads_keep_their_order_and_their_errors() {
+    let mut f = Fixture::new();
+    f.settings.map = BTreeMap::from([(
+        "first_name".to_string(),
+        "{{ first_name | upper }}".to_string(),
+    )]);
+    f.settings.scope = Some("external_id != 'E13'".into());
+    let pipeline = f
+        .pipeline()
+        .with_shaping("pipelines.test", Arc::default())
+        .expect("compiles");
+    let mut people: Vec<Contact> = (1..=5000).map(|i| person(i, &format!("n{i}"))).collect();
+    // Far from its first, in another batch: the later one is the duplicate.
+    people.push(person(7, "late"));
+    let source = ListSource::of(&people);
+    let mut sink = MemorySink::new(1000);
+    let rejects = f.dir.path().join("rejects.csv");
+    let options = RunOptions {
+        rejects: Some(rejects.clone()),
+        ..RunOptions::default()
+    };
+    let mut state = f.state();
+    let report = run(
+        &pipeline,
+        &source,
+        &mut sink,
+        &mut state,
+        &options,
+        &SilentObserver,
+    )
+    .await;
+    assert_eq!(
+        (report.read, report.created, report.rejected),
+        (5001, 4999, 1),
+        "{report:?}"
+    );
+    assert_eq!(report.out_of_scope, 1);
+    let seventh = &sink.people()[&ContactKey::ExternalId("E7".into())];
+    assert_eq!(
+        seventh.first_name.as_deref(),
+        Some("N7"),
+        "the first one wins"
+    );
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(&rejects)
+        .unwrap()
+        .records()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows[0].get(2), Some("5002"), "the duplicate's own line");
+
+    let failing = FailingSource {
+        people: (1..=5000).map(|i| person(i, "x")).collect(),
+        fail_after: 3000,
+    };
+    let mut sink = MemorySink::new(1000);
+    let report = run(
+        &pipeline,
+        &failing,
+        &mut sink,
+        &mut state,
+        &RunOptions::default(),
+        &SilentObserver,
+    )
+    .await;
+    assert_eq!(report.status, RunStatus::Failed, "{report:?}");
+    assert!(sink.people().is_empty(), "a broken read applies nothing");
+}
