@@ -464,12 +464,23 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     assert_eq!(upserts.len(), 21, "then every record on its own");
     assert_eq!(upserts.iter().filter(|r| r.fault.is_some()).count(), 2);
 
-    // Once BC takes it, the next run sends the rejected record again, and only it.
+    // The fault followed the record, so the rejection is final: unchanged, it is not
+    // sent again (every run would fault once more) ...
     sandbox.set_faults(Faults::default());
     sandbox.clear_requests();
     let (run, report) = sync(&s, "hr", "bc", &[]).await;
     run.expect_code(0);
-    assert_eq!(counts(&report), [20, 1, 0, 0, 19, 0]);
+    assert_eq!(counts(&report), [20, 0, 0, 0, 20, 0]);
+    assert!(calls(&sandbox.requests(), UPSERT).is_empty());
+    // ... until the source changes it: then it is sent, and only it.
+    s.write(
+        "people.csv",
+        &people(20, |i| if i == 7 { "Gus".into() } else { "Ann".into() }),
+    );
+    sandbox.clear_requests();
+    let (run, report) = sync(&s, "hr", "bc", &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [20, 0, 1, 0, 19, 0]);
     assert_eq!(
         calls(&sandbox.requests(), UPSERT)
             .iter()

@@ -68,8 +68,10 @@ fn d_max_batch() -> usize {
 fn d_page_size() -> usize {
     500
 }
+/// One below the licence's 5 in flight, so that another client of the same licence (an
+/// admin's export, a second job) is not refused while a run writes.
 fn d_concurrency() -> usize {
-    5
+    4
 }
 
 /// Settings shared by the sink and the source sections.
@@ -337,6 +339,7 @@ mod tests {
         .expect("config");
         assert_eq!(c.connection.http.base_url, DEFAULT_BASE_URL);
         assert_eq!(c.bulk_threshold, 1000);
+        assert_eq!(c.concurrency, 4, "headroom under the licence's 5");
         assert_eq!(c.removal, Removal::Unsubscribe);
         assert_eq!(c.when_bulk_quota_exhausted, QuotaExhausted::OneByOne);
         assert!(!format!("{c:?}").contains("\"k\""));

@@ -185,8 +185,10 @@ impl BcSink {
             Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => fault,
             Err(e) => return Err(e.into()),
         };
+        // A record that faults on its own faults for what it holds: sent unchanged it
+        // would fault again, every run. Final, until the source changes it.
         if upserts.len() == 1 {
-            outcomes[upserts[0].index] = Some(Outcome::rejected(fault.text));
+            outcomes[upserts[0].index] = Some(final_rejection(fault.text));
             return Ok(());
         }
         tracing::warn!(records = upserts.len(), fault = %fault.text, "businesscatalyst: a batch faulted; sending its records one by one");
@@ -209,7 +211,7 @@ impl BcSink {
                         handle: u.handle.clone(),
                     },
                     Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => {
-                        Outcome::rejected(fault.text)
+                        final_rejection(fault.text)
                     }
                     Err(e) => return Err(e.into()),
                 },

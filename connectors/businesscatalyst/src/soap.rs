@@ -22,9 +22,10 @@ pub const CONTENT_TYPE: &str = "application/soap+xml; charset=utf-8";
 pub const UNSET_DATE: &str = "0001-01-01T00:00:00";
 const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 
-/// Escapes text for element content.
-fn esc(text: &str) -> std::borrow::Cow<'_, str> {
-    quick_xml::escape::escape(text)
+/// Escapes text for element content, without the characters XML cannot carry (which
+/// would fault the whole call, and every later run's again).
+fn esc(text: &str) -> String {
+    quick_xml::escape::escape(contactsync_core::text::xml_safe(text).as_ref()).into_owned()
 }
 
 /// Appends `<name>text</name>`.

@@ -300,12 +300,14 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
         .await
         .unwrap();
     assert!(matches!(out[0], Outcome::Applied { .. }));
+    // Faults that follow the record when it is sent alone are final: sent unchanged,
+    // it would fault again every run.
     assert!(
-        matches!(&out[1], Outcome::Rejected { reason, .. } if reason.contains("ERROR:") && reason.contains("bad@example.com")),
+        matches!(&out[1], Outcome::Rejected { reason, retry: false, .. } if reason.contains("ERROR:") && reason.contains("bad@example.com")),
         "{out:?}"
     );
     assert!(
-        matches!(&out[2], Outcome::Rejected { reason, .. } if reason.contains("Invalid email address")),
+        matches!(&out[2], Outcome::Rejected { reason, retry: false, .. } if reason.contains("Invalid email address")),
         "{out:?}"
     );
     assert!(matches!(out[3], Outcome::Applied { .. }));
@@ -317,6 +319,31 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     assert_eq!(emails, ["ok1@example.com", "ok2@example.com"]);
     // One bulk call, then one per record; no fault was retried.
     assert_eq!(calls(&sb.requests(), "ContactList_UpdateInsert").len(), 5);
+}
+
+#[tokio::test]
+async fn characters_xml_cannot_carry_are_left_out_of_what_is_sent() {
+    let sb = sandbox().await;
+    let mut snk = sink_of(&sb, "");
+    let mut store = MemoryStore::new();
+    let out = snk
+        .apply(
+            &batch(vec![create(contact(
+                Some("X1"),
+                Some("ann@example.com"),
+                "An\u{1}n\u{b}",
+            ))]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Outcome::Applied { .. }), "{out:?}");
+    let names: Vec<_> = sb
+        .contacts()
+        .into_iter()
+        .filter_map(|c| c.first_name)
+        .collect();
+    assert_eq!(names, ["Ann"]);
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+use contactsync_core::text::xml_safe;
 use quick_xml::events::{BytesCData, BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 
 /// One XML element: name (local, without prefix), attributes, children, and its own text.
@@ -146,19 +147,6 @@ fn close(element: Element, stack: &mut [Element], root: &mut Option<Element>) {
                 *root = Some(element);
             }
         }
-    }
-}
-
-/// Drops the characters XML 1.0 cannot carry (most C0 controls, lone surrogates cannot
-/// occur in Rust strings, U+FFFE/U+FFFF).
-pub fn xml_safe(text: &str) -> std::borrow::Cow<'_, str> {
-    let ok = |c: char| {
-        matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}')
-    };
-    if text.chars().all(ok) {
-        std::borrow::Cow::Borrowed(text)
-    } else {
-        std::borrow::Cow::Owned(text.chars().filter(|c| ok(*c)).collect())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod secret;
 pub mod sink;
 pub mod source;
+pub mod text;
 
 pub use change::{
     Change, ChangeBatch, ChangeKind, ChangePlan, Outcome, PendingBatch, PendingRecord, SyncedEntry,

@@ -95,6 +95,15 @@ pub(super) fn process(
     let Ok(text) = std::str::from_utf8(body) else {
         return sender_fault("The request body is not UTF-8.".into());
     };
+    // XmlSerializer refuses characters XML 1.0 cannot carry, raw or as references.
+    if let Some((at, c)) = invalid_xml_char(text) {
+        return sender_fault(format!(
+            "Server was unable to read request. ---> There is an error in XML document (1, {}). ---> '{}', hexadecimal value 0x{:02X}, is an invalid character.",
+            at + 1,
+            c.escape_unicode(),
+            c as u32
+        ));
+    }
     let root = match xml::parse_document(text) {
         Ok(root) => root,
         Err(e) => return sender_fault(format!("Server was unable to read request. ---> {e}")),
@@ -229,4 +238,31 @@ pub(super) fn dispatch(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCall) ->
             ),
         },
     }
+}
+
+/// The first character XML 1.0 cannot carry, raw or as a `&#…;` reference, and where.
+pub(super) fn invalid_xml_char(text: &str) -> Option<(usize, char)> {
+    let allowed = |c: char| {
+        matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}')
+    };
+    if let Some((at, c)) = text.char_indices().find(|&(_, c)| !allowed(c)) {
+        return Some((at, c));
+    }
+    let mut rest = text;
+    let mut offset = 0;
+    while let Some(start) = rest.find("&#") {
+        let tail = &rest[start + 2..];
+        let end = tail.find(';')?;
+        let number = &tail[..end];
+        let value = match number.strip_prefix(['x', 'X']) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok(),
+            None => number.parse().ok(),
+        };
+        if let Some(c) = value.and_then(char::from_u32).filter(|c| !allowed(*c)) {
+            return Some((offset + start, c));
+        }
+        offset += start + 2 + end;
+        rest = &tail[end..];
+    }
+    None
 }
