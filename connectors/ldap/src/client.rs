@@ -100,6 +100,38 @@ pub fn call_error(call: impl Into<String>, error: LdapError, timeout: Duration) 
     }
 }
 
+/// The certificates of a PEM file (`ca_file`), as DER; an error says what is wrong.
+pub(crate) fn read_ca_file(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let certificates: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map(|c| c.map(|c| c.as_ref().to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{}: holds no certificate", path.display()));
+    }
+    Ok(certificates)
+}
+
+/// A TLS client configuration trusting exactly `certificates`.
+fn ca_config(certificates: &[Vec<u8>]) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in certificates {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der.clone()))
+            .map_err(|e| format!("ca_file: a certificate is not usable as a root: {e}"))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Connects to the configured server, sets up TLS and binds. The connection is driven
 /// by a task on the current runtime that ends when the last [`Ldap`] handle is dropped.
 pub async fn connect(connection: &Connection) -> Result<Ldap, ConnectorError> {
@@ -109,6 +141,14 @@ pub async fn connect(connection: &Connection) -> Result<Ldap, ConnectorError> {
     if !connection.tls_verify && connection.tls != TlsMode::None {
         tracing::warn!(url = %connection.url, "TLS certificate verification is off (tls_verify = false)");
         settings = settings.set_no_tls_verify(true);
+    } else if let Some(certificates) = &connection.ca_certificates {
+        settings = settings.set_config(ca_config(certificates).map_err(|message| {
+            ConnectorError::Call {
+                call: format!("connect to {}", connection.url),
+                status: None,
+                message,
+            }
+        })?);
     }
     let call = format!("connect to {}", connection.url);
     let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &connection.url)

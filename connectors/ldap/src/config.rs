@@ -51,6 +51,8 @@ struct ConnectionToml {
     #[serde(default = "yes")]
     tls_verify: bool,
     #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
     connect_timeout: Option<DurationSetting>,
     #[serde(default)]
     operation_timeout: Option<DurationSetting>,
@@ -71,8 +73,12 @@ pub struct Connection {
     pub password: Option<SecretString>,
     /// How the connection is protected.
     pub tls: TlsMode,
-    /// Whether the server certificate is verified against the system's trust store.
+    /// Whether the server certificate is verified: against `ca_file` when given, else
+    /// the system's trust store.
     pub tls_verify: bool,
+    /// The certificates (DER) of the CA that signs the directory's certificate, read
+    /// from `ca_file` (PEM) at build time: the only roots trusted when set.
+    pub ca_certificates: Option<Vec<Vec<u8>>>,
     /// How long to wait for the TCP (and TLS) connection.
     pub connect_timeout: Duration,
     /// How long to wait for any one answer from the server (each page entry of a search).
@@ -133,6 +139,21 @@ impl Connection {
             password,
             tls,
             tls_verify: raw.tls_verify,
+            ca_certificates: match &raw.ca_file {
+                None => None,
+                Some(file) => {
+                    if tls == TlsMode::None {
+                        return Err(settings.error(
+                            "ca_file",
+                            "is set but the connection is not TLS: use an ldaps:// URL or tls = \"starttls\"",
+                        ));
+                    }
+                    Some(
+                        crate::client::read_ca_file(&settings.path(file))
+                            .map_err(|e| settings.error("ca_file", e))?,
+                    )
+                }
+            },
             connect_timeout: timeout(
                 "connect_timeout",
                 &raw.connect_timeout,
@@ -338,6 +359,7 @@ const CONNECTION_KEYS: &[&str] = &[
     "password_file",
     "tls",
     "tls_verify",
+    "ca_file",
     "connect_timeout",
     "operation_timeout",
 ];

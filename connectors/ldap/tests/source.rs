@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{expected_person, slapd, source, source_settings};
 use contactsync_core::{ConnectorError, ContactStatus, Origin, ReadMode};
 use contactsync_ldap::source::format_generalized_time;
+use contactsync_ldap::SourceConfig;
 use contactsync_testkit::slapd::Slapd;
 use contactsync_testkit::{read_all, source_conformance};
 
@@ -367,30 +368,53 @@ async fn a_server_that_never_answers_times_out_clearly() {
 async fn ldaps_and_starttls_connect() {
     let server = slapd(Slapd::builder().people(2).tls());
     let ldaps = server.ldaps_url().expect("ldaps url").to_string();
-    // The fixture's certificate is self-signed; a real directory's CA is in the system
-    // trust store, which is what tls_verify = true (the default) checks against.
-    for (url, tls) in [(ldaps.as_str(), ""), (server.url(), "tls = \"starttls\"\n")] {
-        let settings = contactsync_core::ConnectorSettings::from_toml(
+    let ca = server.ca_certificate().expect("the fixture's CA");
+    let settings_with = |url: &str, extra: &str| {
+        contactsync_core::ConnectorSettings::from_toml(
             "sources.directory",
             &format!(
-                "url = \"{url}\"\n{tls}tls_verify = false\nbind_dn = \"{}\"\npassword = \"{}\"\nbase_dn = \"{}\"\n",
+                "url = \"{url}\"\n{extra}bind_dn = \"{}\"\npassword = \"{}\"\nbase_dn = \"{}\"\n",
                 server.reader_dn(),
                 server.reader_password(),
                 server.people_dn()
             ),
         )
+        .unwrap()
+    };
+    // The directory's certificate is signed by a private CA: trusted with `ca_file`,
+    // with verification on (the default), over ldaps:// and StartTLS.
+    let with_ca = format!("ca_file = \"{}\"\n", ca.display());
+    for (url, extra) in [
+        (ldaps.clone(), with_ca.clone()),
+        (
+            server.url().to_string(),
+            format!("tls = \"starttls\"\n{with_ca}"),
+        ),
+        (ldaps.clone(), "tls_verify = false\n".to_string()),
+    ] {
+        let read = read_all(
+            source(&settings_with(&url, &extra)).as_ref(),
+            ReadMode::Full,
+        )
+        .await
         .unwrap();
-        let read = read_all(source(&settings).as_ref(), ReadMode::Full)
-            .await
-            .unwrap();
-        assert_eq!(read.records.len(), 2, "{url} {tls}");
+        assert_eq!(read.records.len(), 2, "{url} {extra}");
     }
-    // Verification on: the self-signed certificate is refused.
-    let settings = contactsync_core::ConnectorSettings::from_toml(
-        "sources.directory",
-        &format!("url = \"{ldaps}\"\nbase_dn = \"{}\"\n", server.people_dn()),
-    )
-    .unwrap();
-    let err = source(&settings).check().await.unwrap_err();
+    // Verification on without the CA: the system's trust store does not know it.
+    let err = source(&settings_with(&ldaps, ""))
+        .check()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains(&ldaps), "{err}");
+    // A ca_file that is not a certificate file is a config error naming the key.
+    let not_pem = server.people_dn();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("ca.pem");
+    std::fs::write(&bad, format!("not a certificate: {not_pem}")).unwrap();
+    let err = SourceConfig::from_settings(&settings_with(
+        &ldaps,
+        &format!("ca_file = \"{}\"\n", bad.display()),
+    ))
+    .unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("ca_file"), "{err}");
 }

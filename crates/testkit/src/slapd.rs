@@ -107,7 +107,8 @@ impl SlapdBuilder {
     }
 
     /// Also listens on `ldaps://` (see [`Slapd::ldaps_url`]) and offers StartTLS on
-    /// `ldap://`, with a self-signed certificate for 127.0.0.1 made by `openssl`.
+    /// `ldap://`, with a certificate for 127.0.0.1 signed by a private CA
+    /// ([`Slapd::ca_certificate`]), both made by `openssl`.
     pub fn tls(mut self) -> Self {
         self.tls = true;
         self
@@ -139,19 +140,46 @@ impl SlapdBuilder {
         let root = dir.path().to_path_buf();
         fs::create_dir(root.join("db")).map_err(io("creating the database directory"))?;
         if self.tls {
+            // A private CA and a server certificate it signs, as a company directory has:
+            // clients trust it with `ca_file`, or not at all.
             let openssl = find_program("openssl")?;
-            run(Command::new(openssl)
+            run(Command::new(&openssl)
                 .args([
                     "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                 ])
+                .args(["-subj", "/CN=contactsync test CA"])
+                .arg("-keyout")
+                .arg(root.join("ca-key.pem"))
+                .arg("-out")
+                .arg(root.join("ca.pem")))?;
+            run(Command::new(&openssl)
                 .args([
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
                     "-subj",
                     "/CN=127.0.0.1",
-                    "-addext",
-                    "subjectAltName=IP:127.0.0.1",
                 ])
                 .arg("-keyout")
                 .arg(root.join("key.pem"))
+                .arg("-out")
+                .arg(root.join("server.csr")))?;
+            fs::write(
+                root.join("server.ext"),
+                "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            )
+            .map_err(io("writing server.ext"))?;
+            run(Command::new(&openssl)
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+                .arg("-in")
+                .arg(root.join("server.csr"))
+                .arg("-CA")
+                .arg(root.join("ca.pem"))
+                .arg("-CAkey")
+                .arg(root.join("ca-key.pem"))
+                .arg("-extfile")
+                .arg(root.join("server.ext"))
                 .arg("-out")
                 .arg(root.join("cert.pem")))?;
         }
@@ -300,7 +328,13 @@ impl Slapd {
         self.ldaps_url.as_deref()
     }
 
-    /// The self-signed certificate (PEM) when started with [`SlapdBuilder::tls`].
+    /// The private CA's certificate (PEM) that signed the server's, when started with
+    /// [`SlapdBuilder::tls`].
+    pub fn ca_certificate(&self) -> Option<PathBuf> {
+        self.certificate().map(|_| self.dir.path().join("ca.pem"))
+    }
+
+    /// The server's certificate (PEM) when started with [`SlapdBuilder::tls`].
     pub fn certificate(&self) -> Option<PathBuf> {
         self.ldaps_url
             .as_ref()
