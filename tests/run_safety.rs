@@ -83,7 +83,7 @@ fn every_bad_setting_is_refused_with_exit_2_naming_its_key() {
             "batch_size",
         ),
         (
-            CONFIG.replace("to = \"out\"", "to = \"out\"\nfull_every = 0"),
+            CONFIG.replace("to = \"out\"", "to = \"out\"\nfull_every = -1"),
             "full_every",
         ),
         (

@@ -58,7 +58,9 @@ impl Source for BcSource {
     fn capabilities(&self) -> SourceCapabilities {
         SourceCapabilities {
             incremental: true,
+            // Deleted contacts come back from incremental reads (`deleted=true`).
             reports_deletions: true,
+            full_every: None,
         }
     }
 

@@ -53,10 +53,7 @@ impl CsvSource {
 #[async_trait]
 impl Source for CsvSource {
     fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities {
-            incremental: false,
-            reports_deletions: false,
-        }
+        SourceCapabilities::default()
     }
 
     /// The file exists, its header parses, and every configured column is in it.

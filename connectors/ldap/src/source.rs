@@ -17,7 +17,8 @@
 //! one read must not be lost, at the price of reading that second's entries again
 //! (the engine's diff finds them unchanged). An incremental read never sees deletions,
 //! so it says `complete: false`; removals come from the full reads the engine schedules
-//! (`full_every`, which is the engine's setting, not this connector's).
+//! (the pipeline's `full_every`; left out, this source asks for one every
+//! [`FULL_EVERY`] runs).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -35,6 +36,9 @@ use crate::config::SourceConfig;
 
 /// The operational attributes every read asks for besides the mapped ones.
 const MODIFY_TIMESTAMP: &str = "modifyTimestamp";
+/// The default of a pipeline's `full_every` with an LDAP source: deletes are seen only
+/// by full reads, so one every seventh run.
+pub const FULL_EVERY: u32 = 7;
 const ENTRY_UUID: &str = "entryUUID";
 
 /// An LDAP directory as a [`Source`].
@@ -83,6 +87,10 @@ impl Source for LdapSource {
         SourceCapabilities {
             incremental: true,
             reports_deletions: false,
+            // An incremental search cannot see a deleted entry: a full read every
+            // seventh run (a week of nightly runs) brings removals to the sink, unless
+            // the pipeline's `full_every` says otherwise (`0`: never).
+            full_every: Some(FULL_EVERY),
         }
     }
 

@@ -35,10 +35,7 @@ impl PoppuloSource {
 #[async_trait]
 impl Source for PoppuloSource {
     fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities {
-            incremental: false,
-            reports_deletions: false,
-        }
+        SourceCapabilities::default()
     }
 
     async fn check(&self) -> Result<(), ConnectorError> {

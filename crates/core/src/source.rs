@@ -31,6 +31,10 @@ pub struct SourceCapabilities {
     pub incremental: bool,
     /// Whether the source reports deletions itself ([`SourceRecord::deleted`]).
     pub reports_deletions: bool,
+    /// Every how many runs a full read is due when the pipeline sets no `full_every`:
+    /// a source whose incremental reads cannot see deletions sets one, so that removals
+    /// reach the sink (LDAP: 7, a week of nightly runs). `None`: only when asked.
+    pub full_every: Option<u32>,
 }
 
 /// One person as read, with where they were read.

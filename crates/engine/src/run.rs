@@ -509,11 +509,16 @@ impl<'r> Run<'r> {
             }
         };
         // Which read: full when asked, when the source cannot do better, when there is
-        // no cursor yet, when the pipeline's `full_every` says it is time, or when the
+        // no cursor yet, when `full_every` (the pipeline's, else the source's) says it is
+        // time, or when the
         // sink is rebuilt from this read.
         let cursor = self.state.cursor(&self.pipeline.name)?;
-        let full_due = match (settings.full_every, last_full) {
-            (Some(n), Some(last)) => self.report.run - last >= i64::from(n.max(1)),
+        let full_every = settings
+            .full_every
+            .or(source.capabilities().full_every)
+            .filter(|&n| n > 0);
+        let full_due = match (full_every, last_full) {
+            (Some(n), Some(last)) => self.report.run - last >= i64::from(n),
             (Some(_), None) => true,
             (None, _) => false,
         };

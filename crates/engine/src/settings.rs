@@ -83,7 +83,8 @@ pub struct PipelineSettings {
     /// refused unless `--allow-mass-removal` is given.
     pub max_removal_ratio: f64,
     /// Read everything (and so detect removals by absence) every N runs of an
-    /// incremental source; `None`: only on `--full` or when there is no cursor.
+    /// incremental source; `0`: only on `--full` or when there is no cursor; `None`:
+    /// the source's own default ([`contactsync_core::SourceCapabilities::full_every`]).
     pub full_every: Option<u32>,
     /// Copies between fields after the source's own mapping: `target = "source"`,
     /// e.g. `"attributes.cost_center" = "department"`.
@@ -120,12 +121,6 @@ impl PipelineSettings {
                 format!(
                     "must be a share between 0 and 1 (0.10 allows removing 10% a run), got {ratio}"
                 ),
-            ));
-        }
-        if self.full_every == Some(0) {
-            return Err((
-                "full_every",
-                "must be at least 1 (a full read every N runs); leave it out for no scheduled full reads".into(),
             ));
         }
         if self.batch_size == Some(0) {

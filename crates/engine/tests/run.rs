@@ -27,6 +27,7 @@ struct ListSource {
     items: Vec<SourceItem>,
     complete: bool,
     incremental: bool,
+    full_every: Option<u32>,
     reads: Arc<Mutex<Vec<ReadMode>>>,
 }
 
@@ -45,6 +46,7 @@ impl ListSource {
                 .collect(),
             complete: true,
             incremental: false,
+            full_every: None,
             reads: Arc::default(),
         }
     }
@@ -71,6 +73,7 @@ impl Source for ListSource {
         SourceCapabilities {
             incremental: self.incremental,
             reports_deletions: false,
+            full_every: self.full_every,
         }
     }
     async fn check(&self) -> Result<(), ConnectorError> {
@@ -571,6 +574,50 @@ async fn deleted_records_from_the_source_are_removals_even_in_incremental_reads(
     assert_eq!(
         keys(&sink.people()),
         vec!["external_id:E2", "external_id:E3"]
+    );
+}
+
+/// A source that says how often a full read is due (LDAP: deletes are invisible to its
+/// incremental reads) gets one that often, unless the pipeline says otherwise.
+#[tokio::test]
+async fn full_reads_come_at_the_source_s_default_unless_the_pipeline_says_otherwise() {
+    let people: Vec<Contact> = (1..=3).map(|i| person(i, "A")).collect();
+    let mut source = ListSource::of(&people);
+    source.incremental = true;
+    source.full_every = Some(2);
+    let modes = |source: &ListSource| -> Vec<&'static str> {
+        source
+            .reads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                ReadMode::Full => "full",
+                ReadMode::Incremental { .. } => "incremental",
+            })
+            .collect()
+    };
+    let f = Fixture::new();
+    let mut sink = MemorySink::new(100);
+    for _ in 0..5 {
+        f.run(&source, &mut sink).await;
+    }
+    assert_eq!(
+        modes(&source),
+        ["full", "incremental", "full", "incremental", "full"]
+    );
+
+    // `full_every = 0`: never scheduled (the first read, without a cursor, is full).
+    let mut f = Fixture::new();
+    f.settings.full_every = Some(0);
+    source.reads.lock().unwrap().clear();
+    let mut sink = MemorySink::new(100);
+    for _ in 0..4 {
+        f.run(&source, &mut sink).await;
+    }
+    assert_eq!(
+        modes(&source),
+        ["full", "incremental", "incremental", "incremental"]
     );
 }
 
