@@ -58,6 +58,10 @@ pub enum Posted {
     Id(String),
     /// 429 even after retries: the day's imports are used up (or Actito is busy).
     Refused(String),
+    /// A 5xx or a lost answer: Actito may have taken the import or not. It is not
+    /// posted again; its rows are reported unknown (the engine sends them again next
+    /// run) and it counts against the day's quota.
+    Unknown(String),
 }
 
 /// Makes and follows bulk imports into one profile table.
@@ -103,8 +107,9 @@ impl<'a> BulkImporter<'a> {
         })
     }
 
-    /// `POST …/table/{t}/import`. Not retried after a dropped connection (it may have
-    /// been accepted: a second post would spend another of the day's imports).
+    /// `POST …/table/{t}/import`. Retried only on 429; never after a 5xx or a dropped
+    /// connection (it may have been taken: a second post would spend another of the
+    /// day's imports).
     pub async fn post(
         &self,
         zip: Vec<u8>,
@@ -127,6 +132,7 @@ impl<'a> BulkImporter<'a> {
             retry_transport_errors: false,
             ..RetryPolicy::default()
         });
+        request.not_idempotent = true;
         let answer = match self.client.send(&request, Some(cancel)).await {
             Ok(a) => a,
             // Retries ran out on 429s.
@@ -135,6 +141,14 @@ impl<'a> BulkImporter<'a> {
                 message,
                 ..
             }) => return Ok(Posted::Refused(message)),
+            // The post itself lost its answer (the token call is a GET).
+            Err(ConnectorError::Call {
+                call,
+                status: None,
+                message,
+            }) if call.starts_with("POST ") => {
+                return Ok(Posted::Unknown(format!("{call}: {message}")))
+            }
             Err(e) => return Err(e),
         };
         match answer.status().as_u16() {
@@ -154,6 +168,12 @@ impl<'a> BulkImporter<'a> {
                 })
             }
             429 => Ok(Posted::Refused(error_text(&answer))),
+            500..=599 => Ok(Posted::Unknown(format!(
+                "{} answered {}: {}",
+                answer.call(),
+                answer.status().as_u16(),
+                error_text(&answer)
+            ))),
             _ => Err(answer_error(&answer)),
         }
     }

@@ -69,6 +69,10 @@ pub struct Request {
     pub accept: &'static str,
     /// A retry policy other than the client's.
     pub retry: Option<RetryPolicy>,
+    /// The call is not idempotent (an import POST): a 5xx answer, which may come after
+    /// Actito took the call, is handed back instead of retried. 429 (refused, not
+    /// taken) is still retried.
+    pub not_idempotent: bool,
 }
 
 impl Request {
@@ -81,6 +85,7 @@ impl Request {
             body: None,
             accept: JSON,
             retry: None,
+            not_idempotent: false,
         }
     }
 
@@ -251,7 +256,11 @@ impl ActitoClient {
                 &format!("Bearer {}", token.expose_secret()),
             )
             .header("Accept", request.accept)
-            .classify(&lenient);
+            .classify(if request.not_idempotent {
+                &once_unless_refused
+            } else {
+                &lenient
+            });
         for (k, v) in &request.query {
             call = call.query(k, v);
         }
@@ -429,6 +438,17 @@ pub fn lenient(answer: &Answer) -> Decision {
     match Decision::standard(answer) {
         Decision::Fail => Decision::Accept,
         other => other,
+    }
+}
+
+/// For a call that is not idempotent: 429 (Actito refused it) is retried as usual;
+/// any other answer, a 5xx included, is handed back, since the call may have been
+/// taken before the error.
+pub fn once_unless_refused(answer: &Answer) -> Decision {
+    if answer.status().is_server_error() {
+        Decision::Accept
+    } else {
+        lenient(answer)
     }
 }
 

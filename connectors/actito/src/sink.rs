@@ -43,6 +43,13 @@ pub fn quota_key(entity: &str, table: &str, day: chrono::NaiveDate) -> String {
     format!("bulk:{entity}/{table}:{}", day.format("%Y-%m-%d"))
 }
 
+/// The store key of the times (RFC 3339, UTC) of the table's bulk imports posted in the
+/// last 24 hours: with the day's counter, no UTC day and no rolling 24 hours sees a
+/// 13th import.
+pub fn posts_key(entity: &str, table: &str) -> String {
+    format!("bulk-posts:{entity}/{table}")
+}
+
 /// The store key of the table's import in flight.
 pub fn running_key(entity: &str, table: &str) -> String {
     format!("import:{entity}/{table}")
@@ -124,12 +131,45 @@ impl ActitoSink {
         )
     }
 
+    /// Imports used: the most of today's (UTC) counter and of the posts of the last 24
+    /// hours, whichever window Actito counts in.
     fn bulk_used(&self, ctx: &SinkContext<'_>) -> Result<u32, ConnectorError> {
-        Ok(ctx
+        let today: u32 = ctx
             .store
             .get(&self.quota_key_today())?
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0))
+            .unwrap_or(0);
+        let rolling = self.recent_posts(ctx)?.len() as u32;
+        Ok(today.max(rolling))
+    }
+
+    /// The posts of the last 24 hours.
+    fn recent_posts(
+        &self,
+        ctx: &SinkContext<'_>,
+    ) -> Result<Vec<chrono::DateTime<Utc>>, ConnectorError> {
+        let key = posts_key(self.client.entity(), self.client.table());
+        let since = Utc::now() - chrono::Duration::hours(24);
+        Ok(ctx
+            .store
+            .get(&key)?
+            .and_then(|v| serde_json::from_str::<Vec<chrono::DateTime<Utc>>>(&v).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| *t > since)
+            .collect())
+    }
+
+    /// Counts one post, before it is made: a crash after the post must still count it.
+    fn count_post(&self, used_today: u32, ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
+        ctx.store
+            .put(&self.quota_key_today(), &(used_today + 1).to_string())?;
+        let mut posts = self.recent_posts(ctx)?;
+        posts.push(Utc::now());
+        let json =
+            serde_json::to_string(&posts).map_err(|e| ConnectorError::Other(e.to_string()))?;
+        ctx.store
+            .put(&posts_key(self.client.entity(), self.client.table()), &json)
     }
 
     /// The quota is used up: one-by-one from now on, or stop, as configured.
@@ -246,9 +286,12 @@ impl ActitoSink {
                 zip.len()
             )));
         }
-        // Counted before posting: a crash after the post must still count it.
-        ctx.store
-            .put(&self.quota_key_today(), &(used + 1).to_string())?;
+        let today: u32 = ctx
+            .store
+            .get(&self.quota_key_today())?
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        self.count_post(today, ctx)?;
         let importer = BulkImporter::new(&self.client);
         let id = match importer.post(zip, &key_column, &ctx.cancel).await? {
             Posted::Id(id) => id,
@@ -260,6 +303,18 @@ impl ActitoSink {
                     ctx,
                 )?;
                 return Ok(None);
+            }
+            Posted::Unknown(why) => {
+                // Counted (above), never posted again in this run: the rest goes one
+                // profile at a time, and these rows are sent again next run.
+                tracing::warn!(batch = %batch.id, "Actito may or may not have taken the import ({why}); not posting it again");
+                ctx.progress.note(&format!(
+                    "Actito may or may not have taken an import ({why}); its rows are sent again next run, the rest one by one"
+                ));
+                self.mode = Mode::OneByOne;
+                return Ok(unknown(&format!(
+                    "the bulk import's answer was lost ({why}): whether Actito took it is unknown; sent again next run"
+                )));
             }
         };
         let key = running_key(self.client.entity(), self.client.table());

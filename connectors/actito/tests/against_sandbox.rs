@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use contactsync_actito::sink::quota_key;
+use contactsync_actito::sink::{posts_key, quota_key};
 use contactsync_actito::{ActitoSink, ActitoSource, SinkConfig, SourceConfig};
 use contactsync_core::{
     Change, ChangeBatch, ChangePlan, ConnectorError, ConnectorSettings, Contact, KeyRule, Origin,
@@ -581,4 +581,137 @@ async fn a_running_import_is_recovered_after_a_crash() {
         .await
         .expect("none")
         .is_none());
+}
+
+/// The bulk POST is not idempotent: an answer lost after Actito took the import, or a
+/// 5xx, is never followed by a second post. The rows are reported unknown (the engine
+/// sends them again next run) and the import counts against the day's quota.
+#[tokio::test]
+async fn a_bulk_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
+    for (fault, taken) in [
+        (
+            WireFaults {
+                drop_nth: Some(1),
+                drop_after_handling: true,
+                ..WireFaults::default()
+            },
+            1,
+        ),
+        (
+            WireFaults {
+                fail_nth: Some(1),
+                ..WireFaults::default()
+            },
+            0,
+        ),
+    ] {
+        let sb = sandbox(SandboxConfig::default()).await;
+        let changes = creates(&sample_contacts(20));
+        let mut sink = sink(&sb, "bulk_threshold = 10");
+        let mut store = MemoryStore::new();
+        let mut ctx = store.context();
+        sink.begin(&plan_of(&changes), &mut ctx)
+            .await
+            .expect("begin");
+        // The next call the sink makes is the import POST.
+        sb.set_wire_faults(fault.clone());
+        let batch = ChangeBatch {
+            id: "b1".into(),
+            changes,
+        };
+        let outcomes = sink.apply(&batch, &mut ctx).await.expect("apply");
+        assert_eq!(outcomes.len(), 20);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Unknown { .. })),
+            "{fault:?}: {outcomes:?}"
+        );
+        let posts = sb
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/import"))
+            .count();
+        assert_eq!(posts, 1, "{fault:?}: posted once, never again");
+        assert_eq!(sb.imports().len(), taken, "{fault:?}");
+        let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
+        drop(ctx);
+        assert_eq!(
+            store.values().get(&key).map(String::as_str),
+            Some("1"),
+            "{fault:?}: counted against the quota"
+        );
+    }
+}
+
+/// Twelve imports in the last 24 hours use the quota up, whatever the UTC day says (a
+/// run just after midnight must not post a 13th within 24 hours).
+#[tokio::test]
+async fn twelve_imports_in_the_last_24_hours_use_the_quota_up() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let mut store = MemoryStore::new();
+    let yesterday_evening: Vec<String> = (0..12)
+        .map(|i| {
+            (chrono::Utc::now() - chrono::Duration::hours(23) + chrono::Duration::minutes(i))
+                .to_rfc3339()
+        })
+        .collect();
+    store
+        .context()
+        .store
+        .put(
+            &posts_key(sb.entity(), "contacts"),
+            &serde_json::to_string(&yesterday_evening).expect("json"),
+        )
+        .expect("put");
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&sample_contacts(20))],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert_eq!(
+        sb.stats().imports_posted,
+        0,
+        "no 13th import within 24 hours"
+    );
+    assert_eq!(sb.stats().profile_posts, 20, "one by one instead");
+
+    // A day later those posts no longer count: one bulk import, remembered.
+    let old: Vec<String> = (0..12)
+        .map(|i| {
+            (chrono::Utc::now() - chrono::Duration::hours(25) + chrono::Duration::minutes(-i))
+                .to_rfc3339()
+        })
+        .collect();
+    let mut store = MemoryStore::new();
+    store
+        .context()
+        .store
+        .put(
+            &posts_key(sb.entity(), "contacts"),
+            &serde_json::to_string(&old).expect("json"),
+        )
+        .expect("put");
+    let outcomes = run(
+        &mut sink(&sb, "bulk_threshold = 10"),
+        &mut store,
+        vec![creates(&sample_contacts(20))],
+    )
+    .await
+    .expect("run");
+    all_applied(&outcomes);
+    assert_eq!(sb.stats().imports_posted, 1);
+    let posts: Vec<String> = store
+        .values()
+        .get(&posts_key(sb.entity(), "contacts"))
+        .and_then(|v| serde_json::from_str(v).ok())
+        .expect("posts kept");
+    assert_eq!(
+        posts.len(),
+        1,
+        "the day-old posts are forgotten, this one kept"
+    );
 }
