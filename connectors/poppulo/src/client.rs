@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use contactsync_core::{CancellationToken, ConnectorError, ProgressReporter};
-use contactsync_http::{header, Answer, Auth, Decision, HttpClient, Method};
+use contactsync_http::{header, Answer, Auth, Decision, HttpClient, Method, RetryPolicy};
 
 use crate::config::Connection;
 use crate::xml::{error_text, ImportState, StatusEntity, SubscriberPage};
@@ -16,6 +16,15 @@ pub const XML: &str = "application/xml; charset=UTF-8";
 
 /// The longest single wait while the account is busy.
 const MAX_BUSY_STEP: Duration = Duration::from_secs(600);
+
+/// What became of an import post.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Posted {
+    /// Taken; the import's href.
+    Accepted(String),
+    /// The answer was lost or was a 5xx: Poppulo may or may not have taken the job.
+    Unknown(String),
+}
 
 /// A Poppulo account, reached over HTTP.
 #[derive(Debug, Clone)]
@@ -68,7 +77,10 @@ impl PoppuloClient {
 
     /// `POST /{account}/subscriber_imports`; returns the import's href from the status
     /// entity. While another import runs in the account (503 without `Retry-After`) it
-    /// waits, with growing pauses from `busy_interval`, at most `busy_bound` in all.
+    /// waits, with growing pauses from `busy_interval`, at most `busy_bound` in all;
+    /// throttling (503 with `Retry-After`) is retried too: neither took the job. The
+    /// post is not idempotent, so a lost answer or another 5xx, after which Poppulo may
+    /// have taken it, is never followed by a second post: it is [`Posted::Unknown`].
     pub async fn post_import(
         &self,
         job_xml: String,
@@ -76,7 +88,7 @@ impl PoppuloClient {
         busy_bound: Duration,
         progress: &dyn ProgressReporter,
         cancel: CancellationToken,
-    ) -> Result<String, ConnectorError> {
+    ) -> Result<Posted, ConnectorError> {
         let busy_tries = AtomicU32::new(0);
         let classify = |a: &Answer| -> Decision {
             match a.status().as_u16() {
@@ -89,31 +101,55 @@ impl PoppuloClient {
                             .into(),
                     }
                 }
+                503 => standard_xml(a),
+                500..=599 => Decision::Accept,
                 _ => standard_xml(a),
             }
         };
-        let answer = self
+        let sent = self
             .http
             .request_segments(Method::POST, &[&self.account, "subscriber_imports"])
             .body(XML, job_xml)
             .classify(&classify)
+            .retry(RetryPolicy {
+                retry_transport_errors: false,
+                ..self.http.retry_policy().clone()
+            })
             .progress(progress)
             .cancel(cancel)
             .send()
-            .await?;
+            .await;
+        let answer = match sent {
+            Ok(answer) if answer.status().is_server_error() => {
+                return Ok(Posted::Unknown(format!(
+                    "{} answered {}: {}",
+                    answer.call(),
+                    answer.status().as_u16(),
+                    error_text(&answer.text())
+                )))
+            }
+            Ok(answer) => answer,
+            Err(ConnectorError::Call {
+                call,
+                status: None,
+                message,
+            }) => return Ok(Posted::Unknown(format!("{call}: {message}"))),
+            Err(e) => return Err(e),
+        };
         let answer = finish(answer)?;
         let entity = StatusEntity::parse(&answer.text());
         let href = entity
             .and_then(|e| e.created)
             .or_else(|| answer.header("location").map(str::to_string));
-        href.ok_or_else(|| ConnectorError::Protocol {
-            call: answer.call().to_string(),
-            message: format!(
-                "HTTP {} without resources_created/link/@href: {}",
-                answer.status().as_u16(),
-                error_text(&answer.text())
-            ),
-        })
+        href.map(Posted::Accepted)
+            .ok_or_else(|| ConnectorError::Protocol {
+                call: answer.call().to_string(),
+                message: format!(
+                    "HTTP {} without resources_created/link/@href: {}",
+                    answer.status().as_u16(),
+                    error_text(&answer.text())
+                ),
+            })
     }
 
     /// `GET` the import at `href`.

@@ -17,7 +17,7 @@ use contactsync_core::{
     Outcome, PendingBatch, RemovalStyle, Sink, SinkCapabilities, SinkContext,
 };
 
-use crate::client::PoppuloClient;
+use crate::client::{PoppuloClient, Posted};
 use crate::config::{Removal, SinkConfig};
 use crate::rejected::{parse_rejected, RejectedRow, RejectionKind};
 use crate::xml::{ImportJob, ImportStatus};
@@ -574,7 +574,7 @@ impl Sink for PoppuloSink {
         }
         let rows = emails.iter().flatten().count();
         tracing::info!(batch = %batch.id, rows, "posting a Poppulo import job");
-        let href = self
+        let posted = self
             .client
             .post_import(
                 xml,
@@ -584,6 +584,22 @@ impl Sink for PoppuloSink {
                 ctx.cancel.clone(),
             )
             .await?;
+        let href = match posted {
+            Posted::Accepted(href) => href,
+            Posted::Unknown(why) => {
+                // Not posted again: whatever Poppulo did with it, the engine sends these
+                // rows again next run (an import is an upsert, so both converge).
+                tracing::warn!(batch = %batch.id, "Poppulo may or may not have taken the import ({why}); not posting it again");
+                ctx.progress.note(&format!(
+                    "Poppulo may or may not have taken an import ({why}); its rows are sent again next run"
+                ));
+                return Ok(unknown(
+                    known,
+                    &emails,
+                    &format!("the import's answer was lost ({why}): whether Poppulo took it is unknown; sent again next run"),
+                ));
+            }
+        };
         let key = store_key(&batch.id);
         // At once: a crash from here on resumes this import instead of posting another.
         ctx.store.put(&key, &href)?;

@@ -502,3 +502,59 @@ async fn cancelling_while_polling_leaves_rows_unknown_and_the_import_resumable()
         "kept for the next run"
     );
 }
+
+/// The import post is not idempotent: after an answer lost once Poppulo took the job,
+/// or a 5xx, it is never posted again. Its rows are unknown, for the engine to send
+/// again next run.
+#[tokio::test]
+async fn an_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
+    for (fault, taken) in [
+        (
+            WireFaults {
+                drop_nth: Some(1),
+                drop_after_handling: true,
+                ..WireFaults::default()
+            },
+            1,
+        ),
+        (
+            WireFaults {
+                fail_nth: Some(1),
+                ..WireFaults::default()
+            },
+            0,
+        ),
+    ] {
+        let sb = sandbox().await;
+        let mut sink = sink(&sb, "");
+        let mut store = MemoryStore::new();
+        // The import post is the sink's first call.
+        sb.set_wire_faults(fault.clone());
+        let out = apply(
+            &mut sink,
+            &mut store,
+            &batch(
+                "b1",
+                vec![
+                    create(person("ann@example.com", "Ann")),
+                    create(person("bob@example.com", "Bob")),
+                ],
+            ),
+        )
+        .await;
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, Outcome::Unknown { reason } if reason.contains("unknown"))),
+            "{fault:?}: {out:?}"
+        );
+        assert_eq!(sb.imports().len(), taken, "{fault:?}");
+        assert_eq!(
+            sb.stats()
+                .requests_by_route
+                .get("POST /v2/{account}/subscriber_imports"),
+            Some(&1),
+            "{fault:?}: posted once, never again"
+        );
+        assert!(store.values().is_empty(), "no import to resume");
+    }
+}

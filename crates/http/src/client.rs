@@ -121,6 +121,11 @@ impl HttpClient {
         &self.base
     }
 
+    /// How calls retry unless a call says otherwise.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
     /// The `User-Agent` sent.
     pub fn user_agent(&self) -> &str {
         &self.user_agent
