@@ -435,6 +435,7 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     let sandbox = sandbox().await;
     sandbox.set_faults(Faults {
         fault_on_emails: vec!["person7@example.com".into()],
+        ..Faults::default()
     });
     let s = scenario(&sandbox);
     s.write("people.csv", &people(20, |_| "Ann".into()));

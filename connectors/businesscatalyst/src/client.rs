@@ -204,8 +204,15 @@ impl BcClient {
                 })?);
             }
         }
+        // Without `moreRecords` nobody knows whether more pages follow: the read stops
+        // with an error rather than claim it is complete (which would remove everyone
+        // behind this page).
         let more_records = match node.child("moreRecords").map(|n| n.text.trim()) {
-            None | Some("") => false,
+            None | Some("") => {
+                return Err(protocol(format!(
+                    "the answer at recordStart {record_start} has no moreRecords: whether more pages follow is unknown"
+                )))
+            }
             Some(v) => soap::parse_bool(v)
                 .ok_or_else(|| protocol(format!("moreRecords {v:?} is not a boolean")))?,
         };

@@ -284,6 +284,7 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     let sb = sandbox().await;
     sb.set_faults(Faults {
         fault_on_emails: vec!["bad@example.com".into()],
+        ..Faults::default()
     });
     let mut snk = sink_of(&sb, "");
     let mut store = MemoryStore::new();
@@ -344,6 +345,23 @@ async fn characters_xml_cannot_carry_are_left_out_of_what_is_sent() {
         .filter_map(|c| c.first_name)
         .collect();
     assert_eq!(names, ["Ann"]);
+}
+
+#[tokio::test]
+async fn an_answer_without_more_records_stops_the_read_instead_of_ending_it() {
+    let sb = sandbox().await;
+    sb.seed((1..=150).map(person).collect());
+    sb.set_faults(Faults {
+        omit_more_records: true,
+        ..Faults::default()
+    });
+    let err = read_all(source_of(&sb, "").as_ref(), ReadMode::Full)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Protocol { message, .. } if message.contains("moreRecords")),
+        "a read that cannot tell whether more pages follow is not complete: {err}"
+    );
 }
 
 #[tokio::test]

@@ -68,6 +68,9 @@ use server::{Clock, Credentials, Inner, Shared};
 pub struct Faults {
     /// A `ContactList_UpdateInsert` holding a record with one of these emails faults.
     pub fault_on_emails: Vec<String>,
+    /// `ContactList_Retrieve` answers leave `moreRecords` out (a proxy or a service
+    /// version that drops it): a client must not take that for the last page.
+    pub omit_more_records: bool,
 }
 
 /// One call to the SOAP endpoint, as the sandbox saw it (the kit's log entry, with the

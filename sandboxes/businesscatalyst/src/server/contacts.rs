@@ -66,9 +66,14 @@ pub(super) fn retrieve_list(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCal
         .iter()
         .map(|c| format!("<ContactRecord>{}</ContactRecord>", contact_fields(c)))
         .collect();
+    let more = if inner.faults.omit_more_records {
+        String::new()
+    } else {
+        format!("<moreRecords>{more}</moreRecords>")
+    };
     Answer::Ok(format!(
         "<ContactList_RetrieveResponse xmlns=\"{CRM_NS}\"><ContactList_RetrieveResult>{records}\
-         </ContactList_RetrieveResult><recordStart>{start}</recordStart><moreRecords>{more}</moreRecords>\
+         </ContactList_RetrieveResult><recordStart>{start}</recordStart>{more}\
          </ContactList_RetrieveResponse>"
     ))
 }
