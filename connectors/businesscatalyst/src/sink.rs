@@ -26,8 +26,8 @@
 //!   the source but not written (writing needs form and field ids).
 
 use contactsync_core::{
-    async_trait, Change, ChangeBatch, ConfigError, ConnectorError, ConnectorSettings, Contact,
-    ContactKey, ContactStatus, Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    async_trait, Change, ChangeBatch, ChangePlan, ConfigError, ConnectorError, ConnectorSettings,
+    Contact, ContactKey, ContactStatus, Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
 };
 
 use crate::client::{BcClient, CallError};
@@ -39,15 +39,75 @@ use crate::soap::{Address, ContactRecord, PhoneNo};
 pub struct BcSink {
     config: BcConfig,
     client: BcClient,
+    /// The site's live contacts without an `externalId` (web sign-ups, imports), by
+    /// lower-cased email: a create for one of them must update it, not add a second
+    /// contact (the service matches on `externalId` first). Read once in `begin` for a
+    /// large change set; `None`: looked up one by one.
+    unlinked: Option<std::collections::HashMap<String, i64>>,
 }
 
 impl BcSink {
     /// A sink for `config`. Touches no network.
     pub fn new(config: BcConfig) -> Result<BcSink, ConnectorError> {
         let client = BcClient::new(&config)?;
-        Ok(BcSink { config, client })
+        Ok(BcSink {
+            config,
+            client,
+            unlinked: None,
+        })
+    }
+
+    /// Reads the whole site once and keeps its live contacts without an `externalId`.
+    async fn read_unlinked(
+        &self,
+    ) -> Result<std::collections::HashMap<String, i64>, ConnectorError> {
+        let mut unlinked = std::collections::HashMap::new();
+        let mut start = 0;
+        loop {
+            let page = self
+                .client
+                .retrieve_page(crate::soap::UNSET_DATE, start)
+                .await?;
+            for record in &page.records {
+                let has_id = record
+                    .external_id
+                    .as_deref()
+                    .is_some_and(|id| !id.trim().is_empty());
+                if let (false, false, Some(email)) = (record.deleted, has_id, &record.email_address)
+                {
+                    unlinked.insert(email.trim().to_lowercase(), record.entity_id);
+                }
+            }
+            if !page.more_records || page.records.is_empty() {
+                return Ok(unlinked);
+            }
+            start += page.records.len() as u64;
+        }
+    }
+
+    /// The entity id of the site's contact a create must update: one with the same
+    /// email and no `externalId`.
+    async fn unlinked_match(&self, email: &str) -> Result<Option<i64>, ConnectorError> {
+        if let Some(unlinked) = &self.unlinked {
+            return Ok(unlinked.get(&email.trim().to_lowercase()).copied());
+        }
+        Ok(self
+            .client
+            .retrieve_by_email(email)
+            .await?
+            .filter(|r| {
+                r.external_id
+                    .as_deref()
+                    .is_none_or(|id| id.trim().is_empty())
+            })
+            .map(|r| r.entity_id)
+            .filter(|id| *id > 0))
     }
 }
+
+/// Above this many creates, `begin` reads the site once (100 contacts a call) instead of
+/// looking each create's email up (one call each).
+const LOOKUPS_BEFORE_ONE_READ: u64 = 100;
 
 /// The registry's builder.
 pub fn build(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
@@ -283,6 +343,19 @@ impl Sink for BcSink {
         self.client.check().await
     }
 
+    async fn begin(
+        &mut self,
+        plan: &ChangePlan,
+        _ctx: &mut SinkContext<'_>,
+    ) -> Result<(), ConnectorError> {
+        self.unlinked = if plan.creates > LOOKUPS_BEFORE_ONE_READ {
+            Some(self.read_unlinked().await?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
     async fn apply(
         &mut self,
         batch: &ChangeBatch,
@@ -292,7 +365,16 @@ impl Sink for BcSink {
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         for (index, change) in batch.changes.iter().enumerate() {
-            let handle = change.previous().and_then(|p| p.handle.clone());
+            let mut handle = change.previous().and_then(|p| p.handle.clone());
+            if let Change::Create { contact, .. } = change {
+                // Match before create: a site contact with this email and no externalId
+                // is this person (the service would add a second one otherwise).
+                if let (None, Some(email)) = (&handle, &contact.email) {
+                    if let Some(id) = self.unlinked_match(email).await? {
+                        handle = Some(id.to_string());
+                    }
+                }
+            }
             let record = match change {
                 Change::Create { contact, .. } | Change::Update { contact, .. } => {
                     to_record(contact, handle.as_deref(), &self.config)

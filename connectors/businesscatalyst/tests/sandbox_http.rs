@@ -663,3 +663,60 @@ async fn data_file_persists_across_restarts() {
     // New ids continue after the stored ones.
     assert_eq!(sb.seed(vec![person(2)]), [2]);
 }
+
+/// A site's contacts without an `externalId` (web sign-ups) are matched by email before
+/// a create, so the first sync into an existing site duplicates nobody: one by one for
+/// a small change set, through one read of the site for a large one.
+#[tokio::test]
+async fn creates_update_the_site_s_contacts_that_have_no_external_id() {
+    for creates in [3usize, 150] {
+        let sb = sandbox().await;
+        let signed_up: Vec<SandboxContact> = (1..=creates)
+            .map(|i| SandboxContact {
+                external_id: None,
+                first_name: Some("Web".into()),
+                ..person(i)
+            })
+            .collect();
+        let ids = sb.seed(signed_up);
+        let mut snk = sink_of(&sb, "");
+        let mut store = MemoryStore::new();
+        let changes: Vec<Change> = (1..=creates)
+            .map(|i| {
+                let email = format!("P{i:04}@Example.com");
+                create(contact(Some(&format!("HR{i}")), Some(&email), "Ann"))
+            })
+            .collect();
+        let plan = contactsync_core::ChangePlan {
+            creates: creates as u64,
+            ..Default::default()
+        };
+        let mut ctx = store.context();
+        snk.begin(&plan, &mut ctx).await.unwrap();
+        let out = snk.apply(&batch(changes), &mut ctx).await.unwrap();
+        let live: Vec<SandboxContact> = sb.contacts().into_iter().filter(|c| !c.deleted).collect();
+        assert_eq!(live.len(), creates, "{creates}: nobody added twice");
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, Outcome::Applied { handle: Some(_) })),
+            "the matched entity id is kept as the handle: {out:?}"
+        );
+        let first = live
+            .iter()
+            .find(|c| c.entity_id == ids[0])
+            .expect("the signed-up contact");
+        assert_eq!(first.external_id.as_deref(), Some("HR1"));
+        assert_eq!(first.first_name.as_deref(), Some("Ann"));
+        let retrieves = calls(&sb.requests(), "ContactList_Retrieve").len();
+        let lookups = calls(&sb.requests(), "Contact_RetrieveByEmailAddress").len();
+        if creates > 100 {
+            assert_eq!(
+                (retrieves, lookups),
+                (2, 0),
+                "one read of the site, 2 pages"
+            );
+        } else {
+            assert_eq!((retrieves, lookups), (0, creates), "one lookup a create");
+        }
+    }
+}
