@@ -27,7 +27,8 @@
 
 use contactsync_core::{
     async_trait, Change, ChangeBatch, ChangePlan, ConfigError, ConnectorError, ConnectorSettings,
-    Contact, ContactKey, ContactStatus, Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    Contact, ContactKey, ContactStatus, Field, Outcome, RemovalStyle, Sink, SinkCapabilities,
+    SinkContext,
 };
 
 use crate::client::{BcClient, CallError};
@@ -133,37 +134,48 @@ const NO_IDENTITY: &str = "the contact has neither an external id nor an email a
 Business Catalyst would add it again on every run";
 
 /// The record for an upsert of `contact`, or why it cannot be sent.
+///
+/// Fields the source does not give are left out, so that Business Catalyst keeps what
+/// it holds (an admin's phone number, a `fullName`): absent is not empty. A field the
+/// last-sent record (`before`) had and `contact` no longer has is sent empty: the source
+/// cleared it. `MasterOptIn` is sent only when `send_opt_in` says so (a new person, or a
+/// status that changed in the source): consent given or withdrawn on the site stays.
 pub fn to_record(
     contact: &Contact,
+    before: Option<&Contact>,
     handle: Option<&str>,
     config: &BcConfig,
+    send_opt_in: bool,
 ) -> Result<ContactRecord, String> {
     if contact.external_id.is_none() && contact.email.is_none() {
         return Err(NO_IDENTITY.into());
     }
-    let text = |v: &Option<String>| Some(v.clone().unwrap_or_default());
-    let phone_nos = (!config.phone_types.is_empty()).then(|| {
-        config
-            .phone_types
-            .iter()
-            .map(|(type_id, field)| PhoneNo {
+    let owned = |now: Option<String>, was: Option<String>| match (now, was) {
+        (Some(value), _) => Some(value),
+        (None, Some(_)) => Some(String::new()),
+        (None, None) => None,
+    };
+    let field = |f: &Field| owned(contact.get(f), before.and_then(|b| b.get(f)));
+    let phone_nos: Vec<PhoneNo> = config
+        .phone_types
+        .iter()
+        .filter_map(|(type_id, f)| {
+            field(f).map(|number| PhoneNo {
                 type_id: *type_id,
-                number: contact.get(field).unwrap_or_default(),
+                number,
             })
-            .collect()
-    });
-    let addresses = (!config.addresses.is_empty()).then(|| {
-        config
-            .addresses
-            .iter()
-            .map(|(type_id, prefix)| {
-                let part = |i: usize| {
-                    contact
-                        .attributes
-                        .get(&format!("{prefix}_{}", ADDRESS_PARTS[i]))
-                        .cloned()
-                        .unwrap_or_default()
-                };
+        })
+        .collect();
+    let addresses: Vec<Address> = config
+        .addresses
+        .iter()
+        .filter_map(|(type_id, prefix)| {
+            let parts: Vec<Option<String>> = ADDRESS_PARTS
+                .iter()
+                .map(|part| field(&Field::Attribute(format!("{prefix}_{part}"))))
+                .collect();
+            parts.iter().any(Option::is_some).then(|| {
+                let part = |i: usize| parts[i].clone().unwrap_or_default();
                 Address {
                     type_id: *type_id,
                     line1: part(0),
@@ -174,18 +186,18 @@ pub fn to_record(
                     country_code: part(5),
                 }
             })
-            .collect()
-    });
+        })
+        .collect();
     Ok(ContactRecord {
         entity_id: entity_id(handle).unwrap_or(-1),
         external_id: contact.external_id.clone(),
         email_address: contact.email.clone(),
-        full_name: text(&contact.display_name),
-        first_name: text(&contact.first_name),
-        last_name: text(&contact.last_name),
-        phone_nos,
-        addresses,
-        master_opt_in: Some(contact.status == ContactStatus::Active),
+        full_name: field(&Field::DisplayName),
+        first_name: field(&Field::FirstName),
+        last_name: field(&Field::LastName),
+        phone_nos: (!phone_nos.is_empty()).then_some(phone_nos),
+        addresses: (!addresses.is_empty()).then_some(addresses),
+        master_opt_in: send_opt_in.then(|| contact.status == ContactStatus::Active),
         ..ContactRecord::default()
     })
 }
@@ -366,19 +378,32 @@ impl Sink for BcSink {
         let mut deletes = Vec::new();
         for (index, change) in batch.changes.iter().enumerate() {
             let mut handle = change.previous().and_then(|p| p.handle.clone());
+            // Consent is the person's: sent for someone new to the site, or when the
+            // status changed in the source since the last sync; never otherwise.
+            let mut send_opt_in = match (change, change.before()) {
+                (Change::Create { .. }, _) => true,
+                (Change::Update { contact, .. }, Some(before)) => before.status != contact.status,
+                _ => false,
+            };
             if let Change::Create { contact, .. } = change {
                 // Match before create: a site contact with this email and no externalId
-                // is this person (the service would add a second one otherwise).
+                // is this person (the service would add a second one otherwise), and
+                // their consent on the site stands.
                 if let (None, Some(email)) = (&handle, &contact.email) {
                     if let Some(id) = self.unlinked_match(email).await? {
                         handle = Some(id.to_string());
+                        send_opt_in = false;
                     }
                 }
             }
             let record = match change {
-                Change::Create { contact, .. } | Change::Update { contact, .. } => {
-                    to_record(contact, handle.as_deref(), &self.config)
-                }
+                Change::Create { contact, .. } | Change::Update { contact, .. } => to_record(
+                    contact,
+                    change.before(),
+                    handle.as_deref(),
+                    &self.config,
+                    send_opt_in,
+                ),
                 Change::Remove { .. } if self.config.removal == Removal::OptOut => {
                     opt_out_record(change)
                 }

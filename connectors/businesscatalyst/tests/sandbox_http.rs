@@ -720,3 +720,86 @@ async fn creates_update_the_site_s_contacts_that_have_no_external_id() {
         }
     }
 }
+
+fn update_from(before: Contact, after: Contact) -> Change {
+    Change::Update {
+        key: after.key(KeyRule::Auto).expect("key"),
+        contact: after,
+        origin: Origin::Derived,
+        previous: SyncedEntry {
+            content_hash: 1,
+            email: before.email.clone(),
+            handle: None,
+            record: Some(Box::new(before)),
+        },
+    }
+}
+
+/// Consent belongs to the person and fields to the source that gives them: an update
+/// neither re-opts-in someone who opted out on the site nor blanks a field the source
+/// does not have; a status that changed in the source, and a field the source cleared,
+/// are sent.
+#[tokio::test]
+async fn an_update_keeps_the_site_s_consent_and_the_fields_the_source_does_not_give() {
+    use contactsync_sandbox_businesscatalyst::SandboxPhone;
+    let sb = sandbox().await;
+    sb.seed(vec![SandboxContact {
+        full_name: Some("Ann Lee (admin)".into()),
+        last_name: Some("Lee".into()),
+        master_opt_in: false,
+        phone_nos: vec![SandboxPhone {
+            phone_no_type_id: 3,
+            phone_no: "+32 2 555 01 01".into(),
+        }],
+        ..person(1)
+    }]);
+    let mut snk = sink_of(&sb, "");
+    let mut store = MemoryStore::new();
+    let before = {
+        let mut c = contact(Some("E0001"), Some("p0001@example.com"), "First1");
+        c.set(&Field::LastName, "Lee").unwrap();
+        c
+    };
+    // The source (no phone, no display name) renames her; she stays active there.
+    let mut renamed = before.clone();
+    renamed.set(&Field::FirstName, "Annie").unwrap();
+    let out = snk
+        .apply(
+            &batch(vec![update_from(before.clone(), renamed.clone())]),
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Outcome::Applied { .. }), "{out:?}");
+    let now = sb.contacts().remove(0);
+    assert_eq!(now.first_name.as_deref(), Some("Annie"));
+    assert!(!now.master_opt_in, "her own opt-out on the site stands");
+    assert_eq!(now.phone_nos.len(), 1, "the admin's phone stays");
+    assert_eq!(now.full_name.as_deref(), Some("Ann Lee (admin)"));
+
+    // The source clears her last name and makes her inactive: both are sent.
+    let mut left = renamed.clone();
+    left.set(&Field::LastName, "").unwrap();
+    left.status = ContactStatus::Inactive;
+    snk.apply(
+        &batch(vec![update_from(renamed, left.clone())]),
+        &mut store.context(),
+    )
+    .await
+    .unwrap();
+    let now = sb.contacts().remove(0);
+    assert_eq!(now.last_name, None, "a field the source cleared is cleared");
+    assert!(!now.master_opt_in);
+    assert_eq!(now.phone_nos.len(), 1);
+
+    // Back to active in the source: a status change, so it is sent.
+    let mut back = left.clone();
+    back.status = ContactStatus::Active;
+    snk.apply(&batch(vec![update_from(left, back)]), &mut store.context())
+        .await
+        .unwrap();
+    assert!(
+        sb.contacts().remove(0).master_opt_in,
+        "the source's own change is sent"
+    );
+}
