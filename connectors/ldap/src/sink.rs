@@ -196,10 +196,14 @@ impl LdapSink {
     }
 
     /// The modifications that turn `existing` into `desired` for the managed attributes.
+    /// An attribute `desired` lacks is deleted only when `previous` (what was last sent)
+    /// had it: absent from the source is not a value to clear (an admin's phone number
+    /// stays), emptied by the source is.
     fn modifications(
         &self,
         existing: &HashMap<String, Vec<String>>,
         desired: &Desired,
+        previous: Option<&Desired>,
     ) -> Vec<Mod<String>> {
         let mut mods = Vec::new();
         for (lower, name) in self.managed() {
@@ -225,7 +229,11 @@ impl LdapSink {
                     mods.push(Mod::Replace(name, want.iter().cloned().collect()));
                 }
                 // Replace with no values deletes, and does not fail if already absent.
-                (_, None) if !have.is_empty() => mods.push(Mod::Replace(name, HashSet::new())),
+                (_, None)
+                    if !have.is_empty() && previous.is_some_and(|p| p.contains_key(&lower)) =>
+                {
+                    mods.push(Mod::Replace(name, HashSet::new()))
+                }
                 _ => {}
             }
         }
@@ -237,8 +245,12 @@ impl LdapSink {
         mut ldap: Ldap,
         key: &ContactKey,
         contact: &Contact,
+        before: Option<&Contact>,
     ) -> Result<Outcome, LdapError> {
         let dn = self.dn_for(key);
+        // What was last sent: an attribute it had and `contact` has not was cleared by
+        // the source; one neither has is not the source's, and is left alone.
+        let previous = before.and_then(|b| self.desired(key, b).ok());
         let desired = match self.desired(key, contact) {
             Ok(d) => d,
             Err(reason) => {
@@ -254,7 +266,7 @@ impl LdapSink {
         for _round in 0..2 {
             match self.read_entry(&mut ldap, &dn).await? {
                 Some(existing) => {
-                    let mods = self.modifications(&existing, &desired);
+                    let mods = self.modifications(&existing, &desired, previous.as_ref());
                     if mods.is_empty() {
                         tracing::debug!(%dn, "entry already up to date");
                         return Ok(applied(&dn));
@@ -387,7 +399,7 @@ impl LdapSink {
         };
         let result = match change {
             Change::Create { key, contact, .. } | Change::Update { key, contact, .. } => {
-                self.upsert(ldap, key, contact).await
+                self.upsert(ldap, key, contact, change.before()).await
             }
             Change::Remove { key, previous, .. } => {
                 self.remove(ldap, key, previous.handle.as_deref()).await

@@ -40,13 +40,18 @@ fn create(contact: Contact) -> Change {
 }
 
 fn update(contact: Contact) -> Change {
+    updated_from(None, contact)
+}
+
+/// An update whose last-sent record is `before` (what the state knows).
+fn updated_from(before: Option<Contact>, contact: Contact) -> Change {
     Change::Update {
         key: key(&contact),
         previous: SyncedEntry {
             content_hash: 0,
             email: contact.email.clone(),
             handle: None,
-            record: None,
+            record: before.map(Box::new),
         },
         contact,
         origin: Origin::Derived,
@@ -137,11 +142,23 @@ async fn add_then_modify_only_what_changed_then_delete() {
         "an unchanged contact is not written"
     );
 
-    // A change of title and a dropped phone: only those are written.
+    // A source that never gives a phone leaves the directory's alone: absent is not
+    // empty (the state knows no earlier record with one).
+    let mut no_phone = ann();
+    no_phone.phone = None;
+    let outcomes = apply(sink.as_mut(), vec![update(no_phone)]).await;
+    assert!(matches!(outcomes[0], Outcome::Applied { .. }));
+    assert_eq!(
+        one(&server, &dn("S1"), "telephoneNumber").as_deref(),
+        ann().phone.as_deref(),
+        "a phone the source does not give is kept"
+    );
+
+    // A change of title and a phone the source had and cleared: only those are written.
     let mut changed = ann();
     changed.job_title = Some("Lead".into());
     changed.phone = None;
-    let outcomes = apply(sink.as_mut(), vec![update(changed)]).await;
+    let outcomes = apply(sink.as_mut(), vec![updated_from(Some(ann()), changed)]).await;
     assert!(matches!(outcomes[0], Outcome::Applied { .. }));
     assert_ne!(one(&server, &dn("S1"), "entryCSN"), csn);
     assert_eq!(one(&server, &dn("S1"), "title").as_deref(), Some("Lead"));
