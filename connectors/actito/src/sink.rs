@@ -43,6 +43,36 @@ pub fn quota_key(entity: &str, table: &str, day: chrono::NaiveDate) -> String {
     format!("bulk:{entity}/{table}:{}", day.format("%Y-%m-%d"))
 }
 
+/// The subscriptions to send for `change`: consent belongs to the person, so only what
+/// the source changed. A new profile is subscribed to what the source lists (and
+/// unsubscribed from nothing: it may be someone Actito knows). An update sends only
+/// the subscriptions whose value differs from the record last sent; without that record
+/// (a state from before records were kept) it sends none. A source without
+/// subscriptions (a CSV) so never unsubscribes anyone, and a person who unsubscribed in
+/// Actito is not re-subscribed until the source changes their subscriptions.
+fn subscription_delta(
+    schema: &Schema,
+    change: &Change,
+    now: Vec<(String, bool)>,
+) -> Vec<(String, bool)> {
+    match change {
+        Change::Create { .. } => now.into_iter().filter(|(_, on)| *on).collect(),
+        _ => match change.before().and_then(|b| schema.prepare(b).ok()) {
+            Some(before) => now
+                .into_iter()
+                .filter(|(name, on)| {
+                    before
+                        .subscriptions
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .is_none_or(|(_, was)| was != on)
+                })
+                .collect(),
+            None => Vec::new(),
+        },
+    }
+}
+
 /// The store key of the times (RFC 3339, UTC) of the table's bulk imports posted in the
 /// last 24 hours: with the day's counter, no UTC day and no rolling 24 hours sees a
 /// 13th import.
@@ -610,7 +640,10 @@ impl Sink for ActitoSink {
             match change {
                 Change::Create { contact, .. } | Change::Update { contact, .. } => {
                     match schema.prepare(contact) {
-                        Ok(p) => upserts.push((i, p, change.kind() == ChangeKind::Update)),
+                        Ok(mut p) => {
+                            p.subscriptions = subscription_delta(&schema, change, p.subscriptions);
+                            upserts.push((i, p, change.kind() == ChangeKind::Update))
+                        }
                         Err(invalid) => {
                             tracing::debug!(key = %change.key(), field = ?invalid.field, "rejected before sending: {}", invalid.reason);
                             outcomes[i] = Some(Outcome::Rejected {

@@ -715,3 +715,87 @@ async fn twelve_imports_in_the_last_24_hours_use_the_quota_up() {
         "the day-old posts are forgotten, this one kept"
     );
 }
+
+fn update_from(before: &Contact, after: &Contact) -> Change {
+    Change::Update {
+        key: after.key(KeyRule::Auto).expect("key"),
+        contact: after.clone(),
+        origin: Origin::Derived,
+        previous: SyncedEntry {
+            content_hash: 1,
+            email: before.email.clone(),
+            handle: None,
+            record: Some(Box::new(before.clone())),
+        },
+    }
+}
+
+/// Consent belongs to the person: a source without subscriptions (a CSV) unsubscribes
+/// nobody, and someone who subscribed in Actito stays subscribed; a subscription the
+/// source itself takes away is sent.
+#[tokio::test]
+async fn only_the_subscriptions_the_source_changed_are_sent() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let mut person = sample_contacts(1).remove(0);
+    person.subscriptions.clear();
+    let mut store = MemoryStore::new();
+    all_applied(
+        &run(
+            &mut sink(&sb, ""),
+            &mut store,
+            vec![creates(&[person.clone()])],
+        )
+        .await
+        .expect("created"),
+    );
+    let id = || {
+        sb.profile_where("contacts", "customerId", "CS-0001")
+            .expect("profile")
+    };
+    // The person subscribes in Actito themselves.
+    let mut subscribed = ProfileInput::default();
+    subscribed
+        .attributes
+        .push(("customerId".into(), Some("CS-0001".into())));
+    subscribed.subscriptions.push(("Newsletter".into(), true));
+    sb.seed_profile("contacts", &subscribed)
+        .expect("subscribed in Actito");
+    assert_eq!(id().subscriptions.get("Newsletter"), Some(&true));
+
+    // The source (no subscriptions column) changes their name: they stay subscribed.
+    let mut renamed = person.clone();
+    renamed.first_name = Some("Renamed".into());
+    all_applied(
+        &run(
+            &mut sink(&sb, ""),
+            &mut store,
+            vec![vec![update_from(&person, &renamed)]],
+        )
+        .await
+        .expect("updated"),
+    );
+    assert_eq!(
+        id().attributes.get("firstName").map(String::as_str),
+        Some("Renamed")
+    );
+    assert_eq!(
+        id().subscriptions.get("Newsletter"),
+        Some(&true),
+        "their own choice stands"
+    );
+
+    // A source that had the subscription and drops it: that is sent.
+    let mut with = renamed.clone();
+    with.subscriptions.insert("newsletter".into());
+    let without = renamed.clone();
+    all_applied(
+        &run(
+            &mut sink(&sb, ""),
+            &mut store,
+            vec![vec![update_from(&with, &without)]],
+        )
+        .await
+        .expect("updated"),
+    );
+    assert_eq!(id().subscriptions.get("Newsletter"), Some(&false));
+}
