@@ -80,10 +80,11 @@ async fn first_sync_then_nightly_delta_then_removal_as_inactive() {
     let columns = &first[0].job.columns;
     assert_eq!(columns.first().map(String::as_str), Some("email"));
     assert_eq!(columns.last().map(String::as_str), Some("status"));
-    let first_name = columns
-        .iter()
-        .position(|c| c == "name.first name")
-        .expect("first name mapped");
+    assert!(columns.iter().any(|c| c == "name.first name"));
+    assert!(
+        !columns.iter().any(|c| c == "company" || c == "position"),
+        "no column the source does not have: {columns:?}"
+    );
     assert!(
         columns.iter().any(|c| c == "workDetails.department"),
         "{columns:?}"
@@ -110,20 +111,27 @@ async fn first_sync_then_nightly_delta_then_removal_as_inactive() {
     let imports = sandbox.imports();
     assert_eq!(
         imports.len(),
-        3,
-        "an import for the update, one for the removal"
+        2,
+        "one import holds the nightly's update and its removal"
     );
-    assert_eq!(imports[1].rows.len(), 1);
-    assert_eq!(imports[1].rows[0][0], "person4@example.com");
-    assert_eq!(imports[1].rows[0][first_name], "Dora");
-    assert_eq!(imports[2].job.columns, ["email", "status"]);
+    let nightly = &imports[1];
+    let column = |name: &str| nightly.job.columns.iter().position(|c| c == name).unwrap();
+    assert_eq!(nightly.rows.len(), 2);
+    assert_eq!(nightly.rows[0][0], "person4@example.com");
+    assert_eq!(nightly.rows[0][column("name.first name")], "Dora");
     assert_eq!(
-        imports[2].rows,
-        vec![vec![
-            "person9@example.com".to_string(),
-            "INACTIVE".to_string()
-        ]]
+        nightly.rows[0][column("status")],
+        "",
+        "a status the source did not change is the person's"
     );
+    assert_eq!(nightly.rows[1][0], "person9@example.com");
+    assert_eq!(nightly.rows[1][column("status")], "INACTIVE");
+    assert_eq!(
+        nightly.rows[1][column("name.first name")],
+        "Ann",
+        "the removal row carries what was last sent, so it clears nothing"
+    );
+    assert!(nightly.job.tags.is_empty() && nightly.job.set_fields.is_empty());
     assert_eq!(
         status_of(&sandbox, "person9@example.com"),
         Some(SubscriberStatus::Inactive)
@@ -332,5 +340,125 @@ async fn two_people_sharing_an_email_stay_one_created_and_one_rejected_every_run
         sandbox.imports().len(),
         1,
         "only the first run sent anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_email_leaves_the_old_address_not_active() {
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(3, |_| "Ann".into()), "");
+    sync(&s, &[]).await.0.expect_code(0);
+    s.write(
+        "people.csv",
+        &people_csv(3, |_| "Ann".into()).replace("person2@example.com", "p2.new@example.com"),
+    );
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[2], 1, "{report}");
+    assert_eq!(sandbox.imports().len(), 2, "one import for the nightly");
+    assert_eq!(
+        status_of(&sandbox, "p2.new@example.com"),
+        Some(SubscriberStatus::Active)
+    );
+    assert_eq!(
+        status_of(&sandbox, "person2@example.com"),
+        Some(SubscriberStatus::Inactive),
+        "the old address is not left subscribed"
+    );
+    // Nothing left to send, and the old address stays as it is.
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
+    assert_eq!(sandbox.imports().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_people_and_staff_do_on_poppulo_stands() {
+    use contactsync_sandbox_poppulo::RemovedBy;
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(4, |_| "Ann".into()), "");
+    sync(&s, &[]).await.0.expect_code(0);
+    // On the platform: an administrator removes person1, person2 opts out, and staff
+    // set person3's position, a field this source does not have.
+    assert!(sandbox.edit_on_platform("person1@example.com", |p| {
+        p.status = SubscriberStatus::Inactive;
+        p.removed_by = Some(RemovedBy::Admin);
+    }));
+    assert!(sandbox.edit_on_platform("person2@example.com", |p| {
+        p.status = SubscriberStatus::OptOut;
+        p.removed_by = Some(RemovedBy::Subscriber);
+    }));
+    assert!(sandbox.edit_on_platform("person3@example.com", |p| {
+        p.fields
+            .insert("position_company".into(), "Chief Editor".into());
+    }));
+    // The source changes all three of them (and still lists them as active).
+    s.write(
+        "people.csv",
+        &people_csv(4, |i| if i <= 3 { "Anna".into() } else { "Ann".into() }),
+    );
+    let (run, _report) = sync(&s, &[]).await;
+    run.expect_code(3);
+    assert_eq!(sandbox.imports().len(), 2);
+    assert_eq!(
+        status_of(&sandbox, "person1@example.com"),
+        Some(SubscriberStatus::Inactive),
+        "an administrator's removal stands"
+    );
+    assert_eq!(
+        status_of(&sandbox, "person2@example.com"),
+        Some(SubscriberStatus::OptOut),
+        "a person's own opt-out stands"
+    );
+    let p3 = sandbox.subscriber("person3@example.com").unwrap();
+    assert_eq!(
+        p3.fields.get("first_name").map(String::as_str),
+        Some("Anna")
+    );
+    assert_eq!(
+        p3.fields.get("position_company").map(String::as_str),
+        Some("Chief Editor"),
+        "a field the source does not have is left alone"
+    );
+    // The opt-out is reported once, not every night.
+    let rejects = s.rejects();
+    assert!(
+        rejects
+            .iter()
+            .any(|r| r.get(3) == Some("external_id:E2")
+                && r.get(6).unwrap_or("").contains("opted out")),
+        "{rejects:?}"
+    );
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
+    assert_eq!(sandbox.imports().len(), 2, "nothing sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_row_poppulo_skips_is_not_recorded_as_applied() {
+    use contactsync_sandbox_poppulo::RemovedBy;
+    let sandbox = sandbox(500).await;
+    // Someone an administrator removed before the first sync: the create's ACTIVE
+    // row is skipped, and Poppulo counts it nowhere.
+    sandbox
+        .seed_subscriber(
+            Subscriber::new("person2@example.com")
+                .with_status(SubscriberStatus::Inactive, Some(RemovedBy::Admin)),
+        )
+        .unwrap();
+    let s = scenario(&sandbox, &people_csv(3, |_| "Ann".into()), "");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(3);
+    assert_eq!(counts(&report)[1], 2, "{report}");
+    let rejects = s.rejects();
+    assert!(
+        rejects.iter().any(|r| r.get(3) == Some("external_id:E2")
+            && r.get(6).unwrap_or("").contains("not reactivated")),
+        "{rejects:?}"
+    );
+    assert_eq!(
+        status_of(&sandbox, "person2@example.com"),
+        Some(SubscriberStatus::Inactive)
     );
 }

@@ -549,6 +549,7 @@ impl Sink for ActitoSink {
         SinkCapabilities {
             // People are found by their email address.
             addresses_by_email: true,
+            mixes_removals: false,
             max_batch: self.config.max_batch,
             asynchronous_jobs: true,
             durable_at_finish: false,

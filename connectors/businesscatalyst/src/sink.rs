@@ -341,6 +341,7 @@ impl Sink for BcSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
             addresses_by_email: false,
+            mixes_removals: false,
             max_batch: self.config.batch_size,
             asynchronous_jobs: false,
             durable_at_finish: false,

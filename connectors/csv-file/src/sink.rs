@@ -640,6 +640,7 @@ impl Sink for CsvSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
             addresses_by_email: false,
+            mixes_removals: false,
             max_batch: 10_000,
             asynchronous_jobs: false,
             durable_at_finish: true,

@@ -446,6 +446,7 @@ impl Sink for LdapSink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
             addresses_by_email: false,
+            mixes_removals: false,
             max_batch: MAX_BATCH,
             asynchronous_jobs: false,
             durable_at_finish: false,

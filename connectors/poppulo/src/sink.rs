@@ -35,9 +35,32 @@ pub const PERMISSION_SEPARATOR: &str = "|";
 /// A little slack after `ping_after`, for clocks and rounding.
 const PING_MARGIN: Duration = Duration::from_millis(100);
 
-/// The store key of the import in flight for a batch.
+/// The store key of the imports in flight for a batch.
 pub fn store_key(batch_id: &str) -> String {
     format!("import:{batch_id}")
+}
+
+/// Why a row Poppulo did not count was skipped: the person was removed on the platform.
+pub const REASON_REMOVED_ON_PLATFORM: &str =
+    "removed on Poppulo (by an administrator or a bounce) and not reactivated: \
+the reactivate_admin_removed / reactivate_bounced_removed settings are false";
+/// Why a create Poppulo did not count was skipped: the person exists already.
+pub const REASON_EXISTS: &str =
+    "exists on Poppulo already, and update_existing = false: Poppulo only creates";
+/// Why an update is not sent when `update_existing = false`.
+pub const REASON_NO_UPDATES: &str =
+    "not sent: update_existing = false, so Poppulo would skip the row";
+
+/// What the store keeps of a batch's imports, so that a crashed run follows them
+/// instead of posting again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PostedImport {
+    /// The import's URL.
+    pub href: String,
+    /// The positions in the batch of the changes it carries.
+    pub changes: Vec<usize>,
+    /// Its columns, for reading its rejected rows.
+    pub columns: Vec<String>,
 }
 
 /// The Poppulo sink. Built by the `poppulo` [`contactsync_core::SinkFactory`].
@@ -45,37 +68,107 @@ pub fn store_key(batch_id: &str) -> String {
 pub struct PoppuloSink {
     config: SinkConfig,
     client: PoppuloClient,
+    resubscribe: bool,
 }
 
-/// A batch turned into an import job.
+/// One row of an import: the change it carries and what it asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRow {
+    /// The change's position in the batch.
+    pub change: usize,
+    /// The email the row is sent under.
+    pub email: String,
+    /// The row gives a person's old address the removal status (their email changed).
+    pub old_address: bool,
+    /// The row's status cell; `None`: left empty (the status is the person's).
+    pub status: Option<&'static str>,
+    /// The row creates the person.
+    pub create: bool,
+}
+
+/// One import job of a batch.
+#[derive(Debug, Clone)]
+pub struct ImportPart {
+    /// The `<subscriber_import_job>` document.
+    pub xml: String,
+    /// Its columns, in data order.
+    pub columns: Vec<String>,
+    /// Its rows, in data order.
+    pub rows: Vec<SentRow>,
+}
+
+/// A batch turned into imports: one, holding creates, updates and removals, unless the
+/// batch withdraws permissions (one more per distinct set withdrawn, since Poppulo
+/// withdraws them job by job) or removes people whose last-sent record is not known
+/// (one more, `email,status` only, so that no cell clears a field).
 #[derive(Debug, Clone)]
 pub struct PreparedImport {
-    /// The `<subscriber_import_job>` document; `None` when no change is sendable.
-    pub xml: Option<String>,
-    /// Per change: the outcome of a change not sent (no email), a placeholder
-    /// `Applied` for a sent one.
+    /// The imports, in the order they are posted.
+    pub parts: Vec<ImportPart>,
+    /// Per change: the outcome of a change sent in no import; a placeholder `Applied`
+    /// for a sent one.
     pub known: Vec<Outcome>,
-    /// Per change: the email it is sent under; `None` when not sent.
-    pub emails: Vec<Option<String>>,
 }
 
-/// What becomes of one change before anything is sent.
+impl PreparedImport {
+    /// The first import's document, if any (most batches have exactly one).
+    pub fn xml(&self) -> Option<&str> {
+        self.parts.first().map(|p| p.xml.as_str())
+    }
+}
+
+/// Which import a row goes into.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    /// The run's one import.
+    Main,
+    /// Rows whose permissions the source withdrew, by the set withdrawn.
+    Withdraw(Vec<String>),
+    /// Removals without a known last-sent record: `email,status` only.
+    Bare,
+}
+
+/// A row before the import's columns are known.
 #[derive(Debug, Clone)]
-enum Row {
-    /// Sent in the import, under this email.
-    Sent(String),
-    /// Not sent; its outcome is already known.
-    Refused(Outcome),
+struct Planned {
+    row: SentRow,
+    /// Per mapped column (the sink's column map, in order): the cell; `None` when the
+    /// row has nothing to say there.
+    cells: Vec<Option<String>>,
+    /// Permissions the row grants.
+    permissions: Vec<String>,
+    /// A create or update (not a removal or an old address).
+    upsert: bool,
+}
+
+/// What one row came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RowResult {
+    Applied,
+    Rejected(RejectionKind),
+    Skipped(&'static str),
+    Unknown(String),
 }
 
 impl PoppuloSink {
     /// A sink for `config`. Touches no network.
     pub fn new(config: SinkConfig) -> Result<Self, ConnectorError> {
         let client = PoppuloClient::new(&config.connection)?;
-        Ok(PoppuloSink { config, client })
+        Ok(PoppuloSink {
+            config,
+            client,
+            resubscribe: false,
+        })
     }
 
-    /// The column names of every import, in order: the mapping, then `status`.
+    /// Sends status and permissions of every update as the source has them (the
+    /// pipeline's `resubscribe`; the engine sets it for each run).
+    pub fn set_resubscribe(&mut self, resubscribe: bool) {
+        self.resubscribe = resubscribe;
+    }
+
+    /// Every column an import of this sink may have, in order: the mapping, then
+    /// `status`.
     pub fn columns(&self) -> Vec<String> {
         self.config
             .columns
@@ -85,160 +178,356 @@ impl PoppuloSink {
             .collect()
     }
 
-    /// The import job (without data) for this sink's settings.
-    ///
-    /// A batch of removals (the engine never mixes them with creates and updates) sends
-    /// only `email,status`: a removed person's other fields are not known, and a blank
-    /// cell would clear them on the platform. Nor does it add permissions to them.
-    pub fn job(&self, removals: bool) -> ImportJob {
-        let c = &self.config;
-        if removals {
-            return ImportJob {
-                accept_terms: true,
-                update_existing: true,
-                reactivate_api_removed: false,
-                reactivate_admin_removed: false,
-                reactivate_bounced_removed: false,
-                set_fields: c.set_fields.clone(),
-                add_permissions: Vec::new(),
-                remove_permissions: Vec::new(),
-                tags: c.tags.clone(),
-                columns: vec!["email".to_string(), "status".to_string()],
-            };
-        }
-        ImportJob {
-            accept_terms: true,
-            update_existing: c.update_existing,
-            reactivate_api_removed: c.reactivate_api_removed,
-            reactivate_admin_removed: c.reactivate_admin_removed,
-            reactivate_bounced_removed: c.reactivate_bounced_removed,
-            set_fields: c.set_fields.clone(),
-            add_permissions: c.add_permissions.clone(),
-            remove_permissions: c.remove_permissions.clone(),
-            tags: c.tags.clone(),
-            columns: self.columns(),
-        }
-    }
-
-    /// The import for `batch`: the job document and what becomes of each change.
-    pub fn build_import(&self, batch: &ChangeBatch) -> Result<PreparedImport, ConnectorError> {
-        let (xml, rows) = self.prepare(batch)?;
-        let known = rows
+    /// The column the subscriptions go to: the mapped one, else `permissions`.
+    fn permissions_column(&self) -> String {
+        self.config
+            .columns
+            .0
             .iter()
-            .map(|r| match r {
-                Row::Refused(o) => o.clone(),
-                Row::Sent(_) => Outcome::applied(),
-            })
-            .collect();
-        let emails = rows
-            .into_iter()
-            .map(|r| match r {
-                Row::Sent(e) => Some(e),
-                Row::Refused(_) => None,
-            })
-            .collect();
-        Ok(PreparedImport { xml, known, emails })
+            .find(|(f, _)| *f == Field::Subscriptions)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| "permissions".to_string())
     }
 
-    fn prepare(&self, batch: &ChangeBatch) -> Result<(Option<String>, Vec<Row>), ConnectorError> {
+    fn manages_permissions(&self) -> bool {
+        self.config
+            .columns
+            .0
+            .iter()
+            .any(|(f, _)| *f == Field::Subscriptions)
+    }
+
+    /// The imports for `batch` and what becomes of each change.
+    pub fn build_import(&self, batch: &ChangeBatch) -> Result<PreparedImport, ConnectorError> {
+        let mut known = vec![Outcome::applied(); batch.changes.len()];
+        let mut groups: std::collections::BTreeMap<Group, Vec<Planned>> = Default::default();
+        let removal_status = self.config.removal.status();
+        let mapped = &self.config.columns.0;
+        let from_before = |before: &Contact, email: &str| -> Vec<Option<String>> {
+            mapped
+                .iter()
+                .map(|(f, _)| match f {
+                    Field::Email => Some(email.to_string()),
+                    Field::Subscriptions => None,
+                    f => before.get(f).map(|v| one_line(&v)),
+                })
+                .collect()
+        };
+        let email_only = |email: &str| -> Vec<Option<String>> {
+            mapped
+                .iter()
+                .map(|(f, _)| (*f == Field::Email).then(|| email.to_string()))
+                .collect()
+        };
+        // Removals and old addresses share the run's import only when it updates
+        // existing people (with `update_existing = false` Poppulo would skip them).
+        let removal_group = |before: Option<&Contact>| match before {
+            Some(_) if self.config.update_existing => Group::Main,
+            _ => Group::Bare,
+        };
+        for (index, change) in batch.changes.iter().enumerate() {
+            let Some(email) = change.email().and_then(Contact::normalize_email) else {
+                known[index] = no_email(change);
+                continue;
+            };
+            let Some(contact) = change.contact() else {
+                let before = change.before();
+                let cells = match before {
+                    Some(b) if self.config.update_existing => from_before(b, &email),
+                    _ => email_only(&email),
+                };
+                groups
+                    .entry(removal_group(before))
+                    .or_default()
+                    .push(Planned {
+                        row: SentRow {
+                            change: index,
+                            email,
+                            old_address: false,
+                            status: Some(removal_status),
+                            create: false,
+                        },
+                        cells,
+                        permissions: Vec::new(),
+                        upsert: false,
+                    });
+                continue;
+            };
+            if change.kind() == ChangeKind::Update && !self.config.update_existing {
+                known[index] = Outcome::Rejected {
+                    reason: REASON_NO_UPDATES.to_string(),
+                    field: None,
+                    retry: false,
+                };
+                continue;
+            }
+            let create = change.kind() == ChangeKind::Create;
+            let cells = mapped
+                .iter()
+                .map(|(f, _)| match f {
+                    Field::Email => Some(email.clone()),
+                    Field::Subscriptions => None,
+                    f => change.owned_value(f).map(|v| one_line(&v)),
+                })
+                .collect();
+            // Consent is the person's: a create grants what the source lists, an
+            // update only what the source added since the last sync, and withdraws
+            // what it took away; a permission the person dropped on Poppulo stays
+            // dropped until the source changes it.
+            let (permissions, withdrawn) = if !self.manages_permissions() {
+                (Vec::new(), Vec::new())
+            } else if create || self.resubscribe {
+                let withdrawn = change
+                    .before()
+                    .map(|b| {
+                        b.subscriptions
+                            .difference(&contact.subscriptions)
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (contact.subscriptions.iter().cloned().collect(), withdrawn)
+            } else {
+                match change.before() {
+                    Some(b) => (
+                        contact
+                            .subscriptions
+                            .difference(&b.subscriptions)
+                            .cloned()
+                            .collect(),
+                        b.subscriptions
+                            .difference(&contact.subscriptions)
+                            .cloned()
+                            .collect(),
+                    ),
+                    None => (Vec::new(), Vec::new()),
+                }
+            };
+            let status = change
+                .sends_status(self.resubscribe)
+                .then(|| status_cell(contact.status));
+            let group = if withdrawn.is_empty() {
+                Group::Main
+            } else {
+                Group::Withdraw(withdrawn)
+            };
+            // A changed address: the old one gets the removal status in the same
+            // import, so that it is not left ACTIVE for good.
+            if let Some(old) = change.previous_email().and_then(Contact::normalize_email) {
+                if !old.eq_ignore_ascii_case(&email) {
+                    let before = change.before();
+                    let cells = match before {
+                        Some(b) if self.config.update_existing => from_before(b, &old),
+                        _ => email_only(&old),
+                    };
+                    groups
+                        .entry(removal_group(before))
+                        .or_default()
+                        .push(Planned {
+                            row: SentRow {
+                                change: index,
+                                email: old,
+                                old_address: true,
+                                status: Some(removal_status),
+                                create: false,
+                            },
+                            cells,
+                            permissions: Vec::new(),
+                            upsert: false,
+                        });
+                }
+            }
+            groups.entry(group).or_default().push(Planned {
+                row: SentRow {
+                    change: index,
+                    email,
+                    old_address: false,
+                    status,
+                    create,
+                },
+                cells,
+                permissions,
+                upsert: true,
+            });
+        }
+        // An old address that someone in the batch now uses is theirs: never removed.
+        let used: std::collections::HashSet<String> = groups
+            .values()
+            .flatten()
+            .filter(|p| p.upsert)
+            .map(|p| p.row.email.to_lowercase())
+            .collect();
+        for rows in groups.values_mut() {
+            rows.retain(|p| {
+                let keep = !p.row.old_address || !used.contains(&p.row.email.to_lowercase());
+                if !keep {
+                    tracing::info!(
+                        "an old address is now someone else's in this batch; it is not removed"
+                    );
+                }
+                keep
+            });
+        }
+        let mut parts = Vec::new();
+        for (group, rows) in groups {
+            if rows.is_empty() {
+                continue;
+            }
+            parts.push(self.part(&group, rows)?);
+        }
+        Ok(PreparedImport { parts, known })
+    }
+
+    /// One import: its columns are those some row has something to say in, so that no
+    /// cell clears a field the source does not provide.
+    fn part(&self, group: &Group, rows: Vec<Planned>) -> Result<ImportPart, ConnectorError> {
+        let c = &self.config;
+        let mapped = &c.columns.0;
+        let bare = *group == Group::Bare;
+        let mixed = rows.iter().any(|p| !p.upsert);
+        let upserts = rows.iter().any(|p| p.upsert);
+        let included: Vec<usize> = (0..mapped.len())
+            .filter(|&j| {
+                mapped[j].0 == Field::Email || (!bare && rows.iter().any(|p| p.cells[j].is_some()))
+            })
+            .collect();
+        // Job-level tags, set_fields and add_permissions would reach the removal rows
+        // too: in a mixed import they become cells of the upsert rows.
+        let per_row = mixed && upserts;
+        let permissions = !bare
+            && (rows.iter().any(|p| !p.permissions.is_empty())
+                || (per_row && !c.add_permissions.is_empty()));
+        let tags = per_row && !c.tags.is_empty();
+        let mut columns: Vec<String> = included.iter().map(|&j| mapped[j].1.clone()).collect();
+        let mut overridden: Vec<(usize, String)> = Vec::new();
+        let mut set_columns: Vec<(String, String)> = Vec::new();
+        if per_row {
+            for (name, value) in &c.set_fields {
+                match columns.iter().position(|col| col == name) {
+                    Some(at) => overridden.push((at, value.clone())),
+                    None => set_columns.push((name.clone(), value.clone())),
+                }
+            }
+        }
+        if permissions {
+            columns.push(self.permissions_column());
+        }
+        if tags {
+            columns.push("tags".to_string());
+        }
+        columns.extend(set_columns.iter().map(|(n, _)| n.clone()));
+        columns.push("status".to_string());
         let mut writer = csv::WriterBuilder::new()
             .terminator(csv::Terminator::Any(b'\n'))
             .quote_style(csv::QuoteStyle::Necessary)
             .from_writer(Vec::new());
-        let mut rows = Vec::with_capacity(batch.changes.len());
-        let mut sent = 0usize;
-        let removals = batch.changes.iter().all(|c| c.kind() == ChangeKind::Remove);
-        for change in &batch.changes {
-            let Some(email) = change.email().and_then(Contact::normalize_email) else {
-                rows.push(Row::Refused(no_email(change)));
-                continue;
-            };
-            let record = if removals {
-                vec![email.clone(), self.config.removal.status().to_string()]
-            } else {
-                self.row(change, &email)
-            };
+        let mut sent = Vec::with_capacity(rows.len());
+        for planned in rows {
+            let mut record: Vec<String> = included
+                .iter()
+                .map(|&j| planned.cells[j].clone().unwrap_or_default())
+                .collect();
+            if planned.upsert {
+                for (at, value) in &overridden {
+                    record[*at] = value.clone();
+                }
+            }
+            if permissions {
+                let mut granted = planned.permissions.clone();
+                if per_row && planned.upsert {
+                    granted.extend(c.add_permissions.iter().cloned());
+                }
+                record.push(granted.join(PERMISSION_SEPARATOR));
+            }
+            if tags {
+                record.push(if planned.upsert {
+                    c.tags.join(PERMISSION_SEPARATOR)
+                } else {
+                    String::new()
+                });
+            }
+            // A removal row carries the set fields' values as every earlier upsert
+            // gave them, so that they stay as they are.
+            record.extend(set_columns.iter().map(|(_, v)| v.clone()));
+            record.push(planned.row.status.unwrap_or("").to_string());
             writer
                 .write_record(&record)
                 .map_err(|e| ConnectorError::Other(format!("cannot write the import CSV: {e}")))?;
-            rows.push(Row::Sent(email));
-            sent += 1;
-        }
-        if sent == 0 {
-            return Ok((None, rows));
+            sent.push(planned.row);
         }
         let data = writer
             .into_inner()
             .map_err(|e| ConnectorError::Other(format!("cannot write the import CSV: {e}")))?;
         let data = String::from_utf8_lossy(&data);
-        let xml = self
-            .job(removals)
-            .to_xml(&data)
-            .map_err(ConnectorError::Other)?;
-        Ok((Some(xml), rows))
-    }
-
-    /// One CSV row: the mapped fields, then the status.
-    fn row(&self, change: &Change, email: &str) -> Vec<String> {
-        let mut record: Vec<String> = self
-            .config
-            .columns
-            .0
-            .iter()
-            .map(|(field, _)| match (field, change.contact()) {
-                (Field::Email, _) => email.to_string(),
-                (_, None) => String::new(),
-                (Field::Subscriptions, Some(c)) => c
-                    .subscriptions
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .join(PERMISSION_SEPARATOR),
-                (f, Some(c)) => c.get(f).map(|v| one_line(&v)).unwrap_or_default(),
-            })
-            .collect();
-        let status = match change.contact() {
-            None => self.config.removal.status(),
-            Some(c) => match c.status {
-                ContactStatus::Active => "ACTIVE",
-                ContactStatus::Inactive => "INACTIVE",
-                ContactStatus::OptedOut => "OPT_OUT",
-            },
+        let mut remove_permissions = if bare {
+            Vec::new()
+        } else {
+            c.remove_permissions.clone()
         };
-        record.push(status.to_string());
-        record
+        if let Group::Withdraw(withdrawn) = group {
+            for p in withdrawn {
+                if !remove_permissions.contains(p) {
+                    remove_permissions.push(p.clone());
+                }
+            }
+        }
+        let job = ImportJob {
+            accept_terms: true,
+            update_existing: bare || c.update_existing,
+            reactivate_api_removed: !bare && c.reactivate_api_removed,
+            reactivate_admin_removed: !bare && c.reactivate_admin_removed,
+            reactivate_bounced_removed: !bare && c.reactivate_bounced_removed,
+            set_fields: if per_row || bare || !upserts {
+                Default::default()
+            } else {
+                c.set_fields.clone()
+            },
+            add_permissions: if per_row || bare || !upserts {
+                Vec::new()
+            } else {
+                c.add_permissions.clone()
+            },
+            remove_permissions,
+            tags: if per_row || bare || !upserts {
+                Vec::new()
+            } else {
+                c.tags.clone()
+            },
+            columns: columns.clone(),
+        };
+        let xml = job.to_xml(&data).map_err(ConnectorError::Other)?;
+        Ok(ImportPart {
+            xml,
+            columns,
+            rows: sent,
+        })
     }
 
-    /// Follows the import at `href` to its end and maps its outcome onto `emails` (one
-    /// per change; `None` for a change not sent, whose outcome is in `known`).
+    /// Follows the import at `href` to its end: per row (by `emails`), what Poppulo
+    /// counted it as, and the results; `Err(reason)` inside `Ok` when the rows'
+    /// fate is unknown (cancelled, still running, ended in error).
     async fn follow(
         &self,
-        key: &str,
         href: &str,
-        known: Vec<Outcome>,
-        emails: &[Option<String>],
+        columns: &[String],
+        emails: &[String],
         ctx: &mut SinkContext<'_>,
-    ) -> Result<Vec<Outcome>, ConnectorError> {
+    ) -> Result<Result<Followed, String>, ConnectorError> {
         let label = format!("Poppulo import {}", import_id(href));
         let started = Instant::now();
         let mut wait = self.config.min_poll_interval;
         loop {
+            let cancelled = || {
+                Err(format!(
+                    "cancelled while {label} was running; the next run resumes it"
+                ))
+            };
             if !sleep(&ctx.cancel, wait).await {
-                return Ok(unknown(
-                    known,
-                    emails,
-                    &format!("cancelled while {label} was running; the next run resumes it"),
-                ));
+                return Ok(cancelled());
             }
             let state = match self.client.import(href, ctx.cancel.clone()).await {
                 Ok(s) => s,
-                Err(ConnectorError::Cancelled) => {
-                    return Ok(unknown(
-                        known,
-                        emails,
-                        &format!("cancelled while {label} was running; the next run resumes it"),
-                    ))
-                }
+                Err(ConnectorError::Cancelled) => return Ok(cancelled()),
                 Err(e) => return Err(e),
             };
             match state.status {
@@ -261,18 +550,14 @@ impl PoppuloSink {
                     .max(self.config.min_poll_interval);
                     if started.elapsed() + wait > self.config.max_import_wait {
                         tracing::warn!(import = %href, "{label} still running after {}s; the next run resumes following it", started.elapsed().as_secs());
-                        return Ok(unknown(
-                            known,
-                            emails,
-                            &format!("{label} still running; the next run resumes following it"),
-                        ));
+                        return Ok(Err(format!(
+                            "{label} still running; the next run resumes following it"
+                        )));
                     }
                 }
                 ImportStatus::Completed => {
                     let results = state.results.clone().unwrap_or_default();
-                    let total = results
-                        .total_records
-                        .unwrap_or(emails.iter().flatten().count() as u64);
+                    let total = results.total_records.unwrap_or(emails.len() as u64);
                     ctx.progress.job_progress(&JobProgress {
                         label: label.clone(),
                         done: total,
@@ -283,22 +568,20 @@ impl PoppuloSink {
                             format!("{}/invalid_subscribers", href.trim_end_matches('/'))
                         });
                         let text = self.client.rejected_rows(&link, ctx.cancel.clone()).await?;
-                        parse_rejected(&text, &self.columns()).map_err(|m| {
-                            ConnectorError::Protocol {
-                                call: format!("GET {}", url_path(&link)),
-                                message: m,
-                            }
+                        parse_rejected(&text, columns).map_err(|m| ConnectorError::Protocol {
+                            call: format!("GET {}", url_path(&link)),
+                            message: m,
                         })?
                     } else {
                         Vec::new()
                     };
-                    let outcomes = map_outcomes(known, emails, &rejected);
-                    let counted =
+                    let verdicts = verdicts(emails, &rejected);
+                    let listed =
                         results.invalid + results.duplicates + results.previously_opted_out;
-                    if counted as usize != rejected.len() {
+                    if listed as usize != rejected.len() {
                         tracing::warn!(
                             import = %href,
-                            "{label}: results count {counted} rejected rows, the list holds {}",
+                            "{label}: results count {listed} rejected rows, the list holds {}",
                             rejected.len()
                         );
                     }
@@ -311,8 +594,12 @@ impl PoppuloSink {
                         opted_out = results.previously_opted_out,
                         "{label} completed"
                     );
-                    ctx.store.remove(key)?;
-                    return Ok(outcomes);
+                    let counted = results.new_subscribers + results.updated_subscribers + listed;
+                    return Ok(Ok(Followed {
+                        verdicts,
+                        uncounted: total.saturating_sub(counted),
+                        created: state.created,
+                    }));
                 }
                 ImportStatus::Error | ImportStatus::Cancelled => {
                     let why = state
@@ -330,15 +617,272 @@ impl PoppuloSink {
                         "{label} ended {}{why}; its rows will be sent again",
                         state.status_text
                     ));
-                    ctx.store.remove(key)?;
-                    return Ok(unknown(
-                        known,
-                        emails,
-                        &format!("{label} ended {}{why}", state.status_text),
-                    ));
+                    return Ok(Err(format!("{label} ended {}{why}", state.status_text)));
                 }
             }
         }
+    }
+
+    /// Rows Poppulo did not count (a `total` above the sum of new, updated, invalid,
+    /// duplicate and opted-out rows) were skipped: find out which, from the account's subscribers, so
+    /// that none is recorded as applied. Only rows that can be skipped are looked at:
+    /// ACTIVE rows (a person removed on the platform is not reactivated) and, with
+    /// `update_existing = false`, creates of people who exist already.
+    async fn reconcile(
+        &self,
+        rows: &[SentRow],
+        results: &mut [RowResult],
+        followed: &Followed,
+        posted_at: chrono::DateTime<Utc>,
+        cancel: &contactsync_core::CancellationToken,
+    ) -> Result<(), ConnectorError> {
+        if followed.uncounted == 0 {
+            return Ok(());
+        }
+        let candidates: Vec<usize> = (0..rows.len())
+            .filter(|&i| results[i] == RowResult::Applied)
+            .filter(|&i| {
+                rows[i].status == Some("ACTIVE") || (!self.config.update_existing && rows[i].create)
+            })
+            .collect();
+        tracing::warn!(
+            uncounted = followed.uncounted,
+            candidates = candidates.len(),
+            "Poppulo counted fewer rows than the import held; reading the account to find the skipped ones"
+        );
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let mut platform: HashMap<String, (String, Option<chrono::DateTime<Utc>>)> = HashMap::new();
+        let mut next: Option<String> = None;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(ConnectorError::Cancelled);
+            }
+            let (_, page) = self.client.subscribers_page("all", next.as_deref()).await?;
+            for s in &page.subscribers {
+                let Some(email) = s.value("email") else {
+                    continue;
+                };
+                let status = s.value("status").unwrap_or("ACTIVE").to_ascii_uppercase();
+                let modified = s.value("date_modified").and_then(crate::xml::parse_time);
+                platform.insert(email.to_lowercase(), (status, modified));
+            }
+            match page.next {
+                Some(n) if !page.subscribers.is_empty() => next = Some(n),
+                _ => break,
+            }
+        }
+        let before = followed.created.unwrap_or(posted_at);
+        let mut found = 0u64;
+        for i in candidates {
+            let row = &rows[i];
+            match platform.get(&row.email.to_lowercase()) {
+                None => {
+                    results[i] =
+                        RowResult::Unknown("not found on Poppulo after the import".to_string());
+                    found += 1;
+                }
+                Some((status, _)) if row.status == Some("ACTIVE") && status != "ACTIVE" => {
+                    results[i] = RowResult::Skipped(REASON_REMOVED_ON_PLATFORM);
+                    found += 1;
+                }
+                Some((_, Some(modified)))
+                    if !self.config.update_existing && row.create && *modified < before =>
+                {
+                    results[i] = RowResult::Skipped(REASON_EXISTS);
+                    found += 1;
+                }
+                _ => {}
+            }
+        }
+        if found < followed.uncounted {
+            tracing::warn!(
+                "Poppulo skipped {} rows this sink cannot tell apart; they are recorded as applied",
+                followed.uncounted - found
+            );
+        }
+        Ok(())
+    }
+
+    /// Posts and follows one import; the store keeps it from the moment Poppulo took
+    /// it. Returns each row's result.
+    async fn run_part(
+        &self,
+        key: &str,
+        posted: &mut Vec<PostedImport>,
+        part: &ImportPart,
+        ctx: &mut SinkContext<'_>,
+    ) -> Result<Vec<RowResult>, ConnectorError> {
+        if ctx.cancel.is_cancelled() {
+            return Err(ConnectorError::Cancelled);
+        }
+        tracing::info!(rows = part.rows.len(), "posting a Poppulo import job");
+        let posted_at = Utc::now();
+        let answer = self
+            .client
+            .post_import(
+                part.xml.clone(),
+                self.config.busy_retry_interval,
+                self.config.max_wait_for_busy_account,
+                ctx.progress,
+                ctx.cancel.clone(),
+            )
+            .await?;
+        let href = match answer {
+            Posted::Accepted(href) => href,
+            Posted::Unknown(why) => {
+                // Not posted again: whatever Poppulo did with it, the engine sends these
+                // rows again next run (an import is an upsert, so both converge).
+                tracing::warn!(
+                    "Poppulo may or may not have taken the import ({why}); not posting it again"
+                );
+                ctx.progress.note(&format!(
+                    "Poppulo may or may not have taken an import ({why}); its rows are sent again next run"
+                ));
+                let reason = format!("the import's answer was lost ({why}): whether Poppulo took it is unknown; sent again next run");
+                return Ok(vec![RowResult::Unknown(reason); part.rows.len()]);
+            }
+        };
+        // At once: a crash from here on resumes this import instead of posting another.
+        posted.push(PostedImport {
+            href: href.clone(),
+            changes: part.rows.iter().map(|r| r.change).collect(),
+            columns: part.columns.clone(),
+        });
+        save_posted(ctx, key, posted)?;
+        tracing::info!(import = %href, "Poppulo import accepted");
+        let emails: Vec<String> = part.rows.iter().map(|r| r.email.clone()).collect();
+        let followed = self.follow(&href, &part.columns, &emails, ctx).await?;
+        let results = match followed {
+            Ok(followed) => {
+                let mut results = followed.verdicts.clone();
+                self.reconcile(&part.rows, &mut results, &followed, posted_at, &ctx.cancel)
+                    .await?;
+                results
+            }
+            Err(reason) => {
+                if !reason.contains("resumes") {
+                    // Ended in error: nothing to resume.
+                    posted.retain(|p| p.href != href);
+                    save_posted(ctx, key, posted)?;
+                }
+                return Ok(vec![RowResult::Unknown(reason); part.rows.len()]);
+            }
+        };
+        posted.retain(|p| p.href != href);
+        save_posted(ctx, key, posted)?;
+        Ok(results)
+    }
+}
+
+/// What a completed import said.
+#[derive(Debug, Clone)]
+struct Followed {
+    /// Per row: applied, or the list it was rejected in.
+    verdicts: Vec<RowResult>,
+    /// Rows Poppulo counted in none of its results.
+    uncounted: u64,
+    /// When the import was submitted.
+    created: Option<chrono::DateTime<Utc>>,
+}
+
+fn save_posted(
+    ctx: &mut SinkContext<'_>,
+    key: &str,
+    posted: &[PostedImport],
+) -> Result<(), ConnectorError> {
+    if posted.is_empty() {
+        return ctx.store.remove(key);
+    }
+    let json = serde_json::to_string(posted)
+        .map_err(|e| ConnectorError::Other(format!("cannot record the import: {e}")))?;
+    ctx.store.put(key, &json)
+}
+
+/// The imports a stored value names: a JSON list, or (from earlier versions) one href
+/// carrying every change of the batch.
+fn load_posted(value: &str, changes: usize, columns: Vec<String>) -> Vec<PostedImport> {
+    match serde_json::from_str::<Vec<PostedImport>>(value) {
+        Ok(posted) => posted,
+        Err(_) => vec![PostedImport {
+            href: value.trim().to_string(),
+            changes: (0..changes).collect(),
+            columns,
+        }],
+    }
+}
+
+fn status_cell(status: ContactStatus) -> &'static str {
+    match status {
+        ContactStatus::Active => "ACTIVE",
+        ContactStatus::Inactive => "INACTIVE",
+        ContactStatus::OptedOut => "OPT_OUT",
+    }
+}
+
+/// Each change's outcome from its rows' results: the person's row decides; an old
+/// address that could not be removed makes the change one to send again.
+fn combine(known: Vec<Outcome>, rows: &[SentRow], results: &[RowResult]) -> Vec<Outcome> {
+    let mut out = known;
+    let mut old: Vec<Option<&RowResult>> = vec![None; out.len()];
+    for (row, result) in rows.iter().zip(results) {
+        if row.old_address {
+            old[row.change] = Some(result);
+            continue;
+        }
+        out[row.change] = outcome(result);
+    }
+    for (i, result) in old.into_iter().enumerate() {
+        let Some(result) = result else { continue };
+        if !matches!(out[i], Outcome::Applied { .. }) {
+            continue;
+        }
+        match result {
+            RowResult::Applied | RowResult::Rejected(RejectionKind::OptedOut) | RowResult::Skipped(_) => {}
+            RowResult::Unknown(reason) => {
+                out[i] = Outcome::Unknown {
+                    reason: format!("the old address: {reason}"),
+                }
+            }
+            RowResult::Rejected(_) => {
+                out[i] = Outcome::Rejected {
+                    reason: "the new address was imported, but Poppulo refused the row that removes the old one".into(),
+                    field: Some("email".into()),
+                    retry: true,
+                }
+            }
+        }
+    }
+    out
+}
+
+fn outcome(result: &RowResult) -> Outcome {
+    match result {
+        RowResult::Applied => Outcome::Applied { handle: None },
+        RowResult::Rejected(RejectionKind::Invalid) => Outcome::Rejected {
+            reason: REASON_INVALID.to_string(),
+            field: None,
+            retry: true,
+        },
+        RowResult::Rejected(RejectionKind::Duplicate) => Outcome::Rejected {
+            reason: REASON_DUPLICATE.to_string(),
+            field: Some("email".to_string()),
+            retry: true,
+        },
+        RowResult::Rejected(RejectionKind::OptedOut) => Outcome::Rejected {
+            reason: REASON_OPTED_OUT.to_string(),
+            field: None,
+            retry: false,
+        },
+        RowResult::Skipped(reason) => Outcome::Rejected {
+            reason: reason.to_string(),
+            field: None,
+            retry: false,
+        },
+        RowResult::Unknown(reason) => Outcome::Unknown {
+            reason: reason.clone(),
+        },
     }
 }
 
@@ -388,34 +932,14 @@ async fn sleep(cancel: &contactsync_core::CancellationToken, wait: Duration) -> 
     }
 }
 
-/// Every sent row's outcome is unknown (the known ones stay as they are).
-fn unknown(known: Vec<Outcome>, emails: &[Option<String>], reason: &str) -> Vec<Outcome> {
-    known
-        .into_iter()
-        .zip(emails)
-        .map(|(k, e)| match e {
-            Some(_) => Outcome::Unknown {
-                reason: reason.to_string(),
-            },
-            None => k,
-        })
-        .collect()
-}
-
-/// Maps Poppulo's rejected rows back onto the batch by email (compared ignoring case):
+/// Maps Poppulo's rejected rows back onto the rows by email (compared ignoring case):
 /// a duplicate is a later row with an email seen earlier, so duplicates take the last
 /// rows of their email; invalid and opted-out rows take the first ones not yet taken.
-/// Every other sent row is applied.
-pub fn map_outcomes(
-    known: Vec<Outcome>,
-    emails: &[Option<String>],
-    rejected: &[RejectedRow],
-) -> Vec<Outcome> {
+/// Every other row is applied.
+fn verdicts(emails: &[String], rejected: &[RejectedRow]) -> Vec<RowResult> {
     let mut by_email: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, e) in emails.iter().enumerate() {
-        if let Some(e) = e {
-            by_email.entry(e.to_lowercase()).or_default().push(i);
-        }
+        by_email.entry(e.to_lowercase()).or_default().push(i);
     }
     let mut verdict: Vec<Option<RejectionKind>> = vec![None; emails.len()];
     let mut ordered: Vec<&RejectedRow> = rejected
@@ -429,7 +953,7 @@ pub fn map_outcomes(
     );
     for row in ordered {
         let Some(indices) = by_email.get(&row.email.trim().to_lowercase()) else {
-            tracing::warn!("Poppulo listed a rejected row for an email not in the batch");
+            tracing::warn!("Poppulo listed a rejected row for an email not in the import");
             continue;
         };
         let free = |i: &&usize| verdict[**i].is_none();
@@ -442,28 +966,11 @@ pub fn map_outcomes(
             verdict[i] = Some(row.kind);
         }
     }
-    known
+    verdict
         .into_iter()
-        .zip(emails)
-        .zip(verdict)
-        .map(|((k, e), v)| match (e, v) {
-            (None, _) => k,
-            (Some(_), None) => Outcome::Applied { handle: None },
-            (Some(_), Some(RejectionKind::Invalid)) => Outcome::Rejected {
-                reason: REASON_INVALID.to_string(),
-                field: None,
-                retry: true,
-            },
-            (Some(_), Some(RejectionKind::Duplicate)) => Outcome::Rejected {
-                reason: REASON_DUPLICATE.to_string(),
-                field: Some("email".to_string()),
-                retry: true,
-            },
-            (Some(_), Some(RejectionKind::OptedOut)) => Outcome::Rejected {
-                reason: REASON_OPTED_OUT.to_string(),
-                field: None,
-                retry: false,
-            },
+        .map(|v| match v {
+            None => RowResult::Applied,
+            Some(kind) => RowResult::Rejected(kind),
         })
         .collect()
 }
@@ -497,6 +1004,7 @@ impl Sink for PoppuloSink {
         SinkCapabilities {
             // People are found by their email address.
             addresses_by_email: true,
+            mixes_removals: true,
             max_batch: self.config.max_rows_per_job,
             asynchronous_jobs: true,
             durable_at_finish: false,
@@ -517,47 +1025,89 @@ impl Sink for PoppuloSink {
         ctx: &mut SinkContext<'_>,
     ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
         let key = store_key(&batch.id);
-        let Some(href) = ctx.store.get(&key)? else {
+        let Some(value) = ctx.store.get(&key)? else {
             return Ok(None);
         };
-        tracing::info!(batch = %batch.id, import = %href, "resuming the Poppulo import a previous run left running");
-        ctx.progress.note(&format!(
-            "resuming Poppulo import {} of batch {}",
-            import_id(&href),
-            batch.id
-        ));
-        let mut known = Vec::with_capacity(batch.records.len());
-        let mut emails = Vec::with_capacity(batch.records.len());
-        for record in &batch.records {
-            match record.email.as_deref().and_then(Contact::normalize_email) {
-                Some(e) => {
-                    known.push(Outcome::applied());
-                    emails.push(Some(e));
+        let mut posted = load_posted(&value, batch.records.len(), self.columns());
+        tracing::info!(batch = %batch.id, imports = posted.len(), "resuming the Poppulo imports a previous run left running");
+        // Changes in no import still followable are sent again.
+        let mut outcomes: Vec<Outcome> = vec![
+            Outcome::Unknown {
+                reason: "not part of an import a previous run left running; sent again".into(),
+            };
+            batch.records.len()
+        ];
+        for import in posted.clone() {
+            ctx.progress.note(&format!(
+                "resuming Poppulo import {} of batch {}",
+                import_id(&import.href),
+                batch.id
+            ));
+            let rows: Vec<(usize, String)> = import
+                .changes
+                .iter()
+                .filter_map(|&i| {
+                    let email = batch.records.get(i)?.email.as_deref();
+                    Some((i, email.and_then(Contact::normalize_email)?))
+                })
+                .collect();
+            let emails: Vec<String> = rows.iter().map(|(_, e)| e.clone()).collect();
+            match self
+                .follow(&import.href, &import.columns, &emails, ctx)
+                .await
+            {
+                Ok(Ok(followed)) => {
+                    // What the rows asked is not kept, so skipped rows cannot be told
+                    // apart: when Poppulo counted fewer rows than it got, they are all
+                    // sent again (the next run's own import reconciles them).
+                    for ((i, _), verdict) in rows.iter().zip(&followed.verdicts) {
+                        outcomes[*i] = if followed.uncounted > 0 && *verdict == RowResult::Applied {
+                            Outcome::Unknown {
+                                reason:
+                                    "Poppulo skipped some rows of the resumed import; sent again"
+                                        .into(),
+                            }
+                        } else {
+                            outcome(verdict)
+                        };
+                    }
+                    posted.retain(|p| p.href != import.href);
+                    save_posted(ctx, &key, &posted)?;
                 }
-                None => {
-                    known.push(Outcome::Unknown {
-                        reason: "not part of the resumed import (no email)".into(),
-                    });
-                    emails.push(None);
+                Ok(Err(reason)) => {
+                    for (i, _) in &rows {
+                        outcomes[*i] = Outcome::Unknown {
+                            reason: reason.clone(),
+                        };
+                    }
+                    if !reason.contains("resumes") {
+                        posted.retain(|p| p.href != import.href);
+                        save_posted(ctx, &key, &posted)?;
+                    }
                 }
+                Err(e) if cannot_be_followed(&e) => {
+                    // A handle that can never be followed again must not wedge the
+                    // pipeline: say so once, forget it, and let the engine send the
+                    // changes again (an import is an upsert, so whatever it did converges).
+                    tracing::warn!(import = %import.href, "the import an earlier run left can no longer be followed ({e}); its changes are sent again");
+                    ctx.progress.note(&format!(
+                        "gave up following Poppulo import {} of an earlier run ({e}); its changes are sent again",
+                        import_id(&import.href)
+                    ));
+                    posted.retain(|p| p.href != import.href);
+                    save_posted(ctx, &key, &posted)?;
+                }
+                Err(e) => return Err(e),
             }
         }
-        match self.follow(&key, &href, known, &emails, ctx).await {
-            Ok(outcomes) => Ok(Some(outcomes)),
-            Err(e) if cannot_be_followed(&e) => {
-                // A handle that can never be followed again must not wedge the pipeline:
-                // say so once, forget it, and let the engine send the batch again (an
-                // import is an upsert, so whatever the lost import did converges).
-                tracing::warn!(import = %href, "the import an earlier run left can no longer be followed ({e}); its changes are sent again");
-                ctx.progress.note(&format!(
-                    "gave up following Poppulo import {} of an earlier run ({e}); its changes are sent again",
-                    import_id(&href)
-                ));
-                ctx.store.remove(&key)?;
-                Ok(None)
-            }
-            Err(e) => Err(e),
+        if posted.is_empty()
+            && outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Unknown { .. }))
+        {
+            return Ok(None);
         }
+        Ok(Some(outcomes))
     }
 
     async fn apply(
@@ -565,46 +1115,18 @@ impl Sink for PoppuloSink {
         batch: &ChangeBatch,
         ctx: &mut SinkContext<'_>,
     ) -> Result<Vec<Outcome>, ConnectorError> {
-        let PreparedImport { xml, known, emails } = self.build_import(batch)?;
-        let Some(xml) = xml else {
-            return Ok(known);
-        };
-        if ctx.cancel.is_cancelled() {
-            return Err(ConnectorError::Cancelled);
-        }
-        let rows = emails.iter().flatten().count();
-        tracing::info!(batch = %batch.id, rows, "posting a Poppulo import job");
-        let posted = self
-            .client
-            .post_import(
-                xml,
-                self.config.busy_retry_interval,
-                self.config.max_wait_for_busy_account,
-                ctx.progress,
-                ctx.cancel.clone(),
-            )
-            .await?;
-        let href = match posted {
-            Posted::Accepted(href) => href,
-            Posted::Unknown(why) => {
-                // Not posted again: whatever Poppulo did with it, the engine sends these
-                // rows again next run (an import is an upsert, so both converge).
-                tracing::warn!(batch = %batch.id, "Poppulo may or may not have taken the import ({why}); not posting it again");
-                ctx.progress.note(&format!(
-                    "Poppulo may or may not have taken an import ({why}); its rows are sent again next run"
-                ));
-                return Ok(unknown(
-                    known,
-                    &emails,
-                    &format!("the import's answer was lost ({why}): whether Poppulo took it is unknown; sent again next run"),
-                ));
-            }
-        };
+        self.resubscribe = ctx.resubscribe;
+        let PreparedImport { parts, known } = self.build_import(batch)?;
         let key = store_key(&batch.id);
-        // At once: a crash from here on resumes this import instead of posting another.
-        ctx.store.put(&key, &href)?;
-        tracing::info!(batch = %batch.id, import = %href, "Poppulo import accepted");
-        self.follow(&key, &href, known, &emails, ctx).await
+        let mut posted = Vec::new();
+        let mut rows = Vec::new();
+        let mut results = Vec::new();
+        for part in &parts {
+            let part_results = self.run_part(&key, &mut posted, part, ctx).await?;
+            rows.extend(part.rows.iter().cloned());
+            results.extend(part_results);
+        }
+        Ok(combine(known, &rows, &results))
     }
 }
 
@@ -621,16 +1143,10 @@ mod tests {
 
     #[test]
     fn duplicates_take_the_later_rows_and_others_the_first() {
-        let emails = vec![
-            Some("a@x.org".to_string()),
-            Some("b@x.org".to_string()),
-            Some("A@X.org".to_string()),
-            None,
-            Some("c@x.org".to_string()),
-        ];
-        let known = vec![Outcome::applied(); 5];
-        let out = map_outcomes(
-            known,
+        let emails: Vec<String> = ["a@x.org", "b@x.org", "A@X.org", "c@x.org"]
+            .map(String::from)
+            .to_vec();
+        let out = verdicts(
             &emails,
             &[
                 row(RejectionKind::Invalid, "c@x.org"),
@@ -639,14 +1155,20 @@ mod tests {
                 row(RejectionKind::Invalid, "zzz@x.org"),
             ],
         );
-        assert_eq!(out[0], Outcome::applied());
-        assert!(
-            matches!(&out[1], Outcome::Rejected { retry: false, reason, .. } if reason == REASON_OPTED_OUT)
+        assert_eq!(
+            out,
+            vec![
+                RowResult::Applied,
+                RowResult::Rejected(RejectionKind::OptedOut),
+                RowResult::Rejected(RejectionKind::Duplicate),
+                RowResult::Rejected(RejectionKind::Invalid),
+            ]
         );
-        assert!(matches!(&out[2], Outcome::Rejected { reason, .. } if reason == REASON_DUPLICATE));
-        assert_eq!(out[3], Outcome::applied());
         assert!(
-            matches!(&out[4], Outcome::Rejected { retry: true, reason, .. } if reason == REASON_INVALID)
+            matches!(outcome(&out[1]), Outcome::Rejected { retry: false, reason, .. } if reason == REASON_OPTED_OUT)
+        );
+        assert!(
+            matches!(outcome(&out[3]), Outcome::Rejected { retry: true, reason, .. } if reason == REASON_INVALID)
         );
     }
 

@@ -413,6 +413,8 @@ pub struct ImportState {
     pub results: Option<ImportResults>,
     /// Any message the import carries (`error`, `message`, warnings), for logs.
     pub message: Option<String>,
+    /// When the import was submitted (the `created` attribute), when given.
+    pub created: Option<DateTime<Utc>>,
 }
 
 fn number(e: &Element, name: &str) -> Option<u64> {
@@ -484,6 +486,7 @@ impl ImportState {
                 .and_then(parse_time),
             results,
             message,
+            created: root.value("created").and_then(parse_time),
         })
     }
 }

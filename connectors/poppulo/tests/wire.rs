@@ -54,6 +54,52 @@ fn remove(email: &str) -> Change {
     }
 }
 
+fn rows_of(root: &Element) -> Vec<Vec<String>> {
+    let data = root.child("subscriber_data").unwrap();
+    let csv_text = &data.child("data").unwrap().text;
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(csv_text.as_bytes())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
+fn columns_of(root: &Element) -> String {
+    root.child("subscriber_data")
+        .unwrap()
+        .child_text("columns")
+        .unwrap()
+        .to_string()
+}
+
+fn update(c: Contact, before: Contact) -> Change {
+    Change::Update {
+        key: ContactKey::ExternalId("E1".into()),
+        contact: c,
+        origin: Origin::Derived,
+        previous: SyncedEntry {
+            content_hash: 1,
+            email: before.email.clone(),
+            handle: None,
+            record: Some(Box::new(before)),
+        },
+    }
+}
+
+fn remove_known(before: Contact) -> Change {
+    Change::Remove {
+        key: ContactKey::ExternalId("E9".into()),
+        previous: SyncedEntry {
+            content_hash: 1,
+            email: before.email.clone(),
+            handle: None,
+            record: Some(Box::new(before)),
+        },
+        origin: Origin::Derived,
+    }
+}
+
 #[test]
 fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
     let s = sink(
@@ -70,7 +116,6 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
         changes: vec![
             create(ann),
             create(bob),
-            remove("gone@example.com"),
             Change::Create {
                 key: ContactKey::ExternalId("E1".into()),
                 contact: Contact::default(),
@@ -79,14 +124,16 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
         ],
     };
     let prepared = s.build_import(&batch).unwrap();
-    let xml = prepared.xml.unwrap();
+    assert_eq!(prepared.parts.len(), 1);
+    let xml = prepared.xml().unwrap();
     assert!(xml.contains("<![CDATA["), "{xml}");
-    let root = Element::parse(&xml).unwrap();
+    let root = Element::parse(xml).unwrap();
     assert!(root.is("subscriber_import_job"));
     assert_eq!(root.child_text("accept_terms"), Some("true"));
     assert_eq!(root.child_text("update_existing"), Some("true"));
     assert_eq!(root.child_text("reactivate_api_removed"), Some("true"));
     assert_eq!(root.child_text("reactivate_admin_removed"), Some("false"));
+    // No removal in the job: tags, set fields and permissions are job-level.
     let set_field = root
         .child("set_fields")
         .unwrap()
@@ -103,36 +150,139 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
         Some("HR \"Sync\"")
     );
     let data = root.child("subscriber_data").unwrap();
+    // Only the columns the source gives: no company, department, position or
+    // external id column to blank.
     assert_eq!(
-        data.child_text("columns"),
-        Some("email,externalId,name.first name,name.surname,company,workDetails.department,position,permissions,Cost Center,status")
+        columns_of(&root),
+        "email,name.first name,name.surname,Cost Center,permissions,status"
     );
     assert_eq!(data.child_text("skip_first_line"), Some("false"));
     assert_eq!(data.child_text("field_separator"), Some("comma"));
     // The CSV, once XML-decoded, is RFC 4180 and round-trips.
-    let csv_text = &data.child("data").unwrap().text;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .from_reader(csv_text.as_bytes());
-    let rows: Vec<Vec<String>> = reader
-        .records()
-        .map(|r| r.unwrap().iter().map(str::to_string).collect())
-        .collect();
-    assert_eq!(rows.len(), 3, "the contact without email is not sent");
+    let rows = rows_of(&root);
+    assert_eq!(rows.len(), 2, "the contact without email is not sent");
     assert_eq!(rows[0][0], "ann@example.com");
-    assert_eq!(rows[0][2], "Ann, \"the\" <first>");
-    assert_eq!(rows[0][7], "Flyer|Newsletter");
-    assert_eq!(rows[0][8], "C]]>42");
-    assert_eq!(rows[0][9], "ACTIVE");
-    assert_eq!(rows[1][9], "OPT_OUT");
-    assert_eq!(rows[2][0], "gone@example.com");
-    assert_eq!(rows[2][9], "INACTIVE");
-    assert!(rows[2][1..9].iter().all(String::is_empty));
+    assert_eq!(rows[0][1], "Ann, \"the\" <first>");
+    assert_eq!(rows[0][3], "C]]>42");
+    assert_eq!(rows[0][4], "Flyer|Newsletter");
+    assert_eq!(rows[0][5], "ACTIVE");
+    assert_eq!(rows[1][5], "OPT_OUT");
     assert!(matches!(
-        &prepared.known[3],
+        &prepared.known[2],
         contactsync_core::Outcome::Rejected { retry: false, .. }
     ));
-    assert_eq!(prepared.emails[3], None);
+}
+
+#[test]
+fn one_import_holds_creates_updates_removals_and_old_addresses() {
+    let s = sink("set_fields = { source = \"hr\" }\ntags = [\"HR\"]\nadd_permissions = [\"News\"]\n[columns]\nsubscriptions = \"permissions\"");
+    let mut before = contact("old@example.com", "Cy");
+    before.subscriptions.insert("Flyer".into());
+    let mut moved = contact("new@example.com", "Cy");
+    moved.subscriptions.insert("Flyer".into());
+    moved.subscriptions.insert("Digest".into());
+    let mut gone = contact("gone@example.com", "Gus");
+    gone.company = Some("Acme".into());
+    let batch = ChangeBatch {
+        id: "b".into(),
+        changes: vec![
+            create(contact("ann@example.com", "Ann")),
+            update(moved, before),
+            remove_known(gone),
+        ],
+    };
+    let prepared = s.build_import(&batch).unwrap();
+    assert_eq!(prepared.parts.len(), 1, "one import for the run");
+    let root = Element::parse(prepared.xml().unwrap()).unwrap();
+    // Tags, set fields and granted permissions reach the upsert rows only.
+    assert!(root.child("tags").is_none());
+    assert!(root.child("set_fields").is_none());
+    assert!(root.child("add_permissions").is_none());
+    assert_eq!(
+        columns_of(&root),
+        "email,name.first name,name.surname,company,permissions,tags,source,status"
+    );
+    let rows = rows_of(&root);
+    assert_eq!(rows.len(), 4);
+    assert_eq!(
+        rows[0],
+        [
+            "ann@example.com",
+            "Ann",
+            "Lee",
+            "",
+            "News",
+            "HR",
+            "hr",
+            "ACTIVE"
+        ]
+    );
+    // The old address is given the removal status, with what it was last sent.
+    assert_eq!(
+        rows[1],
+        ["old@example.com", "Cy", "Lee", "", "", "", "hr", "INACTIVE"]
+    );
+    // An update whose status the source did not change leaves it to the person, and
+    // grants only the permission the source added.
+    assert_eq!(
+        rows[2],
+        [
+            "new@example.com",
+            "Cy",
+            "Lee",
+            "",
+            "Digest|News",
+            "HR",
+            "hr",
+            ""
+        ]
+    );
+    assert_eq!(
+        rows[3],
+        [
+            "gone@example.com",
+            "Gus",
+            "Lee",
+            "Acme",
+            "",
+            "",
+            "hr",
+            "INACTIVE"
+        ]
+    );
+}
+
+#[test]
+fn withdrawn_permissions_and_unknown_removals_get_their_own_imports() {
+    let s = sink("[columns]\nsubscriptions = \"permissions\"");
+    let mut before = contact("cy@example.com", "Cy");
+    before.subscriptions.insert("Flyer".into());
+    let batch = ChangeBatch {
+        id: "b".into(),
+        changes: vec![
+            create(contact("ann@example.com", "Ann")),
+            update(contact("cy@example.com", "Cy"), before),
+            remove("x@example.com"),
+        ],
+    };
+    let prepared = s.build_import(&batch).unwrap();
+    assert_eq!(prepared.parts.len(), 3);
+    let withdraw = Element::parse(&prepared.parts[1].xml).unwrap();
+    assert_eq!(
+        withdraw
+            .child("remove_permissions")
+            .unwrap()
+            .child("permission")
+            .unwrap()
+            .attr("name"),
+        Some("Flyer")
+    );
+    assert_eq!(rows_of(&withdraw)[0][0], "cy@example.com");
+    // A removal whose last-sent record is not known carries only the email and the
+    // removal status: a blank cell would clear the person's fields.
+    let bare = Element::parse(&prepared.parts[2].xml).unwrap();
+    assert_eq!(columns_of(&bare), "email,status");
+    assert_eq!(rows_of(&bare), [["x@example.com", "INACTIVE"]]);
 }
 
 #[test]
@@ -143,8 +293,8 @@ fn opt_out_removal_and_job_flags_follow_the_settings() {
         id: "b".into(),
         changes: vec![remove("x@example.com")],
     };
-    let xml = s.build_import(&removals).unwrap().xml.unwrap();
-    let root = Element::parse(&xml).unwrap();
+    let prepared = s.build_import(&removals).unwrap();
+    let root = Element::parse(prepared.xml().unwrap()).unwrap();
     // A removal job carries only the email and the removal status (a blank cell would
     // clear the person's fields), and must update existing people whatever the setting.
     assert_eq!(root.child_text("update_existing"), Some("true"));
@@ -157,12 +307,24 @@ fn opt_out_removal_and_job_flags_follow_the_settings() {
 
     let upserts = ChangeBatch {
         id: "c".into(),
-        changes: vec![create(contact("y@example.com", "Yan"))],
+        changes: vec![
+            create(contact("y@example.com", "Yan")),
+            update(
+                contact("z@example.com", "Zoe"),
+                contact("z@example.com", "Zo"),
+            ),
+        ],
     };
-    let xml = s.build_import(&upserts).unwrap().xml.unwrap();
-    let root = Element::parse(&xml).unwrap();
+    let prepared = s.build_import(&upserts).unwrap();
+    let root = Element::parse(prepared.xml().unwrap()).unwrap();
     assert_eq!(root.child_text("update_existing"), Some("false"));
     assert_eq!(root.child_text("reactivate_bounced_removed"), Some("true"));
+    // Poppulo would skip the update: it is not sent, and said so once.
+    assert_eq!(rows_of(&root).len(), 1);
+    assert!(matches!(
+        &prepared.known[1],
+        contactsync_core::Outcome::Rejected { retry: false, reason, .. } if reason.contains("update_existing")
+    ));
 }
 
 #[test]

@@ -168,6 +168,34 @@ impl Change {
         }
     }
 
+    /// Whether the sink sends the person's status (and consent) with this change: for a
+    /// create, a removal, or an update whose status the source changed since the last
+    /// sync; or always, when the pipeline says `resubscribe = true`. Consent given or
+    /// withdrawn on the platform otherwise stands. An update whose previous record is not
+    /// known (a state from before records were kept) does not send it.
+    pub fn sends_status(&self, resubscribe: bool) -> bool {
+        match self {
+            Change::Create { .. } | Change::Remove { .. } => true,
+            Change::Update { contact, .. } => {
+                resubscribe || self.before().is_some_and(|b| b.status != contact.status)
+            }
+        }
+    }
+
+    /// What a sink writes for `field`, with fields owned by the source that provides
+    /// them: the value when the contact has one; an empty value when the record last
+    /// sent had one and the contact no longer has (the source cleared it); `None`
+    /// when neither has one, so that the sink leaves the platform's value alone (absent
+    /// is not empty). `None` for a removal.
+    pub fn owned_value(&self, field: &crate::Field) -> Option<String> {
+        let after = self.contact()?;
+        match (after.get(field), self.before().and_then(|b| b.get(field))) {
+            (Some(value), _) => Some(value),
+            (None, Some(_)) => Some(String::new()),
+            (None, None) => None,
+        }
+    }
+
     /// The email that addresses the person: the contact's, else the one last synced.
     pub fn email(&self) -> Option<&str> {
         self.contact()

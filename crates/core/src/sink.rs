@@ -51,6 +51,10 @@ pub struct SinkCapabilities {
     pub durable_at_finish: bool,
     /// How removals are carried out.
     pub removal: RemovalStyle,
+    /// Whether one batch may hold removals beside creates and updates (one platform job
+    /// carries them all: Poppulo's import). Removals still come after every create and
+    /// update of the run; the last batch of creates and updates is topped up with them.
+    pub mixes_removals: bool,
     /// Whether the platform finds people by their email address (Poppulo, Actito,
     /// Business Catalyst). The engine then rejects the later of two records of one
     /// read that share an email under different keys, on every run, so that one
@@ -136,14 +140,18 @@ pub struct SinkContext<'a> {
     pub progress: &'a dyn ProgressReporter,
     /// Set when the user interrupts the run: stop waiting, return what is known.
     pub cancel: CancellationToken,
+    /// The pipeline's `resubscribe`: send status and subscriptions of every update, not
+    /// only those the source changed (see [`crate::Change::sends_status`]).
+    pub resubscribe: bool,
 }
 
 /// A system changes are written to.
 ///
 /// # Contract
 /// - A key comes at most once in a run (in all its batches together).
-/// - A batch holds either creates and updates, or removals, never both; removals come
-///   after every create and update of the run.
+/// - A batch holds either creates and updates, or removals, never both (unless the sink
+///   says [`SinkCapabilities::mixes_removals`]); removals come after every create and
+///   update of the run.
 /// - `apply` returns exactly one [`Outcome`] per change, in the batch's order.
 ///   `Applied` means the platform confirmed it. Anything uncertain is
 ///   [`Outcome::Unknown`], never `Applied`.

@@ -279,9 +279,9 @@ impl<'a> Rejection<'a> {
 
 /// What the read and diff produced: the change set, spooled, and how the read ended.
 struct ChangeSet {
-    /// Creates and updates. A batch never mixes removals with creates and updates (a
-    /// platform row that removes someone carries different columns), and removals are
-    /// applied last, after everyone who stays is up to date.
+    /// Creates and updates. A batch mixes removals with creates and updates only for a
+    /// sink whose one job carries both ([`SinkCapabilities::mixes_removals`]), and
+    /// removals are applied last, after everyone who stays is up to date.
     upserts: ChangeSpool,
     removals: ChangeSpool,
     plan: ChangePlan,
@@ -419,6 +419,7 @@ impl<'r> Run<'r> {
             store: self.state.sink_store(&self.pipeline.sink_scope),
             progress: self.observer,
             cancel: self.options.cancel.clone(),
+            resubscribe: self.pipeline.settings.resubscribe,
         }
     }
 
@@ -994,9 +995,21 @@ impl<'r> Run<'r> {
             changes.removals.into_reader()?,
         ];
         let mut number = 0;
-        for part in parts.iter_mut() {
+        let parts_len = parts.len();
+        for at in 0..parts_len {
             loop {
-                let batch = part.next_batch(batch_size)?;
+                let mut batch = parts[at].next_batch(batch_size)?;
+                // A sink whose one job carries removals too gets the last batch of
+                // creates and updates topped up with the first removals.
+                if capabilities.mixes_removals && batch.len() < batch_size {
+                    for next in parts.iter_mut().skip(at + 1) {
+                        let more = next.next_batch(batch_size - batch.len())?;
+                        batch.extend(more);
+                        if batch.len() == batch_size {
+                            break;
+                        }
+                    }
+                }
                 if batch.is_empty() {
                     break;
                 }
@@ -1278,6 +1291,7 @@ struct Lent<'a> {
     store: Box<dyn SinkStore + 'a>,
     progress: &'a dyn ProgressReporter,
     cancel: CancellationToken,
+    resubscribe: bool,
 }
 
 impl Lent<'_> {
@@ -1286,6 +1300,7 @@ impl Lent<'_> {
             store: &mut *self.store,
             progress: self.progress,
             cancel: self.cancel.clone(),
+            resubscribe: self.resubscribe,
         }
     }
 }

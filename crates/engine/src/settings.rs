@@ -109,6 +109,10 @@ pub struct PipelineSettings {
     pub scope: Option<String>,
     /// What becomes of a synced person who falls out of scope.
     pub out_of_scope: OutOfScope,
+    /// Send every update's status and subscriptions as the source has them, even when
+    /// they did not change there: turns platform-side opt-outs and unsubscribes back
+    /// on. Off by default, since consent belongs to the person.
+    pub resubscribe: bool,
 }
 
 impl PipelineSettings {
@@ -149,6 +153,7 @@ impl Default for PipelineSettings {
             on_create: BTreeMap::new(),
             scope: None,
             out_of_scope: OutOfScope::default(),
+            resubscribe: false,
         }
     }
 }

@@ -127,6 +127,7 @@ impl Sink for MemorySink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
             addresses_by_email: false,
+            mixes_removals: false,
             max_batch: self.max_batch,
             asynchronous_jobs: false,
             durable_at_finish: false,

@@ -35,6 +35,7 @@ impl MemoryStore {
             store: self,
             progress: &NO_PROGRESS,
             cancel: CancellationToken::new(),
+            resubscribe: false,
         }
     }
 

@@ -40,6 +40,7 @@ impl Sink for MemorySink {
     fn capabilities(&self) -> SinkCapabilities {
         SinkCapabilities {
             addresses_by_email: false,
+            mixes_removals: false,
             max_batch: 4,
             asynchronous_jobs: false,
             durable_at_finish: false,

@@ -342,6 +342,29 @@ impl RunningPoppulo {
         Ok(seeded)
     }
 
+    /// Changes a subscriber as a person or the account's staff would in the web
+    /// application (the person opts out, an administrator removes them or edits a
+    /// field, a permission is dropped): `edit` gets the subscriber, whose version and
+    /// `date_modified` move on. `false` when no subscriber has `email`.
+    pub fn edit_on_platform(&self, email: &str, edit: impl FnOnce(&mut Subscriber)) -> bool {
+        let edited = {
+            let mut state = self.shared().lock();
+            match state.store.find_mut(email) {
+                Some(subscriber) => {
+                    edit(subscriber);
+                    subscriber.version += 1;
+                    subscriber.date_modified = model::now();
+                    true
+                }
+                None => false,
+            }
+        };
+        if edited {
+            self.shared().save_logged();
+        }
+        edited
+    }
+
     /// A snapshot of every import (its columns in `job.columns`, its rows as parsed),
     /// oldest first.
     pub fn imports(&self) -> Vec<Import> {

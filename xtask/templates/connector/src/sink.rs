@@ -44,6 +44,7 @@ impl Sink for __Name__Sink {
             durable_at_finish: false,
             removal: RemovalStyle::Delete,
             addresses_by_email: false,
+            mixes_removals: false,
         }
     }
 
