@@ -311,3 +311,123 @@ async fn removal_deletes_when_configured() {
     assert_eq!(stats.profile_deletes, 1, "{stats:?}");
     assert_eq!(stats.subscription_changes, 0);
 }
+
+/// What a person or an administrator does in Actito: `attributes` and `subscriptions`
+/// set on the profile `E{id}`.
+fn edit_in_actito(
+    sandbox: &RunningActito,
+    id: &str,
+    attributes: &[(&str, &str)],
+    subscriptions: &[(&str, bool)],
+) {
+    let mut input = contactsync_sandbox_actito::ProfileInput {
+        attributes: vec![("customerId".into(), Some(id.into()))],
+        ..Default::default()
+    };
+    input.attributes.extend(
+        attributes
+            .iter()
+            .map(|(n, v)| (n.to_string(), Some(v.to_string()))),
+    );
+    input.subscriptions = subscriptions
+        .iter()
+        .map(|(n, on)| (n.to_string(), *on))
+        .collect();
+    sandbox
+        .seed_profile(TABLE, &input)
+        .expect("edited in Actito");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_run_unsubscribes_who_the_source_unsubscribed() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    let s = scenario(&sandbox, &subscribed_csv(60, &[]), "");
+    let (run, _) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(
+        sandbox.stats().imports_posted,
+        1,
+        "the first sync is a bulk one"
+    );
+    let p7 = profile(&sandbox, "E7").unwrap();
+    assert_eq!(p7.subscriptions.get("Newsletter"), Some(&true), "{p7:?}");
+    // 55 people lose every subscription in the source: a bulk run again.
+    let csv = subscribed_csv(60, &[])
+        .lines()
+        .enumerate()
+        .map(|(n, line)| {
+            if (1..=55).contains(&n) {
+                line.replace(",Newsletter;Events", ",")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    s.write("people.csv", &csv);
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[2], 55, "{report}");
+    assert_eq!(sandbox.stats().imports_posted, 2, "a bulk import");
+    let p7 = profile(&sandbox, "E7").unwrap();
+    assert_eq!(
+        p7.subscriptions.get("Newsletter"),
+        Some(&false),
+        "unsubscribed by the bulk run: {p7:?}"
+    );
+    assert_eq!(p7.subscriptions.get("Events"), Some(&false));
+    let p58 = profile(&sandbox, "E58").unwrap();
+    assert_eq!(p58.subscriptions.get("Newsletter"), Some(&true));
+    // Recorded as done: nothing is sent again.
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_people_and_staff_do_in_actito_stands() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    let s = scenario(&sandbox, &subscribed_csv(3, &[]), "");
+    sync(&s, &[]).await.0.expect_code(0);
+    // In Actito: person 1 unsubscribes from the newsletter; staff fill in person 2's
+    // department, an attribute this source does not have.
+    edit_in_actito(&sandbox, "E1", &[], &[("Newsletter", false)]);
+    edit_in_actito(&sandbox, "E2", &[("department", "Editorial")], &[]);
+    // The source changes both (and still lists both subscriptions for them).
+    s.write(
+        "people.csv",
+        &subscribed_csv(3, &[]).replace(",Ann,", ",Anna,"),
+    );
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[2], 3, "{report}");
+    let p1 = profile(&sandbox, "E1").unwrap();
+    assert_eq!(p1.attributes["firstName"], "Anna");
+    assert_eq!(
+        p1.subscriptions.get("Newsletter"),
+        Some(&false),
+        "a person's own unsubscribe stands"
+    );
+    assert_eq!(p1.subscriptions.get("Events"), Some(&true));
+    let p2 = profile(&sandbox, "E2").unwrap();
+    assert_eq!(p2.attributes["firstName"], "Anna");
+    assert_eq!(
+        p2.attributes.get("department").map(String::as_str),
+        Some("Editorial"),
+        "an attribute the source does not have is left alone"
+    );
+    // With resubscribe = true the pipeline turns them back on (the user said so).
+    let config = std::fs::read_to_string(s.dir.path().join("contactsync.toml")).unwrap();
+    s.config(&config.replace(
+        "max_removal_ratio = 0.5",
+        "max_removal_ratio = 0.5\nresubscribe = true",
+    ));
+    s.write(
+        "people.csv",
+        &subscribed_csv(3, &[]).replace(",Ann,", ",Anne,"),
+    );
+    sync(&s, &[]).await.0.expect_code(0);
+    let p1 = profile(&sandbox, "E1").unwrap();
+    assert_eq!(p1.subscriptions.get("Newsletter"), Some(&true));
+}

@@ -50,13 +50,17 @@ pub fn quota_key(entity: &str, table: &str, day: chrono::NaiveDate) -> String {
 /// (a state from before records were kept) it sends none. A source without
 /// subscriptions (a CSV) so never unsubscribes anyone, and a person who unsubscribed in
 /// Actito is not re-subscribed until the source changes their subscriptions.
+/// With the pipeline's `resubscribe`, an update sends every subscription as the
+/// source has it.
 fn subscription_delta(
     schema: &Schema,
     change: &Change,
     now: Vec<(String, bool)>,
+    resubscribe: bool,
 ) -> Vec<(String, bool)> {
     match change {
         Change::Create { .. } => now.into_iter().filter(|(_, on)| *on).collect(),
+        _ if resubscribe => now,
         _ => match change.before().and_then(|b| schema.prepare(b).ok()) {
             Some(before) => now
                 .into_iter()
@@ -70,6 +74,47 @@ fn subscription_delta(
                 .collect(),
             None => Vec::new(),
         },
+    }
+}
+
+/// The attributes to send for `change`, with fields owned by the source that provides
+/// them: an attribute without a value is sent (as a clear) only when the record last
+/// sent had one. With `changed_only` (one profile at a time) an update sends only the
+/// attributes whose value differs from that record (and the key, which addresses the
+/// profile), so that what staff edit in Actito in the other attributes stands; a bulk
+/// row keeps every value, since a blank cell would clear it. Without that record (a
+/// state from before records were kept) every attribute with a value is sent, and none
+/// is cleared. Segmentations are sent only when they changed.
+fn owned_attributes(schema: &Schema, change: &Change, prepared: &mut Prepared, changed_only: bool) {
+    let before = match change {
+        Change::Create { .. } => None,
+        _ => change.before().and_then(|b| schema.prepare(b).ok()),
+    };
+    let key = schema.key_attribute().to_string();
+    let was = |name: &str| -> Option<Option<String>> {
+        before.as_ref().map(|b| {
+            b.attributes
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.clone())
+        })
+    };
+    prepared.attributes.retain(|(name, value)| {
+        if *name == key {
+            return true;
+        }
+        match (value, was(name)) {
+            // No record of what was sent: send what the source has, clear nothing.
+            (None, None) => false,
+            (Some(_), None) => true,
+            (None, Some(before)) => before.is_some(),
+            (Some(v), Some(before)) => !changed_only || before.as_deref() != Some(v.as_str()),
+        }
+    });
+    if let Some(b) = &before {
+        if b.segmentations == prepared.segmentations {
+            prepared.segmentations.clear();
+        }
     }
 }
 
@@ -642,7 +687,13 @@ impl Sink for ActitoSink {
                 Change::Create { contact, .. } | Change::Update { contact, .. } => {
                     match schema.prepare(contact) {
                         Ok(mut p) => {
-                            p.subscriptions = subscription_delta(&schema, change, p.subscriptions);
+                            p.subscriptions = subscription_delta(
+                                &schema,
+                                change,
+                                p.subscriptions,
+                                ctx.resubscribe,
+                            );
+                            owned_attributes(&schema, change, &mut p, self.mode == Mode::OneByOne);
                             upserts.push((i, p, change.kind() == ChangeKind::Update))
                         }
                         Err(invalid) => {
@@ -670,9 +721,30 @@ impl Sink for ActitoSink {
                 upserts.iter().map(|(i, p, _)| (*i, p.clone())).collect();
             match self.bulk(&schema, batch, &rows, skipped, ctx).await? {
                 Some(results) => {
-                    for ((i, _), o) in rows.iter().zip(results) {
-                        outcomes[*i] = Some(o);
+                    // A bulk row carries attributes only: the subscriptions the source
+                    // changed follow one profile at a time, and a person is recorded
+                    // as applied only when both went through.
+                    let mut follow_up: Vec<(usize, Work)> = Vec::new();
+                    for ((i, p), o) in rows.iter().zip(results) {
+                        let consent = !p.subscriptions.is_empty() || !p.segmentations.is_empty();
+                        if matches!(o, Outcome::Applied { .. }) && consent {
+                            let only = Prepared {
+                                key_value: p.key_value.clone(),
+                                attributes: p
+                                    .attributes
+                                    .iter()
+                                    .filter(|(n, _)| n == schema.key_attribute())
+                                    .cloned()
+                                    .collect(),
+                                subscriptions: p.subscriptions.clone(),
+                                segmentations: p.segmentations.clone(),
+                            };
+                            follow_up.push((*i, Work::Upsert(only, false)));
+                        } else {
+                            outcomes[*i] = Some(o);
+                        }
                     }
+                    work.extend(follow_up);
                 }
                 None => work.extend(upserts.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c)))),
             }

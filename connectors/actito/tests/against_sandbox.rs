@@ -214,8 +214,31 @@ async fn large_change_set_goes_bulk_once() {
     all_applied(&outcomes);
     let stats = sb.stats();
     assert_eq!(stats.imports_posted, 1);
-    assert_eq!(stats.profile_posts, 0);
+    // Bulk rows carry attributes only: the subscriptions of the new profiles follow,
+    // one call a profile that has any.
+    let subscribed = contacts
+        .iter()
+        .filter(|c| !c.subscriptions.is_empty())
+        .count();
+    assert!(subscribed > 0);
+    assert_eq!(stats.profile_posts as usize, subscribed);
     assert_eq!(sb.profiles("contacts").len(), 30);
+    let with = contacts
+        .iter()
+        .find(|c| !c.subscriptions.is_empty())
+        .unwrap();
+    let profile = sb
+        .profile_where(
+            "contacts",
+            "customerId",
+            with.external_id.as_deref().unwrap(),
+        )
+        .unwrap();
+    assert!(
+        profile.subscriptions.values().any(|on| *on),
+        "{:?}",
+        profile.subscriptions
+    );
     let p = sb
         .profile_where("contacts", "customerId", "CS-0007")
         .expect("imported");

@@ -156,11 +156,17 @@ pub fn to_record(
         (None, None) => None,
     };
     let field = |f: &Field| owned(contact.get(f), before.and_then(|b| b.get(f)));
+    // An update sends only what changed since the record last sent: what staff edit
+    // on the site in the other fields stands.
+    let changed = |f: &Field| match (contact.get(f), before.and_then(|b| b.get(f))) {
+        (Some(now), Some(was)) if now == was => None,
+        (now, was) => owned(now, was),
+    };
     let phone_nos: Vec<PhoneNo> = config
         .phone_types
         .iter()
         .filter_map(|(type_id, f)| {
-            field(f).map(|number| PhoneNo {
+            changed(f).map(|number| PhoneNo {
                 type_id: *type_id,
                 number,
             })
@@ -174,7 +180,12 @@ pub fn to_record(
                 .iter()
                 .map(|part| field(&Field::Attribute(format!("{prefix}_{part}"))))
                 .collect();
-            parts.iter().any(Option::is_some).then(|| {
+            // An address travels whole (a part left out would be blanked), and only
+            // when one of its parts changed.
+            let moved = ADDRESS_PARTS
+                .iter()
+                .any(|part| changed(&Field::Attribute(format!("{prefix}_{part}"))).is_some());
+            (moved && parts.iter().any(Option::is_some)).then(|| {
                 let part = |i: usize| parts[i].clone().unwrap_or_default();
                 Address {
                     type_id: *type_id,
@@ -192,9 +203,9 @@ pub fn to_record(
         entity_id: entity_id(handle).unwrap_or(-1),
         external_id: contact.external_id.clone(),
         email_address: contact.email.clone(),
-        full_name: field(&Field::DisplayName),
-        first_name: field(&Field::FirstName),
-        last_name: field(&Field::LastName),
+        full_name: changed(&Field::DisplayName),
+        first_name: changed(&Field::FirstName),
+        last_name: changed(&Field::LastName),
         phone_nos: (!phone_nos.is_empty()).then_some(phone_nos),
         addresses: (!addresses.is_empty()).then_some(addresses),
         master_opt_in: send_opt_in.then(|| contact.status == ContactStatus::Active),
@@ -381,11 +392,8 @@ impl Sink for BcSink {
             let mut handle = change.previous().and_then(|p| p.handle.clone());
             // Consent is the person's: sent for someone new to the site, or when the
             // status changed in the source since the last sync; never otherwise.
-            let mut send_opt_in = match (change, change.before()) {
-                (Change::Create { .. }, _) => true,
-                (Change::Update { contact, .. }, Some(before)) => before.status != contact.status,
-                _ => false,
-            };
+            // (`resubscribe = true` in the pipeline: on every update.)
+            let mut send_opt_in = change.sends_status(ctx.resubscribe);
             if let Change::Create { contact, .. } = change {
                 // Match before create: a site contact with this email and no externalId
                 // is this person (the service would add a second one otherwise), and

@@ -198,7 +198,8 @@ impl LdapSink {
     /// The modifications that turn `existing` into `desired` for the managed attributes.
     /// An attribute `desired` lacks is deleted only when `previous` (what was last sent)
     /// had it: absent from the source is not a value to clear (an admin's phone number
-    /// stays), emptied by the source is.
+    /// stays), emptied by the source is. With `previous`, only attributes whose value
+    /// the source changed are replaced.
     fn modifications(
         &self,
         existing: &HashMap<String, Vec<String>>,
@@ -225,7 +226,12 @@ impl LdapSink {
                         mods.push(Mod::Delete(name, HashSet::from([value.clone()])));
                     }
                 }
-                (_, Some((_, want))) if *want != have => {
+                // Only what the source changed since the record last sent: a value an
+                // admin edited in an attribute the source did not change stands.
+                (_, Some((_, want)))
+                    if *want != have
+                        && previous.is_none_or(|p| p.get(&lower).map(|(_, v)| v) != Some(want)) =>
+                {
                     mods.push(Mod::Replace(name, want.iter().cloned().collect()));
                 }
                 // Replace with no values deletes, and does not fail if already absent.

@@ -168,6 +168,31 @@ async fn add_then_modify_only_what_changed_then_delete() {
         Some("kept")
     );
 
+    // An admin edits the title; the source then changes only the mail: the admin's
+    // title stands, since the source did not change it since the last sync.
+    server
+        .ldapmodify(&format!(
+            "dn: {}\nchangetype: modify\nreplace: title\ntitle: Director\n",
+            dn("S1")
+        ))
+        .unwrap();
+    let mut last = ann();
+    last.job_title = Some("Lead".into());
+    last.phone = None;
+    let mut moved = last.clone();
+    moved.email = Some("ann.lee@example.net".into());
+    let outcomes = apply(sink.as_mut(), vec![updated_from(Some(last), moved)]).await;
+    assert!(matches!(outcomes[0], Outcome::Applied { .. }));
+    assert_eq!(
+        one(&server, &dn("S1"), "mail").as_deref(),
+        Some("ann.lee@example.net")
+    );
+    assert_eq!(
+        one(&server, &dn("S1"), "title").as_deref(),
+        Some("Director"),
+        "an attribute the source did not change is the admin's"
+    );
+
     let outcomes = apply(sink.as_mut(), vec![remove(&ann())]).await;
     assert_eq!(
         outcomes,

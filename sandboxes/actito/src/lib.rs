@@ -374,7 +374,9 @@ impl RunningActito {
     }
 
     /// Adds or updates a profile of `table` as if written through the API (the same
-    /// checks apply); returns its id.
+    /// checks apply); returns its id. It is also how a test makes what people and staff
+    /// do in Actito happen: a person unsubscribing, an administrator editing an
+    /// attribute.
     pub fn seed_profile(&self, table: &str, input: &ProfileInput) -> Result<u64, SandboxError> {
         let now = import::now();
         let id = {
