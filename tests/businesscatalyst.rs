@@ -491,3 +491,56 @@ async fn a_fault_on_one_record_rejects_only_that_record() {
     );
     assert_eq!(live(&sandbox).len(), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_changing_while_the_list_is_paged_cause_no_false_removal_and_no_lost_update() {
+    let sandbox = sandbox().await;
+    seed_people(&sandbox, 250);
+    let s = scenario(&sandbox);
+    let (run, report) = sync(&s, "bc", "out", &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [250, 250, 0, 0, 0, 0]);
+
+    // A full read while staff edit the head of the list as it is paged: E1 moves to the
+    // end, everyone behind it shifts back, and offset paging alone would skip E101.
+    sandbox.advance_clock(chrono::Duration::minutes(5));
+    sandbox.set_faults(Faults {
+        edit_while_paging: 1,
+        ..Faults::default()
+    });
+    sandbox.clear_requests();
+    let (run, report) = sync(&s, "bc", "out", &["--full"]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[3], 0, "no false removal: {report}");
+    assert_eq!(
+        report["complete_read"], true,
+        "read again, complete: {report}"
+    );
+    let rows = csv_by_key(&s.path("out.csv"));
+    assert_eq!(rows.len(), 250);
+    assert!(rows.contains_key("E101"), "the shifted record was read");
+    let passes = calls(&sandbox.requests(), RETRIEVE)
+        .iter()
+        .filter(|c| c.record_start == Some(0))
+        .count();
+    assert_eq!(passes, 2, "one more pass over the list");
+
+    // The edit itself reaches the sink by the next (incremental) run: the cursor did
+    // not pass the version read before it moved.
+    let (run, _) = sync(&s, "bc", "out", &[]).await;
+    run.expect_code(0);
+    let rows = csv_by_key(&s.path("out.csv"));
+    assert_eq!(rows["E1"]["first_name"], "Ann (edited)", "no lost update");
+    assert_eq!(rows.len(), 250);
+
+    // Edits that never stop: the read is incomplete, and removes nobody.
+    sandbox.set_faults(Faults {
+        edit_while_paging: 100,
+        ..Faults::default()
+    });
+    let (run, report) = sync(&s, "bc", "out", &["--full"]).await;
+    assert_ne!(run.code(), 1, "{report}");
+    assert_eq!(report["complete_read"], false, "{report}");
+    assert_eq!(counts(&report)[3], 0, "{report}");
+    assert_eq!(csv_by_key(&s.path("out.csv")).len(), 250);
+}

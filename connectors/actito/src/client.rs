@@ -367,16 +367,23 @@ impl ActitoClient {
         }
     }
 
-    /// `GET …/profile?number=N&page=P` (pages from 0): one page of profiles, as JSON.
+    /// `GET …/profile?number=N&page=P` (pages from 0): one page of profiles, as JSON,
+    /// and the `totalCount` when the server gives one.
     pub async fn profiles_page(
         &self,
         page: u64,
         number: usize,
-    ) -> Result<(String, Vec<Value>), ConnectorError> {
+    ) -> Result<(String, Vec<Value>, Option<u64>), ConnectorError> {
         let request = Request::new(Method::GET, self.table_path(&["profile"]))
             .query("number", number.to_string())
             .query("page", page.to_string());
         let (call, json) = self.send_json(&request, None).await?;
+        // The spec shows only `profiles`; a total, when the server gives one, tells a
+        // reader whether profiles came or went while it paged.
+        let total = json
+            .get("totalCount")
+            .or_else(|| json.get("total"))
+            .and_then(Value::as_u64);
         let list = match json {
             Value::Array(items) => items,
             Value::Object(mut o) => match o.remove("profiles").or_else(|| o.remove("items")) {
@@ -396,7 +403,7 @@ impl ActitoClient {
                 })
             }
         };
-        Ok((call, list))
+        Ok((call, list, total))
     }
 }
 

@@ -5,9 +5,21 @@
 //! page size (`page_size`, at most 1000) and `page` = the page index from 0, and stops
 //! at the first page shorter than `number`. A server that ignored `page` would send the
 //! same page again: the read then stops and says it is *not* complete (so no removal is
-//! inferred from it), rather than looping. Memory holds one page at a time.
+//! inferred from it), rather than looping. Memory holds one page at a time, and the
+//! ids of the profiles read.
+//!
+//! Reads that page do not skip: a profile deleted (or moved) during the read, on a
+//! page already read, shifts the ones behind it back by one, and one is skipped. So a
+//! pass over the table is trusted only when nothing moved under it: the same
+//! `profileId` met twice means a move, and a `totalCount` (when the server gives one)
+//! that differs between the first page and the last means profiles came or went. A
+//! pass that cannot be trusted is followed by another (at most [`MAX_PASSES`] in all)
+//! that yields only profiles no pass yielded yet; without a `totalCount` a first pass
+//! is always checked by a second, which must find nothing new. A read whose last pass
+//! is still not trusted is incomplete: no removal comes from it. A profile met again is
+//! the same person, never yielded twice.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use contactsync_core::async_trait;
@@ -20,6 +32,9 @@ use serde_json::Value;
 use crate::client::{id_text, ActitoClient};
 use crate::config::SourceConfig;
 use crate::schema::{load_schema, Schema};
+
+/// The most passes over the table one read makes while profiles move under it.
+pub const MAX_PASSES: u32 = 3;
 
 /// The Actito source. Built by the `actito` [`contactsync_core::SourceFactory`].
 #[derive(Debug)]
@@ -60,6 +75,12 @@ impl Source for ActitoSource {
             finished: false,
             complete: true,
             previous_first: None,
+            pass: 1,
+            seen_this_pass: HashSet::new(),
+            yielded: HashSet::new(),
+            moved: false,
+            found_new: false,
+            totals: (None, None),
         }))
     }
 }
@@ -75,12 +96,41 @@ struct ProfileStream {
     finished: bool,
     complete: bool,
     previous_first: Option<String>,
+    /// The pass over the table, from 1.
+    pass: u32,
+    /// Profile ids met in this pass.
+    seen_this_pass: HashSet<String>,
+    /// Profile ids yielded by any pass.
+    yielded: HashSet<String>,
+    /// This pass met a profile twice.
+    moved: bool,
+    /// This pass (past the first) yielded a profile no earlier pass had.
+    found_new: bool,
+    /// `totalCount` on this pass's first page and on its latest page.
+    totals: (Option<u64>, Option<u64>),
 }
 
 impl ProfileStream {
+    /// Whether the pass just ended can be trusted to have skipped nobody.
+    fn trusted(&self) -> bool {
+        if self.moved {
+            return false;
+        }
+        match self.totals {
+            (Some(first), Some(last)) => first == last,
+            // No count to compare: a second pass must find nothing new.
+            _ => self.pass > 1 && !self.found_new,
+        }
+    }
+
     async fn fetch(&mut self) -> Result<(), ConnectorError> {
         let page = self.next_page;
-        let (call, profiles) = self.client.profiles_page(page, self.page_size).await?;
+        let (call, profiles, total) = self.client.profiles_page(page, self.page_size).await?;
+        if page == 0 {
+            self.totals = (total, total);
+        } else {
+            self.totals.1 = total;
+        }
         self.call = call;
         self.next_page += 1;
         let first = profiles
@@ -113,6 +163,21 @@ impl RecordStream for ProfileStream {
     async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
         loop {
             if let Some((index, profile)) = self.buffer.pop_front() {
+                if let Some(id) = profile
+                    .get("profileId")
+                    .or_else(|| profile.get("id"))
+                    .map(id_text)
+                {
+                    if !self.seen_this_pass.insert(id.clone()) {
+                        self.moved = true;
+                    }
+                    if !self.yielded.insert(id) {
+                        continue;
+                    }
+                    if self.pass > 1 {
+                        self.found_new = true;
+                    }
+                }
                 let origin = Origin::Page {
                     call: self.call.clone(),
                     page: self.next_page,
@@ -126,7 +191,28 @@ impl RecordStream for ProfileStream {
                 }));
             }
             if self.finished {
-                return Ok(None);
+                if !self.complete || self.trusted() {
+                    return Ok(None);
+                }
+                if self.pass >= MAX_PASSES {
+                    tracing::warn!(
+                        passes = self.pass,
+                        "Actito profiles kept changing while the table was paged; the read is not complete, so no removal comes from it"
+                    );
+                    self.complete = false;
+                    return Ok(None);
+                }
+                tracing::info!(
+                    pass = self.pass + 1,
+                    "Actito: profiles may have moved while the table was paged; reading it again for any profile skipped"
+                );
+                self.pass += 1;
+                self.seen_this_pass.clear();
+                self.moved = false;
+                self.found_new = false;
+                self.next_page = 0;
+                self.previous_first = None;
+                self.finished = false;
             }
             self.fetch().await?;
         }

@@ -822,3 +822,55 @@ async fn only_the_subscriptions_the_source_changed_are_sent() {
     );
     assert_eq!(id().subscriptions.get("Newsletter"), Some(&false));
 }
+
+#[tokio::test]
+async fn profiles_deleted_while_the_table_is_paged_skip_nobody() {
+    use contactsync_core::ReadMode;
+    use contactsync_sandbox_actito::Faults;
+    let sb = sandbox(SandboxConfig::default()).await;
+    let contacts = sample_contacts(10);
+    let mut store = MemoryStore::new();
+    let outcomes = run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
+        .await
+        .expect("run");
+    all_applied(&outcomes);
+    let ids = |read: &contactsync_testkit::SourceRead| {
+        let mut ids: Vec<String> = read
+            .contacts()
+            .iter()
+            .filter_map(|c| c.external_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    // Staff delete the table's first profile while the read is on page 2: the others
+    // shift back by one, and paging by offset alone skips the first of page 2.
+    sb.set_faults(Faults {
+        delete_while_paging: 1,
+        ..Faults::default()
+    });
+    let read = contactsync_testkit::read_all(&source(&sb), ReadMode::Full)
+        .await
+        .expect("read");
+    assert!(read.outcome.complete, "read again until nothing moved");
+    let mut left: Vec<String> = contacts[1..]
+        .iter()
+        .filter_map(|c| c.external_id.clone())
+        .collect();
+    left.sort();
+    let got = ids(&read);
+    for id in &left {
+        assert!(got.contains(id), "{id} was skipped: {got:?}");
+    }
+    assert_eq!(got.len(), read.contacts().len(), "no profile twice");
+
+    // Deletions that never stop: not complete, so no removal comes from it.
+    sb.set_faults(Faults {
+        delete_while_paging: 100,
+        ..Faults::default()
+    });
+    let read = contactsync_testkit::read_all(&source(&sb), ReadMode::Full)
+        .await
+        .expect("read");
+    assert!(!read.outcome.complete);
+}

@@ -13,8 +13,19 @@
 //!   time: harmless (the engine's diff finds them unchanged) and it never skips a
 //!   record written in the same second after the read.
 //! - One page (100 records) is held at a time.
+//! - Reads that page do not skip. The list is ordered by `lastUpdateDate` and paged by
+//!   offset, so a contact changed during the read, after its page was read, moves to
+//!   the end, and the record behind it shifts back onto a page already read: it is
+//!   skipped, and a catch-up of "changes since the read began" cannot bring it back
+//!   (it did not change). Such a move shows as the same `entityId` met twice in one
+//!   pass. A pass that met one is followed by another (at most [`MAX_PASSES`] in all)
+//!   that yields only the records no pass yielded yet; a read whose last pass still
+//!   met a move is incomplete, so no removal comes from it. A record met again is the
+//!   same person, never yielded twice: its newer version is left to the next read,
+//!   whose cursor is kept at or before the version yielded (overlap, de-duplicated by
+//!   the engine's diff), so the update is never lost.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -27,6 +38,9 @@ use contactsync_core::{
 use crate::client::{BcClient, PAGE_SIZE};
 use crate::config::{BcConfig, ADDRESS_PARTS};
 use crate::soap::{ContactRecord, UNSET_DATE};
+
+/// The most passes over the list one read makes while contacts move under it.
+pub const MAX_PASSES: u32 = 3;
 
 /// The system name in [`Origin::Record`].
 pub const SYSTEM: &str = "businesscatalyst";
@@ -93,6 +107,11 @@ impl Source for BcSource {
             more: true,
             latest: None,
             previous_cursor: previous,
+            pass: 1,
+            seen_this_pass: HashSet::new(),
+            moved_this_pass: false,
+            yielded: HashMap::new(),
+            floor: None,
         }))
     }
 }
@@ -109,6 +128,17 @@ struct RetrieveStream {
     more: bool,
     latest: Option<NaiveDateTime>,
     previous_cursor: Option<String>,
+    /// The pass over the list, from 1.
+    pass: u32,
+    /// The entity ids met in this pass: one met twice moved during the read.
+    seen_this_pass: HashSet<i64>,
+    /// Whether this pass met a record twice (one behind it may have been skipped).
+    moved_this_pass: bool,
+    /// Entity id → the `lastUpdateDate` of the version yielded.
+    yielded: HashMap<i64, Option<NaiveDateTime>>,
+    /// The earliest yielded version of a record that changed during the read: the
+    /// cursor never passes it, so the next read brings the newer version.
+    floor: Option<NaiveDateTime>,
 }
 
 #[async_trait]
@@ -116,10 +146,34 @@ impl RecordStream for RetrieveStream {
     async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
         loop {
             if let Some((index, record)) = self.buffer.pop_front() {
+                if self.already_met(&record) {
+                    continue;
+                }
                 return Ok(Some(self.item(index, record)));
             }
             if !self.more {
-                return Ok(None);
+                if !self.moved_this_pass {
+                    return Ok(None);
+                }
+                if self.pass >= MAX_PASSES {
+                    tracing::warn!(
+                        passes = self.pass,
+                        "businesscatalyst: contacts kept changing while the list was paged; the read is not complete, so no removal comes from it"
+                    );
+                    self.complete = false;
+                    return Ok(None);
+                }
+                // A record moved under the read: one behind it may have been skipped.
+                // Page through again for the records no pass yielded yet.
+                tracing::info!(
+                    pass = self.pass + 1,
+                    "businesscatalyst: a contact changed while the list was paged; reading it again for any record skipped"
+                );
+                self.pass += 1;
+                self.seen_this_pass.clear();
+                self.moved_this_pass = false;
+                self.next_start = 0;
+                self.more = true;
             }
             let start = self.next_start;
             let page = self.client.retrieve_page(&self.since, start).await?;
@@ -150,7 +204,11 @@ impl RecordStream for RetrieveStream {
     }
 
     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
-        let cursor = match self.latest {
+        let latest = match (self.latest, self.floor) {
+            (Some(latest), Some(floor)) => Some(latest.min(floor)),
+            (latest, floor) => latest.or(floor),
+        };
+        let cursor = match latest {
             Some(latest) => Some(format_bc_date(latest)),
             None => self.previous_cursor,
         };
@@ -162,6 +220,33 @@ impl RecordStream for RetrieveStream {
 }
 
 impl RetrieveStream {
+    /// Whether `record` was met before in this read: again in this pass (it moved: a
+    /// record behind it may have been skipped), or yielded by an earlier pass. Either
+    /// way it is the same person, not yielded again; a newer version of it lowers the
+    /// cursor's floor to the version yielded.
+    fn already_met(&mut self, record: &ContactRecord) -> bool {
+        let id = record.entity_id;
+        if id <= 0 {
+            return false;
+        }
+        if !self.seen_this_pass.insert(id) {
+            self.moved_this_pass = true;
+        }
+        let Some(yielded) = self.yielded.get(&id) else {
+            return false;
+        };
+        let now = record
+            .last_update_date
+            .as_deref()
+            .and_then(|d| parse_bc_date(d, self.config.time_zone));
+        if now != *yielded {
+            if let Some(was) = *yielded {
+                self.floor = Some(self.floor.map_or(was, |f| f.min(was)));
+            }
+        }
+        true
+    }
+
     fn item(&mut self, index: u64, record: ContactRecord) -> SourceItem {
         let origin = if record.entity_id > 0 {
             Origin::Record {
@@ -179,6 +264,9 @@ impl RetrieveStream {
             .last_update_date
             .as_deref()
             .and_then(|d| parse_bc_date(d, self.config.time_zone));
+        if record.entity_id > 0 {
+            self.yielded.insert(record.entity_id, updated);
+        }
         if let Some(updated) = updated {
             if self.latest.is_none_or(|l| updated > l) {
                 self.latest = Some(updated);

@@ -19,8 +19,20 @@
 //! so it says `complete: false`; removals come from the full reads the engine schedules
 //! (the pipeline's `full_every`; left out, this source asks for one every
 //! [`FULL_EVERY`] runs).
+//!
+//! # Changes during the read
+//! An entry changed after its page was returned can carry a `modifyTimestamp` older
+//! than a later entry's: a cursor at the newest time seen would pass it, and its change
+//! would be lost for good. So when the passes end, a catch-up search asks for the
+//! entries changed since the read's own start (`since` for an incremental read; for a
+//! full read the local time at start less [`CATCH_UP_WINDOW`], for clock skew) and
+//! compares them with what was read: an entry not read yet is yielded then (a paged
+//! search that skipped it loses nothing), and an entry read with another timestamp
+//! holds the cursor at or before the version read, so the next read brings the new
+//! one (an overlap the engine's diff de-duplicates). An entry met twice is the same
+//! person, yielded once.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -40,6 +52,9 @@ const MODIFY_TIMESTAMP: &str = "modifyTimestamp";
 /// by full reads, so one every seventh run.
 pub const FULL_EVERY: u32 = 7;
 const ENTRY_UUID: &str = "entryUUID";
+/// How far before a full read's start (by the local clock) its catch-up search looks
+/// for entries changed during the read: room for the server's clock to lag behind.
+pub const CATCH_UP_WINDOW: chrono::Duration = chrono::Duration::hours(1);
 
 /// An LDAP directory as a [`Source`].
 #[derive(Debug, Clone)]
@@ -136,6 +151,10 @@ impl Source for LdapSource {
             }
         };
         let passes = self.passes(since.as_deref());
+        let catch_up_from = since
+            .clone()
+            .unwrap_or_else(|| format_generalized_time(Utc::now() - CATCH_UP_WINDOW));
+        let catch_up = self.passes(Some(&catch_up_from));
         let ldap = client::connect(&self.config.connection).await?;
         let mut attributes: Vec<String> = self
             .config
@@ -162,6 +181,10 @@ impl Source for LdapSource {
             since,
             complete,
             read: 0,
+            catch_up: Some(catch_up.into()),
+            catching_up: false,
+            seen: HashMap::new(),
+            floor: None,
         }))
     }
 }
@@ -179,6 +202,15 @@ struct LdapRecordStream {
     since: Option<String>,
     complete: bool,
     read: u64,
+    /// The catch-up searches, run once the passes end.
+    catch_up: Option<VecDeque<(String, ContactStatus)>>,
+    /// Whether the current search is a catch-up one.
+    catching_up: bool,
+    /// DN → the `modifyTimestamp` of the version yielded.
+    seen: HashMap<String, Option<String>>,
+    /// The oldest version yielded of an entry that changed during the read: the cursor
+    /// does not pass it.
+    floor: Option<DateTime<Utc>>,
 }
 
 impl LdapRecordStream {
@@ -210,6 +242,31 @@ impl LdapRecordStream {
             .map_err(|e| client::call_error(self.search_call(&filter), e, timeout))?;
         self.current = Some((search, filter, status));
         Ok(())
+    }
+
+    /// Whether `entry` was yielded before in this read (the same person, not yielded
+    /// again); in the catch-up, one read with another timestamp changed during the
+    /// read, and holds the cursor at the version read.
+    fn met_before(&mut self, entry: &SearchEntry) -> bool {
+        let stamp = first_value(entry, MODIFY_TIMESTAMP).map(str::to_string);
+        match self.seen.get(&entry.dn) {
+            None => {
+                if self.catching_up {
+                    tracing::info!(dn = %entry.dn, "an entry changed or added during the read, read by the catch-up");
+                }
+                self.seen.insert(entry.dn.clone(), stamp);
+                false
+            }
+            Some(was) => {
+                if self.catching_up && *was != stamp {
+                    tracing::info!(dn = %entry.dn, "an entry changed during the read; the cursor stays before its earlier version");
+                    if let Some(time) = was.as_deref().and_then(parse_generalized_time) {
+                        self.floor = Some(self.floor.map_or(time, |f| f.min(time)));
+                    }
+                }
+                true
+            }
+        }
     }
 
     /// Maps one entry; a value that does not fit its field rejects the entry.
@@ -266,14 +323,24 @@ impl RecordStream for LdapRecordStream {
                         self.start_pass(filter, status).await?;
                         continue;
                     }
-                    None => return Ok(None),
+                    None => match self.catch_up.take() {
+                        Some(searches) => {
+                            self.passes = searches;
+                            self.catching_up = true;
+                            continue;
+                        }
+                        None => return Ok(None),
+                    },
                 }
             };
             let status = *status;
             match search.next().await {
                 Ok(Some(entry)) => {
-                    self.read += 1;
                     let entry = SearchEntry::construct(entry);
+                    if self.met_before(&entry) {
+                        continue;
+                    }
+                    self.read += 1;
                     return Ok(Some(self.item(entry, status)));
                 }
                 Ok(None) => {
@@ -318,10 +385,11 @@ impl RecordStream for LdapRecordStream {
 
     async fn finish(mut self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
         let _ = self.ldap.unbind().await;
-        let cursor = self
-            .newest
-            .map(format_generalized_time)
-            .or(self.since.clone());
+        let newest = match (self.newest, self.floor) {
+            (Some(newest), Some(floor)) => Some(newest.min(floor)),
+            (newest, floor) => newest.or(floor),
+        };
+        let cursor = newest.map(format_generalized_time).or(self.since.clone());
         tracing::info!(entries = self.read, cursor = ?cursor, complete = self.complete, "directory read");
         Ok(ReadOutcome {
             complete: self.complete,

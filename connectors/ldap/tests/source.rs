@@ -418,3 +418,66 @@ async fn ldaps_and_starttls_connect() {
     .unwrap_err();
     assert_eq!(err.key.as_deref(), Some("ca_file"), "{err}");
 }
+
+#[tokio::test]
+async fn an_entry_changed_during_the_read_is_not_passed_by_the_cursor() {
+    let server = slapd(Slapd::builder().people(6));
+    let src = source(&source_settings(&server, "page_size = 1"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cursor = format_generalized_time(chrono::Utc::now());
+    let set_title = |i: usize, title: &str| {
+        server
+            .ldapmodify(&format!(
+                "dn: {}\nchangetype: modify\nreplace: title\ntitle: {title}\n",
+                Slapd::person_dn(i)
+            ))
+            .unwrap();
+    };
+    set_title(2, "First");
+    set_title(5, "Old");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut stream = src
+        .read(ReadMode::Incremental {
+            cursor: Some(cursor.clone()),
+        })
+        .await
+        .unwrap();
+    let first = match stream.next().await.unwrap() {
+        Some(contactsync_core::SourceItem::Record(r)) => r.contact,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first.external_id.as_deref(), Some("E00002"));
+    // While the read goes on: E2 changes again (after its page was returned), then,
+    // a second later, E5, which the read has yet to reach.
+    set_title(2, "Second");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    set_title(5, "New");
+    let mut rest = Vec::new();
+    while let Some(item) = stream.next().await.unwrap() {
+        if let contactsync_core::SourceItem::Record(r) = item {
+            rest.push(r.contact);
+        }
+    }
+    let outcome = stream.finish().await.unwrap();
+    assert!(
+        rest.iter()
+            .all(|c| c.external_id.as_deref() != Some("E00002")),
+        "a person is yielded once a read"
+    );
+    // The cursor stays at or before the version of E2 read, so its second change is
+    // read by the next run instead of being passed by E5's newer time.
+    let next = read_all(
+        src.as_ref(),
+        ReadMode::Incremental {
+            cursor: outcome.cursor.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let e2 = next
+        .contacts()
+        .into_iter()
+        .find(|c| c.external_id.as_deref() == Some("E00002"))
+        .expect("E2 read again");
+    assert_eq!(e2.job_title.as_deref(), Some("Second"), "no lost update");
+}

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct Faults {
     /// Expire every token issued so far, once, when set.
     pub expire_tokens_now: bool,
+    /// Profiles deleted while a client pages: while this count lasts, each profile
+    /// listing past the first page (`page` > 0) first deletes the table's first
+    /// profile, as staff would in the web application, so that the profiles behind it
+    /// shift back by one and a client paging by offset skips one.
+    pub delete_while_paging: u32,
 }
 
 /// Counters of what the sandbox saw.

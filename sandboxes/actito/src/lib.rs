@@ -133,6 +133,8 @@ pub(crate) struct State {
     pub store: Store,
     pub tokens: HashMap<String, Instant>,
     pub stats: Stats,
+    /// What is left of [`Faults::delete_while_paging`].
+    pub delete_while_paging: u32,
 }
 
 /// What the handlers and the import worker share.
@@ -173,12 +175,16 @@ impl Platform for Shared {
         &self.wire
     }
 
-    /// Expiring tokens is done at once, so the fault never stays set.
+    /// Expiring tokens is done at once, so that fault never stays set.
     fn faults(&self) -> Faults {
-        Faults::default()
+        Faults {
+            delete_while_paging: self.lock().delete_while_paging,
+            ..Faults::default()
+        }
     }
 
     fn set_faults(&self, faults: Faults) {
+        self.lock().delete_while_paging = faults.delete_while_paging;
         if faults.expire_tokens_now {
             let now = Instant::now();
             for expiry in self.lock().tokens.values_mut() {
@@ -192,6 +198,7 @@ impl Platform for Shared {
         state.store = Store::new(&self.config.tables);
         state.tokens.clear();
         state.stats = Stats::default();
+        state.delete_while_paging = 0;
     }
 
     fn save(&self) -> Result<(), SandboxError> {
@@ -241,6 +248,7 @@ impl ActitoSandbox {
                 store,
                 tokens: HashMap::new(),
                 stats: Stats::default(),
+                delete_while_paging: 0,
             }),
             in_flight: AtomicU64::new(0),
             queue,
@@ -311,8 +319,10 @@ impl RunningActito {
 
     /// Expires every token issued so far.
     pub fn expire_tokens(&self) {
+        let faults = Platform::faults(self.shared());
         self.set_faults(Faults {
             expire_tokens_now: true,
+            ..faults
         });
     }
 

@@ -71,6 +71,13 @@ pub struct Faults {
     /// `ContactList_Retrieve` answers leave `moreRecords` out (a proxy or a service
     /// version that drops it): a client must not take that for the last page.
     pub omit_more_records: bool,
+    /// Records changing while a client pages: while this count lasts, each
+    /// `ContactList_Retrieve` past the first page (`recordStart` > 0) first edits the
+    /// contact at the head of the list being paged, as staff would (its first name
+    /// gains ` (edited)` and its `lastUpdateDate` moves to now, after every other), so
+    /// that it moves to the end and the records behind it shift back by one: a client
+    /// paging by offset skips one.
+    pub edit_while_paging: u32,
 }
 
 /// One call to the SOAP endpoint, as the sandbox saw it (the kit's log entry, with the

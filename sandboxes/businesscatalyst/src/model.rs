@@ -374,6 +374,34 @@ impl Store {
         (page, more)
     }
 
+    /// Edits the first contact of the list from `since`, as staff would while someone
+    /// pages it (the fault [`crate::Faults::edit_while_paging`]): ` (edited)` on its
+    /// first name, and a `lastUpdateDate` after every other (`now`, or a second after
+    /// the latest), so that it moves to the end of the list.
+    pub fn edit_head(&mut self, since: NaiveDateTime, now: NaiveDateTime) {
+        let latest = self
+            .contacts
+            .iter()
+            .filter_map(|c| c.last_update_date)
+            .max();
+        let head = self
+            .contacts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.last_update_date.is_some_and(|d| d >= since))
+            .min_by_key(|(_, c)| (c.last_update_date, c.entity_id))
+            .map(|(i, _)| i);
+        let Some(i) = head else { return };
+        let when = match latest {
+            Some(l) if l >= now => l + chrono::Duration::seconds(1),
+            _ => now,
+        };
+        let contact = &mut self.contacts[i];
+        let name = contact.first_name.take().unwrap_or_default();
+        contact.first_name = Some(format!("{name} (edited)"));
+        contact.last_update_date = Some(when);
+    }
+
     /// The live contact with `entity_id`.
     pub fn by_entity_id(&self, entity_id: i64) -> Option<&SandboxContact> {
         self.contacts

@@ -165,7 +165,15 @@ pub(super) async fn list_profiles(
             None => return error(StatusCode::BAD_REQUEST, "`search` must be attribute=value"),
         },
     };
-    let state = shared.lock();
+    let mut state = shared.lock();
+    if page > 0 && state.delete_while_paging > 0 {
+        state.delete_while_paging -= 1;
+        if let Some(table) = state.store.tables.get_mut(&t) {
+            if let Some(first) = table.profiles.keys().next().copied() {
+                table.remove_profile(first);
+            }
+        }
+    }
     let Some(table) = state.store.tables.get(&t) else {
         return error(StatusCode::NOT_FOUND, "no table");
     };

@@ -60,6 +60,11 @@ pub(super) fn retrieve_list(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCal
         Some(_) => return error_fault("recordStart must be a non-negative integer."),
     };
     let start = usize::try_from(start).unwrap_or(usize::MAX);
+    if start > 0 && inner.faults.edit_while_paging > 0 {
+        inner.faults.edit_while_paging -= 1;
+        let now = inner.now_local();
+        inner.store.edit_head(since, now);
+    }
     let (page, more) = inner.store.list_since(since, start);
     entry.records = page.len();
     let records: String = page
