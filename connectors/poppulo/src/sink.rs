@@ -416,7 +416,12 @@ impl PoppuloSink {
             columns.push("tags".to_string());
         }
         columns.extend(set_columns.iter().map(|(n, _)| n.clone()));
-        columns.push("status".to_string());
+        // An empty status cell leaves the person's status as it is; a job in which no
+        // row sets one has no status column at all.
+        let status = rows.iter().any(|p| p.row.status.is_some());
+        if status {
+            columns.push("status".to_string());
+        }
         let mut writer = csv::WriterBuilder::new()
             .terminator(csv::Terminator::Any(b'\n'))
             .quote_style(csv::QuoteStyle::Necessary)
@@ -449,7 +454,9 @@ impl PoppuloSink {
             // A removal row carries the set fields' values as every earlier upsert
             // gave them, so that they stay as they are.
             record.extend(set_columns.iter().map(|(_, v)| v.clone()));
-            record.push(planned.row.status.unwrap_or("").to_string());
+            if status {
+                record.push(planned.row.status.unwrap_or("").to_string());
+            }
             writer
                 .write_record(&record)
                 .map_err(|e| ConnectorError::Other(format!("cannot write the import CSV: {e}")))?;

@@ -278,6 +278,11 @@ fn withdrawn_permissions_and_unknown_removals_get_their_own_imports() {
         Some("Flyer")
     );
     assert_eq!(rows_of(&withdraw)[0][0], "cy@example.com");
+    assert!(
+        !columns_of(&withdraw).contains("status"),
+        "no row sets a status, so no status column: {}",
+        columns_of(&withdraw)
+    );
     // A removal whose last-sent record is not known carries only the email and the
     // removal status: a blank cell would clear the person's fields.
     let bare = Element::parse(&prepared.parts[2].xml).unwrap();
