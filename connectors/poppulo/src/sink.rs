@@ -219,11 +219,34 @@ impl PoppuloSink {
                 .map(|(f, _)| (*f == Field::Email).then(|| email.to_string()))
                 .collect()
         };
-        // Removals and old addresses share the run's import only when it updates
-        // existing people (with `update_existing = false` Poppulo would skip them).
-        let removal_group = |before: Option<&Contact>| match before {
-            Some(_) if self.config.update_existing => Group::Main,
-            _ => Group::Bare,
+        // A row giving an address the removal status (a removal, or a changed email's
+        // old address), with what was last sent so that it clears nothing. It shares
+        // the run's import only when that updates existing people (with
+        // `update_existing = false` Poppulo would skip it), and only when the record
+        // last sent is known; otherwise it goes in an `email,status` import.
+        let removal_row = |change: usize,
+                           email: String,
+                           before: Option<&Contact>,
+                           old_address: bool|
+         -> (Group, Planned) {
+            let (group, cells) = match before {
+                Some(b) if self.config.update_existing => (Group::Main, from_before(b, &email)),
+                _ => (Group::Bare, email_only(&email)),
+            };
+            let row = SentRow {
+                change,
+                email,
+                old_address,
+                status: Some(removal_status),
+                create: false,
+            };
+            let planned = Planned {
+                row,
+                cells,
+                permissions: Vec::new(),
+                upsert: false,
+            };
+            (group, planned)
         };
         for (index, change) in batch.changes.iter().enumerate() {
             let Some(email) = change.email().and_then(Contact::normalize_email) else {
@@ -231,26 +254,8 @@ impl PoppuloSink {
                 continue;
             };
             let Some(contact) = change.contact() else {
-                let before = change.before();
-                let cells = match before {
-                    Some(b) if self.config.update_existing => from_before(b, &email),
-                    _ => email_only(&email),
-                };
-                groups
-                    .entry(removal_group(before))
-                    .or_default()
-                    .push(Planned {
-                        row: SentRow {
-                            change: index,
-                            email,
-                            old_address: false,
-                            status: Some(removal_status),
-                            create: false,
-                        },
-                        cells,
-                        permissions: Vec::new(),
-                        upsert: false,
-                    });
+                let (group, planned) = removal_row(index, email, change.before(), false);
+                groups.entry(group).or_default().push(planned);
                 continue;
             };
             if change.kind() == ChangeKind::Update && !self.config.update_existing {
@@ -315,26 +320,8 @@ impl PoppuloSink {
             // import, so that it is not left ACTIVE for good.
             if let Some(old) = change.previous_email().and_then(Contact::normalize_email) {
                 if !old.eq_ignore_ascii_case(&email) {
-                    let before = change.before();
-                    let cells = match before {
-                        Some(b) if self.config.update_existing => from_before(b, &old),
-                        _ => email_only(&old),
-                    };
-                    groups
-                        .entry(removal_group(before))
-                        .or_default()
-                        .push(Planned {
-                            row: SentRow {
-                                change: index,
-                                email: old,
-                                old_address: true,
-                                status: Some(removal_status),
-                                create: false,
-                            },
-                            cells,
-                            permissions: Vec::new(),
-                            upsert: false,
-                        });
+                    let (group, planned) = removal_row(index, old, change.before(), true);
+                    groups.entry(group).or_default().push(planned);
                 }
             }
             groups.entry(group).or_default().push(Planned {
