@@ -498,21 +498,20 @@ impl PoppuloSink {
     }
 
     /// Follows the import at `href` to its end: per row (by `emails`), what Poppulo
-    /// counted it as, and the results; `Err(reason)` inside `Ok` when the rows'
-    /// fate is unknown (cancelled, still running, ended in error).
+    /// counted it as, and the results; or why the rows' fate is not known.
     async fn follow(
         &self,
         href: &str,
         columns: &[String],
         emails: &[String],
         ctx: &mut SinkContext<'_>,
-    ) -> Result<Result<Followed, String>, ConnectorError> {
+    ) -> Result<Followed, ConnectorError> {
         let label = format!("Poppulo import {}", import_id(href));
         let started = Instant::now();
         let mut wait = self.config.min_poll_interval;
         loop {
             let cancelled = || {
-                Err(format!(
+                Followed::Pending(format!(
                     "cancelled while {label} was running; the next run resumes it"
                 ))
             };
@@ -544,7 +543,7 @@ impl PoppuloSink {
                     .max(self.config.min_poll_interval);
                     if started.elapsed() + wait > self.config.max_import_wait {
                         tracing::warn!(import = %href, "{label} still running after {}s; the next run resumes following it", started.elapsed().as_secs());
-                        return Ok(Err(format!(
+                        return Ok(Followed::Pending(format!(
                             "{label} still running; the next run resumes following it"
                         )));
                     }
@@ -589,7 +588,7 @@ impl PoppuloSink {
                         "{label} completed"
                     );
                     let counted = results.new_subscribers + results.updated_subscribers + listed;
-                    return Ok(Ok(Followed {
+                    return Ok(Followed::Completed(Completed {
                         verdicts,
                         uncounted: total.saturating_sub(counted),
                         created: state.created,
@@ -611,7 +610,10 @@ impl PoppuloSink {
                         "{label} ended {}{why}; its rows will be sent again",
                         state.status_text
                     ));
-                    return Ok(Err(format!("{label} ended {}{why}", state.status_text)));
+                    return Ok(Followed::Ended(format!(
+                        "{label} ended {}{why}",
+                        state.status_text
+                    )));
                 }
             }
         }
@@ -626,7 +628,7 @@ impl PoppuloSink {
         &self,
         rows: &[SentRow],
         results: &mut [RowResult],
-        followed: &Followed,
+        followed: &Completed,
         posted_at: chrono::DateTime<Utc>,
         cancel: &contactsync_core::CancellationToken,
     ) -> Result<(), ConnectorError> {
@@ -749,18 +751,19 @@ impl PoppuloSink {
         let emails: Vec<String> = part.rows.iter().map(|r| r.email.clone()).collect();
         let followed = self.follow(&href, &part.columns, &emails, ctx).await?;
         let results = match followed {
-            Ok(followed) => {
-                let mut results = followed.verdicts.clone();
-                self.reconcile(&part.rows, &mut results, &followed, posted_at, &ctx.cancel)
+            Followed::Completed(completed) => {
+                let mut results = completed.verdicts.clone();
+                self.reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
                     .await?;
                 results
             }
-            Err(reason) => {
-                if !reason.contains("resumes") {
-                    // Ended in error: nothing to resume.
-                    posted.retain(|p| p.href != href);
-                    save_posted(ctx, key, posted)?;
-                }
+            // Kept in the store: the next run resumes following it.
+            Followed::Pending(reason) => {
+                return Ok(vec![RowResult::Unknown(reason); part.rows.len()])
+            }
+            Followed::Ended(reason) => {
+                posted.retain(|p| p.href != href);
+                save_posted(ctx, key, posted)?;
                 return Ok(vec![RowResult::Unknown(reason); part.rows.len()]);
             }
         };
@@ -770,9 +773,20 @@ impl PoppuloSink {
     }
 }
 
+/// How following an import ended.
+#[derive(Debug, Clone)]
+enum Followed {
+    /// It completed.
+    Completed(Completed),
+    /// Still running, or the run was cancelled: the next run resumes following it.
+    Pending(String),
+    /// It ended in error or was cancelled on the platform: nothing to resume.
+    Ended(String),
+}
+
 /// What a completed import said.
 #[derive(Debug, Clone)]
-struct Followed {
+struct Completed {
     /// Per row: applied, or the list it was rejected in.
     verdicts: Vec<RowResult>,
     /// Rows Poppulo counted in none of its results.
@@ -1050,7 +1064,7 @@ impl Sink for PoppuloSink {
                 .follow(&import.href, &import.columns, &emails, ctx)
                 .await
             {
-                Ok(Ok(followed)) => {
+                Ok(Followed::Completed(followed)) => {
                     // What the rows asked is not kept, so skipped rows cannot be told
                     // apart: when Poppulo counted fewer rows than it got, they are all
                     // sent again (the next run's own import reconciles them).
@@ -1068,16 +1082,22 @@ impl Sink for PoppuloSink {
                     posted.retain(|p| p.href != import.href);
                     save_posted(ctx, &key, &posted)?;
                 }
-                Ok(Err(reason)) => {
+                Ok(Followed::Pending(reason)) => {
+                    // Left in the store: the next run follows it again.
                     for (i, _) in &rows {
                         outcomes[*i] = Outcome::Unknown {
                             reason: reason.clone(),
                         };
                     }
-                    if !reason.contains("resumes") {
-                        posted.retain(|p| p.href != import.href);
-                        save_posted(ctx, &key, &posted)?;
+                }
+                Ok(Followed::Ended(reason)) => {
+                    for (i, _) in &rows {
+                        outcomes[*i] = Outcome::Unknown {
+                            reason: reason.clone(),
+                        };
                     }
+                    posted.retain(|p| p.href != import.href);
+                    save_posted(ctx, &key, &posted)?;
                 }
                 Err(e) if cannot_be_followed(&e) => {
                     // A handle that can never be followed again must not wedge the
