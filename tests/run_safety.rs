@@ -107,7 +107,7 @@ fn every_bad_setting_is_refused_with_exit_2_naming_its_key() {
         (
             CONFIG.replace(
                 "state = \"data/state.db\"",
-                "state = \"postgres://cs:hunter2@db/cs\"",
+                "state = \"mysql://cs:hunter2@db/cs\"",
             ),
             "state",
         ),

@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask test`: what CI runs. Formatting, clippy with warnings as errors, and
 //!   every unit, doc and end-to-end test of the workspace. Installs what the tests need
-//!   from Debian's packages when it is missing (OpenLDAP's `slapd` and `ldap-utils`).
+//!   from Debian's packages when it is missing (OpenLDAP's `slapd` and `ldap-utils`,
+//!   PostgreSQL's server).
 //! - `cargo xtask tidy`: the architecture's invariants (`tidy.rs`) as one report; the
 //!   same checks run as tests under `cargo xtask test`.
 //! - `cargo xtask new-connector NAME [--sandbox]`: a new connector crate (and its
@@ -66,6 +67,7 @@ fn test() -> Result<()> {
     let root = root()?;
     let cargo = cargo();
     ensure_slapd()?;
+    ensure_postgres()?;
     run(&cargo, &["fmt", "--all", "--", "--check"], &root)
         .context("formatting differs: run `cargo fmt --all`")?;
     run(
@@ -111,10 +113,32 @@ fn ensure_slapd() -> Result<()> {
     if found("slapd") && found("ldapadd") {
         return Ok(());
     }
-    if !Path::new("/usr/bin/apt-get").exists() {
-        bail!("the LDAP tests need OpenLDAP's slapd and ldap-utils: install them with your package manager");
+    install("the LDAP tests", &["slapd", "ldap-utils"])
+}
+
+/// The PostgreSQL state tests run against a real server (a throwaway cluster the
+/// testkit starts); install the server programs when missing.
+fn ensure_postgres() -> Result<()> {
+    let server = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| {
+            dirs.filter_map(|d| d.ok()).any(|d| {
+                d.path().join("bin/initdb").exists() && d.path().join("bin/createdb").exists()
+            })
+        })
+        .unwrap_or(false);
+    if server || (found("initdb") && found("pg_ctl") && found("createdb")) {
+        return Ok(());
     }
-    eprintln!("xtask: installing slapd and ldap-utils for the LDAP tests");
+    install("the PostgreSQL state tests", &["postgresql"])
+}
+
+/// Installs Debian `packages` (with sudo unless root).
+fn install(purpose: &str, packages: &[&str]) -> Result<()> {
+    let names = packages.join(" ");
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!("{purpose} need {names}: install them with your package manager");
+    }
+    eprintln!("xtask: installing {names} for {purpose}");
     let sudo = if unsafe { libc::geteuid() } == 0 {
         None
     } else {
@@ -135,21 +159,13 @@ fn ensure_slapd() -> Result<()> {
             .status()
             .context("running apt-get")?;
         if !status.success() {
-            bail!(
-                "apt-get {} failed: install slapd and ldap-utils by hand",
-                args.join(" ")
-            );
+            bail!("apt-get {} failed: install {names} by hand", args.join(" "));
         }
         Ok(())
     };
     apt(&["update", "-qq"])?;
-    apt(&[
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-        "slapd",
-        "ldap-utils",
-    ])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    apt(&args)?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use contactsync_core::CancellationToken;
 use contactsync_core::{registry, RunningSandbox, SandboxOptions, Sink, Source};
 use contactsync_engine::{
-    run, Pipeline, RunOptions, RunReport, RunStatus, SqliteState, StateStore, SyncMode,
+    run, Pipeline, RunOptions, RunReport, RunStatus, StateLocation, StateStore, SyncMode,
 };
 use futures::StreamExt;
 use tracing::Instrument;
@@ -331,21 +331,22 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-/// `--state FILE`, else the config's `state`.
-fn state_path(config: &Path, flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
+/// `--state FILE|URL`, else the config's `state`.
+fn state_path(config: &Path, flag: Option<PathBuf>) -> Result<StateLocation, Failure> {
     match flag {
-        Some(path) => Ok(path),
-        None => Ok(Settings::load(config, None).map_err(usage)?.state_path),
+        Some(path) => StateLocation::parse(&path.to_string_lossy(), Path::new(""))
+            .map_err(|e| usage(anyhow!("--state {e}"))),
+        None => Ok(Settings::load(config, None).map_err(usage)?.state),
     }
 }
 
 fn runs_command(
-    path: &Path,
+    path: &StateLocation,
     pipeline: Option<&str>,
     last: usize,
     json: bool,
 ) -> Result<u8, Failure> {
-    let mut state = SqliteState::open(path).map_err(|e| failed(anyhow!(e)))?;
+    let mut state = path.open().map_err(|e| failed(anyhow!(e)))?;
     let runs = state.runs(pipeline, last).map_err(|e| failed(anyhow!(e)))?;
     let rows: Vec<serde_json::Value> = runs
         .iter()
@@ -381,7 +382,7 @@ fn runs_command(
         return Ok(0);
     }
     if rows.is_empty() {
-        println!("no runs recorded in {}", path.display());
+        println!("no runs recorded in {}", path);
         return Ok(0);
     }
     println!(
@@ -418,8 +419,8 @@ fn runs_command(
     Ok(0)
 }
 
-fn history_command(path: &Path, who: &str, json: bool) -> Result<u8, Failure> {
-    let mut state = SqliteState::open(path).map_err(|e| failed(anyhow!(e)))?;
+fn history_command(path: &StateLocation, who: &str, json: bool) -> Result<u8, Failure> {
+    let mut state = path.open().map_err(|e| failed(anyhow!(e)))?;
     let entries = state.history(who).map_err(|e| failed(anyhow!(e)))?;
     if json {
         println!(
@@ -741,7 +742,7 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
                 ("--report", args.report.as_deref()),
                 ("--rejects", Some(&rejects)),
                 ("--plan", plan.as_deref()),
-                ("the state", Some(&settings.state_path)),
+                ("the state", settings.state.file()),
             ],
         )
         .map_err(usage)?;
@@ -932,6 +933,11 @@ async fn sync_one(
     cancel: &CancellationToken,
 ) -> Result<Finished, Failure> {
     let data_dir = settings.data_dir();
+    // A SQLite state creates it; with the state in PostgreSQL the spool and the
+    // rejects file still need it.
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))
+        .map_err(failed)?;
     let source_section = settings.source(&job.from).map_err(usage)?;
     let sink_section = settings.sink(&job.to).map_err(usage)?;
     let (source_section, sink_section) = {
@@ -964,7 +970,7 @@ async fn sync_one(
     .with_shaping(&section, settings.lookups.clone())
     .map_err(|e| usage(anyhow!(e)))?;
     let (rejects, plan) = outputs(settings, args, job, many);
-    let mut state = SqliteState::open(&settings.state_path).map_err(|e| failed(anyhow!(e)))?;
+    let mut state = settings.state.open().map_err(|e| failed(anyhow!(e)))?;
     let options = RunOptions {
         dry_run: args.dry_run,
         allow_mass_removal: args.allow_mass_removal,
@@ -987,7 +993,7 @@ async fn sync_one(
         &pipeline,
         source.as_ref(),
         sink.as_mut(),
-        &mut state,
+        state.as_mut(),
         &options,
         &progress,
     )
@@ -997,7 +1003,7 @@ async fn sync_one(
     drop(sink);
 
     print_report(&report, &rejects);
-    let last_success = after_run(&notify, &mut state, &report)
+    let last_success = after_run(&notify, state.as_mut(), &report)
         .instrument(span)
         .await;
     Ok(Finished {
@@ -1041,7 +1047,7 @@ async fn write_metrics(settings: &Settings, args: &SyncArgs, runs: &[(&RunReport
 /// logged), and when the pipeline last synced, for the metrics.
 async fn after_run(
     notify: &notify::NotifySettings,
-    state: &mut SqliteState,
+    state: &mut dyn StateStore,
     report: &RunReport,
 ) -> Option<f64> {
     if report.dry_run {
@@ -1374,8 +1380,8 @@ fn print_preview(records: &[contactsync_engine::PreviewRecord]) {
     }
 }
 
-fn state_command(path: &Path, command: StateCommand) -> Result<u8, Failure> {
-    let mut state = SqliteState::open(path).map_err(|e| failed(anyhow!(e)))?;
+fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, Failure> {
+    let mut state = path.open().map_err(|e| failed(anyhow!(e)))?;
     match command {
         StateCommand::Show { json } => {
             let summaries = state.summaries().map_err(|e| failed(anyhow!(e)))?;
@@ -1385,9 +1391,9 @@ fn state_command(path: &Path, command: StateCommand) -> Result<u8, Failure> {
                     serde_json::to_string_pretty(&summaries).map_err(|e| failed(anyhow!(e)))?
                 );
             } else if summaries.is_empty() {
-                println!("{}: no pipeline has run yet", path.display());
+                println!("{}: no pipeline has run yet", path);
             } else {
-                println!("{}:", path.display());
+                println!("{}:", path);
                 for s in summaries {
                     println!(
                         "  {}: {} synced, {} pending, {} runs, cursor {}, last run {}",

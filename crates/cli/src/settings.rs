@@ -11,7 +11,7 @@ use config::{Config, Environment, File, FileFormat, Value, ValueKind};
 use contactsync_core::ConnectorSettings;
 use std::sync::Arc;
 
-use contactsync_engine::{Lookups, Pipeline, PipelineSettings};
+use contactsync_engine::{Lookups, Pipeline, PipelineSettings, StateLocation};
 
 use crate::metrics::MetricsSettings;
 use crate::notify::NotifySettings;
@@ -22,8 +22,8 @@ pub struct Settings {
     pub file: PathBuf,
     /// Its directory: relative paths resolve against it.
     pub base_dir: PathBuf,
-    /// The state database.
-    pub state_path: PathBuf,
+    /// The state: a SQLite file, or a PostgreSQL database.
+    pub state: StateLocation,
     sources: BTreeMap<String, Value>,
     sinks: BTreeMap<String, Value>,
     pipelines: BTreeMap<String, Value>,
@@ -45,9 +45,11 @@ pub struct Section {
     pub settings: ConnectorSettings,
 }
 
-const TOP_LEVEL: [&str; 8] = [
+const TOP_LEVEL: [&str; 10] = [
     "lookups",
     "state",
+    "state_password",
+    "state_password_file",
     "sources",
     "sinks",
     "pipelines",
@@ -104,17 +106,38 @@ impl Settings {
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let state_path = match (state_flag, root.get("state")) {
-            (Some(flag), _) => state_location(&flag.to_string_lossy(), "--state")?.into(),
-            (None, Some(value)) => base_dir.join(state_location(
+        let mut state = match (state_flag, root.get("state")) {
+            (Some(flag), _) => StateLocation::parse(&flag.to_string_lossy(), Path::new(""))
+                .map_err(|e| anyhow!("--state {e}"))?,
+            (None, Some(value)) => StateLocation::parse(
                 &value
                     .clone()
                     .into_string()
                     .map_err(|e| anyhow!("{}: `state`: {e}", file.display()))?,
-                &format!("{}: `state`", file.display()),
-            )?),
-            (None, None) => base_dir.join("contactsync-data").join("state.db"),
+                &base_dir,
+            )
+            .map_err(|e| anyhow!("{}: `state` = {e}", file.display()))?,
+            (None, None) => StateLocation::File(base_dir.join("contactsync-data").join("state.db")),
         };
+        // `CONTACTSYNC_STATE_PASSWORD` reaches the config as `state_password`; the
+        // state reads it from the environment. Written in the file, it is refused.
+        if root.contains_key("state_password")
+            && std::env::var_os("CONTACTSYNC_STATE_PASSWORD").is_none()
+        {
+            bail!(
+                "{}: `state_password`: keep the state's password out of the config: set CONTACTSYNC_STATE_PASSWORD, or name a file with `state_password_file`",
+                file.display()
+            );
+        }
+        if let (StateLocation::Postgres { password_file, .. }, Some(value)) =
+            (&mut state, root.get("state_password_file"))
+        {
+            let path = value
+                .clone()
+                .into_string()
+                .map_err(|e| anyhow!("{}: `state_password_file`: {e}", file.display()))?;
+            *password_file = Some(base_dir.join(path));
+        }
         let get = |name: &str| -> Result<BTreeMap<String, Value>> {
             root.get(name)
                 .cloned()
@@ -152,20 +175,24 @@ impl Settings {
             metrics,
             file: file.to_path_buf(),
             base_dir,
-            state_path,
+            state,
             sources: get("sources")?,
             sinks: get("sinks")?,
             pipelines: get("pipelines")?,
         })
     }
 
-    /// Where connectors and sandboxes keep files: beside the state database.
+    /// Where connectors and sandboxes keep files: beside the state database, or, with
+    /// the state in PostgreSQL, in `contactsync-data` beside the config.
     pub fn data_dir(&self) -> PathBuf {
-        self.state_path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."))
+        match self.state.file() {
+            Some(file) => file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            None => self.base_dir.join("contactsync-data"),
+        }
     }
 
     /// Names of the `[sources.NAME]` sections.
@@ -385,24 +412,6 @@ fn load_lookups(value: Option<&Value>, file: &Path, base_dir: &Path) -> Result<L
         lookups.insert(name, map);
     }
     Ok(lookups)
-}
-
-/// Checks that a `state` setting names something this build can keep state in: a file
-/// path. A URL (`postgres://…`) would otherwise become a folder called `postgres:`.
-fn state_location(value: &str, what: &str) -> Result<String> {
-    if let Some((scheme, _)) = value.split_once("://") {
-        let looks_like_scheme = !scheme.is_empty()
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-        if looks_like_scheme {
-            bail!(
-                "{what} = {scheme}://…: this contactsync keeps its state in a SQLite file only; \
-                 give a file path such as \"contactsync-data/state.db\""
-            );
-        }
-    }
-    Ok(value.to_string())
 }
 
 /// Replaces `base_url` in a section's settings.

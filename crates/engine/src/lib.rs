@@ -2,7 +2,8 @@
 //!
 //! This crate knows no connector by name: it drives any [`contactsync_core::Source`]
 //! into any [`contactsync_core::Sink`], and it is the only code that reads or writes
-//! sync state, through [`state::StateStore`] (SQLite by default, [`state::SqliteState`]).
+//! sync state, through [`state::StateStore`] (SQLite by default, [`state::SqliteState`];
+//! PostgreSQL for many runners, [`state::PostgresState`]).
 //!
 //! Start reading at [`run`]. The shape of a run, its state and its crash safety are
 //! described in the repository's `ARCHITECTURE.md`.
@@ -26,5 +27,6 @@ pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
 pub use settings::{OutOfScope, PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
 pub use shaping::{Lookups, RecordShaping, ShapingError};
 pub use state::{
-    AuditEntry, LockAttempt, LockHolder, RunRecord, SqliteState, StateError, StateStore,
+    AuditEntry, LockAttempt, LockHolder, PostgresState, RunRecord, SqliteState, StateError,
+    StateLocation, StateStore,
 };

@@ -25,6 +25,7 @@
 
 mod compare;
 mod error;
+pub mod postgres;
 mod samples;
 mod sink;
 pub mod slapd;

@@ -20,13 +20,89 @@
 //! [`conformance`] the suite every backend passes (call it from the backend's tests).
 
 pub mod conformance;
+mod postgres;
 mod sqlite;
 
+pub use self::postgres::{redact, PostgresState};
 pub use sqlite::SqliteState;
 
 use std::path::{Path, PathBuf};
 
 use contactsync_core::{ChangeKind, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
+
+/// Where the state lives: a SQLite file (the embedded default) or a PostgreSQL
+/// database shared by many runners. Shown (`Display`, `Debug`) without a password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// A SQLite database file.
+    File(PathBuf),
+    /// A PostgreSQL database: `postgres://user@host:port/db`.
+    Postgres {
+        /// The URL as configured (it may hold a password; never shown).
+        url: String,
+        /// A file holding the password, when the URL and environment give none.
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl StateLocation {
+    /// Reads a `state` value: a `postgres://` (or `postgresql://`) URL, else a file
+    /// path, relative to `base_dir`. Any other scheme is refused.
+    pub fn parse(value: &str, base_dir: &Path) -> Result<Self, String> {
+        if let Some((scheme, _)) = value.split_once("://") {
+            if scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")
+            {
+                return Ok(StateLocation::Postgres {
+                    url: value.to_string(),
+                    password_file: None,
+                });
+            }
+            let looks_like_scheme = !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+            if looks_like_scheme {
+                return Err(format!(
+                    "{scheme}://…: the state is a SQLite file (\"contactsync-data/state.db\") or a PostgreSQL URL (\"postgres://user@host/db\")"
+                ));
+            }
+        }
+        Ok(StateLocation::File(base_dir.join(value)))
+    }
+
+    /// The SQLite file, when the state is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            StateLocation::File(path) => Some(path),
+            StateLocation::Postgres { .. } => None,
+        }
+    }
+
+    /// Opens the store (creating the file, or applying the database's migrations).
+    pub fn open(&self) -> Result<Box<dyn StateStore>, StateError> {
+        Ok(match self {
+            StateLocation::File(path) => Box::new(SqliteState::open(path)?),
+            StateLocation::Postgres { url, password_file } => {
+                Box::new(PostgresState::open(url, password_file.as_deref())?)
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for StateLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateLocation::File(path) => write!(f, "{}", path.display()),
+            StateLocation::Postgres { url, .. } => f.write_str(&redact(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for StateLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StateLocation({self})")
+    }
+}
 
 /// A state operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +130,14 @@ pub enum StateError {
         /// The database file.
         path: PathBuf,
         /// What is wrong.
+        message: String,
+    },
+    /// The shared PostgreSQL state failed (cannot connect, a statement refused).
+    #[error("state database {url}: {message}")]
+    Shared {
+        /// The database URL, without its password.
+        url: String,
+        /// What went wrong.
         message: String,
     },
     /// Two different keys share a 64-bit key hash (about one chance in 10^7 for a

@@ -1,0 +1,75 @@
+//! The PostgreSQL state against a real server (a throwaway cluster on loopback): the
+//! state conformance suite every backend passes, and its run locks as advisory locks
+//! that a closed connection releases.
+
+use contactsync_engine::state::{conformance, LockAttempt, LockHolder, PostgresState, StateStore};
+use contactsync_testkit::postgres::Postgres;
+
+fn open(url: &str) -> PostgresState {
+    PostgresState::open(url, None).expect("the state opens")
+}
+
+#[test]
+fn the_state_conformance_suite_passes_on_postgres() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    conformance::check(&mut || {
+        let url = pg.new_database().map_err(|e| e.to_string())?;
+        PostgresState::open(&url, None)
+            .map(|s| Box::new(s) as Box<dyn StateStore>)
+            .map_err(|e| e.to_string())
+    })
+    .unwrap();
+}
+
+#[test]
+fn opening_twice_applies_the_migrations_once_and_keeps_the_data() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let mut first = open(&url);
+    let (run, _) = first.begin_run("hr->out").unwrap();
+    assert_eq!(run, 1);
+    drop(first);
+    let mut again = open(&url);
+    assert_eq!(again.begin_run("hr->out").unwrap().0, 2);
+}
+
+#[test]
+fn a_lock_held_by_a_closed_connection_is_free_at_once() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let names = vec!["pipeline:hr->out".to_string(), "sink:sinks.out".to_string()];
+    let mut one = open(&url);
+    let mut two = open(&url);
+    let first = LockHolder::current("hr->out");
+    let mut second = LockHolder::current("hr->out");
+    second.token.push_str("-second");
+    assert!(matches!(
+        one.lock(&names, &first).unwrap(),
+        LockAttempt::Acquired { .. }
+    ));
+    match two.lock(&names, &second).unwrap() {
+        LockAttempt::Busy { name, holder } => {
+            assert_eq!(name, names[0]);
+            assert_eq!(holder.token, first.token, "the holder is named");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The holder's connection goes away (a runner killed with -9 closes its socket):
+    // the server frees its advisory locks, with no heartbeat to wait out.
+    drop(one);
+    match two.lock(&names, &second).unwrap() {
+        LockAttempt::Acquired { taken_over } => {
+            assert!(taken_over.is_empty() || taken_over[0].1.token == first.token);
+        }
+        other => panic!("{other:?}"),
+    }
+    two.unlock(&second).unwrap();
+}
+
+#[test]
+fn a_wrong_url_is_a_clear_error_without_the_password() {
+    let err = PostgresState::open("postgres://u:s3cret@127.0.0.1:1/none", None).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("cannot connect"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}

@@ -1,0 +1,203 @@
+//! The state in PostgreSQL, through the binary: `state = "postgres://…"` against a
+//! throwaway cluster on loopback. The csv -> csv and csv -> poppulo (sandbox) scenarios
+//! with the shared state, and the run locks as advisory locks between two processes,
+//! freed at once when the holder is killed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{counts, people_csv, read_rows, Scenario};
+use contactsync_sandbox_poppulo::RunningPoppulo;
+use contactsync_testkit::postgres::Postgres;
+
+fn csv_scenario(url: &str) -> Scenario {
+    let s = Scenario::new();
+    s.config(&format!(
+        r#"
+state = "{url}"
+
+[sources.hr]
+type = "csv"
+path = "people.csv"
+
+[sinks.out]
+type = "csv"
+path = "out.csv"
+
+[pipelines.p]
+from = "hr"
+to = "out"
+max_removal_ratio = 0.2
+"#
+    ));
+    s
+}
+
+#[test]
+fn csv_to_csv_keeps_its_state_in_postgres() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let s = csv_scenario(&url);
+    s.write("people.csv", &people_csv(20, |_| "Ann".into()));
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(counts(&report), [20, 20, 0, 0, 0, 0]);
+    assert!(!s.path("data").exists(), "no state file beside the config");
+
+    // The nightly: one edit, one leaver, one newcomer; only the delta is sent.
+    let csv = people_csv(21, |i| if i == 7 { "Bea".into() } else { "Ann".into() })
+        .lines()
+        .filter(|l| !l.starts_with("E3,"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    s.write("people.csv", &csv);
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(counts(&report), [20, 1, 1, 1, 18, 0]);
+    let rows = read_rows(&s.path("out.csv"));
+    assert_eq!(rows.len(), 20);
+
+    let shown = s.run(&["state", "show"]);
+    shown.expect_code(0);
+    assert!(shown.stdout().contains("hr->out"), "{}", shown.stdout());
+    let runs = s.run(&["runs", "--json"]);
+    runs.expect_code(0);
+    assert!(runs.stdout().contains("\"run\": 2"), "{}", runs.stdout());
+}
+
+#[test]
+fn a_password_comes_from_the_environment_and_is_never_shown() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    // Nothing listens on port 1: the message names the database, not the password.
+    let s = csv_scenario("postgres://contactsync:hunter2@127.0.0.1:1/contactsync");
+    s.write("people.csv", &people_csv(2, |_| "Ann".into()));
+    let run = s.run(&["sync", "--from", "hr", "--to", "out"]);
+    assert_ne!(run.code(), 0);
+    assert!(run.stderr().contains("127.0.0.1:1"), "{}", run.stderr());
+    assert!(!run.stderr().contains("hunter2"), "{}", run.stderr());
+    assert!(!run.stdout().contains("hunter2"), "{}", run.stdout());
+    // With `trust` any password is accepted: the variable is read, the run works.
+    let url = pg.new_database().unwrap();
+    let s = csv_scenario(&url);
+    s.write("people.csv", &people_csv(2, |_| "Ann".into()));
+    let run = s
+        .command(&["sync", "--from", "hr", "--to", "out"])
+        .env("CONTACTSYNC_STATE_PASSWORD", "from-the-env")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+fn poppulo_scenario(sandbox: &RunningPoppulo, url: &str, people: &str) -> Scenario {
+    let s = Scenario::new();
+    s.write("people.csv", people);
+    s.write("password.txt", common::POPPULO_PASSWORD);
+    s.config(&format!(
+        r#"
+state = "{url}"
+[sources.hr]
+type = "csv"
+path = "people.csv"
+[sinks.poppulo]
+type = "poppulo"
+base_url = "{}"
+account = "acme"
+username = "api-user"
+password_file = "password.txt"
+min_poll_interval = "100ms"
+busy_retry_interval = "200ms"
+[pipelines.nightly]
+from = "hr"
+to = "poppulo"
+max_removal_ratio = 0.5
+"#,
+        sandbox.base_url()
+    ));
+    s
+}
+
+async fn sync(s: &Scenario, extra: &[&str]) -> (common::Run, serde_json::Value) {
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    let dir = s.dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let s = Scenario::at(dir);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        s.sync("hr", "poppulo", &extra)
+    })
+    .await
+    .expect("sync task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_one_pipeline_one_is_refused_and_a_killed_holder_frees_the_lock_at_once() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    // 10 records a 50 ms tick: 300 people take about 1.5 s to import.
+    let sandbox = common::poppulo_sandbox(10).await;
+    let s = poppulo_scenario(&sandbox, &url, &people_csv(300, |_| "Ann".into()));
+
+    let start_holder = || {
+        s.command(&["sync", "--from", "hr", "--to", "poppulo"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_for_polls = |at_least: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sandbox.stats().import_polls < at_least {
+            assert!(Instant::now() < deadline, "the holder never polled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // A holder, and a second process for the same pipeline: refused with exit 5.
+    let mut holder = start_holder();
+    wait_for_polls(1);
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(5);
+    assert_eq!(report["status"], "locked", "{report}");
+    let status = tokio::task::spawn_blocking(move || holder.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "the holder finishes");
+    assert_eq!(
+        sandbox.subscribers().len(),
+        300,
+        "the sink equals the source"
+    );
+
+    // A holder killed with -9 mid-import: its connection closes, so the next run takes
+    // the lock at once (no heartbeat to wait out) and settles the import it left.
+    s.write("people.csv", &people_csv(300, |_| "Bea".into()));
+    let polls = sandbox.stats().import_polls;
+    let mut holder = start_holder();
+    wait_for_polls(polls + 1);
+    unsafe {
+        libc::kill(holder.id() as i32, libc::SIGKILL);
+    }
+    let _ = holder.wait();
+    let started = Instant::now();
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the lock was free at once"
+    );
+    assert_eq!(report["recovered"], 300, "{report}");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report), [300, 0, 0, 0, 300, 0], "{report}");
+    for subscriber in sandbox.subscribers() {
+        assert_eq!(
+            subscriber.fields.get("first_name").map(String::as_str),
+            Some("Bea")
+        );
+    }
+}
