@@ -201,3 +201,53 @@ async fn two_processes_one_pipeline_one_is_refused_and_a_killed_holder_frees_the
         );
     }
 }
+
+#[test]
+fn state_copy_moves_a_sqlite_state_into_postgres_and_the_nightly_sends_only_the_delta() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let s = csv_scenario("data/state.db");
+    s.write("people.csv", &people_csv(30, |_| "Ann".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+
+    let copied = s.run(&["state", "copy", "--to", &url]);
+    copied.expect_code(0);
+    assert!(
+        copied.stdout().contains("30 synced people"),
+        "{}",
+        copied.stdout()
+    );
+    // Copying again into the now full database is refused.
+    let again = s.run(&["state", "copy", "--to", &url]);
+    assert_ne!(again.code(), 0);
+    assert!(
+        again.stderr().contains("already holds"),
+        "{}",
+        again.stderr()
+    );
+
+    // The installation moves: the config now names the database.
+    let config = std::fs::read_to_string(s.path("contactsync.toml")).unwrap();
+    s.config(&config.replace("state = \"data/state.db\"", &format!("state = \"{url}\"")));
+    s.write(
+        "people.csv",
+        &people_csv(30, |i| if i == 4 { "Dora".into() } else { "Ann".into() }),
+    );
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(
+        counts(&report),
+        [30, 0, 1, 0, 29, 0],
+        "only the delta: {report}"
+    );
+    assert_eq!(report["run"], 2, "the run counter goes on: {report}");
+
+    // And back: PostgreSQL into a new SQLite file.
+    let back = s.run(&["state", "copy", "--to", "data/back.db"]);
+    back.expect_code(0);
+    assert!(
+        back.stdout().contains("30 synced people"),
+        "{}",
+        back.stdout()
+    );
+}

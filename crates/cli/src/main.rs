@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use contactsync_core::CancellationToken;
 use contactsync_core::{registry, RunningSandbox, SandboxOptions, Sink, Source};
 use contactsync_engine::{
-    run, Pipeline, RunOptions, RunReport, RunStatus, StateLocation, StateStore, SyncMode,
+    run, Pipeline, RunOptions, RunReport, RunStatus, StateItem, StateLocation, StateStore, SyncMode,
 };
 use futures::StreamExt;
 use tracing::Instrument;
@@ -212,6 +212,13 @@ enum StateCommand {
         /// As JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Copy the whole state into another (empty) one: a SQLite file into PostgreSQL, or
+    /// back, so that an installation moves without resending everyone.
+    Copy {
+        /// Where to: a file path or a `postgres://` URL.
+        #[arg(long, value_name = "FILE|URL")]
+        to: String,
     },
     /// Forget a pipeline: the next run syncs everyone again (upserts, no duplicates).
     Reset {
@@ -1406,6 +1413,56 @@ fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, Fail
                     );
                 }
             }
+            Ok(0)
+        }
+        StateCommand::Copy { to } => {
+            let target_location =
+                StateLocation::parse(&to, Path::new("")).map_err(|e| usage(anyhow!("--to {e}")))?;
+            if &target_location == path {
+                return Err(usage(anyhow!("--to names the state being copied")));
+            }
+            let summaries = state.summaries().map_err(|e| failed(anyhow!(e)))?;
+            if let Some(busy) = summaries.iter().find(|s| s.pending > 0) {
+                return Err(failed(anyhow!(
+                    "{} has {} changes sent and not yet confirmed: run it once so that they settle, then copy",
+                    busy.pipeline,
+                    busy.pending
+                )));
+            }
+            let mut target = target_location.open().map_err(|e| failed(anyhow!(e)))?;
+            let held = target.summaries().map_err(|e| failed(anyhow!(e)))?;
+            if let Some(first) = held.first() {
+                return Err(failed(anyhow!(
+                    "{target_location} already holds the state of {} ({} pipelines): copy into an empty state",
+                    first.pipeline,
+                    held.len()
+                )));
+            }
+            let mut counts = [0u64; 5];
+            let mut chunk = Vec::with_capacity(10_000);
+            state
+                .export(&mut |item| {
+                    let slot = match &item {
+                        StateItem::Pipeline { .. } => 0,
+                        StateItem::Synced { .. } => 1,
+                        StateItem::Run(_) => 2,
+                        StateItem::Audit(_) => 3,
+                        StateItem::SinkData { .. } => 4,
+                    };
+                    counts[slot] += 1;
+                    chunk.push(item);
+                    if chunk.len() == 10_000 {
+                        target.import(&chunk)?;
+                        chunk.clear();
+                    }
+                    Ok(())
+                })
+                .map_err(|e| failed(anyhow!(e)))?;
+            target.import(&chunk).map_err(|e| failed(anyhow!(e)))?;
+            println!(
+                "copied {path} to {target_location}: {} pipelines, {} synced people, {} runs, {} audit entries, {} sink values",
+                counts[0], counts[1], counts[2], counts[3], counts[4]
+            );
             Ok(0)
         }
         StateCommand::Reset { from, to, yes } => {

@@ -28,5 +28,5 @@ pub use settings::{OutOfScope, PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_R
 pub use shaping::{Lookups, RecordShaping, ShapingError};
 pub use state::{
     AuditEntry, LockAttempt, LockHolder, PostgresState, RunRecord, SqliteState, StateError,
-    StateLocation, StateStore,
+    StateItem, StateLocation, StateStore,
 };

@@ -33,6 +33,9 @@ pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
     locks_are_exclusive(new_store()?.as_mut()).map_err(|e| format!("locks: {e}"))?;
     sink_store_is_scoped(new_store()?.as_mut()).map_err(|e| format!("sink store: {e}"))?;
     audit_and_history(new_store()?.as_mut()).map_err(|e| format!("audit: {e}"))?;
+    let mut from = new_store()?;
+    let mut to = new_store()?;
+    export_then_import(from.as_mut(), to.as_mut()).map_err(|e| format!("copy: {e}"))?;
     Ok(())
 }
 
@@ -295,6 +298,94 @@ fn audit_and_history(store: &mut dyn StateStore) -> Result<(), String> {
     ensure!(
         store.history("E1").map_err(err)?.len() == 1,
         "the newer entry stays"
+    );
+    Ok(())
+}
+
+/// What `state copy` relies on: everything exported and imported reads back the same.
+fn export_then_import(from: &mut dyn StateStore, to: &mut dyn StateStore) -> Result<(), String> {
+    let (run, _) = from.begin_run(PIPELINE).map_err(err)?;
+    let (ann, ann_record) = person("E1");
+    from.record_pending(
+        PIPELINE,
+        run,
+        "b1",
+        &[PendingRow {
+            key: ann.clone(),
+            kind: ChangeKind::Create,
+            content_hash: 11,
+            email: ann_record.email.clone(),
+            record: Some(ann_record.clone()),
+        }],
+    )
+    .map_err(err)?;
+    from.settle(
+        PIPELINE,
+        "b1",
+        &[Settlement::Synced {
+            key: ann.clone(),
+            entry: SyncedEntry {
+                content_hash: 11,
+                email: ann_record.email.clone(),
+                handle: Some("h-1".into()),
+                record: Some(Box::new(ann_record.clone())),
+            },
+        }],
+    )
+    .map_err(err)?;
+    from.finish_run(PIPELINE, run, "synced", "{}", Some("c-1"), true)
+        .map_err(err)?;
+    from.record_audit(&[AuditEntry {
+        pipeline: PIPELINE.to_string(),
+        run,
+        at: 100,
+        key: ann.to_string(),
+        email: ann_record.email.clone(),
+        kind: "create".into(),
+        outcome: "applied".into(),
+        reason: None,
+        fields: "[]".into(),
+        created: None,
+    }])
+    .map_err(err)?;
+    from.sink_store("sinks.platform")
+        .put("quota", "3")
+        .map_err(err)?;
+    let mut items = Vec::new();
+    from.export(&mut |item| {
+        items.push(item);
+        Ok(())
+    })
+    .map_err(err)?;
+    to.import(&items).map_err(err)?;
+    ensure!(
+        from.summaries().map_err(err)? == to.summaries().map_err(err)?,
+        "the summaries match"
+    );
+    ensure!(
+        to.synced(PIPELINE, ann.hash64()).map_err(err)?
+            == from.synced(PIPELINE, ann.hash64()).map_err(err)?,
+        "a synced person, record and handle included, is copied"
+    );
+    ensure!(
+        to.cursor(PIPELINE).map_err(err)?.as_deref() == Some("c-1"),
+        "the cursor is copied"
+    );
+    ensure!(
+        to.begin_run(PIPELINE).map_err(err)? == (run + 1, Some(run)),
+        "the run counter and last complete read continue"
+    );
+    ensure!(
+        to.history("E1").map_err(err)?.len() == 1,
+        "the audit is copied"
+    );
+    ensure!(
+        to.sink_store("sinks.platform")
+            .get("quota")
+            .map_err(err)?
+            .as_deref()
+            == Some("3"),
+        "the sink's values are copied"
     );
     Ok(())
 }

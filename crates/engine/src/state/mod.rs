@@ -334,6 +334,43 @@ pub struct AuditEntry {
     pub created: Option<Box<Contact>>,
 }
 
+/// One thing a store holds, as `contactsync state copy` moves it from one backend to
+/// another (pending changes and locks are not moved: a state is copied settled).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateItem {
+    /// A pipeline: its run counter, cursor and last complete read.
+    Pipeline {
+        /// `source->sink`.
+        name: String,
+        /// Runs so far.
+        runs: i64,
+        /// The source's cursor.
+        cursor: Option<String>,
+        /// The last run that read everything.
+        last_full_run: Option<i64>,
+    },
+    /// A synced person.
+    Synced {
+        /// `source->sink`.
+        pipeline: String,
+        /// Their row.
+        row: SyncedRow,
+    },
+    /// A recorded run.
+    Run(RunRecord),
+    /// An audit entry.
+    Audit(AuditEntry),
+    /// A sink's key-value pair.
+    SinkData {
+        /// The sink config section.
+        scope: String,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+}
+
 /// The engine's view of the sync state. All writes of one call are atomic.
 pub trait StateStore: Send {
     /// Takes every lock of `names` for `holder` at once, or none: a run holds the lock
@@ -410,4 +447,12 @@ pub trait StateStore: Send {
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError>;
     /// Forgets everything about `pipeline` (its sink's key-value space is kept).
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
+    /// Hands every item the store holds to `visit` (pipelines first), for a copy into
+    /// another store. Pending changes and locks are not part of it.
+    fn export(
+        &mut self,
+        visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
+    ) -> Result<(), StateError>;
+    /// Writes items another store exported (in one transaction per call).
+    fn import(&mut self, items: &[StateItem]) -> Result<(), StateError>;
 }

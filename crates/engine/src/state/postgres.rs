@@ -27,7 +27,7 @@ use postgres::{Client, NoTls};
 
 use super::{
     AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement,
-    StateError, StateStore, SyncedRow,
+    StateError, StateItem, StateStore, SyncedRow,
 };
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
@@ -1079,6 +1079,202 @@ impl StateStore for PostgresState {
             tx.execute("DELETE FROM pipelines WHERE name = $1", &[&pipeline])?;
             tx.commit()
         })
+    }
+
+    fn export(
+        &mut self,
+        visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        type Pipe = (String, i64, Option<String>, Option<i64>);
+        let pipelines: Vec<Pipe> = self.call(|c| {
+            Ok(c.query(
+                "SELECT name, runs, cursor, last_full_run FROM pipelines ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+        })?;
+        for (name, runs, cursor, last_full_run) in pipelines {
+            visit(StateItem::Pipeline {
+                name,
+                runs,
+                cursor,
+                last_full_run,
+            })?;
+        }
+        // The synced rows page by page (keyset on the primary key): memory stays bounded.
+        let mut after: (String, i64) = (String::new(), i64::MIN);
+        loop {
+            let from = after.clone();
+            type Row = (
+                String,
+                i64,
+                String,
+                i64,
+                Option<String>,
+                Option<String>,
+                Option<Vec<u8>>,
+            );
+            let page: Vec<Row> = self.call(move |c| {
+                Ok(c.query(
+                    "SELECT pipeline, key_hash, key, content_hash, email, handle, record FROM synced
+                     WHERE (pipeline, key_hash) > ($1, $2) ORDER BY pipeline, key_hash LIMIT 10000",
+                    &[&from.0, &from.1],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)))
+                .collect())
+            })?;
+            let Some(last) = page.last() else { break };
+            after = (last.0.clone(), last.1);
+            for (pipeline, _, key, content_hash, email, handle, record) in page {
+                let row = SyncedRow {
+                    entry: SyncedEntry {
+                        content_hash: from_sql(content_hash),
+                        email,
+                        handle,
+                        record: stored_record(&key, record.as_deref()).map(Box::new),
+                    },
+                    key: self.parse_key(&key)?,
+                };
+                visit(StateItem::Synced { pipeline, row })?;
+            }
+        }
+        for run in self.runs(None, i64::MAX as usize)?.into_iter().rev() {
+            visit(StateItem::Run(run))?;
+        }
+        type Audit = (
+            String,
+            i64,
+            i64,
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            String,
+            Option<Vec<u8>>,
+        );
+        let audit: Vec<Audit> = self.call(|c| {
+            Ok(c.query(
+                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                    r.get(7),
+                    r.get(8),
+                    r.get(9),
+                )
+            })
+            .collect())
+        })?;
+        for (pipeline, run, at, key, email, kind, outcome, reason, fields, created) in audit {
+            visit(StateItem::Audit(AuditEntry {
+                created: stored_record(&key, created.as_deref()).map(Box::new),
+                pipeline,
+                run,
+                at,
+                key,
+                email,
+                kind,
+                outcome,
+                reason,
+                fields,
+            }))?;
+        }
+        let data: Vec<(String, String, String)> = self.call(|c| {
+            Ok(c.query(
+                "SELECT scope, key, value FROM sink_data ORDER BY scope, key",
+                &[],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+        })?;
+        for (scope, key, value) in data {
+            visit(StateItem::SinkData { scope, key, value })?;
+        }
+        Ok(())
+    }
+
+    fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
+        // Per pipeline: the rows, each with its record encoded.
+        type Encoded = Vec<(SyncedRow, Option<Vec<u8>>)>;
+        let mut synced: HashMap<String, Encoded> = HashMap::new();
+        let mut rest = Vec::new();
+        let mut audit = Vec::new();
+        for item in items {
+            match item {
+                StateItem::Synced { pipeline, row } => {
+                    synced.entry(pipeline.clone()).or_default().push((
+                        row.clone(),
+                        row.entry.record.as_deref().map(crate::record::encode),
+                    ))
+                }
+                StateItem::Audit(e) => audit.push(e.clone()),
+                other => rest.push(other.clone()),
+            }
+        }
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            for item in &rest {
+                match item {
+                    StateItem::Pipeline {
+                        name,
+                        runs,
+                        cursor,
+                        last_full_run,
+                    } => tx.execute(
+                        "INSERT INTO pipelines (name, runs, cursor, last_full_run) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (name) DO UPDATE SET runs = excluded.runs, cursor = excluded.cursor,
+                           last_full_run = excluded.last_full_run",
+                        &[name, runs, cursor, last_full_run],
+                    )?,
+                    StateItem::Run(r) => tx.execute(
+                        "INSERT INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (pipeline, run) DO UPDATE SET started_at = excluded.started_at,
+                           finished_at = excluded.finished_at, status = excluded.status, report = excluded.report",
+                        &[&r.pipeline, &r.run, &r.started_at, &r.finished_at, &r.status, &r.report],
+                    )?,
+                    StateItem::SinkData { scope, key, value } => tx.execute(
+                        "INSERT INTO sink_data (scope, key, value) VALUES ($1, $2, $3)
+                         ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
+                        &[scope, key, value],
+                    )?,
+                    StateItem::Synced { .. } | StateItem::Audit(_) => 0,
+                };
+            }
+            for (pipeline, rows) in &synced {
+                let hash: Vec<i64> = rows.iter().map(|(r, _)| to_sql(r.key.hash64())).collect();
+                let key: Vec<String> = rows.iter().map(|(r, _)| r.key.to_string()).collect();
+                let content: Vec<i64> = rows.iter().map(|(r, _)| to_sql(r.entry.content_hash)).collect();
+                let email: Vec<Option<String>> = rows.iter().map(|(r, _)| r.entry.email.clone()).collect();
+                let handle: Vec<Option<String>> = rows.iter().map(|(r, _)| r.entry.handle.clone()).collect();
+                let record: Vec<Option<Vec<u8>>> = rows.iter().map(|(_, b)| b.clone()).collect();
+                tx.execute(
+                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
+                     SELECT $1, h, k, ch, e, hd, r
+                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::BYTEA[])
+                       AS u(h, k, ch, e, hd, r)
+                     ON CONFLICT (pipeline, key_hash) DO UPDATE SET key = excluded.key,
+                       content_hash = excluded.content_hash, email = excluded.email,
+                       handle = excluded.handle, record = excluded.record",
+                    &[pipeline, &hash, &key, &content, &email, &handle, &record],
+                )?;
+            }
+            tx.commit()
+        })?;
+        self.record_audit(&audit)
     }
 }
 

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement,
-    StateError, StateStore, SyncedRow, LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
+    StateError, StateItem, StateStore, SyncedRow, LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
 };
 
 /// The embedded default: one SQLite file per config, in WAL mode.
@@ -887,6 +887,152 @@ impl StateStore for SqliteState {
         }
         tx.execute("DELETE FROM pipelines WHERE name = ?1", [pipeline])
             .map_err(map)?;
+        tx.commit().map_err(map)
+    }
+
+    fn export(
+        &mut self,
+        visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name, runs, cursor, last_full_run FROM pipelines ORDER BY name")
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                visit(StateItem::Pipeline {
+                    name: r.get(0).map_err(map)?,
+                    runs: r.get(1).map_err(map)?,
+                    cursor: r.get(2).map_err(map)?,
+                    last_full_run: r.get(3).map_err(map)?,
+                })?;
+            }
+        }
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT pipeline, key, content_hash, email, handle, record FROM synced")
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                let key: String = r.get(1).map_err(map)?;
+                let record: Option<Vec<u8>> = r.get(5).map_err(map)?;
+                let row = SyncedRow {
+                    key: key.parse().map_err(|message| StateError::Corrupt {
+                        path: path.clone(),
+                        message,
+                    })?,
+                    entry: SyncedEntry {
+                        content_hash: from_sql(r.get(2).map_err(map)?),
+                        email: r.get(3).map_err(map)?,
+                        handle: r.get(4).map_err(map)?,
+                        record: stored_record(&key, record.as_deref()).map(Box::new),
+                    },
+                };
+                visit(StateItem::Synced {
+                    pipeline: r.get(0).map_err(map)?,
+                    row,
+                })?;
+            }
+        }
+        for run in self.runs(None, usize::MAX >> 1)?.into_iter().rev() {
+            visit(StateItem::Run(run))?;
+        }
+        {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit ORDER BY rowid",
+                )
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                let key: String = r.get(3).map_err(map)?;
+                let created: Option<Vec<u8>> = r.get(9).map_err(map)?;
+                visit(StateItem::Audit(AuditEntry {
+                    pipeline: r.get(0).map_err(map)?,
+                    run: r.get(1).map_err(map)?,
+                    at: r.get(2).map_err(map)?,
+                    email: r.get(4).map_err(map)?,
+                    kind: r.get(5).map_err(map)?,
+                    outcome: r.get(6).map_err(map)?,
+                    reason: r.get(7).map_err(map)?,
+                    fields: r.get(8).map_err(map)?,
+                    created: stored_record(&key, created.as_deref()).map(Box::new),
+                    key,
+                }))?;
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT scope, key, value FROM sink_data ORDER BY scope, key")
+            .map_err(map)?;
+        let mut rows = stmt.query([]).map_err(map)?;
+        while let Some(r) = rows.next().map_err(map)? {
+            visit(StateItem::SinkData {
+                scope: r.get(0).map_err(map)?,
+                key: r.get(1).map_err(map)?,
+                value: r.get(2).map_err(map)?,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction().map_err(map)?;
+        for item in items {
+            match item {
+                StateItem::Pipeline {
+                    name,
+                    runs,
+                    cursor,
+                    last_full_run,
+                } => tx.execute(
+                    "INSERT OR REPLACE INTO pipelines (name, runs, cursor, last_full_run) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, runs, cursor, last_full_run],
+                ),
+                StateItem::Synced { pipeline, row } => tx.execute(
+                    "INSERT OR REPLACE INTO synced (pipeline, key_hash, key, content_hash, email, handle, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        pipeline,
+                        to_sql(row.key.hash64()),
+                        row.key.to_string(),
+                        to_sql(row.entry.content_hash),
+                        row.entry.email,
+                        row.entry.handle,
+                        row.entry.record.as_deref().map(crate::record::encode),
+                    ],
+                ),
+                StateItem::Run(r) => tx.execute(
+                    "INSERT OR REPLACE INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![r.pipeline, r.run, r.started_at, r.finished_at, r.status, r.report],
+                ),
+                StateItem::Audit(e) => tx.execute(
+                    "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![
+                        e.pipeline,
+                        e.run,
+                        e.at,
+                        e.key,
+                        e.email,
+                        e.kind,
+                        e.outcome,
+                        e.reason,
+                        e.fields,
+                        e.created.as_deref().map(crate::record::encode),
+                    ],
+                ),
+                StateItem::SinkData { scope, key, value } => tx.execute(
+                    "INSERT OR REPLACE INTO sink_data (scope, key, value) VALUES (?1, ?2, ?3)",
+                    params![scope, key, value],
+                ),
+            }
+            .map_err(map)?;
+        }
         tx.commit().map_err(map)
     }
 }
