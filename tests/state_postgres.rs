@@ -251,3 +251,95 @@ fn state_copy_moves_a_sqlite_state_into_postgres_and_the_nightly_sends_only_the_
         back.stdout()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_nine_pipelines_each_run_once_one_import_at_a_time_per_account() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    // 10 records a 50 ms tick: each Poppulo import of 60 people takes about 0.3 s.
+    let sandbox = common::poppulo_sandbox(10).await;
+    let s = Scenario::new();
+    s.write("password.txt", common::POPPULO_PASSWORD);
+    let mut config = format!(
+        r#"
+state = "{url}"
+[sinks.poppulo]
+type = "poppulo"
+base_url = "{}"
+account = "acme"
+username = "api-user"
+password_file = "password.txt"
+min_poll_interval = "50ms"
+busy_retry_interval = "100ms"
+"#,
+        sandbox.base_url()
+    );
+    for i in 1..=9 {
+        s.write(
+            &format!("people{i}.csv"),
+            &people_csv(60, |_| "Ann".into()).replace("person", &format!("p{i}-")),
+        );
+        config.push_str(&format!(
+            "[sources.hr{i}]\ntype = \"csv\"\npath = \"people{i}.csv\"\n"
+        ));
+        if i <= 3 {
+            config.push_str(&format!(
+                "[pipelines.to_poppulo_{i}]\nfrom = \"hr{i}\"\nto = \"poppulo\"\n"
+            ));
+        } else {
+            config.push_str(&format!(
+                "[sinks.out{i}]\ntype = \"csv\"\npath = \"out{i}.csv\"\n[pipelines.to_csv_{i}]\nfrom = \"hr{i}\"\nto = \"out{i}\"\n"
+            ));
+        }
+    }
+    s.config(&config);
+
+    let workers: Vec<std::process::Child> = (0..3)
+        .map(|n| {
+            s.command(&["sync", "--all", "--worker", "--slot", "2026-12-01"])
+                .arg("--report")
+                .arg(s.path(&format!("worker-{n}.json")))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let codes = tokio::task::spawn_blocking(move || {
+        workers
+            .into_iter()
+            .map(|mut w| w.wait().unwrap().code().unwrap_or(-1))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(codes, [0, 0, 0], "every worker exits 0");
+
+    // Each pipeline ran exactly once, by one of the workers.
+    let runs = s.run(&["runs", "--json", "--last", "100"]);
+    runs.expect_code(0);
+    let runs: serde_json::Value = serde_json::from_str(&runs.stdout()).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 9, "{runs:?}");
+    let mut pipelines: Vec<&str> = runs
+        .iter()
+        .map(|r| r["pipeline"].as_str().unwrap())
+        .collect();
+    pipelines.sort();
+    pipelines.dedup();
+    assert_eq!(pipelines.len(), 9, "{runs:?}");
+    // Never two imports on the account at a time: none was refused as busy, and each
+    // began after the one before had been posted and followed to its end.
+    assert_eq!(sandbox.stats().imports_refused_busy, 0);
+    let imports = sandbox.imports();
+    assert_eq!(imports.len(), 3);
+    assert_eq!(sandbox.subscribers().len(), 180);
+    for i in 4..=9 {
+        assert_eq!(read_rows(&s.path(&format!("out{i}.csv"))).len(), 60);
+    }
+
+    // The slot is full: a fourth worker has nothing left to run.
+    let late = s.run(&["sync", "--all", "--worker", "--slot", "2026-12-01"]);
+    late.expect_code(0);
+    assert!(late.stderr().contains("nothing left"), "{}", late.stderr());
+}

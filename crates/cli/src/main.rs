@@ -148,7 +148,7 @@ enum Command {
     },
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 struct SyncArgs {
     /// The `[sources.NAME]` section to read (with --to).
     #[arg(long, value_name = "NAME", requires = "to", conflicts_with_all = ["all", "pipeline"])]
@@ -199,6 +199,15 @@ struct SyncArgs {
     /// (`90s`, `10m`) for it instead of exiting 5.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     wait_for_lock: Option<std::time::Duration>,
+    /// With --all: share the night with the other workers started with the same config
+    /// and state (on any machine): take the next pipeline not yet run in this slot,
+    /// until none is left. Pipelines that write one sink section wait for each other.
+    #[arg(long, requires = "all")]
+    worker: bool,
+    /// The schedule slot --worker fills: each pipeline runs once a slot (default:
+    /// today's date, UTC, `2026-12-01`).
+    #[arg(long, value_name = "SLOT", requires = "worker")]
+    slot: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -776,37 +785,41 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
     let args = &args;
     let sandboxes = &sandboxes;
     let cancel = &cancel;
-    let mut finished: Vec<(usize, Finished)> = futures::stream::iter(groups)
-        .map(|group| async move {
-            let mut done = Vec::new();
-            for (i, job) in group {
-                let result =
-                    sync_one(settings, args, &job, many, interactive, sandboxes, cancel).await;
-                let finished = match result {
-                    Ok(finished) => finished,
-                    Err(Failure { code, error }) => {
-                        say(
-                            tracing::Level::ERROR,
-                            &format!("error: {}: {error:#}", job.name),
-                        );
-                        Finished {
-                            job,
-                            report: None,
-                            code,
-                            last_success: None,
+    let mut finished: Vec<(usize, Finished)> = if args.worker {
+        work_the_slot(settings, args, &jobs, many, sandboxes, cancel).await?
+    } else {
+        futures::stream::iter(groups)
+            .map(|group| async move {
+                let mut done = Vec::new();
+                for (i, job) in group {
+                    let result =
+                        sync_one(settings, args, &job, many, interactive, sandboxes, cancel).await;
+                    let finished = match result {
+                        Ok(finished) => finished,
+                        Err(Failure { code, error }) => {
+                            say(
+                                tracing::Level::ERROR,
+                                &format!("error: {}: {error:#}", job.name),
+                            );
+                            Finished {
+                                job,
+                                report: None,
+                                code,
+                                last_success: None,
+                            }
                         }
-                    }
-                };
-                done.push((i, finished));
-            }
-            done
-        })
-        .buffer_unordered(args.jobs.max(1))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+                    };
+                    done.push((i, finished));
+                }
+                done
+            })
+            .buffer_unordered(args.jobs.max(1))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    };
     finished.sort_by_key(|(i, _)| *i);
     std::mem::take(&mut *sandboxes.lock().await).stop();
 
@@ -849,6 +862,80 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         write_metrics(settings, args, &measured).await;
     }
     Ok(worst)
+}
+
+/// How long a worker waits for the run of another worker that writes the same sink
+/// section, when `--wait-for-lock` does not say.
+const WORKER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// `sync --all --worker`: claims, in config order, each pipeline no worker ran in the
+/// slot yet, and runs it; returns what this worker ran.
+async fn work_the_slot(
+    settings: &Settings,
+    args: &SyncArgs,
+    jobs: &[Job],
+    many: bool,
+    sandboxes: &tokio::sync::Mutex<Sandboxes>,
+    cancel: &CancellationToken,
+) -> Result<Vec<(usize, Finished)>, Failure> {
+    let slot = args
+        .slot
+        .clone()
+        .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m-%d").to_string());
+    let me = contactsync_engine::LockHolder::current("");
+    let worker = format!("{}@{}", me.pid, me.host);
+    let mut claims = settings.state.open().map_err(|e| failed(anyhow!(e)))?;
+    let mut args = args.clone();
+    args.wait_for_lock = Some(args.wait_for_lock.unwrap_or(WORKER_LOCK_WAIT));
+    let mut done = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let pipeline = Pipeline::id(&job.from, &job.to);
+        if !claims
+            .claim_slot(&slot, &pipeline, &worker)
+            .map_err(|e| failed(anyhow!(e)))?
+        {
+            tracing::info!(%slot, %pipeline, "run in this slot already, or by another worker");
+            continue;
+        }
+        say(
+            tracing::Level::INFO,
+            &format!("worker {worker}: {} (slot {slot})", job.name),
+        );
+        let finished = match sync_one(settings, &args, job, many, false, sandboxes, cancel).await {
+            Ok(finished) => finished,
+            Err(Failure { code, error }) => {
+                say(
+                    tracing::Level::ERROR,
+                    &format!("error: {}: {error:#}", job.name),
+                );
+                Finished {
+                    job: job.clone(),
+                    report: None,
+                    code,
+                    last_success: None,
+                }
+            }
+        };
+        let status = finished
+            .report
+            .as_ref()
+            .map(|r| r.status.as_str())
+            .unwrap_or("error");
+        claims
+            .finish_slot(&slot, &pipeline, status)
+            .map_err(|e| failed(anyhow!(e)))?;
+        done.push((i, finished));
+    }
+    if done.is_empty() {
+        say(
+            tracing::Level::WARN,
+            &format!("worker {worker}: nothing left to run in slot {slot}"),
+        );
+    }
+    Ok(done)
 }
 
 /// The summary of several runs: one line a pipeline.

@@ -33,6 +33,7 @@ pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
     locks_are_exclusive(new_store()?.as_mut()).map_err(|e| format!("locks: {e}"))?;
     sink_store_is_scoped(new_store()?.as_mut()).map_err(|e| format!("sink store: {e}"))?;
     audit_and_history(new_store()?.as_mut()).map_err(|e| format!("audit: {e}"))?;
+    slots_run_each_pipeline_once(new_store()?.as_mut()).map_err(|e| format!("slots: {e}"))?;
     let mut from = new_store()?;
     let mut to = new_store()?;
     export_then_import(from.as_mut(), to.as_mut()).map_err(|e| format!("copy: {e}"))?;
@@ -298,6 +299,33 @@ fn audit_and_history(store: &mut dyn StateStore) -> Result<(), String> {
     ensure!(
         store.history("E1").map_err(err)?.len() == 1,
         "the newer entry stays"
+    );
+    Ok(())
+}
+
+/// What `sync --all --worker` relies on: a pipeline is claimed once a slot.
+fn slots_run_each_pipeline_once(store: &mut dyn StateStore) -> Result<(), String> {
+    let worker = format!("{}@{}", std::process::id(), "conformance");
+    ensure!(
+        store
+            .claim_slot("2026-12-01", PIPELINE, &worker)
+            .map_err(err)?,
+        "an unclaimed pipeline is claimed"
+    );
+    store
+        .finish_slot("2026-12-01", PIPELINE, "synced")
+        .map_err(err)?;
+    ensure!(
+        !store
+            .claim_slot("2026-12-01", PIPELINE, &worker)
+            .map_err(err)?,
+        "a pipeline that ran in the slot is not claimed again"
+    );
+    ensure!(
+        store
+            .claim_slot("2026-12-02", PIPELINE, &worker)
+            .map_err(err)?,
+        "the next slot claims it again"
     );
     Ok(())
 }

@@ -455,4 +455,11 @@ pub trait StateStore: Send {
     ) -> Result<(), StateError>;
     /// Writes items another store exported (in one transaction per call).
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError>;
+    /// Claims `pipeline` for the schedule slot `slot` (`2026-12-01`) on behalf of
+    /// `worker` (`sync --all --worker`): `true` when this worker is to run it now
+    /// (nobody claimed it, or the worker that did is gone before finishing); `false`
+    /// when it already ran in this slot, or another live worker runs it.
+    fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError>;
+    /// Records that `pipeline` ran in `slot`, and how it ended.
+    fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError>;
 }

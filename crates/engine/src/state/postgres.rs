@@ -31,7 +31,8 @@ use super::{
 };
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE pipelines (
     name TEXT PRIMARY KEY,
     runs BIGINT NOT NULL DEFAULT 0,
@@ -102,7 +103,19 @@ CREATE TABLE sink_data (
     value TEXT NOT NULL,
     PRIMARY KEY (scope, key)
 );
-"];
+",
+    "
+CREATE TABLE slots (
+    slot TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    status TEXT NOT NULL,
+    claimed_at TEXT NOT NULL,
+    finished_at TEXT,
+    PRIMARY KEY (slot, pipeline)
+);
+",
+];
 
 /// The advisory lock key that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x636f_6e74_6163_7473; // "contacts"
@@ -115,6 +128,8 @@ pub struct PostgresState {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The URL without its password, for messages.
     shown: String,
+    /// The worker whose liveness lock this session holds (`sync --worker`).
+    worker: Option<String>,
     /// Advisory lock keys this store's session holds, with their holder: a session
     /// may take an advisory lock again, so another holder in this process is refused
     /// here.
@@ -267,6 +282,7 @@ impl PostgresState {
             jobs: Some(jobs),
             thread: Some(thread),
             shown,
+            worker: None,
             held: HashMap::new(),
         };
         state.migrate()?;
@@ -1205,6 +1221,78 @@ impl StateStore for PostgresState {
             visit(StateItem::SinkData { scope, key, value })?;
         }
         Ok(())
+    }
+
+    fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
+        // A worker holds an advisory lock of its own name while it lives: a claim whose
+        // worker's lock is free was left by a worker that died, and is taken over.
+        if self.worker.as_deref() != Some(worker) {
+            let key = lock_key(&format!("worker:{worker}"));
+            let got = self.call(move |c| {
+                Ok(c.query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
+                    .get::<_, bool>(0))
+            })?;
+            if !got {
+                return Err(StateError::Shared {
+                    url: self.shown.clone(),
+                    message: format!("another live worker calls itself {worker:?}"),
+                });
+            }
+            self.worker = Some(worker.to_string());
+        }
+        let (slot, pipeline, worker) = (slot.to_string(), pipeline.to_string(), worker.to_string());
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            let inserted = tx.execute(
+                "INSERT INTO slots (slot, pipeline, worker, status, claimed_at) VALUES ($1, $2, $3, 'claimed', $4)
+                 ON CONFLICT (slot, pipeline) DO NOTHING",
+                &[&slot, &pipeline, &worker, &chrono::Utc::now().to_rfc3339()],
+            )?;
+            if inserted == 1 {
+                tx.commit()?;
+                return Ok(true);
+            }
+            let row = tx.query_one(
+                "SELECT worker, status FROM slots WHERE slot = $1 AND pipeline = $2 FOR UPDATE",
+                &[&slot, &pipeline],
+            )?;
+            let (other, status): (String, String) = (row.get(0), row.get(1));
+            if status != "claimed" {
+                tx.commit()?;
+                return Ok(false);
+            }
+            let alive = other != worker && {
+                let key = lock_key(&format!("worker:{other}"));
+                let free: bool = tx
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
+                    .get(0);
+                if free {
+                    tx.execute("SELECT pg_advisory_unlock($1)", &[&key])?;
+                }
+                !free
+            };
+            if alive {
+                tx.commit()?;
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE slots SET worker = $3, claimed_at = $4 WHERE slot = $1 AND pipeline = $2",
+                &[&slot, &pipeline, &worker, &chrono::Utc::now().to_rfc3339()],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError> {
+        let (slot, pipeline, status) = (slot.to_string(), pipeline.to_string(), status.to_string());
+        self.call(move |c| {
+            c.execute(
+                "UPDATE slots SET status = $3, finished_at = $4 WHERE slot = $1 AND pipeline = $2",
+                &[&slot, &pipeline, &status, &chrono::Utc::now().to_rfc3339()],
+            )
+            .map(|_| ())
+        })
     }
 
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {

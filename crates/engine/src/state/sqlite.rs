@@ -154,6 +154,15 @@ CREATE TABLE IF NOT EXISTS audit (
     fields TEXT NOT NULL,
     created BLOB
 );
+CREATE TABLE IF NOT EXISTS slots (
+    slot TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    status TEXT NOT NULL,
+    claimed_at TEXT NOT NULL,
+    finished_at TEXT,
+    PRIMARY KEY (slot, pipeline)
+);
 CREATE TABLE IF NOT EXISTS sink_data (
     scope TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -979,6 +988,55 @@ impl StateStore for SqliteState {
             })?;
         }
         Ok(())
+    }
+
+    fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
+        let map = db_error(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(map)?;
+        let found: Option<(String, String)> = tx
+            .query_row(
+                "SELECT worker, status FROM slots WHERE slot = ?1 AND pipeline = ?2",
+                params![slot, pipeline],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(map)?;
+        // A worker is `pid@host`: one on this host whose process is gone left its
+        // claim unfinished, and it is taken over.
+        let gone = |worker: &str| {
+            let here = gethostname::gethostname().to_string_lossy().into_owned();
+            match worker.split_once('@') {
+                Some((pid, host)) if host == here => !Path::new(&format!("/proc/{pid}")).exists(),
+                _ => false,
+            }
+        };
+        let claim = match found {
+            None => true,
+            Some((_, status)) if status != "claimed" => false,
+            Some((other, _)) => other == worker || gone(&other),
+        };
+        if claim {
+            tx.execute(
+                "INSERT OR REPLACE INTO slots (slot, pipeline, worker, status, claimed_at) VALUES (?1, ?2, ?3, 'claimed', ?4)",
+                params![slot, pipeline, worker, chrono::Utc::now().to_rfc3339()],
+            )
+            .map_err(map)?;
+        }
+        tx.commit().map_err(map)?;
+        Ok(claim)
+    }
+
+    fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE slots SET status = ?3, finished_at = ?4 WHERE slot = ?1 AND pipeline = ?2",
+                params![slot, pipeline, status, chrono::Utc::now().to_rfc3339()],
+            )
+            .map(|_| ())
+            .map_err(db_error(&self.path))
     }
 
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
