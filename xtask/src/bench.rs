@@ -43,6 +43,8 @@ struct Scenario {
     max_size: usize,
     /// More of `[pipelines.bench]` (keys, then sub-tables and other top-level tables).
     pipeline: &'static str,
+    /// Keep the state in a PostgreSQL database (a throwaway cluster) instead of SQLite.
+    postgres: bool,
 }
 
 /// The mapping the mapping bench measures: five expressions and a scope.
@@ -70,6 +72,7 @@ const SCENARIOS: &[Scenario] = &[
         source: None,
         max_size: usize::MAX,
         pipeline: MAPPED,
+        postgres: false,
     },
     Scenario {
         name: "csv -> csv",
@@ -79,6 +82,17 @@ const SCENARIOS: &[Scenario] = &[
         source: None,
         max_size: usize::MAX,
         pipeline: "",
+        postgres: false,
+    },
+    Scenario {
+        name: "csv -> csv (postgres state)",
+        from: From::Csv,
+        sandbox: None,
+        sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
+        source: None,
+        max_size: usize::MAX,
+        pipeline: "",
+        postgres: true,
     },
     Scenario {
         name: "csv -> poppulo",
@@ -88,6 +102,7 @@ const SCENARIOS: &[Scenario] = &[
         source: None,
         max_size: 100_000,
         pipeline: "",
+        postgres: false,
     },
     Scenario {
         name: "csv -> actito (bulk)",
@@ -97,6 +112,7 @@ const SCENARIOS: &[Scenario] = &[
         source: None,
         max_size: 100_000,
         pipeline: "",
+        postgres: false,
     },
     Scenario {
         name: "csv -> actito (one-by-one)",
@@ -106,6 +122,7 @@ const SCENARIOS: &[Scenario] = &[
         source: None,
         max_size: 100_000,
         pipeline: "",
+        postgres: false,
     },
     Scenario {
         name: "businesscatalyst -> csv",
@@ -115,6 +132,7 @@ const SCENARIOS: &[Scenario] = &[
         source: Some(BC),
         max_size: 100_000,
         pipeline: "",
+        postgres: false,
     },
     Scenario {
         name: "ldap -> csv",
@@ -124,6 +142,7 @@ const SCENARIOS: &[Scenario] = &[
         source: None,
         max_size: 100_000,
         pipeline: "",
+        postgres: false,
     },
 ];
 
@@ -133,6 +152,8 @@ struct Measured {
     elapsed: Duration,
     max_rss_kib: i64,
     requests: Option<u64>,
+    /// Transactions the run made in the PostgreSQL state, when it is there.
+    state_transactions: Option<u64>,
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -191,9 +212,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     scenario.name,
                     m.elapsed.as_secs_f64(),
                     n as f64 / m.elapsed.as_secs_f64(),
-                    m.requests
-                        .map(|r| r.to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    match (m.requests, m.state_transactions) {
+                        (Some(r), _) => r.to_string(),
+                        (None, Some(t)) => format!("{t} state transactions"),
+                        (None, None) => "-".into(),
+                    },
                     m.max_rss_kib as f64 / 1024.0
                 );
                 eprintln!("{line}");
@@ -293,32 +316,44 @@ fn bench_one(
             section
         }
     };
+    let postgres = if scenario.postgres {
+        let cluster = contactsync_testkit::postgres::Postgres::start()
+            .context("starting a PostgreSQL cluster (apt-get install postgresql)")?;
+        let url = cluster.new_database()?;
+        Some((cluster, url))
+    } else {
+        None
+    };
+    let state = match &postgres {
+        Some((_, url)) => url.clone(),
+        None => format!("{}/state.db", dir.display()),
+    };
+    let state_url = postgres.as_ref().map(|(_, u)| u.as_str());
     let config = dir.join("bench.toml");
     fs::write(
         &config,
         format!(
-            "state = \"{d}/state.db\"\n[sources.bench]\n{source}[sinks.bench]\n{}[sources.seed]\ntype = \"csv\"\npath = \"{}\"\n[sinks.seed]\n{}[pipelines.bench]\nfrom = \"bench\"\nto = \"bench\"\nmax_removal_ratio = 0.5\n{}",
+            "state = \"{state}\"\n[sources.bench]\n{source}[sinks.bench]\n{}[sources.seed]\ntype = \"csv\"\npath = \"{}\"\n[sinks.seed]\n{}[pipelines.bench]\nfrom = \"bench\"\nto = \"bench\"\nmax_removal_ratio = 0.5\n{}",
             fill(scenario.sink),
             people.display(),
             fill(scenario.source.unwrap_or("")),
             scenario.pipeline,
-            d = dir.display()
         ),
     )?;
     if let From::Sandbox(_) = scenario.from {
         // Fill the platform first: that is the pipeline's source.
-        measure(binary, &config, ("seed", "seed"), None)?;
+        measure(binary, &config, ("seed", "seed"), None, None)?;
     }
-    let first = measure(binary, &config, ("bench", "bench"), Some(&url))?;
+    let first = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     match scenario.from {
         From::Csv => generate(&people, n, Day::Nightly)?,
         From::Sandbox(_) => {
             generate(&people, n, Day::Nightly)?;
-            measure(binary, &config, ("seed", "seed"), None)?;
+            measure(binary, &config, ("seed", "seed"), None, None)?;
         }
         From::Ldap => {}
     }
-    let nightly = measure(binary, &config, ("bench", "bench"), Some(&url))?;
+    let nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     drop(sandbox);
     Ok(vec![("first sync", first), ("nightly rerun", nightly)])
 }
@@ -375,8 +410,10 @@ fn measure(
     config: &Path,
     (from, to): (&str, &str),
     sandbox: Option<&str>,
+    state_url: Option<&str>,
 ) -> Result<Measured> {
     let before = sandbox.filter(|u| !u.is_empty()).and_then(requests_served);
+    let transactions_before = state_url.and_then(state_transactions);
     let start = Instant::now();
     let child = Command::new(binary)
         .arg("--config")
@@ -399,9 +436,28 @@ fn measure(
         bail!("contactsync sync --from {from} --to {to} failed during the bench (status {status}); config {}", config.display());
     }
     let after = sandbox.filter(|u| !u.is_empty()).and_then(requests_served);
+    let transactions_after = state_url.and_then(state_transactions);
     Ok(Measured {
         elapsed,
         max_rss_kib: usage.ru_maxrss,
         requests: before.zip(after).map(|(b, a)| a.saturating_sub(b)),
+        // Less the one transaction of the count's own query.
+        state_transactions: transactions_before
+            .zip(transactions_after)
+            .map(|(b, a)| a.saturating_sub(b).saturating_sub(1)),
     })
+}
+
+/// The transactions the state database has committed or rolled back so far
+/// (`pg_stat_database`, read with `psql`).
+fn state_transactions(url: &str) -> Option<u64> {
+    let out = Command::new("psql")
+        .args([
+            "-Atqc",
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+            url,
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
