@@ -100,36 +100,14 @@ pub fn call_error(call: impl Into<String>, error: LdapError, timeout: Duration) 
     }
 }
 
-/// The certificates of a PEM file (`ca_file`), as DER; an error says what is wrong.
-pub(crate) fn read_ca_file(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let certificates: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .map(|c| c.map(|c| c.as_ref().to_vec()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
-    if certificates.is_empty() {
-        return Err(format!("{}: holds no certificate", path.display()));
-    }
-    Ok(certificates)
-}
+pub(crate) use contactsync_http::tls::read_ca_file;
 
 /// A TLS client configuration trusting exactly `certificates`.
 fn ca_config(certificates: &[Vec<u8>]) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in certificates {
-        roots
-            .add(rustls::pki_types::CertificateDer::from(der.clone()))
-            .map_err(|e| format!("ca_file: a certificate is not usable as a root: {e}"))?;
+    if certificates.is_empty() {
+        return Err("ca_file: holds no certificate".into());
     }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(std::sync::Arc::new(config))
+    contactsync_http::tls::client_config(certificates)
 }
 
 /// Connects to the configured server, sets up TLS and binds. The connection is driven

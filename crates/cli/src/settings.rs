@@ -45,9 +45,10 @@ pub struct Section {
     pub settings: ConnectorSettings,
 }
 
-const TOP_LEVEL: [&str; 10] = [
+const TOP_LEVEL: [&str; 11] = [
     "lookups",
     "state",
+    "state_ca_file",
     "state_password",
     "state_password_file",
     "sources",
@@ -129,14 +130,25 @@ impl Settings {
                 file.display()
             );
         }
-        if let (StateLocation::Postgres { password_file, .. }, Some(value)) =
-            (&mut state, root.get("state_password_file"))
+        if let StateLocation::Postgres {
+            password_file,
+            ca_file,
+            ..
+        } = &mut state
         {
-            let path = value
-                .clone()
-                .into_string()
-                .map_err(|e| anyhow!("{}: `state_password_file`: {e}", file.display()))?;
-            *password_file = Some(base_dir.join(path));
+            let path_of = |key: &str| -> Result<Option<PathBuf>> {
+                root.get(key)
+                    .map(|value| {
+                        value
+                            .clone()
+                            .into_string()
+                            .map(|p| base_dir.join(p))
+                            .map_err(|e| anyhow!("{}: `{key}`: {e}", file.display()))
+                    })
+                    .transpose()
+            };
+            *password_file = path_of("state_password_file")?;
+            *ca_file = path_of("state_ca_file")?;
         }
         let get = |name: &str| -> Result<BTreeMap<String, Value>> {
             root.get(name)

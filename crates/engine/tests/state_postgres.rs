@@ -6,7 +6,7 @@ use contactsync_engine::state::{conformance, LockAttempt, LockHolder, PostgresSt
 use contactsync_testkit::postgres::Postgres;
 
 fn open(url: &str) -> PostgresState {
-    PostgresState::open(url, None).expect("the state opens")
+    PostgresState::open(url, None, None).expect("the state opens")
 }
 
 #[test]
@@ -14,7 +14,7 @@ fn the_state_conformance_suite_passes_on_postgres() {
     let pg = Postgres::start().expect("a PostgreSQL cluster starts");
     conformance::check(&mut || {
         let url = pg.new_database().map_err(|e| e.to_string())?;
-        PostgresState::open(&url, None)
+        PostgresState::open(&url, None, None)
             .map(|s| Box::new(s) as Box<dyn StateStore>)
             .map_err(|e| e.to_string())
     })
@@ -68,8 +68,30 @@ fn a_lock_held_by_a_closed_connection_is_free_at_once() {
 
 #[test]
 fn a_wrong_url_is_a_clear_error_without_the_password() {
-    let err = PostgresState::open("postgres://u:s3cret@127.0.0.1:1/none", None).unwrap_err();
+    let err = PostgresState::open("postgres://u:s3cret@127.0.0.1:1/none", None, None).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("cannot connect"), "{text}");
     assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[test]
+fn sslmode_require_connects_over_tls_verified_against_the_ca_file() {
+    let pg = Postgres::start_tls().expect("a PostgreSQL cluster with TLS starts");
+    let url = format!("{}?sslmode=require", pg.new_database().unwrap());
+    let ca = pg.ca_certificate().unwrap();
+    let mut state = PostgresState::open(&url, None, Some(ca)).expect("TLS, verified");
+    assert_eq!(state.begin_run("hr->out").unwrap().0, 1);
+    // The private CA is not among the public roots: without the CA file the server's
+    // certificate is refused, and nothing is sent in the clear instead.
+    let err = PostgresState::open(&url, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot connect") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // A server without TLS is refused when the URL requires it.
+    let plain = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = format!("{}?sslmode=require", plain.new_database().unwrap());
+    assert!(PostgresState::open(&url, None, Some(ca)).is_err());
 }

@@ -69,6 +69,7 @@ mod client;
 pub mod multipart;
 mod retry;
 mod settings;
+pub mod tls;
 
 pub use answer::Answer;
 pub use auth::Auth;

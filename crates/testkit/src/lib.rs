@@ -31,6 +31,7 @@ mod sink;
 pub mod slapd;
 mod source;
 mod store;
+pub mod tls;
 
 pub use compare::{compare_contacts, Difference, FieldDifference};
 pub use error::{Check, ConformanceError};

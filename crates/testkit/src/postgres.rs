@@ -40,6 +40,8 @@ pub struct Postgres {
     run_as: Option<String>,
     /// Which try at starting this is (each initialises its own data directory).
     attempt: u32,
+    /// The private CA whose certificate the server presents, when it serves TLS.
+    tls: Option<crate::tls::PrivateCa>,
     databases: std::sync::atomic::AtomicU32,
 }
 
@@ -89,6 +91,16 @@ fn free_port() -> Result<u16, std::io::Error> {
 impl Postgres {
     /// Initialises and starts a cluster.
     pub fn start() -> Result<Postgres, PostgresError> {
+        Postgres::start_with(false)
+    }
+
+    /// A cluster that also serves TLS (`ssl = on`), with a server certificate for
+    /// 127.0.0.1 signed by a private CA ([`Postgres::ca_certificate`]).
+    pub fn start_tls() -> Result<Postgres, PostgresError> {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<Postgres, PostgresError> {
         let bin = bin_dir().ok_or(PostgresError::NotInstalled)?;
         let run_as = is_root().then(|| "postgres".to_string());
         let dir = tempfile::Builder::new()
@@ -106,12 +118,32 @@ impl Postgres {
                 });
             }
         }
+        let tls = if tls {
+            let ca =
+                crate::tls::private_ca(dir.path()).map_err(|output| PostgresError::Failed {
+                    program: "openssl".into(),
+                    output,
+                })?;
+            // The server reads its key only when no one else can.
+            std::fs::set_permissions(&ca.key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if let Some(user) = &run_as {
+                let _ = Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .arg(&ca.key)
+                    .arg(&ca.cert)
+                    .output()?;
+            }
+            Some(ca)
+        } else {
+            None
+        };
         let mut pg = Postgres {
             dir,
             bin,
             port: 0,
             run_as,
             attempt: 0,
+            tls,
             databases: std::sync::atomic::AtomicU32::new(0),
         };
         // A port found free can be taken before the server binds it: try a few.
@@ -184,9 +216,17 @@ impl Postgres {
             .arg(self.log())
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100{}",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                match &self.tls {
+                    Some(ca) => format!(
+                        " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                        ca.cert.display(),
+                        ca.key.display()
+                    ),
+                    None => String::new(),
+                }
             ))
             .args(["-w", "-t", "60", "start"]);
         self.run(start, "pg_ctl start")?;
@@ -215,6 +255,11 @@ impl Postgres {
             .arg(&name);
         self.run(create, "createdb")?;
         Ok(self.url(&name))
+    }
+
+    /// The CA a client must trust to verify this server, when it serves TLS.
+    pub fn ca_certificate(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|ca| ca.ca.as_path())
     }
 
     /// The cluster's directory (data, log, socket).

@@ -142,46 +142,12 @@ impl SlapdBuilder {
         if self.tls {
             // A private CA and a server certificate it signs, as a company directory has:
             // clients trust it with `ca_file`, or not at all.
-            let openssl = find_program("openssl")?;
-            run(Command::new(&openssl)
-                .args([
-                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                ])
-                .args(["-subj", "/CN=contactsync test CA"])
-                .arg("-keyout")
-                .arg(root.join("ca-key.pem"))
-                .arg("-out")
-                .arg(root.join("ca.pem")))?;
-            run(Command::new(&openssl)
-                .args([
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                ])
-                .arg("-keyout")
-                .arg(root.join("key.pem"))
-                .arg("-out")
-                .arg(root.join("server.csr")))?;
-            fs::write(
-                root.join("server.ext"),
-                "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-            )
-            .map_err(io("writing server.ext"))?;
-            run(Command::new(&openssl)
-                .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-                .arg("-in")
-                .arg(root.join("server.csr"))
-                .arg("-CA")
-                .arg(root.join("ca.pem"))
-                .arg("-CAkey")
-                .arg(root.join("ca-key.pem"))
-                .arg("-extfile")
-                .arg(root.join("server.ext"))
-                .arg("-out")
-                .arg(root.join("cert.pem")))?;
+            find_program("openssl")?;
+            crate::tls::private_ca(&root).map_err(|output| SlapdError::Command {
+                command: "openssl".into(),
+                status: "failed".into(),
+                output,
+            })?;
         }
         let conf = root.join("slapd.conf");
         fs::write(&conf, self.config(&root)).map_err(io("writing slapd.conf"))?;

@@ -42,6 +42,9 @@ pub enum StateLocation {
         url: String,
         /// A file holding the password, when the URL and environment give none.
         password_file: Option<PathBuf>,
+        /// The PEM certificates of a private CA the server's certificate is checked
+        /// against (else the public web roots).
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -55,6 +58,7 @@ impl StateLocation {
                 return Ok(StateLocation::Postgres {
                     url: value.to_string(),
                     password_file: None,
+                    ca_file: None,
                 });
             }
             let looks_like_scheme = !scheme.is_empty()
@@ -82,9 +86,15 @@ impl StateLocation {
     pub fn open(&self) -> Result<Box<dyn StateStore>, StateError> {
         Ok(match self {
             StateLocation::File(path) => Box::new(SqliteState::open(path)?),
-            StateLocation::Postgres { url, password_file } => {
-                Box::new(PostgresState::open(url, password_file.as_deref())?)
-            }
+            StateLocation::Postgres {
+                url,
+                password_file,
+                ca_file,
+            } => Box::new(PostgresState::open(
+                url,
+                password_file.as_deref(),
+                ca_file.as_deref(),
+            )?),
         })
     }
 }

@@ -23,7 +23,7 @@ use contactsync_core::{
     ChangeKind, ConnectorError, Contact, ContactKey, PendingBatch, PendingRecord, SinkStore,
     SyncedEntry,
 };
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use super::{
     AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement,
@@ -234,8 +234,14 @@ fn lock_key(name: &str) -> i64 {
 impl PostgresState {
     /// Connects to `url` (`postgres://user@host:port/db`), applying any missing
     /// migration. The password comes from the URL, `CONTACTSYNC_STATE_PASSWORD`,
-    /// `password_file`, `PGPASSWORD` or `.pgpass`.
-    pub fn open(url: &str, password_file: Option<&std::path::Path>) -> Result<Self, StateError> {
+    /// `password_file`, `PGPASSWORD` or `.pgpass`. TLS (rustls) is used as the URL's
+    /// `sslmode` says (`prefer` by default, `require`, `disable`), verifying the server
+    /// against `ca_file` (a private CA) or else the public web roots.
+    pub fn open(
+        url: &str,
+        password_file: Option<&std::path::Path>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StateError> {
         let shown = redact(url);
         let unavailable = |message: String| StateError::Shared {
             url: shown.clone(),
@@ -252,12 +258,18 @@ impl PostgresState {
         if config.get_application_name().is_none() {
             config.application_name("contactsync");
         }
+        let certificates = match ca_file {
+            Some(path) => contactsync_http::tls::read_ca_file(path).map_err(unavailable)?,
+            None => Vec::new(),
+        };
+        let tls = contactsync_http::tls::client_config(&certificates).map_err(unavailable)?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
         let (jobs, queue) = mpsc::channel::<Job>();
         let (ready, connected) = mpsc::channel::<Result<(), String>>();
         let thread = std::thread::Builder::new()
             .name("state-postgres".into())
             .spawn(move || {
-                let mut client = match config.connect(NoTls) {
+                let mut client = match config.connect(tls) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready.send(Err(describe(&e)));
