@@ -149,6 +149,8 @@ const SCENARIOS: &[Scenario] = &[
 const ACTITO_ONE_BY_ONE: &str = "type = \"actito\"\nbase_url = \"{url}\"\nentity = \"demo\"\ntable = \"contacts\"\napi_key = \"sandbox-key\"\nattributes = { external_id = \"customerId\" }\nbulk_threshold = 100000000\n";
 
 struct Measured {
+    /// The anchor's time on the same two files, when the scenario has one.
+    anchor: Option<Duration>,
     elapsed: Duration,
     max_rss_kib: i64,
     requests: Option<u64>,
@@ -185,14 +187,19 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(&cargo, &["build", "--release", "-p", "contactsync"], root)?;
+    // The anchor runs from a release build of this crate, as contactsync does.
+    crate::run(
+        &cargo,
+        &["build", "--release", "-p", "contactsync", "-p", "xtask"],
+        root,
+    )?;
     let binary = root.join("target/release/contactsync");
     let mut table = String::new();
     writeln!(
         table,
-        "| pipeline | contacts | run | time | records/s | HTTP requests | peak memory |"
+        "| pipeline | contacts | run | time | vs csv-diff | records/s | HTTP requests | peak memory |"
     )?;
-    writeln!(table, "|---|---:|---|---:|---:|---:|---:|")?;
+    writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|")?;
     for scenario in SCENARIOS {
         if only.as_deref().is_some_and(|o| !scenario.name.contains(o)) {
             continue;
@@ -208,9 +215,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             fs::create_dir_all(&dir)?;
             for (label, m) in bench_one(&binary, scenario, n, &dir)? {
                 let line = format!(
-                    "| {} | {n} | {label} | {:.2} s | {:.0} | {} | {:.0} MB |",
+                    "| {} | {n} | {label} | {:.2} s | {} | {:.0} | {} | {:.0} MB |",
                     scenario.name,
                     m.elapsed.as_secs_f64(),
+                    m.anchor
+                        .map(|a| format!("{:.2}x", m.elapsed.as_secs_f64() / a.as_secs_f64()))
+                        .unwrap_or_else(|| "-".into()),
                     n as f64 / m.elapsed.as_secs_f64(),
                     match (m.requests, m.state_transactions) {
                         (Some(r), _) => r.to_string(),
@@ -344,17 +354,39 @@ fn bench_one(
         // Fill the platform first: that is the pipeline's source.
         measure(binary, &config, ("seed", "seed"), None, None)?;
     }
-    let first = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
+    let mut first = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
+    let day_one = dir.join("people-day-one.csv");
     match scenario.from {
-        From::Csv => generate(&people, n, Day::Nightly)?,
+        From::Csv => {
+            fs::copy(&people, &day_one)?;
+            generate(&people, n, Day::Nightly)?;
+        }
         From::Sandbox(_) => {
             generate(&people, n, Day::Nightly)?;
             measure(binary, &config, ("seed", "seed"), None, None)?;
         }
         From::Ldap => {}
     }
-    let nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
+    let mut nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     drop(sandbox);
+    // The anchor: the csv-diff crate on the same two files, in the same run (the
+    // machine is shared, so ratios are what compare across runs).
+    if scenario.from == From::Csv && scenario.sandbox.is_none() {
+        let anchor = measure_anchor(&day_one, &people)?;
+        eprintln!(
+            "csv-diff on the same two files: {:.2} s, {:.0} MB",
+            anchor.elapsed.as_secs_f64(),
+            anchor.max_rss_kib as f64 / 1024.0
+        );
+        first.anchor = Some(anchor.elapsed);
+        nightly.anchor = Some(anchor.elapsed);
+        let _ = fs::remove_file(&day_one);
+        return Ok(vec![
+            ("first sync", first),
+            ("nightly rerun", nightly),
+            ("csv-diff (anchor)", anchor),
+        ]);
+    }
     Ok(vec![("first sync", first), ("nightly rerun", nightly)])
 }
 
@@ -438,6 +470,7 @@ fn measure(
     let after = sandbox.filter(|u| !u.is_empty()).and_then(requests_served);
     let transactions_after = state_url.and_then(state_transactions);
     Ok(Measured {
+        anchor: None,
         elapsed,
         max_rss_kib: usage.ru_maxrss,
         requests: before.zip(after).map(|(b, a)| a.saturating_sub(b)),
@@ -446,6 +479,60 @@ fn measure(
             .zip(transactions_after)
             .map(|(b, a)| a.saturating_sub(b).saturating_sub(1)),
     })
+}
+
+/// Times `cargo xtask anchor-diff LEFT RIGHT` (this binary, the csv-diff crate with
+/// its default thread pool: every core) as a child process, like a contactsync run.
+fn measure_anchor(left: &Path, right: &Path) -> Result<Measured> {
+    let start = Instant::now();
+    let release = std::env::current_exe()?
+        .parent()
+        .and_then(|debug| debug.parent())
+        .map(|target| target.join("release/xtask"))
+        .context("where the release build of xtask is")?;
+    let child = Command::new(release)
+        .arg("anchor-diff")
+        .arg(left)
+        .arg(right)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the csv-diff anchor")?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for the child we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let elapsed = start.elapsed();
+    if waited != pid || !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("the csv-diff anchor failed (status {status})");
+    }
+    Ok(Measured {
+        anchor: None,
+        elapsed,
+        max_rss_kib: usage.ru_maxrss,
+        requests: None,
+        state_transactions: None,
+    })
+}
+
+/// `cargo xtask anchor-diff LEFT RIGHT`: the csv-diff crate's diff of two files keyed on
+/// their first column (what `qsv diff` runs); prints how many rows differ.
+pub fn anchor_diff(args: &[String]) -> Result<()> {
+    use csv_diff::csv::Csv;
+    use csv_diff::csv_diff::CsvByteDiffLocal;
+    let [left, right] = args else {
+        bail!("usage: cargo xtask anchor-diff LEFT.csv RIGHT.csv");
+    };
+    let open = |p: &String| fs::File::open(p).with_context(|| format!("opening {p}"));
+    let diff = CsvByteDiffLocal::new().context("csv-diff")?;
+    let records = diff
+        .diff(
+            Csv::with_reader_seek(open(left)?),
+            Csv::with_reader_seek(open(right)?),
+        )
+        .context("csv-diff")?;
+    println!("{} rows differ", records.as_slice().len());
+    Ok(())
 }
 
 /// The transactions the state database has committed or rolled back so far

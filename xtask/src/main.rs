@@ -27,6 +27,9 @@ fn main() -> Result<()> {
         Some("bench") => bench::run(&root()?, &args[1..]),
         Some("tidy") => tidy::run(&root()?),
         Some("new-connector") => scaffold::run(&root()?, &args[1..]),
+        // The bench's anchor, run as a process of its own so that its time and peak
+        // memory are measured as contactsync's are.
+        Some("anchor-diff") => bench::anchor_diff(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask test | cargo xtask tidy | cargo xtask bench [--sizes N,N]"
