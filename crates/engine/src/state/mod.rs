@@ -28,7 +28,9 @@ pub use sqlite::SqliteState;
 
 use std::path::{Path, PathBuf};
 
-use contactsync_core::{ChangeKind, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
+use contactsync_core::{
+    ChangeKind, Contact, ContactKey, PendingBatch, PendingRecord, SinkStore, SyncedEntry,
+};
 
 /// Where the state lives: a SQLite file (the embedded default) or a PostgreSQL
 /// database shared by many runners. Shown (`Display`, `Debug`) without a password.
@@ -472,4 +474,78 @@ pub trait StateStore: Send {
     fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError>;
     /// Records that `pipeline` ran in `slot`, and how it ended.
     fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError>;
+}
+
+/// Hashes are stored as the bit pattern of a signed 64-bit integer (both backends'
+/// integer type).
+pub(crate) fn to_sql(hash: u64) -> i64 {
+    hash as i64
+}
+
+/// The hash a stored integer holds.
+pub(crate) fn from_sql(value: i64) -> u64 {
+    value as u64
+}
+
+/// A stored record, decoded. One that cannot be read (written by a newer contactsync,
+/// or damaged) counts as not known: the sink then behaves as it did before records
+/// were kept, which is safe, and the next change stores a fresh one.
+pub(crate) fn stored_record(key: &str, bytes: Option<&[u8]>) -> Option<Contact> {
+    let bytes = bytes?;
+    match crate::record::decode(bytes) {
+        Ok(contact) => Some(contact),
+        Err(e) => {
+            tracing::warn!(
+                key,
+                "the last-sent record is not readable, treated as unknown: {e}"
+            );
+            None
+        }
+    }
+}
+
+/// One stored pending row: batch id, key, kind, email, content hash, record.
+pub(crate) type StoredPending = (String, String, String, Option<String>, i64, Option<Vec<u8>>);
+
+/// Stored pending rows (ordered by run, batch and position) grouped into the batches
+/// they were sent in, each with its rows.
+pub(crate) fn group_pending(
+    rows: Vec<StoredPending>,
+    parse_key: impl Fn(&str) -> Result<ContactKey, StateError>,
+    unknown_kind: impl Fn(&str) -> StateError,
+) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
+    let mut batches: Vec<(PendingBatch, Vec<PendingRow>)> = Vec::new();
+    for (batch_id, key_text, kind, email, content_hash, record) in rows {
+        let key = parse_key(&key_text)?;
+        let kind = match kind.as_str() {
+            "create" => ChangeKind::Create,
+            "update" => ChangeKind::Update,
+            "remove" => ChangeKind::Remove,
+            other => return Err(unknown_kind(other)),
+        };
+        if batches.last().is_none_or(|(b, _)| b.id != batch_id) {
+            batches.push((
+                PendingBatch {
+                    id: batch_id.clone(),
+                    records: Vec::new(),
+                },
+                Vec::new(),
+            ));
+        }
+        if let Some((batch, rows)) = batches.last_mut() {
+            batch.records.push(PendingRecord {
+                key: key.clone(),
+                kind,
+                email: email.clone(),
+            });
+            rows.push(PendingRow {
+                key,
+                kind,
+                content_hash: from_sql(content_hash),
+                email,
+                record: stored_record(&key_text, record.as_deref()),
+            });
+        }
+    }
+    Ok(batches)
 }

@@ -19,15 +19,13 @@
 use std::collections::HashMap;
 use std::sync::mpsc;
 
-use contactsync_core::{
-    ChangeKind, ConnectorError, Contact, ContactKey, PendingBatch, PendingRecord, SinkStore,
-    SyncedEntry,
-};
+use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
 use postgres::Client;
 
 use super::{
-    AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement,
-    StateError, StateItem, StateStore, SyncedRow,
+    from_sql, group_pending, stored_record, to_sql, AuditEntry, LockAttempt, LockHolder,
+    PendingRow, PipelineSummary, RunRecord, Settlement, StateError, StateItem, StateStore,
+    SyncedRow,
 };
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
@@ -206,24 +204,6 @@ fn password_for(
         }
     }
     Ok(None)
-}
-
-fn kind_from(name: &str) -> Option<ChangeKind> {
-    match name {
-        "create" => Some(ChangeKind::Create),
-        "update" => Some(ChangeKind::Update),
-        "remove" => Some(ChangeKind::Remove),
-        _ => None,
-    }
-}
-
-/// Hashes are stored as the bit pattern of a signed 64-bit integer.
-fn to_sql(hash: u64) -> i64 {
-    hash as i64
-}
-
-fn from_sql(value: i64) -> u64 {
-    value as u64
 }
 
 /// The advisory lock key of a lock name.
@@ -420,20 +400,6 @@ impl Drop for PostgresState {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
-        }
-    }
-}
-
-fn stored_record(key: &str, bytes: Option<&[u8]>) -> Option<Contact> {
-    let bytes = bytes?;
-    match crate::record::decode(bytes) {
-        Ok(contact) => Some(contact),
-        Err(e) => {
-            tracing::warn!(
-                key,
-                "the last-sent record is not readable, treated as unknown: {e}"
-            );
-            None
         }
     }
 }
@@ -749,7 +715,7 @@ impl StateStore for PostgresState {
         &mut self,
         pipeline: &str,
     ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
-        type Row = (String, String, String, Option<String>, i64, Option<Vec<u8>>);
+        type Row = super::StoredPending;
         let pipeline = pipeline.to_string();
         let rows: Vec<Row> = self.call(move |c| {
             Ok(c.query(
@@ -760,38 +726,14 @@ impl StateStore for PostgresState {
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
             .collect())
         })?;
-        let mut batches: Vec<(PendingBatch, Vec<PendingRow>)> = Vec::new();
-        for (batch_id, key_text, kind, email, content_hash, record) in rows {
-            let key = self.parse_key(&key_text)?;
-            let kind = kind_from(&kind).ok_or_else(|| StateError::Shared {
+        group_pending(
+            rows,
+            |text| self.parse_key(text),
+            |kind| StateError::Shared {
                 url: self.shown.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
-            })?;
-            if batches.last().is_none_or(|(b, _)| b.id != batch_id) {
-                batches.push((
-                    PendingBatch {
-                        id: batch_id.clone(),
-                        records: Vec::new(),
-                    },
-                    Vec::new(),
-                ));
-            }
-            if let Some((batch, rows)) = batches.last_mut() {
-                batch.records.push(PendingRecord {
-                    key: key.clone(),
-                    kind,
-                    email: email.clone(),
-                });
-                rows.push(PendingRow {
-                    key,
-                    kind,
-                    content_hash: from_sql(content_hash),
-                    email,
-                    record: stored_record(&key_text, record.as_deref()),
-                });
-            }
-        }
-        Ok(batches)
+            },
+        )
     }
 
     fn settle(

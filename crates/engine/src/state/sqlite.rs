@@ -2,15 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use contactsync_core::{
-    ChangeKind, ConnectorError, Contact, ContactKey, PendingBatch, PendingRecord, SinkStore,
-    SyncedEntry,
-};
+use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement,
-    StateError, StateItem, StateStore, SyncedRow, LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
+    from_sql, group_pending, stored_record, to_sql, AuditEntry, LockAttempt, LockHolder,
+    PendingRow, PipelineSummary, RunRecord, Settlement, StateError, StateItem, StateStore,
+    SyncedRow, LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
 };
 
 /// The embedded default: one SQLite file per config, in WAL mode.
@@ -177,45 +175,6 @@ fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StateError + Copy + '_ {
     move |source| StateError::Database {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// SQLite stores signed integers; hashes are kept as their bit pattern.
-fn to_sql(hash: u64) -> i64 {
-    hash as i64
-}
-
-fn from_sql(value: i64) -> u64 {
-    value as u64
-}
-
-/// A stored record, decoded. One that cannot be read (written by a newer contactsync,
-/// or damaged) counts as not known: the sink then behaves as it did before records
-/// were kept, which is safe, and the next change stores a fresh one.
-fn stored_record(key: &str, bytes: Option<&[u8]>) -> Option<Contact> {
-    let bytes = bytes?;
-    match crate::record::decode(bytes) {
-        Ok(contact) => Some(contact),
-        Err(e) => {
-            tracing::warn!(
-                key,
-                "the last-sent record is not readable, treated as unknown: {e}"
-            );
-            None
-        }
-    }
-}
-
-fn kind_name(kind: ChangeKind) -> &'static str {
-    kind.as_str()
-}
-
-fn kind_from(name: &str) -> Option<ChangeKind> {
-    match name {
-        "create" => Some(ChangeKind::Create),
-        "update" => Some(ChangeKind::Update),
-        "remove" => Some(ChangeKind::Remove),
-        _ => None,
     }
 }
 
@@ -545,7 +504,7 @@ impl StateStore for SqliteState {
                     run,
                     to_sql(row.key.hash64()),
                     row.key.to_string(),
-                    kind_name(row.kind),
+                    row.kind.as_str(),
                     to_sql(row.content_hash),
                     row.email,
                     row.record.as_ref().map(crate::record::encode),
@@ -566,7 +525,7 @@ impl StateStore for SqliteState {
                 "SELECT batch_id, key, kind, email, content_hash, record FROM pending WHERE pipeline = ?1 ORDER BY run, batch_id, seq",
             )
             .map_err(db_error(&self.path))?;
-        type Row = (String, String, String, Option<String>, i64, Option<Vec<u8>>);
+        type Row = super::StoredPending;
         let rows: Vec<Row> = stmt
             .query_map([pipeline], |r| {
                 Ok((
@@ -581,42 +540,14 @@ impl StateStore for SqliteState {
             .and_then(|rows| rows.collect())
             .map_err(db_error(&self.path))?;
         drop(stmt);
-        let mut batches: Vec<(PendingBatch, Vec<PendingRow>)> = Vec::new();
-        for (batch_id, key_text, kind, email, content_hash, record) in rows {
-            let key = self.parse_key(&key_text)?;
-            let kind = kind_from(&kind).ok_or_else(|| StateError::Corrupt {
+        group_pending(
+            rows,
+            |text| self.parse_key(text),
+            |kind| StateError::Corrupt {
                 path: self.path.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
-            })?;
-            if batches
-                .last()
-                .map(|(b, _)| b.id != batch_id)
-                .unwrap_or(true)
-            {
-                batches.push((
-                    PendingBatch {
-                        id: batch_id.clone(),
-                        records: Vec::new(),
-                    },
-                    Vec::new(),
-                ));
-            }
-            if let Some((batch, rows)) = batches.last_mut() {
-                batch.records.push(PendingRecord {
-                    key: key.clone(),
-                    kind,
-                    email: email.clone(),
-                });
-                rows.push(PendingRow {
-                    key,
-                    kind,
-                    content_hash: from_sql(content_hash),
-                    email,
-                    record: stored_record(&key_text, record.as_deref()),
-                });
-            }
-        }
-        Ok(batches)
+            },
+        )
     }
 
     fn settle(
