@@ -549,3 +549,70 @@ pub(crate) fn group_pending(
     }
     Ok(batches)
 }
+
+/// A stored synced row's columns: key, content hash, email, handle, record.
+pub(crate) type StoredSynced = (String, i64, Option<String>, Option<String>, Option<Vec<u8>>);
+
+/// A synced row from its stored columns.
+pub(crate) fn synced_row(
+    (key, content_hash, email, handle, record): StoredSynced,
+    parse_key: impl Fn(&str) -> Result<ContactKey, StateError>,
+) -> Result<SyncedRow, StateError> {
+    Ok(SyncedRow {
+        entry: SyncedEntry {
+            content_hash: from_sql(content_hash),
+            email,
+            handle,
+            record: stored_record(&key, record.as_deref()).map(Box::new),
+        },
+        key: parse_key(&key)?,
+    })
+}
+
+/// The audit's columns, in the order of [`StoredAudit`].
+pub(crate) const AUDIT_COLUMNS: &str =
+    "pipeline, run, at, key, email, kind, outcome, reason, fields, created";
+
+/// A stored audit row's columns ([`AUDIT_COLUMNS`]).
+pub(crate) type StoredAudit = (
+    String,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<Vec<u8>>,
+);
+
+/// An audit entry from its stored columns, `fields` as stored.
+pub(crate) fn audit_entry(
+    (pipeline, run, at, key, email, kind, outcome, reason, fields, created): StoredAudit,
+) -> AuditEntry {
+    AuditEntry {
+        created: stored_record(&key, created.as_deref()).map(Box::new),
+        pipeline,
+        run,
+        at,
+        key,
+        email,
+        kind,
+        outcome,
+        reason,
+        fields,
+    }
+}
+
+/// For `history`: a create whose record was kept shows every field it set, from it.
+pub(crate) fn with_created_fields(mut entry: AuditEntry) -> AuditEntry {
+    if let Some(contact) = &entry.created {
+        let map: serde_json::Map<String, serde_json::Value> = Contact::field_changes(None, contact)
+            .into_iter()
+            .map(|c| (c.field.to_string(), serde_json::json!([c.before, c.after])))
+            .collect();
+        entry.fields = serde_json::Value::Object(map).to_string();
+    }
+    entry
+}

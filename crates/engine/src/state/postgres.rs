@@ -19,13 +19,13 @@
 use std::collections::HashMap;
 use std::sync::mpsc;
 
-use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
+use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore};
 use postgres::Client;
 
 use super::{
-    from_sql, group_pending, stored_record, to_sql, AuditEntry, LockAttempt, LockHolder,
-    PendingRow, PipelineSummary, RunRecord, Settlement, StateError, StateItem, StateStore,
-    SyncedRow,
+    audit_entry, from_sql, group_pending, synced_row, to_sql, with_created_fields, AuditEntry,
+    LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
+    StateItem, StateStore, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
 };
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
@@ -404,7 +404,36 @@ impl Drop for PostgresState {
     }
 }
 
-type SyncedTuple = (String, i64, Option<String>, Option<String>, Option<Vec<u8>>);
+/// Who the `locks` table names as the holder of lock `name`, if anyone.
+fn named_holder(c: &mut Client, name: &str) -> Result<Option<LockHolder>, postgres::Error> {
+    Ok(c.query_opt(
+        "SELECT token, pid, host, pipeline, since FROM locks WHERE name = $1",
+        &[&name],
+    )?
+    .map(|r| LockHolder {
+        token: r.get(0),
+        pid: r.get::<_, i64>(1) as u32,
+        host: r.get(2),
+        pipeline: r.get(3),
+        since: r.get(4),
+    }))
+}
+
+/// An audit row's columns, as `SELECT {AUDIT_COLUMNS}` returns them.
+fn audit_columns(r: &postgres::Row) -> StoredAudit {
+    (
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+        r.get(9),
+    )
+}
 
 impl StateStore for PostgresState {
     fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError> {
@@ -440,18 +469,8 @@ impl StateStore for PostgresState {
                     for k in &taken {
                         c.execute("SELECT pg_advisory_unlock($1)", &[k])?;
                     }
-                    let row = c.query_opt(
-                        "SELECT token, pid, host, pipeline, since FROM locks WHERE name = $1",
-                        &[name],
-                    )?;
-                    let other = match row {
-                        Some(r) => LockHolder {
-                            token: r.get(0),
-                            pid: r.get::<_, i64>(1) as u32,
-                            host: r.get(2),
-                            pipeline: r.get(3),
-                            since: r.get(4),
-                        },
+                    let other = match named_holder(c, name)? {
+                        Some(holder) => holder,
                         None => LockHolder {
                             token: String::new(),
                             pid: 0,
@@ -467,17 +486,7 @@ impl StateStore for PostgresState {
             // Ours now: whoever the table still names died without cleaning up.
             let mut taken_over = Vec::new();
             for name in &names {
-                if let Some(r) = c.query_opt(
-                    "SELECT token, pid, host, pipeline, since FROM locks WHERE name = $1",
-                    &[name],
-                )? {
-                    let other = LockHolder {
-                        token: r.get(0),
-                        pid: r.get::<_, i64>(1) as u32,
-                        host: r.get(2),
-                        pipeline: r.get(3),
-                        since: r.get(4),
-                    };
+                if let Some(other) = named_holder(c, name)? {
                     if other.token != holder_owned.token {
                         taken_over.push((name.clone(), other));
                     }
@@ -655,25 +664,15 @@ impl StateStore for PostgresState {
 
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {
         let pipeline = pipeline.to_string();
-        let row: Option<SyncedTuple> = self.call(move |c| {
+        let row: Option<StoredSynced> = self.call(move |c| {
             Ok(c.query_opt(
                 "SELECT key, content_hash, email, handle, record FROM synced WHERE pipeline = $1 AND key_hash = $2",
                 &[&pipeline, &to_sql(key_hash)],
             )?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
         })?;
-        row.map(|(key, content_hash, email, handle, record)| {
-            Ok(SyncedRow {
-                entry: SyncedEntry {
-                    content_hash: from_sql(content_hash),
-                    email,
-                    handle,
-                    record: stored_record(&key, record.as_deref()).map(Box::new),
-                },
-                key: self.parse_key(&key)?,
-            })
-        })
-        .transpose()
+        row.map(|stored| synced_row(stored, |text| self.parse_key(text)))
+            .transpose()
     }
 
     fn record_pending(
@@ -967,72 +966,23 @@ impl StateStore for PostgresState {
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
         let who = who.trim().to_string();
         let email = Contact::normalize_email(&who).unwrap_or_default();
-        type Row = (
-            String,
-            i64,
-            i64,
-            String,
-            Option<String>,
-            String,
-            String,
-            Option<String>,
-            String,
-            Option<Vec<u8>>,
-        );
-        let rows: Vec<Row> = self.call(move |c| {
+        let rows: Vec<StoredAudit> = self.call(move |c| {
             Ok(c.query(
-                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit
-                 WHERE key = $1 OR key = 'external_id:' || $1 OR key = 'email:' || $2
-                    OR lower(email) = lower($2)
-                 ORDER BY at, id",
+                &format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit
+                     WHERE key = $1 OR key = 'external_id:' || $1 OR key = 'email:' || $2
+                        OR lower(email) = lower($2)
+                     ORDER BY at, id"
+                ),
                 &[&who, &email],
             )?
             .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                    r.get(5),
-                    r.get(6),
-                    r.get(7),
-                    r.get(8),
-                    r.get(9),
-                )
-            })
+            .map(audit_columns)
             .collect())
         })?;
         Ok(rows
             .into_iter()
-            .map(
-                |(pipeline, run, at, key, email, kind, outcome, reason, mut fields, created)| {
-                    let created = stored_record(&key, created.as_deref());
-                    if let Some(contact) = &created {
-                        let map: serde_json::Map<String, serde_json::Value> =
-                            Contact::field_changes(None, contact)
-                                .into_iter()
-                                .map(|c| {
-                                    (c.field.to_string(), serde_json::json!([c.before, c.after]))
-                                })
-                                .collect();
-                        fields = serde_json::Value::Object(map).to_string();
-                    }
-                    AuditEntry {
-                        pipeline,
-                        run,
-                        at,
-                        key,
-                        email,
-                        kind,
-                        outcome,
-                        reason,
-                        fields,
-                        created: created.map(Box::new),
-                    }
-                },
-            )
+            .map(|row| with_created_fields(audit_entry(row)))
             .collect())
     }
 
@@ -1099,68 +1049,26 @@ impl StateStore for PostgresState {
             let Some(last) = page.last() else { break };
             after = (last.0.clone(), last.1);
             for (pipeline, _, key, content_hash, email, handle, record) in page {
-                let row = SyncedRow {
-                    entry: SyncedEntry {
-                        content_hash: from_sql(content_hash),
-                        email,
-                        handle,
-                        record: stored_record(&key, record.as_deref()).map(Box::new),
-                    },
-                    key: self.parse_key(&key)?,
-                };
+                let row = synced_row((key, content_hash, email, handle, record), |text| {
+                    self.parse_key(text)
+                })?;
                 visit(StateItem::Synced { pipeline, row })?;
             }
         }
         for run in self.runs(None, i64::MAX as usize)?.into_iter().rev() {
             visit(StateItem::Run(run))?;
         }
-        type Audit = (
-            String,
-            i64,
-            i64,
-            String,
-            Option<String>,
-            String,
-            String,
-            Option<String>,
-            String,
-            Option<Vec<u8>>,
-        );
-        let audit: Vec<Audit> = self.call(|c| {
+        let audit: Vec<StoredAudit> = self.call(|c| {
             Ok(c.query(
-                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit ORDER BY id",
+                &format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY id"),
                 &[],
             )?
             .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                    r.get(5),
-                    r.get(6),
-                    r.get(7),
-                    r.get(8),
-                    r.get(9),
-                )
-            })
+            .map(audit_columns)
             .collect())
         })?;
-        for (pipeline, run, at, key, email, kind, outcome, reason, fields, created) in audit {
-            visit(StateItem::Audit(AuditEntry {
-                created: stored_record(&key, created.as_deref()).map(Box::new),
-                pipeline,
-                run,
-                at,
-                key,
-                email,
-                kind,
-                outcome,
-                reason,
-                fields,
-            }))?;
+        for row in audit {
+            visit(StateItem::Audit(audit_entry(row)))?;
         }
         let data: Vec<(String, String, String)> = self.call(|c| {
             Ok(c.query(

@@ -2,13 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore, SyncedEntry};
+use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    from_sql, group_pending, stored_record, to_sql, AuditEntry, LockAttempt, LockHolder,
-    PendingRow, PipelineSummary, RunRecord, Settlement, StateError, StateItem, StateStore,
-    SyncedRow, LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
+    audit_entry, from_sql, group_pending, synced_row, to_sql, with_created_fields, AuditEntry,
+    LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
+    StateItem, StateStore, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
+    LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
 };
 
 /// The embedded default: one SQLite file per config, in WAL mode.
@@ -453,8 +454,7 @@ impl StateStore for SqliteState {
     }
 
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {
-        type Row = (String, i64, Option<String>, Option<String>, Option<Vec<u8>>);
-        let row: Option<Row> = self
+        let row: Option<StoredSynced> = self
             .conn
             .prepare_cached(
                 "SELECT key, content_hash, email, handle, record FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
@@ -466,18 +466,8 @@ impl StateStore for SqliteState {
                 .optional()
             })
             .map_err(db_error(&self.path))?;
-        row.map(|(key, content_hash, email, handle, record)| {
-            Ok(SyncedRow {
-                entry: SyncedEntry {
-                    content_hash: from_sql(content_hash),
-                    email,
-                    handle,
-                    record: stored_record(&key, record.as_deref()).map(Box::new),
-                },
-                key: self.parse_key(&key)?,
-            })
-        })
-        .transpose()
+        row.map(|stored| synced_row(stored, |text| self.parse_key(text)))
+            .transpose()
     }
 
     fn record_pending(
@@ -777,42 +767,21 @@ impl StateStore for SqliteState {
         let email = Contact::normalize_email(who).unwrap_or_default();
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit
+            .prepare(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit
                  WHERE key = ?1 OR key = 'external_id:' || ?1 OR key = 'email:' || ?2
                     OR email = ?2 COLLATE NOCASE
-                 ORDER BY at, rowid",
-            )
+                 ORDER BY at, rowid"
+            ))
             .map_err(db_error(&self.path))?;
-        let rows = stmt
-            .query_map(params![who, email], |r| {
-                let key: String = r.get(3)?;
-                let created = stored_record(&key, r.get::<_, Option<Vec<u8>>>(9)?.as_deref());
-                let mut fields: String = r.get(8)?;
-                if let Some(contact) = &created {
-                    let map: serde_json::Map<String, serde_json::Value> =
-                        Contact::field_changes(None, contact)
-                            .into_iter()
-                            .map(|c| (c.field.to_string(), serde_json::json!([c.before, c.after])))
-                            .collect();
-                    fields = serde_json::Value::Object(map).to_string();
-                }
-                Ok(AuditEntry {
-                    pipeline: r.get(0)?,
-                    run: r.get(1)?,
-                    at: r.get(2)?,
-                    key,
-                    email: r.get(4)?,
-                    kind: r.get(5)?,
-                    outcome: r.get(6)?,
-                    reason: r.get(7)?,
-                    fields,
-                    created: created.map(Box::new),
-                })
-            })
+        let rows: Vec<StoredAudit> = stmt
+            .query_map(params![who, email], audit_columns)
             .and_then(|rows| rows.collect())
             .map_err(db_error(&self.path))?;
-        Ok(rows)
+        Ok(rows
+            .into_iter()
+            .map(|row| with_created_fields(audit_entry(row)))
+            .collect())
     }
 
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
@@ -858,20 +827,19 @@ impl StateStore for SqliteState {
                 .map_err(map)?;
             let mut rows = stmt.query([]).map_err(map)?;
             while let Some(r) = rows.next().map_err(map)? {
-                let key: String = r.get(1).map_err(map)?;
-                let record: Option<Vec<u8>> = r.get(5).map_err(map)?;
-                let row = SyncedRow {
-                    key: key.parse().map_err(|message| StateError::Corrupt {
+                let stored: StoredSynced = (
+                    r.get(1).map_err(map)?,
+                    r.get(2).map_err(map)?,
+                    r.get(3).map_err(map)?,
+                    r.get(4).map_err(map)?,
+                    r.get(5).map_err(map)?,
+                );
+                let row = synced_row(stored, |text| {
+                    text.parse().map_err(|message| StateError::Corrupt {
                         path: path.clone(),
                         message,
-                    })?,
-                    entry: SyncedEntry {
-                        content_hash: from_sql(r.get(2).map_err(map)?),
-                        email: r.get(3).map_err(map)?,
-                        handle: r.get(4).map_err(map)?,
-                        record: stored_record(&key, record.as_deref()).map(Box::new),
-                    },
-                };
+                    })
+                })?;
                 visit(StateItem::Synced {
                     pipeline: r.get(0).map_err(map)?,
                     row,
@@ -884,26 +852,13 @@ impl StateStore for SqliteState {
         {
             let mut stmt = self
                 .conn
-                .prepare(
-                    "SELECT pipeline, run, at, key, email, kind, outcome, reason, fields, created FROM audit ORDER BY rowid",
-                )
+                .prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY rowid"))
                 .map_err(map)?;
             let mut rows = stmt.query([]).map_err(map)?;
             while let Some(r) = rows.next().map_err(map)? {
-                let key: String = r.get(3).map_err(map)?;
-                let created: Option<Vec<u8>> = r.get(9).map_err(map)?;
-                visit(StateItem::Audit(AuditEntry {
-                    pipeline: r.get(0).map_err(map)?,
-                    run: r.get(1).map_err(map)?,
-                    at: r.get(2).map_err(map)?,
-                    email: r.get(4).map_err(map)?,
-                    kind: r.get(5).map_err(map)?,
-                    outcome: r.get(6).map_err(map)?,
-                    reason: r.get(7).map_err(map)?,
-                    fields: r.get(8).map_err(map)?,
-                    created: stored_record(&key, created.as_deref()).map(Box::new),
-                    key,
-                }))?;
+                visit(StateItem::Audit(audit_entry(
+                    audit_columns(r).map_err(map)?,
+                )))?;
             }
         }
         let mut stmt = self
@@ -1024,6 +979,22 @@ impl StateStore for SqliteState {
         }
         tx.commit().map_err(map)
     }
+}
+
+/// An audit row's columns, as `SELECT {AUDIT_COLUMNS}` returns them.
+fn audit_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAudit> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+    ))
 }
 
 /// The sink's key-value space, written through at once.
