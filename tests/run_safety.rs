@@ -338,14 +338,16 @@ fn kill_during_import(s: &Scenario, after: std::time::Duration) -> bool {
     let mut child = s
         .command(&["sync", "--from", "hr", "--to", "poppulo"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(s.path("killed-run.stderr")).unwrap())
         .spawn()
         .unwrap();
+    let stderr = || std::fs::read_to_string(s.path("killed-run.stderr")).unwrap_or_default();
     if let Err(status) = wait_for_pending(s, &mut child) {
         assert_eq!(
             status.code(),
             Some(0),
-            "a run that ended by itself succeeded"
+            "a run that ended by itself succeeded: {}",
+            stderr()
         );
         return false;
     }
@@ -358,7 +360,8 @@ fn kill_during_import(s: &Scenario, after: std::time::Duration) -> bool {
         assert_eq!(
             status.code(),
             Some(0),
-            "a run that ended by itself succeeded"
+            "a run that ended by itself succeeded: {}",
+            stderr()
         );
         return false;
     }

@@ -30,7 +30,7 @@ struct Heartbeat {
 impl Heartbeat {
     fn start(path: &Path, token: &str) -> Result<Heartbeat, rusqlite::Error> {
         let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let owned = token.to_string();
         let thread = std::thread::Builder::new()
@@ -88,6 +88,22 @@ impl std::fmt::Debug for SqliteState {
 
 /// Version 2 added the last-sent record (`record` in `synced` and `pending`).
 const SCHEMA_VERSION: &str = "2";
+
+/// Every transaction that writes starts IMMEDIATE: in WAL mode a deferred one that
+/// read first and then writes fails at once ("database is locked", no waiting) when
+/// another connection (the lock heartbeat, another worker) wrote in between.
+const WRITE: rusqlite::TransactionBehavior = rusqlite::TransactionBehavior::Immediate;
+
+/// How long a connection waits for another one's write before it gives up.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether SQLite said another connection holds the lock it needs.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -202,7 +218,7 @@ impl SqliteState {
             });
         }
         let conn = Connection::open(path).map_err(db_error(path))?;
-        let state = SqliteState {
+        let mut state = SqliteState {
             conn,
             path: path.to_path_buf(),
             heartbeat: None,
@@ -211,46 +227,56 @@ impl SqliteState {
         Ok(state)
     }
 
-    fn init(&self) -> Result<(), StateError> {
+    fn init(&mut self) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        // Set before anything else: a run, `state show` and other workers may open the
+        // same (maybe new) file at the same moment, and each waits for the others.
+        self.conn.busy_timeout(BUSY_TIMEOUT).map_err(map)?;
         // WAL: readers never block the writer; synchronous=NORMAL keeps every committed
         // transaction across a killed process (only power loss may lose the last one).
+        // Turning WAL on needs the file to itself, and SQLite answers "locked" at once
+        // rather than waiting when another connection is in the middle of opening it.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match self.conn.execute_batch("PRAGMA journal_mode = WAL;") {
+                Ok(()) => break,
+                Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(map(e)),
+            }
+        }
         self.conn
-            .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
-            )
-            .map_err(db_error(&self.path))?;
-        self.conn
-            .execute_batch(SCHEMA)
-            .map_err(db_error(&self.path))?;
-        let version: Option<String> = self
-            .conn
+            .execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(map)?;
+        // One IMMEDIATE transaction: two processes opening a new or old file never both
+        // create the schema or both migrate it.
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        tx.execute_batch(SCHEMA).map_err(map)?;
+        let version: Option<String> = tx
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(db_error(&self.path))?;
+            .map_err(map)?;
         match version.as_deref() {
             None => {
-                self.conn
-                    .execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
-                        [SCHEMA_VERSION],
-                    )
-                    .map_err(db_error(&self.path))?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    [SCHEMA_VERSION],
+                )
+                .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => {}
             Some("1") => {
                 // Version 1 kept no records: people synced by it have no `before` until
                 // their next change is sent, and nobody is sent again for the upgrade.
-                self.conn
-                    .execute_batch(
-                        "BEGIN;
-                         ALTER TABLE synced ADD COLUMN record BLOB;
-                         ALTER TABLE pending ADD COLUMN record BLOB;
-                         UPDATE meta SET value = '2' WHERE key = 'schema';
-                         COMMIT;",
-                    )
-                    .map_err(db_error(&self.path))?;
+                tx.execute_batch(
+                    "ALTER TABLE synced ADD COLUMN record BLOB;
+                     ALTER TABLE pending ADD COLUMN record BLOB;
+                     UPDATE meta SET value = '2' WHERE key = 'schema';",
+                )
+                .map_err(map)?;
                 tracing::info!(state = %self.path.display(), "state migrated from schema 1 to 2 (last-sent records)");
             }
             Some(other) => {
@@ -262,7 +288,7 @@ impl SqliteState {
                 })
             }
         }
-        Ok(())
+        tx.commit().map_err(map)
     }
 
     /// The database file.
@@ -283,10 +309,7 @@ impl StateStore for SqliteState {
         let map = db_error(&self.path);
         // IMMEDIATE: the check and the insert are one write, so two processes can
         // never both see the lock free.
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         let now = chrono::Utc::now().timestamp();
         let mut taken_over = Vec::new();
         {
@@ -364,7 +387,10 @@ impl StateStore for SqliteState {
     }
 
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
-        let tx = self.conn.transaction().map_err(db_error(&self.path))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(WRITE)
+            .map_err(db_error(&self.path))?;
         let result = (|| {
             tx.execute(
                 "INSERT INTO pipelines (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
@@ -399,7 +425,10 @@ impl StateStore for SqliteState {
         cursor: Option<&str>,
         full_read: bool,
     ) -> Result<(), StateError> {
-        let tx = self.conn.transaction().map_err(db_error(&self.path))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(WRITE)
+            .map_err(db_error(&self.path))?;
         let result = (|| {
             tx.execute(
                 "UPDATE runs SET finished_at = ?3, status = ?4, report = ?5 WHERE pipeline = ?1 AND run = ?2",
@@ -478,7 +507,7 @@ impl StateStore for SqliteState {
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction().map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -547,7 +576,7 @@ impl StateStore for SqliteState {
         settlements: &[Settlement],
     ) -> Result<(), StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction().map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         {
             let mut upsert = tx
                 .prepare_cached(
@@ -627,7 +656,7 @@ impl StateStore for SqliteState {
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction().map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         let removed = tx
             .execute(
                 "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
@@ -725,7 +754,7 @@ impl StateStore for SqliteState {
 
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction().map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         {
             let mut put = tx
                 .prepare_cached(
@@ -786,7 +815,7 @@ impl StateStore for SqliteState {
 
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction().map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         for table in ["synced", "pending", "runs", "audit"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE pipeline = ?1"),
@@ -878,10 +907,7 @@ impl StateStore for SqliteState {
 
     fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
         let map = db_error(&self.path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         let found: Option<(String, String)> = tx
             .query_row(
                 "SELECT worker, status FROM slots WHERE slot = ?1 AND pipeline = ?2",
@@ -927,7 +953,7 @@ impl StateStore for SqliteState {
 
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction().map_err(map)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         for item in items {
             match item {
                 StateItem::Pipeline {
@@ -1038,5 +1064,38 @@ impl SinkStore for SqliteSinkStore<'_> {
             )
             .map(|_| ())
             .map_err(store_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run and `state show` (or two workers) opening a state that does not exist yet
+    /// at the same moment: each must see one schema, created once.
+    #[test]
+    fn many_connections_opening_a_new_state_at_once_all_succeed() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("state.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let opened: Vec<Result<(), String>> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        SqliteState::open(&path)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().expect("no panic"))
+                .collect();
+            for result in opened {
+                assert_eq!(result, Ok(()), "round {round}");
+            }
+        }
     }
 }
