@@ -8,8 +8,12 @@
 //! and can call `lookup('table', key)` (or `lookup('table', key, 'default')`). The
 //! environment offers no way to read a file, the environment or a secret.
 
+mod direct;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+use direct::{Condition, DirectTemplate};
 
 use contactsync_core::{Contact, Field};
 use minijinja::value::{Object, Value};
@@ -58,6 +62,60 @@ pub struct RecordShaping {
     /// `where` and `map` in one template (`0`, or `1` and the map's outputs), so that
     /// a record in scope costs one render in all.
     scope_and_map: Option<String>,
+    /// The same templates evaluated on the record itself, when they are all of the
+    /// subset [`direct`] knows (the common case); minijinja renders the rest.
+    direct: Direct,
+    lookups: Arc<Lookups>,
+}
+
+/// A pipeline's templates as [`direct`] evaluates them: each part only when every one
+/// of its templates is of the subset.
+#[derive(Default)]
+struct Direct {
+    map: Option<Vec<DirectTemplate>>,
+    on_create: Option<Vec<DirectTemplate>>,
+    /// The `where`, when there is one and it is of the subset.
+    scope: Option<Condition>,
+}
+
+impl Direct {
+    fn compile(
+        map: &BTreeMap<String, String>,
+        on_create: &BTreeMap<String, String>,
+        scope: Option<&str>,
+    ) -> Direct {
+        let all = |templates: &BTreeMap<String, String>| {
+            templates
+                .values()
+                .map(|source| DirectTemplate::parse(source))
+                .collect::<Option<Vec<_>>>()
+        };
+        Direct {
+            map: all(map),
+            on_create: all(on_create),
+            scope: scope.and_then(Condition::parse),
+        }
+    }
+}
+
+/// The value `lookup(table, key, default)` gives, or why there is none. Templates call
+/// it through minijinja and through [`direct`], so both say the same.
+pub(crate) fn lookup_value(
+    tables: &Lookups,
+    table: &str,
+    key: &str,
+    default: Option<&str>,
+) -> Result<String, String> {
+    let found = tables
+        .get(table)
+        .ok_or_else(|| format!("no lookup table {table:?} (define [lookups.{table}])"))?;
+    match (found.get(key), default) {
+        (Some(value), _) => Ok(value.clone()),
+        (None, Some(default)) => Ok(default.to_string()),
+        (None, None) => Err(format!(
+            "{key:?} is not in lookup table {table:?}, and no default was given"
+        )),
+    }
 }
 
 /// What `where` and `map` make of a record.
@@ -157,6 +215,25 @@ fn with_view<R>(contact: Contact, work: impl FnOnce(&Value) -> R) -> (Contact, R
     (contact, result)
 }
 
+/// Sets each field to its rendered value, in order; the first invalid value names its
+/// field.
+fn set_all<'v>(
+    mut contact: Contact,
+    templates: &[(Field, String)],
+    values: impl Iterator<Item = &'v str>,
+) -> Result<Contact, Box<FieldFailure>> {
+    for ((field, _), value) in templates.iter().zip(values) {
+        if let Err(reason) = contact.set(field, value) {
+            return Err(Box::new(FieldFailure {
+                contact,
+                field: field.to_string(),
+                reason,
+            }));
+        }
+    }
+    Ok(contact)
+}
+
 fn position(error: &minijinja::Error) -> String {
     let mut text = error.detail().unwrap_or("").to_string();
     if text.is_empty() {
@@ -182,6 +259,10 @@ impl RecordShaping {
     ) -> Result<Self, ShapingError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        // Values are data, not HTML: a template named after a field such as
+        // `attributes.page.html` must not escape what it renders.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        let direct = Direct::compile(map, on_create, scope);
         // No loader, no includes: a template cannot reach a file.
         let tables = lookups.clone();
         env.add_function(
@@ -197,22 +278,8 @@ impl RecordShaping {
                         key.to_string()
                     }
                 });
-                let found = tables.get(&table).ok_or_else(|| {
-                    minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!("no lookup table {table:?} (define [lookups.{table}])"),
-                    )
-                })?;
-                match (found.get(&key), default) {
-                    (Some(value), _) => Ok(value.clone()),
-                    (None, Some(default)) => Ok(default),
-                    (None, None) => Err(minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!(
-                            "{key:?} is not in lookup table {table:?}, and no default was given"
-                        ),
-                    )),
-                }
+                lookup_value(&tables, &table, &key, default.as_deref())
+                    .map_err(|message| minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
         let error = |what: String, e: minijinja::Error| ShapingError {
@@ -282,6 +349,8 @@ impl RecordShaping {
             map_all,
             on_create_all,
             scope_and_map,
+            direct,
+            lookups,
         })
     }
 
@@ -336,49 +405,71 @@ impl RecordShaping {
         })
     }
 
+    /// What `direct` renders of a record, one value a template; `None` when minijinja
+    /// must render it.
+    fn render_direct(
+        &self,
+        direct: Option<&[DirectTemplate]>,
+        contact: &Contact,
+    ) -> Option<Vec<String>> {
+        direct?
+            .iter()
+            .map(|template| template.render(contact, &self.lookups))
+            .collect()
+    }
+
     /// Applies `templates`, each evaluated on the record as it was before any of them.
     fn apply(
         &self,
         templates: &[(Field, String)],
         joined: Option<&String>,
+        direct: Option<&[DirectTemplate]>,
         contact: Contact,
     ) -> Result<Contact, Box<FieldFailure>> {
         if templates.is_empty() {
             return Ok(contact);
         }
-        let (mut contact, rendered) = with_view(contact, |view| {
+        if let Some(values) = self.render_direct(direct, &contact) {
+            return set_all(contact, templates, values.iter().map(String::as_str));
+        }
+        let (contact, rendered) = with_view(contact, |view| {
             match self.render_joined(templates, joined, view) {
                 Some(values) => Ok(values),
                 None => self.render(templates, view),
             }
         });
-        let values = match rendered {
-            Ok(values) => values,
-            Err((field, reason)) => {
-                return Err(Box::new(FieldFailure {
-                    contact,
-                    field,
-                    reason,
-                }))
-            }
-        };
-        for (field, value) in values {
-            if let Err(reason) = contact.set(&field, &value) {
-                return Err(Box::new(FieldFailure {
-                    contact,
-                    field: field.to_string(),
-                    reason,
-                }));
-            }
+        match rendered {
+            Ok(values) => set_all(contact, templates, values.iter().map(|(_, v)| v.as_str())),
+            Err((field, reason)) => Err(Box::new(FieldFailure {
+                contact,
+                field,
+                reason,
+            })),
         }
-        Ok(contact)
     }
 
     /// `where`, then `map` for a record in scope: one render when both are set; the
     /// separate evaluations (which name what failed) when that render does not work out.
     pub(crate) fn scope_and_map(&self, contact: Contact) -> Shaped {
+        let direct_scope = match (&self.scope, &self.direct.scope) {
+            (None, _) => Some(true),
+            (Some(_), Some(condition)) => condition.eval(&contact, &self.lookups),
+            (Some(_), None) => None,
+        };
+        match direct_scope {
+            Some(false) => return Shaped::Out(contact),
+            Some(true) => {
+                if let Some(values) = self.render_direct(self.direct.map.as_deref(), &contact) {
+                    return match set_all(contact, &self.map, values.iter().map(String::as_str)) {
+                        Ok(contact) => Shaped::In(contact),
+                        Err(failure) => Shaped::MapError(failure),
+                    };
+                }
+            }
+            None => {}
+        }
         if let Some(name) = &self.scope_and_map {
-            let (mut contact, out) = with_view(contact, |view| {
+            let (contact, out) = with_view(contact, |view| {
                 self.env
                     .get_template(name)
                     .ok()
@@ -389,16 +480,10 @@ impl RecordShaping {
                 Some(out) => {
                     let parts: Vec<&str> = out.split(SEPARATOR).collect();
                     if parts.len() == self.map.len() + 1 && parts[0] == "1" {
-                        for ((field, _), value) in self.map.iter().zip(&parts[1..]) {
-                            if let Err(reason) = contact.set(field, value) {
-                                return Shaped::MapError(Box::new(FieldFailure {
-                                    contact,
-                                    field: field.to_string(),
-                                    reason,
-                                }));
-                            }
-                        }
-                        return Shaped::In(contact);
+                        return match set_all(contact, &self.map, parts[1..].iter().copied()) {
+                            Ok(contact) => Shaped::In(contact),
+                            Err(failure) => Shaped::MapError(failure),
+                        };
                     }
                     return self.scope_then_map(contact);
                 }
@@ -422,12 +507,22 @@ impl RecordShaping {
 
     /// The `map`: the record as the pipeline sends it. An error names the field.
     pub(crate) fn map(&self, contact: Contact) -> Result<Contact, Box<FieldFailure>> {
-        self.apply(&self.map, self.map_all.as_ref(), contact)
+        self.apply(
+            &self.map,
+            self.map_all.as_ref(),
+            self.direct.map.as_deref(),
+            contact,
+        )
     }
 
     /// The `on_create` values, added to a person about to be created.
     pub(crate) fn on_create(&self, contact: Contact) -> Result<Contact, Box<FieldFailure>> {
-        self.apply(&self.on_create, self.on_create_all.as_ref(), contact)
+        self.apply(
+            &self.on_create,
+            self.on_create_all.as_ref(),
+            self.direct.on_create.as_deref(),
+            contact,
+        )
     }
 
     /// Whether the record is in the pipeline's `where` scope; hands the record back.
@@ -600,5 +695,156 @@ mod tests {
         let created = s.on_create(person()).map_err(|_| ()).unwrap();
         assert_eq!(created.attributes["origin"], "hr-sync");
         assert_eq!(s.diff_hash(&created), person().content_hash());
+    }
+
+    /// What a record became, in a form two shapings can be compared by.
+    fn outcome(shaped: Shaped) -> String {
+        match shaped {
+            Shaped::In(c) => format!("in {c:?}"),
+            Shaped::Out(c) => format!("out {c:?}"),
+            Shaped::ScopeError(c, reason) => format!("scope error {reason} {c:?}"),
+            Shaped::MapError(f) => format!("map error {} {} {:?}", f.field, f.reason, f.contact),
+        }
+    }
+
+    /// Records with every kind of value a filter treats differently: unset, blank,
+    /// spaces, punctuation, case that changes length (ß, İ), title-case letters (ǅ).
+    fn generated_records() -> Vec<Contact> {
+        let values = [
+            None,
+            Some(""),
+            Some("  "),
+            Some(" Ann "),
+            Some("ann lee"),
+            Some("O'NEIL-smith"),
+            Some("élodie DUPONT"),
+            Some("straße"),
+            Some("İstanbul"),
+            Some("ǅungla x"),
+            Some("Sales"),
+            Some("Contractors"),
+            Some("hello,world!again"),
+            Some("a\tb"),
+        ];
+        let fields = [
+            "first_name",
+            "last_name",
+            "company",
+            "department",
+            "job_title",
+            "attributes.site",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        (0..400)
+            .map(|i| {
+                let mut c = Contact::default();
+                c.set(&Field::Email, &format!("p{i}@Example.COM")).unwrap();
+                for field in fields {
+                    if let Some(value) = values[(next() % values.len() as u64) as usize] {
+                        c.set(&Field::parse(field), value).unwrap();
+                    }
+                }
+                if next() % 5 == 0 {
+                    c.set(&Field::Status, "inactive").unwrap();
+                }
+                c
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_direct_path_renders_what_minijinja_renders() {
+        let templates = [
+            "{{ first_name }} {{ last_name | upper }}",
+            "{{ email | lower | trim }}",
+            "{{ company | default('Acme') }}",
+            "{{ lookup('cost_centers', department, 'CC-000') }}",
+            "{{ lookup('cost_centers', department) }}",
+            "{{ lookup('cost_centers', attributes.site, 'none') | lower }}",
+            "{{ job_title | title }}",
+            "{{ attributes.site | capitalize }}",
+            "{{ department | d('none') | upper }}",
+            "{{ company | upper | default('A') }}",
+            "x {{last_name|trim}} { y }",
+            "{{ 'ann lee' | title }}{{ status }}",
+            "{{ attributes.missing }}-{{ attributes.site|default('s') }}",
+        ];
+        let scopes = [
+            None,
+            Some("department != 'Contractors'"),
+            Some("department == 'Sales' or not (company == \"Acme\")"),
+            Some("first_name and last_name"),
+            Some("not department"),
+            Some("department | lower == 'sales' and status == 'active'"),
+        ];
+        let records = generated_records();
+        for scope in scopes {
+            for template in templates {
+                let map = [("job_title", template), ("attributes.out", template)];
+                let direct = shaping(&map, scope).unwrap();
+                assert!(direct.direct.map.is_some(), "{template} is of the subset");
+                if let Some(scope) = scope {
+                    assert!(direct.direct.scope.is_some(), "{scope} is of the subset");
+                }
+                let mut minijinja_only = shaping(&map, scope).unwrap();
+                minijinja_only.direct = Direct::default();
+                for record in &records {
+                    assert_eq!(
+                        outcome(direct.scope_and_map(record.clone())),
+                        outcome(minijinja_only.scope_and_map(record.clone())),
+                        "template {template:?}, where {scope:?}"
+                    );
+                    assert_eq!(
+                        direct.map(record.clone()).map_err(|f| (f.field, f.reason)),
+                        minijinja_only
+                            .map(record.clone())
+                            .map_err(|f| (f.field, f.reason)),
+                        "template {template:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_named_like_an_html_file_is_not_escaped() {
+        let c = mapped(&[("attributes.page.html", "{{ first_name ~ ' <b>&' }}")]);
+        assert_eq!(c.attributes["page.html"], "Ann <b>&");
+    }
+
+    #[test]
+    fn templates_outside_the_subset_are_left_to_minijinja() {
+        for template in [
+            "{{ first_name[0] }}",
+            "{% if department %}x{% endif %}",
+            "{{- first_name }}",
+            "{{ first_name -}}",
+            "{{ first_name }}\n",
+            "{# note #}{{ first_name }}",
+            "{{ first_name | replace('a', 'b') }}",
+            "{{ first_name | trim('x') }}",
+            "{{ subscriptions }}",
+            "{{ 'a\\'b' }}",
+            "{{ first_name ~ last_name }}",
+            "{{ email.split('@') }}",
+            "{{ range(3) }}",
+            "{{ first_name",
+        ] {
+            assert_eq!(direct::DirectTemplate::parse(template), None, "{template}");
+        }
+        for scope in [
+            "department in ['a']",
+            "x is defined",
+            "department == 1",
+            "(a) == 'b'",
+        ] {
+            assert!(direct::Condition::parse(scope).is_none(), "{scope}");
+        }
     }
 }
