@@ -1032,7 +1032,13 @@ impl<'r> Run<'r> {
                 .map_err(RunError::Sink)?;
         }
         if capabilities.durable_at_finish {
-            self.state.confirm_finished(&self.pipeline.name, run_id)?;
+            let started = Instant::now();
+            let confirmed = self.state.confirm_finished(&self.pipeline.name, run_id)?;
+            tracing::debug!(
+                confirmed,
+                seconds = started.elapsed().as_secs_f64(),
+                "the sink's changes are recorded as synced"
+            );
         }
         self.report.unknown_in_sink = sink.summary().unknown_in_sink;
         Ok(())

@@ -30,6 +30,7 @@ pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
     runs_and_cursor(new_store()?.as_mut()).map_err(|e| format!("runs and cursor: {e}"))?;
     pending_then_settled(new_store()?.as_mut())
         .map_err(|e| format!("pending and settlement: {e}"))?;
+    awaiting_finish(new_store()?.as_mut()).map_err(|e| format!("awaiting finish: {e}"))?;
     locks_are_exclusive(new_store()?.as_mut()).map_err(|e| format!("locks: {e}"))?;
     sink_store_is_scoped(new_store()?.as_mut()).map_err(|e| format!("sink store: {e}"))?;
     audit_and_history(new_store()?.as_mut()).map_err(|e| format!("audit: {e}"))?;
@@ -204,6 +205,123 @@ fn pending_then_settled(store: &mut dyn StateStore) -> Result<(), String> {
     ensure!(
         store.synced(PIPELINE, ann.hash64()).map_err(err)?.is_none(),
         "a forgotten person is no longer synced"
+    );
+    Ok(())
+}
+
+/// A sink durable only at its finish: applied changes stay pending until the run
+/// confirms them, whole batches or part of one, and other pipelines' pending changes
+/// are left alone.
+fn awaiting_finish(store: &mut dyn StateStore) -> Result<(), String> {
+    const OTHER: &str = "crm->platform";
+    let create = |id: &str| {
+        let (key, record) = person(id);
+        PendingRow {
+            key,
+            kind: ChangeKind::Create,
+            content_hash: 7,
+            email: record.email.clone(),
+            record: Some(record),
+        }
+    };
+    let awaiting = |row: &PendingRow| Settlement::AwaitingFinish {
+        key: row.key.clone(),
+        handle: None,
+    };
+    let (run, _) = store.begin_run(PIPELINE).map_err(err)?;
+    let (other_run, _) = store.begin_run(OTHER).map_err(err)?;
+    let whole = [create("E1"), create("E2")];
+    let part = [create("E3"), create("E4")];
+    let elsewhere = [create("E5")];
+    store
+        .record_pending(PIPELINE, run, "b1", &whole)
+        .map_err(err)?;
+    store
+        .record_pending(PIPELINE, run, "b2", &part)
+        .map_err(err)?;
+    store
+        .record_pending(OTHER, other_run, "o1", &elsewhere)
+        .map_err(err)?;
+    store
+        .settle(PIPELINE, "b1", &[awaiting(&whole[0]), awaiting(&whole[1])])
+        .map_err(err)?;
+    // E4's outcome is unknown: it is not settled at all.
+    store
+        .settle(PIPELINE, "b2", &[awaiting(&part[0])])
+        .map_err(err)?;
+    ensure!(
+        store
+            .synced(PIPELINE, whole[0].key.hash64())
+            .map_err(err)?
+            .is_none(),
+        "a change awaiting the finish is not synced yet"
+    );
+    let confirmed = store.confirm_finished(PIPELINE, run).map_err(err)?;
+    ensure!(
+        confirmed == 3,
+        "the three applied changes are confirmed, not {confirmed}"
+    );
+    for row in [&whole[0], &whole[1], &part[0]] {
+        ensure!(
+            store
+                .synced(PIPELINE, row.key.hash64())
+                .map_err(err)?
+                .is_some(),
+            "{} is synced once confirmed",
+            row.key
+        );
+    }
+    ensure!(
+        store
+            .synced(PIPELINE, part[1].key.hash64())
+            .map_err(err)?
+            .is_none(),
+        "a change never settled is not confirmed"
+    );
+    let left: Vec<_> = store
+        .pending_batches(PIPELINE)
+        .map_err(err)?
+        .into_iter()
+        .flat_map(|(_, rows)| rows)
+        .map(|row| row.key)
+        .collect();
+    ensure!(
+        left == [part[1].key.clone()],
+        "only the unsettled change is still pending: {left:?}"
+    );
+    let other = store.pending_batches(OTHER).map_err(err)?;
+    ensure!(
+        other.len() == 1 && other[0].1 == elsewhere,
+        "another pipeline's pending changes are kept: {other:?}"
+    );
+    // Alone in the pending table now: confirming empties it.
+    store
+        .settle(
+            PIPELINE,
+            "b2",
+            &[Settlement::Dropped {
+                key: part[1].key.clone(),
+            }],
+        )
+        .map_err(err)?;
+    store
+        .settle(OTHER, "o1", &[awaiting(&elsewhere[0])])
+        .map_err(err)?;
+    ensure!(
+        store.confirm_finished(OTHER, other_run).map_err(err)? == 1,
+        "the other pipeline's change is confirmed"
+    );
+    ensure!(
+        store.pending_batches(OTHER).map_err(err)?.is_empty()
+            && store.pending_batches(PIPELINE).map_err(err)?.is_empty(),
+        "nothing is left pending"
+    );
+    ensure!(
+        store
+            .synced(OTHER, elsewhere[0].key.hash64())
+            .map_err(err)?
+            .is_some(),
+        "the other pipeline's change is synced"
     );
     Ok(())
 }
