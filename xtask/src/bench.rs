@@ -156,6 +156,9 @@ struct Measured {
     requests: Option<u64>,
     /// Transactions the run made in the PostgreSQL state, when it is there.
     state_transactions: Option<u64>,
+    /// The state's size on disk after the run (the SQLite file and its WAL, or the
+    /// PostgreSQL database), when the run has one.
+    state_bytes: Option<u64>,
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -197,9 +200,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "| pipeline | contacts | run | time | vs csv-diff | records/s | HTTP requests | peak memory |"
+        "| pipeline | contacts | run | time | vs csv-diff | records/s | HTTP requests | peak memory | state a person |"
     )?;
-    writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|")?;
+    writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|---:|")?;
     for scenario in SCENARIOS {
         if only.as_deref().is_some_and(|o| !scenario.name.contains(o)) {
             continue;
@@ -215,7 +218,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             fs::create_dir_all(&dir)?;
             for (label, m) in bench_one(&binary, scenario, n, &dir)? {
                 let line = format!(
-                    "| {} | {n} | {label} | {:.2} s | {} | {:.0} | {} | {:.0} MB |",
+                    "| {} | {n} | {label} | {:.2} s | {} | {:.0} | {} | {:.0} MB | {} |",
                     scenario.name,
                     m.elapsed.as_secs_f64(),
                     m.anchor
@@ -227,7 +230,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                         (None, Some(t)) => format!("{t} state transactions"),
                         (None, None) => "-".into(),
                     },
-                    m.max_rss_kib as f64 / 1024.0
+                    m.max_rss_kib as f64 / 1024.0,
+                    m.state_bytes
+                        .map(|b| format!("{:.0} B", b as f64 / n as f64))
+                        .unwrap_or_else(|| "-".into()),
                 );
                 eprintln!("{line}");
                 writeln!(table, "{line}")?;
@@ -354,7 +360,17 @@ fn bench_one(
         // Fill the platform first: that is the pipeline's source.
         measure(binary, &config, ("seed", "seed"), None, None)?;
     }
+    let state_file = dir.join("state.db");
+    let state_size = || match state_url {
+        Some(url) => state_database_bytes(url),
+        None => {
+            let wal = dir.join("state.db-wal");
+            let size = |p: &Path| fs::metadata(p).map(|m| m.len()).ok();
+            size(&state_file).map(|db| db + size(&wal).unwrap_or(0))
+        }
+    };
     let mut first = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
+    first.state_bytes = state_size();
     let day_one = dir.join("people-day-one.csv");
     match scenario.from {
         From::Csv => {
@@ -368,6 +384,7 @@ fn bench_one(
         From::Ldap => {}
     }
     let mut nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
+    nightly.state_bytes = state_size();
     drop(sandbox);
     // The anchor: the csv-diff crate on the same two files, in the same run (the
     // machine is shared, so ratios are what compare across runs).
@@ -478,6 +495,7 @@ fn measure(
         state_transactions: transactions_before
             .zip(transactions_after)
             .map(|(b, a)| a.saturating_sub(b).saturating_sub(1)),
+        state_bytes: None,
     })
 }
 
@@ -512,6 +530,7 @@ fn measure_anchor(left: &Path, right: &Path) -> Result<Measured> {
         max_rss_kib: usage.ru_maxrss,
         requests: None,
         state_transactions: None,
+        state_bytes: None,
     })
 }
 
@@ -537,6 +556,15 @@ pub fn anchor_diff(args: &[String]) -> Result<()> {
 
 /// The transactions the state database has committed or rolled back so far
 /// (`pg_stat_database`, read with `psql`).
+/// The PostgreSQL state database's size on disk.
+fn state_database_bytes(url: &str) -> Option<u64> {
+    let out = Command::new("psql")
+        .args(["-Atqc", "SELECT pg_database_size(current_database())", url])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
 fn state_transactions(url: &str) -> Option<u64> {
     let out = Command::new("psql")
         .args([

@@ -36,6 +36,24 @@ pub(crate) struct ContactIndex {
 }
 
 impl ContactIndex {
+    /// The index of the state's contacts (key hash, content hash), sized for them at
+    /// once: growing a table of a million by doubling moves every entry some twenty
+    /// times over.
+    pub(crate) fn of_synced(synced: Vec<(u64, u64)>) -> Self {
+        let mut index = ContactIndex {
+            // Room for this run's new keys too (marked as they are read).
+            slots: HashMap::with_capacity_and_hasher(
+                synced.len() + synced.len() / 32,
+                BuildNoHashHasher::default(),
+            ),
+            population: 0,
+        };
+        for (key_hash, content_hash) in synced {
+            index.insert_synced(key_hash, content_hash);
+        }
+        index
+    }
+
     /// Adds a contact of the state.
     pub(crate) fn insert_synced(&mut self, key_hash: u64, content_hash: u64) {
         self.slots.insert(
@@ -93,9 +111,7 @@ mod tests {
 
     #[test]
     fn mark_and_sweep() {
-        let mut index = ContactIndex::default();
-        index.insert_synced(1, 10);
-        index.insert_synced(2, 20);
+        let mut index = ContactIndex::of_synced(vec![(1, 10), (2, 20)]);
         assert_eq!(index.mark(1), Seen::Synced(10));
         assert_eq!(index.mark(1), Seen::Duplicate);
         assert_eq!(index.mark(3), Seen::New);

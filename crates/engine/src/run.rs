@@ -481,11 +481,12 @@ impl<'r> Run<'r> {
         last_full: Option<i64>,
     ) -> Result<ChangeSet, RunError> {
         let settings = &self.pipeline.settings;
-        let mut index = ContactIndex::default();
+        let mut synced = Vec::new();
         self.state
             .scan_index(&self.pipeline.name, &mut |key_hash, content_hash| {
-                index.insert_synced(key_hash, content_hash)
+                synced.push((key_hash, content_hash))
             })?;
+        let index = ContactIndex::of_synced(synced);
         // Does the sink still hold what the state says? If not, everyone is sent again.
         let integrity = {
             let population = index.population();
