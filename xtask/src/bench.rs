@@ -381,7 +381,11 @@ fn bench_one(
             generate(&people, n, Day::Nightly)?;
             measure(binary, &config, ("seed", "seed"), None, None)?;
         }
-        From::Ldap => {}
+        From::Ldap => {
+            if let Some(slapd) = &_slapd {
+                change_directory(slapd, n)?;
+            }
+        }
     }
     let mut nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     nightly.state_bytes = state_size();
@@ -405,6 +409,34 @@ fn bench_one(
         ]);
     }
     Ok(vec![("first sync", first), ("nightly rerun", nightly)])
+}
+
+/// The directory's night, as [`generate`] changes the file: 1% of the people promoted
+/// (a new `title`), 0.5% gone, 0.5% joined, in one `ldapmodify`.
+fn change_directory(slapd: &contactsync_testkit::slapd::Slapd, n: usize) -> Result<()> {
+    use contactsync_testkit::slapd::Slapd;
+    let mut ldif = String::new();
+    for i in 0..n {
+        if i % 200 == 7 {
+            writeln!(ldif, "dn: {}\nchangetype: delete\n", Slapd::person_dn(i))?;
+        } else if i % 100 == 3 {
+            writeln!(
+                ldif,
+                "dn: {}\nchangetype: modify\nreplace: title\ntitle: Promoted\n-\n",
+                Slapd::person_dn(i)
+            )?;
+        }
+    }
+    for i in n..n + n / 200 {
+        let entry = Slapd::person_ldif(i);
+        let (dn, attributes) = entry
+            .split_once('\n')
+            .context("a generated entry starts with its DN")?;
+        writeln!(ldif, "{dn}\nchangetype: add\n{attributes}")?;
+    }
+    slapd
+        .ldapmodify(&ldif)
+        .context("changing the bench directory between runs")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

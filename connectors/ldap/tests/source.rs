@@ -481,3 +481,24 @@ async fn an_entry_changed_during_the_read_is_not_passed_by_the_cursor() {
         .expect("E2 read again");
     assert_eq!(e2.job_title.as_deref(), Some("Second"), "no lost update");
 }
+
+/// A night's worth of changes in one `ldapmodify` (the tool prints a line an entry,
+/// more than a pipe holds): the test kit reads that output while it writes the LDIF,
+/// and the read sees the last value.
+#[tokio::test]
+async fn a_long_ldif_is_applied_in_one_call() {
+    let server = slapd(Slapd::builder().people(2));
+    let ldif: String = (0..6000)
+        .map(|n| {
+            format!(
+                "dn: {}\nchangetype: modify\nreplace: title\ntitle: Title {n}\n\n",
+                Slapd::person_dn(1)
+            )
+        })
+        .collect();
+    server.ldapmodify(&ldif).unwrap();
+    assert_eq!(
+        server.values(&Slapd::person_dn(1), "title").unwrap(),
+        vec!["Title 5999".to_string()]
+    );
+}

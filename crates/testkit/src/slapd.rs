@@ -457,16 +457,29 @@ impl Slapd {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(io(format!("running {tool}")))?;
-        if let Some(mut input) = child.stdin.take() {
-            input
-                .write_all(stdin.as_bytes())
-                .map_err(io(format!("writing to {tool}")))?;
-        }
-        let output = child
-            .wait_with_output()
-            .map_err(io(format!("running {tool}")))?;
+        // Written from a thread of its own while the output is read: a long LDIF
+        // makes the tool print a line an entry, and a full stdout pipe would stop it
+        // reading its stdin while this side is still writing it.
+        let input = child.stdin.take();
+        let (written, output) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || match input {
+                Some(mut input) => input.write_all(stdin.as_bytes()),
+                None => Ok(()),
+            });
+            let output = child.wait_with_output();
+            (writer.join(), output)
+        });
+        let output = output.map_err(io(format!("running {tool}")))?;
         if output.status.success() {
-            Ok(())
+            // A tool that succeeded read all its input; a failed write is still said.
+            match written {
+                Ok(result) => result.map_err(io(format!("writing to {tool}"))),
+                Err(_) => Err(SlapdError::Command {
+                    command: tool.to_string(),
+                    status: "the thread writing its input panicked".into(),
+                    output: String::new(),
+                }),
+            }
         } else {
             Err(SlapdError::Command {
                 command: format!("{tool} {}", args.join(" ")),
