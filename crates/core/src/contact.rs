@@ -390,19 +390,7 @@ impl Contact {
 
     /// The value of a field as text (subscriptions joined with `;`), `None` when unset.
     pub fn get(&self, field: &Field) -> Option<String> {
-        let s = |v: &Option<String>| v.clone();
         match field {
-            Field::ExternalId => s(&self.external_id),
-            Field::Email => s(&self.email),
-            Field::FirstName => s(&self.first_name),
-            Field::LastName => s(&self.last_name),
-            Field::DisplayName => s(&self.display_name),
-            Field::Phone => s(&self.phone),
-            Field::Mobile => s(&self.mobile),
-            Field::Company => s(&self.company),
-            Field::Department => s(&self.department),
-            Field::JobTitle => s(&self.job_title),
-            Field::Language => s(&self.language),
             Field::Subscriptions => {
                 if self.subscriptions.is_empty() {
                     None
@@ -416,9 +404,30 @@ impl Contact {
                     )
                 }
             }
-            Field::Status => Some(self.status.as_str().to_string()),
             Field::UpdatedAt => self.updated_at.map(|t| t.to_rfc3339()),
-            Field::Attribute(name) => self.attributes.get(name).cloned(),
+            other => self.get_str(other).map(str::to_string),
+        }
+    }
+
+    /// The value of a field the contact holds as text, borrowed: `None` when it is
+    /// unset, and for the two it does not hold as text (`subscriptions`, a set, and
+    /// `updated_at`, a time; [`Contact::get`] formats those).
+    pub fn get_str(&self, field: &Field) -> Option<&str> {
+        match field {
+            Field::ExternalId => self.external_id.as_deref(),
+            Field::Email => self.email.as_deref(),
+            Field::FirstName => self.first_name.as_deref(),
+            Field::LastName => self.last_name.as_deref(),
+            Field::DisplayName => self.display_name.as_deref(),
+            Field::Phone => self.phone.as_deref(),
+            Field::Mobile => self.mobile.as_deref(),
+            Field::Company => self.company.as_deref(),
+            Field::Department => self.department.as_deref(),
+            Field::JobTitle => self.job_title.as_deref(),
+            Field::Language => self.language.as_deref(),
+            Field::Status => Some(self.status.as_str()),
+            Field::Attribute(name) => self.attributes.get(name).map(String::as_str),
+            Field::Subscriptions | Field::UpdatedAt => None,
         }
     }
 

@@ -18,73 +18,36 @@
 
 use std::borrow::Cow;
 
-use contactsync_core::Contact;
+use contactsync_core::{Contact, Field};
 
 use super::{lookup_value, Lookups};
 
-/// A field as a template names it.
-#[derive(Debug, Clone, PartialEq)]
-enum Var {
-    ExternalId,
-    Email,
-    FirstName,
-    LastName,
-    DisplayName,
-    Phone,
-    Mobile,
-    Company,
-    Department,
-    JobTitle,
-    Language,
-    Status,
-    /// `attributes.NAME`
-    Attribute(String),
-}
-
-impl Var {
-    /// The names the record view answers with a text value (see `RecordView`).
-    fn named(name: &str) -> Option<Var> {
-        Some(match name {
-            "external_id" => Var::ExternalId,
-            "email" => Var::Email,
-            "first_name" => Var::FirstName,
-            "last_name" => Var::LastName,
-            "display_name" => Var::DisplayName,
-            "phone" => Var::Phone,
-            "mobile" => Var::Mobile,
-            "company" => Var::Company,
-            "department" => Var::Department,
-            "job_title" => Var::JobTitle,
-            "language" => Var::Language,
-            "status" => Var::Status,
-            _ => return None,
-        })
-    }
-
-    /// The value, `None` when the field is not set (undefined to a template).
-    fn get<'c>(&self, c: &'c Contact) -> Option<&'c str> {
-        match self {
-            Var::ExternalId => c.external_id.as_deref(),
-            Var::Email => c.email.as_deref(),
-            Var::FirstName => c.first_name.as_deref(),
-            Var::LastName => c.last_name.as_deref(),
-            Var::DisplayName => c.display_name.as_deref(),
-            Var::Phone => c.phone.as_deref(),
-            Var::Mobile => c.mobile.as_deref(),
-            Var::Company => c.company.as_deref(),
-            Var::Department => c.department.as_deref(),
-            Var::JobTitle => c.job_title.as_deref(),
-            Var::Language => c.language.as_deref(),
-            Var::Status => Some(c.status.as_str()),
-            Var::Attribute(name) => c.attributes.get(name).map(String::as_str),
-        }
-    }
+/// The fields a template reads as text: the names the record view answers with a
+/// text value (see `RecordView`), and `attributes.NAME`.
+pub(super) fn text_field(name: &str) -> Option<Field> {
+    let field = match name {
+        "external_id" => Field::ExternalId,
+        "email" => Field::Email,
+        "first_name" => Field::FirstName,
+        "last_name" => Field::LastName,
+        "display_name" => Field::DisplayName,
+        "phone" => Field::Phone,
+        "mobile" => Field::Mobile,
+        "company" => Field::Company,
+        "department" => Field::Department,
+        "job_title" => Field::JobTitle,
+        "language" => Field::Language,
+        "status" => Field::Status,
+        _ => return None,
+    };
+    Some(field)
 }
 
 /// What a pipe starts from.
 #[derive(Debug, Clone, PartialEq)]
 enum Source {
-    Var(Var),
+    /// A field held as text ([`Contact::get_str`]).
+    Var(Field),
     Text(String),
     /// `lookup('table', key)` or `lookup('table', key, 'default')`.
     Lookup {
@@ -155,7 +118,7 @@ type Step<'c> = Result<Option<Cow<'c, str>>, ()>;
 impl Source {
     fn eval<'c>(&'c self, c: &'c Contact, lookups: &Lookups) -> Step<'c> {
         match self {
-            Source::Var(var) => Ok(var.get(c).map(Cow::Borrowed)),
+            Source::Var(field) => Ok(c.get_str(field).map(Cow::Borrowed)),
             Source::Text(text) => Ok(Some(Cow::Borrowed(text))),
             Source::Lookup {
                 table,
@@ -452,16 +415,16 @@ impl<'s> Tokens<'s> {
             Token::Ident(name) if name == "attributes" => {
                 self.expect(Token::Dot)?;
                 match self.next()? {
-                    Token::Ident(attribute) => Some(Source::Var(Var::Attribute(attribute))),
+                    Token::Ident(attribute) => Some(Source::Var(Field::Attribute(attribute))),
                     _ => None,
                 }
             }
             Token::Ident(name) => {
-                let var = Var::named(&name)?;
+                let field = text_field(&name)?;
                 // `email.split`, `email(…)`: minijinja's.
                 match self.peek() {
                     Some(Token::Dot | Token::Open) => None,
-                    _ => Some(Source::Var(var)),
+                    _ => Some(Source::Var(field)),
                 }
             }
             _ => None,

@@ -179,27 +179,18 @@ impl Object for RecordView {
                     .iter()
                     .map(|s| Value::from(s.as_str())),
             )),
-            // Unset is undefined, so that `default(…)` applies.
-            "external_id" => contact.external_id.as_deref().map(Value::from),
-            "email" => contact.email.as_deref().map(Value::from),
-            "first_name" => contact.first_name.as_deref().map(Value::from),
-            "last_name" => contact.last_name.as_deref().map(Value::from),
-            "display_name" => contact.display_name.as_deref().map(Value::from),
-            "phone" => contact.phone.as_deref().map(Value::from),
-            "mobile" => contact.mobile.as_deref().map(Value::from),
-            "company" => contact.company.as_deref().map(Value::from),
-            "department" => contact.department.as_deref().map(Value::from),
-            "job_title" => contact.job_title.as_deref().map(Value::from),
-            "language" => contact.language.as_deref().map(Value::from),
-            "status" => Some(Value::from(contact.status.as_str())),
-            _ => {
-                let field = Field::parse(name);
-                field
-                    .is_canonical()
-                    .then(|| contact.get(&field))
-                    .flatten()
-                    .map(Value::from)
-            }
+            name => match direct::text_field(name) {
+                // Unset is undefined, so that `default(…)` applies.
+                Some(field) => contact.get_str(&field).map(Value::from),
+                None => {
+                    let field = Field::parse(name);
+                    field
+                        .is_canonical()
+                        .then(|| contact.get(&field))
+                        .flatten()
+                        .map(Value::from)
+                }
+            },
         }
     }
 }
