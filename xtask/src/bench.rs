@@ -504,16 +504,9 @@ fn measure(
         .stdout(Stdio::null())
         .spawn()
         .context("starting contactsync")?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for the child we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let (succeeded, status, usage) = wait_with_usage(child).context("waiting for contactsync")?;
     let elapsed = start.elapsed();
-    if waited != pid {
-        bail!("waiting for contactsync failed");
-    }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    if !succeeded {
         bail!("contactsync sync --from {from} --to {to} failed during the bench (status {status}); config {}", config.display());
     }
     let after = sandbox.filter(|u| !u.is_empty()).and_then(requests_served);
@@ -529,6 +522,21 @@ fn measure(
             .map(|(b, a)| a.saturating_sub(b).saturating_sub(1)),
         state_bytes: None,
     })
+}
+
+/// Waits for `child` and says whether it exited 0, its wait status, and what it used
+/// (`ru_maxrss` is its peak memory).
+fn wait_with_usage(child: Child) -> Result<(bool, i32, libc::rusage)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for the child we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let succeeded = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok((succeeded, status, usage))
 }
 
 /// Times `cargo xtask anchor-diff LEFT RIGHT` (this binary, the csv-diff crate with
@@ -547,13 +555,10 @@ fn measure_anchor(left: &Path, right: &Path) -> Result<Measured> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting the csv-diff anchor")?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for the child we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let (succeeded, status, usage) =
+        wait_with_usage(child).context("waiting for the csv-diff anchor")?;
     let elapsed = start.elapsed();
-    if waited != pid || !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    if !succeeded {
         bail!("the csv-diff anchor failed (status {status})");
     }
     Ok(Measured {
@@ -588,23 +593,24 @@ pub fn anchor_diff(args: &[String]) -> Result<()> {
 
 /// The transactions the state database has committed or rolled back so far
 /// (`pg_stat_database`, read with `psql`).
-/// The PostgreSQL state database's size on disk.
-fn state_database_bytes(url: &str) -> Option<u64> {
+/// The number one query of the PostgreSQL state database answers, with `psql`.
+fn psql_number(url: &str, query: &str) -> Option<u64> {
     let out = Command::new("psql")
-        .args(["-Atqc", "SELECT pg_database_size(current_database())", url])
+        .args(["-Atqc", query, url])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// The PostgreSQL state database's size on disk.
+fn state_database_bytes(url: &str) -> Option<u64> {
+    psql_number(url, "SELECT pg_database_size(current_database())")
+}
+
+/// Transactions committed or rolled back in the state database so far.
 fn state_transactions(url: &str) -> Option<u64> {
-    let out = Command::new("psql")
-        .args([
-            "-Atqc",
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
-            url,
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    psql_number(
+        url,
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+    )
 }
