@@ -679,6 +679,28 @@ struct Finished {
     last_success: Option<f64>,
 }
 
+impl Finished {
+    /// What a pipeline's run gave, or, when it failed before it had a report, its
+    /// error said on the console and its exit code.
+    fn or_failed(result: Result<Finished, Failure>, job: Job) -> Finished {
+        match result {
+            Ok(finished) => finished,
+            Err(Failure { code, error }) => {
+                say(
+                    tracing::Level::ERROR,
+                    &format!("error: {}: {error:#}", job.name),
+                );
+                Finished {
+                    job,
+                    report: None,
+                    code,
+                    last_success: None,
+                }
+            }
+        }
+    }
+}
+
 /// The pipelines `args` names: `--from/--to`, `--pipeline NAME…` or `--all`.
 fn select_jobs(settings: &Settings, args: &SyncArgs) -> Result<Vec<Job>> {
     if let (Some(from), Some(to)) = (&args.from, &args.to) {
@@ -794,22 +816,7 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
                 for (i, job) in group {
                     let result =
                         sync_one(settings, args, &job, many, interactive, sandboxes, cancel).await;
-                    let finished = match result {
-                        Ok(finished) => finished,
-                        Err(Failure { code, error }) => {
-                            say(
-                                tracing::Level::ERROR,
-                                &format!("error: {}: {error:#}", job.name),
-                            );
-                            Finished {
-                                job,
-                                report: None,
-                                code,
-                                last_success: None,
-                            }
-                        }
-                    };
-                    done.push((i, finished));
+                    done.push((i, Finished::or_failed(result, job)));
                 }
                 done
             })
@@ -904,21 +911,8 @@ async fn work_the_slot(
             tracing::Level::INFO,
             &format!("worker {worker}: {} (slot {slot})", job.name),
         );
-        let finished = match sync_one(settings, &args, job, many, false, sandboxes, cancel).await {
-            Ok(finished) => finished,
-            Err(Failure { code, error }) => {
-                say(
-                    tracing::Level::ERROR,
-                    &format!("error: {}: {error:#}", job.name),
-                );
-                Finished {
-                    job: job.clone(),
-                    report: None,
-                    code,
-                    last_success: None,
-                }
-            }
-        };
+        let result = sync_one(settings, &args, job, many, false, sandboxes, cancel).await;
+        let finished = Finished::or_failed(result, job.clone());
         let status = finished
             .report
             .as_ref()
