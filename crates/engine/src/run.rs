@@ -290,6 +290,9 @@ struct ChangeSet {
     read: ReadOutcome,
     /// Whether the read was a full one.
     full_read: bool,
+    /// Records drawn across the creates and updates, for the state to learn from
+    /// ([`StateStore::sample_records`]).
+    records: RecordSample,
 }
 
 /// The diff's working set during the read.
@@ -545,6 +548,7 @@ impl<'r> Run<'r> {
                 population: index.population(),
                 read: ReadOutcome::default(),
                 full_read: read_mode == ReadMode::Full,
+                records: RecordSample::default(),
             },
             index,
             mapping: FieldMapping::new(settings),
@@ -896,6 +900,9 @@ impl<'r> Run<'r> {
         }
         *counter += 1;
         diff.samples.offer(change);
+        if let Some(contact) = change.contact() {
+            diff.changes.records.offer(contact);
+        }
         if let Some(plan_file) = diff.plan_file.as_mut() {
             plan_file.write(change)?;
         }
@@ -990,6 +997,7 @@ impl<'r> Run<'r> {
                 .await
                 .map_err(RunError::Sink)?;
         }
+        self.state.sample_records(&changes.records.records)?;
         let run_id = self.report.run;
         let mut parts = [
             changes.upserts.into_reader()?,
@@ -1355,6 +1363,47 @@ fn email_identity_hash(email: &str) -> u64 {
     ContactKey::Email(email.to_lowercase()).hash64()
 }
 
+/// A uniform sample of the records a run stores (reservoir sampling, algorithm R, with
+/// a fixed-seed xorshift: the same read draws the same sample).
+struct RecordSample {
+    records: Vec<Contact>,
+    seen: u64,
+    state: u64,
+}
+
+impl RecordSample {
+    /// How many records are kept: enough to train a dictionary on
+    /// ([`crate::record::TRAINING_RECORDS`] at the least).
+    const SIZE: usize = 2 * crate::record::TRAINING_RECORDS;
+}
+
+impl Default for RecordSample {
+    fn default() -> Self {
+        RecordSample {
+            records: Vec::new(),
+            seen: 0,
+            state: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+}
+
+impl RecordSample {
+    fn offer(&mut self, contact: &Contact) {
+        self.seen += 1;
+        if self.records.len() < Self::SIZE {
+            self.records.push(contact.clone());
+            return;
+        }
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let slot = self.state % self.seen;
+        if let Some(kept) = self.records.get_mut(slot as usize) {
+            *kept = contact.clone();
+        }
+    }
+}
+
 /// The first few changes of each kind.
 struct Samples {
     per_kind: usize,
@@ -1593,5 +1642,42 @@ impl Feed {
             }
         };
         stream.finish().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contactsync_core::Field;
+
+    /// The sample a state learns its records' shape from is drawn across the whole
+    /// change set, not from its first records (a sorted source's first thousand ids
+    /// are not like the rest).
+    #[test]
+    fn the_record_sample_is_drawn_across_the_whole_change_set() {
+        let mut sample = RecordSample::default();
+        let n = 100_000;
+        for i in 0..n {
+            let mut c = Contact::default();
+            c.set(&Field::ExternalId, &i.to_string()).unwrap();
+            sample.offer(&c);
+        }
+        assert_eq!(sample.records.len(), RecordSample::SIZE);
+        let ids: Vec<usize> = sample
+            .records
+            .iter()
+            .filter_map(|c| c.external_id.as_deref()?.parse().ok())
+            .collect();
+        let in_last_half = ids.iter().filter(|&&i| i >= n / 2).count();
+        let in_first_tenth = ids.iter().filter(|&&i| i < n / 10).count();
+        // Uniform: about half from the last half, about a tenth from the first tenth.
+        assert!(
+            (in_last_half as f64) > 0.4 * RecordSample::SIZE as f64,
+            "{in_last_half} of the last half"
+        );
+        assert!(
+            (in_first_tenth as f64) < 0.2 * RecordSample::SIZE as f64,
+            "{in_first_tenth} of the first tenth"
+        );
     }
 }

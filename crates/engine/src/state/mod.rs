@@ -19,6 +19,7 @@
 //! This module is the interface and its contract; [`sqlite`] the embedded backend;
 //! [`conformance`] the suite every backend passes (call it from the backend's tests).
 
+mod compact;
 pub mod conformance;
 mod postgres;
 mod sqlite;
@@ -441,6 +442,13 @@ pub trait StateStore: Send {
     ) -> Result<(), StateError>;
     /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
+    /// Before a run applies its changes: records drawn evenly across the ones it will
+    /// store, for a backend that compresses records to learn their shape from (the first
+    /// records of a sorted source are not like the rest). A hint; the default ignores it.
+    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
+        let _ = sample;
+        Ok(())
+    }
     /// Drops every pending change of the pipeline.
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError>;
     /// The sink's key-value space for config section `scope`.
@@ -491,8 +499,17 @@ pub(crate) fn from_sql(value: i64) -> u64 {
 /// or damaged) counts as not known: the sink then behaves as it did before records
 /// were kept, which is safe, and the next change stores a fresh one.
 pub(crate) fn stored_record(key: &str, bytes: Option<&[u8]>) -> Option<Contact> {
+    stored_record_with(key, bytes, crate::record::decode)
+}
+
+/// [`stored_record`] with a decoder of the backend's (one that knows its dictionaries).
+pub(crate) fn stored_record_with(
+    key: &str,
+    bytes: Option<&[u8]>,
+    decode: impl FnOnce(&[u8]) -> Result<Contact, String>,
+) -> Option<Contact> {
     let bytes = bytes?;
-    match crate::record::decode(bytes) {
+    match decode(bytes) {
         Ok(contact) => Some(contact),
         Err(e) => {
             tracing::warn!(
@@ -513,6 +530,7 @@ pub(crate) fn group_pending(
     rows: Vec<StoredPending>,
     parse_key: impl Fn(&str) -> Result<ContactKey, StateError>,
     unknown_kind: impl Fn(&str) -> StateError,
+    mut read_record: impl FnMut(&str, Option<&[u8]>) -> Option<Contact>,
 ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
     let mut batches: Vec<(PendingBatch, Vec<PendingRow>)> = Vec::new();
     for (batch_id, key_text, kind, email, content_hash, record) in rows {
@@ -543,7 +561,7 @@ pub(crate) fn group_pending(
                 kind,
                 content_hash: from_sql(content_hash),
                 email,
-                record: stored_record(&key_text, record.as_deref()),
+                record: read_record(&key_text, record.as_deref()),
             });
         }
     }

@@ -732,6 +732,7 @@ impl StateStore for PostgresState {
                 url: self.shown.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
             },
+            super::stored_record,
         )
     }
 

@@ -5,11 +5,16 @@ use std::path::{Path, PathBuf};
 use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use contactsync_core::{ChangeKind, SyncedEntry};
+use rusqlite::types::Value;
+
+use crate::record::{RecordCodec, RecordDecodeError};
+
 use super::{
-    audit_entry, from_sql, group_pending, synced_row, to_sql, with_created_fields, AuditEntry,
-    LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
-    StateItem, StateStore, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
-    LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
+    compact, from_sql, group_pending, stored_record, stored_record_with, to_sql,
+    with_created_fields, AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary,
+    RunRecord, Settlement, StateError, StateItem, StateStore, SyncedRow, LOCK_HEARTBEAT_EVERY,
+    LOCK_STALE_AFTER,
 };
 
 /// The embedded default: one SQLite file per config, in WAL mode.
@@ -18,6 +23,8 @@ pub struct SqliteState {
     path: PathBuf,
     /// Renews the heartbeat of the locks this store holds; stopped on unlock or drop.
     heartbeat: Option<Heartbeat>,
+    /// Compresses the records kept with the file's dictionaries.
+    codec: RecordCodec,
 }
 
 /// A thread with its own connection that renews a holder's locks.
@@ -86,8 +93,10 @@ impl std::fmt::Debug for SqliteState {
     }
 }
 
-/// Version 2 added the last-sent record (`record` in `synced` and `pending`).
-const SCHEMA_VERSION: &str = "2";
+/// Version 2 added the last-sent record (`record` in `synced` and `pending`); version 3
+/// made the rows compact (pipelines by integer id, keys and emails not repeated beside
+/// the record that gives them: [`super::compact`]).
+const SCHEMA_VERSION: &str = "3";
 
 /// Every transaction that writes starts IMMEDIATE: in WAL mode a deferred one that
 /// read first and then writes fails at once ("database is locked", no waiting) when
@@ -108,37 +117,38 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pipelines (
-    name TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
     runs INTEGER NOT NULL DEFAULT 0,
     cursor TEXT,
     last_full_run INTEGER
 );
 CREATE TABLE IF NOT EXISTS synced (
-    pipeline TEXT NOT NULL,
+    pipeline INTEGER NOT NULL,
     key_hash INTEGER NOT NULL,
-    key TEXT NOT NULL,
     content_hash INTEGER NOT NULL,
+    record BLOB,
+    key TEXT,
     email TEXT,
     handle TEXT,
-    record BLOB,
     PRIMARY KEY (pipeline, key_hash)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
-    pipeline TEXT NOT NULL,
+    pipeline INTEGER NOT NULL,
     batch_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     run INTEGER NOT NULL,
     key_hash INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    kind TEXT NOT NULL,
+    kind NOT NULL,
     content_hash INTEGER NOT NULL,
-    email TEXT,
     applied INTEGER NOT NULL DEFAULT 0,
-    handle TEXT,
     record BLOB,
+    key TEXT,
+    email TEXT,
+    handle TEXT,
     PRIMARY KEY (pipeline, batch_id, seq)
 );
-CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key);
+CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key_hash);
 CREATE TABLE IF NOT EXISTS runs (
     pipeline TEXT NOT NULL,
     run INTEGER NOT NULL,
@@ -158,16 +168,16 @@ CREATE TABLE IF NOT EXISTS locks (
     heartbeat INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
-    pipeline TEXT NOT NULL,
+    pipeline INTEGER NOT NULL,
     run INTEGER NOT NULL,
     at INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    email TEXT,
-    kind TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT,
+    kind NOT NULL,
+    outcome NOT NULL,
     fields TEXT NOT NULL,
-    created BLOB
+    created BLOB,
+    key TEXT,
+    email TEXT,
+    reason TEXT
 );
 CREATE TABLE IF NOT EXISTS slots (
     slot TEXT NOT NULL,
@@ -177,6 +187,10 @@ CREATE TABLE IF NOT EXISTS slots (
     claimed_at TEXT NOT NULL,
     finished_at TEXT,
     PRIMARY KEY (slot, pipeline)
+);
+CREATE TABLE IF NOT EXISTS dictionaries (
+    id INTEGER PRIMARY KEY,
+    dictionary BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sink_data (
     scope TEXT NOT NULL,
@@ -222,8 +236,15 @@ impl SqliteState {
             conn,
             path: path.to_path_buf(),
             heartbeat: None,
+            codec: RecordCodec::default(),
         };
         state.init()?;
+        load_dictionaries(&mut state.codec, &state.conn, true).map_err(|message| {
+            StateError::Corrupt {
+                path: path.to_path_buf(),
+                message,
+            }
+        })?;
         Ok(state)
     }
 
@@ -232,6 +253,13 @@ impl SqliteState {
         // Set before anything else: a run, `state show` and other workers may open the
         // same (maybe new) file at the same moment, and each waits for the others.
         self.conn.busy_timeout(BUSY_TIMEOUT).map_err(map)?;
+        // A new file frees the pages an emptied table leaves (a first sync's pending
+        // changes are as large as what it synced) when a run ends; see `release_free_pages`.
+        // Set first: it has no effect on a file that has tables, or that the switch to
+        // WAL below has written.
+        self.conn
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+            .map_err(map)?;
         // WAL: readers never block the writer; synchronous=NORMAL keeps every committed
         // transaction across a killed process (only power loss may lose the last one).
         // Turning WAL on needs the file to itself, and SQLite answers "locked" at once
@@ -252,15 +280,26 @@ impl SqliteState {
         // One IMMEDIATE transaction: two processes opening a new or old file never both
         // create the schema or both migrate it.
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        tx.execute_batch(SCHEMA).map_err(map)?;
-        let version: Option<String> = tx
-            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+        let has_meta: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        let version: Option<String> = if has_meta {
+            tx.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(map)?;
+            .map_err(map)?
+        } else {
+            None
+        };
+        let mut migrated = false;
         match version.as_deref() {
             None => {
+                tx.execute_batch(SCHEMA).map_err(map)?;
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
                     [SCHEMA_VERSION],
@@ -268,16 +307,19 @@ impl SqliteState {
                 .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => {}
-            Some("1") => {
-                // Version 1 kept no records: people synced by it have no `before` until
-                // their next change is sent, and nobody is sent again for the upgrade.
-                tx.execute_batch(
-                    "ALTER TABLE synced ADD COLUMN record BLOB;
-                     ALTER TABLE pending ADD COLUMN record BLOB;
-                     UPDATE meta SET value = '2' WHERE key = 'schema';",
-                )
-                .map_err(map)?;
-                tracing::info!(state = %self.path.display(), "state migrated from schema 1 to 2 (last-sent records)");
+            Some(old @ ("1" | "2")) => {
+                if old == "1" {
+                    // Version 1 kept no records: people synced by it have no `before`
+                    // until their next change is sent, and nobody is sent again for it.
+                    tx.execute_batch(
+                        "ALTER TABLE synced ADD COLUMN record BLOB;
+                         ALTER TABLE pending ADD COLUMN record BLOB;",
+                    )
+                    .map_err(map)?;
+                }
+                migrate_to_v3(&tx).map_err(map)?;
+                migrated = true;
+                tracing::info!(state = %self.path.display(), "state migrated from schema {old} to {SCHEMA_VERSION} (compact rows)");
             }
             Some(other) => {
                 return Err(StateError::Corrupt {
@@ -288,7 +330,19 @@ impl SqliteState {
                 })
             }
         }
-        tx.commit().map_err(map)
+        tx.commit().map_err(map)?;
+        if migrated {
+            // The old tables' pages are free now; a file made before auto-vacuum needs
+            // one VACUUM to give them back and to free pages from then on. Another
+            // process reading the file makes it fail, which costs only disk space.
+            if let Err(e) = self
+                .conn
+                .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+            {
+                tracing::warn!(state = %self.path.display(), "could not compact the migrated state (it works as it is): {e}");
+            }
+        }
+        Ok(())
     }
 
     /// The database file.
@@ -296,11 +350,25 @@ impl SqliteState {
         &self.path
     }
 
-    fn parse_key(&self, text: &str) -> Result<ContactKey, StateError> {
-        text.parse().map_err(|message| StateError::Corrupt {
-            path: self.path.clone(),
-            message,
-        })
+    /// Keeps records to train the file's dictionary on; once there are enough, stores
+    /// the dictionary (committed before any record uses it) and compresses from then on.
+    fn learn<'a>(&mut self, contacts: impl Iterator<Item = &'a Contact>) -> Result<(), StateError> {
+        let Some(dictionary) = self.codec.learn(contacts) else {
+            return Ok(());
+        };
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        tx.execute(
+            "INSERT INTO dictionaries (dictionary) VALUES (?1)",
+            [&dictionary],
+        )
+        .map_err(map)?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(map)?;
+        if let Err(e) = self.codec.add_dictionary(id as u64, &dictionary, true) {
+            tracing::warn!("records stay uncompressed: dictionary {id} is not usable: {e}");
+        }
+        Ok(())
     }
 }
 
@@ -449,7 +517,9 @@ impl StateStore for SqliteState {
             Ok(())
         })();
         result.map_err(db_error(&self.path))?;
-        tx.commit().map_err(db_error(&self.path))
+        tx.commit().map_err(db_error(&self.path))?;
+        self.release_free_pages();
+        Ok(())
     }
 
     fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError> {
@@ -471,7 +541,9 @@ impl StateStore for SqliteState {
     ) -> Result<(), StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT key_hash, content_hash FROM synced WHERE pipeline = ?1")
+            .prepare_cached(&format!(
+                "SELECT key_hash, content_hash FROM synced WHERE pipeline = {PIPELINE_ID}"
+            ))
             .map_err(db_error(&self.path))?;
         let mut rows = stmt.query([pipeline]).map_err(db_error(&self.path))?;
         while let Some(row) = rows.next().map_err(db_error(&self.path))? {
@@ -483,19 +555,17 @@ impl StateStore for SqliteState {
     }
 
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {
-        let row: Option<StoredSynced> = self
+        let row: Option<CompactSynced> = self
             .conn
-            .prepare_cached(
-                "SELECT key, content_hash, email, handle, record FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
-            )
+            .prepare_cached(&format!(
+                "SELECT {SYNCED_COLUMNS} FROM synced WHERE pipeline = {PIPELINE_ID} AND key_hash = ?2"
+            ))
             .and_then(|mut s| {
-                s.query_row(params![pipeline, to_sql(key_hash)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })
-                .optional()
+                s.query_row(params![pipeline, to_sql(key_hash)], compact_synced)
+                    .optional()
             })
             .map_err(db_error(&self.path))?;
-        row.map(|stored| synced_row(stored, |text| self.parse_key(text)))
+        row.map(|stored| synced_row(&mut self.codec, &self.conn, &self.path, stored))
             .transpose()
     }
 
@@ -506,27 +576,30 @@ impl StateStore for SqliteState {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
+        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email, record)
+                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(map)?;
             for (seq, row) in rows.iter().enumerate() {
+                let record = row.record.as_ref();
                 stmt.execute(params![
-                    pipeline,
+                    id,
                     batch_id,
                     seq as i64,
                     run,
                     to_sql(row.key.hash64()),
-                    row.key.to_string(),
-                    row.kind.as_str(),
+                    compact::kind(row.kind),
                     to_sql(row.content_hash),
-                    row.email,
-                    row.record.as_ref().map(crate::record::encode),
+                    record.map(|r| self.codec.encode(r)),
+                    compact::key(&row.key, record),
+                    compact::email(row.email.as_deref(), record),
                 ])
                 .map_err(map)?;
             }
@@ -538,13 +611,23 @@ impl StateStore for SqliteState {
         &mut self,
         pipeline: &str,
     ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT batch_id, key, kind, email, content_hash, record FROM pending WHERE pipeline = ?1 ORDER BY run, batch_id, seq",
-            )
-            .map_err(db_error(&self.path))?;
-        type Row = super::StoredPending;
+            .prepare(&format!(
+                "SELECT batch_id, key, kind, email, content_hash, record FROM pending
+                 WHERE pipeline = {PIPELINE_ID} ORDER BY run, batch_id, seq"
+            ))
+            .map_err(map)?;
+        type Row = (
+            String,
+            Option<String>,
+            Value,
+            Option<String>,
+            i64,
+            Option<Vec<u8>>,
+        );
         let rows: Vec<Row> = stmt
             .query_map([pipeline], |r| {
                 Ok((
@@ -557,15 +640,33 @@ impl StateStore for SqliteState {
                 ))
             })
             .and_then(|rows| rows.collect())
-            .map_err(db_error(&self.path))?;
+            .map_err(map)?;
         drop(stmt);
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message: format!("in pending: {message}"),
+        };
+        let mut stored: Vec<super::StoredPending> = Vec::with_capacity(rows.len());
+        for (batch_id, key, kind, email, content_hash, bytes) in rows {
+            let record = read_record(
+                &mut self.codec,
+                &self.conn,
+                key.as_deref().unwrap_or(&batch_id),
+                bytes.as_deref(),
+            );
+            let key = compact::expand_key(key.as_deref(), record.as_ref()).map_err(corrupt)?;
+            let email = compact::expand_email(email, record.as_ref());
+            let kind = compact::expand_word(kind).map_err(corrupt)?;
+            stored.push((batch_id, key, kind, email, content_hash, bytes));
+        }
         group_pending(
-            rows,
-            |text| self.parse_key(text),
+            stored,
+            |text| parse_key(&path, text),
             |kind| StateError::Corrupt {
-                path: self.path.clone(),
+                path: path.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
             },
+            |key, bytes| read_record(&mut self.codec, &self.conn, key, bytes),
         )
     }
 
@@ -575,11 +676,10 @@ impl StateStore for SqliteState {
         batch_id: &str,
         settlements: &[Settlement],
     ) -> Result<(), StateError> {
-        let map = db_error(&self.path);
+        let path = self.path.clone();
+        let map = db_error(&path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        // A sink that is durable at finish and took the whole batch (the common case):
-        // one statement marks the batch, instead of one lookup a row. Only when the
-        // batch has no other rows than these, each settled once.
+        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
         let whole_batch_awaits = !settlements.is_empty()
             && settlements
                 .iter()
@@ -589,86 +689,92 @@ impl StateStore for SqliteState {
                 .prepare_cached(
                     "SELECT COUNT(*) FROM pending WHERE pipeline = ?1 AND batch_id = ?2",
                 )
-                .and_then(|mut s| s.query_row(params![pipeline, batch_id], |r| r.get(0)))
+                .and_then(|mut s| s.query_row(params![id, batch_id], |r| r.get(0)))
                 .map_err(map)?;
             if rows == settlements.len() as i64 {
                 tx.prepare_cached(
                     "UPDATE pending SET applied = 1, handle = NULL WHERE pipeline = ?1 AND batch_id = ?2",
                 )
-                .and_then(|mut s| s.execute(params![pipeline, batch_id]))
+                .and_then(|mut s| s.execute(params![id, batch_id]))
                 .map_err(map)?;
                 return tx.commit().map_err(map);
             }
         }
         {
             let mut upsert = tx
-                .prepare_cached(
-                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                     ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
-                       email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-                       record = COALESCE(excluded.record, synced.record)
-                     WHERE synced.key = excluded.key",
-                )
+                .prepare_cached(&format!(
+                    "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) {SYNCED_UPSERT}"
+                ))
                 .map_err(map)?;
             let mut forget = tx
                 .prepare_cached("DELETE FROM synced WHERE pipeline = ?1 AND key_hash = ?2")
                 .map_err(map)?;
             let mut unpend = tx
                 .prepare_cached(
-                    "DELETE FROM pending WHERE pipeline = ?1 AND batch_id = ?2 AND key = ?3",
+                    "DELETE FROM pending WHERE pipeline = ?1 AND batch_id = ?2 AND key_hash = ?3",
                 )
                 .map_err(map)?;
             let mut mark = tx
                 .prepare_cached(
-                    "UPDATE pending SET applied = 1, handle = ?4 WHERE pipeline = ?1 AND batch_id = ?2 AND key = ?3",
+                    "UPDATE pending SET applied = 1, handle = ?4 WHERE pipeline = ?1 AND batch_id = ?2 AND key_hash = ?3",
                 )
                 .map_err(map)?;
             let mut owner = tx
-                .prepare_cached("SELECT key FROM synced WHERE pipeline = ?1 AND key_hash = ?2")
+                .prepare_cached(
+                    "SELECT key, record FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
+                )
                 .map_err(map)?;
             for settlement in settlements {
                 match settlement {
                     Settlement::Synced { key, entry } => {
+                        let hash = to_sql(key.hash64());
+                        // Two keys of one hash: the person there is somebody else.
+                        let existing: Option<(Option<String>, Option<Vec<u8>>)> = owner
+                            .query_row(params![id, hash], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                            .map_err(map)?;
                         let text = key.to_string();
-                        let changed = upsert
+                        if let Some((stored, bytes)) = existing {
+                            let record = read_record(&mut self.codec, &tx, &text, bytes.as_deref());
+                            let existing = compact::expand_key(stored.as_deref(), record.as_ref())
+                                .map_err(|message| StateError::Corrupt {
+                                    path: path.clone(),
+                                    message,
+                                })?;
+                            if existing != text {
+                                return Err(StateError::KeyCollision {
+                                    existing,
+                                    new: text,
+                                });
+                            }
+                        }
+                        let record = entry.record.as_deref();
+                        upsert
                             .execute(params![
-                                pipeline,
-                                to_sql(key.hash64()),
-                                text,
+                                id,
+                                hash,
                                 to_sql(entry.content_hash),
-                                entry.email,
+                                record.map(|r| self.codec.encode(r)),
+                                compact::key(key, record),
+                                compact::email(entry.email.as_deref(), record),
                                 entry.handle,
-                                entry.record.as_deref().map(crate::record::encode),
                             ])
                             .map_err(map)?;
-                        if changed == 0 {
-                            let existing: String = owner
-                                .query_row(params![pipeline, to_sql(key.hash64())], |r| r.get(0))
-                                .map_err(map)?;
-                            return Err(StateError::KeyCollision {
-                                existing,
-                                new: text,
-                            });
-                        }
-                        unpend
-                            .execute(params![pipeline, batch_id, text])
-                            .map_err(map)?;
+                        unpend.execute(params![id, batch_id, hash]).map_err(map)?;
                     }
                     Settlement::Forgotten { key } => {
-                        forget
-                            .execute(params![pipeline, to_sql(key.hash64())])
-                            .map_err(map)?;
-                        unpend
-                            .execute(params![pipeline, batch_id, key.to_string()])
-                            .map_err(map)?;
+                        let hash = to_sql(key.hash64());
+                        forget.execute(params![id, hash]).map_err(map)?;
+                        unpend.execute(params![id, batch_id, hash]).map_err(map)?;
                     }
                     Settlement::Dropped { key } => {
                         unpend
-                            .execute(params![pipeline, batch_id, key.to_string()])
+                            .execute(params![id, batch_id, to_sql(key.hash64())])
                             .map_err(map)?;
                     }
                     Settlement::AwaitingFinish { key, handle } => {
-                        mark.execute(params![pipeline, batch_id, key.to_string(), handle])
+                        mark.execute(params![id, batch_id, to_sql(key.hash64()), handle])
                             .map_err(map)?;
                     }
                 }
@@ -680,42 +786,40 @@ impl StateStore for SqliteState {
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let Some(id) = pipeline_id(&tx, pipeline).map_err(map)? else {
+            return Ok(0);
+        };
+        let remove = compact::kind(ChangeKind::Remove);
         let removed = tx
             .execute(
                 "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
-                   (SELECT key_hash FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = 'remove')",
-                params![pipeline, run],
+                   (SELECT key_hash FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
+                params![id, run, remove],
             )
             .map_err(map)?;
         let upserted = tx
             .execute(
-                // In key order: appending to the b-tree instead of splitting its pages
-                // at random (a first sync of a million is several times faster, and
-                // the pages end up full).
-                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
-                   SELECT pipeline, key_hash, key, content_hash, email, handle, record FROM pending
-                   WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != 'remove'
-                   ORDER BY key_hash
-                 ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
-                   email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-                   record = COALESCE(excluded.record, synced.record)",
-                params![pipeline, run],
+                &format!(
+                    "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                       SELECT pipeline, key_hash, content_hash, record, key, email, handle FROM pending
+                       WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
+                       ORDER BY key_hash
+                     {SYNCED_UPSERT}"
+                ),
+                params![id, run, remove],
             )
             .map_err(map)?;
-        // When these rows are all the pending table holds (the usual case), an
-        // unqualified DELETE empties it at once (SQLite drops the pages instead of
-        // removing a million rows and their index entries one by one).
         let others: bool = tx
             .query_row(
                 "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
-                params![pipeline, run],
+                params![id, run],
                 |r| r.get(0),
             )
             .map_err(map)?;
         if others {
             tx.execute(
                 "DELETE FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1",
-                params![pipeline, run],
+                params![id, run],
             )
             .map_err(map)?;
         } else {
@@ -725,10 +829,14 @@ impl StateStore for SqliteState {
         Ok((removed + upserted) as u64)
     }
 
+    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
+        self.learn(sample.iter())
+    }
+
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {
         self.conn
             .execute(
-                "DELETE FROM pending WHERE pipeline = ?1 AND batch_id = ?2",
+                &format!("DELETE FROM pending WHERE pipeline = {PIPELINE_ID} AND batch_id = ?2"),
                 params![pipeline, batch_id],
             )
             .map(|_| ())
@@ -747,8 +855,8 @@ impl StateStore for SqliteState {
             .conn
             .prepare(
                 "SELECT p.name, p.runs, p.cursor,
-                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.name),
-                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.name),
+                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.id),
+                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.id),
                    (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
                  FROM pipelines p ORDER BY p.name",
             )
@@ -796,36 +904,14 @@ impl StateStore for SqliteState {
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        {
-            let mut put = tx
-                .prepare_cached(
-                    "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )
-                .map_err(map)?;
-            for e in entries {
-                put.execute(params![
-                    e.pipeline,
-                    e.run,
-                    e.at,
-                    e.key,
-                    e.email,
-                    e.kind,
-                    e.outcome,
-                    e.reason,
-                    e.fields,
-                    e.created.as_deref().map(crate::record::encode),
-                ])
-                .map_err(map)?;
-            }
-        }
+        insert_audit(&tx, &mut self.codec, entries).map_err(map)?;
         tx.commit().map_err(map)
     }
 
     fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError> {
         self.conn
             .execute(
-                "DELETE FROM audit WHERE pipeline = ?1 AND at < ?2",
+                &format!("DELETE FROM audit WHERE pipeline = {PIPELINE_ID} AND at < ?2"),
                 params![pipeline, before],
             )
             .map(|n| n as u64)
@@ -835,35 +921,44 @@ impl StateStore for SqliteState {
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
         let who = who.trim();
         let email = Contact::normalize_email(who).unwrap_or_default();
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
-                "SELECT {AUDIT_COLUMNS} FROM audit
-                 WHERE key = ?1 OR key = 'external_id:' || ?1 OR key = 'email:' || ?2
-                    OR email = ?2 COLLATE NOCASE
-                 ORDER BY at, rowid"
-            ))
-            .map_err(db_error(&self.path))?;
-        let rows: Vec<StoredAudit> = stmt
-            .query_map(params![who, email], audit_columns)
-            .and_then(|rows| rows.collect())
-            .map_err(db_error(&self.path))?;
-        Ok(rows
-            .into_iter()
-            .map(|row| with_created_fields(audit_entry(row)))
-            .collect())
+        let keys = [
+            who.to_string(),
+            format!("external_id:{who}"),
+            format!("email:{email}"),
+        ];
+        // Rows whose key or email is their record's are matched once expanded.
+        let mut entries = Vec::new();
+        self.audit_rows(
+            "WHERE a.key IS NULL OR a.email IS NULL OR a.key IN (?1, ?2, ?3) OR a.email = ?4 COLLATE NOCASE
+             ORDER BY a.at, a.rowid",
+            params![keys[0], keys[1], keys[2], email],
+            &mut |entry| {
+                let matches = keys.contains(&entry.key)
+                    || entry
+                        .email
+                        .as_deref()
+                        .is_some_and(|e| !email.is_empty() && e.eq_ignore_ascii_case(&email));
+                if matches {
+                    entries.push(with_created_fields(entry));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(entries)
     }
 
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        for table in ["synced", "pending", "runs", "audit"] {
+        for table in ["synced", "pending", "audit"] {
             tx.execute(
-                &format!("DELETE FROM {table} WHERE pipeline = ?1"),
+                &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
                 [pipeline],
             )
             .map_err(map)?;
         }
+        tx.execute("DELETE FROM runs WHERE pipeline = ?1", [pipeline])
+            .map_err(map)?;
         tx.execute("DELETE FROM pipelines WHERE name = ?1", [pipeline])
             .map_err(map)?;
         tx.commit().map_err(map)
@@ -893,44 +988,26 @@ impl StateStore for SqliteState {
         {
             let mut stmt = self
                 .conn
-                .prepare("SELECT pipeline, key, content_hash, email, handle, record FROM synced")
+                .prepare(&format!(
+                    "SELECT {SYNCED_COLUMNS}, p.name FROM synced JOIN pipelines p ON p.id = synced.pipeline"
+                ))
                 .map_err(map)?;
             let mut rows = stmt.query([]).map_err(map)?;
             while let Some(r) = rows.next().map_err(map)? {
-                let stored: StoredSynced = (
-                    r.get(1).map_err(map)?,
-                    r.get(2).map_err(map)?,
-                    r.get(3).map_err(map)?,
-                    r.get(4).map_err(map)?,
-                    r.get(5).map_err(map)?,
-                );
-                let row = synced_row(stored, |text| {
-                    text.parse().map_err(|message| StateError::Corrupt {
-                        path: path.clone(),
-                        message,
-                    })
-                })?;
+                let stored = compact_synced(r).map_err(map)?;
+                let pipeline: String = r.get(5).map_err(map)?;
                 visit(StateItem::Synced {
-                    pipeline: r.get(0).map_err(map)?,
-                    row,
+                    pipeline,
+                    row: synced_row(&mut self.codec, &self.conn, &path, stored)?,
                 })?;
             }
         }
         for run in self.runs(None, usize::MAX >> 1)?.into_iter().rev() {
             visit(StateItem::Run(run))?;
         }
-        {
-            let mut stmt = self
-                .conn
-                .prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY rowid"))
-                .map_err(map)?;
-            let mut rows = stmt.query([]).map_err(map)?;
-            while let Some(r) = rows.next().map_err(map)? {
-                visit(StateItem::Audit(audit_entry(
-                    audit_columns(r).map_err(map)?,
-                )))?;
-            }
-        }
+        self.audit_rows("ORDER BY a.rowid", [], &mut |entry| {
+            visit(StateItem::Audit(entry))
+        })?;
         let mut stmt = self
             .conn
             .prepare("SELECT scope, key, value FROM sink_data ORDER BY scope, key")
@@ -993,6 +1070,11 @@ impl StateStore for SqliteState {
     }
 
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
+        self.learn(items.iter().filter_map(|item| match item {
+            StateItem::Synced { row, .. } => row.entry.record.as_deref(),
+            StateItem::Audit(e) => e.created.as_deref(),
+            _ => None,
+        }))?;
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         for item in items {
@@ -1002,45 +1084,47 @@ impl StateStore for SqliteState {
                     runs,
                     cursor,
                     last_full_run,
-                } => tx.execute(
-                    "INSERT OR REPLACE INTO pipelines (name, runs, cursor, last_full_run) VALUES (?1, ?2, ?3, ?4)",
-                    params![name, runs, cursor, last_full_run],
-                ),
-                StateItem::Synced { pipeline, row } => tx.execute(
-                    "INSERT OR REPLACE INTO synced (pipeline, key_hash, key, content_hash, email, handle, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        pipeline,
-                        to_sql(row.key.hash64()),
-                        row.key.to_string(),
-                        to_sql(row.entry.content_hash),
-                        row.entry.email,
-                        row.entry.handle,
-                        row.entry.record.as_deref().map(crate::record::encode),
-                    ],
-                ),
-                StateItem::Run(r) => tx.execute(
-                    "INSERT OR REPLACE INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![r.pipeline, r.run, r.started_at, r.finished_at, r.status, r.report],
-                ),
-                StateItem::Audit(e) => tx.execute(
-                    "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                    params![
-                        e.pipeline,
-                        e.run,
-                        e.at,
-                        e.key,
-                        e.email,
-                        e.kind,
-                        e.outcome,
-                        e.reason,
-                        e.fields,
-                        e.created.as_deref().map(crate::record::encode),
-                    ],
-                ),
-                StateItem::SinkData { scope, key, value } => tx.execute(
-                    "INSERT OR REPLACE INTO sink_data (scope, key, value) VALUES (?1, ?2, ?3)",
-                    params![scope, key, value],
-                ),
+                } => tx
+                    .execute(
+                        // Not OR REPLACE: that would give the pipeline a new id.
+                        "INSERT INTO pipelines (name, runs, cursor, last_full_run) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (name) DO UPDATE SET runs = excluded.runs, cursor = excluded.cursor,
+                           last_full_run = excluded.last_full_run",
+                        params![name, runs, cursor, last_full_run],
+                    )
+                    .map(|_| ()),
+                StateItem::Synced { pipeline, row } => {
+                    ensure_pipeline(&tx, pipeline).and_then(|id| {
+                        let record = row.entry.record.as_deref();
+                        tx.execute(
+                            "INSERT OR REPLACE INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            params![
+                                id,
+                                to_sql(row.key.hash64()),
+                                to_sql(row.entry.content_hash),
+                                record.map(|r| self.codec.encode(r)),
+                                compact::key(&row.key, record),
+                                compact::email(row.entry.email.as_deref(), record),
+                                row.entry.handle,
+                            ],
+                        )
+                        .map(|_| ())
+                    })
+                }
+                StateItem::Run(r) => tx
+                    .execute(
+                        "INSERT OR REPLACE INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![r.pipeline, r.run, r.started_at, r.finished_at, r.status, r.report],
+                    )
+                    .map(|_| ()),
+                StateItem::Audit(e) => insert_audit(&tx, &mut self.codec, std::slice::from_ref(e)),
+                StateItem::SinkData { scope, key, value } => tx
+                    .execute(
+                        "INSERT OR REPLACE INTO sink_data (scope, key, value) VALUES (?1, ?2, ?3)",
+                        params![scope, key, value],
+                    )
+                    .map(|_| ()),
             }
             .map_err(map)?;
         }
@@ -1048,20 +1132,391 @@ impl StateStore for SqliteState {
     }
 }
 
-/// An audit row's columns, as `SELECT {AUDIT_COLUMNS}` returns them.
-fn audit_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAudit> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
+/// A pipeline's id, in SQL, from its name as parameter `?1`.
+const PIPELINE_ID: &str = "(SELECT id FROM pipelines WHERE name = ?1)";
+
+fn parse_key(path: &Path, text: &str) -> Result<ContactKey, StateError> {
+    text.parse().map_err(|message| StateError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// Learns the file's dictionaries the codec does not know; with `current`, new records
+/// use the newest.
+fn load_dictionaries(
+    codec: &mut RecordCodec,
+    conn: &Connection,
+    current: bool,
+) -> Result<(), String> {
+    let stored: Vec<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT id, dictionary FROM dictionaries ORDER BY id")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(|e| format!("reading the record dictionaries: {e}"))?;
+    let newest = stored.last().map(|(id, _)| *id);
+    for (id, dictionary) in &stored {
+        let make_current = current && Some(*id) == newest;
+        if make_current || !codec.knows(*id as u64) {
+            codec
+                .add_dictionary(*id as u64, dictionary, make_current)
+                .map_err(|e| format!("record dictionary {id}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A stored record, read with the file's dictionaries: one another process trained
+/// since this one opened the file is loaded first.
+fn read_record(
+    codec: &mut RecordCodec,
+    conn: &Connection,
+    key: &str,
+    bytes: Option<&[u8]>,
+) -> Option<Contact> {
+    let describe = |e: RecordDecodeError| match e {
+        RecordDecodeError::Dictionary(id) => format!("record dictionary {id} is not in the file"),
+        RecordDecodeError::Unreadable(message) => message,
+    };
+    stored_record_with(key, bytes, |bytes| match codec.decode(bytes) {
+        Err(RecordDecodeError::Dictionary(_)) => {
+            load_dictionaries(codec, conn, false)?;
+            codec.decode(bytes).map_err(describe)
+        }
+        other => other.map_err(describe),
+    })
+}
+
+/// A pipeline's id, when it has one.
+fn pipeline_id(conn: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT id FROM pipelines WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()
+}
+
+/// A pipeline's id, given one first if it has none.
+fn ensure_pipeline(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("INSERT INTO pipelines (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")?
+        .execute([name])?;
+    conn.prepare_cached("SELECT id FROM pipelines WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+}
+
+/// A synced row's columns, in the order of [`CompactSynced`].
+const SYNCED_COLUMNS: &str = "content_hash, record, key, email, handle";
+
+/// A synced row as stored: content hash, record, key and email in their compact form
+/// ([`compact`]), handle.
+type CompactSynced = (
+    i64,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn compact_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<CompactSynced> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+/// How a synced row takes a newer one of the same person: a change without a record
+/// (a final rejection) keeps the last-sent record, and its explicit key and email
+/// stay true beside it; see [`compact`].
+const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET
+    content_hash = excluded.content_hash, record = COALESCE(excluded.record, synced.record),
+    key = excluded.key, email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)";
+
+/// Writes audit entries in their compact form.
+fn insert_audit(
+    conn: &Connection,
+    codec: &mut RecordCodec,
+    entries: &[AuditEntry],
+) -> rusqlite::Result<()> {
+    let mut ids: Vec<(&str, i64)> = Vec::new();
+    let mut put = conn.prepare_cached(
+        "INSERT INTO audit (pipeline, run, at, kind, outcome, fields, created, key, email, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    for e in entries {
+        let id = match ids.iter().find(|(name, _)| *name == e.pipeline) {
+            Some((_, id)) => *id,
+            None => {
+                let id = ensure_pipeline(conn, &e.pipeline)?;
+                ids.push((&e.pipeline, id));
+                id
+            }
+        };
+        let created = e.created.as_deref();
+        put.execute(params![
+            id,
+            e.run,
+            e.at,
+            compact::word(&e.kind),
+            compact::word(&e.outcome),
+            e.fields,
+            created.map(|c| codec.encode(c)),
+            compact::key_text(&e.key, created),
+            compact::email(e.email.as_deref(), created),
+            e.reason,
+        ])?;
+    }
+    Ok(())
+}
+
+/// A synced row from its stored columns.
+fn synced_row(
+    codec: &mut RecordCodec,
+    conn: &Connection,
+    path: &Path,
+    (content_hash, bytes, key, email, handle): CompactSynced,
+) -> Result<SyncedRow, StateError> {
+    let record = read_record(
+        codec,
+        conn,
+        key.as_deref().unwrap_or("(its record's)"),
+        bytes.as_deref(),
+    );
+    let key = compact::expand_key(key.as_deref(), record.as_ref()).map_err(|message| {
+        StateError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("in synced: {message}"),
+        }
+    })?;
+    Ok(SyncedRow {
+        key: parse_key(path, &key)?,
+        entry: SyncedEntry {
+            content_hash: from_sql(content_hash),
+            email: compact::expand_email(email, record.as_ref()),
+            handle,
+            record: record.map(Box::new),
+        },
+    })
+}
+
+impl SqliteState {
+    /// Visits the audit entries `tail` (a WHERE and ORDER BY over `a`) selects.
+    fn audit_rows(
+        &mut self,
+        tail: &str,
+        params: impl rusqlite::Params,
+        visit: &mut dyn FnMut(AuditEntry) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message: format!("in the audit: {message}"),
+        };
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT p.name, a.run, a.at, a.key, a.email, a.kind, a.outcome, a.reason, a.fields, a.created
+                 FROM audit a JOIN pipelines p ON p.id = a.pipeline {tail}"
+            ))
+            .map_err(map)?;
+        let mut rows = stmt.query(params).map_err(map)?;
+        while let Some(r) = rows.next().map_err(map)? {
+            let key: Option<String> = r.get(3).map_err(map)?;
+            let bytes: Option<Vec<u8>> = r.get(9).map_err(map)?;
+            let created = read_record(
+                &mut self.codec,
+                &self.conn,
+                key.as_deref().unwrap_or("(its record's)"),
+                bytes.as_deref(),
+            );
+            visit(AuditEntry {
+                pipeline: r.get(0).map_err(map)?,
+                run: r.get(1).map_err(map)?,
+                at: r.get(2).map_err(map)?,
+                key: compact::expand_key(key.as_deref(), created.as_ref()).map_err(corrupt)?,
+                email: compact::expand_email(r.get(4).map_err(map)?, created.as_ref()),
+                kind: compact::expand_word(r.get(5).map_err(map)?).map_err(corrupt)?,
+                outcome: compact::expand_word(r.get(6).map_err(map)?).map_err(corrupt)?,
+                reason: r.get(7).map_err(map)?,
+                fields: r.get(8).map_err(map)?,
+                created: created.map(Box::new),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Gives back the pages a run emptied (its pending changes: as large as what a
+    /// first sync synced), beyond a few the next run reuses. Moving the file's last pages
+    /// into the gaps costs about what writing them did, and a nightly frees few.
+    fn release_free_pages(&self) {
+        let count = |pragma: &str| {
+            self.conn
+                .query_row(&format!("PRAGMA {pragma}"), [], |r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+        };
+        let free = count("freelist_count");
+        if free > FREE_PAGES_KEPT {
+            let started = std::time::Instant::now();
+            // Each step of the pragma frees one page: it is stepped to its end.
+            let vacuum = self
+                .conn
+                .prepare("PRAGMA incremental_vacuum")
+                .and_then(|mut s| {
+                    let mut rows = s.query([])?;
+                    while rows.next()?.is_some() {}
+                    Ok(())
+                });
+            match vacuum {
+                Ok(()) => tracing::debug!(
+                    free,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "free pages given back to the file system"
+                ),
+                Err(e) => tracing::warn!("could not give free pages back: {e}"),
+            }
+        }
+    }
+}
+
+/// Free pages (4 KiB each) a state keeps for the next run rather than give back.
+const FREE_PAGES_KEPT: i64 = 256;
+
+/// Rewrites a version 1 (given its `record` columns) or 2 state in the compact rows of
+/// version 3, in the caller's transaction.
+fn migrate_to_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    // A table of a later release than the file's is not there yet.
+    let mut old = Vec::new();
+    for table in ["pipelines", "synced", "pending", "audit"] {
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [table],
+            |r| r.get(0),
+        )?;
+        if exists {
+            tx.execute_batch(&format!("ALTER TABLE {table} RENAME TO {table}_v2"))?;
+            old.push(table);
+        }
+    }
+    tx.execute_batch("DROP INDEX IF EXISTS pending_key;")?;
+    tx.execute_batch(SCHEMA)?;
+    if old.contains(&"pipelines") {
+        tx.execute_batch(
+            "INSERT INTO pipelines (name, runs, cursor, last_full_run)
+               SELECT name, runs, cursor, last_full_run FROM pipelines_v2 ORDER BY name;",
+        )?;
+    }
+    for table in old.iter().filter(|t| **t != "pipelines") {
+        tx.execute_batch(&format!(
+            "INSERT OR IGNORE INTO pipelines (name) SELECT DISTINCT pipeline FROM {table}_v2;"
+        ))?;
+    }
+    if old.contains(&"synced") {
+        migrate_synced(tx)?;
+    }
+    if old.contains(&"pending") {
+        migrate_pending(tx)?;
+    }
+    if old.contains(&"audit") {
+        migrate_audit(tx)?;
+    }
+    for table in old {
+        tx.execute_batch(&format!("DROP TABLE {table}_v2;"))?;
+    }
+    tx.execute_batch("UPDATE meta SET value = '3' WHERE key = 'schema';")
+}
+
+fn migrate_synced(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    {
+        let mut read = tx.prepare(
+            "SELECT p.id, s.key_hash, s.content_hash, s.record, s.key, s.email, s.handle
+             FROM synced_v2 s JOIN pipelines p ON p.name = s.pipeline",
+        )?;
+        let mut put = tx.prepare(
+            "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let mut rows = read.query([])?;
+        while let Some(r) = rows.next()? {
+            let bytes: Option<Vec<u8>> = r.get(3)?;
+            let key: String = r.get(4)?;
+            let email: Option<String> = r.get(5)?;
+            let record = stored_record(&key, bytes.as_deref());
+            put.execute(params![
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                bytes,
+                compact::key_text(&key, record.as_ref()),
+                compact::email(email.as_deref(), record.as_ref()),
+                r.get::<_, Option<String>>(6)?,
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn migrate_pending(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    {
+        let mut read = tx.prepare(
+            "SELECT p.id, q.batch_id, q.seq, q.run, q.key_hash, q.kind, q.content_hash, q.applied,
+               q.record, q.key, q.email, q.handle
+             FROM pending_v2 q JOIN pipelines p ON p.name = q.pipeline",
+        )?;
+        let mut put = tx.prepare(
+            "INSERT INTO pending (pipeline, batch_id, seq, run, key_hash, kind, content_hash, applied, record, key, email, handle)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        let mut rows = read.query([])?;
+        while let Some(r) = rows.next()? {
+            let bytes: Option<Vec<u8>> = r.get(8)?;
+            let key: String = r.get(9)?;
+            let email: Option<String> = r.get(10)?;
+            let kind: String = r.get(5)?;
+            let record = stored_record(&key, bytes.as_deref());
+            put.execute(params![
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                compact::word(&kind),
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                bytes,
+                compact::key_text(&key, record.as_ref()),
+                compact::email(email.as_deref(), record.as_ref()),
+                r.get::<_, Option<String>>(11)?,
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn migrate_audit(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    {
+        let mut read = tx.prepare(
+            "SELECT p.id, a.run, a.at, a.kind, a.outcome, a.fields, a.created, a.key, a.email, a.reason
+             FROM audit_v2 a JOIN pipelines p ON p.name = a.pipeline ORDER BY a.rowid",
+        )?;
+        let mut put = tx.prepare(
+            "INSERT INTO audit (pipeline, run, at, kind, outcome, fields, created, key, email, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let mut rows = read.query([])?;
+        while let Some(r) = rows.next()? {
+            let bytes: Option<Vec<u8>> = r.get(6)?;
+            let key: String = r.get(7)?;
+            let email: Option<String> = r.get(8)?;
+            let record = stored_record(&key, bytes.as_deref());
+            put.execute(params![
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                compact::word(&r.get::<_, String>(3)?),
+                compact::word(&r.get::<_, String>(4)?),
+                r.get::<_, String>(5)?,
+                bytes,
+                compact::key_text(&key, record.as_ref()),
+                compact::email(email.as_deref(), record.as_ref()),
+                r.get::<_, Option<String>>(9)?,
+            ])?;
+        }
+    }
+    Ok(())
 }
 
 /// The sink's key-value space, written through at once.
@@ -1136,6 +1591,328 @@ mod tests {
                 .collect();
             for result in opened {
                 assert_eq!(result, Ok(()), "round {round}");
+            }
+        }
+    }
+
+    /// The tables of schema 2 this release migrates from, as that release made them.
+    const SCHEMA_2: &str = "
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '2');
+        CREATE TABLE pipelines (name TEXT PRIMARY KEY, runs INTEGER NOT NULL DEFAULT 0, cursor TEXT, last_full_run INTEGER);
+        CREATE TABLE synced (pipeline TEXT NOT NULL, key_hash INTEGER NOT NULL, key TEXT NOT NULL,
+            content_hash INTEGER NOT NULL, email TEXT, handle TEXT, record BLOB,
+            PRIMARY KEY (pipeline, key_hash)) WITHOUT ROWID;
+        CREATE TABLE pending (pipeline TEXT NOT NULL, batch_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            run INTEGER NOT NULL, key_hash INTEGER NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,
+            content_hash INTEGER NOT NULL, email TEXT, applied INTEGER NOT NULL DEFAULT 0, handle TEXT,
+            record BLOB, PRIMARY KEY (pipeline, batch_id, seq));
+        CREATE INDEX pending_key ON pending (pipeline, batch_id, key);
+        CREATE TABLE audit (pipeline TEXT NOT NULL, run INTEGER NOT NULL, at INTEGER NOT NULL,
+            key TEXT NOT NULL, email TEXT, kind TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT,
+            fields TEXT NOT NULL, created BLOB);
+    ";
+
+    fn person(id: &str, email: &str) -> Contact {
+        let mut c = Contact::default();
+        c.set(&contactsync_core::Field::ExternalId, id).unwrap();
+        c.set(&contactsync_core::Field::Email, email).unwrap();
+        c.set(&contactsync_core::Field::FirstName, "Ann").unwrap();
+        c
+    }
+
+    /// A state of schema 2 reads back the same after its rows are made compact, and
+    /// its file frees pages from then on.
+    #[test]
+    fn a_state_of_schema_2_is_migrated_to_compact_rows() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let ann = person("E1", "ann@x.org");
+        let bob = person("E2", "bob@x.org");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_2).unwrap();
+            conn.execute(
+                "INSERT INTO pipelines VALUES ('csv->csv', 4, 'c1', 3), ('csv->ldap', 1, NULL, NULL)",
+                [],
+            )
+            .unwrap();
+            let synced = "INSERT INTO synced VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+            let e1 = ContactKey::ExternalId("E1".into());
+            // Ann's record gives her key and email; Bob's email is another one.
+            conn.execute(
+                synced,
+                params![
+                    "csv->csv",
+                    to_sql(e1.hash64()),
+                    e1.to_string(),
+                    11,
+                    "ann@x.org",
+                    "h1",
+                    crate::record::encode(&ann)
+                ],
+            )
+            .unwrap();
+            let by_email = ContactKey::Email("bob@x.org".into());
+            conn.execute(
+                synced,
+                params![
+                    "csv->ldap",
+                    to_sql(by_email.hash64()),
+                    by_email.to_string(),
+                    12,
+                    "old@x.org",
+                    None::<String>,
+                    crate::record::encode(&bob)
+                ],
+            )
+            .unwrap();
+            let e3 = ContactKey::ExternalId("E3".into());
+            conn.execute(
+                synced,
+                params![
+                    "csv->csv",
+                    to_sql(e3.hash64()),
+                    e3.to_string(),
+                    13,
+                    None::<String>,
+                    None::<String>,
+                    None::<Vec<u8>>
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO pending VALUES ('csv->csv', 'run-5-batch-1', 0, 5, ?1, 'external_id:E2', 'update', 21, 'bob@x.org', 1, NULL, ?2),
+                                           ('csv->csv', 'run-5-batch-1', 1, 5, ?3, 'external_id:E3', 'remove', 0, NULL, 0, NULL, NULL)",
+                params![to_sql(ContactKey::ExternalId("E2".into()).hash64()), crate::record::encode(&bob), to_sql(e3.hash64())],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO audit VALUES ('csv->csv', 1, 100, 'external_id:E1', 'ann@x.org', 'create', 'applied', NULL, '', ?1),
+                                         ('csv->csv', 2, 200, 'external_id:E1', 'ann@x.org', 'update', 'rejected', 'no', '{\"first_name\":[\"A\",\"Ann\"]}', NULL)",
+                [crate::record::encode(&ann)],
+            )
+            .unwrap();
+        }
+        let mut state = SqliteState::open(&path).unwrap();
+        let version: String = state
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let auto_vacuum: i64 = state
+            .conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto_vacuum, 2, "incremental");
+        let (key, email): (Option<String>, Option<String>) = state
+            .conn
+            .query_row(
+                "SELECT key, email FROM synced WHERE content_hash = 11",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (key, email),
+            (None, None),
+            "nothing the record says is stored again"
+        );
+
+        let a = state.synced("csv->csv", e1_hash()).unwrap().unwrap();
+        assert_eq!(a.key.to_string(), "external_id:E1");
+        assert_eq!(
+            (
+                a.entry.content_hash,
+                a.entry.email.as_deref(),
+                a.entry.handle.as_deref()
+            ),
+            (11, Some("ann@x.org"), Some("h1"))
+        );
+        assert_eq!(a.entry.record.as_deref(), Some(&ann));
+        let b = state
+            .synced("csv->ldap", ContactKey::Email("bob@x.org".into()).hash64())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (b.key.to_string().as_str(), b.entry.email.as_deref()),
+            ("email:bob@x.org", Some("old@x.org"))
+        );
+        let c = state
+            .synced("csv->csv", ContactKey::ExternalId("E3".into()).hash64())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.key.to_string().as_str(), c.entry.email, c.entry.record),
+            ("external_id:E3", None, None)
+        );
+        assert_eq!(state.cursor("csv->csv").unwrap().as_deref(), Some("c1"));
+
+        let pending = state.pending_batches("csv->csv").unwrap();
+        assert_eq!(pending.len(), 1);
+        let rows = &pending[0].1;
+        assert_eq!(rows[0].key.to_string(), "external_id:E2");
+        assert_eq!(
+            (
+                rows[0].kind,
+                rows[0].email.as_deref(),
+                rows[0].record.as_ref()
+            ),
+            (ChangeKind::Update, Some("bob@x.org"), Some(&bob))
+        );
+        assert_eq!(
+            (
+                rows[1].kind,
+                rows[1].key.to_string().as_str(),
+                rows[1].email.as_deref()
+            ),
+            (ChangeKind::Remove, "external_id:E3", None)
+        );
+        // The applied update is confirmed as before.
+        assert_eq!(state.confirm_finished("csv->csv", 5).unwrap(), 1);
+
+        let history = state.history("ann@x.org").unwrap();
+        assert_eq!(history.len(), 2, "{history:?}");
+        assert_eq!(
+            (
+                history[0].kind.as_str(),
+                history[0].outcome.as_str(),
+                history[0].key.as_str()
+            ),
+            ("create", "applied", "external_id:E1")
+        );
+        assert!(history[0].fields.contains("Ann"), "{}", history[0].fields);
+        assert_eq!(
+            (history[1].kind.as_str(), history[1].reason.as_deref()),
+            ("update", Some("no"))
+        );
+        assert_eq!(state.history("E1").unwrap().len(), 2);
+        assert!(state.history("bob@x.org").unwrap().is_empty());
+        let summaries = state.summaries().unwrap();
+        assert_eq!(
+            summaries
+                .iter()
+                .map(|s| (s.pipeline.as_str(), s.synced, s.runs))
+                .collect::<Vec<_>>(),
+            [("csv->csv", 3, 4), ("csv->ldap", 1, 1)]
+        );
+    }
+
+    /// `n` people created, as pending rows.
+    fn creates(n: u64) -> Vec<PendingRow> {
+        (0..n)
+            .map(|i| {
+                let contact = person(&format!("E{i}"), &format!("person{i}@example.com"));
+                PendingRow {
+                    key: ContactKey::ExternalId(format!("E{i}")),
+                    kind: ChangeKind::Create,
+                    content_hash: i,
+                    email: contact.email.clone(),
+                    record: Some(contact),
+                }
+            })
+            .collect()
+    }
+
+    fn e1_hash() -> u64 {
+        ContactKey::ExternalId("E1".into()).hash64()
+    }
+
+    /// A first sync's pending changes are as large as what it synced: once confirmed,
+    /// the run gives their pages back instead of leaving the file twice its size.
+    #[test]
+    fn the_pages_a_confirmed_run_emptied_are_given_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let (run, _) = state.begin_run("p").unwrap();
+        let rows = creates(80_000);
+        for (n, batch) in rows.chunks(10_000).enumerate() {
+            let id = format!("run-{run}-batch-{n}");
+            state.record_pending("p", run, &id, batch).unwrap();
+            let settlements: Vec<Settlement> = batch
+                .iter()
+                .map(|r| Settlement::AwaitingFinish {
+                    key: r.key.clone(),
+                    handle: None,
+                })
+                .collect();
+            state.settle("p", &id, &settlements).unwrap();
+        }
+        assert_eq!(state.confirm_finished("p", run).unwrap(), 80_000);
+        let free = |state: &SqliteState| -> i64 {
+            state
+                .conn
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert!(
+            free(&state) > 2 * FREE_PAGES_KEPT,
+            "the emptied pending table left {} free pages",
+            free(&state)
+        );
+        state
+            .finish_run("p", run, "synced", "{}", None, true)
+            .unwrap();
+        assert!(
+            free(&state) <= FREE_PAGES_KEPT,
+            "{} free pages after the run",
+            free(&state)
+        );
+        assert_eq!(state.summaries().unwrap()[0].synced, 80_000);
+    }
+
+    /// Records are compressed with a dictionary the file trained on its first ones: they
+    /// read back the same in a connection opened before the dictionary existed, and
+    /// after the file is opened again.
+    #[test]
+    fn records_compressed_by_one_connection_read_back_in_another() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let mut writer = SqliteState::open(&path).unwrap();
+        let mut early_reader = SqliteState::open(&path).unwrap();
+        let (run, _) = writer.begin_run("p").unwrap();
+        let rows = creates(3000);
+        for (n, batch) in rows.chunks(500).enumerate() {
+            let id = format!("run-{run}-batch-{n}");
+            writer.record_pending("p", run, &id, batch).unwrap();
+            let settlements: Vec<Settlement> = batch
+                .iter()
+                .map(|r| Settlement::Synced {
+                    key: r.key.clone(),
+                    entry: SyncedEntry {
+                        content_hash: r.content_hash,
+                        email: r.email.clone(),
+                        handle: None,
+                        record: r.record.clone().map(Box::new),
+                    },
+                })
+                .collect();
+            writer.settle("p", &id, &settlements).unwrap();
+        }
+        let (compressed, average): (i64, f64) = writer
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FILTER (WHERE substr(record, 1, 1) = x'02'), AVG(length(record)) FROM synced",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert!(compressed >= 2000, "{compressed} records compressed");
+        let plain = crate::record::encode(rows[0].record.as_ref().unwrap()).len() as f64;
+        assert!(
+            average < plain * 0.75,
+            "{average} bytes a record, {plain} plain"
+        );
+        drop(writer);
+        let mut reopened = SqliteState::open(&path).unwrap();
+        for store in [&mut early_reader, &mut reopened] {
+            for row in [&rows[0], &rows[1500], &rows[2999]] {
+                let synced = store.synced("p", row.key.hash64()).unwrap().unwrap();
+                assert_eq!(synced.key, row.key);
+                assert_eq!(synced.entry.email, row.email);
+                assert_eq!(synced.entry.record.as_deref(), row.record.as_ref());
             }
         }
     }
