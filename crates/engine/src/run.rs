@@ -1371,12 +1371,6 @@ struct RecordSample {
     state: u64,
 }
 
-impl RecordSample {
-    /// How many records are kept: enough to train a dictionary on
-    /// ([`crate::record::TRAINING_RECORDS`] at the least).
-    const SIZE: usize = 2 * crate::record::TRAINING_RECORDS;
-}
-
 impl Default for RecordSample {
     fn default() -> Self {
         RecordSample {
@@ -1388,6 +1382,10 @@ impl Default for RecordSample {
 }
 
 impl RecordSample {
+    /// How many records are kept: enough to train a dictionary on
+    /// ([`crate::record::TRAINING_RECORDS`] at the least).
+    const SIZE: usize = 2 * crate::record::TRAINING_RECORDS;
+
     fn offer(&mut self, contact: &Contact) {
         self.seen += 1;
         if self.records.len() < Self::SIZE {
