@@ -521,8 +521,9 @@ pub(crate) fn stored_record_with(
     }
 }
 
-/// One stored pending row: batch id, key, kind, email, content hash, record.
-pub(crate) type StoredPending = (String, String, String, Option<String>, i64, Option<Vec<u8>>);
+/// One stored pending row: batch id, key, kind, email, content hash, and the record,
+/// decoded by the backend (which knows how it stored it).
+pub(crate) type StoredPending = (String, String, String, Option<String>, i64, Option<Contact>);
 
 /// Stored pending rows (ordered by run, batch and position) grouped into the batches
 /// they were sent in, each with its rows.
@@ -530,7 +531,6 @@ pub(crate) fn group_pending(
     rows: Vec<StoredPending>,
     parse_key: impl Fn(&str) -> Result<ContactKey, StateError>,
     unknown_kind: impl Fn(&str) -> StateError,
-    mut read_record: impl FnMut(&str, Option<&[u8]>) -> Option<Contact>,
 ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
     let mut batches: Vec<(PendingBatch, Vec<PendingRow>)> = Vec::new();
     for (batch_id, key_text, kind, email, content_hash, record) in rows {
@@ -561,7 +561,7 @@ pub(crate) fn group_pending(
                 kind,
                 content_hash: from_sql(content_hash),
                 email,
-                record: read_record(&key_text, record.as_deref()),
+                record,
             });
         }
     }

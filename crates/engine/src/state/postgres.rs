@@ -722,7 +722,12 @@ impl StateStore for PostgresState {
                 &[&pipeline],
             )?
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .map(|r| {
+                let key: String = r.get(1);
+                let bytes: Option<Vec<u8>> = r.get(5);
+                let record = super::stored_record(&key, bytes.as_deref());
+                (r.get(0), key, r.get(2), r.get(3), r.get(4), record)
+            })
             .collect())
         })?;
         group_pending(
@@ -732,7 +737,6 @@ impl StateStore for PostgresState {
                 url: self.shown.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
             },
-            super::stored_record,
         )
     }
 

@@ -657,7 +657,7 @@ impl StateStore for SqliteState {
             let key = compact::expand_key(key.as_deref(), record.as_ref()).map_err(corrupt)?;
             let email = compact::expand_email(email, record.as_ref());
             let kind = compact::expand_word(kind).map_err(corrupt)?;
-            stored.push((batch_id, key, kind, email, content_hash, bytes));
+            stored.push((batch_id, key, kind, email, content_hash, record));
         }
         group_pending(
             stored,
@@ -666,7 +666,6 @@ impl StateStore for SqliteState {
                 path: path.clone(),
                 message: format!("unknown change kind {kind:?} in pending"),
             },
-            |key, bytes| read_record(&mut self.codec, &self.conn, key, bytes),
         )
     }
 
