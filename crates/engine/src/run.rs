@@ -566,7 +566,12 @@ impl<'r> Run<'r> {
 
         self.observer.phase(Phase::Reading, None);
         let stream = source.read(read_mode).await.map_err(RunError::Source)?;
-        let mut feed = Feed::new(stream, diff.mapping.clone(), self.pipeline.shaping.clone());
+        let mut feed = Feed::new(
+            stream,
+            diff.mapping.clone(),
+            self.pipeline.shaping.clone(),
+            settings.key,
+        );
         loop {
             if self.options.cancel.is_cancelled() {
                 return Err(RunError::Cancelled);
@@ -625,12 +630,15 @@ impl<'r> Run<'r> {
     /// Diffs one record read from the source, after the stage that mapped and shaped it.
     fn diff_record(&mut self, diff: &mut Diff, staged: Staged) -> Result<(), RunError> {
         let rule = self.pipeline.settings.key;
-        let SourceRecord {
-            contact,
-            origin,
-            deleted,
-        } = match staged {
-            Staged::Ready(record) => record,
+        let (
+            SourceRecord {
+                contact,
+                origin,
+                deleted,
+            },
+            prepared,
+        ) = match staged {
+            Staged::Ready(record, prepared) => (record, prepared),
             Staged::Rejected(_) => return Ok(()),
             Staged::Unmapped {
                 record,
@@ -666,54 +674,36 @@ impl<'r> Run<'r> {
                 return self.reject_seen(diff, &origin, &contact, &field, reason);
             }
         };
-        let Some(key) = contact.key(rule) else {
-            let (field, reason) = match rule {
-                KeyRule::Auto => (
-                    "external_id",
-                    "no key: the record has neither an external id nor an email",
-                ),
-                KeyRule::ExternalId => (
-                    "external_id",
-                    "no key: the pipeline keys on external_id and the record has none",
-                ),
-                KeyRule::Email => (
-                    "email",
-                    "no key: the pipeline keys on email and the record has none",
-                ),
-            };
-            self.seen_rejected(diff, None);
+        let Some(key_hash) = prepared.key_hash else {
+            return self.reject_keyless(diff, &origin, &contact);
+        };
+        if !deleted && !prepared.email_valid {
+            let trusted = trusted_key(&contact, rule);
+            self.seen_rejected(diff, trusted.as_ref());
+            let email = contact.email.as_deref().unwrap_or_default();
+            let reason = format!("not a valid email address: {email:?}");
             return self.reject(Rejection::of_record(
                 &origin,
                 &contact,
-                None,
-                field,
-                reason.to_string(),
+                contact.key(rule).as_ref(),
+                "email",
+                reason,
             ));
-        };
-        if let Some(email) = contact.email.as_deref() {
-            if !deleted && !Contact::is_valid_email(email) {
-                let trusted = trusted_key(&contact, rule);
-                self.seen_rejected(diff, trusted.as_ref());
-                return self.reject(Rejection::of_record(
-                    &origin,
-                    &contact,
-                    Some(&key),
-                    "email",
-                    format!("not a valid email address: {email:?}"),
-                ));
-            }
         }
-        let key_hash = key.hash64();
         let seen = diff.index.mark(key_hash);
         if seen == Seen::Duplicate {
-            let reason = format!(
-                "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
-            );
-            let field = key_field(&key);
+            let key = contact.key(rule);
+            let reason = match &key {
+                Some(key) => format!(
+                    "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
+                ),
+                None => "duplicate key: an earlier record of this read has the same key, and the first one wins".into(),
+            };
+            let field = key.as_ref().map_or("external_id", key_field);
             return self.reject(Rejection::of_record(
                 &origin,
                 &contact,
-                Some(&key),
+                key.as_ref(),
                 field,
                 reason,
             ));
@@ -740,12 +730,25 @@ impl<'r> Run<'r> {
                 return self.reject(Rejection::of_record(
                     &origin,
                     &contact,
-                    Some(&key),
+                    contact.key(rule).as_ref(),
                     "email",
                     reason,
                 ));
             }
         }
+        // Most people read are unchanged: they are settled by their hashes alone, and
+        // their key is never built.
+        if let (Seen::Synced(synced_hash), false, false) = (seen, deleted, diff.resend_all) {
+            if synced_hash == prepared.content_hash {
+                self.report.unchanged += 1;
+                return Ok(());
+            }
+        }
+        // The same rule gave the key hash, so there is a key; the branch only keeps a
+        // mistake here from becoming a panic.
+        let Some(key) = contact.key(rule) else {
+            return self.reject_keyless(diff, &origin, &contact);
+        };
         let change = match seen {
             Seen::Duplicate => return Ok(()),
             Seen::New if deleted => {
@@ -784,11 +787,7 @@ impl<'r> Run<'r> {
                     origin,
                 }
             }
-            Seen::Synced(synced_hash) => {
-                if synced_hash == self.pipeline.diff_hash(&contact) && !diff.resend_all {
-                    self.report.unchanged += 1;
-                    return Ok(());
-                }
+            Seen::Synced(_) => {
                 let previous = self.previous(key_hash)?;
                 let mut contact = contact;
                 // What `on_create` set stays as it was sent.
@@ -842,6 +841,38 @@ impl<'r> Run<'r> {
             }
         }
         Ok(())
+    }
+
+    /// Rejects a record whose fields give no key under the pipeline's rule; it holds
+    /// back the run's removals (see [`Run::seen_rejected`]).
+    fn reject_keyless(
+        &mut self,
+        diff: &mut Diff,
+        origin: &Origin,
+        contact: &Contact,
+    ) -> Result<(), RunError> {
+        let (field, reason) = match self.pipeline.settings.key {
+            KeyRule::Auto => (
+                "external_id",
+                "no key: the record has neither an external id nor an email",
+            ),
+            KeyRule::ExternalId => (
+                "external_id",
+                "no key: the pipeline keys on external_id and the record has none",
+            ),
+            KeyRule::Email => (
+                "email",
+                "no key: the pipeline keys on email and the record has none",
+            ),
+        };
+        self.seen_rejected(diff, None);
+        self.reject(Rejection::of_record(
+            origin,
+            contact,
+            None,
+            field,
+            reason.to_string(),
+        ))
     }
 
     /// Rejects a record the engine refuses at `field`, counting it as seen under the
@@ -1440,8 +1471,8 @@ impl Samples {
 enum Staged {
     /// The source refused it.
     Rejected(RecordError),
-    /// Mapped and shaped: ready to diff.
-    Ready(SourceRecord),
+    /// Mapped and shaped: ready to diff, with what the diff needs of it.
+    Ready(SourceRecord, Prepared),
     /// The field mapping refused it.
     Unmapped {
         record: SourceRecord,
@@ -1463,9 +1494,39 @@ enum Staged {
     },
 }
 
+/// What the diff needs of a record ready to diff, worked out in the staging tasks beside
+/// the diff rather than in it: for most records of a nightly, these are all it looks at.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    /// The hash of the record's key under the pipeline's rule; `None` without a key.
+    key_hash: Option<u64>,
+    /// The state's content hash of the record (see [`Pipeline::diff_hash`]).
+    content_hash: u64,
+    /// The email is valid, or there is none.
+    email_valid: bool,
+}
+
+impl Prepared {
+    fn of(contact: &Contact, shaping: Option<&RecordShaping>, rule: KeyRule) -> Prepared {
+        Prepared {
+            key_hash: contact.key_hash(rule),
+            content_hash: match shaping {
+                Some(shaping) => shaping.diff_hash(contact),
+                None => contact.content_hash(),
+            },
+            email_valid: contact.email.as_deref().is_none_or(Contact::is_valid_email),
+        }
+    }
+}
+
 /// Maps and shapes one item. The scope is decided on the record as read: who is in at
 /// all, before what they become.
-fn stage(mapping: &FieldMapping, shaping: Option<&RecordShaping>, item: SourceItem) -> Staged {
+fn stage(
+    mapping: &FieldMapping,
+    shaping: Option<&RecordShaping>,
+    rule: KeyRule,
+    item: SourceItem,
+) -> Staged {
     let mut record = match item {
         SourceItem::Rejected(error) => return Staged::Rejected(error),
         SourceItem::Record(record) => record,
@@ -1478,7 +1539,8 @@ fn stage(mapping: &FieldMapping, shaping: Option<&RecordShaping>, item: SourceIt
         };
     }
     let Some(shaping) = shaping else {
-        return Staged::Ready(record);
+        let prepared = Prepared::of(&record.contact, None, rule);
+        return Staged::Ready(record, prepared);
     };
     let SourceRecord {
         contact,
@@ -1486,11 +1548,17 @@ fn stage(mapping: &FieldMapping, shaping: Option<&RecordShaping>, item: SourceIt
         deleted,
     } = record;
     match shaping.scope_and_map(contact) {
-        Shaped::In(contact) => Staged::Ready(SourceRecord {
-            contact,
-            origin,
-            deleted,
-        }),
+        Shaped::In(contact) => {
+            let prepared = Prepared::of(&contact, Some(shaping), rule);
+            Staged::Ready(
+                SourceRecord {
+                    contact,
+                    origin,
+                    deleted,
+                },
+                prepared,
+            )
+        }
         Shaped::Out(contact) => Staged::Out(contact),
         Shaped::ScopeError(contact, reason) => Staged::ScopeError {
             origin,
@@ -1504,24 +1572,17 @@ fn stage(mapping: &FieldMapping, shaping: Option<&RecordShaping>, item: SourceIt
 /// Items staged at once: enough to make the channels' cost small.
 const STAGE_BATCH: usize = 512;
 
-/// The source's items, mapped and shaped. Without shaping this happens inline. With
-/// it, templates are the costliest part of a read, so a reader task hands batches in
-/// turn to one shaping task per core, and [`Feed::next`] takes their results back in
-/// the same turn: the records keep their order, and the templates run beside the
-/// diff instead of before it.
-enum Feed {
-    Inline {
-        stream: Box<dyn RecordStream>,
-        mapping: FieldMapping,
-    },
-    Staged {
-        /// Each shaping task's results, in turn.
-        shaped: Vec<tokio::sync::mpsc::Receiver<Result<Vec<Staged>, ConnectorError>>>,
-        /// Whose turn it is.
-        turn: usize,
-        current: std::vec::IntoIter<Staged>,
-        reader: tokio::task::JoinHandle<Box<dyn RecordStream>>,
-    },
+/// The source's items, mapped, shaped and prepared (see [`Prepared`]). A reader task
+/// hands batches in turn to one staging task per core, and [`Feed::next`] takes their
+/// results back in the same turn: the records keep their order, and the templates and
+/// hashing run beside the diff instead of in it.
+struct Feed {
+    /// Each staging task's results, in turn.
+    staged: Vec<tokio::sync::mpsc::Receiver<Result<Vec<Staged>, ConnectorError>>>,
+    /// Whose turn it is.
+    turn: usize,
+    current: std::vec::IntoIter<Staged>,
+    reader: tokio::task::JoinHandle<Box<dyn RecordStream>>,
 }
 
 type Batch<T> = Result<Vec<T>, ConnectorError>;
@@ -1531,32 +1592,30 @@ impl Feed {
         stream: Box<dyn RecordStream>,
         mapping: FieldMapping,
         shaping: Option<std::sync::Arc<RecordShaping>>,
+        rule: KeyRule,
     ) -> Feed {
-        let Some(shaping) = shaping else {
-            return Feed::Inline { stream, mapping };
-        };
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         let mut inputs = Vec::with_capacity(workers);
-        let mut shaped = Vec::with_capacity(workers);
+        let mut staged = Vec::with_capacity(workers);
         for _ in 0..workers {
             let (to_worker, mut from_reader) = tokio::sync::mpsc::channel::<Batch<SourceItem>>(4);
             let (to_feed, from_worker) = tokio::sync::mpsc::channel::<Batch<Staged>>(4);
             let (mapping, shaping) = (mapping.clone(), shaping.clone());
             tokio::spawn(async move {
                 while let Some(batch) = from_reader.recv().await {
-                    let staged = batch.map(|items| {
+                    let items = batch.map(|items| {
                         items
                             .into_iter()
-                            .map(|item| stage(&mapping, Some(&shaping), item))
+                            .map(|item| stage(&mapping, shaping.as_deref(), rule, item))
                             .collect()
                     });
-                    if to_feed.send(staged).await.is_err() {
+                    if to_feed.send(items).await.is_err() {
                         return; // The run stopped reading (an error, a cancel).
                     }
                 }
             });
             inputs.push(to_worker);
-            shaped.push(from_worker);
+            staged.push(from_worker);
         }
         let reader = tokio::spawn(async move {
             let mut stream = stream;
@@ -1595,8 +1654,8 @@ impl Feed {
             }
             stream
         });
-        Feed::Staged {
-            shaped,
+        Feed {
+            staged,
             turn: 0,
             current: Vec::new().into_iter(),
             reader,
@@ -1604,41 +1663,27 @@ impl Feed {
     }
 
     async fn next(&mut self) -> Result<Option<Staged>, ConnectorError> {
-        match self {
-            Feed::Inline { stream, mapping } => {
-                Ok(stream.next().await?.map(|item| stage(mapping, None, item)))
+        loop {
+            if let Some(item) = self.current.next() {
+                return Ok(Some(item));
             }
-            Feed::Staged {
-                shaped,
-                turn,
-                current,
-                ..
-            } => loop {
-                if let Some(item) = current.next() {
-                    return Ok(Some(item));
-                }
-                // The batch of this turn, or none: the reader ended before it.
-                let received = shaped[*turn].recv().await;
-                *turn = (*turn + 1) % shaped.len();
-                match received {
-                    Some(Ok(batch)) => *current = batch.into_iter(),
-                    Some(Err(e)) => return Err(e),
-                    None => return Ok(None),
-                }
-            },
+            // The batch of this turn, or none: the reader ended before it.
+            let received = self.staged[self.turn].recv().await;
+            self.turn = (self.turn + 1) % self.staged.len();
+            match received {
+                Some(Ok(batch)) => self.current = batch.into_iter(),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(None),
+            }
         }
     }
 
     async fn finish(self) -> Result<ReadOutcome, ConnectorError> {
-        let stream = match self {
-            Feed::Inline { stream, .. } => stream,
-            Feed::Staged { shaped, reader, .. } => {
-                drop(shaped);
-                reader.await.map_err(|e| {
-                    ConnectorError::Other(format!("the shaping stage of the read failed: {e}"))
-                })?
-            }
-        };
+        drop(self.staged);
+        let stream = self
+            .reader
+            .await
+            .map_err(|e| ConnectorError::Other(format!("the staging of the read failed: {e}")))?;
         stream.finish().await
     }
 }
