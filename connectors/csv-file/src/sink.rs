@@ -286,10 +286,16 @@ impl CsvSink {
                 .read_byte_record(&mut row)
                 .map_err(|e| csv_error(path, e))?
             {
-                let hit = if run.index.is_empty() {
-                    None
-                } else {
+                // Most rows are not changed: their keys' hashes miss the index, and the
+                // keys are never built.
+                let hit = if row_key_hashes(&row, id_column, email_column)
+                    .into_iter()
+                    .flatten()
+                    .any(|hash| run.index.contains_key(&hash))
+                {
                     lookup.find(row_keys(&row, id_column, email_column))?
+                } else {
+                    None
                 };
                 // Rows of the old header's width get blanks for the new columns; a
                 // malformed row is copied as it was.
@@ -459,6 +465,27 @@ fn row_keys(
     let by_email = text(email_column)
         .and_then(Contact::normalize_email)
         .map(ContactKey::Email);
+    [by_id, by_email]
+}
+
+/// The hashes of [`row_keys`], computed without building the keys (only a domain with
+/// upper case letters, rare, is lower-cased in a copy).
+fn row_key_hashes(
+    row: &csv::ByteRecord,
+    id_column: Option<usize>,
+    email_column: Option<usize>,
+) -> [Option<u64>; 2] {
+    let text = |column: Option<usize>| {
+        column
+            .and_then(|c| row.get(c))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let by_id = text(id_column).map(ContactKey::external_id_hash);
+    let by_email = text(email_column)
+        .and_then(Contact::normalized_email)
+        .map(|email| ContactKey::email_hash(&email));
     [by_id, by_email]
 }
 
@@ -758,6 +785,35 @@ impl Sink for CsvSink {
     fn summary(&self) -> SinkSummary {
         SinkSummary {
             unknown_in_sink: self.unknown_in_sink,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shortcut that skips unchanged rows must hash a row's keys exactly as the
+    /// keys themselves hash, or a changed row would be copied as it was.
+    #[test]
+    fn row_key_hashes_are_the_hashes_of_row_keys() {
+        for (id, email) in [
+            ("E1", "ann@example.com"),
+            (" E2 ", " Bob@Example.COM "),
+            ("", "carl@EXAMPLE.org"),
+            ("E4", ""),
+            ("  ", "dee@exämple.ORG"),
+            ("E6", "no-at-sign"),
+        ] {
+            let row = csv::ByteRecord::from(vec![id, "x", email]);
+            let keys = row_keys(&row, Some(0), Some(2));
+            let expected = keys.map(|k| k.map(|k| k.hash64()));
+            assert_eq!(
+                row_key_hashes(&row, Some(0), Some(2)),
+                expected,
+                "{id:?} {email:?}"
+            );
+            assert_eq!(row_key_hashes(&row, None, None), [None, None]);
         }
     }
 }

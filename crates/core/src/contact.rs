@@ -295,6 +295,19 @@ impl ContactKey {
     }
 }
 
+impl ContactKey {
+    /// [`ContactKey::hash64`] of `ContactKey::ExternalId(id)`, without building it.
+    pub fn external_id_hash(id: &str) -> u64 {
+        key_text_hash(ID_PREFIX, id)
+    }
+
+    /// [`ContactKey::hash64`] of `ContactKey::Email(email)`, without building it;
+    /// `email` as the key holds it (normalised, see [`Contact::normalize_email`]).
+    pub fn email_hash(email: &str) -> u64 {
+        key_text_hash(EMAIL_PREFIX, email)
+    }
+}
+
 const ID_PREFIX: &str = "external_id:";
 const EMAIL_PREFIX: &str = "email:";
 
@@ -437,13 +450,27 @@ impl Contact {
     /// lower-cased. The local part keeps its case (RFC 5321 lets servers honour it).
     /// Returns `None` for a blank value.
     pub fn normalize_email(raw: &str) -> Option<String> {
+        Contact::normalized_email(raw).map(std::borrow::Cow::into_owned)
+    }
+
+    /// [`Contact::normalize_email`], borrowing `raw` when it is already normal (trimmed,
+    /// with a domain in ASCII lower case), which is nearly always.
+    pub fn normalized_email(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
         let trimmed = raw.trim();
         if trimmed.is_empty() {
             return None;
         }
         Some(match trimmed.rsplit_once('@') {
-            Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
-            None => trimmed.to_string(),
+            Some((_, domain))
+                if domain
+                    .bytes()
+                    .all(|b| b.is_ascii() && !b.is_ascii_uppercase()) =>
+            {
+                Cow::Borrowed(trimmed)
+            }
+            Some((local, domain)) => Cow::Owned(format!("{local}@{}", domain.to_lowercase())),
+            None => Cow::Borrowed(trimmed),
         })
     }
 
@@ -505,20 +532,10 @@ impl Contact {
     pub fn set(&mut self, field: &Field, value: &str) -> Result<(), String> {
         match field {
             Field::ExternalId => assign(&mut self.external_id, value),
-            Field::Email => {
-                let trimmed = value.trim();
-                // The domain is lower-cased; one that is already ASCII lower case is kept.
-                let lower = trimmed.rsplit_once('@').is_none_or(|(_, domain)| {
-                    domain
-                        .bytes()
-                        .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
-                });
-                if lower {
-                    assign(&mut self.email, trimmed);
-                } else {
-                    self.email = Contact::normalize_email(trimmed);
-                }
-            }
+            Field::Email => match Contact::normalized_email(value) {
+                Some(std::borrow::Cow::Borrowed(normal)) => assign(&mut self.email, normal),
+                normalized => self.email = normalized.map(std::borrow::Cow::into_owned),
+            },
             Field::FirstName => assign(&mut self.first_name, value),
             Field::LastName => assign(&mut self.last_name, value),
             Field::DisplayName => assign(&mut self.display_name, value),

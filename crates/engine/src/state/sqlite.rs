@@ -25,6 +25,8 @@ pub struct SqliteState {
     heartbeat: Option<Heartbeat>,
     /// Compresses the records kept with the file's dictionaries.
     codec: RecordCodec,
+    /// See [`CONFIRM_RANGE_ROWS`]; smaller in tests.
+    confirm_range_rows: i64,
 }
 
 /// A thread with its own connection that renews a holder's locks.
@@ -237,6 +239,7 @@ impl SqliteState {
             path: path.to_path_buf(),
             heartbeat: None,
             codec: RecordCodec::default(),
+            confirm_range_rows: CONFIRM_RANGE_ROWS,
         };
         state.init()?;
         load_dictionaries(&mut state.codec, &state.conn, true).map_err(|message| {
@@ -784,48 +787,64 @@ impl StateStore for SqliteState {
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
         let map = db_error(&self.path);
-        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        let Some(id) = pipeline_id(&tx, pipeline).map_err(map)? else {
+        let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
             return Ok(0);
         };
         let remove = compact::kind(ChangeKind::Remove);
-        let removed = tx
-            .execute(
-                "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
-                   (SELECT key_hash FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
-                params![id, run, remove],
-            )
+        // In ranges of pending rows, each its own transaction, so that no transaction
+        // holds the write lock for long (ten million rows took over a minute, and the
+        // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
+        // A crash between two ranges leaves the rest pending, applied: the next run's
+        // recovery asks the sink about them, as after a crash before the confirmation.
+        let (first, last): (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row("SELECT min(rowid), max(rowid) FROM pending", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .map_err(map)?;
-        let upserted = tx
-            .execute(
-                &format!(
-                    "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
-                       SELECT pipeline, key_hash, content_hash, record, key, email, handle FROM pending
-                       WHERE pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
-                       ORDER BY key_hash
-                     {SYNCED_UPSERT}"
-                ),
-                params![id, run, remove],
-            )
-            .map_err(map)?;
-        let others: bool = tx
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
-                params![id, run],
-                |r| r.get(0),
-            )
-            .map_err(map)?;
-        if others {
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(0);
+        };
+        let mut confirmed = 0u64;
+        let mut from = first;
+        loop {
+            let to = from.saturating_add(self.confirm_range_rows - 1).min(last);
+            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+                       (SELECT key_hash FROM pending WHERE rowid BETWEEN ?4 AND ?5
+                          AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            let upserted = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                           SELECT pipeline, key_hash, content_hash, record, key, email, handle FROM pending
+                           WHERE rowid BETWEEN ?4 AND ?5
+                             AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
+                           ORDER BY key_hash
+                         {SYNCED_UPSERT}"
+                    ),
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
             tx.execute(
-                "DELETE FROM pending WHERE pipeline = ?1 AND run = ?2 AND applied = 1",
-                params![id, run],
+                "DELETE FROM pending WHERE rowid BETWEEN ?3 AND ?4
+                   AND pipeline = ?1 AND run = ?2 AND applied = 1",
+                params![id, run, from, to],
             )
             .map_err(map)?;
-        } else {
-            tx.execute("DELETE FROM pending", []).map_err(map)?;
+            tx.commit().map_err(map)?;
+            confirmed += (removed + upserted) as u64;
+            if to >= last {
+                break;
+            }
+            from = to + 1;
         }
-        tx.commit().map_err(map)?;
-        Ok((removed + upserted) as u64)
+        Ok(confirmed)
     }
 
     fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
@@ -1220,6 +1239,9 @@ fn compact_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<CompactSynced> {
 /// How a synced row takes a newer one of the same person: a change without a record
 /// (a final rejection) keeps the last-sent record, and its explicit key and email
 /// stay true beside it; see [`compact`].
+/// Pending rows [`StateStore::confirm_finished`] confirms in one transaction.
+const CONFIRM_RANGE_ROWS: i64 = 200_000;
+
 const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET
     content_hash = excluded.content_hash, record = COALESCE(excluded.record, synced.record),
     key = excluded.key, email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)";
@@ -1860,6 +1882,81 @@ mod tests {
             free(&state)
         );
         assert_eq!(state.summaries().unwrap()[0].synced, 80_000);
+    }
+
+    /// Confirmed in ranges of pending rows, a run's applied changes all reach `synced`
+    /// and leave `pending`, whatever range they fall in; what is not applied (an
+    /// unknown outcome) and another pipeline's rows stay pending.
+    #[test]
+    fn a_run_confirmed_in_many_ranges_confirms_exactly_its_applied_changes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        state.confirm_range_rows = 7;
+        let awaiting = |rows: &[PendingRow]| -> Vec<Settlement> {
+            rows.iter()
+                .map(|r| Settlement::AwaitingFinish {
+                    key: r.key.clone(),
+                    handle: None,
+                })
+                .collect()
+        };
+        let (run, _) = state.begin_run("p").unwrap();
+        let rows = creates(50);
+        for (n, batch) in rows.chunks(12).enumerate() {
+            let id = format!("run-{run}-batch-{n}");
+            state.record_pending("p", run, &id, batch).unwrap();
+            state.settle("p", &id, &awaiting(batch)).unwrap();
+        }
+        // Another pipeline's pending change, not applied yet.
+        let (other, _) = state.begin_run("q").unwrap();
+        state
+            .record_pending("q", other, "q-batch", &creates(1))
+            .unwrap();
+        assert_eq!(state.confirm_finished("p", run).unwrap(), 50);
+        state
+            .finish_run("p", run, "synced", "{}", None, true)
+            .unwrap();
+
+        let (run, _) = state.begin_run("p").unwrap();
+        let mut night: Vec<PendingRow> = creates(20)
+            .into_iter()
+            .map(|mut row| {
+                row.kind = if row.content_hash % 2 == 0 {
+                    ChangeKind::Remove
+                } else {
+                    ChangeKind::Update
+                };
+                row.content_hash += 1000;
+                row
+            })
+            .collect();
+        let unknown = night.pop().unwrap();
+        state.record_pending("p", run, "night-1", &night).unwrap();
+        state.settle("p", "night-1", &awaiting(&night)).unwrap();
+        state
+            .record_pending("p", run, "night-2", std::slice::from_ref(&unknown))
+            .unwrap();
+        assert_eq!(state.confirm_finished("p", run).unwrap(), 19);
+        let summary = |state: &mut SqliteState, name: &str| {
+            state
+                .summaries()
+                .unwrap()
+                .into_iter()
+                .find(|s| s.pipeline == name)
+                .unwrap()
+        };
+        let p = summary(&mut state, "p");
+        assert_eq!((p.synced, p.pending), (50 - 10, 1));
+        assert_eq!(summary(&mut state, "q").pending, 1);
+        let updated = state
+            .synced("p", ContactKey::ExternalId("E1".into()).hash64())
+            .unwrap()
+            .unwrap();
+        assert_eq!(updated.entry.content_hash, 1001);
+        assert!(state
+            .synced("p", ContactKey::ExternalId("E0".into()).hash64())
+            .unwrap()
+            .is_none());
     }
 
     /// Records are compressed with a dictionary the file trained on its first ones: they
