@@ -579,6 +579,9 @@ impl<'r> Run<'r> {
             let Some(item) = feed.next().await.map_err(RunError::Source)? else {
                 break;
             };
+            if let Some(ahead) = feed.fresh_batch() {
+                diff.index.warm(ahead.iter().filter_map(Staged::key_hash));
+            }
             self.report.read += 1;
             if self.report.read.is_multiple_of(4096) {
                 self.observer.advance(4096);
@@ -1494,6 +1497,16 @@ enum Staged {
     },
 }
 
+impl Staged {
+    /// The key hash of a record ready to diff.
+    fn key_hash(&self) -> Option<u64> {
+        match self {
+            Staged::Ready(_, prepared) => prepared.key_hash,
+            _ => None,
+        }
+    }
+}
+
 /// What the diff needs of a record ready to diff, worked out in the staging tasks beside
 /// the diff rather than in it: for most records of a nightly, these are all it looks at.
 #[derive(Debug, Clone, Copy)]
@@ -1582,6 +1595,8 @@ struct Feed {
     /// Whose turn it is.
     turn: usize,
     current: std::vec::IntoIter<Staged>,
+    /// `current` was just received (see [`Feed::fresh_batch`]).
+    fresh: bool,
     reader: tokio::task::JoinHandle<Box<dyn RecordStream>>,
 }
 
@@ -1658,6 +1673,7 @@ impl Feed {
             staged,
             turn: 0,
             current: Vec::new().into_iter(),
+            fresh: false,
             reader,
         }
     }
@@ -1667,6 +1683,7 @@ impl Feed {
             if let Some(item) = self.current.next() {
                 return Ok(Some(item));
             }
+            self.fresh = true;
             // The batch of this turn, or none: the reader ended before it.
             let received = self.staged[self.turn].recv().await;
             self.turn = (self.turn + 1) % self.staged.len();
@@ -1676,6 +1693,11 @@ impl Feed {
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Once after [`Feed::next`] took the first item of a batch: the rest of it.
+    fn fresh_batch(&mut self) -> Option<&[Staged]> {
+        std::mem::take(&mut self.fresh).then_some(self.current.as_slice())
     }
 
     async fn finish(self) -> Result<ReadOutcome, ConnectorError> {
