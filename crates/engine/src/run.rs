@@ -310,7 +310,15 @@ struct Diff {
     keyless_rejects: u64,
     /// The sink is rebuilt: unchanged people are sent again too.
     resend_all: bool,
+    /// Changes diffed and not planned yet, with the key hash of the state's row each
+    /// needs (see [`Run::wait`]); `lookups` counts those.
+    waiting: Vec<(Change, Option<u64>)>,
+    lookups: usize,
 }
+
+/// State rows a diff fetches at once: one round trip per changed person was most of a
+/// nightly against PostgreSQL.
+const LOOKUP_BATCH: usize = 256;
 
 impl<'r> Run<'r> {
     /// Step 0: takes the locks of the pipeline and of its sink section, waiting for them
@@ -562,6 +570,8 @@ impl<'r> Run<'r> {
             emails: self.capabilities.addresses_by_email.then(HashMap::default),
             keyless_rejects: 0,
             resend_all,
+            waiting: Vec::new(),
+            lookups: 0,
         };
 
         self.observer.phase(Phase::Reading, None);
@@ -614,6 +624,7 @@ impl<'r> Run<'r> {
                 staged => self.diff_record(&mut diff, staged)?,
             }
         }
+        self.plan_waiting(&mut diff)?;
         diff.changes.read = feed.finish().await.map_err(RunError::Source)?;
         self.report.complete_read = diff.changes.read.complete;
         self.observer.advance(self.report.read % 4096);
@@ -752,17 +763,20 @@ impl<'r> Run<'r> {
         let Some(key) = contact.key(rule) else {
             return self.reject_keyless(diff, &origin, &contact);
         };
-        let change = match seen {
+        let (change, lookup) = match seen {
             Seen::Duplicate => return Ok(()),
             Seen::New if deleted => {
                 self.report.unchanged += 1;
                 return Ok(());
             }
-            Seen::Synced(_) if deleted => Change::Remove {
-                previous: self.previous(key_hash)?,
-                key,
-                origin,
-            },
+            Seen::Synced(_) if deleted => (
+                Change::Remove {
+                    previous: SyncedEntry::default(),
+                    key,
+                    origin,
+                },
+                Some(key_hash),
+            ),
             Seen::New => {
                 let contact = match self.pipeline.shaping.clone() {
                     Some(shaping) => match shaping.on_create(contact) {
@@ -784,32 +798,83 @@ impl<'r> Run<'r> {
                     },
                     None => contact,
                 };
-                Change::Create {
+                let change = Change::Create {
                     key,
                     contact,
                     origin,
-                }
+                };
+                (change, None)
             }
-            Seen::Synced(_) => {
-                let previous = self.previous(key_hash)?;
-                let mut contact = contact;
-                // What `on_create` set stays as it was sent.
-                if let (Some(shaping), Some(before)) = (&self.pipeline.shaping, &previous.record) {
-                    for field in shaping.on_create_fields() {
-                        if let (Some(value), None) = (before.get(field), contact.get(field)) {
-                            let _ = contact.set(field, &value);
-                        }
-                    }
-                }
+            Seen::Synced(_) => (
                 Change::Update {
-                    previous,
+                    previous: SyncedEntry::default(),
                     key,
                     contact,
                     origin,
+                },
+                Some(key_hash),
+            ),
+        };
+        self.wait(diff, change, lookup)
+    }
+
+    /// Plans `change` once the state's row of the person it changes (`lookup`, their
+    /// key hash) is fetched: changes wait, in read order, until [`LOOKUP_BATCH`] of them
+    /// need a row, and the rows are fetched together ([`StateStore::synced_many`]).
+    fn wait(
+        &mut self,
+        diff: &mut Diff,
+        change: Change,
+        lookup: Option<u64>,
+    ) -> Result<(), RunError> {
+        if lookup.is_none() && diff.waiting.is_empty() {
+            return self.plan_change(diff, &change);
+        }
+        diff.lookups += usize::from(lookup.is_some());
+        diff.waiting.push((change, lookup));
+        if diff.lookups >= LOOKUP_BATCH {
+            self.plan_waiting(diff)?;
+        }
+        Ok(())
+    }
+
+    /// Fetches the rows the waiting changes need and plans them, in read order.
+    fn plan_waiting(&mut self, diff: &mut Diff) -> Result<(), RunError> {
+        let waiting = std::mem::take(&mut diff.waiting);
+        diff.lookups = 0;
+        let hashes: Vec<u64> = waiting.iter().filter_map(|(_, lookup)| *lookup).collect();
+        let mut rows = self
+            .state
+            .synced_many(&self.pipeline.name, &hashes)?
+            .into_iter();
+        for (mut change, lookup) in waiting {
+            if lookup.is_some() {
+                let row = rows.next().flatten().map(|row| row.entry);
+                let known = row.unwrap_or_default();
+                match &mut change {
+                    Change::Remove { previous, .. } => *previous = known,
+                    Change::Update {
+                        previous, contact, ..
+                    } => {
+                        // What `on_create` set stays as it was sent.
+                        if let (Some(shaping), Some(before)) =
+                            (&self.pipeline.shaping, &known.record)
+                        {
+                            for field in shaping.on_create_fields() {
+                                if let (Some(value), None) = (before.get(field), contact.get(field))
+                                {
+                                    let _ = contact.set(field, &value);
+                                }
+                            }
+                        }
+                        *previous = known;
+                    }
+                    Change::Create { .. } => {}
                 }
             }
-        };
-        self.plan_change(diff, &change)
+            self.plan_change(diff, &change)?;
+        }
+        Ok(())
     }
 
     /// After a complete read, the keys of the state that were not seen are removals,
@@ -833,8 +898,9 @@ impl<'r> Run<'r> {
             ));
             return Ok(());
         }
-        for key_hash in unseen {
-            if let Some(row) = self.state.synced(&self.pipeline.name, key_hash)? {
+        for hashes in unseen.chunks(LOOKUP_BATCH) {
+            for row in self.state.synced_many(&self.pipeline.name, hashes)? {
+                let Some(row) = row else { continue };
                 let change = Change::Remove {
                     key: row.key,
                     previous: row.entry,
@@ -908,15 +974,6 @@ impl<'r> Run<'r> {
             }
             None => diff.keyless_rejects += 1,
         }
-    }
-
-    /// What the state remembers of a key the index says is synced.
-    fn previous(&mut self, key_hash: u64) -> Result<SyncedEntry, RunError> {
-        Ok(self
-            .state
-            .synced(&self.pipeline.name, key_hash)?
-            .map(|row| row.entry)
-            .unwrap_or_default())
     }
 
     /// Counts a change against the mode, and spools it when the mode applies it.

@@ -326,6 +326,63 @@ async fn first_run_creates_second_does_nothing_edit_sends_only_the_edit() {
     );
 }
 
+/// The rows of the people who changed are fetched from the state in batches: across
+/// many batches, every update and removal still carries the record last sent for that
+/// very person, and the changes keep the order they were read in.
+#[tokio::test]
+async fn changes_looked_up_in_batches_keep_their_order_and_their_own_previous_records() {
+    let f = Fixture::new();
+    let mut sink = MemorySink::new(100);
+    let day1: Vec<Contact> = (1..=1500)
+        .map(|i| person(i, &format!("First{i}")))
+        .collect();
+    let r = f.run(&ListSource::of(&day1), &mut sink).await;
+    assert_eq!(r.created, 1500, "{r:?}");
+    // Night: every third person edited, every twentieth gone, a new one at every tenth.
+    let mut night = Vec::new();
+    let mut expected_upserts = Vec::new();
+    for i in 1..=1500u32 {
+        if i % 10 == 0 {
+            night.push(person(10_000 + i, "New"));
+            expected_upserts.push(format!("external_id:E{}", 10_000 + i));
+        }
+        if i % 20 == 0 {
+            continue;
+        }
+        let mut c = person(i, &format!("First{i}"));
+        if i % 3 == 0 {
+            c.set(&Field::LastName, "Edited").unwrap();
+            expected_upserts.push(format!("external_id:E{i}"));
+        }
+        night.push(c);
+    }
+    sink.platform.lock().unwrap().batches.clear();
+    let r = f.run(&ListSource::of(&night), &mut sink).await;
+    assert_eq!(
+        (r.created, r.updated, r.removed),
+        (150, 1500 / 3 - 1500 / 60, 1500 / 20),
+        "{r:?}"
+    );
+    let platform = sink.platform.lock().unwrap();
+    let upserts: Vec<String> = platform
+        .batches
+        .iter()
+        .flatten()
+        .filter(|(kind, _)| kind != "remove")
+        .map(|(_, key)| key.clone())
+        .collect();
+    assert_eq!(upserts, expected_upserts, "upserts in read order");
+    let befores = &platform.befores[platform.befores.len() - (r.updated + r.removed) as usize..];
+    for (key, before) in befores {
+        let id: u32 = key.trim_start_matches("external_id:E").parse().unwrap();
+        assert_eq!(
+            before.as_ref(),
+            Some(&day1[id as usize - 1]),
+            "the previous record of {key}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn removals_come_only_from_complete_reads() {
     let mut f = Fixture::new();

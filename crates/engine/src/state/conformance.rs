@@ -158,6 +158,20 @@ fn pending_then_settled(store: &mut dyn StateStore) -> Result<(), String> {
         store.pending_batches(PIPELINE).map_err(err)?.is_empty(),
         "a settled batch is no longer pending"
     );
+    let many = store
+        .synced_many(PIPELINE, &[bob.hash64(), ann.hash64(), ann.hash64()])
+        .map_err(err)?;
+    ensure!(
+        many.iter()
+            .map(|r| r.as_ref().map(|r| (&r.key, r.entry.content_hash)))
+            .collect::<Vec<_>>()
+            == vec![None, Some((&ann, 11)), Some((&ann, 11))],
+        "synced rows looked up together come in the order asked, none where there is none: {many:?}"
+    );
+    ensure!(
+        store.synced_many(PIPELINE, &[]).map_err(err)?.is_empty(),
+        "looking up no one finds no one"
+    );
     let row = store.synced(PIPELINE, ann.hash64()).map_err(err)?;
     ensure!(
         row.as_ref()

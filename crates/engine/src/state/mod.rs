@@ -419,6 +419,19 @@ pub trait StateStore: Send {
     ) -> Result<(), StateError>;
     /// The synced row with this key hash.
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError>;
+    /// The synced rows of these key hashes, in their order (`None` where there is none).
+    /// A diff looks up the people who changed in batches: one round trip each was most
+    /// of a nightly against a server. The default asks [`StateStore::synced`] for each.
+    fn synced_many(
+        &mut self,
+        pipeline: &str,
+        key_hashes: &[u64],
+    ) -> Result<Vec<Option<SyncedRow>>, StateError> {
+        key_hashes
+            .iter()
+            .map(|&key_hash| self.synced(pipeline, key_hash))
+            .collect()
+    }
     /// Records a batch as sent.
     fn record_pending(
         &mut self,

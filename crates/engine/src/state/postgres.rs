@@ -675,6 +675,36 @@ impl StateStore for PostgresState {
             .transpose()
     }
 
+    fn synced_many(
+        &mut self,
+        pipeline: &str,
+        key_hashes: &[u64],
+    ) -> Result<Vec<Option<SyncedRow>>, StateError> {
+        if key_hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pipeline = pipeline.to_string();
+        let hashes: Vec<i64> = key_hashes.iter().map(|&h| to_sql(h)).collect();
+        let rows: Vec<(i64, StoredSynced)> = self.call(move |c| {
+            Ok(c.query(
+                "SELECT key_hash, key, content_hash, email, handle, record FROM synced
+                 WHERE pipeline = $1 AND key_hash = ANY($2)",
+                &[&pipeline, &hashes],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))))
+            .collect())
+        })?;
+        let mut found: HashMap<u64, SyncedRow> = HashMap::with_capacity(rows.len());
+        for (hash, stored) in rows {
+            found.insert(
+                from_sql(hash),
+                synced_row(stored, |text| self.parse_key(text))?,
+            );
+        }
+        Ok(key_hashes.iter().map(|h| found.get(h).cloned()).collect())
+    }
+
     fn record_pending(
         &mut self,
         pipeline: &str,
