@@ -581,6 +581,8 @@ impl<'r> Run<'r> {
             diff.mapping.clone(),
             self.pipeline.shaping.clone(),
             settings.key,
+            // With nobody synced (a first sync) no record is compared by content.
+            diff.index.population() > 0,
         );
         loop {
             if self.options.cancel.is_cancelled() {
@@ -1570,46 +1572,53 @@ impl Staged {
 struct Prepared {
     /// The hash of the record's key under the pipeline's rule; `None` without a key.
     key_hash: Option<u64>,
-    /// The state's content hash of the record (see [`Pipeline::diff_hash`]).
+    /// The state's content hash of the record (see [`Pipeline::diff_hash`]); 0 when
+    /// the state holds nobody to compare with.
     content_hash: u64,
     /// The email is valid, or there is none.
     email_valid: bool,
 }
 
 impl Prepared {
-    fn of(contact: &Contact, shaping: Option<&RecordShaping>, rule: KeyRule) -> Prepared {
+    fn of(contact: &Contact, how: &Preparing) -> Prepared {
         Prepared {
-            key_hash: contact.key_hash(rule),
-            content_hash: match shaping {
-                Some(shaping) => shaping.diff_hash(contact),
-                None => contact.content_hash(),
+            key_hash: contact.key_hash(how.rule),
+            content_hash: match (&how.shaping, how.hash_content) {
+                (_, false) => 0,
+                (Some(shaping), true) => shaping.diff_hash(contact),
+                (None, true) => contact.content_hash(),
             },
             email_valid: contact.email.as_deref().is_none_or(Contact::is_valid_email),
         }
     }
 }
 
+/// What a staging task needs to prepare records.
+#[derive(Clone)]
+struct Preparing {
+    mapping: FieldMapping,
+    shaping: Option<std::sync::Arc<RecordShaping>>,
+    rule: KeyRule,
+    /// Whether records are compared by content: not when the state holds nobody.
+    hash_content: bool,
+}
+
 /// Maps and shapes one item. The scope is decided on the record as read: who is in at
 /// all, before what they become.
-fn stage(
-    mapping: &FieldMapping,
-    shaping: Option<&RecordShaping>,
-    rule: KeyRule,
-    item: SourceItem,
-) -> Staged {
+fn stage(how: &Preparing, item: SourceItem) -> Staged {
     let mut record = match item {
         SourceItem::Rejected(error) => return Staged::Rejected(error),
         SourceItem::Record(record) => record,
     };
-    if let Err((field, reason)) = mapping.apply(&mut record.contact) {
+    if let Err((field, reason)) = how.mapping.apply(&mut record.contact) {
         return Staged::Unmapped {
             record,
             field,
             reason,
         };
     }
-    let Some(shaping) = shaping else {
-        let prepared = Prepared::of(&record.contact, None, rule);
+    let Some(shaping) = how.shaping.as_deref() else {
+        let prepared = Prepared::of(&record.contact, how);
         return Staged::Ready(record, prepared);
     };
     let SourceRecord {
@@ -1619,7 +1628,7 @@ fn stage(
     } = record;
     match shaping.scope_and_map(contact) {
         Shaped::In(contact) => {
-            let prepared = Prepared::of(&contact, Some(shaping), rule);
+            let prepared = Prepared::of(&contact, how);
             Staged::Ready(
                 SourceRecord {
                     contact,
@@ -1665,22 +1674,25 @@ impl Feed {
         mapping: FieldMapping,
         shaping: Option<std::sync::Arc<RecordShaping>>,
         rule: KeyRule,
+        hash_content: bool,
     ) -> Feed {
+        let how = Preparing {
+            mapping,
+            shaping,
+            rule,
+            hash_content,
+        };
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         let mut inputs = Vec::with_capacity(workers);
         let mut staged = Vec::with_capacity(workers);
         for _ in 0..workers {
             let (to_worker, mut from_reader) = tokio::sync::mpsc::channel::<Batch<SourceItem>>(4);
             let (to_feed, from_worker) = tokio::sync::mpsc::channel::<Batch<Staged>>(4);
-            let (mapping, shaping) = (mapping.clone(), shaping.clone());
+            let how = how.clone();
             tokio::spawn(async move {
                 while let Some(batch) = from_reader.recv().await {
-                    let items = batch.map(|items| {
-                        items
-                            .into_iter()
-                            .map(|item| stage(&mapping, shaping.as_deref(), rule, item))
-                            .collect()
-                    });
+                    let items = batch
+                        .map(|items| items.into_iter().map(|item| stage(&how, item)).collect());
                     if to_feed.send(items).await.is_err() {
                         return; // The run stopped reading (an error, a cancel).
                     }

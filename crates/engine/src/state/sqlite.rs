@@ -791,9 +791,13 @@ impl StateStore for SqliteState {
             return Ok(0);
         };
         let remove = compact::kind(ChangeKind::Remove);
-        // In ranges of pending rows, each its own transaction, so that no transaction
+        // In ranges of key hashes, each its own transaction, so that no transaction
         // holds the write lock for long (ten million rows took over a minute, and the
         // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
+        // Ranges of the hash, in the order `synced` keeps them, so that each range's
+        // rows are appended to its b-tree in order (ranges of rows would interleave and
+        // split its pages). Each range scans `pending`; a range holds about
+        // `confirm_range_rows` rows, so a million take one scan.
         // A crash between two ranges leaves the rest pending, applied: the next run's
         // recovery asks the sink about them, as after a crash before the confirmation.
         let (first, last): (Option<i64>, Option<i64>) = self
@@ -805,15 +809,30 @@ impl StateStore for SqliteState {
         let (Some(first), Some(last)) = (first, last) else {
             return Ok(0);
         };
+        let ranges = || {
+            // At most this many rows (rowids are not reused while the table has rows).
+            let rows = (i128::from(last) - i128::from(first) + 1).max(1);
+            let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
+                / i128::from(self.confirm_range_rows.max(1));
+            let width = (1i128 << 64) / parts;
+            (0..parts).map(move |n| {
+                let from = i128::from(i64::MIN) + n * width;
+                let to = if n == parts - 1 {
+                    i128::from(i64::MAX)
+                } else {
+                    from + width - 1
+                };
+                // Both within i64 by construction.
+                (from as i64, to as i64)
+            })
+        };
         let mut confirmed = 0u64;
-        let mut from = first;
-        loop {
-            let to = from.saturating_add(self.confirm_range_rows - 1).min(last);
+        for (from, to) in ranges() {
             let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
             let removed = tx
                 .execute(
                     "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
-                       (SELECT key_hash FROM pending WHERE rowid BETWEEN ?4 AND ?5
+                       (SELECT key_hash FROM pending WHERE key_hash BETWEEN ?4 AND ?5
                           AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
                     params![id, run, remove, from, to],
                 )
@@ -823,7 +842,7 @@ impl StateStore for SqliteState {
                     &format!(
                         "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
                            SELECT pipeline, key_hash, content_hash, record, key, email, handle FROM pending
-                           WHERE rowid BETWEEN ?4 AND ?5
+                           WHERE key_hash BETWEEN ?4 AND ?5
                              AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
                            ORDER BY key_hash
                          {SYNCED_UPSERT}"
@@ -831,18 +850,37 @@ impl StateStore for SqliteState {
                     params![id, run, remove, from, to],
                 )
                 .map_err(map)?;
-            tx.execute(
-                "DELETE FROM pending WHERE rowid BETWEEN ?3 AND ?4
-                   AND pipeline = ?1 AND run = ?2 AND applied = 1",
-                params![id, run, from, to],
-            )
-            .map_err(map)?;
             tx.commit().map_err(map)?;
             confirmed += (removed + upserted) as u64;
-            if to >= last {
-                break;
-            }
-            from = to + 1;
+        }
+        // The confirmed rows leave `pending` last: when they are all it holds (a run
+        // alone, as usual), at once, which costs next to nothing where deleting them row
+        // by row took longer than confirming them. Until then they are pending and
+        // applied, and confirming them again (after a crash, through recovery) changes
+        // nothing.
+        // The check and the delete in one transaction: another pipeline's run may be
+        // recording its own pending changes in the same file.
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let others: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
+                params![id, run],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if !others {
+            tx.execute("DELETE FROM pending", []).map_err(map)?;
+            return tx.commit().map_err(map).map(|()| confirmed);
+        }
+        drop(tx);
+        for (from, to) in ranges() {
+            self.conn
+                .execute(
+                    "DELETE FROM pending WHERE key_hash BETWEEN ?3 AND ?4
+                       AND pipeline = ?1 AND run = ?2 AND applied = 1",
+                    params![id, run, from, to],
+                )
+                .map_err(map)?;
         }
         Ok(confirmed)
     }
@@ -1239,8 +1277,8 @@ fn compact_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<CompactSynced> {
 /// How a synced row takes a newer one of the same person: a change without a record
 /// (a final rejection) keeps the last-sent record, and its explicit key and email
 /// stay true beside it; see [`compact`].
-/// Pending rows [`StateStore::confirm_finished`] confirms in one transaction.
-const CONFIRM_RANGE_ROWS: i64 = 200_000;
+/// Pending rows [`StateStore::confirm_finished`] confirms in one transaction, about.
+const CONFIRM_RANGE_ROWS: i64 = 2_000_000;
 
 const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET
     content_hash = excluded.content_hash, record = COALESCE(excluded.record, synced.record),
