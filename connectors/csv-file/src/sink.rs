@@ -446,6 +446,16 @@ impl CsvSink {
     }
 }
 
+/// The text of a row's cell, trimmed; `None` when the column is absent, blank or not
+/// UTF-8.
+fn cell(row: &csv::ByteRecord, column: Option<usize>) -> Option<&str> {
+    column
+        .and_then(|c| row.get(c))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
 /// The row's possible keys: by external id and by email, so that a change keyed either
 /// way finds it. Normalised as [`Contact::set`] does, without building a contact.
 fn row_keys(
@@ -453,16 +463,8 @@ fn row_keys(
     id_column: Option<usize>,
     email_column: Option<usize>,
 ) -> [Option<ContactKey>; 2] {
-    let text = |column: Option<usize>| {
-        column
-            .and_then(|c| row.get(c))
-            .and_then(|v| std::str::from_utf8(v).ok())
-    };
-    let by_id = text(id_column)
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(|v| ContactKey::ExternalId(v.to_string()));
-    let by_email = text(email_column)
+    let by_id = cell(row, id_column).map(|v| ContactKey::ExternalId(v.to_string()));
+    let by_email = cell(row, email_column)
         .and_then(Contact::normalize_email)
         .map(ContactKey::Email);
     [by_id, by_email]
@@ -475,15 +477,8 @@ fn row_key_hashes(
     id_column: Option<usize>,
     email_column: Option<usize>,
 ) -> [Option<u64>; 2] {
-    let text = |column: Option<usize>| {
-        column
-            .and_then(|c| row.get(c))
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-    };
-    let by_id = text(id_column).map(ContactKey::external_id_hash);
-    let by_email = text(email_column)
+    let by_id = cell(row, id_column).map(ContactKey::external_id_hash);
+    let by_email = cell(row, email_column)
         .and_then(Contact::normalized_email)
         .map(|email| ContactKey::email_hash(&email));
     [by_id, by_email]

@@ -86,10 +86,7 @@ impl Pipeline {
     /// What the state's content hash is for `contact`: without the fields `on_create`
     /// sets, which are never compared.
     fn diff_hash(&self, contact: &Contact) -> u64 {
-        match &self.shaping {
-            Some(shaping) => shaping.diff_hash(contact),
-            None => contact.content_hash(),
-        }
+        diff_hash(self.shaping.as_deref(), contact)
     }
 
     /// The identity in the state of the pipeline from `from` to `to`: `from->to`.
@@ -708,19 +705,17 @@ impl<'r> Run<'r> {
         }
         let seen = diff.index.mark(key_hash);
         if seen == Seen::Duplicate {
-            let key = contact.key(rule);
-            let reason = match &key {
-                Some(key) => format!(
-                    "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
-                ),
-                None => "duplicate key: an earlier record of this read has the same key, and the first one wins".into(),
+            let Some(key) = contact.key(rule) else {
+                return self.reject_keyless(diff, &origin, &contact);
             };
-            let field = key.as_ref().map_or("external_id", key_field);
+            let reason = format!(
+                "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
+            );
             return self.reject(Rejection::of_record(
                 &origin,
                 &contact,
-                key.as_ref(),
-                field,
+                Some(&key),
+                key_field(&key),
                 reason,
             ));
         }
@@ -1583,13 +1578,22 @@ impl Prepared {
     fn of(contact: &Contact, how: &Preparing) -> Prepared {
         Prepared {
             key_hash: contact.key_hash(how.rule),
-            content_hash: match (&how.shaping, how.hash_content) {
-                (_, false) => 0,
-                (Some(shaping), true) => shaping.diff_hash(contact),
-                (None, true) => contact.content_hash(),
+            content_hash: if how.hash_content {
+                diff_hash(how.shaping.as_deref(), contact)
+            } else {
+                0
             },
             email_valid: contact.email.as_deref().is_none_or(Contact::is_valid_email),
         }
+    }
+}
+
+/// The state's content hash of `contact` under a pipeline's `shaping`: without the
+/// fields `on_create` sets, which are never compared.
+fn diff_hash(shaping: Option<&RecordShaping>, contact: &Contact) -> u64 {
+    match shaping {
+        Some(shaping) => shaping.diff_hash(contact),
+        None => contact.content_hash(),
     }
 }
 
