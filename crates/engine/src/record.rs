@@ -1,9 +1,10 @@
 //! The compact form in which the state keeps the last-sent record of each person.
 //!
-//! Format 1: a version byte, then the contact's set fields in postcard's binary
-//! encoding (varint lengths, no field names): about the size of the values themselves,
-//! some 60 to 100 bytes for a typical person. `updated_at` is left out, since it is not
-//! content.
+//! Format 1: a version byte, then the contact's binary body
+//! ([`Contact::encode_binary`]: postcard, varint lengths, no field names): about the
+//! size of the values themselves, some 60 to 100 bytes for a typical person.
+//! `updated_at` is left out, since it is not content. The body's field order is the
+//! format: a change to it bumps [`VERSION`].
 //!
 //! Format 2 ([`RecordCodec`]): the same body compressed by zstd with a dictionary the
 //! state trained on its own first records and keeps beside them: a version byte, the
@@ -13,10 +14,7 @@
 //! the company, the department, the field layout), and that is what the dictionary
 //! holds: a 100-byte record takes some 30.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use contactsync_core::{Contact, ContactStatus};
-use serde::{Deserialize, Serialize};
+use contactsync_core::Contact;
 
 /// The first byte of every encoded record; a future layout gets another.
 const VERSION: u8 = 1;
@@ -190,47 +188,6 @@ pub(crate) enum RecordDecodeError {
     Unreadable(String),
 }
 
-/// The contact's fields, borrowed, in a fixed order. Field order is the format: append
-/// new fields at the end and bump [`VERSION`].
-#[derive(Serialize, Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow)]
-    external_id: Option<&'a str>,
-    #[serde(borrow)]
-    email: Option<&'a str>,
-    #[serde(borrow)]
-    first_name: Option<&'a str>,
-    #[serde(borrow)]
-    last_name: Option<&'a str>,
-    #[serde(borrow)]
-    display_name: Option<&'a str>,
-    #[serde(borrow)]
-    phone: Option<&'a str>,
-    #[serde(borrow)]
-    mobile: Option<&'a str>,
-    #[serde(borrow)]
-    company: Option<&'a str>,
-    #[serde(borrow)]
-    department: Option<&'a str>,
-    #[serde(borrow)]
-    job_title: Option<&'a str>,
-    #[serde(borrow)]
-    language: Option<&'a str>,
-    status: u8,
-    #[serde(borrow)]
-    attributes: Vec<(&'a str, &'a str)>,
-    #[serde(borrow)]
-    subscriptions: Vec<&'a str>,
-}
-
-fn status_code(status: ContactStatus) -> u8 {
-    match status {
-        ContactStatus::Active => 0,
-        ContactStatus::Inactive => 1,
-        ContactStatus::OptedOut => 2,
-    }
-}
-
 /// Encodes `contact` for the state, in format 1.
 pub(crate) fn encode(contact: &Contact) -> Vec<u8> {
     encode_into(contact, vec![VERSION])
@@ -238,29 +195,7 @@ pub(crate) fn encode(contact: &Contact) -> Vec<u8> {
 
 /// The format-1 body of `contact` appended to `out`.
 fn encode_into(contact: &Contact, out: Vec<u8>) -> Vec<u8> {
-    let wire = Wire {
-        external_id: contact.external_id.as_deref(),
-        email: contact.email.as_deref(),
-        first_name: contact.first_name.as_deref(),
-        last_name: contact.last_name.as_deref(),
-        display_name: contact.display_name.as_deref(),
-        phone: contact.phone.as_deref(),
-        mobile: contact.mobile.as_deref(),
-        company: contact.company.as_deref(),
-        department: contact.department.as_deref(),
-        job_title: contact.job_title.as_deref(),
-        language: contact.language.as_deref(),
-        status: status_code(contact.status),
-        attributes: contact
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
-        subscriptions: contact.subscriptions.iter().map(String::as_str).collect(),
-    };
-    // Serialising strings into a Vec cannot fail; were it to, the empty record reads
-    // back as "not known", which is safe.
-    postcard::to_extend(&wire, out).unwrap_or_default()
+    contact.encode_binary(out)
 }
 
 /// Decodes a record [`encode`] wrote; the error says what is wrong. A compressed
@@ -279,39 +214,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Contact, String> {
 }
 
 fn decode_body(body: &[u8]) -> Result<Contact, String> {
-    let wire: Wire<'_> =
-        postcard::from_bytes(body).map_err(|e| format!("unreadable stored record: {e}"))?;
-    let owned = |v: Option<&str>| v.map(str::to_string);
-    Ok(Contact {
-        external_id: owned(wire.external_id),
-        email: owned(wire.email),
-        first_name: owned(wire.first_name),
-        last_name: owned(wire.last_name),
-        display_name: owned(wire.display_name),
-        phone: owned(wire.phone),
-        mobile: owned(wire.mobile),
-        company: owned(wire.company),
-        department: owned(wire.department),
-        job_title: owned(wire.job_title),
-        language: owned(wire.language),
-        status: match wire.status {
-            0 => ContactStatus::Active,
-            1 => ContactStatus::Inactive,
-            2 => ContactStatus::OptedOut,
-            other => return Err(format!("unknown status code {other} in a stored record")),
-        },
-        attributes: wire
-            .attributes
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        subscriptions: wire
-            .subscriptions
-            .into_iter()
-            .map(str::to_string)
-            .collect::<BTreeSet<_>>(),
-        updated_at: None,
-    })
+    Contact::decode_binary(body)
 }
 
 #[cfg(test)]

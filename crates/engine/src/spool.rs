@@ -8,8 +8,9 @@
 //!
 //! The format is the run's own, never read by another version: a length-prefixed
 //! `postcard` frame a change, the contacts in the state's compact record form
-//! (`crate::record`) and the origin (a small tagged enum) as JSON text. A JSON line a
-//! change cost a first sync of a million people seconds of formatting and parsing.
+//! (`crate::record`) and the origin as [`OriginFrame`] (the public [`Origin`] is
+//! internally tagged for its JSON form, which postcard cannot read back). A JSON line
+//! a change cost a first sync of a million people seconds of formatting and parsing.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -24,7 +25,7 @@ struct Frame {
     /// 0 create, 1 update, 2 remove.
     kind: u8,
     key: String,
-    origin: String,
+    origin: OriginFrame,
     contact: Option<Vec<u8>>,
     /// The contact's `updated_at`, in microseconds since the epoch (not in the record).
     updated_at: Option<i64>,
@@ -37,6 +38,40 @@ struct Previous {
     email: Option<String>,
     handle: Option<String>,
     record: Option<Vec<u8>>,
+}
+
+/// [`Origin`] in an externally tagged form, which postcard can frame.
+#[derive(Serialize, Deserialize)]
+enum OriginFrame {
+    Line { file: String, line: u64 },
+    Entry { dn: String },
+    Page { call: String, page: u64, index: u64 },
+    Record { system: String, id: String },
+    Derived,
+}
+
+impl From<&Origin> for OriginFrame {
+    fn from(origin: &Origin) -> Self {
+        match origin.clone() {
+            Origin::Line { file, line } => OriginFrame::Line { file, line },
+            Origin::Entry { dn } => OriginFrame::Entry { dn },
+            Origin::Page { call, page, index } => OriginFrame::Page { call, page, index },
+            Origin::Record { system, id } => OriginFrame::Record { system, id },
+            Origin::Derived => OriginFrame::Derived,
+        }
+    }
+}
+
+impl From<OriginFrame> for Origin {
+    fn from(frame: OriginFrame) -> Self {
+        match frame {
+            OriginFrame::Line { file, line } => Origin::Line { file, line },
+            OriginFrame::Entry { dn } => Origin::Entry { dn },
+            OriginFrame::Page { call, page, index } => Origin::Page { call, page, index },
+            OriginFrame::Record { system, id } => Origin::Record { system, id },
+            OriginFrame::Derived => Origin::Derived,
+        }
+    }
 }
 
 fn invalid(e: impl std::fmt::Display) -> std::io::Error {
@@ -52,7 +87,7 @@ fn frame(change: &Change) -> std::io::Result<Frame> {
     Ok(Frame {
         kind,
         key: change.key().to_string(),
-        origin: serde_json::to_string(change.origin())?,
+        origin: change.origin().into(),
         contact: contact.map(crate::record::encode),
         updated_at: contact
             .and_then(|c| c.updated_at)
@@ -68,7 +103,7 @@ fn frame(change: &Change) -> std::io::Result<Frame> {
 
 fn unframe(frame: Frame) -> std::io::Result<Change> {
     let key: ContactKey = frame.key.parse().map_err(invalid)?;
-    let origin: Origin = serde_json::from_str(&frame.origin)?;
+    let origin = Origin::from(frame.origin);
     let contact = frame
         .contact
         .map(|bytes| crate::record::decode(&bytes).map_err(invalid))
@@ -226,19 +261,43 @@ mod tests {
                 previous: previous.clone(),
             },
             Change::Remove {
-                key,
+                key: key.clone(),
                 previous: SyncedEntry {
                     record: None,
-                    ..previous
+                    ..previous.clone()
                 },
                 origin: Origin::Derived,
+            },
+            Change::Create {
+                key: key.clone(),
+                contact: ann.clone(),
+                origin: Origin::Entry {
+                    dn: "uid=ann,ou=people,dc=example,dc=com".into(),
+                },
+            },
+            Change::Create {
+                key: key.clone(),
+                contact: ann.clone(),
+                origin: Origin::Page {
+                    call: "GET /subscribers".into(),
+                    page: 3,
+                    index: 7,
+                },
+            },
+            Change::Remove {
+                key,
+                previous,
+                origin: Origin::Record {
+                    system: "businesscatalyst".into(),
+                    id: "88".into(),
+                },
             },
         ];
         let mut spool = ChangeSpool::create(None).unwrap();
         for c in &changes {
             spool.push(c).unwrap();
         }
-        assert_eq!(spool.len(), 3);
+        assert_eq!(spool.len(), 6);
         let mut reader = spool.into_reader().unwrap();
         let mut back = reader.next_batch(2).unwrap();
         back.extend(reader.next_batch(10).unwrap());
