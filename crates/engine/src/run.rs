@@ -1158,8 +1158,15 @@ impl<'r> Run<'r> {
                 record: c.contact().cloned(),
             })
             .collect();
-        self.state
-            .record_pending(&self.pipeline.name, self.report.run, &batch.id, &rows)?;
+        let durable_at_finish = self.capabilities.durable_at_finish;
+        // A sink that keeps nothing before it finishes is handed the batch first and the
+        // batch recorded after, already applied, in one write: a crash in between loses
+        // nothing, since that sink has made nothing durable yet (pending first, then
+        // settled as applied, took a second pass over every row of a first sync).
+        if !durable_at_finish {
+            self.state
+                .record_pending(&self.pipeline.name, self.report.run, &batch.id, &rows)?;
+        }
         let outcomes = {
             let mut lent = self.lend();
             sink.apply(batch, &mut lent.context())
@@ -1172,8 +1179,29 @@ impl<'r> Run<'r> {
                 expected: batch.changes.len(),
             });
         }
-        let durable_at_finish = self.capabilities.durable_at_finish;
+        // Taken whole, as nearly always: recorded applied at once. Otherwise recorded
+        // now as sent, and settled one by one below, as for any other sink.
+        let mut recorded_applied = false;
+        if durable_at_finish {
+            let handles: Option<Vec<Option<String>>> = outcomes
+                .iter()
+                .map(|outcome| match outcome {
+                    Outcome::Applied { handle } => Some(handle.clone()),
+                    _ => None,
+                })
+                .collect();
+            let (pipeline, run) = (&self.pipeline.name, self.report.run);
+            match handles {
+                Some(handles) => {
+                    self.state
+                        .record_awaiting_finish(pipeline, run, &batch.id, &rows, &handles)?;
+                    recorded_applied = true;
+                }
+                None => self.state.record_pending(pipeline, run, &batch.id, &rows)?,
+            }
+        }
         let mut settlements = Vec::with_capacity(outcomes.len());
+        let mut settled = 0u64;
         let mut audit: Vec<(&'static str, Option<String>)> = Vec::with_capacity(outcomes.len());
         for ((change, row), outcome) in batch.changes.iter().zip(rows).zip(outcomes) {
             let kind = change.kind();
@@ -1182,10 +1210,14 @@ impl<'r> Run<'r> {
             match outcome {
                 Outcome::Applied { handle } => {
                     audit.push(("applied", None));
+                    settled += 1;
                     match kind {
                         ChangeKind::Create => self.report.created += 1,
                         ChangeKind::Update => self.report.updated += 1,
                         ChangeKind::Remove => self.report.removed += 1,
+                    }
+                    if recorded_applied {
+                        continue;
                     }
                     settlements.push(if durable_at_finish {
                         Settlement::AwaitingFinish { key, handle }
@@ -1209,6 +1241,7 @@ impl<'r> Run<'r> {
                     retry,
                 } => {
                     audit.push(("rejected", Some(reason.clone())));
+                    settled += 1;
                     self.reject(Rejection {
                         stage: RejectStage::Sink,
                         origin: change.origin(),
@@ -1244,11 +1277,12 @@ impl<'r> Run<'r> {
                 }
             }
         }
-        self.state
-            .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        if !settlements.is_empty() {
+            self.state
+                .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        }
         self.audit(batch, audit)?;
         // What stays pending (unknown outcomes) is still not confirmed.
-        let settled = settlements.len() as u64;
         self.report.unconfirmed = self.report.unconfirmed.saturating_sub(settled);
         self.observer.advance(batch.changes.len() as u64);
         Ok(())

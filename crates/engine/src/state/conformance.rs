@@ -247,17 +247,16 @@ fn awaiting_finish(store: &mut dyn StateStore) -> Result<(), String> {
     let whole = [create("E1"), create("E2")];
     let part = [create("E3"), create("E4")];
     let elsewhere = [create("E5")];
+    // b1 as a sink that keeps nothing before its finish has it recorded: taken
+    // already, in one step; b2 recorded first and settled after.
     store
-        .record_pending(PIPELINE, run, "b1", &whole)
+        .record_awaiting_finish(PIPELINE, run, "b1", &whole, &[None, Some("h-2".into())])
         .map_err(err)?;
     store
         .record_pending(PIPELINE, run, "b2", &part)
         .map_err(err)?;
     store
         .record_pending(OTHER, other_run, "o1", &elsewhere)
-        .map_err(err)?;
-    store
-        .settle(PIPELINE, "b1", &[awaiting(&whole[0]), awaiting(&whole[1])])
         .map_err(err)?;
     // E4's outcome is unknown: it is not settled at all.
     store
@@ -285,6 +284,14 @@ fn awaiting_finish(store: &mut dyn StateStore) -> Result<(), String> {
             row.key
         );
     }
+    let handle = store
+        .synced(PIPELINE, whole[1].key.hash64())
+        .map_err(err)?
+        .and_then(|row| row.entry.handle);
+    ensure!(
+        handle.as_deref() == Some("h-2"),
+        "the handle a batch was recorded with is kept once confirmed, not {handle:?}"
+    );
     ensure!(
         store
             .synced(PIPELINE, part[1].key.hash64())

@@ -453,6 +453,30 @@ pub trait StateStore: Send {
         batch_id: &str,
         settlements: &[Settlement],
     ) -> Result<(), StateError>;
+    /// Records a batch a sink that keeps nothing before it finishes has already taken:
+    /// each row pending and applied, awaiting the finish, with the handle the sink gave
+    /// it (`handles[i]` for `rows[i]`). What [`StateStore::record_pending`] then
+    /// [`Settlement::AwaitingFinish`] for every row leave; a backend that can write
+    /// that at once overrides the default, which does exactly those two steps.
+    fn record_awaiting_finish(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+    ) -> Result<(), StateError> {
+        self.record_pending(pipeline, run, batch_id, rows)?;
+        let settlements: Vec<Settlement> = rows
+            .iter()
+            .zip(handles)
+            .map(|(row, handle)| Settlement::AwaitingFinish {
+                key: row.key.clone(),
+                handle: handle.clone(),
+            })
+            .collect();
+        self.settle(pipeline, batch_id, &settlements)
+    }
     /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
     /// Before a run applies its changes: records drawn evenly across the ones it will

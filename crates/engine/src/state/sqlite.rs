@@ -149,7 +149,7 @@ CREATE TABLE IF NOT EXISTS pending (
     email TEXT,
     handle TEXT,
     PRIMARY KEY (pipeline, batch_id, seq)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key_hash);
 CREATE TABLE IF NOT EXISTS runs (
     pipeline TEXT NOT NULL,
@@ -309,7 +309,7 @@ impl SqliteState {
                 )
                 .map_err(map)?;
             }
-            Some(SCHEMA_VERSION) => {}
+            Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
             Some(old @ ("1" | "2")) => {
                 if old == "1" {
                     // Version 1 kept no records: people synced by it have no `before`
@@ -346,6 +346,53 @@ impl SqliteState {
             }
         }
         Ok(())
+    }
+
+    /// Inserts a batch's pending rows in one transaction; with `applied`, each marked
+    /// applied with its handle (awaiting the sink's finish).
+    fn insert_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        applied: Option<&[Option<String>]>,
+    ) -> Result<(), StateError> {
+        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )
+                .map_err(map)?;
+            for (seq, row) in rows.iter().enumerate() {
+                let record = row.record.as_ref();
+                let handle = applied
+                    .and_then(|handles| handles.get(seq))
+                    .cloned()
+                    .flatten();
+                stmt.execute(params![
+                    id,
+                    batch_id,
+                    seq as i64,
+                    run,
+                    to_sql(row.key.hash64()),
+                    compact::kind(row.kind),
+                    to_sql(row.content_hash),
+                    record.map(|r| self.codec.encode(r)),
+                    compact::key(&row.key, record),
+                    compact::email(row.email.as_deref(), record),
+                    i64::from(applied.is_some()),
+                    handle,
+                ])
+                .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)
     }
 
     /// The database file.
@@ -579,35 +626,18 @@ impl StateStore for SqliteState {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
-        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
-        let map = db_error(&self.path);
-        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )
-                .map_err(map)?;
-            for (seq, row) in rows.iter().enumerate() {
-                let record = row.record.as_ref();
-                stmt.execute(params![
-                    id,
-                    batch_id,
-                    seq as i64,
-                    run,
-                    to_sql(row.key.hash64()),
-                    compact::kind(row.kind),
-                    to_sql(row.content_hash),
-                    record.map(|r| self.codec.encode(r)),
-                    compact::key(&row.key, record),
-                    compact::email(row.email.as_deref(), record),
-                ])
-                .map_err(map)?;
-            }
-        }
-        tx.commit().map_err(map)
+        self.insert_pending(pipeline, run, batch_id, rows, None)
+    }
+
+    fn record_awaiting_finish(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+    ) -> Result<(), StateError> {
+        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
     }
 
     fn pending_batches(
@@ -800,18 +830,15 @@ impl StateStore for SqliteState {
         // `confirm_range_rows` rows, so a million take one scan.
         // A crash between two ranges leaves the rest pending, applied: the next run's
         // recovery asks the sink about them, as after a crash before the confirmation.
-        let (first, last): (Option<i64>, Option<i64>) = self
+        let pending: i64 = self
             .conn
-            .query_row("SELECT min(rowid), max(rowid) FROM pending", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row("SELECT COUNT(*) FROM pending", [], |r| r.get(0))
             .map_err(map)?;
-        let (Some(first), Some(last)) = (first, last) else {
+        if pending == 0 {
             return Ok(0);
-        };
+        }
         let ranges = || {
-            // At most this many rows (rowids are not reused while the table has rows).
-            let rows = (i128::from(last) - i128::from(first) + 1).max(1);
+            let rows = i128::from(pending).max(1);
             let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
                 / i128::from(self.confirm_range_rows.max(1));
             let width = (1i128 << 64) / parts;
@@ -1436,6 +1463,31 @@ const FREE_PAGES_KEPT: i64 = 256;
 
 /// Rewrites a version 1 (given its `record` columns) or 2 state in the compact rows of
 /// version 3, in the caller's transaction.
+/// A state made before `pending` lost its rowid (one b-tree less to write per change)
+/// gets the new table the first time it opens with nothing pending; with rows pending,
+/// the old table serves as it is until then.
+fn rebuild_empty_pending(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let sql: Option<String> = tx
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'pending'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let has_rowid = sql.is_some_and(|sql| !sql.to_ascii_uppercase().contains("WITHOUT ROWID"));
+    if !has_rowid {
+        return Ok(());
+    }
+    let empty: bool = tx.query_row("SELECT NOT EXISTS (SELECT 1 FROM pending)", [], |r| {
+        r.get(0)
+    })?;
+    if empty {
+        tx.execute_batch("DROP INDEX IF EXISTS pending_key; DROP TABLE pending;")?;
+        tx.execute_batch(SCHEMA)?;
+    }
+    Ok(())
+}
+
 fn migrate_to_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     // A table of a later release than the file's is not there yet.
     let mut old = Vec::new();
@@ -1877,6 +1929,57 @@ mod tests {
 
     fn e1_hash() -> u64 {
         ContactKey::ExternalId("E1".into()).hash64()
+    }
+
+    /// A state whose `pending` still has a rowid gets the new table when it opens with
+    /// nothing pending, and keeps the old one, rows and all, while something is.
+    #[test]
+    fn an_old_pending_table_is_rebuilt_only_when_empty() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let old_table = |state: &SqliteState| {
+            state
+                .conn
+                .execute_batch(
+                    "DROP INDEX pending_key; DROP TABLE pending;
+                     CREATE TABLE pending (pipeline INTEGER NOT NULL, batch_id TEXT NOT NULL,
+                       seq INTEGER NOT NULL, run INTEGER NOT NULL, key_hash INTEGER NOT NULL,
+                       kind NOT NULL, content_hash INTEGER NOT NULL,
+                       applied INTEGER NOT NULL DEFAULT 0, record BLOB, key TEXT, email TEXT,
+                       handle TEXT, PRIMARY KEY (pipeline, batch_id, seq));
+                     CREATE INDEX pending_key ON pending (pipeline, batch_id, key_hash);",
+                )
+                .unwrap();
+        };
+        let without_rowid = |state: &SqliteState| -> bool {
+            state
+                .conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'pending'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .unwrap()
+                .contains("WITHOUT ROWID")
+        };
+        {
+            let mut state = SqliteState::open(&path).unwrap();
+            assert!(without_rowid(&state), "a new state's pending has no rowid");
+            old_table(&state);
+            let (run, _) = state.begin_run("p").unwrap();
+            state
+                .record_pending("p", run, "run-1-batch-1", &creates(3))
+                .unwrap();
+        }
+        let mut state = SqliteState::open(&path).unwrap();
+        assert!(!without_rowid(&state), "a table with rows pending is kept");
+        let left = state.pending_batches("p").unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].1, creates(3));
+        state.drop_pending("p", "run-1-batch-1").unwrap();
+        drop(state);
+        let state = SqliteState::open(&path).unwrap();
+        assert!(without_rowid(&state), "an empty old table is rebuilt");
     }
 
     /// A first sync's pending changes are as large as what it synced: once confirmed,
