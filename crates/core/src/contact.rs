@@ -48,6 +48,19 @@ impl FromStr for ContactStatus {
     /// Liberal in what it accepts: `active`, `ACTIVE`, `inactive`, `opt_out`,
     /// `opted-out`, `unsubscribed`, and an empty string for active.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The usual spellings without building a normalised copy: a nightly parses
+        // every person's status.
+        let trimmed = s.trim();
+        for (word, status) in [
+            ("active", ContactStatus::Active),
+            ("", ContactStatus::Active),
+            ("inactive", ContactStatus::Inactive),
+            ("opted_out", ContactStatus::OptedOut),
+        ] {
+            if trimmed.eq_ignore_ascii_case(word) {
+                return Ok(status);
+            }
+        }
         let norm: String = s
             .trim()
             .chars()
