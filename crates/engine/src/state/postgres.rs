@@ -212,6 +212,48 @@ fn lock_key(name: &str) -> i64 {
 }
 
 impl PostgresState {
+    /// Inserts a batch's pending rows in one statement; with `applied`, each marked
+    /// applied with its handle (awaiting the sink's finish).
+    fn insert_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        applied: Option<&[Option<String>]>,
+    ) -> Result<(), StateError> {
+        let pipeline = pipeline.to_string();
+        let batch_id = batch_id.to_string();
+        let seq: Vec<i64> = (0..rows.len() as i64).collect();
+        let key_hash: Vec<i64> = rows.iter().map(|r| to_sql(r.key.hash64())).collect();
+        let key: Vec<String> = rows.iter().map(|r| r.key.to_string()).collect();
+        let kind: Vec<String> = rows.iter().map(|r| r.kind.as_str().to_string()).collect();
+        let content: Vec<i64> = rows.iter().map(|r| to_sql(r.content_hash)).collect();
+        let email: Vec<Option<String>> = rows.iter().map(|r| r.email.clone()).collect();
+        let record: Vec<Option<Vec<u8>>> = rows
+            .iter()
+            .map(|r| r.record.as_ref().map(crate::record::encode))
+            .collect();
+        let taken: Vec<bool> = vec![applied.is_some(); rows.len()];
+        let handle: Vec<Option<String>> = (0..rows.len())
+            .map(|i| applied.and_then(|h| h.get(i)).cloned().flatten())
+            .collect();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email, record, applied, handle)
+                 SELECT $1, $2, s, $3, h, k, t, ch, e, r, a, hd
+                 FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::BYTEA[], $11::BOOLEAN[], $12::TEXT[])
+                   AS u(s, h, k, t, ch, e, r, a, hd)
+                 ON CONFLICT (pipeline, batch_id, seq) DO UPDATE SET run = excluded.run,
+                   key_hash = excluded.key_hash, key = excluded.key, kind = excluded.kind,
+                   content_hash = excluded.content_hash, email = excluded.email,
+                   applied = excluded.applied, handle = excluded.handle, record = excluded.record",
+                &[&pipeline, &batch_id, &run, &seq, &key_hash, &key, &kind, &content, &email, &record, &taken, &handle],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// Connects to `url` (`postgres://user@host:port/db`), applying any missing
     /// migration. The password comes from the URL, `CONTACTSYNC_STATE_PASSWORD`,
     /// `password_file`, `PGPASSWORD` or `.pgpass`. TLS (rustls) is used as the URL's
@@ -712,32 +754,18 @@ impl StateStore for PostgresState {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
-        let pipeline = pipeline.to_string();
-        let batch_id = batch_id.to_string();
-        let seq: Vec<i64> = (0..rows.len() as i64).collect();
-        let key_hash: Vec<i64> = rows.iter().map(|r| to_sql(r.key.hash64())).collect();
-        let key: Vec<String> = rows.iter().map(|r| r.key.to_string()).collect();
-        let kind: Vec<String> = rows.iter().map(|r| r.kind.as_str().to_string()).collect();
-        let content: Vec<i64> = rows.iter().map(|r| to_sql(r.content_hash)).collect();
-        let email: Vec<Option<String>> = rows.iter().map(|r| r.email.clone()).collect();
-        let record: Vec<Option<Vec<u8>>> = rows
-            .iter()
-            .map(|r| r.record.as_ref().map(crate::record::encode))
-            .collect();
-        self.call(move |c| {
-            c.execute(
-                "INSERT INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email, record)
-                 SELECT $1, $2, s, $3, h, k, t, ch, e, r
-                 FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::BYTEA[])
-                   AS u(s, h, k, t, ch, e, r)
-                 ON CONFLICT (pipeline, batch_id, seq) DO UPDATE SET run = excluded.run,
-                   key_hash = excluded.key_hash, key = excluded.key, kind = excluded.kind,
-                   content_hash = excluded.content_hash, email = excluded.email,
-                   applied = FALSE, handle = NULL, record = excluded.record",
-                &[&pipeline, &batch_id, &run, &seq, &key_hash, &key, &kind, &content, &email, &record],
-            )
-            .map(|_| ())
-        })
+        self.insert_pending(pipeline, run, batch_id, rows, None)
+    }
+
+    fn record_awaiting_finish(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+    ) -> Result<(), StateError> {
+        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
     }
 
     fn pending_batches(
