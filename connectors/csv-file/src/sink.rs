@@ -160,10 +160,9 @@ fn frame_change(key: &ContactKey, contact: Option<&Contact>) -> Result<Vec<u8>, 
             .and_then(|c| c.updated_at)
             .map(|t| t.timestamp_micros()),
     };
-    let out = postcard::to_extend(&frame, vec![0; 4]).map_err(spool_error)?;
+    let mut out = postcard::to_extend(&frame, vec![0; 4]).map_err(spool_error)?;
     let length =
         u32::try_from(out.len() - 4).map_err(|_| spool_error("a change too large to spool"))?;
-    let mut out = out;
     out[..4].copy_from_slice(&length.to_le_bytes());
     Ok(out)
 }
