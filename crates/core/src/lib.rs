@@ -8,7 +8,7 @@
 //! It deliberately knows no platform, no HTTP and no SQL. Start reading at
 //! [`Contact`], then [`Source`] and [`Sink`].
 
-pub mod binary;
+mod binary;
 pub mod change;
 pub mod contact;
 pub mod duration;

@@ -116,7 +116,7 @@ impl RecordCodec {
             return None;
         }
         self.samples
-            .extend(contacts.map(|c| encode_into(c, Vec::new())));
+            .extend(contacts.map(|c| c.encode_binary(Vec::new())));
         if self.samples.len() < TRAINING_RECORDS {
             return None;
         }
@@ -135,7 +135,7 @@ impl RecordCodec {
         let Some((id, writer)) = self.current.as_mut() else {
             return encode(contact);
         };
-        let body = encode_into(contact, Vec::new());
+        let body = contact.encode_binary(Vec::new());
         if let Some(known) = self.recent.get(&body) {
             return known.clone();
         }
@@ -176,7 +176,7 @@ impl RecordCodec {
                 body.len()
             )));
         }
-        decode_body(&body).map_err(RecordDecodeError::Unreadable)
+        Contact::decode_binary(&body).map_err(RecordDecodeError::Unreadable)
     }
 }
 
@@ -191,12 +191,7 @@ pub(crate) enum RecordDecodeError {
 
 /// Encodes `contact` for the state, in format 1.
 pub(crate) fn encode(contact: &Contact) -> Vec<u8> {
-    encode_into(contact, vec![VERSION])
-}
-
-/// The format-1 body of `contact` appended to `out`.
-fn encode_into(contact: &Contact, out: Vec<u8>) -> Vec<u8> {
-    contact.encode_binary(out)
+    contact.encode_binary(vec![VERSION])
 }
 
 /// Decodes a record [`encode`] wrote; the error says what is wrong. A compressed
@@ -206,16 +201,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Contact, String> {
         .split_first()
         .ok_or_else(|| "empty stored record".to_string())?;
     match version {
-        VERSION => decode_body(body),
+        VERSION => Contact::decode_binary(body),
         COMPRESSED => Err("a compressed record read without its state's dictionary".into()),
         other => Err(format!(
             "stored record of format {other}, this contactsync reads {VERSION} and {COMPRESSED}"
         )),
     }
-}
-
-fn decode_body(body: &[u8]) -> Result<Contact, String> {
-    Contact::decode_binary(body)
 }
 
 #[cfg(test)]

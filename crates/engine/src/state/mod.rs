@@ -455,9 +455,10 @@ pub trait StateStore: Send {
     ) -> Result<(), StateError>;
     /// Records a batch a sink that keeps nothing before it finishes has already taken:
     /// each row pending and applied, awaiting the finish, with the handle the sink gave
-    /// it (`handles[i]` for `rows[i]`). What [`StateStore::record_pending`] then
-    /// [`Settlement::AwaitingFinish`] for every row leave; a backend that can write
-    /// that at once overrides the default, which does exactly those two steps.
+    /// it (`handles[i]` for `rows[i]`). The result is what [`StateStore::record_pending`]
+    /// followed by [`Settlement::AwaitingFinish`] for every row leaves; the default
+    /// takes exactly those two steps, and a backend that can write it at once overrides
+    /// it.
     fn record_awaiting_finish(
         &mut self,
         pipeline: &str,

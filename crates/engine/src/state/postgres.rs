@@ -234,16 +234,16 @@ impl PostgresState {
             .iter()
             .map(|r| r.record.as_ref().map(crate::record::encode))
             .collect();
-        let taken: Vec<bool> = vec![applied.is_some(); rows.len()];
+        let taken = applied.is_some();
         let handle: Vec<Option<String>> = (0..rows.len())
             .map(|i| applied.and_then(|h| h.get(i)).cloned().flatten())
             .collect();
         self.call(move |c| {
             c.execute(
                 "INSERT INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email, record, applied, handle)
-                 SELECT $1, $2, s, $3, h, k, t, ch, e, r, a, hd
-                 FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::BYTEA[], $11::BOOLEAN[], $12::TEXT[])
-                   AS u(s, h, k, t, ch, e, r, a, hd)
+                 SELECT $1, $2, s, $3, h, k, t, ch, e, r, $11::BOOLEAN, hd
+                 FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::BYTEA[], $12::TEXT[])
+                   AS u(s, h, k, t, ch, e, r, hd)
                  ON CONFLICT (pipeline, batch_id, seq) DO UPDATE SET run = excluded.run,
                    key_hash = excluded.key_hash, key = excluded.key, kind = excluded.kind,
                    content_hash = excluded.content_hash, email = excluded.email,

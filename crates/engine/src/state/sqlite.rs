@@ -879,7 +879,7 @@ impl StateStore for SqliteState {
             return Ok(0);
         }
         let ranges = || {
-            let rows = i128::from(pending).max(1);
+            let rows = i128::from(pending);
             let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
                 / i128::from(self.confirm_range_rows.max(1));
             let width = (1i128 << 64) / parts;
@@ -1502,8 +1502,6 @@ impl SqliteState {
 /// Free pages (4 KiB each) a state keeps for the next run rather than give back.
 const FREE_PAGES_KEPT: i64 = 256;
 
-/// Rewrites a version 1 (given its `record` columns) or 2 state in the compact rows of
-/// version 3, in the caller's transaction.
 /// A state made before `pending` lost its rowid (one b-tree less to write per change)
 /// gets the new table the first time it opens with nothing pending; with rows pending,
 /// the old table serves as it is until then.
@@ -1529,6 +1527,8 @@ fn rebuild_empty_pending(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()>
     Ok(())
 }
 
+/// Rewrites a version 1 (given its `record` columns) or 2 state in the compact rows of
+/// version 3, in the caller's transaction.
 fn migrate_to_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     // A table of a later release than the file's is not there yet.
     let mut old = Vec::new();
