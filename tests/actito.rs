@@ -431,3 +431,145 @@ async fn what_people_and_staff_do_in_actito_stands() {
     let p1 = profile(&sandbox, "E1").unwrap();
     assert_eq!(p1.subscriptions.get("Newsletter"), Some(&true));
 }
+
+/// Consent belongs to the person: a first sync (a new or lost state) into a table where
+/// a person unsubscribed themselves leaves them unsubscribed, one by one and in bulk;
+/// profiles new to Actito are subscribed as the source lists. An empty table costs one
+/// read, not one per create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_never_resubscribes_someone_actito_holds() {
+    for n in [5usize, 60] {
+        let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+        edit_in_actito(
+            &sandbox,
+            "E1",
+            &[("emailAddress", "person1@example.com")],
+            &[("Newsletter", false), ("Events", false)],
+        );
+        let s = scenario(&sandbox, &subscribed_csv(n, &[]), "");
+        let (run, report) = sync(&s, &[]).await;
+        run.expect_code(0);
+        assert_eq!(counts(&report)[1], n as u64, "{report}");
+        let p1 = profile(&sandbox, "E1").unwrap();
+        assert_eq!(
+            p1.attributes["firstName"], "Ann",
+            "{n}: synced all the same"
+        );
+        assert_ne!(
+            p1.subscriptions.get("Newsletter"),
+            Some(&true),
+            "{n}: their own unsubscribe stands: {p1:?}"
+        );
+        assert_ne!(p1.subscriptions.get("Events"), Some(&true), "{n}: {p1:?}");
+        let p2 = profile(&sandbox, "E2").unwrap();
+        assert_eq!(
+            p2.subscriptions.get("Newsletter"),
+            Some(&true),
+            "{n}: {p2:?}"
+        );
+        let reads = sandbox
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/profile"))
+            .count();
+        assert_eq!(reads, 1, "{n}: one read of the table tells who exists");
+    }
+}
+
+/// A row carries only what its own change sets: in a bulk import where some people
+/// have a department and Bob has none, the department Actito staff gave Bob stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_import_never_blanks_a_field_with_a_neighbours_column() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    edit_in_actito(
+        &sandbox,
+        "E60",
+        &[
+            ("emailAddress", "person60@example.com"),
+            ("department", "Editorial"),
+        ],
+        &[],
+    );
+    let mut people = people_csv(60, |_| "Ann".into());
+    people = people.replace(
+        "E60,person60@example.com,Ann,Last60,Dept0",
+        "E60,person60@example.com,Ann,Last60,",
+    );
+    let s = scenario(&sandbox, &people, "");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1], 60, "{report}");
+    let p60 = profile(&sandbox, "E60").unwrap();
+    assert_eq!(p60.attributes["firstName"], "Ann");
+    assert_eq!(
+        p60.attributes.get("department").map(String::as_str),
+        Some("Editorial"),
+        "{p60:?}"
+    );
+    assert_eq!(sandbox.stats().imports_posted, 1, "59 alike in bulk");
+    assert_eq!(report["imports"], 1, "{report}");
+    assert_eq!(
+        profile(&sandbox, "E7").unwrap().attributes["department"],
+        "Dept1"
+    );
+}
+
+/// When the email is the profile's key (no unique external id mapped), Actito cannot
+/// change it in place: a person whose address changed moves to a new profile, written
+/// whole with the subscriptions the old one holds (their own unsubscribe included), and
+/// the old profile is unsubscribed, instead of a second profile holding only the new
+/// address while the old one stays subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_is_the_profiles_key_moves_to_a_new_profile() {
+    let sandbox = sandbox(TableDef::default_named(TABLE)).await;
+    let people = |email: &str| {
+        format!(
+            "external_id,email,first_name,last_name,subscriptions\n\
+             E1,{email},Ann,Lee,Newsletter;Events\n\
+             E2,bob@example.com,Bob,Ray,Newsletter\n"
+        )
+    };
+    let s = scenario(&sandbox, &people("ann@example.com"), "");
+    // No unique external id mapped: profiles are keyed on their address.
+    let config = std::fs::read_to_string(s.dir.path().join("contactsync.toml")).unwrap();
+    s.config(&config.replace(
+        "[sinks.actito.attributes]\nexternal_id = \"customerId\"\n",
+        "",
+    ));
+    sync(&s, &[]).await.0.expect_code(0);
+    let by_email = |email: &str| sandbox.profile_where(TABLE, "emailAddress", email);
+    assert!(by_email("ann@example.com").is_some());
+    // Ann unsubscribes from Events in Actito herself.
+    sandbox
+        .seed_profile(
+            TABLE,
+            &contactsync_sandbox_actito::ProfileInput {
+                attributes: vec![("emailAddress".into(), Some("ann@example.com".into()))],
+                subscriptions: vec![("Events".into(), false)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    s.write("people.csv", &people("ann.lee@example.com"));
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[2], 1, "{report}");
+    let new = by_email("ann.lee@example.com").expect("the new profile");
+    assert_eq!(new.attributes["firstName"], "Ann", "written whole: {new:?}");
+    assert_eq!(new.attributes["lastName"], "Lee");
+    assert_eq!(new.subscriptions.get("Newsletter"), Some(&true), "{new:?}");
+    assert_ne!(
+        new.subscriptions.get("Events"),
+        Some(&true),
+        "her own unsubscribe moved with her: {new:?}"
+    );
+    let old = by_email("ann@example.com").expect("the old profile stays, unsubscribed");
+    assert!(
+        old.subscriptions.values().all(|on| !on),
+        "the old address is no longer subscribed: {old:?}"
+    );
+    assert_eq!(sandbox.profiles(TABLE).len(), 3);
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
+}

@@ -544,3 +544,59 @@ async fn contacts_changing_while_the_list_is_paged_cause_no_false_removal_and_no
     assert_eq!(counts(&report)[3], 0, "{report}");
     assert_eq!(csv_by_key(&s.path("out.csv")).len(), 250);
 }
+
+/// Consent belongs to the person: a first sync (a new state, a lost one) into a site
+/// where people opted out of all mail leaves them opted out, whether the sink asks for
+/// each create (`Contact_RetrieveByExternalID`, which faults for someone the site does
+/// not hold: "no such contact", not an error) or reads the site once (over 100
+/// creates). Someone new to the site is opted in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_never_opts_back_in_whoever_opted_out_on_the_site() {
+    for n in [8usize, 150] {
+        let sandbox = sandbox().await;
+        // On the site, E1..E5 opted out of all mail.
+        sandbox.seed(
+            (1..=5)
+                .map(|i| SandboxContact {
+                    external_id: Some(format!("E{i}")),
+                    email_address: Some(format!("person{i}@example.com")),
+                    first_name: Some("Old".into()),
+                    master_opt_in: false,
+                    ..SandboxContact::default()
+                })
+                .collect(),
+        );
+        let s = scenario(&sandbox);
+        s.write("people.csv", &people(n, |_| "Ann".into()));
+        let (run, report) = sync(&s, "hr", "bc", &[]).await;
+        run.expect_code(0);
+        assert_eq!(counts(&report)[1], n as u64, "{report}");
+        let contacts = live(&sandbox);
+        assert_eq!(contacts.len(), n, "no one added twice");
+        for c in &contacts {
+            let id: usize = c
+                .external_id
+                .as_deref()
+                .and_then(|e| e.trim_start_matches('E').parse().ok())
+                .unwrap_or(usize::MAX);
+            assert_eq!(
+                c.master_opt_in,
+                id > 5,
+                "{n} creates: {:?} opted {}",
+                c.external_id,
+                if c.master_opt_in { "in" } else { "out" }
+            );
+            assert_eq!(
+                c.first_name.as_deref(),
+                Some("Ann"),
+                "their fields are synced"
+            );
+        }
+        let lookups = calls(&sandbox.requests(), "Contact_RetrieveByExternalID").len();
+        if n > 100 {
+            assert_eq!(lookups, 0, "one read of the site instead");
+        } else {
+            assert_eq!(lookups, n, "one lookup a create");
+        }
+    }
+}

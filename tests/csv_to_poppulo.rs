@@ -111,27 +111,27 @@ async fn first_sync_then_nightly_delta_then_removal_as_inactive() {
     let imports = sandbox.imports();
     assert_eq!(
         imports.len(),
-        2,
-        "one import holds the nightly's update and its removal"
+        3,
+        "the nightly is one import of its update and one of its removal"
     );
-    let nightly = &imports[1];
-    let column = |name: &str| nightly.job.columns.iter().position(|c| c == name).unwrap();
-    assert_eq!(nightly.rows.len(), 2);
-    assert_eq!(nightly.rows[0][0], "person4@example.com");
-    assert_eq!(nightly.rows[0][column("name.first name")], "Dora");
+    let update = &imports[1];
+    let column = |name: &str| update.job.columns.iter().position(|c| c == name).unwrap();
+    assert_eq!(update.rows.len(), 1);
+    assert_eq!(update.rows[0][0], "person4@example.com");
+    assert_eq!(update.rows[0][column("name.first name")], "Dora");
+    assert!(
+        !update.job.columns.iter().any(|c| c == "status"),
+        "a status the source did not change is the person's: {:?}",
+        update.job.columns
+    );
+    let removal = &imports[2];
     assert_eq!(
-        nightly.rows[0][column("status")],
-        "",
-        "a status the source did not change is the person's"
+        removal.job.columns,
+        ["email", "status"],
+        "a removal row carries no cell that could clear a field"
     );
-    assert_eq!(nightly.rows[1][0], "person9@example.com");
-    assert_eq!(nightly.rows[1][column("status")], "INACTIVE");
-    assert_eq!(
-        nightly.rows[1][column("name.first name")],
-        "Ann",
-        "the removal row carries what was last sent, so it clears nothing"
-    );
-    assert!(nightly.job.tags.is_empty() && nightly.job.set_fields.is_empty());
+    assert_eq!(removal.rows, [["person9@example.com", "INACTIVE"]]);
+    assert!(removal.job.tags.is_empty() && removal.job.set_fields.is_empty());
     assert_eq!(
         status_of(&sandbox, "person9@example.com"),
         Some(SubscriberStatus::Inactive)
@@ -355,7 +355,11 @@ async fn a_changed_email_leaves_the_old_address_not_active() {
     let (run, report) = sync(&s, &[]).await;
     run.expect_code(0);
     assert_eq!(counts(&report)[2], 1, "{report}");
-    assert_eq!(sandbox.imports().len(), 2, "one import for the nightly");
+    assert_eq!(
+        sandbox.imports().len(),
+        3,
+        "the nightly: one import for the new address, one for the old"
+    );
     assert_eq!(
         status_of(&sandbox, "p2.new@example.com"),
         Some(SubscriberStatus::Active)
@@ -369,7 +373,7 @@ async fn a_changed_email_leaves_the_old_address_not_active() {
     let (run, report) = sync(&s, &[]).await;
     run.expect_code(0);
     assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
-    assert_eq!(sandbox.imports().len(), 2);
+    assert_eq!(sandbox.imports().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,5 +464,179 @@ async fn an_active_row_poppulo_skips_is_not_recorded_as_applied() {
     assert_eq!(
         status_of(&sandbox, "person2@example.com"),
         Some(SubscriberStatus::Inactive)
+    );
+}
+
+/// A row carries only what its own change sets: Bob's HR row has no department, and the
+/// department a Poppulo admin gave him stands, through a first sync into the account
+/// (where Ann's row has one) and through a nightly that changes both of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbours_column_never_blanks_a_persons_field() {
+    use contactsync_sandbox_poppulo::Subscriber;
+    let sandbox = sandbox(500).await;
+    sandbox
+        .seed_subscriber(
+            Subscriber::new("bob@example.com")
+                .with_field("first_name", "Bob")
+                .with_field("work_details/department", "Editorial"),
+        )
+        .unwrap();
+    let people = |ann: &str, bob: &str| {
+        format!(
+            "external_id,email,first_name,last_name,department\n\
+             E1,ann@example.com,{ann},Lee,Sales\n\
+             E2,bob@example.com,{bob},Ray,\n"
+        )
+    };
+    let s = scenario(&sandbox, &people("Ann", "Bob"), "");
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1], 2, "{report}");
+    let department = |email: &str| {
+        sandbox
+            .subscriber(email)
+            .and_then(|p| p.fields.get("work_details/department").cloned())
+    };
+    assert_eq!(department("ann@example.com").as_deref(), Some("Sales"));
+    assert_eq!(
+        department("bob@example.com").as_deref(),
+        Some("Editorial"),
+        "no empty department cell for Bob because Ann's row has one"
+    );
+    assert_eq!(
+        report["imports"], 2,
+        "one import per set of cells: {report}"
+    );
+    s.write("people.csv", &people("Anna", "Bobby"));
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[2], 2, "{report}");
+    assert_eq!(
+        sandbox
+            .subscriber("bob@example.com")
+            .and_then(|p| p.fields.get("first_name").cloned())
+            .as_deref(),
+        Some("Bobby")
+    );
+    assert_eq!(department("bob@example.com").as_deref(), Some("Editorial"));
+    assert_eq!(department("ann@example.com").as_deref(), Some("Sales"));
+}
+
+/// An address another person holds is never the target of a removal: C (E1) leaves and
+/// B (E2) joins with C's address in the same night. B is created; C's removal is settled
+/// without a row (`address_taken`); no later night deactivates B or writes C's name
+/// over B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_never_reaches_whoever_inherited_the_address() {
+    let sandbox = sandbox(500).await;
+    let before = "external_id,email,first_name,last_name\n\
+                  E1,x@example.com,Cy,Old\n\
+                  E3,p3@example.com,Di,Lee\n\
+                  E4,p4@example.com,Ed,Lee\n";
+    let s = scenario(&sandbox, before, "");
+    sync(&s, &[]).await.0.expect_code(0);
+    s.write(
+        "people.csv",
+        "external_id,email,first_name,last_name\n\
+         E2,x@example.com,Bea,New\n\
+         E3,p3@example.com,Di,Lee\n\
+         E4,p4@example.com,Ed,Lee\n",
+    );
+    let (nightly, report) = sync(&s, &[]).await;
+    for night in 0..2 {
+        let x = sandbox.subscriber("x@example.com").unwrap();
+        assert_eq!(x.status, SubscriberStatus::Active, "night {night}");
+        assert_eq!(
+            x.fields.get("first_name").map(String::as_str),
+            Some("Bea"),
+            "night {night}"
+        );
+        let (run, report) = sync(&s, &[]).await;
+        run.expect_code(0);
+        assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
+    }
+    nightly.expect_code(0);
+    assert_eq!(report["address_taken"], 1, "{report}");
+    assert_eq!(report["removed"], 0, "{report}");
+    assert!(
+        nightly.stdout().contains("address taken 1"),
+        "{}",
+        nightly.stdout()
+    );
+    let history = s.run(&["history", "x@example.com"]);
+    assert!(
+        history.stdout().contains("address_taken"),
+        "{}",
+        history.stdout()
+    );
+}
+
+/// Consent belongs to the person: a create (a first sync into an account where people
+/// exist) never re-grants what a person dropped on Poppulo, neither the source's
+/// permissions nor `add_permissions`; someone new to Poppulo gets both; an update of
+/// someone who dropped a permission does not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_never_regrants_a_permission_the_person_dropped() {
+    use contactsync_sandbox_poppulo::Subscriber;
+    let sandbox = sandbox(500).await;
+    // person1 is on Poppulo and dropped every permission.
+    sandbox
+        .seed_subscriber(Subscriber::new("person1@example.com").with_field("first_name", "Ann"))
+        .unwrap();
+    let people = |first: &str| {
+        let mut csv = String::from("external_id,email,first_name,last_name,subscriptions\n");
+        for i in 1..=3 {
+            csv.push_str(&format!(
+                "E{i},person{i}@example.com,{first},Lee,Newsletter\n"
+            ));
+        }
+        csv
+    };
+    let s = scenario(
+        &sandbox,
+        &people("Ann"),
+        "add_permissions = [\"Intranet\"]\n[sinks.poppulo.columns]\nsubscriptions = \"permissions\"",
+    );
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[1], 3, "{report}");
+    let permissions = |email: &str| sandbox.subscriber(email).unwrap().permissions;
+    assert!(
+        permissions("person1@example.com").is_empty(),
+        "{:?}",
+        permissions("person1@example.com")
+    );
+    for new in ["person2@example.com", "person3@example.com"] {
+        assert_eq!(
+            permissions(new).into_iter().collect::<Vec<_>>(),
+            ["Intranet", "Newsletter"],
+            "{new}"
+        );
+    }
+    // person2 drops Intranet on Poppulo; the source changes everyone's name.
+    assert!(sandbox.edit_on_platform("person2@example.com", |p| {
+        p.permissions.remove("Intranet");
+    }));
+    s.write("people.csv", &people("Anna"));
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(counts(&report)[2], 3, "{report}");
+    assert!(permissions("person1@example.com").is_empty());
+    assert_eq!(
+        permissions("person2@example.com")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["Newsletter"],
+        "an update grants nothing the person dropped"
+    );
+    assert_eq!(
+        sandbox
+            .subscriber("person1@example.com")
+            .unwrap()
+            .fields
+            .get("first_name")
+            .map(String::as_str),
+        Some("Anna"),
+        "the person's fields are synced all the same"
     );
 }

@@ -154,6 +154,9 @@ struct Measured {
     elapsed: Duration,
     max_rss_kib: i64,
     requests: Option<u64>,
+    /// Imports (asynchronous jobs) the sink posted, from the run's report, for a sink
+    /// that works in them.
+    imports: Option<u64>,
     /// Transactions the run made in the PostgreSQL state, when it is there.
     state_transactions: Option<u64>,
     /// The state's size on disk after the run (the SQLite file and its WAL, or the
@@ -200,9 +203,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "| pipeline | contacts | run | time | vs csv-diff | records/s | HTTP requests | peak memory | state a person |"
+        "| pipeline | contacts | run | time | vs csv-diff | records/s | HTTP requests | imports | peak memory | state a person |"
     )?;
-    writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for scenario in SCENARIOS {
         // `--only NAME` runs the scenarios whose name holds NAME; `--only =NAME` the one
         // named NAME (the 10M pair of the plain csv -> csv alone).
@@ -224,7 +227,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             fs::create_dir_all(&dir)?;
             for (label, m) in bench_one(&binary, scenario, n, &dir)? {
                 let line = format!(
-                    "| {} | {n} | {label} | {:.2} s | {} | {:.0} | {} | {:.0} MB | {} |",
+                    "| {} | {n} | {label} | {:.2} s | {} | {:.0} | {} | {} | {:.0} MB | {} |",
                     scenario.name,
                     m.elapsed.as_secs_f64(),
                     m.anchor
@@ -236,6 +239,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                         (None, Some(t)) => format!("{t} state transactions"),
                         (None, None) => "-".into(),
                     },
+                    m.imports
+                        .map(|i| i.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     m.max_rss_kib as f64 / 1024.0,
                     m.state_bytes
                         .map(|b| format!("{:.0} B", b as f64 / n as f64))
@@ -501,11 +507,15 @@ fn measure(
 ) -> Result<Measured> {
     let before = sandbox.filter(|u| !u.is_empty()).and_then(requests_served);
     let transactions_before = state_url.and_then(state_transactions);
+    let report = config.with_extension("report.json");
+    let _ = fs::remove_file(&report);
     let start = Instant::now();
     let child = Command::new(binary)
         .arg("--config")
         .arg(config)
         .args(["sync", "--from", from, "--to", to])
+        .arg("--report")
+        .arg(&report)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -522,6 +532,10 @@ fn measure(
         elapsed,
         max_rss_kib: usage.ru_maxrss,
         requests: before.zip(after).map(|(b, a)| a.saturating_sub(b)),
+        imports: fs::read_to_string(&report)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|report| report["imports"].as_u64()),
         // Less the one transaction of the count's own query.
         state_transactions: transactions_before
             .zip(transactions_after)
@@ -572,6 +586,7 @@ fn measure_anchor(left: &Path, right: &Path) -> Result<Measured> {
         elapsed,
         max_rss_kib: usage.ru_maxrss,
         requests: None,
+        imports: None,
         state_transactions: None,
         state_bytes: None,
     })

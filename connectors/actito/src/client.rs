@@ -343,6 +343,18 @@ impl ActitoClient {
         }
     }
 
+    /// `GET …/profile/{key}` (a profile id or `attribute=value`): the profile, or
+    /// `None` when Actito holds none (404).
+    pub async fn profile(&self, key: &str) -> Result<Option<Value>, ConnectorError> {
+        let request = Request::new(Method::GET, self.table_path(&["profile", key]));
+        let answer = self.send(&request, None).await?;
+        match answer.status().as_u16() {
+            200..=299 => parse_json(&answer).map(Some),
+            404 => Ok(None),
+            _ => Err(answer_error(&answer)),
+        }
+    }
+
     /// `DELETE …/profile/{key}` (a profile id or `attribute=value`).
     pub async fn delete_profile(&self, key: &str) -> Result<ProfileWrite, ConnectorError> {
         let request = Request::new(Method::DELETE, self.table_path(&["profile", key]));

@@ -419,6 +419,11 @@ impl Schema {
         &self.key.1.name
     }
 
+    /// The canonical field the key attribute holds.
+    pub fn key_field(&self) -> &Field {
+        &self.key.0
+    }
+
     /// The mapped fields and their attributes, in column order.
     pub fn mapped(&self) -> impl Iterator<Item = (&Field, &str)> {
         self.fields.iter().map(|(f, d)| (f, d.name.as_str()))
@@ -435,6 +440,23 @@ impl Schema {
     /// The managed subscriptions' Actito names.
     pub fn managed_subscriptions(&self) -> impl Iterator<Item = &str> {
         self.subscriptions.iter().map(|(_, a)| a.as_str())
+    }
+
+    /// Every managed subscription with whether `contact` has it (active, and listed),
+    /// without checking anything else: what a record last sent said, even when it no
+    /// longer validates against today's table.
+    pub fn subscriptions_of(&self, contact: &Contact) -> Vec<(String, bool)> {
+        let active = contact.status == ContactStatus::Active;
+        self.subscriptions
+            .iter()
+            .map(|(name, actito)| {
+                let listed = contact
+                    .subscriptions
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(name));
+                (actito.clone(), active && listed)
+            })
+            .collect()
     }
 
     /// Checks `contact` against the table and turns it into Actito's terms.
@@ -577,15 +599,18 @@ impl Schema {
         body
     }
 
-    /// How to address an existing profile in a URL: `attribute=value` of a unique
-    /// attribute the key (or the last synced email) gives, else the profile id kept
-    /// as the handle.
+    /// How to address an existing profile in a URL: the profile id kept as the handle
+    /// when there is one (an email may belong to someone else by now), else
+    /// `attribute=value` of a unique attribute the key (or the last synced email) gives.
     pub fn profile_key(
         &self,
         key: &ContactKey,
         email: Option<&str>,
         handle: Option<&str>,
     ) -> Option<String> {
+        if let Some(id) = handle.map(str::trim).filter(|h| !h.is_empty()) {
+            return Some(id.to_string());
+        }
         let value_for = |field: &Field| match (field, key) {
             (Field::ExternalId, ContactKey::ExternalId(v)) => Some(v.clone()),
             (Field::Email, ContactKey::Email(v)) => Some(v.clone()),
@@ -595,7 +620,19 @@ impl Schema {
         std::iter::once(&self.key)
             .chain(self.fields.iter().filter(|(_, d)| d.unique))
             .find_map(|(f, d)| value_for(f).map(|v| format!("{}={v}", d.name)))
-            .or_else(|| handle.map(str::to_string))
+    }
+
+    /// The key column's value of a profile as Actito lists it, compared as
+    /// [`Schema::existing_key`] does.
+    pub fn listed_key(&self, profile: &Value) -> Option<String> {
+        let (_, contact) = self.contact_from(profile).ok()?;
+        contact.get(&self.key.0).map(|v| Self::existing_key(&v))
+    }
+
+    /// A key column's value as it is compared with the profiles Actito holds: trimmed
+    /// and lower-cased (addresses match without regard to case).
+    pub fn existing_key(value: &str) -> String {
+        value.trim().to_lowercase()
     }
 
     /// The key column's value for a change already sent, from its key (and email).
@@ -768,10 +805,19 @@ mod tests {
     }
 
     #[test]
-    fn profiles_address_by_unique_key() {
+    fn profiles_address_by_profile_id_else_by_unique_key() {
         let s = Schema::resolve(structure(), &mapping()).expect("schema");
+        // The profile id first: an address may be someone else's by now.
         assert_eq!(
-            s.profile_key(&ContactKey::ExternalId("E1".into()), None, Some("7")),
+            s.profile_key(
+                &ContactKey::Email("x@b.org".into()),
+                Some("x@b.org"),
+                Some("7")
+            ),
+            Some("7".into())
+        );
+        assert_eq!(
+            s.profile_key(&ContactKey::ExternalId("E1".into()), None, None),
             Some("customerId=E1".into())
         );
         assert_eq!(

@@ -25,7 +25,7 @@ use chrono::Utc;
 use contactsync_core::async_trait;
 use contactsync_core::{
     Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Outcome, PendingBatch,
-    RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -45,33 +45,39 @@ pub fn quota_key(entity: &str, table: &str, day: chrono::NaiveDate) -> String {
 
 /// The subscriptions to send for `change`: consent belongs to the person, so only what
 /// the source changed. A new profile is subscribed to what the source lists (and
-/// unsubscribed from nothing: it may be someone Actito knows). An update sends only
-/// the subscriptions whose value differs from the record last sent; without that record
-/// (a state from before records were kept) it sends none. A source without
-/// subscriptions (a CSV) so never unsubscribes anyone, and a person who unsubscribed in
-/// Actito is not re-subscribed until the source changes their subscriptions.
-/// With the pipeline's `resubscribe`, an update sends every subscription as the
-/// source has it.
+/// unsubscribed from nothing: it may be someone Actito knows); a create of a profile
+/// Actito holds already (a first sync into a filled table, a lost state) grants
+/// nothing, since the person may have unsubscribed themselves (`exists`). An update
+/// sends only the subscriptions whose value differs from the record last sent, even
+/// when that record no longer validates against today's table (an opt-out is always
+/// sent); without that record (a state from before records were kept) it sends none.
+/// A source without subscriptions (a CSV) so never unsubscribes anyone, and a person
+/// who unsubscribed in Actito is not re-subscribed until the source changes their
+/// subscriptions. With the pipeline's `resubscribe`, an update sends every
+/// subscription as the source has it.
 fn subscription_delta(
     schema: &Schema,
     change: &Change,
     now: Vec<(String, bool)>,
     resubscribe: bool,
+    exists: bool,
 ) -> Vec<(String, bool)> {
     match change {
+        Change::Create { .. } if exists && !resubscribe => Vec::new(),
         Change::Create { .. } => now.into_iter().filter(|(_, on)| *on).collect(),
         _ if resubscribe => now,
-        _ => match change.before().and_then(|b| schema.prepare(b).ok()) {
-            Some(before) => now
-                .into_iter()
-                .filter(|(name, on)| {
-                    before
-                        .subscriptions
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .is_none_or(|(_, was)| was != on)
-                })
-                .collect(),
+        _ => match change.before() {
+            Some(before) => {
+                let before = schema.subscriptions_of(before);
+                now.into_iter()
+                    .filter(|(name, on)| {
+                        before
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .is_none_or(|(_, was)| was != on)
+                    })
+                    .collect()
+            }
             None => Vec::new(),
         },
     }
@@ -159,12 +165,26 @@ pub struct ActitoSink {
     client: ActitoClient,
     schema: Option<Schema>,
     mode: Mode,
+    /// The key column values (see [`Schema::existing_key`]) of the profiles the table
+    /// held when the run began, when `begin` read them: who a create may not grant
+    /// consent to. `None`: asked profile by profile.
+    existing: Option<std::collections::HashSet<String>>,
+    /// Bulk imports posted this run (for the report).
+    imports: u64,
 }
 
 /// A write to make one profile at a time.
 enum Work {
     Upsert(Prepared, bool),
     Remove(Option<String>),
+    /// A person whose address is their profile's key moved to a new address: the new
+    /// profile is written whole, with the subscriptions the old one holds (and the
+    /// source's changes to them), then the old one is removed per the removal policy.
+    /// Actito has no way to change a key attribute in place.
+    Move {
+        new: Prepared,
+        old: String,
+    },
 }
 
 impl ActitoSink {
@@ -176,7 +196,51 @@ impl ActitoSink {
             client,
             schema: None,
             mode: Mode::OneByOne,
+            existing: None,
+            imports: 0,
         })
+    }
+
+    /// Profiles a listing page holds: the most Actito gives.
+    const EXISTING_PAGE: usize = 1000;
+
+    /// Reads the keys of every profile of the table, when that costs fewer calls than
+    /// asking for each of `creates` profiles on its own (one page of 1,000 a call; an
+    /// empty table: one call). `None` otherwise.
+    async fn read_existing(
+        &self,
+        schema: &Schema,
+        creates: u64,
+    ) -> Result<Option<std::collections::HashSet<String>>, ConnectorError> {
+        let mut existing = std::collections::HashSet::new();
+        let mut page = 0;
+        loop {
+            let (_, profiles, total) = self.client.profiles_page(page, Self::EXISTING_PAGE).await?;
+            if page == 0 {
+                let pages = total.map(|t| t.div_ceil(Self::EXISTING_PAGE as u64));
+                if pages.is_some_and(|p| p > creates) {
+                    return Ok(None);
+                }
+            }
+            existing.extend(profiles.iter().filter_map(|p| schema.listed_key(p)));
+            if profiles.len() < Self::EXISTING_PAGE {
+                return Ok(Some(existing));
+            }
+            page += 1;
+            if page > creates {
+                // More pages than creates after all (no total given): ask one by one.
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Whether Actito holds a profile with the key column value `key_value`.
+    async fn exists(&self, schema: &Schema, key_value: &str) -> Result<bool, ConnectorError> {
+        if let Some(existing) = &self.existing {
+            return Ok(existing.contains(&Schema::existing_key(key_value)));
+        }
+        let key = format!("{}={key_value}", schema.key_attribute());
+        Ok(self.client.profile(&key).await?.is_some())
     }
 
     /// The mode the current run uses.
@@ -367,6 +431,7 @@ impl ActitoSink {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         self.count_post(today, ctx)?;
+        self.imports += 1;
         let importer = BulkImporter::new(&self.client);
         let id = match importer.post(zip, &key_column, &ctx.cancel).await? {
             Posted::Id(id) => id,
@@ -538,6 +603,7 @@ impl ActitoSink {
                             })
                         }
                         Work::Remove(Some(key)) => self.remove(schema, &key).await,
+                        Work::Move { new, old } => self.move_profile(schema, new, &old, &now).await,
                     };
                     match result {
                         Ok(ProfileWrite::Done(handle)) => Ok(Outcome::Applied { handle }),
@@ -560,6 +626,37 @@ impl ActitoSink {
         results.into_iter().collect()
     }
 
+    /// Writes `new` with the subscriptions the profile at `old` holds (those the
+    /// source did not change), then removes the old one.
+    async fn move_profile(
+        &self,
+        schema: &Schema,
+        mut new: Prepared,
+        old: &str,
+        now: &str,
+    ) -> Result<ProfileWrite, ConnectorError> {
+        if let Some(profile) = self.client.profile(old).await? {
+            if let Ok((_, held)) = schema.contact_from(&profile) {
+                for (name, on) in schema.subscriptions_of(&held) {
+                    if on && !new.subscriptions.iter().any(|(n, _)| *n == name) {
+                        new.subscriptions.push((name, true));
+                    }
+                }
+            }
+        }
+        let body = schema.profile_body(&new, false, now);
+        let written = self.client.upsert_profile(&body).await?;
+        let ProfileWrite::Done(handle) = written else {
+            return Ok(written);
+        };
+        match self.remove(schema, old).await? {
+            ProfileWrite::Refused(reason) => Ok(ProfileWrite::Refused(format!(
+                "the new address was written, but the old profile could not be removed: {reason}"
+            ))),
+            _ => Ok(ProfileWrite::Done(handle)),
+        }
+    }
+
     /// Removes one profile per the removal policy. 404s count as done: already gone.
     async fn remove(&self, schema: &Schema, key: &str) -> Result<ProfileWrite, ConnectorError> {
         match self.config.removal {
@@ -577,6 +674,29 @@ impl ActitoSink {
             }
         }
     }
+}
+
+/// The profile a change's person moves from: their address is the profile's key and
+/// changed (and the old address is not someone else's now: the engine leaves such an
+/// old address out of the change). Addressed by the profile id when known.
+fn moved_from(schema: &Schema, change: &Change) -> Option<String> {
+    if *schema.key_field() != contactsync_core::Field::Email {
+        return None;
+    }
+    let old = change.previous_email()?;
+    let new = change.contact()?.email.as_deref()?;
+    if old.trim().eq_ignore_ascii_case(new.trim()) {
+        return None;
+    }
+    let handle = change
+        .previous()
+        .and_then(|p| p.handle.as_deref())
+        .map(str::trim)
+        .filter(|h| !h.is_empty());
+    Some(match handle {
+        Some(id) => id.to_string(),
+        None => format!("{}={}", schema.key_attribute(), old.trim()),
+    })
 }
 
 /// Errors that end the batch rather than one record's write.
@@ -608,6 +728,13 @@ impl Sink for ActitoSink {
     async fn check(&mut self) -> Result<(), ConnectorError> {
         self.schema = None;
         self.schema().await.map(|_| ())
+    }
+
+    fn summary(&self) -> SinkSummary {
+        SinkSummary {
+            jobs: Some(self.imports),
+            ..SinkSummary::default()
+        }
     }
 
     async fn recover(
@@ -655,7 +782,15 @@ impl Sink for ActitoSink {
     ) -> Result<(), ConnectorError> {
         // The structure may have changed since the last run.
         self.schema = None;
-        self.schema().await?;
+        let schema = self.schema().await?;
+        self.imports = 0;
+        // Who exists already, when creates may grant subscriptions: read once when
+        // that is cheaper than asking for each.
+        self.existing = if plan.creates > 0 && schema.managed_subscriptions().next().is_some() {
+            self.read_existing(&schema, plan.creates).await?
+        } else {
+            None
+        };
         self.mode = if plan.total() >= self.config.bulk_threshold {
             Mode::Bulk
         } else {
@@ -682,16 +817,37 @@ impl Sink for ActitoSink {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.changes.len()];
         let mut upserts: Vec<(usize, Prepared, bool)> = Vec::new();
         let mut removals: Vec<(usize, Option<String>)> = Vec::new();
+        let mut moves: Vec<(usize, Work)> = Vec::new();
         for (i, change) in batch.changes.iter().enumerate() {
             match change {
                 Change::Create { contact, .. } | Change::Update { contact, .. } => {
                     match schema.prepare(contact) {
                         Ok(mut p) => {
+                            if let Some(old) = moved_from(&schema, change) {
+                                p.subscriptions = subscription_delta(
+                                    &schema,
+                                    change,
+                                    p.subscriptions,
+                                    ctx.resubscribe,
+                                    false,
+                                );
+                                // A new profile: every attribute with a value, none cleared.
+                                let key = schema.key_attribute().to_string();
+                                p.attributes.retain(|(n, v)| *n == key || v.is_some());
+                                moves.push((i, Work::Move { new: p, old }));
+                                continue;
+                            }
+                            let grants = p.subscriptions.iter().any(|(_, on)| *on);
+                            let exists = change.kind() == ChangeKind::Create
+                                && grants
+                                && !ctx.resubscribe
+                                && self.exists(&schema, &p.key_value).await?;
                             p.subscriptions = subscription_delta(
                                 &schema,
                                 change,
                                 p.subscriptions,
                                 ctx.resubscribe,
+                                exists,
                             );
                             owned_attributes(&schema, change, &mut p, self.mode == Mode::OneByOne);
                             upserts.push((i, p, change.kind() == ChangeKind::Update))
@@ -714,43 +870,63 @@ impl Sink for ActitoSink {
         }
         let mut work: Vec<(usize, Work)> = Vec::new();
         if self.mode == Mode::Bulk && !upserts.is_empty() {
-            let skipped: Vec<usize> = (0..batch.changes.len())
-                .filter(|i| !upserts.iter().any(|(j, _, _)| j == i))
-                .collect();
-            let rows: Vec<(usize, Prepared)> =
-                upserts.iter().map(|(i, p, _)| (*i, p.clone())).collect();
-            match self.bulk(&schema, batch, &rows, skipped, ctx).await? {
-                Some(results) => {
-                    // A bulk row carries attributes only: the subscriptions the source
-                    // changed follow one profile at a time, and a person is recorded
-                    // as applied only when both went through.
-                    let mut follow_up: Vec<(usize, Work)> = Vec::new();
-                    for ((i, p), o) in rows.iter().zip(results) {
-                        let consent = !p.subscriptions.is_empty() || !p.segmentations.is_empty();
-                        if matches!(o, Outcome::Applied { .. }) && consent {
-                            let only = Prepared {
-                                key_value: p.key_value.clone(),
-                                attributes: p
-                                    .attributes
-                                    .iter()
-                                    .filter(|(n, _)| n == schema.key_attribute())
-                                    .cloned()
-                                    .collect(),
-                                subscriptions: p.subscriptions.clone(),
-                                segmentations: p.segmentations.clone(),
-                            };
-                            follow_up.push((*i, Work::Upsert(only, false)));
-                        } else {
-                            outcomes[*i] = Some(o);
+            // A row never carries a cell for an attribute its own change does not set
+            // (a blank cell clears it): rows with different sets of attributes go into
+            // different imports. The largest set goes first; another set gets an
+            // import of its own while the day's budget lasts and it is large enough
+            // for bulk (`bulk_threshold`), else its rows go one by one.
+            let mut groups: std::collections::BTreeMap<Vec<String>, Vec<(usize, Prepared, bool)>> =
+                Default::default();
+            for (i, p, clear) in upserts {
+                let names = p.attributes.iter().map(|(n, _)| n.clone()).collect();
+                groups.entry(names).or_default().push((i, p, clear));
+            }
+            let mut groups: Vec<Vec<(usize, Prepared, bool)>> = groups.into_values().collect();
+            groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
+            for (n, group) in groups.into_iter().enumerate() {
+                let worth_an_import = n == 0 || group.len() as u64 >= self.config.bulk_threshold;
+                if self.mode != Mode::Bulk || !worth_an_import {
+                    work.extend(group.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c))));
+                    continue;
+                }
+                let skipped: Vec<usize> = (0..batch.changes.len())
+                    .filter(|i| !group.iter().any(|(j, _, _)| j == i))
+                    .collect();
+                let rows: Vec<(usize, Prepared)> =
+                    group.iter().map(|(i, p, _)| (*i, p.clone())).collect();
+                match self.bulk(&schema, batch, &rows, skipped, ctx).await? {
+                    Some(results) => {
+                        // A bulk row carries attributes only: the subscriptions the
+                        // source changed follow one profile at a time, and a person is
+                        // recorded as applied only when both went through.
+                        for ((i, p), o) in rows.iter().zip(results) {
+                            let consent =
+                                !p.subscriptions.is_empty() || !p.segmentations.is_empty();
+                            if matches!(o, Outcome::Applied { .. }) && consent {
+                                let only = Prepared {
+                                    key_value: p.key_value.clone(),
+                                    attributes: p
+                                        .attributes
+                                        .iter()
+                                        .filter(|(n, _)| n == schema.key_attribute())
+                                        .cloned()
+                                        .collect(),
+                                    subscriptions: p.subscriptions.clone(),
+                                    segmentations: p.segmentations.clone(),
+                                };
+                                work.push((*i, Work::Upsert(only, false)));
+                            } else {
+                                outcomes[*i] = Some(o);
+                            }
                         }
                     }
-                    work.extend(follow_up);
+                    None => work.extend(group.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c)))),
                 }
-                None => work.extend(upserts.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c)))),
             }
         } else {
             work.extend(upserts.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c))));
         }
+        work.extend(moves);
         work.extend(removals.into_iter().map(|(i, k)| (i, Work::Remove(k))));
         work.sort_by_key(|(i, _)| *i);
         let positions: Vec<usize> = work.iter().map(|(i, _)| *i).collect();
@@ -772,5 +948,86 @@ impl Sink for ActitoSink {
                 })
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mapping;
+    use crate::schema::TableStructure;
+    use contactsync_core::{Contact, ContactKey, ContactStatus, Field, Origin, SyncedEntry};
+    use serde_json::json;
+
+    fn schema() -> Schema {
+        let structure = TableStructure::parse(&json!({
+            "attributes": [
+                {"name": "emailAddress", "type": "EMAIL_ADDRESS", "unique": true, "mandatory": true},
+                {"name": "customerId", "type": "CUSTOM", "valueType": "STRING", "unique": true}
+            ],
+            "subscriptions": [{"name": "Newsletter"}, {"name": "Events"}]
+        }))
+        .expect("structure");
+        let mut mapping = Mapping::default();
+        mapping
+            .attributes
+            .insert(Field::ExternalId, Some("customerId".into()));
+        Schema::resolve(structure, &mapping).expect("schema")
+    }
+
+    fn person(status: ContactStatus, subscriptions: &[&str]) -> Contact {
+        Contact {
+            external_id: Some("E1".into()),
+            email: Some("ann@example.com".into()),
+            status,
+            subscriptions: subscriptions.iter().map(|s| s.to_string()).collect(),
+            ..Contact::default()
+        }
+    }
+
+    fn update(before: Contact, after: Contact) -> Change {
+        Change::Update {
+            key: ContactKey::ExternalId("E1".into()),
+            contact: after,
+            origin: Origin::Derived,
+            previous: SyncedEntry {
+                record: Some(Box::new(before)),
+                ..SyncedEntry::default()
+            },
+        }
+    }
+
+    #[test]
+    fn an_opt_out_is_sent_even_when_the_record_last_sent_no_longer_validates() {
+        let schema = schema();
+        // Last sent when the table still had a `Flyer` subscription.
+        let before = person(ContactStatus::Active, &["Newsletter", "Flyer"]);
+        assert!(schema.prepare(&before).is_err());
+        let after = person(ContactStatus::OptedOut, &["Newsletter"]);
+        let now = schema.prepare(&after).expect("valid").subscriptions;
+        let delta = subscription_delta(&schema, &update(before, after), now, false, false);
+        assert_eq!(delta, [("Newsletter".to_string(), false)]);
+    }
+
+    #[test]
+    fn a_create_of_a_profile_actito_holds_grants_nothing() {
+        let schema = schema();
+        let contact = person(ContactStatus::Active, &["Newsletter"]);
+        let now = schema.prepare(&contact).expect("valid").subscriptions;
+        let create = Change::Create {
+            key: ContactKey::ExternalId("E1".into()),
+            contact,
+            origin: Origin::Derived,
+        };
+        assert_eq!(
+            subscription_delta(&schema, &create, now.clone(), false, false),
+            [("Newsletter".to_string(), true)]
+        );
+        assert!(subscription_delta(&schema, &create, now.clone(), false, true).is_empty());
+        assert_eq!(
+            subscription_delta(&schema, &create, now, true, true).len(),
+            1,
+            "resubscribe: the user said so"
+        );
     }
 }

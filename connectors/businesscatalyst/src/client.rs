@@ -235,7 +235,12 @@ impl BcClient {
         element: &str,
         value: &str,
     ) -> Result<Option<ContactRecord>, CallError> {
-        let node = self.call(op, &soap::params(&[(element, value)])).await?;
+        let node = match self.call(op, &soap::params(&[(element, value)])).await {
+            Ok(node) => node,
+            Err(CallError::Fault { fault, .. }) if fault.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // An empty result is taken for "nobody" too (be liberal in what is accepted).
         let result = match node.child(&format!("{op}Result")) {
             Some(r) if !r.nil && !r.children.is_empty() => r,
             _ => return Ok(None),

@@ -40,11 +40,19 @@ use crate::soap::{Address, ContactRecord, PhoneNo};
 pub struct BcSink {
     config: BcConfig,
     client: BcClient,
-    /// The site's live contacts without an `externalId` (web sign-ups, imports), by
-    /// lower-cased email: a create for one of them must update it, not add a second
-    /// contact (the service matches on `externalId` first). Read once in `begin` for a
-    /// large change set; `None`: looked up one by one.
-    unlinked: Option<std::collections::HashMap<String, i64>>,
+    /// The site's live contacts, read once in `begin` for a large change set; `None`:
+    /// looked up one by one.
+    site: Option<SiteIndex>,
+}
+
+/// What a create needs to know of the site's live contacts: who exists already.
+#[derive(Debug, Default)]
+struct SiteIndex {
+    /// By `externalId`: the entity id.
+    by_external_id: std::collections::HashMap<String, i64>,
+    /// Those without an `externalId` (web sign-ups, imports), by lower-cased email: a
+    /// create for one of them must update it, not add a second contact.
+    unlinked: std::collections::HashMap<String, i64>,
 }
 
 impl BcSink {
@@ -54,44 +62,71 @@ impl BcSink {
         Ok(BcSink {
             config,
             client,
-            unlinked: None,
+            site: None,
         })
     }
 
-    /// Reads the whole site once and keeps its live contacts without an `externalId`.
-    async fn read_unlinked(
-        &self,
-    ) -> Result<std::collections::HashMap<String, i64>, ConnectorError> {
-        let mut unlinked = std::collections::HashMap::new();
+    /// Reads the whole site once (100 contacts a call) and indexes its live contacts.
+    async fn read_site(&self) -> Result<SiteIndex, ConnectorError> {
+        let mut site = SiteIndex::default();
         let mut start = 0;
         loop {
             let page = self
                 .client
                 .retrieve_page(crate::soap::UNSET_DATE, start)
                 .await?;
-            for record in &page.records {
-                let has_id = record
-                    .external_id
-                    .as_deref()
-                    .is_some_and(|id| !id.trim().is_empty());
-                if let (false, false, Some(email)) = (record.deleted, has_id, &record.email_address)
-                {
-                    unlinked.insert(email.trim().to_lowercase(), record.entity_id);
+            for record in page.records.iter().filter(|r| !r.deleted) {
+                match record.external_id.as_deref().map(str::trim) {
+                    Some(id) if !id.is_empty() => {
+                        site.by_external_id.insert(id.to_string(), record.entity_id);
+                    }
+                    _ => {
+                        if let Some(email) = &record.email_address {
+                            site.unlinked
+                                .insert(email.trim().to_lowercase(), record.entity_id);
+                        }
+                    }
                 }
             }
             if !page.more_records || page.records.is_empty() {
-                return Ok(unlinked);
+                return Ok(site);
             }
             start += page.records.len() as u64;
         }
     }
 
-    /// The entity id of the site's contact a create must update: one with the same
-    /// email and no `externalId`.
-    async fn unlinked_match(&self, email: &str) -> Result<Option<i64>, ConnectorError> {
-        if let Some(unlinked) = &self.unlinked {
-            return Ok(unlinked.get(&email.trim().to_lowercase()).copied());
+    /// The entity id of the site's contact that already is the person a create names:
+    /// one with the same `externalId`, else one with the same email and no
+    /// `externalId`. `None`: the person is new to the site.
+    async fn existing(&self, contact: &Contact) -> Result<Option<i64>, ConnectorError> {
+        let external_id = contact
+            .external_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|id| !id.is_empty());
+        if let Some(site) = &self.site {
+            let by_id = external_id.and_then(|id| site.by_external_id.get(id));
+            let by_email = || {
+                contact
+                    .email
+                    .as_deref()
+                    .and_then(|e| site.unlinked.get(&e.trim().to_lowercase()))
+            };
+            return Ok(by_id.or_else(by_email).copied());
         }
+        if let Some(id) = external_id {
+            if let Some(record) = self.client.retrieve_by_external_id(id).await? {
+                return Ok(Some(record.entity_id));
+            }
+        }
+        match &contact.email {
+            Some(email) => self.unlinked_match(email).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The entity id of a site contact with `email` and no `externalId`.
+    async fn unlinked_match(&self, email: &str) -> Result<Option<i64>, ConnectorError> {
         Ok(self
             .client
             .retrieve_by_email(email)
@@ -372,8 +407,8 @@ impl Sink for BcSink {
         plan: &ChangePlan,
         _ctx: &mut SinkContext<'_>,
     ) -> Result<(), ConnectorError> {
-        self.unlinked = if plan.creates > LOOKUPS_BEFORE_ONE_READ {
-            Some(self.read_unlinked().await?)
+        self.site = if plan.creates > LOOKUPS_BEFORE_ONE_READ {
+            Some(self.read_site().await?)
         } else {
             None
         };
@@ -395,14 +430,13 @@ impl Sink for BcSink {
             // (`resubscribe = true` in the pipeline: on every update.)
             let mut send_opt_in = change.sends_status(ctx.resubscribe);
             if let Change::Create { contact, .. } = change {
-                // Match before create: a site contact with this email and no externalId
-                // is this person (the service would add a second one otherwise), and
-                // their consent on the site stands.
-                if let (None, Some(email)) = (&handle, &contact.email) {
-                    if let Some(id) = self.unlinked_match(email).await? {
-                        handle = Some(id.to_string());
-                        send_opt_in = false;
-                    }
+                // Match before create: a site contact with this externalId, or with
+                // this email and no externalId, is this person (new to the state, not
+                // to the site: a first sync, a lost state). Their consent on the site
+                // stands: never opted back in, only out when the source says so.
+                if let Some(id) = self.existing(contact).await? {
+                    handle = Some(id.to_string());
+                    send_opt_in = contact.status != ContactStatus::Active;
                 }
             }
             let record = match change {

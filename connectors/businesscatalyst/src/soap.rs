@@ -413,6 +413,14 @@ pub struct Fault {
 }
 
 impl Fault {
+    /// Whether the fault is the service's answer to a Retrieve of a record it does not
+    /// hold: `Server was unable to process request. ---> ERROR: Contact record could not
+    /// be retrieved.` (a Retrieve never answers "nobody" with an empty result).
+    pub fn is_not_found(&self) -> bool {
+        let t = self.text.to_ascii_lowercase();
+        t.contains("could not be retrieved") || t.contains("could not be found")
+    }
+
     /// Whether the fault is about the credentials or the site (the service says so
     /// only in words; these are the words it and the sandbox use).
     pub fn is_authentication(&self) -> bool {
@@ -738,6 +746,30 @@ mod tests {
         assert_eq!(f.code, "a:Server");
         assert!(f.text.contains("Invalid email address 'x'"));
         assert!(!f.is_authentication());
+    }
+
+    #[test]
+    fn the_unknown_contact_fault_is_not_found_and_nothing_else_is() {
+        let xml = format!(
+            r#"<env:Envelope xmlns:env="{SOAP12_ENV}"><env:Body><env:Fault><env:Code><env:Value>env:Receiver</env:Value></env:Code>
+            <env:Reason><env:Text xml:lang="en">Server was unable to process request. ---&gt; ERROR: Contact record could not be retrieved.</env:Text></env:Reason></env:Fault></env:Body></env:Envelope>"#
+        );
+        let Reply::Fault(f) = parse_reply(&xml).unwrap() else {
+            panic!()
+        };
+        assert!(f.is_not_found());
+        assert!(!f.is_authentication());
+        for other in [
+            "Server was unable to process request. ---> ERROR: Invalid email address 'x'",
+            "Server was unable to process request. ---> ERROR: Invalid username or password.",
+            "Server was unable to process request. ---> Timeout expired.",
+        ] {
+            let f = Fault {
+                code: "soap:Receiver".into(),
+                text: other.into(),
+            };
+            assert!(!f.is_not_found(), "{other}");
+        }
     }
 
     #[test]

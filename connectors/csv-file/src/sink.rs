@@ -810,6 +810,7 @@ impl Sink for CsvSink {
     fn summary(&self) -> SinkSummary {
         SinkSummary {
             unknown_in_sink: self.unknown_in_sink,
+            ..SinkSummary::default()
         }
     }
 }

@@ -14,7 +14,7 @@ use chrono::Utc;
 use contactsync_core::async_trait;
 use contactsync_core::{
     Change, ChangeBatch, ChangeKind, ConnectorError, Contact, ContactStatus, Field, JobProgress,
-    Outcome, PendingBatch, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    Outcome, PendingBatch, RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkSummary,
 };
 
 use crate::client::{PoppuloClient, Posted};
@@ -61,6 +61,12 @@ pub struct PostedImport {
     pub changes: Vec<usize>,
     /// Its columns, for reading its rejected rows.
     pub columns: Vec<String>,
+    /// Its rows, as sent (empty from earlier versions: then the changes' emails).
+    #[serde(default)]
+    pub rows: Vec<SentRow>,
+    /// A `NewOnly` import (skipped rows are expected).
+    #[serde(default)]
+    pub new_only: bool,
 }
 
 /// The Poppulo sink. Built by the `poppulo` [`contactsync_core::SinkFactory`].
@@ -69,38 +75,50 @@ pub struct PoppuloSink {
     config: SinkConfig,
     client: PoppuloClient,
     resubscribe: bool,
+    /// Imports posted by this sink (for the report).
+    imports: u64,
 }
 
 /// One row of an import: the change it carries and what it asks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SentRow {
     /// The change's position in the batch.
     pub change: usize,
     /// The email the row is sent under.
     pub email: String,
     /// The row gives a person's old address the removal status (their email changed).
+    #[serde(default)]
     pub old_address: bool,
     /// The row's status cell; `None`: left empty (the status is the person's).
-    pub status: Option<&'static str>,
+    #[serde(default)]
+    pub status: Option<String>,
     /// The row creates the person.
+    #[serde(default)]
     pub create: bool,
+    /// The row gives an address the removal status (a removal or an old address).
+    #[serde(default)]
+    pub removal: bool,
 }
 
 /// One import job of a batch.
 #[derive(Debug, Clone)]
 pub struct ImportPart {
+    /// Which import it is.
+    pub group: Group,
     /// The `<subscriber_import_job>` document.
     pub xml: String,
     /// Its columns, in data order.
     pub columns: Vec<String>,
     /// Its rows, in data order.
     pub rows: Vec<SentRow>,
+    /// The rows as planned, to build it again without some.
+    planned: Vec<Planned>,
 }
 
-/// A batch turned into imports: one, holding creates, updates and removals, unless the
-/// batch withdraws permissions (one more per distinct set withdrawn, since Poppulo
-/// withdraws them job by job) or removes people whose last-sent record is not known
-/// (one more, `email,status` only, so that no cell clears a field).
+/// A batch turned into imports. A row never carries a cell for a field its own change
+/// does not set, so rows with different sets of cells go into different imports (sent
+/// one after the other: Poppulo runs one at a time): most batches are one import of
+/// creates and updates, and one of removals (`email,status`).
 #[derive(Debug, Clone)]
 pub struct PreparedImport {
     /// The imports, in the order they are posted.
@@ -111,21 +129,37 @@ pub struct PreparedImport {
 }
 
 impl PreparedImport {
-    /// The first import's document, if any (most batches have exactly one).
+    /// The first import's document, if any.
     pub fn xml(&self) -> Option<&str> {
         self.parts.first().map(|p| p.xml.as_str())
     }
 }
 
-/// Which import a row goes into.
+/// Which import a row goes into, in the order they are posted.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Group {
-    /// The run's one import.
-    Main,
-    /// Rows whose permissions the source withdrew, by the set withdrawn.
-    Withdraw(Vec<String>),
-    /// Removals without a known last-sent record: `email,status` only.
-    Bare,
+pub enum Group {
+    /// Creates that grant permissions (the source's, `add_permissions`), with
+    /// `update_existing = false`: Poppulo creates the people it does not hold and
+    /// skips those it does, so a grant reaches only someone new to Poppulo (consent is
+    /// the person's). Each row is sent again, without grants, in the `Upsert` import
+    /// after it, unless this import created every row.
+    NewOnly(Cells),
+    /// Creates and updates with the same set of cells.
+    Upsert(Cells),
+    /// Removals and old addresses: `email,status` only.
+    Removal,
+}
+
+/// Which cells the rows of an import have: per mapped column, whether it is there;
+/// granted permissions; the permissions the rows withdraw (job-level). The status is
+/// not among them: a status cannot be cleared, and an empty status cell leaves the
+/// person's status as it is (the one empty cell a row may carry), so that creates
+/// (which set one) and updates (which mostly do not) share an import.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cells {
+    mapped: Vec<bool>,
+    permissions: bool,
+    withdrawn: Vec<String>,
 }
 
 /// A row before the import's columns are known.
@@ -137,8 +171,9 @@ struct Planned {
     cells: Vec<Option<String>>,
     /// Permissions the row grants.
     permissions: Vec<String>,
-    /// A create or update (not a removal or an old address).
-    upsert: bool,
+    /// A create's second row, after its `NewOnly` one: left out when that import
+    /// created every row it held.
+    follow_up: bool,
 }
 
 /// What one row came to.
@@ -150,6 +185,13 @@ enum RowResult {
     Unknown(String),
 }
 
+/// What an import's rows came to, and whether Poppulo counted every row.
+struct PartResult {
+    results: Vec<RowResult>,
+    /// Every row was counted (none skipped), as far as is known.
+    all_counted: bool,
+}
+
 impl PoppuloSink {
     /// A sink for `config`. Touches no network.
     pub fn new(config: SinkConfig) -> Result<Self, ConnectorError> {
@@ -158,6 +200,7 @@ impl PoppuloSink {
             config,
             client,
             resubscribe: false,
+            imports: 0,
         })
     }
 
@@ -197,56 +240,35 @@ impl PoppuloSink {
             .any(|(f, _)| *f == Field::Subscriptions)
     }
 
+    /// Whether grants on a create go through a `NewOnly` import first: when the job
+    /// updates existing people and the pipeline does not say `resubscribe`.
+    fn grants_to_new_only(&self) -> bool {
+        self.config.update_existing && !self.resubscribe
+    }
+
     /// The imports for `batch` and what becomes of each change.
     pub fn build_import(&self, batch: &ChangeBatch) -> Result<PreparedImport, ConnectorError> {
         let mut known = vec![Outcome::applied(); batch.changes.len()];
         let mut groups: std::collections::BTreeMap<Group, Vec<Planned>> = Default::default();
         let removal_status = self.config.removal.status();
         let mapped = &self.config.columns.0;
-        let from_before = |before: &Contact, email: &str| -> Vec<Option<String>> {
-            mapped
-                .iter()
-                .map(|(f, _)| match f {
-                    Field::Email => Some(email.to_string()),
-                    Field::Subscriptions => None,
-                    f => before.get(f).map(|v| one_line(&v)),
-                })
-                .collect()
-        };
-        let email_only = |email: &str| -> Vec<Option<String>> {
-            mapped
-                .iter()
-                .map(|(f, _)| (*f == Field::Email).then(|| email.to_string()))
-                .collect()
-        };
         // A row giving an address the removal status (a removal, or a changed email's
-        // old address), with what was last sent so that it clears nothing. It shares
-        // the run's import only when that updates existing people (with
-        // `update_existing = false` Poppulo would skip it), and only when the record
-        // last sent is known; otherwise it goes in an `email,status` import.
-        let removal_row = |change: usize,
-                           email: String,
-                           before: Option<&Contact>,
-                           old_address: bool|
-         -> (Group, Planned) {
-            let (group, cells) = match before {
-                Some(b) if self.config.update_existing => (Group::Main, from_before(b, &email)),
-                _ => (Group::Bare, email_only(&email)),
-            };
-            let row = SentRow {
+        // old address): its email and status only, so that it clears nothing.
+        let removal_row = |change: usize, email: String, old_address: bool| Planned {
+            row: SentRow {
                 change,
                 email,
                 old_address,
-                status: Some(removal_status),
+                status: Some(removal_status.to_string()),
                 create: false,
-            };
-            let planned = Planned {
-                row,
-                cells,
-                permissions: Vec::new(),
-                upsert: false,
-            };
-            (group, planned)
+                removal: true,
+            },
+            cells: mapped
+                .iter()
+                .map(|(f, _)| (*f == Field::Email).then(String::new))
+                .collect(),
+            permissions: Vec::new(),
+            follow_up: false,
         };
         for (index, change) in batch.changes.iter().enumerate() {
             let Some(email) = change.email().and_then(Contact::normalize_email) else {
@@ -254,8 +276,10 @@ impl PoppuloSink {
                 continue;
             };
             let Some(contact) = change.contact() else {
-                let (group, planned) = removal_row(index, email, change.before(), false);
-                groups.entry(group).or_default().push(planned);
+                groups
+                    .entry(Group::Removal)
+                    .or_default()
+                    .push(removal_row(index, email, false));
                 continue;
             };
             if change.kind() == ChangeKind::Update && !self.config.update_existing {
@@ -267,7 +291,7 @@ impl PoppuloSink {
                 continue;
             }
             let create = change.kind() == ChangeKind::Create;
-            let cells = mapped
+            let cells: Vec<Option<String>> = mapped
                 .iter()
                 .map(|(f, _)| match f {
                     Field::Email => Some(email.clone()),
@@ -275,10 +299,11 @@ impl PoppuloSink {
                     f => change.owned_value(f).map(|v| one_line(&v)),
                 })
                 .collect();
-            // Consent is the person's: a create grants what the source lists, an
-            // update only what the source added since the last sync, and withdraws
-            // what it took away; a permission the person dropped on Poppulo stays
-            // dropped until the source changes it.
+            // Consent is the person's: a create grants what the source lists (to
+            // someone new to Poppulo only, see `Group::NewOnly`), an update only what
+            // the source added since the last sync, and withdraws what it took away; a
+            // permission the person dropped on Poppulo stays dropped until the source
+            // changes it.
             let (permissions, withdrawn) = if !self.manages_permissions() {
                 (Vec::new(), Vec::new())
             } else if create || self.resubscribe {
@@ -310,101 +335,89 @@ impl PoppuloSink {
             };
             let status = change
                 .sends_status(self.resubscribe)
-                .then(|| status_cell(contact.status));
-            let group = if withdrawn.is_empty() {
-                Group::Main
-            } else {
-                Group::Withdraw(withdrawn)
-            };
-            // A changed address: the old one gets the removal status in the same
-            // import, so that it is not left ACTIVE for good.
+                .then(|| status_cell(contact.status).to_string());
+            // A changed address: the old one gets the removal status, so that it is
+            // not left ACTIVE for good (unless it is someone else's now: the engine
+            // then hands the change without it).
             if let Some(old) = change.previous_email().and_then(Contact::normalize_email) {
                 if !old.eq_ignore_ascii_case(&email) {
-                    let (group, planned) = removal_row(index, old, change.before(), true);
-                    groups.entry(group).or_default().push(planned);
+                    groups
+                        .entry(Group::Removal)
+                        .or_default()
+                        .push(removal_row(index, old, true));
                 }
             }
-            groups.entry(group).or_default().push(Planned {
-                row: SentRow {
-                    change: index,
-                    email,
-                    old_address: false,
-                    status,
-                    create,
-                },
-                cells,
+            let shape = |permissions: bool| Cells {
+                mapped: cells.iter().map(Option::is_some).collect(),
                 permissions,
-                upsert: true,
-            });
-        }
-        // An old address that someone in the batch now uses is theirs: never removed.
-        let used: std::collections::HashSet<String> = groups
-            .values()
-            .flatten()
-            .filter(|p| p.upsert)
-            .map(|p| p.row.email.to_lowercase())
-            .collect();
-        for rows in groups.values_mut() {
-            rows.retain(|p| {
-                let keep = !p.row.old_address || !used.contains(&p.row.email.to_lowercase());
-                if !keep {
-                    tracing::info!(
-                        "an old address is now someone else's in this batch; it is not removed"
-                    );
-                }
-                keep
-            });
+                withdrawn: withdrawn.clone(),
+            };
+            let row = SentRow {
+                change: index,
+                email,
+                old_address: false,
+                status: status.clone(),
+                create,
+                removal: false,
+            };
+            let grants = !permissions.is_empty() || !self.config.add_permissions.is_empty();
+            if create && grants && self.grants_to_new_only() {
+                groups
+                    .entry(Group::NewOnly(shape(!permissions.is_empty())))
+                    .or_default()
+                    .push(Planned {
+                        row: row.clone(),
+                        cells: cells.clone(),
+                        permissions,
+                        follow_up: false,
+                    });
+                groups
+                    .entry(Group::Upsert(shape(false)))
+                    .or_default()
+                    .push(Planned {
+                        row,
+                        cells,
+                        permissions: Vec::new(),
+                        follow_up: true,
+                    });
+            } else {
+                groups
+                    .entry(Group::Upsert(shape(!permissions.is_empty())))
+                    .or_default()
+                    .push(Planned {
+                        row,
+                        cells,
+                        permissions,
+                        follow_up: false,
+                    });
+            }
         }
         let mut parts = Vec::new();
         for (group, rows) in groups {
-            if rows.is_empty() {
-                continue;
+            if !rows.is_empty() {
+                parts.push(self.part(group, rows)?);
             }
-            parts.push(self.part(&group, rows)?);
         }
         Ok(PreparedImport { parts, known })
     }
 
-    /// One import: its columns are those some row has something to say in, so that no
-    /// cell clears a field the source does not provide.
-    fn part(&self, group: &Group, rows: Vec<Planned>) -> Result<ImportPart, ConnectorError> {
+    /// One import: the rows' own cells, and the job-level settings that belong to it.
+    fn part(&self, group: Group, rows: Vec<Planned>) -> Result<ImportPart, ConnectorError> {
         let c = &self.config;
         let mapped = &c.columns.0;
-        let bare = *group == Group::Bare;
-        let mixed = rows.iter().any(|p| !p.upsert);
-        let upserts = rows.iter().any(|p| p.upsert);
+        let cells = match &group {
+            Group::NewOnly(cells) | Group::Upsert(cells) => Some(cells),
+            Group::Removal => None,
+        };
         let included: Vec<usize> = (0..mapped.len())
-            .filter(|&j| {
-                mapped[j].0 == Field::Email || (!bare && rows.iter().any(|p| p.cells[j].is_some()))
-            })
+            .filter(|&j| mapped[j].0 == Field::Email || cells.is_some_and(|s| s.mapped[j]))
             .collect();
-        // Job-level tags, set_fields and add_permissions would reach the removal rows
-        // too: in a mixed import they become cells of the upsert rows.
-        let per_row = mixed && upserts;
-        let permissions = !bare
-            && (rows.iter().any(|p| !p.permissions.is_empty())
-                || (per_row && !c.add_permissions.is_empty()));
-        let tags = per_row && !c.tags.is_empty();
         let mut columns: Vec<String> = included.iter().map(|&j| mapped[j].1.clone()).collect();
-        let mut overridden: Vec<(usize, String)> = Vec::new();
-        let mut set_columns: Vec<(String, String)> = Vec::new();
-        if per_row {
-            for (name, value) in &c.set_fields {
-                match columns.iter().position(|col| col == name) {
-                    Some(at) => overridden.push((at, value.clone())),
-                    None => set_columns.push((name.clone(), value.clone())),
-                }
-            }
-        }
+        let permissions = cells.is_some_and(|s| s.permissions);
         if permissions {
             columns.push(self.permissions_column());
         }
-        if tags {
-            columns.push("tags".to_string());
-        }
-        columns.extend(set_columns.iter().map(|(n, _)| n.clone()));
-        // An empty status cell leaves the person's status as it is; a job in which no
-        // row sets one has no status column at all.
+        // A job in which no row sets a status has no status column at all.
         let status = rows.iter().any(|p| p.row.status.is_some());
         if status {
             columns.push("status".to_string());
@@ -414,86 +427,76 @@ impl PoppuloSink {
             .quote_style(csv::QuoteStyle::Necessary)
             .from_writer(Vec::new());
         let mut sent = Vec::with_capacity(rows.len());
-        for planned in rows {
+        for planned in &rows {
             let mut record: Vec<String> = included
                 .iter()
-                .map(|&j| planned.cells[j].clone().unwrap_or_default())
+                .map(|&j| match mapped[j].0 {
+                    Field::Email => planned.row.email.clone(),
+                    _ => planned.cells[j].clone().unwrap_or_default(),
+                })
                 .collect();
-            if planned.upsert {
-                for (at, value) in &overridden {
-                    record[*at] = value.clone();
-                }
-            }
             if permissions {
-                let mut granted = planned.permissions.clone();
-                if per_row && planned.upsert {
-                    granted.extend(c.add_permissions.iter().cloned());
-                }
-                record.push(granted.join(PERMISSION_SEPARATOR));
+                record.push(planned.permissions.join(PERMISSION_SEPARATOR));
             }
-            if tags {
-                record.push(if planned.upsert {
-                    c.tags.join(PERMISSION_SEPARATOR)
-                } else {
-                    String::new()
-                });
-            }
-            // A removal row carries the set fields' values as every earlier upsert
-            // gave them, so that they stay as they are.
-            record.extend(set_columns.iter().map(|(_, v)| v.clone()));
             if status {
-                record.push(planned.row.status.unwrap_or("").to_string());
+                record.push(planned.row.status.clone().unwrap_or_default());
             }
             writer
                 .write_record(&record)
                 .map_err(|e| ConnectorError::Other(format!("cannot write the import CSV: {e}")))?;
-            sent.push(planned.row);
+            sent.push(planned.row.clone());
         }
         let data = writer
             .into_inner()
             .map_err(|e| ConnectorError::Other(format!("cannot write the import CSV: {e}")))?;
         let data = String::from_utf8_lossy(&data);
-        let mut remove_permissions = if bare {
-            Vec::new()
-        } else {
+        let upserts = cells.is_some();
+        let mut remove_permissions = if upserts {
             c.remove_permissions.clone()
+        } else {
+            Vec::new()
         };
-        if let Group::Withdraw(withdrawn) = group {
-            for p in withdrawn {
-                if !remove_permissions.contains(p) {
-                    remove_permissions.push(p.clone());
-                }
+        for p in cells.map(|s| s.withdrawn.as_slice()).unwrap_or_default() {
+            if !remove_permissions.contains(p) {
+                remove_permissions.push(p.clone());
             }
         }
+        // `add_permissions` goes with a create's grants: in the `NewOnly` import, or
+        // where there is none (`update_existing = false`, `resubscribe`) with every
+        // create and update.
+        let add_permissions = match &group {
+            Group::NewOnly(_) => c.add_permissions.clone(),
+            Group::Upsert(_) if !self.grants_to_new_only() => c.add_permissions.clone(),
+            _ => Vec::new(),
+        };
         let job = ImportJob {
             accept_terms: true,
-            update_existing: bare || c.update_existing,
-            reactivate_api_removed: !bare && c.reactivate_api_removed,
-            reactivate_admin_removed: !bare && c.reactivate_admin_removed,
-            reactivate_bounced_removed: !bare && c.reactivate_bounced_removed,
-            set_fields: if per_row || bare || !upserts {
-                Default::default()
-            } else {
+            update_existing: match &group {
+                Group::NewOnly(_) => false,
+                Group::Upsert(_) => c.update_existing,
+                // A removal must reach existing people whatever the setting.
+                Group::Removal => true,
+            },
+            reactivate_api_removed: upserts && c.reactivate_api_removed,
+            reactivate_admin_removed: upserts && c.reactivate_admin_removed,
+            reactivate_bounced_removed: upserts && c.reactivate_bounced_removed,
+            set_fields: if upserts {
                 c.set_fields.clone()
-            },
-            add_permissions: if per_row || bare || !upserts {
-                Vec::new()
             } else {
-                c.add_permissions.clone()
+                Default::default()
             },
+            add_permissions,
             remove_permissions,
-            tags: if per_row || bare || !upserts {
-                Vec::new()
-            } else {
-                c.tags.clone()
-            },
+            tags: if upserts { c.tags.clone() } else { Vec::new() },
             columns: columns.clone(),
         };
         let xml = job.to_xml(&data).map_err(ConnectorError::Other)?;
         Ok(ImportPart {
+            group,
             xml,
             columns,
             rows: sent,
+            planned: rows,
         })
     }
 
@@ -638,7 +641,8 @@ impl PoppuloSink {
         let candidates: Vec<usize> = (0..rows.len())
             .filter(|&i| results[i] == RowResult::Applied)
             .filter(|&i| {
-                rows[i].status == Some("ACTIVE") || (!self.config.update_existing && rows[i].create)
+                rows[i].status.as_deref() == Some("ACTIVE")
+                    || (!self.config.update_existing && rows[i].create)
             })
             .collect();
         tracing::warn!(
@@ -679,7 +683,9 @@ impl PoppuloSink {
                         RowResult::Unknown("not found on Poppulo after the import".to_string());
                     found += 1;
                 }
-                Some((status, _)) if row.status == Some("ACTIVE") && status != "ACTIVE" => {
+                Some((status, _))
+                    if row.status.as_deref() == Some("ACTIVE") && status != "ACTIVE" =>
+                {
                     results[i] = RowResult::Skipped(REASON_REMOVED_ON_PLATFORM);
                     found += 1;
                 }
@@ -704,17 +710,22 @@ impl PoppuloSink {
     /// Posts and follows one import; the store keeps it from the moment Poppulo took
     /// it. Returns each row's result.
     async fn run_part(
-        &self,
+        &mut self,
         key: &str,
         posted: &mut Vec<PostedImport>,
         part: &ImportPart,
         ctx: &mut SinkContext<'_>,
-    ) -> Result<Vec<RowResult>, ConnectorError> {
+    ) -> Result<PartResult, ConnectorError> {
         if ctx.cancel.is_cancelled() {
             return Err(ConnectorError::Cancelled);
         }
+        let unknown = |reason: String| PartResult {
+            results: vec![RowResult::Unknown(reason); part.rows.len()],
+            all_counted: false,
+        };
         tracing::info!(rows = part.rows.len(), "posting a Poppulo import job");
         let posted_at = Utc::now();
+        self.imports += 1;
         let answer = self
             .client
             .post_import(
@@ -736,8 +747,7 @@ impl PoppuloSink {
                 ctx.progress.note(&format!(
                     "Poppulo may or may not have taken an import ({why}); its rows are sent again next run"
                 ));
-                let reason = format!("the import's answer was lost ({why}): whether Poppulo took it is unknown; sent again next run");
-                return Ok(vec![RowResult::Unknown(reason); part.rows.len()]);
+                return Ok(unknown(format!("the import's answer was lost ({why}): whether Poppulo took it is unknown; sent again next run")));
             }
         };
         // At once: a crash from here on resumes this import instead of posting another.
@@ -745,31 +755,38 @@ impl PoppuloSink {
             href: href.clone(),
             changes: part.rows.iter().map(|r| r.change).collect(),
             columns: part.columns.clone(),
+            rows: part.rows.clone(),
+            new_only: matches!(part.group, Group::NewOnly(_)),
         });
         save_posted(ctx, key, posted)?;
         tracing::info!(import = %href, "Poppulo import accepted");
         let emails: Vec<String> = part.rows.iter().map(|r| r.email.clone()).collect();
         let followed = self.follow(&href, &part.columns, &emails, ctx).await?;
-        let results = match followed {
+        let result = match followed {
             Followed::Completed(completed) => {
                 let mut results = completed.verdicts.clone();
-                self.reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
-                    .await?;
-                results
+                // A `NewOnly` import skips the people Poppulo holds: on purpose, and
+                // the import after it updates them.
+                if !matches!(part.group, Group::NewOnly(_)) {
+                    self.reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
+                        .await?;
+                }
+                PartResult {
+                    results,
+                    all_counted: completed.uncounted == 0,
+                }
             }
             // Kept in the store: the next run resumes following it.
-            Followed::Pending(reason) => {
-                return Ok(vec![RowResult::Unknown(reason); part.rows.len()])
-            }
+            Followed::Pending(reason) => return Ok(unknown(reason)),
             Followed::Ended(reason) => {
                 posted.retain(|p| p.href != href);
                 save_posted(ctx, key, posted)?;
-                return Ok(vec![RowResult::Unknown(reason); part.rows.len()]);
+                return Ok(unknown(reason));
             }
         };
         posted.retain(|p| p.href != href);
         save_posted(ctx, key, posted)?;
-        Ok(results)
+        Ok(result)
     }
 }
 
@@ -817,6 +834,8 @@ fn load_posted(value: &str, changes: usize, columns: Vec<String>) -> Vec<PostedI
             href: value.trim().to_string(),
             changes: (0..changes).collect(),
             columns,
+            rows: Vec::new(),
+            new_only: false,
         }],
     }
 }
@@ -829,17 +848,32 @@ fn status_cell(status: ContactStatus) -> &'static str {
     }
 }
 
-/// Each change's outcome from its rows' results: the person's row decides; an old
-/// address that could not be removed makes the change one to send again.
+/// Each change's outcome from its rows' results: the person's rows decide (the last
+/// one sent, unless any is unknown: then the change is sent again); an old address
+/// that could not be removed makes the change one to send again. A removal row Poppulo
+/// skipped as a duplicate of an earlier row of its import found its address removed
+/// already: done, not retried.
 fn combine(known: Vec<Outcome>, rows: &[SentRow], results: &[RowResult]) -> Vec<Outcome> {
     let mut out = known;
+    let mut unknown: Vec<Option<String>> = vec![None; out.len()];
     let mut old: Vec<Option<&RowResult>> = vec![None; out.len()];
     for (row, result) in rows.iter().zip(results) {
         if row.old_address {
             old[row.change] = Some(result);
             continue;
         }
-        out[row.change] = outcome(result);
+        if let RowResult::Unknown(reason) = result {
+            unknown[row.change].get_or_insert_with(|| reason.clone());
+        }
+        out[row.change] = match result {
+            RowResult::Rejected(RejectionKind::Duplicate) if row.removal => Outcome::applied(),
+            result => outcome(result),
+        };
+    }
+    for (i, reason) in unknown.into_iter().enumerate() {
+        if let Some(reason) = reason {
+            out[i] = Outcome::Unknown { reason };
+        }
     }
     for (i, result) in old.into_iter().enumerate() {
         let Some(result) = result else { continue };
@@ -847,7 +881,9 @@ fn combine(known: Vec<Outcome>, rows: &[SentRow], results: &[RowResult]) -> Vec<
             continue;
         }
         match result {
-            RowResult::Applied | RowResult::Rejected(RejectionKind::OptedOut) | RowResult::Skipped(_) => {}
+            RowResult::Applied
+            | RowResult::Rejected(RejectionKind::OptedOut | RejectionKind::Duplicate)
+            | RowResult::Skipped(_) => {}
             RowResult::Unknown(reason) => {
                 out[i] = Outcome::Unknown {
                     reason: format!("the old address: {reason}"),
@@ -1039,65 +1075,83 @@ impl Sink for PoppuloSink {
         let mut posted = load_posted(&value, batch.records.len(), self.columns());
         tracing::info!(batch = %batch.id, imports = posted.len(), "resuming the Poppulo imports a previous run left running");
         // Changes in no import still followable are sent again.
-        let mut outcomes: Vec<Outcome> = vec![
+        let known: Vec<Outcome> = vec![
             Outcome::Unknown {
                 reason: "not part of an import a previous run left running; sent again".into(),
             };
             batch.records.len()
         ];
+        let mut rows: Vec<SentRow> = Vec::new();
+        let mut results: Vec<RowResult> = Vec::new();
         for import in posted.clone() {
             ctx.progress.note(&format!(
                 "resuming Poppulo import {} of batch {}",
                 import_id(&import.href),
                 batch.id
             ));
-            let rows: Vec<(usize, String)> = import
-                .changes
-                .iter()
-                .filter_map(|&i| {
-                    let email = batch.records.get(i)?.email.as_deref();
-                    Some((i, email.and_then(Contact::normalize_email)?))
-                })
-                .collect();
-            let emails: Vec<String> = rows.iter().map(|(_, e)| e.clone()).collect();
-            match self
+            // The rows as sent; an import stored by an earlier version names only its
+            // changes, which are then taken at the address they carry.
+            let sent: Vec<SentRow> = if import.rows.is_empty() {
+                import
+                    .changes
+                    .iter()
+                    .filter_map(|&i| {
+                        let record = batch.records.get(i)?;
+                        Some(SentRow {
+                            change: i,
+                            email: record.email.as_deref().and_then(Contact::normalize_email)?,
+                            old_address: false,
+                            status: None,
+                            create: record.kind == ChangeKind::Create,
+                            removal: record.kind == ChangeKind::Remove,
+                        })
+                    })
+                    .collect()
+            } else {
+                import
+                    .rows
+                    .iter()
+                    .filter(|r| r.change < batch.records.len())
+                    .cloned()
+                    .collect()
+            };
+            let emails: Vec<String> = sent.iter().map(|r| r.email.clone()).collect();
+            let unknown = |reason: &str| vec![RowResult::Unknown(reason.to_string()); sent.len()];
+            let verdicts = match self
                 .follow(&import.href, &import.columns, &emails, ctx)
                 .await
             {
                 Ok(Followed::Completed(followed)) => {
-                    // What the rows asked is not kept, so skipped rows cannot be told
-                    // apart: when Poppulo counted fewer rows than it got, they are all
-                    // sent again (the next run's own import reconciles them).
-                    for ((i, _), verdict) in rows.iter().zip(&followed.verdicts) {
-                        outcomes[*i] = if followed.uncounted > 0 && *verdict == RowResult::Applied {
-                            Outcome::Unknown {
-                                reason:
+                    posted.retain(|p| p.href != import.href);
+                    save_posted(ctx, &key, &posted)?;
+                    if followed.uncounted > 0 && !import.new_only {
+                        // Which rows Poppulo skipped is not known here: the applied
+                        // ones are sent again (the next run's own import reconciles).
+                        followed
+                            .verdicts
+                            .into_iter()
+                            .map(|v| match v {
+                                RowResult::Applied => RowResult::Unknown(
                                     "Poppulo skipped some rows of the resumed import; sent again"
                                         .into(),
-                            }
-                        } else {
-                            outcome(verdict)
-                        };
-                    }
-                    posted.retain(|p| p.href != import.href);
-                    save_posted(ctx, &key, &posted)?;
-                }
-                Ok(Followed::Pending(reason)) => {
-                    // Left in the store: the next run follows it again.
-                    for (i, _) in &rows {
-                        outcomes[*i] = Outcome::Unknown {
-                            reason: reason.clone(),
-                        };
+                                ),
+                                v => v,
+                            })
+                            .collect()
+                    } else if followed.uncounted > 0 {
+                        // A `NewOnly` import skips the people Poppulo holds; whether the
+                        // import after it ran is not known: sent again.
+                        unknown("the resumed import created only some of its rows; sent again")
+                    } else {
+                        followed.verdicts
                     }
                 }
+                // Left in the store: the next run follows it again.
+                Ok(Followed::Pending(reason)) => unknown(&reason),
                 Ok(Followed::Ended(reason)) => {
-                    for (i, _) in &rows {
-                        outcomes[*i] = Outcome::Unknown {
-                            reason: reason.clone(),
-                        };
-                    }
                     posted.retain(|p| p.href != import.href);
                     save_posted(ctx, &key, &posted)?;
+                    unknown(&reason)
                 }
                 Err(e) if cannot_be_followed(&e) => {
                     // A handle that can never be followed again must not wedge the
@@ -1110,10 +1164,14 @@ impl Sink for PoppuloSink {
                     ));
                     posted.retain(|p| p.href != import.href);
                     save_posted(ctx, &key, &posted)?;
+                    unknown("the import can no longer be followed; sent again")
                 }
                 Err(e) => return Err(e),
-            }
+            };
+            rows.extend(sent);
+            results.extend(verdicts);
         }
+        let outcomes = combine(known, &rows, &results);
         if posted.is_empty()
             && outcomes
                 .iter()
@@ -1135,12 +1193,55 @@ impl Sink for PoppuloSink {
         let mut posted = Vec::new();
         let mut rows = Vec::new();
         let mut results = Vec::new();
-        for part in &parts {
-            let part_results = self.run_part(&key, &mut posted, part, ctx).await?;
-            rows.extend(part.rows.iter().cloned());
-            results.extend(part_results);
+        // The creates a `NewOnly` import created, every one: their second row is not
+        // needed.
+        let mut created: std::collections::HashSet<usize> = Default::default();
+        for part in parts {
+            let part = if part.rows.iter().any(|r| created.contains(&r.change)) {
+                match self.without_created(part, &created)? {
+                    Some(part) => part,
+                    None => continue,
+                }
+            } else {
+                part
+            };
+            let result = self.run_part(&key, &mut posted, &part, ctx).await?;
+            // Every row counted: each was created, or refused for what it holds
+            // (which its second row would be too).
+            if matches!(part.group, Group::NewOnly(_)) && result.all_counted {
+                created.extend(part.rows.iter().map(|row| row.change));
+            }
+            rows.extend(part.rows);
+            results.extend(result.results);
         }
         Ok(combine(known, &rows, &results))
+    }
+
+    fn summary(&self) -> SinkSummary {
+        SinkSummary {
+            jobs: Some(self.imports),
+            ..SinkSummary::default()
+        }
+    }
+}
+
+impl PoppuloSink {
+    /// `part` without the rows of the creates in `created` (their `NewOnly` import
+    /// created them); `None` when nothing is left.
+    fn without_created(
+        &self,
+        part: ImportPart,
+        created: &std::collections::HashSet<usize>,
+    ) -> Result<Option<ImportPart>, ConnectorError> {
+        let ImportPart { group, planned, .. } = part;
+        let rows: Vec<Planned> = planned
+            .into_iter()
+            .filter(|p| !(p.follow_up && created.contains(&p.row.change)))
+            .collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        self.part(group, rows).map(Some)
     }
 }
 

@@ -18,12 +18,15 @@ use contactsync_sandbox_poppulo::{
 use contactsync_testkit::{read_all, MemoryStore, SinkConformance};
 
 async fn sandbox() -> RunningPoppulo {
-    PoppuloSandbox::start(SandboxConfig {
-        tick: Duration::from_millis(20),
-        records_per_tick: 2,
-        ping_interval: Duration::from_millis(150),
-        ..SandboxConfig::default()
-    })
+    PoppuloSandbox::start(
+        SandboxConfig {
+            tick: Duration::from_millis(20),
+            records_per_tick: 2,
+            ping_interval: Duration::from_millis(150),
+            ..SandboxConfig::default()
+        }
+        .with_custom_fields(["cost_center", "site"]),
+    )
     .await
     .unwrap()
 }
@@ -177,9 +180,10 @@ async fn create_update_remove_round_trip() {
     assert_eq!(find("carol@example.com").status, ContactStatus::Inactive);
     let stats = sb.stats();
     assert_eq!(
-        stats.imports_posted, 2,
-        "one import a batch, removals included"
+        stats.imports_posted, 3,
+        "one import for the creates, one for the update, one (email,status) for the removal"
     );
+    assert_eq!(sink.summary().jobs, Some(3));
     assert_eq!(stats.early_polls, 0, "never polled before ping_after");
 }
 
@@ -318,6 +322,23 @@ async fn error_and_cancelled_imports_leave_every_row_unknown() {
     assert!(store.values().is_empty());
 }
 
+/// Posts an import job the way a run that crashed right after did: returns its href.
+async fn post_as_a_crashed_run(sb: &RunningPoppulo, xml: String) -> String {
+    let answer = reqwest::Client::new()
+        .post(format!("{}/subscriber_imports", sb.account_url()))
+        .basic_auth(sb.username(), Some(sb.password()))
+        .header("User-Agent", "crashed-run")
+        .header("Content-Type", "application/xml; charset=UTF-8")
+        .body(xml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 202);
+    let entity =
+        contactsync_poppulo::xml::StatusEntity::parse(&answer.text().await.unwrap()).unwrap();
+    entity.created.unwrap()
+}
+
 #[tokio::test]
 async fn recover_follows_the_import_a_crashed_run_left_behind() {
     let sb = sandbox().await;
@@ -331,19 +352,7 @@ async fn recover_follows_the_import_a_crashed_run_left_behind() {
     );
     // The crashed run: it posted the import and stored its href, then died.
     let xml = sink.build_import(&b).unwrap().xml().unwrap().to_string();
-    let answer = reqwest::Client::new()
-        .post(format!("{}/subscriber_imports", sb.account_url()))
-        .basic_auth(sb.username(), Some(sb.password()))
-        .header("User-Agent", "crashed-run")
-        .header("Content-Type", "application/xml; charset=UTF-8")
-        .body(xml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status().as_u16(), 202);
-    let entity =
-        contactsync_poppulo::xml::StatusEntity::parse(&answer.text().await.unwrap()).unwrap();
-    let href = entity.created.unwrap();
+    let href = post_as_a_crashed_run(&sb, xml).await;
     let mut store = MemoryStore::new();
     let mut ctx = store.context();
     ctx.store.put(&store_key(&b.id), &href).unwrap();
@@ -371,6 +380,67 @@ async fn recover_follows_the_import_a_crashed_run_left_behind() {
         records: vec![],
     };
     assert_eq!(sink.recover(&other, &mut ctx).await.unwrap(), None);
+}
+
+/// A crashed run's imports of a changed address (the new address's row, and the old
+/// address's removal row) are read back row by row as they were sent: the new
+/// address's own verdict decides, so an opted-out new address is not recorded as
+/// applied because the old one was removed.
+#[tokio::test]
+async fn recover_reads_each_row_of_a_moved_address_under_its_own_address() {
+    use contactsync_poppulo::sink::PostedImport;
+    let sb = sandbox().await;
+    sb.seed_subscriber(Subscriber::self_opted_out("new@example.com"))
+        .unwrap();
+    sb.seed_subscriber(Subscriber::new("old@example.com"))
+        .unwrap();
+    let mut sink = sink(&sb, "");
+    let moved = Change::Update {
+        key: ContactKey::ExternalId("E1".into()),
+        previous: SyncedEntry {
+            content_hash: 1,
+            email: Some("old@example.com".into()),
+            handle: None,
+            record: Some(Box::new(person("old@example.com", "Ann"))),
+        },
+        contact: person("new@example.com", "Ann"),
+        origin: Origin::Derived,
+    };
+    let b = batch("run-8-batch-1", vec![moved]);
+    let prepared = sink.build_import(&b).unwrap();
+    assert_eq!(prepared.parts.len(), 2, "the new address, then the old one");
+    // The crashed run: it posted both imports and stored them, then died.
+    let mut posted = Vec::new();
+    for part in &prepared.parts {
+        posted.push(PostedImport {
+            href: post_as_a_crashed_run(&sb, part.xml.clone()).await,
+            changes: part.rows.iter().map(|r| r.change).collect(),
+            columns: part.columns.clone(),
+            rows: part.rows.clone(),
+            new_only: false,
+        });
+        // One import at a time per account: wait for it before posting the next.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut store = MemoryStore::new();
+    let mut ctx = store.context();
+    ctx.store
+        .put(&store_key(&b.id), &serde_json::to_string(&posted).unwrap())
+        .unwrap();
+    let pending = PendingBatch {
+        id: b.id.clone(),
+        records: vec![PendingRecord {
+            key: ContactKey::ExternalId("E1".into()),
+            kind: ChangeKind::Update,
+            email: Some("new@example.com".into()),
+        }],
+    };
+    let out = sink.recover(&pending, &mut ctx).await.unwrap().unwrap();
+    assert!(
+        matches!(&out[0], Outcome::Rejected { reason, retry: false, .. } if reason == REASON_OPTED_OUT),
+        "{out:?}"
+    );
+    assert_eq!(sb.stats().imports_posted, 2, "nothing posted again");
 }
 
 #[tokio::test]

@@ -100,6 +100,26 @@ fn remove_known(before: Contact) -> Change {
     }
 }
 
+/// The part (import) whose first row is sent under `email`, with `update_existing` as
+/// given.
+fn part_of(
+    prepared: &contactsync_poppulo::sink::PreparedImport,
+    email: &str,
+    update_existing: bool,
+) -> Element {
+    let part = prepared
+        .parts
+        .iter()
+        .find(|p| {
+            let root = Element::parse(&p.xml).unwrap();
+            p.rows.iter().any(|r| r.email == email)
+                && root.child_text("update_existing")
+                    == Some(if update_existing { "true" } else { "false" })
+        })
+        .unwrap_or_else(|| panic!("no import for {email} (update_existing {update_existing})"));
+    Element::parse(&part.xml).unwrap()
+}
+
 #[test]
 fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
     let s = sink(
@@ -124,16 +144,22 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
         ],
     };
     let prepared = s.build_import(&batch).unwrap();
-    assert_eq!(prepared.parts.len(), 1);
-    let xml = prepared.xml().unwrap();
+    // Ann and Bob have different cells, and their creates grant permissions: each is
+    // created (with the grants) by an import that creates only, then updated (without
+    // them) by one that updates too.
+    assert_eq!(prepared.parts.len(), 4);
+    let xml = &prepared
+        .parts
+        .iter()
+        .find(|p| p.rows[0].email == "ann@example.com")
+        .unwrap()
+        .xml;
     assert!(xml.contains("<![CDATA["), "{xml}");
-    let root = Element::parse(xml).unwrap();
+    let root = part_of(&prepared, "ann@example.com", false);
     assert!(root.is("subscriber_import_job"));
     assert_eq!(root.child_text("accept_terms"), Some("true"));
-    assert_eq!(root.child_text("update_existing"), Some("true"));
     assert_eq!(root.child_text("reactivate_api_removed"), Some("true"));
     assert_eq!(root.child_text("reactivate_admin_removed"), Some("false"));
-    // No removal in the job: tags, set fields and permissions are job-level.
     let set_field = root
         .child("set_fields")
         .unwrap()
@@ -149,6 +175,14 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
             .attr("name"),
         Some("HR \"Sync\"")
     );
+    assert_eq!(
+        root.child("add_permissions")
+            .unwrap()
+            .child("permission")
+            .unwrap()
+            .attr("name"),
+        Some("News")
+    );
     let data = root.child("subscriber_data").unwrap();
     // Only the columns the source gives: no company, department, position or
     // external id column to blank.
@@ -160,13 +194,27 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
     assert_eq!(data.child_text("field_separator"), Some("comma"));
     // The CSV, once XML-decoded, is RFC 4180 and round-trips.
     let rows = rows_of(&root);
-    assert_eq!(rows.len(), 2, "the contact without email is not sent");
+    assert_eq!(rows.len(), 1);
     assert_eq!(rows[0][0], "ann@example.com");
     assert_eq!(rows[0][1], "Ann, \"the\" <first>");
     assert_eq!(rows[0][3], "C]]>42");
     assert_eq!(rows[0][4], "Flyer|Newsletter");
     assert_eq!(rows[0][5], "ACTIVE");
-    assert_eq!(rows[1][5], "OPT_OUT");
+    // Bob has no cost centre: his rows have no such cell, not an empty one that would
+    // clear what a Poppulo admin gave him.
+    let bob_new = part_of(&prepared, "bob@example.com", false);
+    assert_eq!(
+        columns_of(&bob_new),
+        "email,name.first name,name.surname,status"
+    );
+    assert_eq!(rows_of(&bob_new)[0][3], "OPT_OUT");
+    // The second import of each updates existing people and grants nothing.
+    let ann_update = part_of(&prepared, "ann@example.com", true);
+    assert!(ann_update.child("add_permissions").is_none());
+    assert_eq!(
+        columns_of(&ann_update),
+        "email,name.first name,name.surname,Cost Center,status"
+    );
     assert!(matches!(
         &prepared.known[2],
         contactsync_core::Outcome::Rejected { retry: false, .. }
@@ -174,7 +222,7 @@ fn the_job_has_explicit_columns_escaped_values_and_csv_in_cdata() {
 }
 
 #[test]
-fn one_import_holds_creates_updates_removals_and_old_addresses() {
+fn creates_updates_and_removals_go_in_imports_of_their_own_cells() {
     let s = sink("set_fields = { source = \"hr\" }\ntags = [\"HR\"]\nadd_permissions = [\"News\"]\n[columns]\nsubscriptions = \"permissions\"");
     let mut before = contact("old@example.com", "Cy");
     before.subscriptions.insert("Flyer".into());
@@ -192,68 +240,66 @@ fn one_import_holds_creates_updates_removals_and_old_addresses() {
         ],
     };
     let prepared = s.build_import(&batch).unwrap();
-    assert_eq!(prepared.parts.len(), 1, "one import for the run");
-    let root = Element::parse(prepared.xml().unwrap()).unwrap();
-    // Tags, set fields and granted permissions reach the upsert rows only.
-    assert!(root.child("tags").is_none());
-    assert!(root.child("set_fields").is_none());
-    assert!(root.child("add_permissions").is_none());
+    assert_eq!(prepared.parts.len(), 4, "{:#?}", prepared.parts);
+    // Ann's create grants `add_permissions` only to someone new to Poppulo.
+    let new_only = part_of(&prepared, "ann@example.com", false);
     assert_eq!(
-        columns_of(&root),
-        "email,name.first name,name.surname,company,permissions,tags,source,status"
+        columns_of(&new_only),
+        "email,name.first name,name.surname,status"
     );
-    let rows = rows_of(&root);
-    assert_eq!(rows.len(), 4);
+    assert!(new_only.child("add_permissions").is_some());
     assert_eq!(
-        rows[0],
-        [
-            "ann@example.com",
-            "Ann",
-            "Lee",
-            "",
-            "News",
-            "HR",
-            "hr",
-            "ACTIVE"
-        ]
+        rows_of(&new_only),
+        [["ann@example.com", "Ann", "Lee", "ACTIVE"]]
     );
-    // The old address is given the removal status, with what it was last sent.
-    assert_eq!(
-        rows[1],
-        ["old@example.com", "Cy", "Lee", "", "", "", "hr", "INACTIVE"]
-    );
+    // Then updated with the same cells, granted nothing.
+    let ann = part_of(&prepared, "ann@example.com", true);
+    assert!(ann.child("add_permissions").is_none());
+    assert_eq!(rows_of(&ann), [["ann@example.com", "Ann", "Lee", "ACTIVE"]]);
     // An update whose status the source did not change leaves it to the person, and
-    // grants only the permission the source added.
+    // grants only the permission the source added; it is granted nothing else.
+    let cy = part_of(&prepared, "new@example.com", true);
+    assert!(cy.child("add_permissions").is_none());
     assert_eq!(
-        rows[2],
-        [
-            "new@example.com",
-            "Cy",
-            "Lee",
-            "",
-            "Digest|News",
-            "HR",
-            "hr",
-            ""
-        ]
+        cy.child("tags").unwrap().child("tag").unwrap().attr("name"),
+        Some("HR")
     );
     assert_eq!(
-        rows[3],
+        columns_of(&cy),
+        "email,name.first name,name.surname,permissions"
+    );
+    assert_eq!(rows_of(&cy), [["new@example.com", "Cy", "Lee", "Digest"]]);
+    // The old address and the removal: the email and the removal status, nothing that
+    // would clear a field; no tags, set fields or grants.
+    let removal = part_of(&prepared, "old@example.com", true);
+    assert_eq!(columns_of(&removal), "email,status");
+    assert!(removal.child("tags").is_none());
+    assert!(removal.child("set_fields").is_none());
+    assert_eq!(
+        rows_of(&removal),
         [
-            "gone@example.com",
-            "Gus",
-            "Lee",
-            "Acme",
-            "",
-            "",
-            "hr",
-            "INACTIVE"
+            ["old@example.com", "INACTIVE"],
+            ["gone@example.com", "INACTIVE"]
         ]
     );
 }
 
 #[test]
-fn withdrawn_permissions_and_unknown_removals_get_their_own_imports() {
+fn with_resubscribe_a_create_grants_in_one_import() {
+    let mut s = sink("add_permissions = [\"News\"]\n[columns]\nsubscriptions = \"permissions\"");
+    s.set_resubscribe(true);
+    let batch = ChangeBatch {
+        id: "b".into(),
+        changes: vec![create(contact("ann@example.com", "Ann"))],
+    };
+    let prepared = s.build_import(&batch).unwrap();
+    assert_eq!(prepared.parts.len(), 1);
+    let root = part_of(&prepared, "ann@example.com", true);
+    assert!(root.child("add_permissions").is_some());
+}
+
+#[test]
+fn withdrawn_permissions_and_removals_get_their_own_imports() {
     let s = sink("[columns]\nsubscriptions = \"permissions\"");
     let mut before = contact("cy@example.com", "Cy");
     before.subscriptions.insert("Flyer".into());
@@ -267,7 +313,7 @@ fn withdrawn_permissions_and_unknown_removals_get_their_own_imports() {
     };
     let prepared = s.build_import(&batch).unwrap();
     assert_eq!(prepared.parts.len(), 3);
-    let withdraw = Element::parse(&prepared.parts[1].xml).unwrap();
+    let withdraw = part_of(&prepared, "cy@example.com", true);
     assert_eq!(
         withdraw
             .child("remove_permissions")
@@ -283,9 +329,9 @@ fn withdrawn_permissions_and_unknown_removals_get_their_own_imports() {
         "no row sets a status, so no status column: {}",
         columns_of(&withdraw)
     );
-    // A removal whose last-sent record is not known carries only the email and the
-    // removal status: a blank cell would clear the person's fields.
-    let bare = Element::parse(&prepared.parts[2].xml).unwrap();
+    // A removal carries only the email and the removal status: a blank cell would
+    // clear the person's fields.
+    let bare = part_of(&prepared, "x@example.com", true);
     assert_eq!(columns_of(&bare), "email,status");
     assert_eq!(rows_of(&bare), [["x@example.com", "INACTIVE"]]);
 }

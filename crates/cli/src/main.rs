@@ -1299,11 +1299,14 @@ fn print_report(report: &RunReport, rejects: &Path) {
         report.read,
         report.unchanged,
         report.rejected,
-        if report.removals_held > 0 {
-            format!(", removals held {}", report.removals_held)
-        } else {
-            String::new()
-        },
+        [
+            ("removals held", report.removals_held),
+            ("address taken", report.address_taken)
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!(", {what} {n}"))
+        .collect::<String>(),
         if report.skipped > 0 {
             format!(", skipped by mode {}", report.skipped)
         } else {

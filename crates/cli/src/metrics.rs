@@ -98,6 +98,7 @@ pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<St
             ("unchanged", report.unchanged),
             ("rejected", report.rejected),
             ("held", report.removals_held),
+            ("address_taken", report.address_taken),
         ] {
             records
                 .get_or_create(&OutcomeLabels {

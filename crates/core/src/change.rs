@@ -157,6 +157,24 @@ impl Change {
         }
     }
 
+    /// Makes the person's old address none of this change's business: after it,
+    /// [`Change::previous_email`] is `None`, so no sink gives the old address a removal
+    /// status or addresses anyone by it. The engine calls it on the copy it hands a sink
+    /// when the old address now belongs to another person of the state or of the run
+    /// (an address another person holds is never the target of a removal).
+    pub fn forget_previous_email(&mut self) {
+        let Change::Update {
+            contact, previous, ..
+        } = self
+        else {
+            return;
+        };
+        previous.email.clone_from(&contact.email);
+        if let Some(record) = previous.record.as_deref_mut() {
+            record.email.clone_from(&contact.email);
+        }
+    }
+
     /// The fields this change sets, with their values before and after: for an update
     /// the fields that differ from [`Change::before`] (every set field, with no
     /// `before`, when the previous record is not known), for a create every set field,

@@ -89,6 +89,9 @@ pub struct SinkSummary {
     /// People the sink holds that this run's source does not have and the state never
     /// synced (kept, and counted so that a user can clean them up).
     pub unknown_in_sink: Option<u64>,
+    /// Asynchronous jobs (imports) the sink posted this run, for a sink that works in
+    /// them: what a platform's budget counts.
+    pub jobs: Option<u64>,
 }
 
 /// A small key-value space the engine lends a sink, kept in the sync state and scoped

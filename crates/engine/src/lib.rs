@@ -8,6 +8,7 @@
 //! Start reading at [`run`]. The shape of a run, its state and its crash safety are
 //! described in the repository's `ARCHITECTURE.md`.
 
+mod addresses;
 mod index;
 mod preview;
 mod record;

@@ -242,6 +242,11 @@ pub struct RunReport {
     pub unconfirmed: u64,
     /// Changes of earlier, interrupted runs settled at the start of this one.
     pub recovered: u64,
+    /// Removals settled without a call, because the address they would have reached
+    /// now belongs to another person of this run (see `ARCHITECTURE.md`, the address
+    /// rule): the person removed is gone from the state, the address holder untouched.
+    #[serde(default)]
+    pub address_taken: u64,
     /// Removals this run would have made but held back, because the read, though
     /// complete, had records whose key could not be read ([`RunReport::removals_held_reason`]).
     pub removals_held: u64,
@@ -255,6 +260,10 @@ pub struct RunReport {
     pub foreign: Option<String>,
     /// People the sink holds that neither the source nor the state knows (kept).
     pub unknown_in_sink: Option<u64>,
+    /// Asynchronous jobs (imports) the sink posted, for a sink that works in them: what
+    /// a platform's budget counts (Poppulo's one import at a time, Actito's 12 a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imports: Option<u64>,
     /// The removal guard's verdict, when there were removals.
     pub guard: Option<GuardVerdict>,
     /// The first changes of each kind (dry runs).
@@ -306,11 +315,13 @@ impl RunReport {
             unknown: 0,
             unconfirmed: 0,
             recovered: 0,
+            address_taken: 0,
             removals_held: 0,
             removals_held_reason: None,
             rebuilt: None,
             foreign: None,
             unknown_in_sink: None,
+            imports: None,
             guard: None,
             sample: Vec::new(),
             rejections: Vec::new(),

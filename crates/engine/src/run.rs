@@ -16,7 +16,6 @@
 //! A process killed anywhere leaves pending changes the next run settles or re-sends;
 //! every sink call is an upsert, so re-sending converges without duplicates.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -26,9 +25,9 @@ use contactsync_core::{
     RecordStream, Sink, SinkCapabilities, SinkContext, SinkIntegrity, SinkStore, Source,
     SourceItem, SourceRecord, SyncedEntry,
 };
-use nohash_hasher::BuildNoHashHasher;
 use tokio_util::sync::CancellationToken;
 
+use crate::addresses::AddressBook;
 use crate::index::{ContactIndex, Seen};
 use crate::report::{
     GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, RejectionSummary,
@@ -290,6 +289,8 @@ struct ChangeSet {
     /// Records drawn across the creates and updates, for the state to learn from
     /// ([`StateStore::sample_records`]).
     records: RecordSample,
+    /// Who holds which address in this read (sinks that find people by email).
+    addresses: Option<AddressBook>,
 }
 
 /// The diff's working set during the read.
@@ -299,9 +300,8 @@ struct Diff {
     changes: ChangeSet,
     samples: Samples,
     plan_file: Option<PlanWriter>,
-    /// Email (lower-cased, hashed) → the key hash and line of the first record of this
-    /// read with it; only for sinks that find people by email.
-    emails: Option<HashMap<u64, (u64, u64), BuildNoHashHasher<u64>>>,
+    /// Who holds which address in this read; only for sinks that find people by email.
+    emails: Option<AddressBook>,
     /// Rejected records whose key could not be read: a complete read with any of these
     /// removes nobody.
     keyless_rejects: u64,
@@ -554,6 +554,7 @@ impl<'r> Run<'r> {
                 read: ReadOutcome::default(),
                 full_read: read_mode == ReadMode::Full,
                 records: RecordSample::default(),
+                addresses: None,
             },
             index,
             mapping: FieldMapping::new(settings),
@@ -564,7 +565,10 @@ impl<'r> Run<'r> {
                 .as_deref()
                 .map(PlanWriter::create)
                 .transpose()?,
-            emails: self.capabilities.addresses_by_email.then(HashMap::default),
+            emails: self
+                .capabilities
+                .addresses_by_email
+                .then(AddressBook::default),
             keyless_rejects: 0,
             resend_all,
             waiting: Vec::new(),
@@ -632,6 +636,7 @@ impl<'r> Run<'r> {
         if let Some(plan_file) = diff.plan_file.as_mut() {
             plan_file.flush()?;
         }
+        diff.changes.addresses = diff.emails.take();
         let plan = diff.changes.plan;
         self.report.created = plan.creates;
         self.report.updated = plan.updates;
@@ -722,13 +727,7 @@ impl<'r> Run<'r> {
         if let (Some(emails), Some(email), false) =
             (diff.emails.as_mut(), contact.email.as_deref(), deleted)
         {
-            let email_hash = email_identity_hash(email);
-            let line = match &origin {
-                Origin::Line { line, .. } => *line,
-                _ => 0,
-            };
-            let (first_key, first_line) = *emails.entry(email_hash).or_insert((key_hash, line));
-            if first_key != key_hash {
+            if let Some((_, first_line)) = emails.hold(email, key_hash, origin_line(&origin)) {
                 let earlier = if first_line > 0 {
                     format!("the record on line {first_line}")
                 } else {
@@ -952,6 +951,12 @@ impl<'r> Run<'r> {
         reason: String,
     ) -> Result<(), RunError> {
         let key = trusted_key(contact, self.pipeline.settings.key);
+        // Still present, so still the holder of their address.
+        if let (Some(emails), Some(key), Some(email)) =
+            (diff.emails.as_mut(), key.as_ref(), contact.email.as_deref())
+        {
+            emails.hold_rejected(email, key.hash64(), origin_line(origin));
+        }
         self.seen_rejected(diff, key.as_ref());
         self.reject(Rejection::of_record(
             origin,
@@ -1087,6 +1092,7 @@ impl<'r> Run<'r> {
         }
         self.state.sample_records(&changes.records.records)?;
         let run_id = self.report.run;
+        let addresses = changes.addresses.unwrap_or_default();
         let mut parts = [
             changes.upserts.into_reader()?,
             changes.removals.into_reader()?,
@@ -1118,7 +1124,7 @@ impl<'r> Run<'r> {
                     id: format!("run-{run_id}-batch-{number}"),
                     changes: batch,
                 };
-                self.apply_batch(sink, &batch).await?;
+                self.apply_batch(sink, &batch, &addresses).await?;
             }
         }
         self.observer.phase(Phase::Finishing, None);
@@ -1137,15 +1143,20 @@ impl<'r> Run<'r> {
                 "the sink's changes are recorded as synced"
             );
         }
-        self.report.unknown_in_sink = sink.summary().unknown_in_sink;
+        let summary = sink.summary();
+        self.report.unknown_in_sink = summary.unknown_in_sink;
+        self.report.imports = summary.jobs;
         Ok(())
     }
 
-    /// Records one batch as pending, sends it, and settles each outcome.
+    /// Records one batch as pending, sends it, and settles each outcome. A change the
+    /// address rule settles ([`AddressBook::screen`]) is recorded and settled with the
+    /// others, but not sent.
     async fn apply_batch(
         &mut self,
         sink: &mut dyn Sink,
         batch: &ChangeBatch,
+        addresses: &AddressBook,
     ) -> Result<(), RunError> {
         let rows: Vec<PendingRow> = batch
             .changes
@@ -1167,18 +1178,33 @@ impl<'r> Run<'r> {
             self.state
                 .record_pending(&self.pipeline.name, self.report.run, &batch.id, &rows)?;
         }
-        let outcomes = {
+        let screened = addresses.screen(batch);
+        let sent = screened.sent.as_ref().unwrap_or(batch);
+        let answered = if sent.changes.is_empty() {
+            Vec::new()
+        } else {
             let mut lent = self.lend();
-            sink.apply(batch, &mut lent.context())
+            sink.apply(sent, &mut lent.context())
                 .await
                 .map_err(RunError::Sink)?
         };
-        if outcomes.len() != batch.changes.len() {
+        if answered.len() != sent.changes.len() {
             return Err(RunError::OutcomeCount {
-                got: outcomes.len(),
-                expected: batch.changes.len(),
+                got: answered.len(),
+                expected: sent.changes.len(),
             });
         }
+        let mut answered = answered.into_iter();
+        let outcomes: Vec<Outcome> = screened
+            .taken
+            .iter()
+            .map(|taken| match taken {
+                Some(_) => Outcome::applied(),
+                None => answered.next().unwrap_or(Outcome::Unknown {
+                    reason: "no outcome".into(),
+                }),
+            })
+            .collect();
         // Taken whole, as nearly always: recorded applied at once. Otherwise recorded
         // now as sent, and settled one by one below, as for any other sink.
         let mut recorded_applied = false;
@@ -1203,18 +1229,30 @@ impl<'r> Run<'r> {
         let mut settlements = Vec::with_capacity(outcomes.len());
         let mut settled = 0u64;
         let mut audit: Vec<(&'static str, Option<String>)> = Vec::with_capacity(outcomes.len());
-        for ((change, row), outcome) in batch.changes.iter().zip(rows).zip(outcomes) {
+        for (((change, row), outcome), taken) in batch
+            .changes
+            .iter()
+            .zip(rows)
+            .zip(outcomes)
+            .zip(screened.taken)
+        {
             let kind = change.kind();
             let key = row.key.clone();
             let kept_handle = || change.previous().and_then(|p| p.handle.clone());
             match outcome {
                 Outcome::Applied { handle } => {
-                    audit.push(("applied", None));
                     settled += 1;
-                    match kind {
-                        ChangeKind::Create => self.report.created += 1,
-                        ChangeKind::Update => self.report.updated += 1,
-                        ChangeKind::Remove => self.report.removed += 1,
+                    if let Some(why) = taken {
+                        tracing::info!(key = %key, "{why}");
+                        self.report.address_taken += 1;
+                        audit.push(("address_taken", Some(why)));
+                    } else {
+                        audit.push(("applied", None));
+                        match kind {
+                            ChangeKind::Create => self.report.created += 1,
+                            ChangeKind::Update => self.report.updated += 1,
+                            ChangeKind::Remove => self.report.removed += 1,
+                        }
                     }
                     if recorded_applied {
                         continue;
@@ -1479,10 +1517,12 @@ fn key_field(key: &ContactKey) -> &'static str {
     }
 }
 
-/// The hash under which an email is compared with the other emails of a read: the
-/// platforms match addresses without regard to case.
-fn email_identity_hash(email: &str) -> u64 {
-    ContactKey::Email(email.to_lowercase()).hash64()
+/// The line a record was read on, 0 when its source has no lines.
+fn origin_line(origin: &Origin) -> u64 {
+    match origin {
+        Origin::Line { line, .. } => *line,
+        _ => 0,
+    }
 }
 
 /// A uniform sample of the records a run stores (reservoir sampling, algorithm R, with

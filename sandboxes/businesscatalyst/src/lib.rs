@@ -15,17 +15,23 @@
 //!   configured username is empty, the configured password) as password.
 //! - `ContactList_UpdateInsert`: more than 100 records, an invalid email address in a
 //!   record, or a record whose email is in [`Faults::fault_on_emails`], faults the whole
-//!   call and writes nothing (the message names the record). Matching: an `entityId`
-//!   of a stored contact, else `externalId`, else `emailAddress` (case-insensitive);
-//!   with neither, always added. A matched soft-deleted contact is revived. Absent
+//!   call and writes nothing (the message names the record). Matching, as the
+//!   spec says: by `externalId` when a contact has it; else by `emailAddress`
+//!   (case-insensitive) among contacts without an `externalId` (inferred: a web
+//!   sign-up is linked by the first record that names it, and a contact that has an
+//!   `externalId` is never taken over by another one's); with neither, always added.
+//!   The `entityId` a record carries does not match anyone (inferred from the spec's
+//!   silence). A matched soft-deleted contact is revived. Absent
 //!   elements keep their stored value, empty ones clear it; phones and addresses merge
 //!   by type (an empty number/address removes that type). Out-of-order elements are
 //!   ignored as XmlSerializer does, and listed in [`SoapCall::ignored_elements`].
 //! - `ContactList_Retrieve`: `lastUpdateDate >= given`, ordered by last update then
 //!   entity id, 100 per page, deleted ones with `deleted=true`.
 //! - Deletes are soft: the contact is marked deleted and its `lastUpdateDate` bumped.
-//!   `Contact_RetrieveBy*` do not see deleted contacts and leave the `…Result` element
-//!   out when nothing matches; `Contact_DeleteBy*` answer `false` then.
+//!   `Contact_RetrieveBy*` do not see deleted contacts and, as the service does, answer
+//!   a Retrieve that finds nobody with a fault (`Server was unable to process request.
+//!   ---> ERROR: Contact record could not be retrieved.`); `Contact_DeleteBy*` answer
+//!   `false` then.
 //! - Dates are the site's local time without zone (the sandbox's [`SandboxConfig::time_zone`]),
 //!   with milliseconds when they are not zero, from a clock tests can fix and advance.
 //!

@@ -211,38 +211,33 @@ impl Store {
         ids
     }
 
-    fn position_by_entity_id(&self, id: i64) -> Option<usize> {
-        self.contacts.iter().position(|c| c.entity_id == id)
-    }
-
-    /// The contact an incoming record updates, if any: its `entityId` when it names a
-    /// stored contact (inferred), else the one with its `externalId` when it has one,
-    /// else the one with its `emailAddress` (case-insensitive). A soft-deleted match is
-    /// revived by the write (inferred: one record per person, not a second one).
+    /// The contact an incoming record updates, if any: the one with its `externalId`
+    /// when a contact has it; else the one with its `emailAddress` (case-insensitive)
+    /// and no `externalId` of its own, or any with it when the record has no
+    /// `externalId`. The `entityId` the record carries matches nobody (the spec names
+    /// only the two keys). A soft-deleted match is revived by the write (inferred: one
+    /// record per person, not a second one).
     fn find_match(&self, record: &IncomingRecord) -> Option<usize> {
-        if let Some(id) = record.entity_id.filter(|id| *id > 0) {
-            if let Some(pos) = self.position_by_entity_id(id) {
+        let ext = non_empty(&record.external_id);
+        if let Some(ext) = ext {
+            if let Some(pos) = self
+                .contacts
+                .iter()
+                .position(|c| non_empty(&c.external_id) == Some(ext))
+            {
                 return Some(pos);
             }
         }
-        if let Some(ext) = non_empty(&record.external_id) {
-            return self
-                .contacts
-                .iter()
-                .position(|c| non_empty(&c.external_id) == Some(ext));
-        }
-        if let Some(email) = non_empty(&record.email_address) {
-            // A live contact wins over a deleted one with the same address.
-            let same = |c: &SandboxContact| {
-                non_empty(&c.email_address).is_some_and(|e| e.eq_ignore_ascii_case(email))
-            };
-            return self
-                .contacts
-                .iter()
-                .position(|c| same(c) && !c.deleted)
-                .or_else(|| self.contacts.iter().position(same));
-        }
-        None
+        let email = non_empty(&record.email_address)?;
+        // A live contact wins over a deleted one with the same address.
+        let same = |c: &SandboxContact| {
+            non_empty(&c.email_address).is_some_and(|e| e.eq_ignore_ascii_case(email))
+                && (ext.is_none() || non_empty(&c.external_id).is_none())
+        };
+        self.contacts
+            .iter()
+            .position(|c| same(c) && !c.deleted)
+            .or_else(|| self.contacts.iter().position(same))
     }
 
     /// Applies one record (already validated). Returns the entity id written.

@@ -258,3 +258,48 @@ async fn batch_over_100_faults() {
         .contains("Server was unable to process request. ---&gt; ERROR: A maximum of 100"));
     assert_eq!(sb.contacts().len(), 1);
 }
+
+/// A Retrieve of a contact the site does not hold is the service's fault, not an empty
+/// answer; one the site holds is answered.
+#[tokio::test]
+async fn a_retrieve_of_an_unknown_contact_faults_as_the_service_does() {
+    let (_sb, http, url) = start().await;
+    let retrieve = |email: &str| {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?><s:Envelope xmlns:s=\"{SOAP12}\"><s:Body>\
+             <Contact_RetrieveByEmailAddress xmlns=\"{NS}\"><username>sandbox</username>\
+             <password>sandbox</password><siteId>1</siteId><emailAddress>{email}</emailAddress>\
+             </Contact_RetrieveByEmailAddress></s:Body></s:Envelope>"
+        )
+    };
+    let unknown = http
+        .post(&url)
+        .header("Content-Type", "application/soap+xml; charset=utf-8")
+        .body(retrieve("nobody@example.com"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 500);
+    let text = unknown.text().await.unwrap();
+    assert!(
+        text.contains(
+            "Server was unable to process request. ---&gt; ERROR: Contact record could not be retrieved."
+        ) || text.contains(
+            "Server was unable to process request. ---> ERROR: Contact record could not be retrieved."
+        ),
+        "{text}"
+    );
+    let known = http
+        .post(&url)
+        .header("Content-Type", "application/soap+xml; charset=utf-8")
+        .body(retrieve("a&amp;b@example.com"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(known.status(), 200);
+    assert!(known
+        .text()
+        .await
+        .unwrap()
+        .contains("Contact_RetrieveByEmailAddressResult"));
+}

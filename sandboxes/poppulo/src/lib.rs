@@ -22,8 +22,9 @@
 //! - Rows for existing subscribers when `update_existing=false`, and ACTIVE rows for
 //!   removed subscribers whose `reactivate_*` flag is false, are skipped and counted in
 //!   no API counter (the sandbox's own `results.skipped` counts them).
-//! - Custom fields: any name that is not a (misspelt) canonical name, unless
-//!   [`SandboxConfig::custom_fields`] declares the account's fields.
+//! - Custom fields: the account's ([`SandboxConfig::custom_fields`]; by default
+//!   [`DEMO_CUSTOM_FIELDS`]); an import naming any other is refused with 409, as the
+//!   spec says.
 //! - The first poll of an import is always welcome; each IN_PROGRESS answer sets a new
 //!   `ping_after`. Whole seconds, rounded up, when the interval is whole seconds;
 //!   milliseconds otherwise (`2012-01-11T16:41:13.250Z`).
@@ -94,6 +95,11 @@ pub struct SandboxConfig {
     pub wire_faults: WireFaults,
 }
 
+/// The custom fields the sandbox's account has unless told otherwise
+/// ([`SandboxConfig::with_custom_fields`]): as on the platform, an import that names
+/// any other is refused with 409.
+pub const DEMO_CUSTOM_FIELDS: [&str; 2] = ["Cost Center", "Origin"];
+
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
@@ -106,7 +112,9 @@ impl Default for SandboxConfig {
             records_per_tick: 500,
             tick: Duration::from_millis(100),
             ping_interval: Duration::from_secs(1),
-            custom_fields: CustomFields::Any,
+            custom_fields: CustomFields::Declared(
+                DEMO_CUSTOM_FIELDS.iter().map(|f| f.to_string()).collect(),
+            ),
             faults: Faults::default(),
             wire_faults: WireFaults::default(),
         }

@@ -280,7 +280,8 @@ async fn an_import_is_polled_no_earlier_than_ping_after_and_completes() {
         records_per_tick: 2,
         tick: Duration::from_millis(100),
         ..fast()
-    };
+    }
+    .with_custom_fields(["Department", "source"]);
     let sandbox = start(config).await;
     let api = Api::new(&sandbox);
     let data = "ann@example.com,Ann,Lee,Sales,Newsletter,ACTIVE\n\
@@ -753,7 +754,7 @@ async fn subscriber_lists_are_paged_with_next_links() {
 
 #[tokio::test]
 async fn single_subscribers_with_etags() {
-    let sandbox = start(fast()).await;
+    let sandbox = start(fast().with_custom_fields(["Dept"])).await;
     let api = Api::new(&sandbox);
     let body = "<subscriber><email>ann@example.com</email><first_name>Ann</first_name>\
                 <personal_details><employee_id>42</employee_id></personal_details>\

@@ -9,15 +9,19 @@ pub(super) fn bool_result(op: &str, value: bool) -> Answer {
     ))
 }
 
-/// A `Contact_RetrieveBy*` answer; no contact: the result element is left out (what
-/// XmlSerializer does for a null object).
+/// What the service says when a `Contact_RetrieveBy*` finds nobody: a fault, never an
+/// empty answer (public client code that wraps the service documents these words).
+pub const NOT_RETRIEVED: &str = "Contact record could not be retrieved.";
+
+/// A `Contact_RetrieveBy*` answer; no contact: the service's fault.
 pub(super) fn single_result(op: &str, contact: Option<&SandboxContact>) -> Answer {
-    let inner = contact
-        .map(|c| format!("<{op}Result>{}</{op}Result>", contact_fields(c)))
-        .unwrap_or_default();
-    Answer::Ok(format!(
-        "<{op}Response xmlns=\"{CRM_NS}\">{inner}</{op}Response>"
-    ))
+    match contact {
+        Some(c) => Answer::Ok(format!(
+            "<{op}Response xmlns=\"{CRM_NS}\"><{op}Result>{}</{op}Result></{op}Response>",
+            contact_fields(c)
+        )),
+        None => error_fault(NOT_RETRIEVED),
+    }
 }
 
 /// Parses a date as the service would: site-local, with or without fraction; a
