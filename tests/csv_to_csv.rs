@@ -191,6 +191,70 @@ fn environment_overrides_the_file() {
     assert_eq!(report["created"], 4);
 }
 
+/// An override that names a section the file does not have is a config error naming
+/// the variable: the guard a user thinks they set must not silently be missing.
+#[test]
+fn an_override_of_a_section_the_file_lacks_is_a_config_error() {
+    let s = scenario(0);
+    s.write("people.csv", &people_csv(4, |_| "Ann".into()));
+    let run = s
+        .command(&["sync", "--from", "hr", "--to", "out"])
+        .env("CONTACTSYNC_PIPELINES__NIGHTLYY__MAX_REMOVAL_RATIO", "0.01")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("CONTACTSYNC_PIPELINES__NIGHTLYY__MAX_REMOVAL_RATIO"),
+        "{stderr}"
+    );
+    assert!(!s.path("out.csv").exists(), "nothing ran");
+}
+
+/// A reader that goes away (`contactsync sync --all | head -1`) ends the output
+/// quietly: no panic, and the pipelines after the first still run.
+#[test]
+fn a_closed_stdout_stops_neither_the_sync_nor_later_pipelines() {
+    let s = Scenario::new();
+    s.config(&format!(
+        "{CONFIG}\n[sinks.out2]\ntype = \"csv\"\npath = \"out2.csv\"\n\n[pipelines.q]\nfrom = \"hr\"\nto = \"out2\"\n"
+    ));
+    s.write("people.csv", &people_csv(5, |_| "Ann".into()));
+    let mut child = s
+        .command(&["sync", "--all"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader is gone before anything is written.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 5);
+    assert_eq!(
+        read_rows(&s.path("out2.csv")).len(),
+        5,
+        "the second pipeline ran"
+    );
+    // `history --json | head`: the same.
+    let mut child = s
+        .command(&["history", "person1@example.com", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_ne!(output.status.code(), Some(101));
+}
+
 #[test]
 fn a_run_killed_mid_way_is_finished_by_the_next_without_duplicates() {
     let s = scenario(0);

@@ -640,3 +640,41 @@ async fn a_create_never_regrants_a_permission_the_person_dropped() {
         "the person's fields are synced all the same"
     );
 }
+
+/// Seen is not valid: people whose `external_id` cell goes blank (key `auto`, email
+/// unchanged) are still in the source. Their old key's removal is settled by the new
+/// key holding the same address (`address_taken`): nobody is deactivated, that night or
+/// any later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_changes_form_removes_nobody() {
+    let sandbox = sandbox(500).await;
+    let s = scenario(&sandbox, &people_csv(10, |_| "Ann".into()), "");
+    sync(&s, &[]).await.0.expect_code(0);
+    // Five external ids go blank in the export.
+    let blanked: String = people_csv(10, |_| "Ann".into())
+        .lines()
+        .map(|line| match line.split_once(',') {
+            Some((id, rest)) if ["E1", "E2", "E3", "E4", "E5"].contains(&id) => format!(",{rest}"),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    s.write("people.csv", &blanked);
+    let (run, report) = sync(&s, &[]).await;
+    run.expect_code(0);
+    assert_eq!(report["address_taken"], 5, "{report}");
+    for night in 0..2 {
+        for i in 1..=10 {
+            assert_eq!(
+                status_of(&sandbox, &format!("person{i}@example.com")),
+                Some(SubscriberStatus::Active),
+                "night {night}: person{i}"
+            );
+        }
+        let (run, report) = sync(&s, &[]).await;
+        run.expect_code(0);
+        assert_eq!(counts(&report)[1..4], [0, 0, 0], "{report}");
+        assert_eq!(report["removed"], 0, "{report}");
+    }
+}

@@ -386,3 +386,35 @@ fn metrics_are_pushed_to_a_pushgateway() {
         .iter()
         .any(|s| s.metric == "contactsync_records" && s.labels.get("outcome") == Some("created")));
 }
+
+/// Label values are escaped as the exposition format says: a section named
+/// `we"ird\src` leaves the metrics file readable.
+#[test]
+fn metrics_label_values_are_escaped() {
+    let s = Scenario::new();
+    s.config(
+        r#"
+state = "data/state.db"
+[sources."we\"ird\\src"]
+type = "csv"
+path = "people.csv"
+[sinks.out]
+type = "csv"
+path = "out.csv"
+"#,
+    );
+    s.write("people.csv", &people_csv(3, |_| "Ann".into()));
+    let (run, _) = s.sync("we\"ird\\src", "out", &["--metrics", "m.prom"]);
+    run.expect_code(0);
+    let text = std::fs::read_to_string(s.path("m.prom")).unwrap();
+    assert!(text.contains(r#"pipeline="we\"ird\\src->out""#), "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "contactsync_records"),
+        "{text}"
+    );
+}

@@ -67,6 +67,56 @@ fn an_output_naming_an_input_is_refused_and_the_input_is_intact() {
     assert_eq!(read_rows(&s.path("out.csv")).len(), 5);
 }
 
+/// Files are compared by identity, not by name: a hard link to the source, a symbolic
+/// link to the config, the state and a lookup table named as `--metrics`, `--report`,
+/// `--rejects` or `--plan` are refused, and every one of them is intact after.
+#[test]
+fn an_output_that_is_an_input_under_another_name_is_refused() {
+    let s = scenario();
+    s.config(&format!(
+        "{CONFIG}\n[lookups.centers]\nfile = \"centers.csv\"\n"
+    ));
+    s.write("centers.csv", "department,center\nDept1,CC-1\n");
+    s.run(&["sync", "--from", "hr", "--to", "out"])
+        .expect_code(0);
+    std::fs::hard_link(s.path("people.csv"), s.path("people-link.csv")).unwrap();
+    std::os::unix::fs::symlink(s.path("contactsync.toml"), s.path("config-link.toml")).unwrap();
+    let kept: Vec<(&str, Vec<u8>)> = [
+        "people.csv",
+        "contactsync.toml",
+        "data/state.db",
+        "centers.csv",
+        "out.csv",
+    ]
+    .into_iter()
+    .map(|f| (f, std::fs::read(s.path(f)).unwrap()))
+    .collect();
+    for (flag, file, what) in [
+        ("--report", "people-link.csv", "the source file"),
+        ("--rejects", "config-link.toml", "the config file"),
+        ("--plan", "contactsync.toml", "the config file"),
+        ("--metrics", "data/state.db", "the state"),
+        ("--metrics", "people.csv", "the source file"),
+        ("--metrics", "out.csv", "the sink file"),
+        ("--report", "centers.csv", "a lookup file"),
+    ] {
+        let run = s.run(&["sync", "--from", "hr", "--to", "out", flag, file]);
+        run.expect_code(2);
+        assert!(
+            run.stderr().contains(flag) && run.stderr().contains(what),
+            "{flag} {file}: {}",
+            run.stderr()
+        );
+        for (name, bytes) in &kept {
+            assert_eq!(
+                &std::fs::read(s.path(name)).unwrap(),
+                bytes,
+                "{flag} {file}: {name}"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_bad_setting_is_refused_with_exit_2_naming_its_key() {
     let cases: Vec<(String, &str)> = vec![
@@ -546,4 +596,95 @@ fn has_fractional_rate(text: &str) -> bool {
             .collect();
         number.contains('.')
     })
+}
+
+/// Only a missing file is a new state: an empty state file is refused with what to do,
+/// and so is a damaged one found when the last process did not close it cleanly
+/// (SQLite's `quick_check`). Neither is touched.
+#[test]
+fn an_empty_or_damaged_state_is_refused_not_taken_for_new() {
+    let s = scenario();
+    std::fs::create_dir_all(s.path("data")).unwrap();
+    std::fs::write(s.path("data/state.db"), b"").unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "1 hour ago"])
+        .arg(s.path("data/state.db"))
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let run = s.run(&["sync", "--from", "hr", "--to", "out"]);
+    assert_ne!(run.code(), 0, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("empty") && run.stderr().contains("backup"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(std::fs::metadata(s.path("data/state.db")).unwrap().len(), 0);
+    assert!(!s.path("out.csv").exists(), "nothing was synced");
+
+    // A state with garbage pages in the middle, left by a process that did not close
+    // it (its write-ahead log is still there).
+    let s = scenario();
+    s.write("people.csv", &people_csv(400, |_| "Ann".into()));
+    s.run(&["sync", "--from", "hr", "--to", "out"])
+        .expect_code(0);
+    let mut bytes = std::fs::read(s.path("data/state.db")).unwrap();
+    assert!(bytes.len() > 4 * 4096, "{}", bytes.len());
+    // Every page past the first quarter, up to the last one, is garbage.
+    let (from, to) = (
+        bytes.len() / 4 / 4096 * 4096,
+        bytes.len() / 4096 * 4096 - 4096,
+    );
+    for b in &mut bytes[from..to] {
+        *b = 0xA5;
+    }
+    std::fs::write(s.path("data/state.db"), &bytes).unwrap();
+    std::fs::write(s.path("data/state.db-wal"), vec![0x5A; 1000]).unwrap();
+    let run = s.run(&["sync", "--from", "hr", "--to", "out"]);
+    assert_ne!(run.code(), 0, "{}", run.stdout());
+    assert!(
+        run.stderr().contains("damaged") && run.stderr().contains("backup"),
+        "{}",
+        run.stderr()
+    );
+}
+
+/// A process that keeps the state's write lock (a run stopped with SIGSTOP in the middle
+/// of a write) makes a second run `locked` (exit 5) after the wait, not a failure; it
+/// changes nothing, and runs again once the lock is let go.
+#[test]
+fn a_state_another_process_keeps_busy_is_locked_not_failed() {
+    let s = scenario();
+    s.run(&["sync", "--from", "hr", "--to", "out"])
+        .expect_code(0);
+    let mut holder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('holding', flush=True)\n\
+             time.sleep(60)\n",
+        )
+        .arg(s.path("data/state.db"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "holding");
+    s.write("people.csv", &people_csv(5, |_| "Bea".into()));
+    let run = s.run(&["sync", "--from", "hr", "--to", "out"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    run.expect_code(5);
+    assert!(run.stderr().contains("locked"), "{}", run.stderr());
+    assert!(!run.stderr().contains("panicked"), "{}", run.stderr());
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(report["updated"], 5, "{report}");
 }

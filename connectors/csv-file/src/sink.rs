@@ -297,6 +297,7 @@ impl CsvSink {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        remove_leftover_temps(&dir, &file_name);
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{file_name}."))
             .suffix(".tmp")
@@ -815,8 +816,60 @@ impl Sink for CsvSink {
     }
 }
 
+/// Removes the temporary files an earlier write of `file_name` left in `dir` when its
+/// process was killed (`.{file_name}.XXXXXX.tmp`, as large as the file): this run holds
+/// the sink section's lock, so no other write of that file is under way.
+fn remove_leftover_temps(dir: &Path, file_name: &str) {
+    let prefix = format!(".{file_name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let leftover = name.starts_with(&prefix)
+            && name.ends_with(".tmp")
+            && name.len() > prefix.len() + ".tmp".len()
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if leftover {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed a temporary file an interrupted run left")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), "cannot remove a temporary file an interrupted run left: {e}")
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_interrupted_writes_temporary_files_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            ".synced.csv.AbC123.tmp",
+            ".synced.csv.x.tmp",
+            ".other.csv.AbC123.tmp",
+            "synced.csv",
+            ".synced.csv..tmp",
+        ] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        remove_leftover_temps(dir.path(), "synced.csv");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".other.csv.AbC123.tmp", ".synced.csv..tmp", "synced.csv"]
+        );
+    }
+
     use super::*;
 
     /// The shortcut that skips unchanged rows must hash a row's keys exactly as the

@@ -3,6 +3,16 @@
 //! exit code (0 synced, 1 failure, 2 usage or config error, 3 rejected records or
 //! removals held back, 4 refused by the removal guard, 130 interrupted).
 
+/// `println!` that a closed stdout does not stop: when the reader went away
+/// (`contactsync sync --all | head -1`), the output ends quietly and the work goes on
+/// (`println!` would panic, and the pipelines after it would never run).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod metrics;
 mod notify;
 mod progress;
@@ -272,6 +282,18 @@ fn failed(error: anyhow::Error) -> Failure {
     Failure { code: 1, error }
 }
 
+/// A state that cannot be opened: `locked` (exit 5) while another process keeps its
+/// write lock (a run stopped mid-write), a failure otherwise.
+fn state_failure(error: contactsync_engine::StateError) -> Failure {
+    match error {
+        contactsync_engine::StateError::Busy { .. } => Failure {
+            code: 5,
+            error: anyhow!("locked: {error}"),
+        },
+        error => failed(anyhow!(error)),
+    }
+}
+
 fn main() -> ExitCode {
     return_freed_memory_promptly();
     let cli = match Cli::try_parse() {
@@ -378,7 +400,7 @@ fn runs_command(
     last: usize,
     json: bool,
 ) -> Result<u8, Failure> {
-    let mut state = path.open().map_err(|e| failed(anyhow!(e)))?;
+    let mut state = path.open().map_err(state_failure)?;
     let runs = state.runs(pipeline, last).map_err(|e| failed(anyhow!(e)))?;
     let rows: Vec<serde_json::Value> = runs
         .iter()
@@ -407,17 +429,17 @@ fn runs_command(
         })
         .collect();
     if json {
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&rows).map_err(|e| failed(anyhow!(e)))?
         );
         return Ok(0);
     }
     if rows.is_empty() {
-        println!("no runs recorded in {}", path);
+        say!("no runs recorded in {}", path);
         return Ok(0);
     }
-    println!(
+    say!(
         "{:<24} {:>5} {:<19} {:>8} {:<22} {:>8} {:>8} {:>8} {:>8}",
         "pipeline",
         "run",
@@ -435,7 +457,7 @@ fn runs_command(
             .as_u64()
             .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
             .unwrap_or("-".into());
-        println!(
+        say!(
             "{:<24} {:>5} {:<19} {:>8} {:<22} {:>8} {:>8} {:>8} {:>8}",
             r["pipeline"].as_str().unwrap_or(""),
             r["run"],
@@ -452,17 +474,17 @@ fn runs_command(
 }
 
 fn history_command(path: &StateLocation, who: &str, json: bool) -> Result<u8, Failure> {
-    let mut state = path.open().map_err(|e| failed(anyhow!(e)))?;
+    let mut state = path.open().map_err(state_failure)?;
     let entries = state.history(who).map_err(|e| failed(anyhow!(e)))?;
     if json {
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&entries).map_err(|e| failed(anyhow!(e)))?
         );
         return Ok(0);
     }
     if entries.is_empty() {
-        println!("{who}: nothing in the audit (kept for each pipeline's audit_days)");
+        say!("{who}: nothing in the audit (kept for each pipeline's audit_days)");
         return Ok(0);
     }
     for e in &entries {
@@ -470,7 +492,7 @@ fn history_command(path: &StateLocation, who: &str, json: bool) -> Result<u8, Fa
             .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
             .unwrap_or_default();
         let fields = describe_fields(&e.fields);
-        println!(
+        say!(
             "{at}  {} run {}  {} {} ({}){}{}",
             e.pipeline,
             e.run,
@@ -513,17 +535,17 @@ fn describe_fields(fields: &str) -> String {
 }
 
 fn list_connectors() {
-    println!("sources:");
+    say!("sources:");
     for f in registry::sources() {
-        println!("  {:18} {}", f.name, f.summary);
+        say!("  {:18} {}", f.name, f.summary);
     }
-    println!("sinks:");
+    say!("sinks:");
     for f in registry::sinks() {
-        println!("  {:18} {}", f.name, f.summary);
+        say!("  {:18} {}", f.name, f.summary);
     }
     let sandboxes: Vec<&str> = registry::sandboxes().iter().map(|f| f.name).collect();
     if !sandboxes.is_empty() {
-        println!(
+        say!(
             "sandboxes (base_url = \"sandbox\", or `contactsync sandbox NAME`): {}",
             sandboxes.join(", ")
         );
@@ -789,13 +811,22 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
             .pipeline_notify(&job.from, &job.to)
             .map_err(usage)?;
         let (rejects, plan) = outputs(settings, &args, job, many);
+        let mut inputs: Vec<(&str, &Path)> = vec![("the config file", settings.file.as_path())];
+        inputs.extend(
+            settings
+                .lookup_files
+                .iter()
+                .map(|f| ("a lookup file", f.as_path())),
+        );
         check_paths(
+            &inputs,
             source.as_ref(),
             sink.as_ref(),
             &[
                 ("--report", args.report.as_deref()),
                 ("--rejects", Some(&rejects)),
                 ("--plan", plan.as_deref()),
+                ("--metrics", args.metrics.as_deref()),
                 ("the state", settings.state.file()),
             ],
         )
@@ -907,7 +938,7 @@ async fn work_the_slot(
         .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m-%d").to_string());
     let me = contactsync_engine::LockHolder::current("");
     let worker = format!("{}@{}", me.pid, me.host);
-    let mut claims = settings.state.open().map_err(|e| failed(anyhow!(e)))?;
+    let mut claims = settings.state.open().map_err(state_failure)?;
     let mut args = args.clone();
     args.wait_for_lock = Some(args.wait_for_lock.unwrap_or(WORKER_LOCK_WAIT));
     let mut done = Vec::new();
@@ -950,13 +981,19 @@ async fn work_the_slot(
 
 /// The summary of several runs: one line a pipeline.
 fn print_table(finished: &[(usize, Finished)]) {
-    println!(
+    say!(
         "{:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "pipeline", "status", "created", "updated", "removed", "rejected", "time"
+        "pipeline",
+        "status",
+        "created",
+        "updated",
+        "removed",
+        "rejected",
+        "time"
     );
     for (_, f) in finished {
         match &f.report {
-            Some(r) => println!(
+            Some(r) => say!(
                 "{:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>6.1} s",
                 f.job.name,
                 r.status.as_str(),
@@ -966,7 +1003,7 @@ fn print_table(finished: &[(usize, Finished)]) {
                 r.rejected,
                 r.duration_ms as f64 / 1000.0
             ),
-            None => println!(
+            None => say!(
                 "{:<20} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}",
                 f.job.name,
                 format!("error (exit {})", f.code),
@@ -1074,7 +1111,7 @@ async fn sync_one(
     .with_shaping(&section, settings.lookups.clone())
     .map_err(|e| usage(anyhow!(e)))?;
     let (rejects, plan) = outputs(settings, args, job, many);
-    let mut state = settings.state.open().map_err(|e| failed(anyhow!(e)))?;
+    let mut state = settings.state.open().map_err(state_failure)?;
     let options = RunOptions {
         dry_run: args.dry_run,
         allow_mass_removal: args.allow_mass_removal,
@@ -1198,10 +1235,14 @@ async fn after_run(
     last_success
 }
 
-/// Refuses, before anything runs, a source and sink on one file, and an output (report,
-/// rejects, plan, state) that names an input, the sink's file or another output: the
-/// run would truncate the export before reading it, or turn the sink into JSON.
+/// Refuses, before anything runs, a source and sink on one file, and a file the run
+/// writes (the sink's, report, rejects, plan, metrics, state) that is a file it reads
+/// (the config, a lookup table, the source's) or another it writes: the run would
+/// truncate the export before reading it, overwrite the config, or turn the state into
+/// metrics text. Files are compared by identity (device and inode: a hard link or a
+/// symbolic link is the file it names), by path when they do not exist yet.
 fn check_paths(
+    inputs: &[(&str, &Path)],
     source: &dyn Source,
     sink: &dyn Sink,
     outputs: &[(&str, Option<&Path>)],
@@ -1216,16 +1257,20 @@ fn check_paths(
             );
         }
     }
-    let mut named: Vec<(String, &Path)> = source_files
+    let mut named: Vec<(String, &Path)> = inputs
         .iter()
-        .map(|f| ("the source file".to_string(), f.as_path()))
+        .map(|(what, path)| (what.to_string(), *path))
         .chain(
-            sink_files
+            source_files
                 .iter()
-                .map(|f| ("the sink file".to_string(), f.as_path())),
+                .map(|f| ("the source file".to_string(), f.as_path())),
         )
         .collect();
-    for (what, path) in outputs {
+    let written = sink_files
+        .iter()
+        .map(|f| ("the sink file", Some(f.as_path())))
+        .chain(outputs.iter().copied());
+    for (what, path) in written {
         let Some(path) = path else { continue };
         if let Some((other, _)) = named.iter().find(|(_, p)| same_file(p, path)) {
             anyhow::bail!(
@@ -1238,8 +1283,13 @@ fn check_paths(
     Ok(())
 }
 
-/// Whether two paths name one file, also when neither exists yet.
+/// Whether two paths name one file: the same device and inode when both exist (links
+/// included), else the same path once made absolute.
 fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return x.dev() == y.dev() && x.ino() == y.ino();
+    }
     fn normal(p: &Path) -> PathBuf {
         if let Ok(real) = p.canonicalize() {
             return real;
@@ -1272,9 +1322,10 @@ fn exit_code(status: RunStatus) -> u8 {
 
 fn print_report(report: &RunReport, rejects: &Path) {
     if report.status == RunStatus::Interrupted {
-        println!(
+        say!(
             "interrupted: {}: {} changes not confirmed; the next run sends them again",
-            report.pipeline, report.unconfirmed
+            report.pipeline,
+            report.unconfirmed
         );
         return;
     }
@@ -1293,7 +1344,7 @@ fn print_report(report: &RunReport, rejects: &Path) {
         report.updated,
         report.removed
     );
-    println!(
+    say!(
         "{word}: {}: read {}, {counts}, unchanged {}, rejected {}{}{}{} ({:.1} s)",
         report.pipeline,
         report.read,
@@ -1321,10 +1372,10 @@ fn print_report(report: &RunReport, rejects: &Path) {
     );
     if report.dry_run {
         if report.sample.is_empty() {
-            println!("nothing to do");
+            say!("nothing to do");
         }
         for change in &report.sample {
-            println!(
+            say!(
                 "  {:6} {} {} ({})",
                 change.kind.as_str(),
                 change.key,
@@ -1337,9 +1388,9 @@ fn print_report(report: &RunReport, rejects: &Path) {
                     None => "(unset)".to_string(),
                 };
                 if change.kind == contactsync_core::ChangeKind::Create || !change.before_known {
-                    println!("           {}: {}", field.field, show(&field.after));
+                    say!("           {}: {}", field.field, show(&field.after));
                 } else {
-                    println!(
+                    say!(
                         "           {}: {} -> {}",
                         field.field,
                         show(&field.before),
@@ -1348,19 +1399,19 @@ fn print_report(report: &RunReport, rejects: &Path) {
                 }
             }
         }
-        println!("dry run: nothing was changed");
+        say!("dry run: nothing was changed");
     }
     if report.rejected > 0 {
-        println!(
+        say!(
             "rejected records, with their origin and reason: {}",
             rejects.display()
         );
     }
     if let Some(reason) = &report.rebuilt {
-        println!("rebuilt: {reason}, so everyone of this read was written again");
+        say!("rebuilt: {reason}, so everyone of this read was written again");
     }
     if let Some(reason) = &report.foreign {
-        println!(
+        say!(
             "note: {reason}; removals cannot be detected for people synced before this state existed{}",
             report
                 .unknown_in_sink
@@ -1369,7 +1420,7 @@ fn print_report(report: &RunReport, rejects: &Path) {
         );
     }
     if let Some(reason) = &report.removals_held_reason {
-        println!("removals held: {reason}");
+        say!("removals held: {reason}");
     }
     if let Some(error) = &report.error {
         say(tracing::Level::ERROR, &format!("error: {error}"));
@@ -1389,10 +1440,10 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
             .map_err(failed)?;
         let source = build_source(&section).map_err(usage)?;
         match source.check().await {
-            Ok(()) => println!("ok    [sources.{name}] ({})", section.connector),
+            Ok(()) => say!("ok    [sources.{name}] ({})", section.connector),
             Err(e) => {
                 ok = false;
-                println!("FAIL  [sources.{name}] ({}): {e}", section.connector);
+                say!("FAIL  [sources.{name}] ({}): {e}", section.connector);
             }
         }
     }
@@ -1405,16 +1456,16 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
             .map_err(failed)?;
         let mut sink = build_sink(&section).map_err(usage)?;
         match sink.check().await {
-            Ok(()) => println!("ok    [sinks.{name}] ({})", section.connector),
+            Ok(()) => say!("ok    [sinks.{name}] ({})", section.connector),
             Err(e) => {
                 ok = false;
-                println!("FAIL  [sinks.{name}] ({}): {e}", section.connector);
+                say!("FAIL  [sinks.{name}] ({}): {e}", section.connector);
             }
         }
     }
     for (name, from, to) in settings.pipelines() {
         let pipeline_settings = settings.pipeline(&from, &to).map_err(usage)?;
-        println!("ok    [pipelines.{name}] ({from} -> {to})");
+        say!("ok    [pipelines.{name}] ({from} -> {to})");
         let pipeline = Pipeline::new(&from, &to, "", pipeline_settings)
             .with_shaping(&name, settings.lookups.clone())
             .map_err(|e| usage(anyhow!(e)))?;
@@ -1428,7 +1479,7 @@ async fn check(settings: &Settings) -> Result<u8, Failure> {
             Ok(records) => print_preview(&records),
             Err(e) => {
                 ok = false;
-                println!("FAIL  [pipelines.{name}]: reading {from} for a preview: {e}");
+                say!("FAIL  [pipelines.{name}]: reading {from} for a preview: {e}");
             }
         }
     }
@@ -1451,7 +1502,7 @@ fn print_preview(records: &[contactsync_engine::PreviewRecord]) {
         .iter()
         .filter(|r| r.outcome == PreviewOutcome::OutOfScope)
         .count();
-    println!(
+    say!(
         "      first {} records: {sent} would be sent, {out} out of scope, {} rejected",
         records.len(),
         records.len() - sent - out
@@ -1463,19 +1514,19 @@ fn print_preview(records: &[contactsync_engine::PreviewRecord]) {
     for record in records.iter().take(PREVIEW_SHOWN) {
         match &record.outcome {
             PreviewOutcome::Sent { after } => {
-                println!("      {}: sent as", record.origin);
+                say!("      {}: sent as", record.origin);
                 let before = record.before.as_deref();
                 for (field, value) in after.set_fields() {
                     let old = before.and_then(|b| b.get(&field));
                     if old.as_deref() == Some(value.as_str()) {
-                        println!("        {field}: {value:?}");
+                        say!("        {field}: {value:?}");
                     } else {
-                        println!("        {field}: {} -> {value:?}", show(&old));
+                        say!("        {field}: {} -> {value:?}", show(&old));
                     }
                 }
             }
-            PreviewOutcome::OutOfScope => println!("      {}: out of scope (where)", record.origin),
-            PreviewOutcome::Rejected { field, reason } => println!(
+            PreviewOutcome::OutOfScope => say!("      {}: out of scope (where)", record.origin),
+            PreviewOutcome::Rejected { field, reason } => say!(
                 "      {}: rejected{}: {reason}",
                 record.origin,
                 field
@@ -1488,21 +1539,21 @@ fn print_preview(records: &[contactsync_engine::PreviewRecord]) {
 }
 
 fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, Failure> {
-    let mut state = path.open().map_err(|e| failed(anyhow!(e)))?;
+    let mut state = path.open().map_err(state_failure)?;
     match command {
         StateCommand::Show { json } => {
             let summaries = state.summaries().map_err(|e| failed(anyhow!(e)))?;
             if json {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&summaries).map_err(|e| failed(anyhow!(e)))?
                 );
             } else if summaries.is_empty() {
-                println!("{}: no pipeline has run yet", path);
+                say!("{}: no pipeline has run yet", path);
             } else {
-                println!("{}:", path);
+                say!("{}:", path);
                 for s in summaries {
-                    println!(
+                    say!(
                         "  {}: {} synced, {} pending, {} runs, cursor {}, last run {}",
                         s.pipeline,
                         s.synced,
@@ -1529,7 +1580,7 @@ fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, Fail
                     busy.pending
                 )));
             }
-            let mut target = target_location.open().map_err(|e| failed(anyhow!(e)))?;
+            let mut target = target_location.open().map_err(state_failure)?;
             let held = target.summaries().map_err(|e| failed(anyhow!(e)))?;
             if let Some(first) = held.first() {
                 return Err(failed(anyhow!(
@@ -1559,7 +1610,7 @@ fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, Fail
                 })
                 .map_err(|e| failed(anyhow!(e)))?;
             target.import(&chunk).map_err(|e| failed(anyhow!(e)))?;
-            println!(
+            say!(
                 "copied {path} to {target_location}: {} pipelines, {} synced people, {} runs, {} audit entries, {} sink values",
                 counts[0], counts[1], counts[2], counts[3], counts[4]
             );
@@ -1573,7 +1624,7 @@ fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, Fail
                 )));
             }
             state.reset(&pipeline).map_err(|e| failed(anyhow!(e)))?;
-            println!("{pipeline}: state reset");
+            say!("{pipeline}: state reset");
             Ok(0)
         }
     }
@@ -1597,7 +1648,7 @@ async fn sandbox(name: &str, port: u16, data: Option<PathBuf>) -> Result<u8, Fai
     })
     .await
     .map_err(|e| failed(anyhow!(e)))?;
-    println!(
+    say!(
         "{name} sandbox listening on {} (not the real platform); Ctrl-C stops it",
         running.base_url
     );

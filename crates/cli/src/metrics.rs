@@ -53,6 +53,22 @@ const STATUSES: [RunStatus; 7] = [
     RunStatus::Locked,
 ];
 
+/// A label value as the text exposition format writes it: `\`, `"` and a line break
+/// escaped (`prometheus-client` writes label values as they are, and a section named
+/// `we"ird\src` would make the whole file unreadable).
+fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The text exposition of the metrics of one or more runs (one a pipeline), finished
 /// at `finished_at`; with each, when its pipeline last synced (Unix seconds).
 pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<String> {
@@ -90,7 +106,7 @@ pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<St
         status.clone(),
     );
     for &(report, last_success) in runs {
-        let pipeline = report.pipeline.clone();
+        let pipeline = label_value(&report.pipeline);
         for (outcome, n) in [
             ("created", report.created),
             ("updated", report.updated),

@@ -35,6 +35,8 @@ pub struct Settings {
     pipeline_order: Vec<String>,
     /// `[lookups.NAME]`: the tables `lookup()` reads, loaded once.
     pub lookups: Arc<Lookups>,
+    /// The files those tables were read from (no run may write them).
+    pub lookup_files: Vec<PathBuf>,
 }
 
 /// A connector section, ready for its factory.
@@ -74,6 +76,49 @@ fn table(value: Value, what: &str, file: &Path) -> Result<BTreeMap<String, Value
     }
 }
 
+/// Refuses an environment override that names a `[sources.NAME]`, `[sinks.NAME]` or
+/// `[pipelines.NAME]` section the file does not have (`CONTACTSYNC_PIPELINES__PP__…` for
+/// a pipeline `p`): the setting a user thinks they made, a removal guard say, would
+/// silently not be there. Names compare without regard to case, as the environment's
+/// are lower-cased on the way in.
+fn check_overrides_name_sections(
+    file: &Path,
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading config file {}", file.display()))?;
+    // A file that does not parse is reported, with its line, by the config crate.
+    let Ok(parsed) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    for (name, _) in vars {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix("CONTACTSYNC_") else {
+            continue;
+        };
+        let mut parts = rest.split("__");
+        let (Some(kind), Some(section)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let kind = kind.to_ascii_lowercase();
+        if !["sources", "sinks", "pipelines"].contains(&kind.as_str()) {
+            continue;
+        }
+        let known = parsed
+            .get(&kind)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.keys().any(|k| k.eq_ignore_ascii_case(section)));
+        if !known {
+            bail!(
+                "environment variable {name} names [{kind}.{}], which {} does not have: check the name (sections are matched without regard to case; a variable cannot add a section)",
+                section.to_ascii_lowercase(),
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Settings {
     /// Loads `file`, then `CONTACTSYNC_…` environment overrides
     /// (`CONTACTSYNC_SINKS__POPPULO__PASSWORD` sets `sinks.poppulo.password`).
@@ -84,6 +129,7 @@ impl Settings {
                 file.display()
             );
         }
+        check_overrides_name_sections(file, std::env::vars_os())?;
         let config = Config::builder()
             .add_source(File::from(file).format(FileFormat::Toml).required(true))
             .add_source(
@@ -179,9 +225,10 @@ impl Settings {
             .and_then(|t| t.get("pipelines").and_then(|p| p.as_table()).cloned())
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
-        let lookups = Arc::new(load_lookups(root.get("lookups"), file, &base_dir)?);
+        let (lookups, lookup_files) = load_lookups(root.get("lookups"), file, &base_dir)?;
         Ok(Settings {
-            lookups,
+            lookups: Arc::new(lookups),
+            lookup_files,
             pipeline_order,
             notify,
             metrics,
@@ -369,11 +416,17 @@ impl Settings {
 }
 
 /// Loads `[lookups.NAME]` tables: inline (`Sales = "CC-100"`) or from a two-column
-/// CSV file (`file = "cost-centers.csv"`, header row, key then value).
-fn load_lookups(value: Option<&Value>, file: &Path, base_dir: &Path) -> Result<Lookups> {
+/// CSV file (`file = "cost-centers.csv"`, header row, key then value); with the files
+/// read.
+fn load_lookups(
+    value: Option<&Value>,
+    file: &Path,
+    base_dir: &Path,
+) -> Result<(Lookups, Vec<PathBuf>)> {
     let mut lookups = Lookups::new();
+    let mut files = Vec::new();
     let Some(value) = value else {
-        return Ok(lookups);
+        return Ok((lookups, files));
     };
     for (name, table_value) in table(value.clone(), "lookups", file)? {
         let entries = table(table_value, &format!("lookups.{name}"), file)?;
@@ -390,6 +443,7 @@ fn load_lookups(value: Option<&Value>, file: &Path, base_dir: &Path) -> Result<L
                 );
             }
             let full = base_dir.join(&path);
+            files.push(full.clone());
             let mut reader = csv::ReaderBuilder::new()
                 .flexible(true)
                 .from_path(&full)
@@ -423,7 +477,7 @@ fn load_lookups(value: Option<&Value>, file: &Path, base_dir: &Path) -> Result<L
         }
         lookups.insert(name, map);
     }
-    Ok(lookups)
+    Ok((lookups, files))
 }
 
 /// Replaces `base_url` in a section's settings.

@@ -491,7 +491,17 @@ impl Contact {
     pub fn is_valid_email(email: &str) -> bool {
         match plain_address_is_valid(email) {
             Some(valid) => valid,
-            None => email_address::EmailAddress::is_valid(email) && email.contains('@'),
+            // An address alone: the display-name form (`Ann <ann@example.com>`) the
+            // crate also accepts is no address a platform takes, nor the same text as
+            // the address it holds.
+            None => {
+                email_address::EmailAddress::parse_with_options(
+                    email,
+                    email_address::Options::default().without_display_text(),
+                )
+                .is_ok()
+                    && email.contains('@')
+            }
         }
     }
 
@@ -775,6 +785,9 @@ mod tests {
         assert!(!Contact::is_valid_email("ann@"));
         assert!(!Contact::is_valid_email("not-an-email"));
         assert!(!Contact::is_valid_email("ann lee@example.com"));
+        // The display-name form is no address of its own.
+        assert!(!Contact::is_valid_email("Ann <ann@example.com>"));
+        assert!(!Contact::is_valid_email("<ann@example.com>"));
     }
 
     #[test]

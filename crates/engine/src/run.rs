@@ -331,7 +331,27 @@ impl<'r> Run<'r> {
         let started = Instant::now();
         let mut said = false;
         loop {
-            match self.state.lock(&names, holder)? {
+            // A state whose write lock another process keeps (a run stopped in the
+            // middle of a write) is as busy as a held run lock.
+            let attempt = match self.state.lock(&names, holder) {
+                Err(StateError::Busy { message, .. }) => Err(message),
+                attempt => Ok(attempt?),
+            };
+            let attempt = match attempt {
+                Ok(attempt) => attempt,
+                Err(why) => {
+                    let wait = self.options.wait_for_lock.unwrap_or_default();
+                    if started.elapsed() >= wait {
+                        return Err(RunError::Locked(format!("the state is locked: {why}")));
+                    }
+                    tokio::select! {
+                        _ = self.options.cancel.cancelled() => return Err(RunError::Cancelled),
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            };
+            match attempt {
                 LockAttempt::Acquired { taken_over } => {
                     for (name, stale) in taken_over {
                         tracing::warn!(

@@ -314,13 +314,10 @@ pub(crate) struct Store {
     by_email: HashMap<String, u64>,
 }
 
-/// The key subscribers are matched by: the email with its domain lowercased.
+/// The key subscribers are matched by: the email without regard to case, as the
+/// platform matches it (`User5@` and `user5@` are one subscriber).
 pub(crate) fn match_key(email: &str) -> String {
-    let email = email.trim();
-    match email.rsplit_once('@') {
-        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
-        None => email.to_string(),
-    }
+    email.trim().to_lowercase()
 }
 
 /// Whether `email` looks like an address Poppulo would accept (inferred rules: one `@`,
@@ -441,6 +438,14 @@ mod tests {
         ] {
             assert!(!valid_email(bad), "{bad}");
         }
-        assert_eq!(match_key(" Ann@Example.COM "), "Ann@example.com");
+        assert_eq!(match_key(" Ann@Example.COM "), "ann@example.com");
+    }
+
+    #[test]
+    fn addresses_match_without_regard_to_case() {
+        let mut store = Store::default();
+        store.insert(Subscriber::new("User5@example.com"));
+        assert!(store.find("user5@example.com").is_some());
+        assert!(store.find("USER5@EXAMPLE.COM").is_some());
     }
 }

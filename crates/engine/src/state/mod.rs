@@ -137,6 +137,16 @@ pub enum StateError {
         /// What the file system said.
         message: String,
     },
+    /// Another process holds the state's write lock and did not let go in time: a run
+    /// stopped (`SIGSTOP`, a debugger) or stuck in the middle of a write. Nothing was
+    /// changed; the CLI reports it as `locked` (exit 5).
+    #[error("state database {} is locked: {message}", path.display())]
+    Busy {
+        /// The database file.
+        path: PathBuf,
+        /// What is known of it.
+        message: String,
+    },
     /// The database holds something this version does not understand.
     #[error("state database {}: {message}", path.display())]
     Corrupt {

@@ -209,10 +209,32 @@ CREATE TABLE IF NOT EXISTS sink_data (
 /// Maps a SQLite error to a [`StateError`] naming the database file. A free function
 /// over the path (not a method) so that it can be used while the connection is borrowed.
 fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StateError + Copy + '_ {
-    move |source| StateError::Database {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        if is_busy(&source) {
+            return StateError::Busy {
+                path: path.to_path_buf(),
+                message: format!(
+                    "another process has held its write lock for over {}s (a run stopped or stuck in the middle of a write); nothing was changed. Try again later, or find that process",
+                    BUSY_TIMEOUT.as_secs()
+                ),
+            };
+        }
+        StateError::Database {
+            path: path.to_path_buf(),
+            source,
+        }
     }
+}
+
+/// How old an empty state file must be to be refused: younger, another process is
+/// creating the state this instant.
+const NEW_FILE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The write-ahead log SQLite keeps beside `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push("-wal");
+    PathBuf::from(name)
 }
 
 impl SqliteState {
@@ -224,6 +246,21 @@ impl SqliteState {
                 message: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
+        // Only a missing file is a new state. An empty one was cut short or replaced:
+        // taken for new, it would keep every leaver forever and resend everyone. (A
+        // file a moment old is another process creating the state this instant.)
+        if let Ok(meta) = std::fs::metadata(path) {
+            let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+            if meta.is_file() && meta.len() == 0 && age.is_some_and(|a| a > NEW_FILE_GRACE) {
+                return Err(StateError::Corrupt {
+                    path: path.to_path_buf(),
+                    message: "the file is empty (0 bytes), so what was synced is unknown. Restore it from a backup; or, to start a new state that sends everyone again, delete it".into(),
+                });
+            }
+        }
+        // A write-ahead log left beside the file: the last process to use it did not
+        // close it (killed, a crash, a full disk), or one is using it now.
+        let unclean = std::fs::metadata(wal_path(path)).is_ok_and(|m| m.len() > 0);
         // SQLite says only "unable to open database file"; the file system says why.
         if let Err(e) = std::fs::OpenOptions::new()
             .read(true)
@@ -245,6 +282,9 @@ impl SqliteState {
             codec: RecordCodec::default(),
             confirm_range_rows: CONFIRM_RANGE_ROWS,
         };
+        if unclean {
+            state.quick_check()?;
+        }
         state.init()?;
         load_dictionaries(&mut state.codec, &state.conn, true).map_err(|message| {
             StateError::Corrupt {
@@ -253,6 +293,33 @@ impl SqliteState {
             }
         })?;
         Ok(state)
+    }
+
+    /// SQLite's `quick_check`: refuses a damaged file (garbage pages, a torn write)
+    /// with what to do, instead of syncing against whatever it would read.
+    fn quick_check(&self) -> Result<(), StateError> {
+        self.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(db_error(&self.path))?;
+        let damaged = |detail: String| {
+            StateError::Corrupt {
+            path: self.path.clone(),
+            message: format!(
+                "the file is damaged ({detail}). Restore it from a backup; or, to start a new state that sends everyone again, delete it (or `contactsync state reset` a pipeline whose rows are damaged)"
+            ),
+        }
+        };
+        let problems: Vec<String> = match self.conn.prepare("PRAGMA quick_check(5)") {
+            Ok(mut statement) => statement
+                .query_map([], |row| row.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| damaged(e.to_string()))?,
+            Err(e) => return Err(damaged(e.to_string())),
+        };
+        match problems.as_slice() {
+            [ok] if ok == "ok" => Ok(()),
+            _ => Err(damaged(problems.join("; "))),
+        }
     }
 
     fn init(&mut self) -> Result<(), StateError> {
