@@ -19,6 +19,7 @@ enum Answer {
     Ok,
     ServerError,
     Never,
+    Echo,
 }
 
 /// A webhook receiver on loopback, recording every request body it gets.
@@ -38,11 +39,13 @@ impl Receiver {
                 let Ok(mut stream) = stream else { return };
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut length = 0usize;
+                let mut head = String::new();
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         break;
                     }
+                    head.push_str(&line);
                     if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                         length = v.trim().parse().unwrap_or(0);
                     }
@@ -67,6 +70,21 @@ impl Receiver {
                         );
                     }
                     Answer::Never => std::thread::sleep(Duration::from_secs(30)),
+                    // A server that echoes the request in its error body.
+                    Answer::Echo => {
+                        // What it echoes first: the credentials of the SOAP body, then
+                        // the request's head (its `Authorization`).
+                        let body = String::from_utf8_lossy(&body);
+                        let from = body.find("<username>").unwrap_or(0);
+                        let echoed = format!("{} {head}", &body[from..]);
+                        let _ = stream.write_all(
+                            format!(
+                                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{echoed}",
+                                echoed.len()
+                            )
+                            .as_bytes(),
+                        );
+                    }
                 }
             }
         });
@@ -294,16 +312,60 @@ fn json_logs_are_json_on_every_line() {
     for line in stderr.lines() {
         let value: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        // The README's keys, on every line.
+        for key in ["time", "level", "message"] {
+            assert!(value[key].is_string(), "{key}: {line}");
+        }
+        assert!(value["fields"].is_object(), "{line}");
         assert!(
-            value["level"].is_string() && value["timestamp"].is_string(),
+            chrono::DateTime::parse_from_rfc3339(value["time"].as_str().unwrap()).is_ok(),
             "{line}"
         );
+        if value.get("pipeline").is_some() {
+            assert_eq!(value["pipeline"], "hr->poppulo", "{line}");
+        }
         lines += 1;
     }
     assert!(lines >= 3, "{stderr}");
     assert!(stderr.contains("\"pipeline\":\"hr->poppulo\""), "{stderr}");
     assert!(stderr.contains("\"run\":1"), "{stderr}");
     assert!(!stderr.contains(PASSWORD));
+}
+
+/// A refused run's error line belongs to its run: it carries the pipeline and the run
+/// number like every other line of the run.
+#[test]
+fn a_refused_runs_error_line_carries_its_pipeline_and_run() {
+    let receiver = Receiver::start(Answer::Ok);
+    let s = Scenario::new();
+    s.config(&config(receiver.port, ""));
+    s.write("people.csv", &people_csv(10, |_| "Ann".into()));
+    s.sync("hr", "out", &[]).0.expect_code(0);
+    s.write("people.csv", &people_csv(2, |_| "Ann".into()));
+    let output = s
+        .command(&[
+            "--log-format",
+            "json",
+            "sync",
+            "--from",
+            "hr",
+            "--to",
+            "out",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let refused: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
+        .filter(|v| v["message"].as_str().unwrap_or("").contains("refused"))
+        .collect();
+    assert!(!refused.is_empty(), "{stderr}");
+    for line in refused {
+        assert_eq!(line["pipeline"], "hr->out", "{line}");
+        assert!(line["run"].is_number(), "{line}");
+    }
 }
 
 #[test]
@@ -417,4 +479,102 @@ path = "out.csv"
             .any(|s| s.metric == "contactsync_records"),
         "{text}"
     );
+}
+
+/// Secrets never leave the process, whatever their origin: a platform that echoes the
+/// request (its `Authorization` header, the password in it) in its error body puts
+/// nothing of them in stderr, the report, the runs, or the webhook payload.
+#[test]
+fn a_platform_echoing_the_request_leaks_no_secret() {
+    let platform = Receiver::start(Answer::Echo);
+    let hooks = Receiver::start(Answer::Ok);
+    let s = Scenario::new();
+    s.config(&format!(
+        "{}\n[sinks.echo]\ntype = \"businesscatalyst\"\nbase_url = \"http://127.0.0.1:{}\"\nsite_id = 1\nusername = \"api-user\"\npassword = \"{PASSWORD}\"\nretry_backoff = \"10ms\"\n",
+        config(hooks.port, ""),
+        platform.port
+    ));
+    s.write("people.csv", &people_csv(3, |_| "Ann".into()));
+    let report = s.path("report.json");
+    let run = s.run(&[
+        "sync",
+        "--from",
+        "hr",
+        "--to",
+        "echo",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code(), 1, "{}", run.stderr());
+    let basic = {
+        use std::io::Write as _;
+        let mut encoded = Vec::new();
+        let mut encoder = base64_encoder(&mut encoded);
+        encoder
+            .write_all(format!("api-user:{PASSWORD}").as_bytes())
+            .unwrap();
+        drop(encoder);
+        String::from_utf8(encoded).unwrap()
+    };
+    let report_text = std::fs::read_to_string(&report).unwrap();
+    let runs = s.run(&["runs"]);
+    let payloads: Vec<String> = hooks.bodies().iter().map(|b| b.to_string()).collect();
+    assert!(!payloads.is_empty(), "the failure was notified");
+    assert!(
+        run.stderr().contains("[redacted]"),
+        "the echo reached the error (else this test shows nothing): {}",
+        run.stderr()
+    );
+    for (what, text) in [
+        ("stderr", run.stderr()),
+        ("stdout", run.stdout()),
+        ("report", report_text),
+        ("runs", runs.stdout()),
+        ("webhook", payloads.join("\n")),
+    ] {
+        assert!(!text.contains(PASSWORD), "{what}: {text}");
+        assert!(!text.contains(&basic), "{what}: {text}");
+    }
+}
+
+/// Base64 (standard alphabet, padded), as HTTP Basic authentication writes it.
+fn base64_encoder(out: &mut Vec<u8>) -> impl std::io::Write + '_ {
+    struct Encoder<'a> {
+        out: &'a mut Vec<u8>,
+        pending: Vec<u8>,
+    }
+    impl std::io::Write for Encoder<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.pending.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Drop for Encoder<'_> {
+        fn drop(&mut self) {
+            const ALPHABET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            for chunk in self.pending.chunks(3) {
+                let b = [
+                    chunk[0],
+                    *chunk.get(1).unwrap_or(&0),
+                    *chunk.get(2).unwrap_or(&0),
+                ];
+                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+                for i in 0..4 {
+                    if i <= chunk.len() {
+                        self.out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]);
+                    } else {
+                        self.out.push(b'=');
+                    }
+                }
+            }
+        }
+    }
+    Encoder {
+        out,
+        pending: Vec::new(),
+    }
 }

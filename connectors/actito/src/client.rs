@@ -240,6 +240,7 @@ impl ActitoClient {
         self.tokens_fetched
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(lifetime_s = lifetime.as_secs_f64(), "Actito token obtained");
+        contactsync_core::remember_secret(value);
         Ok(Token {
             value: SecretString::from(value.to_string()),
             refresh_at: asked + lifetime.saturating_sub(margin),

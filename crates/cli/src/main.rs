@@ -13,6 +13,7 @@ macro_rules! say {
     }};
 }
 
+mod jsonlog;
 mod metrics;
 mod notify;
 mod progress;
@@ -101,12 +102,36 @@ enum LogFormat {
     Json,
 }
 
+/// Where log records go: stderr, each record whole and cleaned of every secret this
+/// process knows ([`contactsync_core::redact_secrets`]), whatever put it there (a
+/// platform's error body that echoes the request).
+struct RedactingWriter(Vec<u8>);
+
+impl std::io::Write for RedactingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactingWriter {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.0);
+        let text = contactsync_core::redact_secrets(&text);
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
+    }
+}
+
 /// Whether logs are JSON: then everything on stderr goes through the log.
 static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// Says something on stderr: a line for a person, or a log record in JSON mode, so
 /// that every line of stderr stays parseable.
 fn say(level: tracing::Level, message: &str) {
+    let message = &*contactsync_core::redact_secrets(message);
     if JSON_LOGS.get().copied().unwrap_or(false) {
         match level {
             tracing::Level::ERROR => tracing::error!("{message}"),
@@ -336,15 +361,14 @@ fn init_logging(verbose: u8, format: LogFormat) {
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactingWriter(Vec::new()))
         .with_target(false);
     match format {
         LogFormat::Text => builder.with_ansi(colour).init(),
         // `pipeline` and `run` come from the run's span.
         LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(jsonlog::JsonLines)
             .init(),
     }
 }
@@ -1143,7 +1167,8 @@ async fn sync_one(
     progress.finish();
     drop(sink);
 
-    print_report(&report, &rejects);
+    // In the run's span: its error line carries the pipeline and run like the others.
+    span.in_scope(|| print_report(&report, &rejects));
     let last_success = after_run(&notify, state.as_mut(), &report)
         .instrument(span)
         .await;

@@ -241,6 +241,12 @@ pub async fn after_run(
 }
 
 fn webhook_url(hook: &WebhookSettings) -> Result<SecretString> {
+    let url = find_webhook_url(hook)?;
+    contactsync_core::remember_secret(url.expose_secret());
+    Ok(url)
+}
+
+fn find_webhook_url(hook: &WebhookSettings) -> Result<SecretString> {
     if let Some(url) = &hook.url {
         return Ok(url.clone());
     }

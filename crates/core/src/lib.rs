@@ -30,7 +30,9 @@ pub use origin::Origin;
 pub use registry::{
     ConnectorSettings, RunningSandbox, SandboxFactory, SandboxOptions, SinkFactory, SourceFactory,
 };
-pub use secret::{resolve_secret, ExposeSecret, SecretString};
+pub use secret::{
+    redact_secrets, remember_secret, resolve_secret, ExposeSecret, SecretString, REDACTED,
+};
 pub use sink::{
     JobProgress, NoProgress, ProgressReporter, RemovalStyle, Sink, SinkCapabilities, SinkContext,
     SinkIntegrity, SinkStore, SinkSummary,

@@ -6,7 +6,62 @@ use std::path::Path;
 
 pub use secrecy::{ExposeSecret, SecretString};
 
+use std::borrow::Cow;
+use std::sync::{OnceLock, RwLock};
+
 use crate::ConfigError;
+
+/// The secret values this process knows (settings, tokens it was given), so that any
+/// text leaving the process can be cleaned of them, whatever its origin: a server that
+/// echoes the request in its error body must not put a password into a log, a report
+/// or a webhook.
+static KNOWN: OnceLock<RwLock<Vec<String>>> = OnceLock::new();
+
+/// What a secret's value becomes in text that leaves the process.
+pub const REDACTED: &str = "[redacted]";
+
+/// Remembers `value` as a secret of this process (values shorter than four characters
+/// are too common in ordinary text to be told apart, and are not remembered).
+pub fn remember_secret(value: &str) {
+    if value.chars().count() < 4 {
+        return;
+    }
+    let known = KNOWN.get_or_init(Default::default);
+    let mut known = known
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !known.iter().any(|k| k == value) {
+        known.push(value.to_string());
+        // Longest first: a secret that holds another is replaced whole.
+        known.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    }
+}
+
+/// `text` with every remembered secret replaced by [`REDACTED`].
+///
+/// ```
+/// use contactsync_core::{redact_secrets, remember_secret};
+/// remember_secret("hunter2-Pw");
+/// assert_eq!(
+///     redact_secrets("401: bad password 'hunter2-Pw'"),
+///     "401: bad password '[redacted]'"
+/// );
+/// ```
+pub fn redact_secrets(text: &str) -> Cow<'_, str> {
+    let Some(known) = KNOWN.get() else {
+        return Cow::Borrowed(text);
+    };
+    let known = known
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut out = Cow::Borrowed(text);
+    for secret in known.iter() {
+        if out.contains(secret.as_str()) {
+            out = Cow::Owned(out.replace(secret.as_str(), REDACTED));
+        }
+    }
+    out
+}
 
 /// Resolves a secret setting `name` of `section` from its inline value or its
 /// `NAME_file` companion (relative to `base_dir`). Exactly one must be given.
@@ -29,7 +84,10 @@ pub fn resolve_secret(
             name,
             format!("both `{name}` and `{name}_file` are set; keep one"),
         )),
-        (Some(secret), None) => Ok(secret),
+        (Some(secret), None) => {
+            remember_secret(secret.expose_secret());
+            Ok(secret)
+        }
         (None, Some(path)) => {
             let path = base_dir.join(path);
             let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -47,6 +105,7 @@ pub fn resolve_secret(
                     format!("{} is empty", path.display()),
                 ));
             }
+            remember_secret(&value);
             Ok(SecretString::from(value))
         }
         (None, None) => Err(ConfigError::key(

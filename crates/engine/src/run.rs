@@ -1027,7 +1027,13 @@ impl<'r> Run<'r> {
     }
 
     /// The one way a record is rejected: counted, logged and written to the rejects file.
-    fn reject(&mut self, rejection: Rejection<'_>) -> Result<(), RunError> {
+    /// Its reason leaves the process: any secret in it (a platform that echoes the
+    /// request) is redacted.
+    fn reject(&mut self, mut rejection: Rejection<'_>) -> Result<(), RunError> {
+        if let std::borrow::Cow::Owned(clean) = contactsync_core::redact_secrets(&rejection.reason)
+        {
+            rejection.reason = clean;
+        }
         self.report.rejected += 1;
         if self.report.rejections.len() < RunReport::FIRST_REJECTIONS {
             self.report.rejections.push(RejectionSummary {
@@ -1405,6 +1411,14 @@ impl<'r> Run<'r> {
 
     /// Step 5: decides the run's status and records the run in the state.
     fn record(&mut self, result: Result<Completion, RunError>, started: Instant) {
+        // The error leaves the process (summary, report, runs, webhooks): whatever its
+        // origin, no secret of this process stays in it.
+        let result = result.map_err(|e| match e {
+            RunError::Locked(message) => {
+                RunError::Locked(contactsync_core::redact_secrets(&message).into_owned())
+            }
+            e => e,
+        });
         let completion = match result {
             Ok(completion) => Some(completion),
             Err(RunError::Locked(message)) => {
@@ -1421,7 +1435,8 @@ impl<'r> Run<'r> {
             }
             Err(e) => {
                 self.report.status = RunStatus::Failed;
-                self.report.error = Some(e.to_string());
+                self.report.error =
+                    Some(contactsync_core::redact_secrets(&e.to_string()).into_owned());
                 None
             }
         };

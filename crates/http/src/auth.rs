@@ -24,14 +24,21 @@ pub enum Auth {
 impl Auth {
     /// HTTP Basic with `username` and `password`.
     pub fn basic(username: impl Into<String>, password: SecretString) -> Self {
-        Auth::Basic {
-            username: username.into(),
-            password,
-        }
+        let username = username.into();
+        // What goes over the wire is `user:password` in base64: as secret as the
+        // password, should a server echo the request back.
+        use base64::Engine as _;
+        contactsync_core::remember_secret(password.expose_secret());
+        contactsync_core::remember_secret(
+            &base64::engine::general_purpose::STANDARD
+                .encode(format!("{username}:{}", password.expose_secret())),
+        );
+        Auth::Basic { username, password }
     }
 
     /// A bearer token.
     pub fn bearer(token: SecretString) -> Self {
+        contactsync_core::remember_secret(token.expose_secret());
         Auth::Bearer(token)
     }
 

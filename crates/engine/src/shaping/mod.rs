@@ -134,6 +134,52 @@ pub(crate) enum Shaped {
 /// that does makes the record fall back to one render a field).
 const SEPARATOR: char = '\u{1f}';
 
+/// The most steps (minijinja's fuel: about one per instruction) one render may take: a
+/// loop over a loop must not hold a run for ever.
+pub const TEMPLATE_FUEL: u64 = 100_000;
+
+/// The most bytes one template may render for one field; a joined render of several
+/// fields may render this much a field.
+pub const MAX_RENDERED_BYTES: usize = 64 * 1024;
+
+/// Globals of minijinja that a template has no use for here, and that let it build
+/// work or text out of nothing (`range`, `dict`, `namespace`) or read the engine's
+/// internals into a field (`debug`): the documented language is fields, filters, tests
+/// and `lookup`.
+const REMOVED_GLOBALS: [&str; 4] = ["range", "dict", "namespace", "debug"];
+
+/// Renders `template` on `view`, at most `limit` bytes: past that the render fails
+/// (`ErrorKind::WriteFailure`, which [`position`] words).
+fn render_bounded(
+    template: &minijinja::Template<'_, '_>,
+    view: &Value,
+    limit: usize,
+) -> Result<String, minijinja::Error> {
+    struct Bounded {
+        out: Vec<u8>,
+        limit: usize,
+    }
+    impl std::io::Write for Bounded {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.out.len() + buf.len() > self.limit {
+                return Err(std::io::Error::other("rendered text too long"));
+            }
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Bounded {
+        out: Vec::new(),
+        limit,
+    };
+    template.render_captured_to(view, &mut out)?;
+    String::from_utf8(out.out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("not UTF-8: {e}")))
+}
+
 impl std::fmt::Debug for RecordShaping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordShaping")
@@ -230,6 +276,19 @@ fn position(error: &minijinja::Error) -> String {
     if text.is_empty() {
         text = error.kind().to_string();
     }
+    match error.kind() {
+        ErrorKind::OutOfFuel => {
+            text = format!(
+                "the template takes more than {TEMPLATE_FUEL} steps for this record; it is rejected rather than left to run"
+            )
+        }
+        ErrorKind::WriteFailure => {
+            text = format!(
+                "the template renders more than {MAX_RENDERED_BYTES} bytes for this record; it is rejected rather than sent"
+            )
+        }
+        _ => {}
+    }
     match error.line() {
         Some(line) => match error.range() {
             Some(range) => format!("{text} (line {line}, at byte {})", range.start),
@@ -250,6 +309,10 @@ impl RecordShaping {
     ) -> Result<Self, ShapingError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        for name in REMOVED_GLOBALS {
+            env.remove_global(name);
+        }
         // Values are data, not HTML: a template named after a field such as
         // `attributes.page.html` must not escape what it renders.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
@@ -368,8 +431,7 @@ impl RecordShaping {
                     .env
                     .get_template(name)
                     .map_err(|e| (field.to_string(), e.to_string()))?;
-                let value = template
-                    .render(view)
+                let value = render_bounded(&template, view, MAX_RENDERED_BYTES)
                     .map_err(|e| (field.to_string(), position(&e)))?;
                 Ok((field.clone(), value))
             })
@@ -385,7 +447,8 @@ impl RecordShaping {
         joined: Option<&String>,
         view: &Value,
     ) -> Option<Vec<(Field, String)>> {
-        let out = self.env.get_template(joined?).ok()?.render(view).ok()?;
+        let template = self.env.get_template(joined?).ok()?;
+        let out = render_bounded(&template, view, MAX_RENDERED_BYTES * templates.len()).ok()?;
         let parts: Vec<&str> = out.split(SEPARATOR).collect();
         (parts.len() == templates.len()).then(|| {
             templates
@@ -461,10 +524,9 @@ impl RecordShaping {
         }
         if let Some(name) = &self.scope_and_map {
             let (contact, out) = with_view(contact, |view| {
-                self.env
-                    .get_template(name)
-                    .ok()
-                    .and_then(|t| t.render(view).ok())
+                self.env.get_template(name).ok().and_then(|t| {
+                    render_bounded(&t, view, MAX_RENDERED_BYTES * (self.map.len() + 1)).ok()
+                })
             });
             match out.as_deref() {
                 Some("0") => return Shaped::Out(contact),
@@ -525,7 +587,9 @@ impl RecordShaping {
             self.env
                 .get_template(name)
                 .map_err(|e| e.to_string())
-                .and_then(|t| t.render(view).map_err(|e| position(&e)))
+                .and_then(|t| {
+                    render_bounded(&t, view, MAX_RENDERED_BYTES).map_err(|e| position(&e))
+                })
                 .map(|out| if out == "1" { Scope::In } else { Scope::Out })
         })
     }
@@ -617,6 +681,46 @@ mod tests {
         assert_eq!(c.attributes["initials"], "AL");
         assert_eq!(c.attributes["kind"], "seller");
         assert_eq!(c.attributes["title"], "Ann Lee");
+    }
+
+    #[test]
+    fn a_template_that_runs_long_or_renders_much_rejects_its_record_naming_the_field() {
+        // Loops over loops over the record's own text: out of fuel, not for ever.
+        let long = "{% for a in email %}{% for b in email %}{% for c in email %}{% for d in email %}x{% endfor %}{% endfor %}{% endfor %}{% endfor %}";
+        // Text doubled into megabytes: over the bound, not sent.
+        let much = "{% set s = email ~ email ~ email ~ email %}{% set s = s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s %}{{ s }}";
+        for (template, words) in [(long, "steps"), (much, "bytes")] {
+            let s = shaping(
+                &[
+                    ("first_name", "{{ first_name }}"),
+                    ("attributes.x", template),
+                ],
+                None,
+            )
+            .unwrap();
+            let failure = s.map(person()).unwrap_err();
+            assert_eq!(failure.field, "attributes.x");
+            assert!(failure.reason.contains(words), "{}", failure.reason);
+        }
+    }
+
+    #[test]
+    fn the_functions_beyond_lookup_are_gone() {
+        for template in [
+            "{{ range(3) }}",
+            "{{ dict(a=1) }}",
+            "{% set ns = namespace(a=1) %}{{ ns.a }}",
+            "{{ debug() }}",
+        ] {
+            let rendered = shaping(&[("attributes.x", template)], None)
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    s.map(person())
+                        .map(|c| c.attributes.get("x").cloned().unwrap_or_default())
+                        .map_err(|f| f.reason)
+                });
+            assert!(rendered.is_err(), "{template}: {rendered:?}");
+        }
     }
 
     #[test]

@@ -160,6 +160,20 @@ fn password_for(
     config: &postgres::Config,
     password_file: Option<&std::path::Path>,
 ) -> Result<Option<String>, String> {
+    let password = find_password(config, password_file)?;
+    if let Some(p) = &password {
+        contactsync_core::remember_secret(p);
+    }
+    if let Some(p) = config.get_password() {
+        contactsync_core::remember_secret(&String::from_utf8_lossy(p));
+    }
+    Ok(password)
+}
+
+fn find_password(
+    config: &postgres::Config,
+    password_file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
     if let Ok(p) = std::env::var("CONTACTSYNC_STATE_PASSWORD") {
         return Ok(Some(p));
     }
