@@ -76,7 +76,7 @@ fn a_truncated_export_is_refused_unless_allowed() {
     let s = scenario(30);
     s.sync("hr", "out", &[]).0.expect_code(0);
     s.write("people.csv", &people_csv(3, |_| "Ann".into()));
-    let (run, report) = s.sync("hr", "out", &[]);
+    let (run, report) = s.sync("hr", "out", &["--metrics", "m.prom"]);
     run.expect_code(4);
     assert_eq!(report["status"], "refused");
     assert!(
@@ -85,6 +85,29 @@ fn a_truncated_export_is_refused_unless_allowed() {
         run.stderr()
     );
     assert_eq!(read_rows(&s.path("out.csv")).len(), 30, "nothing removed");
+    // The counts say what happened (nothing); what would have is the plan's, in its
+    // own words, the same in the report, the summary, `runs` and the metrics.
+    assert_eq!(report["removed"], 0, "{report}");
+    assert_eq!(report["planned"]["removed"], 27, "{report}");
+    assert!(
+        run.stdout()
+            .contains("would have created 0, updated 0, removed 27"),
+        "{}",
+        run.stdout()
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&s.run(&["runs", "--json"]).stdout()).unwrap();
+    let last = runs
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["status"] == "refused"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(!last.to_string().contains("\"removed\":27"), "{last}");
+    let metrics = std::fs::read_to_string(s.path("m.prom")).unwrap();
+    assert!(
+        metrics.contains("contactsync_records{pipeline=\"hr->out\",outcome=\"removed\"} 0"),
+        "{metrics}"
+    );
 
     // An empty file (header only) as well.
     s.write(
@@ -310,6 +333,77 @@ fn a_run_killed_mid_way_is_finished_by_the_next_without_duplicates() {
         [n as u64, 0, 0, 0, n as u64, 0],
         "converged"
     );
+    // The history says what the sink confirmed: the killed run's update (if it was
+    // audited before the kill) was sent, never made durable; the one that was is the
+    // rerun's.
+    let history = s.run(&["history", "person1@example.com"]).stdout();
+    let updates: Vec<&str> = history.lines().filter(|l| l.contains(" update ")).collect();
+    assert_eq!(
+        updates.iter().filter(|l| l.contains("(applied)")).count(),
+        1,
+        "{history}"
+    );
+}
+
+/// Counts say what the sink confirmed: a run interrupted before the CSV file was
+/// written counts no create or update (they are `unconfirmed`), and neither do `runs`
+/// nor the metrics.
+#[test]
+fn an_interrupted_run_counts_nothing_the_sink_did_not_make_durable() {
+    let s = scenario(0);
+    let n = 60_000;
+    s.write("people.csv", &people_csv(n, |_| "Ann".into()));
+    let mut child = s
+        .command(&[
+            "sync",
+            "--from",
+            "hr",
+            "--to",
+            "out",
+            "--report",
+            "report.json",
+            "--metrics",
+            "m.prom",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pending = |s: &Scenario| {
+        let out = s.run(&["state", "show", "--json"]).stdout();
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v[0]["pending"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pending(&s) == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be interrupted"
+        );
+        assert!(std::time::Instant::now() < deadline, "never applying");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("report.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "interrupted");
+    assert_eq!(report["created"], 0, "{report}");
+    assert_eq!(report["unconfirmed"], n as u64, "{report}");
+    let runs = s.run(&["runs", "--json"]).stdout();
+    let runs: serde_json::Value = serde_json::from_str(&runs).unwrap();
+    assert!(!runs.to_string().contains("\"created\":60000"), "{runs}");
+    let metrics = std::fs::read_to_string(s.path("m.prom")).unwrap();
+    assert!(
+        metrics.contains("contactsync_records{pipeline=\"hr->out\",outcome=\"created\"} 0"),
+        "{metrics}"
+    );
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(report["created"], n as u64);
 }
 
 #[test]
@@ -347,4 +441,87 @@ fn state_show_and_reset() {
         3,
         "no duplicates after a reset"
     );
+}
+
+/// A worker that died mid-pipeline leaves its claim: a worker that went by while the
+/// holder was alive looks again before it stops, and runs that pipeline. A worker with
+/// nothing left to run still writes its report (an empty list).
+#[test]
+fn a_dead_workers_claim_is_run_by_a_worker_before_it_stops() {
+    let s = Scenario::new();
+    s.config(
+        r#"
+state = "data/state.db"
+[sources.hr]
+type = "csv"
+path = "people.csv"
+[sinks.out]
+type = "csv"
+path = "out.csv"
+[sinks.out2]
+type = "csv"
+path = "out2.csv"
+[pipelines.second]
+from = "hr"
+to = "out2"
+[pipelines.first]
+from = "hr"
+to = "out"
+"#,
+    );
+    s.write("people.csv", &people_csv(150_000, |_| "Ann".into()));
+    s.run(&["state", "show"]).expect_code(0);
+    // Another worker claimed `second` and is alive for a moment, then dies without
+    // finishing it.
+    let mut holder = std::process::Command::new("sleep")
+        .arg("1")
+        .spawn()
+        .unwrap();
+    let claimed = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket, sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], timeout=10)\n\
+             c.execute(\"INSERT INTO slots (slot, pipeline, worker, status, claimed_at) VALUES ('night', 'hr->out2', ?, 'claimed', '2026-12-06T00:00:00Z')\", (sys.argv[2] + '@' + socket.gethostname(),))\n\
+             c.commit()\n",
+        )
+        .arg(s.path("data/state.db"))
+        .arg(holder.id().to_string())
+        .status()
+        .unwrap();
+    assert!(claimed.success());
+    // Reaped as soon as it ends: a zombie's pid would still look alive.
+    let reaper = std::thread::spawn(move || holder.wait());
+    let worker = s.run(&[
+        "sync",
+        "--all",
+        "--worker",
+        "--slot",
+        "night",
+        "--report",
+        "worker.json",
+    ]);
+    let _ = reaper.join();
+    worker.expect_code(0);
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 150_000);
+    assert_eq!(
+        read_rows(&s.path("out2.csv")).len(),
+        150_000,
+        "the dead worker's pipeline was run: {}",
+        worker.stderr()
+    );
+    // The slot is full: a late worker has nothing to run, and says so in its report.
+    let late = s.run(&[
+        "sync",
+        "--all",
+        "--worker",
+        "--slot",
+        "night",
+        "--report",
+        "late.json",
+    ]);
+    late.expect_code(0);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("late.json")).unwrap()).unwrap();
+    assert_eq!(report["pipelines"], serde_json::json!([]), "{report}");
 }

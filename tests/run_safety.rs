@@ -688,3 +688,41 @@ fn a_state_another_process_keeps_busy_is_locked_not_failed() {
     run.expect_code(0);
     assert_eq!(report["updated"], 5, "{report}");
 }
+
+/// The takeover rule holds for a holder whose process exists but whose heartbeat
+/// stopped (a run suspended with SIGSTOP between two writes): past the heartbeat limit
+/// its lock is taken over, and the run goes on.
+#[test]
+fn a_lock_whose_holder_lives_but_stopped_beating_is_taken_over() {
+    let s = scenario();
+    s.run(&["sync", "--from", "hr", "--to", "out"])
+        .expect_code(0);
+    // A live process (this test's `sleep`) holds the pipeline's lock, its last
+    // heartbeat an hour ago.
+    let mut holder = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let stale = chrono::Utc::now().timestamp() - 3600;
+    let put = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket, sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], timeout=10)\n\
+             c.execute(\"INSERT OR REPLACE INTO locks (name, token, pid, host, pipeline, since, heartbeat) VALUES ('pipeline:hr->out', 'stopped-run', ?, ?, 'hr->out', '2026-12-06T01:00:00Z', ?)\", (int(sys.argv[2]), socket.gethostname(), int(sys.argv[3])))\n\
+             c.commit()\n",
+        )
+        .arg(s.path("data/state.db"))
+        .arg(holder.id().to_string())
+        .arg(stale.to_string())
+        .status()
+        .unwrap();
+    assert!(put.success());
+    s.write("people.csv", &people_csv(5, |_| "Bea".into()));
+    let (run, report) = s.sync("hr", "out", &[]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    run.expect_code(0);
+    assert_eq!(report["updated"], 5, "{report}");
+    assert!(run.stderr().contains("took over"), "{}", run.stderr());
+}

@@ -499,7 +499,8 @@ fn runs_command(
 
 fn history_command(path: &StateLocation, who: &str, json: bool) -> Result<u8, Failure> {
     let mut state = path.open().map_err(state_failure)?;
-    let entries = state.history(who).map_err(|e| failed(anyhow!(e)))?;
+    let entries =
+        contactsync_engine::history(state.as_mut(), who).map_err(|e| failed(anyhow!(e)))?;
     if json {
         say!(
             "{}",
@@ -913,7 +914,8 @@ async fn sync(settings: &Settings, args: SyncArgs) -> Result<u8, Failure> {
         .iter()
         .filter_map(|(_, f)| f.report.as_ref())
         .collect();
-    if let (Some(path), false) = (&args.report, reports.is_empty()) {
+    // A worker with nothing left to run still writes its report: an empty list.
+    if let (Some(path), true) = (&args.report, !reports.is_empty() || args.worker) {
         let json = if many {
             serde_json::to_string_pretty(&serde_json::json!({ "pipelines": reports }))
         } else {
@@ -965,35 +967,47 @@ async fn work_the_slot(
     let mut claims = settings.state.open().map_err(state_failure)?;
     let mut args = args.clone();
     args.wait_for_lock = Some(args.wait_for_lock.unwrap_or(WORKER_LOCK_WAIT));
-    let mut done = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        if cancel.is_cancelled() {
-            break;
+    let mut done: Vec<(usize, Finished)> = Vec::new();
+    // Pass after pass: before it stops, a worker looks again for the claims of workers
+    // that died mid-pipeline after it went by (a pool that had passed such a pipeline
+    // would otherwise never run it that night). A pass that claims nothing ends it.
+    let mut claimed_in_pass = true;
+    while claimed_in_pass && !cancel.is_cancelled() {
+        claimed_in_pass = false;
+        for (i, job) in jobs.iter().enumerate() {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if done.iter().any(|(d, _)| *d == i) {
+                continue;
+            }
+            let pipeline = Pipeline::id(&job.from, &job.to);
+            if !claims
+                .claim_slot(&slot, &pipeline, &worker)
+                .map_err(|e| failed(anyhow!(e)))?
+            {
+                tracing::info!(%slot, %pipeline, "run in this slot already, or by another worker");
+                continue;
+            }
+            claimed_in_pass = true;
+            say(
+                tracing::Level::INFO,
+                &format!("worker {worker}: {} (slot {slot})", job.name),
+            );
+            let result = sync_one(settings, &args, job, many, false, sandboxes, cancel).await;
+            let finished = Finished::or_failed(result, job.clone());
+            let status = finished
+                .report
+                .as_ref()
+                .map(|r| r.status.as_str())
+                .unwrap_or("error");
+            claims
+                .finish_slot(&slot, &pipeline, status)
+                .map_err(|e| failed(anyhow!(e)))?;
+            done.push((i, finished));
         }
-        let pipeline = Pipeline::id(&job.from, &job.to);
-        if !claims
-            .claim_slot(&slot, &pipeline, &worker)
-            .map_err(|e| failed(anyhow!(e)))?
-        {
-            tracing::info!(%slot, %pipeline, "run in this slot already, or by another worker");
-            continue;
-        }
-        say(
-            tracing::Level::INFO,
-            &format!("worker {worker}: {} (slot {slot})", job.name),
-        );
-        let result = sync_one(settings, &args, job, many, false, sandboxes, cancel).await;
-        let finished = Finished::or_failed(result, job.clone());
-        let status = finished
-            .report
-            .as_ref()
-            .map(|r| r.status.as_str())
-            .unwrap_or("error");
-        claims
-            .finish_slot(&slot, &pipeline, status)
-            .map_err(|e| failed(anyhow!(e)))?;
-        done.push((i, finished));
     }
+    done.sort_by_key(|(i, _)| *i);
     if done.is_empty() {
         say(
             tracing::Level::WARN,
@@ -1361,13 +1375,25 @@ fn print_report(report: &RunReport, rejects: &Path) {
     } else {
         report.status.as_str()
     };
-    let planned = report.dry_run || report.status == RunStatus::Refused;
+    // A refused run did nothing: its counts are 0, and what it would have done is the
+    // plan's.
+    let (planned, counts) = match (&report.planned, report.dry_run) {
+        (Some(plan), _) => (true, *plan),
+        (None, dry_run) => (
+            dry_run,
+            contactsync_engine::ChangeCounts {
+                created: report.created,
+                updated: report.updated,
+                removed: report.removed,
+            },
+        ),
+    };
     let counts = format!(
         "{}created {}, updated {}, removed {}",
         if planned { "would have " } else { "" },
-        report.created,
-        report.updated,
-        report.removed
+        counts.created,
+        counts.updated,
+        counts.removed
     );
     say!(
         "{word}: {}: read {}, {counts}, unchanged {}, rejected {}{}{}{} ({:.1} s)",

@@ -21,13 +21,13 @@ pub mod state;
 
 pub use preview::{preview, PreviewOutcome, PreviewRecord};
 pub use report::{
-    GuardVerdict, PlanError, PlannedChange, RejectStage, RejectionSummary, RejectsWriter,
-    RunReport, RunStatus,
+    ChangeCounts, GuardVerdict, PlanError, PlannedChange, RejectStage, RejectionSummary,
+    RejectsWriter, RunReport, RunStatus,
 };
 pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};
 pub use settings::{OutOfScope, PipelineSettings, SyncMode, DEFAULT_MAX_REMOVAL_RATIO};
 pub use shaping::{Lookups, RecordShaping, ShapingError};
 pub use state::{
-    AuditEntry, LockAttempt, LockHolder, PostgresState, RunRecord, SqliteState, StateError,
-    StateItem, StateLocation, StateStore,
+    history, AuditEntry, LockAttempt, LockHolder, PostgresState, RunRecord, SqliteState,
+    StateError, StateItem, StateLocation, StateStore,
 };

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use contactsync_core::{Change, ChangeKind, ContactKey, FieldChange, Origin, RecordError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::settings::SyncMode;
 
@@ -242,6 +242,10 @@ pub struct RunReport {
     pub unconfirmed: u64,
     /// Changes of earlier, interrupted runs settled at the start of this one.
     pub recovered: u64,
+    /// What a refused run would have done (the guard refused it: `created`, `updated`
+    /// and `removed` are 0, since nothing was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned: Option<ChangeCounts>,
     /// Removals settled without a call, because the address they would have reached
     /// now belongs to another person of this run (see `ARCHITECTURE.md`, the address
     /// rule): the person removed is gone from the state, the address holder untouched.
@@ -292,6 +296,28 @@ pub struct RejectionSummary {
     pub reason: String,
 }
 
+/// Changes by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeCounts {
+    /// Creates.
+    pub created: u64,
+    /// Updates.
+    pub updated: u64,
+    /// Removals.
+    pub removed: u64,
+}
+
+impl ChangeCounts {
+    /// Counts one change of `kind`.
+    pub fn count(&mut self, kind: contactsync_core::ChangeKind) {
+        match kind {
+            contactsync_core::ChangeKind::Create => self.created += 1,
+            contactsync_core::ChangeKind::Update => self.updated += 1,
+            contactsync_core::ChangeKind::Remove => self.removed += 1,
+        }
+    }
+}
+
 impl RunReport {
     /// How many rejections a report lists.
     pub const FIRST_REJECTIONS: usize = 20;
@@ -315,6 +341,7 @@ impl RunReport {
             unknown: 0,
             unconfirmed: 0,
             recovered: 0,
+            planned: None,
             address_taken: 0,
             removals_held: 0,
             removals_held_reason: None,

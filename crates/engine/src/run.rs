@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use crate::addresses::AddressBook;
 use crate::index::{ContactIndex, Seen};
 use crate::report::{
-    GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, RejectionSummary,
-    RejectsWriter, RunReport, RunStatus,
+    ChangeCounts, GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage,
+    RejectionSummary, RejectsWriter, RunReport, RunStatus,
 };
 use crate::settings::{FieldMapping, OutOfScope, PipelineSettings};
 use crate::shaping::{FieldFailure, Lookups, RecordShaping, Shaped, ShapingError};
@@ -201,6 +201,7 @@ pub async fn run(
         report: RunReport::new(&pipeline.name, pipeline.settings.mode, options.dry_run),
         rejects: RejectsWriter::counting(),
         capabilities: sink.capabilities(),
+        awaiting_finish: ChangeCounts::default(),
     };
     let holder = LockHolder::current(&pipeline.name);
     let result = match run.lock(&holder).await {
@@ -235,6 +236,9 @@ struct Run<'r> {
     report: RunReport,
     rejects: RejectsWriter,
     capabilities: SinkCapabilities,
+    /// Changes a sink durable at its finish took, not yet made durable: counted in the
+    /// report only once its finish succeeds.
+    awaiting_finish: ChangeCounts,
 }
 
 /// A record that cannot be synced, on its way to the rejects file.
@@ -1079,6 +1083,16 @@ impl<'r> Run<'r> {
             allowed,
         });
         if !allowed {
+            // Nothing was done: the counts say so, and what would have been done is
+            // the plan's (a dry run's counts are its plan already).
+            if !self.options.dry_run {
+                let report = &mut self.report;
+                report.planned = Some(ChangeCounts {
+                    created: std::mem::take(&mut report.created),
+                    updated: std::mem::take(&mut report.updated),
+                    removed: std::mem::take(&mut report.removed),
+                });
+            }
             self.report.status = RunStatus::Refused;
             self.report.error = Some(format!(
                 "refused: this run would remove {removals} of {population} synced contacts ({:.1}%), more than max_removal_ratio {:.1}%. \
@@ -1168,6 +1182,15 @@ impl<'r> Run<'r> {
                 seconds = started.elapsed().as_secs_f64(),
                 "the sink's changes are recorded as synced"
             );
+            // Made durable now, and only now: what the report counts.
+            let done = std::mem::take(&mut self.awaiting_finish);
+            self.report.created += done.created;
+            self.report.updated += done.updated;
+            self.report.removed += done.removed;
+            self.report.unconfirmed = self
+                .report
+                .unconfirmed
+                .saturating_sub(done.created + done.updated + done.removed);
         }
         let summary = sink.summary();
         self.report.unknown_in_sink = summary.unknown_in_sink;
@@ -1267,12 +1290,18 @@ impl<'r> Run<'r> {
             let kept_handle = || change.previous().and_then(|p| p.handle.clone());
             match outcome {
                 Outcome::Applied { handle } => {
-                    settled += 1;
                     if let Some(why) = taken {
+                        settled += 1;
                         tracing::info!(key = %key, "{why}");
                         self.report.address_taken += 1;
                         audit.push(("address_taken", Some(why)));
+                    } else if durable_at_finish {
+                        // Taken, not yet made durable: counted (and confirmed) once the
+                        // sink's finish succeeds; the history says `sent` until then.
+                        audit.push(("sent", None));
+                        self.awaiting_finish.count(kind);
                     } else {
+                        settled += 1;
                         audit.push(("applied", None));
                         match kind {
                             ChangeKind::Create => self.report.created += 1,

@@ -100,8 +100,15 @@ pub(crate) fn kind(kind: ChangeKind) -> Value {
 /// The words stored as integers, by position. Append only: a position is the format.
 /// The commonest first: SQLite stores the integers 0 and 1 in no bytes at all, and a
 /// first sync's audit is one `create`, `applied` a person.
-const WORDS: [&str; 6] = [
-    "create", "applied", "update", "remove", "rejected", "unknown",
+const WORDS: [&str; 8] = [
+    "create",
+    "applied",
+    "update",
+    "remove",
+    "rejected",
+    "unknown",
+    "sent",
+    "address_taken",
 ];
 
 #[cfg(test)]

@@ -328,6 +328,38 @@ pub struct RunRecord {
     pub report: Option<String>,
 }
 
+/// What happened to the person `who` (see [`StateStore::history`]), with each change a
+/// sink durable at its finish took (`sent`) told as it ended: `applied` when its run's
+/// finish made it durable (the run ended `synced`, `finished_with_rejects` or
+/// `removals_held`), else `sent, not confirmed` with why. A change is never said to be
+/// applied before the sink made it so.
+pub fn history(state: &mut dyn StateStore, who: &str) -> Result<Vec<AuditEntry>, StateError> {
+    let mut entries = state.history(who)?;
+    let mut statuses: std::collections::HashMap<(String, i64), Option<String>> = Default::default();
+    for entry in entries.iter_mut().filter(|e| e.outcome == "sent") {
+        let key = (entry.pipeline.clone(), entry.run);
+        if !statuses.contains_key(&key) {
+            for run in state.runs(Some(&entry.pipeline), 1_000_000)? {
+                statuses.insert((run.pipeline.clone(), run.run), run.status.clone());
+            }
+        }
+        let status = statuses.get(&key).cloned().flatten();
+        match status.as_deref() {
+            Some("synced" | "finished_with_rejects" | "removals_held") => {
+                entry.outcome = "applied".into();
+            }
+            other => {
+                entry.outcome = "sent, not confirmed".into();
+                entry.reason = Some(format!(
+                    "the run ended {} before the sink made it durable; the next run sent it again",
+                    other.unwrap_or("without a word (killed)")
+                ));
+            }
+        }
+    }
+    Ok(entries)
+}
+
 /// One change the sink was asked to make, kept for `contactsync history`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AuditEntry {
@@ -681,4 +713,59 @@ pub(crate) fn with_created_fields(mut entry: AuditEntry) -> AuditEntry {
         entry.fields = serde_json::Value::Object(map).to_string();
     }
     entry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(pipeline: &str, run: i64) -> AuditEntry {
+        AuditEntry {
+            pipeline: pipeline.into(),
+            run,
+            at: 0,
+            key: "external_id:E1".into(),
+            email: Some("ann@example.com".into()),
+            kind: "update".into(),
+            outcome: "sent".into(),
+            reason: None,
+            fields: "[]".into(),
+            created: None,
+        }
+    }
+
+    #[test]
+    fn a_sent_change_is_applied_only_when_its_run_made_it_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let (killed, _) = state.begin_run("hr->out").unwrap();
+        state.record_audit(&[sent("hr->out", killed)]).unwrap();
+        let (failed, _) = state.begin_run("hr->out").unwrap();
+        state.record_audit(&[sent("hr->out", failed)]).unwrap();
+        state
+            .finish_run("hr->out", failed, "failed", "{}", None, false)
+            .unwrap();
+        let (synced, _) = state.begin_run("hr->out").unwrap();
+        state.record_audit(&[sent("hr->out", synced)]).unwrap();
+        state
+            .finish_run("hr->out", synced, "synced", "{}", None, false)
+            .unwrap();
+        let entries = history(&mut state, "ann@example.com").unwrap();
+        let outcomes: Vec<(&str, Option<&str>)> = entries
+            .iter()
+            .map(|e| (e.outcome.as_str(), e.reason.as_deref()))
+            .collect();
+        assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+        assert_eq!(outcomes[0].0, "sent, not confirmed");
+        assert!(
+            outcomes[0].1.is_some_and(|r| r.contains("killed")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[1].0, "sent, not confirmed");
+        assert!(
+            outcomes[1].1.is_some_and(|r| r.contains("failed")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[2], ("applied", None));
+    }
 }
