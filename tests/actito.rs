@@ -349,6 +349,11 @@ async fn a_bulk_run_unsubscribes_who_the_source_unsubscribed() {
         1,
         "the first sync is a bulk one"
     );
+    assert_eq!(
+        sandbox.stats().profile_posts,
+        0,
+        "the subscriptions travel in the import file (Y/N columns), not one call a person"
+    );
     let p7 = profile(&sandbox, "E7").unwrap();
     assert_eq!(p7.subscriptions.get("Newsletter"), Some(&true), "{p7:?}");
     // 55 people lose every subscription in the source: a bulk run again.
@@ -370,6 +375,7 @@ async fn a_bulk_run_unsubscribes_who_the_source_unsubscribed() {
     run.expect_code(0);
     assert_eq!(counts(&report)[2], 55, "{report}");
     assert_eq!(sandbox.stats().imports_posted, 2, "a bulk import");
+    assert_eq!(sandbox.stats().profile_posts, 0, "and no call a person");
     let p7 = profile(&sandbox, "E7").unwrap();
     assert_eq!(
         p7.subscriptions.get("Newsletter"),

@@ -393,13 +393,21 @@ impl ActitoSink {
             )?;
             return Ok(None);
         }
-        // Columns: every attribute any row sets, key column first.
+        // Columns: every attribute any row sets, key column first, then one column a
+        // subscription the rows set (`Y` or `N`, Actito's import format). The caller
+        // hands rows that all set the same ones: no row has a cell it does not set.
         let key_column = schema.key_attribute().to_string();
         let mut columns: Vec<String> = vec![key_column.clone()];
+        let mut subscription_columns: Vec<String> = Vec::new();
         for (_, p) in upserts {
             for (name, _) in &p.attributes {
                 if !columns.contains(name) {
                     columns.push(name.clone());
+                }
+            }
+            for (name, _) in &p.subscriptions {
+                if !subscription_columns.contains(name) {
+                    subscription_columns.push(name.clone());
                 }
             }
         }
@@ -411,12 +419,25 @@ impl ActitoSink {
                     .iter()
                     .filter_map(|(n, v)| v.as_deref().map(|v| (n.as_str(), v)))
                     .collect();
+                let subscribed: HashMap<&str, bool> = p
+                    .subscriptions
+                    .iter()
+                    .map(|(n, on)| (n.as_str(), *on))
+                    .collect();
                 columns
                     .iter()
                     .map(|c| values.get(c.as_str()).copied().unwrap_or("").to_string())
+                    .chain(subscription_columns.iter().map(|c| {
+                        match subscribed.get(c.as_str()) {
+                            Some(true) => "Y",
+                            _ => "N",
+                        }
+                        .to_string()
+                    }))
                     .collect()
             })
             .collect();
+        columns.extend(subscription_columns);
         let zip = BulkImporter::zip_csv(&columns, &rows)?;
         if zip.len() > MAX_ZIP_BYTES {
             return Err(ConnectorError::Limit(format!(
@@ -838,10 +859,18 @@ impl Sink for ActitoSink {
                                 continue;
                             }
                             let grants = p.subscriptions.iter().any(|(_, on)| *on);
-                            let exists = change.kind() == ChangeKind::Create
-                                && grants
+                            let create = change.kind() == ChangeKind::Create;
+                            // In bulk, every create is asked about (one table read in
+                            // `begin`): a profile new to Actito gets a `Y` or `N` cell
+                            // for every managed subscription, so that all new profiles
+                            // share one import.
+                            let full_row =
+                                create && self.mode == Mode::Bulk && !p.subscriptions.is_empty();
+                            let exists = create
+                                && (grants || full_row)
                                 && !ctx.resubscribe
                                 && self.exists(&schema, &p.key_value).await?;
+                            let every = p.subscriptions.clone();
                             p.subscriptions = subscription_delta(
                                 &schema,
                                 change,
@@ -849,6 +878,10 @@ impl Sink for ActitoSink {
                                 ctx.resubscribe,
                                 exists,
                             );
+                            // New to Actito: an `N` withdraws nothing it could have.
+                            if full_row && !exists {
+                                p.subscriptions = every;
+                            }
                             owned_attributes(&schema, change, &mut p, self.mode == Mode::OneByOne);
                             upserts.push((i, p, change.kind() == ChangeKind::Update))
                         }
@@ -878,7 +911,17 @@ impl Sink for ActitoSink {
             let mut groups: std::collections::BTreeMap<Vec<String>, Vec<(usize, Prepared, bool)>> =
                 Default::default();
             for (i, p, clear) in upserts {
-                let names = p.attributes.iter().map(|(n, _)| n.clone()).collect();
+                // The cells a row has: its attributes and its subscriptions.
+                let names: Vec<String> = p
+                    .attributes
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .chain(
+                        p.subscriptions
+                            .iter()
+                            .map(|(n, _)| format!("subscription:{n}")),
+                    )
+                    .collect();
                 groups.entry(names).or_default().push((i, p, clear));
             }
             let mut groups: Vec<Vec<(usize, Prepared, bool)>> = groups.into_values().collect();
@@ -896,13 +939,12 @@ impl Sink for ActitoSink {
                     group.iter().map(|(i, p, _)| (*i, p.clone())).collect();
                 match self.bulk(&schema, batch, &rows, skipped, ctx).await? {
                     Some(results) => {
-                        // A bulk row carries attributes only: the subscriptions the
-                        // source changed follow one profile at a time, and a person is
-                        // recorded as applied only when both went through.
+                        // A bulk row carries attributes and subscriptions (`Y`/`N`
+                        // columns): the segmentations the source changed follow one
+                        // profile at a time, and a person is recorded as applied only
+                        // when both went through.
                         for ((i, p), o) in rows.iter().zip(results) {
-                            let consent =
-                                !p.subscriptions.is_empty() || !p.segmentations.is_empty();
-                            if matches!(o, Outcome::Applied { .. }) && consent {
+                            if matches!(o, Outcome::Applied { .. }) && !p.segmentations.is_empty() {
                                 let only = Prepared {
                                     key_value: p.key_value.clone(),
                                     attributes: p
@@ -911,7 +953,7 @@ impl Sink for ActitoSink {
                                         .filter(|(n, _)| n == schema.key_attribute())
                                         .cloned()
                                         .collect(),
-                                    subscriptions: p.subscriptions.clone(),
+                                    subscriptions: Vec::new(),
                                     segmentations: p.segmentations.clone(),
                                 };
                                 work.push((*i, Work::Upsert(only, false)));

@@ -70,15 +70,33 @@ fn process(shared: &Shared, id: u64) {
                 continue;
             }
         }
-        let input = ProfileInput {
-            attributes: import
-                .header
-                .iter()
-                .zip(row)
-                .map(|(h, v)| (h.clone(), (!v.is_empty()).then(|| v.clone())))
-                .collect(),
-            ..ProfileInput::default()
-        };
+        let mut input = ProfileInput::default();
+        let mut bad = None;
+        for (h, v) in import.header.iter().zip(row) {
+            if !table.def.subscriptions.contains(h) {
+                input
+                    .attributes
+                    .push((h.clone(), (!v.is_empty()).then(|| v.clone())));
+                continue;
+            }
+            // `Y` subscribes, `N` unsubscribes. What a blank cell does is not
+            // documented: the sandbox refuses the row, so that a client sending one
+            // is caught.
+            match v.trim() {
+                "Y" | "y" => input.subscriptions.push((h.clone(), true)),
+                "N" | "n" => input.subscriptions.push((h.clone(), false)),
+                other => {
+                    bad = Some(format!(
+                        "the subscription column {h} holds {other:?}: Y or N"
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = bad {
+            import.errors.push((row.clone(), reason));
+            continue;
+        }
         match table.write(&input, create, update, &mut next, &stamp) {
             Ok((_, true)) => import.created += 1,
             Ok((_, false)) => import.updated += 1,

@@ -382,3 +382,62 @@ async fn faults_stats_persistence_and_registry() {
 fn json_of(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).expect("json")
 }
+
+/// Subscriptions travel in an import file as one column a subscription, named after it,
+/// `Y` or `N` (Actito's import documentation); a blank or other value refuses the row.
+#[tokio::test]
+async fn an_import_sets_subscriptions_from_y_and_n_columns() {
+    let sb = start(SandboxConfig::default()).await;
+    let http = reqwest::Client::new();
+    let t = token(&http, &sb).await;
+    let url = format!("{}/v4/entity/demo/table/contacts/import", sb.base_url());
+    let params = json!({"format":"COMMA_SEPARATED_VALUES","charset":"UTF-8","mode":"CREATE_UPDATE","headerKeyColumn":"emailAddress"});
+    let csv = "emailAddress,Newsletter,Events\n\
+               ann@example.com,Y,N\n\
+               bob@example.com,N,Y\n\
+               cy@example.com,,Y\n\
+               di@example.com,maybe,Y\n";
+    let r = http
+        .post(&url)
+        .bearer_auth(&t)
+        .multipart(import_form(csv, params))
+        .send()
+        .await
+        .expect("s");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.bytes().await.map(|b| json_of(&b)).expect("body");
+    let status_url = format!("{}/v4/entity/demo/import/{}", sb.base_url(), v["id"]);
+    for _ in 0..200 {
+        let v: Value = http
+            .get(&status_url)
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("s")
+            .bytes()
+            .await
+            .map(|b| json_of(&b))
+            .expect("body");
+        if v["status"] == "FINISHED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ann = sb
+        .profile_where("contacts", "emailAddress", "ann@example.com")
+        .expect("ann");
+    assert_eq!(ann.subscriptions.get("Newsletter"), Some(&true));
+    assert_eq!(ann.subscriptions.get("Events"), Some(&false));
+    let bob = sb
+        .profile_where("contacts", "emailAddress", "bob@example.com")
+        .expect("bob");
+    assert_eq!(bob.subscriptions.get("Newsletter"), Some(&false));
+    assert_eq!(bob.subscriptions.get("Events"), Some(&true));
+    for refused in ["cy@example.com", "di@example.com"] {
+        assert!(
+            sb.profile_where("contacts", "emailAddress", refused)
+                .is_none(),
+            "{refused}: a blank or unknown Y/N cell refuses the row"
+        );
+    }
+}

@@ -183,8 +183,12 @@ pub(super) fn parse_import(
     let state = shared.lock();
     let def = &state.store.tables.get(table).ok_or("no table")?.def;
     for h in &header {
-        if def.attribute(h).is_none() {
-            return Err(format!("unknown column {h}: not an attribute of the table"));
+        // A column named after a subscription holds `Y` or `N` (Actito's import
+        // documentation, "Structuring an Excel file to Import Profiles").
+        if def.attribute(h).is_none() && !def.subscriptions.contains(h) {
+            return Err(format!(
+                "unknown column {h}: not an attribute or a subscription of the table"
+            ));
         }
     }
     match (&key_column, mode) {
