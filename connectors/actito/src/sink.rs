@@ -541,10 +541,12 @@ impl ActitoSink {
             }
         };
         ctx.store.remove(&store_key)?;
-        let mut by_key: HashMap<&str, usize> = HashMap::new();
+        // Keys compared as Actito compares them: an address it normalised (case,
+        // spaces) is still the row's.
+        let mut by_key: HashMap<String, usize> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
             if let Some(k) = k {
-                by_key.insert(k.as_str(), i);
+                by_key.insert(Schema::existing_key(k), i);
             }
         }
         let mut outcomes: Vec<Outcome> = keys
@@ -561,7 +563,7 @@ impl ActitoSink {
             let index = row
                 .key
                 .as_deref()
-                .and_then(|k| by_key.get(k).copied())
+                .and_then(|k| by_key.get(&Schema::existing_key(k)).copied())
                 .or_else(|| {
                     row.line
                         .and_then(|l| l.checked_sub(1))
@@ -582,7 +584,19 @@ impl ActitoSink {
             }
         }
         if unmatched > 0 {
-            tracing::warn!("{label}: {unmatched} rejected rows could not be matched to a change");
+            // Some row was rejected, and which is not known: no row that looks applied
+            // is recorded as applied; they are all sent again.
+            tracing::warn!("{label}: {unmatched} rejected rows could not be matched to a change; its applied rows are sent again");
+            for outcome in outcomes
+                .iter_mut()
+                .filter(|o| matches!(o, Outcome::Applied { .. }))
+            {
+                *outcome = Outcome::Unknown {
+                    reason: format!(
+                        "{label} rejected a row that cannot be told apart; sent again next run"
+                    ),
+                };
+            }
         }
         tracing::info!(
             rows = keys.len(),

@@ -571,7 +571,7 @@ impl PoppuloSink {
                     } else {
                         Vec::new()
                     };
-                    let verdicts = verdicts(emails, &rejected);
+                    let (mut verdicts, unmatched) = verdicts(emails, &rejected);
                     let listed =
                         results.invalid + results.duplicates + results.previously_opted_out;
                     if listed as usize != rejected.len() {
@@ -580,6 +580,17 @@ impl PoppuloSink {
                             "{label}: results count {listed} rejected rows, the list holds {}",
                             rejected.len()
                         );
+                    }
+                    // A rejection that cannot be matched to a row (an address Poppulo
+                    // rewrote, a list shorter than the count) leaves every row that
+                    // looks applied uncertain: none is recorded as applied.
+                    if unmatched > 0 || listed as usize > rejected.len() {
+                        tracing::warn!(import = %href, unmatched, "{label}: rejected rows that match no row sent; its applied rows are sent again");
+                        for verdict in verdicts.iter_mut().filter(|v| **v == RowResult::Applied) {
+                            *verdict = RowResult::Unknown(
+                                "Poppulo rejected a row of this import that cannot be told apart; sent again next run".into(),
+                            );
+                        }
                     }
                     tracing::info!(
                         import = %href,
@@ -979,8 +990,8 @@ async fn sleep(cancel: &contactsync_core::CancellationToken, wait: Duration) -> 
 /// Maps Poppulo's rejected rows back onto the rows by email (compared ignoring case):
 /// a duplicate is a later row with an email seen earlier, so duplicates take the last
 /// rows of their email; invalid and opted-out rows take the first ones not yet taken.
-/// Every other row is applied.
-fn verdicts(emails: &[String], rejected: &[RejectedRow]) -> Vec<RowResult> {
+/// Every other row is applied. Also says how many rejected rows matched no row.
+fn verdicts(emails: &[String], rejected: &[RejectedRow]) -> (Vec<RowResult>, usize) {
     let mut by_email: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, e) in emails.iter().enumerate() {
         by_email.entry(e.to_lowercase()).or_default().push(i);
@@ -995,9 +1006,11 @@ fn verdicts(emails: &[String], rejected: &[RejectedRow]) -> Vec<RowResult> {
             .iter()
             .filter(|r| r.kind != RejectionKind::Duplicate),
     );
+    let mut unmatched = 0;
     for row in ordered {
         let Some(indices) = by_email.get(&row.email.trim().to_lowercase()) else {
             tracing::warn!("Poppulo listed a rejected row for an email not in the import");
+            unmatched += 1;
             continue;
         };
         let free = |i: &&usize| verdict[**i].is_none();
@@ -1006,17 +1019,19 @@ fn verdicts(emails: &[String], rejected: &[RejectedRow]) -> Vec<RowResult> {
         } else {
             indices.iter().find(free)
         };
-        if let Some(&i) = slot {
-            verdict[i] = Some(row.kind);
+        match slot {
+            Some(&i) => verdict[i] = Some(row.kind),
+            None => unmatched += 1,
         }
     }
-    verdict
+    let verdicts = verdict
         .into_iter()
         .map(|v| match v {
             None => RowResult::Applied,
             Some(kind) => RowResult::Rejected(kind),
         })
-        .collect()
+        .collect();
+    (verdicts, unmatched)
 }
 
 /// Whether following a stored import failed for good: the import is gone (404, 410),
@@ -1261,7 +1276,7 @@ mod tests {
         let emails: Vec<String> = ["a@x.org", "b@x.org", "A@X.org", "c@x.org"]
             .map(String::from)
             .to_vec();
-        let out = verdicts(
+        let (out, unmatched) = verdicts(
             &emails,
             &[
                 row(RejectionKind::Invalid, "c@x.org"),
@@ -1278,6 +1293,10 @@ mod tests {
                 RowResult::Rejected(RejectionKind::Duplicate),
                 RowResult::Rejected(RejectionKind::Invalid),
             ]
+        );
+        assert_eq!(
+            unmatched, 1,
+            "zzz@ was in no row: its verdict cannot be placed"
         );
         assert!(
             matches!(outcome(&out[1]), Outcome::Rejected { retry: false, reason, .. } if reason == REASON_OPTED_OUT)
