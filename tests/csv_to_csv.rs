@@ -291,25 +291,7 @@ fn a_run_killed_mid_way_is_finished_by_the_next_without_duplicates() {
         .spawn()
         .unwrap();
     // Kill it while it applies: once a batch is recorded as pending, not before.
-    let pending = |s: &Scenario| {
-        let out = s.run(&["state", "show", "--json"]).stdout();
-        serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v[0]["pending"].as_u64())
-            .unwrap_or(0)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while pending(&s) == 0 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never started applying"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until_applying(&s, &mut child);
     unsafe {
         libc::kill(child.id() as i32, libc::SIGKILL);
     }
@@ -368,22 +350,7 @@ fn an_interrupted_run_counts_nothing_the_sink_did_not_make_durable() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let pending = |s: &Scenario| {
-        let out = s.run(&["state", "show", "--json"]).stdout();
-        serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v[0]["pending"].as_u64())
-            .unwrap_or(0)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while pending(&s) == 0 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be interrupted"
-        );
-        assert!(std::time::Instant::now() < deadline, "never applying");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until_applying(&s, &mut child);
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
@@ -524,4 +491,30 @@ to = "out"
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(s.path("late.json")).unwrap()).unwrap();
     assert_eq!(report["pipelines"], serde_json::json!([]), "{report}");
+}
+
+/// The batches the state holds as pending (0 when it cannot tell).
+fn pending(s: &Scenario) -> u64 {
+    let out = s.run(&["state", "show", "--json"]).stdout();
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .and_then(|v| v[0]["pending"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until `child`'s run applies (a batch is pending), and fails the test if it
+/// ended first or never got there.
+fn wait_until_applying(s: &Scenario, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pending(s) == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be stopped"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started applying"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

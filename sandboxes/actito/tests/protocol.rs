@@ -225,25 +225,7 @@ async fn imports_are_checked_queued_and_limited_to_12_a_day() {
     assert_eq!(sb.stats().imports_posted, 12);
     let last = &ids[11];
     let status_url = format!("{}/v4/entity/demo/import/{last}", sb.base_url());
-    let mut finished = false;
-    for _ in 0..200 {
-        let v: Value = http
-            .get(&status_url)
-            .bearer_auth(&t)
-            .send()
-            .await
-            .expect("s")
-            .bytes()
-            .await
-            .map(|b| json_of(&b))
-            .expect("body");
-        if v["status"] == "FINISHED" {
-            finished = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(finished);
+    assert!(finished(&http, &t, &status_url).await);
     let result: Value = http
         .get(format!("{status_url}/result"))
         .bearer_auth(&t)
@@ -407,22 +389,7 @@ async fn an_import_sets_subscriptions_from_y_and_n_columns() {
     assert_eq!(r.status(), 200);
     let v: Value = r.bytes().await.map(|b| json_of(&b)).expect("body");
     let status_url = format!("{}/v4/entity/demo/import/{}", sb.base_url(), v["id"]);
-    for _ in 0..200 {
-        let v: Value = http
-            .get(&status_url)
-            .bearer_auth(&t)
-            .send()
-            .await
-            .expect("s")
-            .bytes()
-            .await
-            .map(|b| json_of(&b))
-            .expect("body");
-        if v["status"] == "FINISHED" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(finished(&http, &t, &status_url).await);
     let ann = sb
         .profile_where("contacts", "emailAddress", "ann@example.com")
         .expect("ann");
@@ -440,4 +407,25 @@ async fn an_import_sets_subscriptions_from_y_and_n_columns() {
             "{refused}: a blank or unknown Y/N cell refuses the row"
         );
     }
+}
+
+/// Polls the import at `status_url` until it is FINISHED (`false` after 10 s).
+async fn finished(http: &reqwest::Client, token: &str, status_url: &str) -> bool {
+    for _ in 0..200 {
+        let v: Value = http
+            .get(status_url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("s")
+            .bytes()
+            .await
+            .map(|b| json_of(&b))
+            .expect("body");
+        if v["status"] == "FINISHED" {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
