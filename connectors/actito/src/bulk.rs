@@ -29,6 +29,10 @@ use crate::client::{answer_error, error_text, id_text, parse_json, ActitoClient,
 /// The file name of the CSV inside the zip.
 pub const CSV_NAME: &str = "profiles.csv";
 
+/// The most attempts of an import POST answered 429: a licence whose five concurrent
+/// slots other applications hold frees one within seconds, the day's quota never.
+pub const CONCURRENT_429_ATTEMPTS: u32 = 8;
+
 /// How an import ended, as far as Actito says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImportState {
@@ -110,6 +114,13 @@ impl<'a> BulkImporter<'a> {
     /// `POST …/table/{t}/import`. Retried only on 429; never after a 5xx or a dropped
     /// connection (it may have been taken: a second post would spend another of the
     /// day's imports).
+    ///
+    /// A 429 says either "a sixth concurrent request" (other applications of the
+    /// licence are busy: it passes) or "the day's 12 imports are used". The caller
+    /// posts only while its own count of today's imports is under 12, so a 429 is first
+    /// taken for the concurrent case and waited out: up to [`CONCURRENT_429_ATTEMPTS`]
+    /// attempts, with the section's backoff, within its `max_retry_time`. Only a 429
+    /// that outlasts that is [`Posted::Refused`].
     pub async fn post(
         &self,
         zip: Vec<u8>,
@@ -127,10 +138,11 @@ impl<'a> BulkImporter<'a> {
         .await?;
         let mut request = Request::new(Method::POST, self.client.table_path(&["import"]));
         request.body = Some((content_type, body));
+        let policy = self.client.retry_policy();
         request.retry = Some(RetryPolicy {
-            max_attempts: 3,
+            max_attempts: policy.max_attempts.max(CONCURRENT_429_ATTEMPTS),
             retry_transport_errors: false,
-            ..RetryPolicy::default()
+            ..policy.clone()
         });
         request.not_idempotent = true;
         let answer = match self.client.send(&request, Some(cancel)).await {

@@ -130,6 +130,11 @@ impl ActitoClient {
         })
     }
 
+    /// How calls retry unless a request says otherwise (the section's settings).
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        self.http.retry_policy()
+    }
+
     /// The entity name.
     pub fn entity(&self) -> &str {
         &self.entity

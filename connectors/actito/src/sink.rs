@@ -19,7 +19,7 @@
 //! an invalid one is rejected, naming the field, and never sent. Removals are always
 //! one-by-one: unsubscribe from the managed subscriptions (default) or delete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
 use contactsync_core::async_trait;
@@ -147,6 +147,17 @@ pub struct RunningImport {
     /// sending, removals): their outcome is not the import's.
     #[serde(default)]
     pub skipped: Vec<usize>,
+    /// The key column's value of each row of the file, in the file's order (the
+    /// positions not `skipped`, ascending): a rejected row is matched to the person it
+    /// was sent for, not to whoever the batch holds at the same place. Empty in an
+    /// import stored by an older version (the keys are then worked out again).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Positions whose segmentations were to follow the import one profile at a time:
+    /// a resumed import leaves them unknown, so that this run's diff sends them again
+    /// and nothing the batch needed is lost.
+    #[serde(default)]
+    pub follow_up: Vec<usize>,
 }
 
 /// How this run writes.
@@ -368,6 +379,7 @@ impl ActitoSink {
         batch: &ChangeBatch,
         upserts: &[(usize, Prepared)],
         skipped: Vec<usize>,
+        follow_up: Vec<usize>,
         ctx: &mut SinkContext<'_>,
     ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
         let unknown = |reason: &str| {
@@ -457,10 +469,14 @@ impl ActitoSink {
         let id = match importer.post(zip, &key_column, &ctx.cancel).await? {
             Posted::Id(id) => id,
             Posted::Refused(message) => {
+                // Waited out as a concurrent-request 429 and still refused: the day's
+                // imports are used, by contactsync's count or by another client's.
                 ctx.store
                     .put(&self.quota_key_today(), &BULK_IMPORTS_PER_DAY.to_string())?;
                 self.quota_exhausted(
-                    &format!("Actito refused another bulk import today (429: {message})"),
+                    &format!(
+                        "Actito kept refusing another bulk import today (429: {message}) although contactsync posted {today} of the {BULK_IMPORTS_PER_DAY}; another client may post imports to this table"
+                    ),
                     ctx,
                 )?;
                 return Ok(None);
@@ -479,30 +495,29 @@ impl ActitoSink {
             }
         };
         let key = running_key(self.client.entity(), self.client.table());
+        let keys: Vec<String> = upserts.iter().map(|(_, p)| p.key_value.clone()).collect();
         let running = RunningImport {
             id: id.clone(),
             batch: batch.id.clone(),
             skipped,
+            keys: keys.clone(),
+            follow_up,
         };
         ctx.store.put(
             &key,
             &serde_json::to_string(&running).map_err(|e| ConnectorError::Other(e.to_string()))?,
         )?;
         tracing::info!(import = %id, rows = upserts.len(), batch = %batch.id, "Actito import posted");
-        let keys: Vec<Option<String>> = upserts
-            .iter()
-            .map(|(_, p)| Some(p.key_value.clone()))
-            .collect();
         self.follow(&id, &key_column, &keys, ctx).await.map(Some)
     }
 
     /// Follows import `id` to its end and maps its error rows onto `keys` (the key
-    /// column's value of each row sent, in order; `None`: outcome unknown).
+    /// column's value of each row of its file, in order): one outcome a row.
     async fn follow(
         &self,
         id: &str,
         key_column: &str,
-        keys: &[Option<String>],
+        keys: &[String],
         ctx: &mut SinkContext<'_>,
     ) -> Result<Vec<Outcome>, ConnectorError> {
         let importer = BulkImporter::new(&self.client);
@@ -545,19 +560,9 @@ impl ActitoSink {
         // spaces) is still the row's.
         let mut by_key: HashMap<String, usize> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
-            if let Some(k) = k {
-                by_key.insert(Schema::existing_key(k), i);
-            }
+            by_key.insert(Schema::existing_key(k), i);
         }
-        let mut outcomes: Vec<Outcome> = keys
-            .iter()
-            .map(|k| match k {
-                Some(_) => Outcome::applied(),
-                None => Outcome::Unknown {
-                    reason: "not part of the import".into(),
-                },
-            })
-            .collect();
+        let mut outcomes: Vec<Outcome> = vec![Outcome::applied(); keys.len()];
         let mut unmatched = 0;
         for row in &rejected {
             let index = row
@@ -793,21 +798,51 @@ impl Sink for ActitoSink {
             running.id, batch.id
         ));
         let schema = self.schema().await?;
-        let keys: Vec<Option<String>> = batch
-            .records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                if running.skipped.contains(&i) || r.kind == ChangeKind::Remove {
-                    None
-                } else {
-                    schema.key_value_of(&r.key, r.email.as_deref())
-                }
-            })
+        // The file's rows are the batch's positions not skipped, in order.
+        let skipped: HashSet<usize> = running.skipped.iter().copied().collect();
+        let follow_up: HashSet<usize> = running.follow_up.iter().copied().collect();
+        let positions: Vec<usize> = (0..batch.records.len())
+            .filter(|i| !skipped.contains(i))
             .collect();
-        self.follow(&running.id, schema.key_attribute(), &keys, ctx)
-            .await
-            .map(Some)
+        let keys: Vec<String> = if running.keys.len() == positions.len() {
+            running.keys.clone()
+        } else {
+            // Stored by an older version: worked out again from the batch.
+            let mut keys = Vec::with_capacity(positions.len());
+            for &i in &positions {
+                let r = &batch.records[i];
+                match schema.key_value_of(&r.key, r.email.as_deref()) {
+                    Some(k) if r.kind != ChangeKind::Remove => keys.push(k),
+                    _ => {
+                        tracing::warn!(batch = %batch.id, "the rows of the resumed import cannot be told apart; the batch is sent again");
+                        return Ok(None);
+                    }
+                }
+            }
+            keys
+        };
+        let results = self
+            .follow(&running.id, schema.key_attribute(), &keys, ctx)
+            .await?;
+        // What the import did not carry (removals, rows of another import, rows that
+        // go one by one) and segmentations still to follow are unknown: this run's
+        // diff sends them again, so the resumed batch does all the first run would.
+        let mut outcomes = vec![
+            Outcome::Unknown {
+                reason: "not part of the resumed import; sent again by this run".into(),
+            };
+            batch.records.len()
+        ];
+        for (i, o) in positions.into_iter().zip(results) {
+            outcomes[i] = if matches!(o, Outcome::Applied { .. }) && follow_up.contains(&i) {
+                Outcome::Unknown {
+                    reason: "its segmentations follow the import; sent again by this run".into(),
+                }
+            } else {
+                o
+            };
+        }
+        Ok(Some(outcomes))
     }
 
     async fn begin(
@@ -946,12 +981,21 @@ impl Sink for ActitoSink {
                     work.extend(group.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c))));
                     continue;
                 }
+                let in_group: HashSet<usize> = group.iter().map(|(i, _, _)| *i).collect();
                 let skipped: Vec<usize> = (0..batch.changes.len())
-                    .filter(|i| !group.iter().any(|(j, _, _)| j == i))
+                    .filter(|i| !in_group.contains(i))
                     .collect();
                 let rows: Vec<(usize, Prepared)> =
                     group.iter().map(|(i, p, _)| (*i, p.clone())).collect();
-                match self.bulk(&schema, batch, &rows, skipped, ctx).await? {
+                let follow_up: Vec<usize> = rows
+                    .iter()
+                    .filter(|(_, p)| !p.segmentations.is_empty())
+                    .map(|(i, _)| *i)
+                    .collect();
+                match self
+                    .bulk(&schema, batch, &rows, skipped, follow_up, ctx)
+                    .await?
+                {
                     Some(results) => {
                         // A bulk row carries attributes and subscriptions (`Y`/`N`
                         // columns): the segmentations the source changed follow one

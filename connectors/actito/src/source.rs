@@ -11,8 +11,15 @@
 //! Reads that page do not skip: a profile deleted (or moved) during the read, on a
 //! page already read, shifts the ones behind it back by one, and one is skipped. So a
 //! pass over the table is trusted only when nothing moved under it: the same
-//! `profileId` met twice means a move, and a `totalCount` (when the server gives one)
-//! that differs between the first page and the last means profiles came or went. A
+//! `profileId` met twice means a move, a `totalCount` (when the server gives one)
+//! that differs between the first page and the last means profiles came or went, and
+//! a profile created during the pass means one came, so that an equal count says one
+//! went too (a deletion and a creation keep the count and still shift the list). To
+//! know what was created during the pass, each pass of a table over one page starts
+//! with two small calls: one profile (for `totalCount`), then the last page, whose
+//! highest `profileId` is the newest profile the pass may meet; Actito numbers
+//! profiles in increasing order and lists them in that order (inferred; the sandbox
+//! does), so a higher id met later was created after the pass began. A
 //! pass that cannot be trusted is followed by another (at most [`MAX_PASSES`] in all)
 //! that yields only profiles no pass yielded yet; without a `totalCount` a first pass
 //! is always checked by a second, which must find nothing new. A read whose last pass
@@ -81,6 +88,8 @@ impl Source for ActitoSource {
             moved: false,
             found_new: false,
             totals: (None, None),
+            newest_at_start: None,
+            created: false,
         }))
     }
 }
@@ -108,25 +117,59 @@ struct ProfileStream {
     found_new: bool,
     /// `totalCount` on this pass's first page and on its latest page.
     totals: (Option<u64>, Option<u64>),
+    /// The highest `profileId` when the pass began (read from the last page first),
+    /// for a table over one page with numeric ids.
+    newest_at_start: Option<u64>,
+    /// This pass met a profile created after it began.
+    created: bool,
 }
 
 impl ProfileStream {
     /// Whether the pass just ended can be trusted to have skipped nobody.
     fn trusted(&self) -> bool {
-        if self.moved {
+        if self.moved || self.created {
             return false;
         }
+        let one_page = self.next_page <= 1;
         match self.totals {
-            (Some(first), Some(last)) => first == last,
-            // No count to compare: a second pass must find nothing new.
+            (Some(first), Some(last)) if one_page || self.newest_at_start.is_some() => {
+                first == last
+            }
+            // No count, or no way to tell a creation: a second pass must find nothing
+            // new.
             _ => self.pass > 1 && !self.found_new,
         }
     }
 
+    /// Before a pass: the count, and the newest profile of a table over one page.
+    async fn anchor(&mut self) -> Result<(), ConnectorError> {
+        self.newest_at_start = None;
+        self.created = false;
+        let (_, _, total) = self.client.profiles_page(0, 1).await?;
+        self.totals = (total, total);
+        let Some(total) = total else {
+            return Ok(());
+        };
+        let last = total.saturating_sub(1) / self.page_size as u64;
+        if last == 0 {
+            return Ok(());
+        }
+        let (_, profiles, _) = self.client.profiles_page(last, self.page_size).await?;
+        self.newest_at_start = profiles
+            .iter()
+            .map(numeric_id)
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|ids| ids.into_iter().max());
+        Ok(())
+    }
+
     async fn fetch(&mut self) -> Result<(), ConnectorError> {
         let page = self.next_page;
-        let (call, profiles, total) = self.client.profiles_page(page, self.page_size).await?;
         if page == 0 {
+            self.anchor().await?;
+        }
+        let (call, profiles, total) = self.client.profiles_page(page, self.page_size).await?;
+        if page == 0 && self.totals.0.is_none() {
             self.totals = (total, total);
         } else {
             self.totals.1 = total;
@@ -170,6 +213,11 @@ impl RecordStream for ProfileStream {
                 {
                     if !self.seen_this_pass.insert(id.clone()) {
                         self.moved = true;
+                    }
+                    if let (Some(newest), Some(n)) = (self.newest_at_start, numeric_id(&profile)) {
+                        if n > newest {
+                            self.created = true;
+                        }
                     }
                     if !self.yielded.insert(id) {
                         continue;
@@ -224,4 +272,13 @@ impl RecordStream for ProfileStream {
             cursor: None,
         })
     }
+}
+
+/// A profile's `profileId` as a number, when it is one.
+fn numeric_id(profile: &Value) -> Option<u64> {
+    profile
+        .get("profileId")
+        .or_else(|| profile.get("id"))
+        .map(id_text)
+        .and_then(|id| id.trim().parse().ok())
 }

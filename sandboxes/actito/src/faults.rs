@@ -11,11 +11,18 @@ use serde::{Deserialize, Serialize};
 pub struct Faults {
     /// Expire every token issued so far, once, when set.
     pub expire_tokens_now: bool,
-    /// Profiles deleted while a client pages: while this count lasts, each profile
-    /// listing past the first page (`page` > 0) first deletes the table's first
-    /// profile, as staff would in the web application, so that the profiles behind it
-    /// shift back by one and a client paging by offset skips one.
+    /// Profiles deleted while a client pages: while this count lasts, each listing of
+    /// the second page (`page` = 1) first deletes the table's first profile, as staff
+    /// would in the web application, so that the profiles behind it shift back by one
+    /// and a client paging by offset skips one.
     pub delete_while_paging: u32,
+    /// As `delete_while_paging`, and each deletion is followed by the creation of a new
+    /// profile (at the end of the listing, as a new `profileId` sorts): the table's
+    /// count is unchanged, yet the profiles behind the deleted one shift back by one.
+    pub replace_while_paging: u32,
+    /// Other applications of the licence hold its concurrent slots: the next this many
+    /// API requests get the 429 a sixth concurrent request gets.
+    pub busy_licence: u32,
 }
 
 /// Counters of what the sandbox saw.

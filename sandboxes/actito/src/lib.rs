@@ -135,6 +135,10 @@ pub(crate) struct State {
     pub stats: Stats,
     /// What is left of [`Faults::delete_while_paging`].
     pub delete_while_paging: u32,
+    /// What is left of [`Faults::replace_while_paging`].
+    pub replace_while_paging: u32,
+    /// What is left of [`Faults::busy_licence`].
+    pub busy_licence: u32,
 }
 
 /// What the handlers and the import worker share.
@@ -177,14 +181,22 @@ impl Platform for Shared {
 
     /// Expiring tokens is done at once, so that fault never stays set.
     fn faults(&self) -> Faults {
+        let state = self.lock();
         Faults {
-            delete_while_paging: self.lock().delete_while_paging,
+            delete_while_paging: state.delete_while_paging,
+            replace_while_paging: state.replace_while_paging,
+            busy_licence: state.busy_licence,
             ..Faults::default()
         }
     }
 
     fn set_faults(&self, faults: Faults) {
-        self.lock().delete_while_paging = faults.delete_while_paging;
+        {
+            let mut state = self.lock();
+            state.delete_while_paging = faults.delete_while_paging;
+            state.replace_while_paging = faults.replace_while_paging;
+            state.busy_licence = faults.busy_licence;
+        }
         if faults.expire_tokens_now {
             let now = Instant::now();
             for expiry in self.lock().tokens.values_mut() {
@@ -199,6 +211,8 @@ impl Platform for Shared {
         state.tokens.clear();
         state.stats = Stats::default();
         state.delete_while_paging = 0;
+        state.replace_while_paging = 0;
+        state.busy_licence = 0;
     }
 
     fn save(&self) -> Result<(), SandboxError> {
@@ -249,6 +263,8 @@ impl ActitoSandbox {
                 tokens: HashMap::new(),
                 stats: Stats::default(),
                 delete_while_paging: 0,
+                replace_while_paging: 0,
+                busy_licence: 0,
             }),
             in_flight: AtomicU64::new(0),
             queue,

@@ -128,11 +128,14 @@ async fn gate(State(shared): S, request: Request, next: Next) -> Response {
 async fn gated(shared: &Shared, path: &str, request: Request, next: Next) -> Response {
     let now_in_flight = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = InFlight(shared);
-    {
+    let busy = {
         let mut state = shared.lock();
         state.stats.max_in_flight = state.stats.max_in_flight.max(now_in_flight);
-    }
-    if now_in_flight > shared.config.max_concurrent as u64 {
+        let busy = state.busy_licence > 0;
+        state.busy_licence = state.busy_licence.saturating_sub(1);
+        busy
+    };
+    if busy || now_in_flight > shared.config.max_concurrent as u64 {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
             format!(

@@ -166,13 +166,45 @@ pub(super) async fn list_profiles(
         },
     };
     let mut state = shared.lock();
-    if page > 0 && state.delete_while_paging > 0 {
+    if page == 1 && state.delete_while_paging > 0 {
         state.delete_while_paging -= 1;
         if let Some(table) = state.store.tables.get_mut(&t) {
             if let Some(first) = table.profiles.keys().next().copied() {
                 table.remove_profile(first);
             }
         }
+    }
+    if page == 1 && state.replace_while_paging > 0 {
+        state.replace_while_paging -= 1;
+        let store = &mut state.store;
+        let mut next = store.next_profile_id;
+        if let Some(table) = store.tables.get_mut(&t) {
+            if let Some(first) = table.profiles.keys().next().copied() {
+                table.remove_profile(first);
+                let email = table
+                    .def
+                    .attributes
+                    .iter()
+                    .find(|a| a.kind == "EMAIL_ADDRESS")
+                    .map(|a| a.name.clone());
+                let input = ProfileInput {
+                    attributes: email
+                        .map(|name| {
+                            (
+                                name,
+                                Some(format!("created.while.paging.{next}@example.com")),
+                            )
+                        })
+                        .into_iter()
+                        .collect(),
+                    ..ProfileInput::default()
+                };
+                if let Err(e) = table.write(&input, true, true, &mut next, &crate::import::now()) {
+                    tracing::warn!("the sandbox could not create a profile while paging: {e}");
+                }
+            }
+        }
+        store.next_profile_id = next;
     }
     let Some(table) = state.store.tables.get(&t) else {
         return error(StatusCode::NOT_FOUND, "no table");
