@@ -8,7 +8,11 @@
 //! - A bulk call faults as a whole when one record is bad. The batch is then sent again
 //!   one record at a time, so that the fault lands on the record that caused it
 //!   ([`Outcome::Rejected`] with the service's words) and the others are applied.
-//!   Authentication faults stop the run instead. Transport errors and HTTP 5xx without
+//!   Authentication faults stop the run instead. Only a fault that says what is
+//!   wrong with the request or a record ([`crate::soap::Fault::is_about_the_request`])
+//!   is final; any other is the service's own trouble (it reports transient errors as
+//!   faults too): the call is tried again, up to [`TRANSIENT_FAULT_ATTEMPTS`], and the
+//!   records stay pending (unknown, sent again next run) if the trouble lasts. Transport errors and HTTP 5xx without
 //!   a fault are retried by the HTTP layer; if they persist, `apply` fails and the
 //!   engine sends the batch again next run (every call here is an idempotent upsert or
 //!   a delete).
@@ -274,6 +278,17 @@ fn opt_out_record(change: &Change) -> Result<ContactRecord, String> {
     })
 }
 
+/// The most tries of a batch the service faults on for its own trouble.
+pub const TRANSIENT_FAULT_ATTEMPTS: u32 = 3;
+
+/// A fault that is the service's trouble, not the record's: kept pending, sent again
+/// next run (never a final rejection: the person would never be written).
+fn service_trouble(text: &str) -> Outcome {
+    Outcome::Unknown {
+        reason: format!("Business Catalyst faulted on its own ({text}); sent again next run"),
+    }
+}
+
 fn final_rejection(reason: impl Into<String>) -> Outcome {
     Outcome::Rejected {
         reason: reason.into(),
@@ -291,17 +306,40 @@ impl BcSink {
         ctx: &mut SinkContext<'_>,
     ) -> Result<(), ConnectorError> {
         let records: Vec<ContactRecord> = upserts.iter().map(|u| u.record.clone()).collect();
-        let fault = match self.client.update_insert(&records).await {
-            Ok(()) => {
-                for u in upserts {
-                    outcomes[u.index] = Some(Outcome::Applied {
-                        handle: u.handle.clone(),
-                    });
+        let mut attempts = 0;
+        let fault = loop {
+            attempts += 1;
+            match self.client.update_insert(&records).await {
+                Ok(()) => {
+                    for u in upserts {
+                        outcomes[u.index] = Some(Outcome::Applied {
+                            handle: u.handle.clone(),
+                        });
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => {
+                    if fault.is_about_the_request() {
+                        break fault;
+                    }
+                    // The service's own trouble: the upsert is idempotent, so it is
+                    // tried again; if the trouble lasts, the records stay pending.
+                    if attempts >= TRANSIENT_FAULT_ATTEMPTS || ctx.cancel.is_cancelled() {
+                        tracing::warn!(records = upserts.len(), attempts, fault = %fault.text, "businesscatalyst: the service kept faulting; the records are sent again next run");
+                        for u in upserts {
+                            outcomes[u.index] = Some(service_trouble(&fault.text));
+                        }
+                        return Ok(());
+                    }
+                    let backoff = self.config.http.retry_backoff * 2u32.pow(attempts - 1);
+                    tracing::info!(attempt = attempts, fault = %fault.text, "businesscatalyst: the service faulted on its own; trying again");
+                    tokio::select! {
+                        () = ctx.cancel.cancelled() => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => fault,
-            Err(e) => return Err(e.into()),
         };
         // A record that faults on its own faults for what it holds: sent unchanged it
         // would fault again, every run. Final, until the source changes it.
@@ -329,7 +367,11 @@ impl BcSink {
                         handle: u.handle.clone(),
                     },
                     Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => {
-                        final_rejection(fault.text)
+                        if fault.is_about_the_request() {
+                            final_rejection(fault.text)
+                        } else {
+                            service_trouble(&fault.text)
+                        }
                     }
                     Err(e) => return Err(e.into()),
                 },
@@ -375,7 +417,11 @@ impl BcSink {
                 Ok(Outcome::Applied { handle: None })
             }
             Err(CallError::Fault { fault, .. }) if !fault.is_authentication() => {
-                Ok(Outcome::rejected(fault.text))
+                Ok(if fault.is_about_the_request() {
+                    Outcome::rejected(fault.text)
+                } else {
+                    service_trouble(&fault.text)
+                })
             }
             Err(e) => Err(e.into()),
         }

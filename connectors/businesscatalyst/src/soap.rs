@@ -421,6 +421,38 @@ impl Fault {
         t.contains("could not be retrieved") || t.contains("could not be found")
     }
 
+    /// Whether the fault says what is wrong with the request or a record in it
+    /// (validation: "Invalid email address 'x' in record 3 of contactsList", "entityId
+    /// must be an integer", a `soap:Sender`/`Client` code), or that a record is not
+    /// there: the same call would fault again, so the outcome is final. Any other
+    /// fault ("A database error occurred…", "Object reference not set…", a timeout) is
+    /// the service's own trouble and worth trying again: the service reports its
+    /// transient errors as faults too (inferred: the spec lists no codes, and a fault
+    /// names a record only when one is at fault).
+    pub fn is_about_the_request(&self) -> bool {
+        let code = self.code.to_ascii_lowercase();
+        if code.ends_with("sender") || code.ends_with("client") {
+            return true;
+        }
+        let t = self.text.to_ascii_lowercase();
+        self.is_not_found()
+            || [
+                "invalid",
+                "of contactslist",
+                "must be",
+                "is not a",
+                "is required",
+                "required field",
+                "too long",
+                "not valid",
+                "a maximum of",
+                "already exists",
+                "duplicate",
+            ]
+            .iter()
+            .any(|p| t.contains(p))
+    }
+
     /// Whether the fault is about the credentials or the site (the service says so
     /// only in words; these are the words it and the sandbox use).
     pub fn is_authentication(&self) -> bool {
@@ -746,6 +778,37 @@ mod tests {
         assert_eq!(f.code, "a:Server");
         assert!(f.text.contains("Invalid email address 'x'"));
         assert!(!f.is_authentication());
+    }
+
+    #[test]
+    fn a_fault_is_final_only_when_it_says_what_is_wrong_with_the_request() {
+        let fault = |code: &str, text: &str| Fault {
+            code: code.into(),
+            text: format!("Server was unable to process request. ---> ERROR: {text}"),
+        };
+        for text in [
+            "Invalid email address 'x' in record 3 of contactsList.",
+            "Contact 'a@b.c' (record 2 of contactsList) could not be saved (injected fault).",
+            "entityId must be an integer.",
+            "Contact record could not be retrieved.",
+            "A maximum of 100 contacts can be sent per call; 101 were sent.",
+        ] {
+            assert!(
+                fault("soap:Receiver", text).is_about_the_request(),
+                "{text}"
+            );
+        }
+        for text in [
+            "A database error occurred while processing the request. Please try again later.",
+            "Object reference not set to an instance of an object.",
+            "Timeout expired.",
+        ] {
+            assert!(
+                !fault("soap:Receiver", text).is_about_the_request(),
+                "{text}"
+            );
+        }
+        assert!(fault("soap:Sender", "Timeout expired.").is_about_the_request());
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //!   inclusive, so the records changed at exactly that instant are read again next
 //!   time: harmless (the engine's diff finds them unchanged) and it never skips a
 //!   record written in the same second after the read.
+//! - On the autumn night the site's clock repeats an hour: a change made in the
+//!   repeated hour's second run is stamped earlier than one made in its first, so a
+//!   cursor taken in the first would leave it behind. A cursor that falls in a
+//!   repeated hour is moved back by the length of the repeat before it is sent
+//!   ([`overlap_repeated_hour`]); the records read twice are the same people, found
+//!   unchanged by the engine's diff. Any other cursor is sent as it is.
 //! - One page (100 records) is held at a time.
 //! - Reads that page do not skip. The list is ordered by `lastUpdateDate` and paged by
 //!   offset, so a contact changed during the read, after its page was read, moves to
@@ -92,7 +98,11 @@ impl Source for BcSource {
                         "the stored Business Catalyst cursor {c:?} is not a date; run a full read to reset it"
                     ))
                 })?;
-                (format_bc_date(date), false, Some(c))
+                (
+                    format_bc_date(overlap_repeated_hour(date, self.config.time_zone)),
+                    false,
+                    Some(c),
+                )
             }
         };
         tracing::info!(since = %since, complete, "businesscatalyst: reading contacts");
@@ -318,6 +328,20 @@ pub fn format_bc_date(date: NaiveDateTime) -> String {
         date.format("%Y-%m-%dT%H:%M:%S").to_string()
     } else {
         date.format("%Y-%m-%dT%H:%M:%S%.f").to_string()
+    }
+}
+
+/// The date to read from for cursor `date`: when `date` names two instants (the clock
+/// went back over it), the earlier of its two local times minus the length of the
+/// repeat, so that every change stamped in the repeated hour after the cursor's
+/// instant is read; otherwise `date`.
+pub fn overlap_repeated_hour(date: NaiveDateTime, tz: Tz) -> NaiveDateTime {
+    match tz.from_local_datetime(&date) {
+        chrono::LocalResult::Ambiguous(first, second) => {
+            let repeat = second.with_timezone(&Utc) - first.with_timezone(&Utc);
+            date - repeat.abs()
+        }
+        _ => date,
     }
 }
 

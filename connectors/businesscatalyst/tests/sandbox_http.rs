@@ -803,3 +803,112 @@ async fn an_update_keeps_the_site_s_consent_and_the_fields_the_source_does_not_g
         "the source's own change is sent"
     );
 }
+
+/// The autumn night repeats an hour of the site's clock: a change made in the repeated
+/// hour's second run is stamped earlier than the cursor a read took in its first. The
+/// next incremental read still brings it.
+#[tokio::test]
+async fn a_change_in_the_repeated_hour_is_read_after_a_cursor_taken_in_its_first_run() {
+    let sb = sandbox().await;
+    let london: chrono_tz::Tz = "Europe/London".parse().unwrap();
+    sb.set_time_zone(london);
+    // 00:50 UTC on 25 October 2026 is 01:50 BST; at 01:00 UTC the clock goes back to
+    // 01:00 GMT.
+    sb.set_clock(Utc.with_ymd_and_hms(2026, 10, 25, 0, 50, 0).unwrap());
+    sb.seed((1..=3).map(person).collect());
+    let src = source_of(&sb, "time_zone = \"Europe/London\"");
+    let first = read_all(src.as_ref(), ReadMode::Full).await.unwrap();
+    assert_eq!(first.outcome.cursor.as_deref(), Some("2026-10-25T01:50:00"));
+    // Twenty minutes later, 01:10 GMT: someone changes E0002.
+    sb.advance_clock(chrono::Duration::minutes(20));
+    let mut snk = sink_of(&sb, "time_zone = \"Europe/London\"");
+    let out = snk
+        .apply(
+            &batch(vec![create(contact(
+                Some("E0002"),
+                Some("p0002@example.com"),
+                "ChangedInTheRepeatedHour",
+            ))]),
+            &mut MemoryStore::new().context(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Outcome::Applied { .. }), "{out:?}");
+    let next = read_all(
+        src.as_ref(),
+        ReadMode::Incremental {
+            cursor: first.outcome.cursor.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let changed: Vec<_> = next
+        .records
+        .iter()
+        .filter(|r| r.contact.first_name.as_deref() == Some("ChangedInTheRepeatedHour"))
+        .collect();
+    assert_eq!(
+        changed.len(),
+        1,
+        "the change stamped 01:10 after a cursor of 01:50"
+    );
+    // A cursor outside a repeated hour is sent as it is.
+    sb.clear_requests();
+    read_all(
+        src.as_ref(),
+        ReadMode::Incremental {
+            cursor: Some("2026-10-25T03:00:00".into()),
+        },
+    )
+    .await
+    .unwrap();
+    let log = sb.requests();
+    assert!(calls(&log, "ContactList_Retrieve")
+        .iter()
+        .all(|r| r.last_update_date.as_deref() == Some("2026-10-25T03:00:00")));
+}
+
+/// A fault that names no record is the service's own trouble: the upsert is tried
+/// again and goes through; if the trouble lasts, the records stay pending (unknown,
+/// sent again next run), never rejected for good and never recorded as written.
+#[tokio::test]
+async fn a_transient_fault_is_tried_again_and_never_a_final_rejection() {
+    let sb = sandbox().await;
+    let changes = || {
+        batch(vec![
+            create(contact(Some("T1"), Some("t1@example.com"), "A")),
+            create(contact(Some("T2"), Some("t2@example.com"), "B")),
+        ])
+    };
+    sb.set_faults(Faults {
+        transient_faults: 1,
+        ..Faults::default()
+    });
+    let mut snk = sink_of(&sb, "");
+    let out = snk
+        .apply(&changes(), &mut MemoryStore::new().context())
+        .await
+        .unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Applied { .. })),
+        "{out:?}"
+    );
+    assert_eq!(sb.contacts().len(), 2);
+    assert_eq!(calls(&sb.requests(), "ContactList_UpdateInsert").len(), 2);
+
+    // Trouble that outlasts the tries: pending, not rejected.
+    sb.clear_requests();
+    sb.set_faults(Faults {
+        transient_faults: 100,
+        ..Faults::default()
+    });
+    let out = snk
+        .apply(&changes(), &mut MemoryStore::new().context())
+        .await
+        .unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Unknown { .. })),
+        "{out:?}"
+    );
+    assert_eq!(calls(&sb.requests(), "ContactList_UpdateInsert").len(), 3);
+}

@@ -84,6 +84,11 @@ pub struct Faults {
     /// that it moves to the end and the records behind it shift back by one: a client
     /// paging by offset skips one.
     pub edit_while_paging: u32,
+    /// The service's own trouble: while this count lasts, each
+    /// `ContactList_UpdateInsert` faults as the service does on a transient server
+    /// error (a SOAP fault naming no record: "A database error occurred…") and writes
+    /// nothing.
+    pub transient_faults: u32,
 }
 
 /// One call to the SOAP endpoint, as the sandbox saw it (the kit's log entry, with the

@@ -12,6 +12,9 @@ pub(super) fn bool_result(op: &str, value: bool) -> Answer {
 /// What the service says when a `Contact_RetrieveBy*` finds nobody: a fault, never an
 /// empty answer (public client code that wraps the service documents these words).
 pub const NOT_RETRIEVED: &str = "Contact record could not be retrieved.";
+/// The words of [`crate::Faults::transient_faults`]: the service's trouble, no record's.
+pub const TRANSIENT: &str =
+    "A database error occurred while processing the request. Please try again later.";
 
 /// A `Contact_RetrieveBy*` answer; no contact: the service's fault.
 pub(super) fn single_result(op: &str, contact: Option<&SandboxContact>) -> Answer {
@@ -93,6 +96,10 @@ pub(super) fn update_insert(inner: &mut Inner, op: &XmlNode, entry: &mut SoapCal
         .map(|list| list.crm_children("ContactRecord").collect())
         .unwrap_or_default();
     entry.records = records.len();
+    if inner.faults.transient_faults > 0 {
+        inner.faults.transient_faults -= 1;
+        return error_fault(TRANSIENT);
+    }
     if records.len() > MAX_BATCH {
         return error_fault(format!(
             "A maximum of {MAX_BATCH} contacts can be sent per call; {} were sent.",
