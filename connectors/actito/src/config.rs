@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, SecretString};
-use contactsync_http::{HttpDefaults, HttpSettings};
+use contactsync_http::{HttpDefaults, HttpSettings, Rate};
 use serde::Deserialize;
 
 /// The API base when none is configured.
@@ -26,6 +26,10 @@ impl HttpDefaults for ActitoDefaults {
     const BASE_URL: Option<&'static str> = Some(DEFAULT_BASE_URL);
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
     const MAX_ATTEMPTS: u32 = 6;
+    /// "100 calls a minute per licence: beyond that calls are slowed".
+    const RATE_LIMIT: Option<Rate> = Some(Rate::per_minute(100));
+    /// "5 concurrent requests per licence: the 6th gets 429".
+    const MAX_IN_FLIGHT: Option<u32> = Some(5);
 }
 
 /// The bulk imports Actito allows per table per day.
@@ -59,11 +63,9 @@ fn d_poll() -> DurationSetting {
 fn d_import_wait() -> DurationSetting {
     DurationSetting::secs(6 * 3600)
 }
-fn d_threshold() -> u64 {
-    1000
-}
+/// One bulk import a batch, and twelve a day: a first sync of 100,000 is one import.
 fn d_max_batch() -> usize {
-    20_000
+    100_000
 }
 fn d_page_size() -> usize {
     500
@@ -99,9 +101,11 @@ pub struct SinkSettings {
     /// value names the segmentation the profile belongs to.
     #[serde(default)]
     pub segmentations: BTreeMap<String, String>,
-    /// Change-set size at or above which a run uses bulk imports.
-    #[serde(default = "d_threshold")]
-    pub bulk_threshold: u64,
+    /// Change-set size at or above which a run uses bulk imports. Unset (the
+    /// default): the run goes bulk when that is quicker at the documented rate
+    /// ([`crate::cost`]).
+    #[serde(default)]
+    pub bulk_threshold: Option<u64>,
     /// `one-by-one` (default) or `stop` when the day's 12 bulk imports are used.
     #[serde(default)]
     pub when_bulk_quota_exhausted: QuotaExhausted,
@@ -180,8 +184,8 @@ pub struct SinkConfig {
     pub connection: Connection,
     /// The declared mapping.
     pub mapping: Mapping,
-    /// Bulk at or above this many changes.
-    pub bulk_threshold: u64,
+    /// Bulk at or above this many changes; `None`: when quicker at the rate.
+    pub bulk_threshold: Option<u64>,
     /// What to do without bulk quota.
     pub when_bulk_quota_exhausted: QuotaExhausted,
     /// Removal policy.
@@ -287,7 +291,7 @@ impl SinkConfig {
                 api_key,
             },
             mapping,
-            bulk_threshold: s.bulk_threshold.max(1),
+            bulk_threshold: s.bulk_threshold.map(|t| t.max(1)),
             when_bulk_quota_exhausted: s.when_bulk_quota_exhausted,
             removal: s.removal,
             max_batch: s.max_batch,
@@ -338,7 +342,12 @@ mod tests {
         ))
         .expect("config");
         assert_eq!(c.connection.http.base_url, DEFAULT_BASE_URL);
-        assert_eq!(c.bulk_threshold, 1000);
+        assert_eq!(c.bulk_threshold, None, "chosen on time at the rate");
+        assert_eq!(
+            c.connection.http.pace.rate,
+            Some(contactsync_http::Rate::per_minute(100))
+        );
+        assert_eq!(c.connection.http.pace.max_in_flight, Some(5));
         assert_eq!(c.concurrency, 4, "headroom under the licence's 5");
         assert_eq!(c.removal, Removal::Unsubscribe);
         assert_eq!(c.when_bulk_quota_exhausted, QuotaExhausted::OneByOne);

@@ -20,6 +20,7 @@
 pub mod bulk;
 pub mod client;
 pub mod config;
+pub mod cost;
 pub mod schema;
 pub mod sink;
 pub mod source;

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::bulk::{BulkImporter, ImportState, Posted, RejectedRow};
 use crate::client::{ActitoClient, ProfileWrite};
 use crate::config::{QuotaExhausted, Removal, SinkConfig, BULK_IMPORTS_PER_DAY};
+use crate::cost;
 use crate::schema::{load_schema, Prepared, Schema};
 
 /// The largest zip Actito takes.
@@ -182,6 +183,8 @@ pub struct ActitoSink {
     existing: Option<std::collections::HashSet<String>>,
     /// Bulk imports posted this run (for the report).
     imports: u64,
+    /// How this run writes and why (`bulk: 1 import … instead of 2,400 calls …`).
+    how: Option<String>,
 }
 
 /// A write to make one profile at a time.
@@ -209,6 +212,7 @@ impl ActitoSink {
             mode: Mode::OneByOne,
             existing: None,
             imports: 0,
+            how: None,
         })
     }
 
@@ -336,6 +340,22 @@ impl ActitoSink {
                 "{why}; `when_bulk_quota_exhausted = \"stop\"`: nothing was sent. Run again tomorrow (UTC), or set it to \"one-by-one\""
             ))),
         }
+    }
+
+    /// The fewest rows worth an import of their own: the configured `bulk_threshold`,
+    /// else the size at which an import is quicker than one call a row at the rate.
+    fn group_threshold(&self) -> u64 {
+        self.config.bulk_threshold.unwrap_or_else(|| {
+            cost::break_even(
+                self.config
+                    .connection
+                    .http
+                    .pace
+                    .rate
+                    .unwrap_or(cost::DOCUMENTED_RATE),
+                self.config.poll_interval,
+            )
+        })
     }
 
     /// Waits for an import of ours that is still running (a crashed run's, or one
@@ -773,6 +793,7 @@ impl Sink for ActitoSink {
     fn summary(&self) -> SinkSummary {
         SinkSummary {
             jobs: Some(self.imports),
+            how: self.how.clone(),
             ..SinkSummary::default()
         }
     }
@@ -861,12 +882,36 @@ impl Sink for ActitoSink {
         } else {
             None
         };
-        self.mode = if plan.total() >= self.config.bulk_threshold {
+        // Bulk or one by one, on the time each takes at the rate the client keeps to
+        // (the documented one unless `rate_limit` says otherwise).
+        let rate = self
+            .config
+            .connection
+            .http
+            .pace
+            .rate
+            .unwrap_or(cost::DOCUMENTED_RATE);
+        let used = self.bulk_used(ctx)?;
+        let choice = cost::choose(
+            plan,
+            rate,
+            self.config.max_batch,
+            self.config.poll_interval,
+            self.config.bulk_threshold,
+            // None left: the quota rule below decides (fall back or stop).
+            BULK_IMPORTS_PER_DAY.saturating_sub(used).max(1),
+        );
+        self.mode = if choice.bulk {
             Mode::Bulk
         } else {
             Mode::OneByOne
         };
-        if self.mode == Mode::Bulk && self.bulk_used(ctx)? >= BULK_IMPORTS_PER_DAY {
+        if plan.total() > 0 {
+            tracing::info!("Actito: {choice}");
+            ctx.progress.note(&format!("Actito {choice}"));
+            self.how = Some(choice.to_string());
+        }
+        if self.mode == Mode::Bulk && used >= BULK_IMPORTS_PER_DAY {
             self.quota_exhausted(
                 &format!(
                     "the {BULK_IMPORTS_PER_DAY} bulk imports Actito allows per table per day are used"
@@ -976,7 +1021,7 @@ impl Sink for ActitoSink {
             let mut groups: Vec<Vec<(usize, Prepared, bool)>> = groups.into_values().collect();
             groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
             for (n, group) in groups.into_iter().enumerate() {
-                let worth_an_import = n == 0 || group.len() as u64 >= self.config.bulk_threshold;
+                let worth_an_import = n == 0 || group.len() as u64 >= self.group_threshold();
                 if self.mode != Mode::Bulk || !worth_an_import {
                     work.extend(group.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c))));
                     continue;

@@ -1086,3 +1086,65 @@ async fn a_profile_deleted_and_another_created_while_paging_skip_nobody() {
         .expect("read");
     assert!(!read.outcome.complete);
 }
+
+/// The client keeps to the documented rate itself. The sandbox slows calls beyond a
+/// rate as Actito does (here 20 a second, scaled down from 100 a minute so that the
+/// test is short); a client paced to it is never slowed, one that is not is.
+#[tokio::test]
+async fn calls_paced_to_the_documented_rate_are_never_slowed() {
+    for (pace, slowed) in [
+        ("rate_limit = \"20/s\"", false),
+        ("rate_limit = \"off\"", true),
+    ] {
+        let sb = sandbox(SandboxConfig {
+            wire_faults: WireFaults {
+                rate_calls: 20,
+                rate_window_ms: 1000,
+                ..WireFaults::default()
+            },
+            ..SandboxConfig::default()
+        })
+        .await;
+        let contacts = sample_contacts(45);
+        let mut store = MemoryStore::new();
+        let outcomes = run(
+            &mut sink(&sb, &format!("bulk_threshold = 1000\n{pace}")),
+            &mut store,
+            vec![creates(&contacts)],
+        )
+        .await
+        .expect("run");
+        all_applied(&outcomes);
+        let stats = sb.stats();
+        assert!(stats.requests > 45, "{stats:?}");
+        assert_eq!(stats.slowed > 0, slowed, "{pace}: {stats:?}");
+        assert!(stats.max_in_flight <= 5, "{stats:?}");
+    }
+}
+
+/// Without a `bulk_threshold`, the run goes bulk when that is quicker at the
+/// documented rate, and the report says which and why.
+#[tokio::test]
+async fn bulk_or_one_by_one_is_chosen_on_time_at_the_documented_rate() {
+    let sb = sandbox(SandboxConfig::default()).await;
+    for (creates, bulk) in [(2_400, true), (150, false)] {
+        // The default poll interval: polls count at the rate too.
+        let settings = ConnectorSettings::from_toml("sinks.actito", &toml(&sb, "")).expect("toml");
+        let mut sink =
+            ActitoSink::new(SinkConfig::from_settings(&settings).expect("config")).expect("sink");
+        let mut store = MemoryStore::new();
+        sink.begin(
+            &ChangePlan {
+                creates,
+                ..ChangePlan::default()
+            },
+            &mut store.context(),
+        )
+        .await
+        .expect("begin");
+        let how = sink.summary().how.expect("the choice is reported");
+        assert_eq!(how.starts_with("bulk: 1 import"), bulk, "{creates}: {how}");
+        assert!(how.contains(&format!("{creates} calls")), "{how}");
+        assert!(how.contains("at 100/min"), "{how}");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, SecretString};
-use contactsync_http::{HttpDefaults, HttpSettings};
+use contactsync_http::{HttpDefaults, HttpSettings, Rate};
 use serde::Deserialize;
 
 /// The API base when none is configured.
@@ -22,6 +22,8 @@ impl HttpDefaults for PoppuloDefaults {
     const BASE_URL: Option<&'static str> = Some(DEFAULT_BASE_URL);
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
     const MAX_RETRY_TIME: Duration = Duration::from_secs(900);
+    /// "Fair use: about 1,000 requests an hour".
+    const RATE_LIMIT: Option<Rate> = Some(Rate::per_hour(1000));
 }
 
 /// How a removal is carried out: an import row with this status.

@@ -92,6 +92,12 @@ pub struct SinkSummary {
     /// Asynchronous jobs (imports) the sink posted this run, for a sink that works in
     /// them: what a platform's budget counts.
     pub jobs: Option<u64>,
+    /// Reads the sink made to find out what its writes did (Poppulo's look-up of
+    /// rows an import did not count), for a sink that makes them.
+    pub reads: Option<u64>,
+    /// How the sink chose to write this run, and why, for a sink with a choice
+    /// (Actito: "bulk: 1 import instead of 2,400 calls ≈ 24 min at 100/min").
+    pub how: Option<String>,
 }
 
 /// A small key-value space the engine lends a sink, kept in the sync state and scoped

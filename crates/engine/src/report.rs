@@ -268,6 +268,14 @@ pub struct RunReport {
     /// a platform's budget counts (Poppulo's one import at a time, Actito's 12 a day).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imports: Option<u64>,
+    /// How the sink chose to write, and why (Actito's bulk or one by one, costed at the
+    /// documented rate), for a sink with a choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_plan: Option<String>,
+    /// Reads the sink made to find out what its writes did (Poppulo's look-up of rows
+    /// an import did not count), for a sink that makes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome_reads: Option<u64>,
     /// The removal guard's verdict, when there were removals.
     pub guard: Option<GuardVerdict>,
     /// The first changes of each kind (dry runs).
@@ -349,6 +357,8 @@ impl RunReport {
             foreign: None,
             unknown_in_sink: None,
             imports: None,
+            sink_plan: None,
+            outcome_reads: None,
             guard: None,
             sample: Vec::new(),
             rejections: Vec::new(),

@@ -1195,6 +1195,8 @@ impl<'r> Run<'r> {
         let summary = sink.summary();
         self.report.unknown_in_sink = summary.unknown_in_sink;
         self.report.imports = summary.jobs;
+        self.report.sink_plan = summary.how;
+        self.report.outcome_reads = summary.reads;
         Ok(())
     }
 

@@ -10,8 +10,9 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::{Method, Url};
 
 use crate::answer::excerpt;
+use crate::pace::Pacer;
 use crate::retry::Standard;
-use crate::{Answer, Auth, Classify, Decision, RetryPolicy, USER_AGENT};
+use crate::{Answer, Auth, Classify, Decision, Pace, RetryPolicy, USER_AGENT};
 
 /// How an [`HttpClient`] is built. Start from [`ClientConfig::new`] and change fields.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct ClientConfig {
     pub retry: RetryPolicy,
     /// Headers sent on every request (`Accept: application/xml`).
     pub default_headers: HeaderMap,
+    /// The platform's rate and concurrency bounds, kept by the client ([`crate::pace`]).
+    pub pace: Pace,
 }
 
 impl ClientConfig {
@@ -55,6 +58,7 @@ impl ClientConfig {
             user_agent_suffix: None,
             retry: RetryPolicy::default(),
             default_headers: HeaderMap::new(),
+            pace: Pace::default(),
         })
     }
 }
@@ -78,6 +82,7 @@ pub struct HttpClient {
     auth: Auth,
     retry: RetryPolicy,
     user_agent: String,
+    pacer: Pacer,
 }
 
 impl fmt::Debug for HttpClient {
@@ -87,6 +92,7 @@ impl fmt::Debug for HttpClient {
             .field("user_agent", &self.user_agent)
             .field("auth", &self.auth)
             .field("retry", &self.retry)
+            .field("pacer", &self.pacer)
             .finish()
     }
 }
@@ -113,6 +119,7 @@ impl HttpClient {
             auth,
             retry: settings.retry,
             user_agent,
+            pacer: Pacer::new(settings.pace),
         })
     }
 
@@ -124,6 +131,12 @@ impl HttpClient {
     /// How calls retry unless a call says otherwise.
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.retry
+    }
+
+    /// The time this client's calls (and its clones') spent waiting for their turn
+    /// under its [`Pace`] so far.
+    pub fn paced_for(&self) -> Duration {
+        Duration::from_millis(self.pacer.waited_ms())
     }
 
     /// The `User-Agent` sent.
@@ -354,7 +367,9 @@ impl<'a> Call<'a> {
             }
             request = self.client.auth.apply(request);
 
+            let slot = self.client.pacer.acquire(self.cancel.as_ref()).await?;
             let result = cancellable(self.cancel.as_ref(), exchange(request, &call, &url)).await?;
+            drop(slot);
             let (delay, last_status, last_words) = match result {
                 Ok(answer) => {
                     let decision = self.classify.classify(&answer);

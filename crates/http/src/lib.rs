@@ -67,6 +67,7 @@ mod answer;
 mod auth;
 mod client;
 pub mod multipart;
+pub mod pace;
 mod retry;
 mod settings;
 pub mod tls;
@@ -74,6 +75,7 @@ pub mod tls;
 pub use answer::Answer;
 pub use auth::Auth;
 pub use client::{Call, ClientConfig, HttpClient};
+pub use pace::{Pace, Rate};
 pub use retry::{parse_retry_after, Classify, Decision, RetryPolicy};
 pub use settings::{HttpDefaults, HttpSettings, OldKey, OldUnit};
 

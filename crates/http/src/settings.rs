@@ -12,6 +12,8 @@
 //! max_attempts = 5
 //! max_retry_time = "15m"
 //! retry_backoff = "1s"
+//! rate_limit = "1000/h"        # the platform's documented rate; "off" to not pace
+//! max_in_flight = 5            # the most calls at once
 //! ```
 //!
 //! Each connector gives its own defaults with an [`HttpDefaults`] type, in the manner of
@@ -25,7 +27,7 @@ use contactsync_core::{ConfigError, ConnectorError, ConnectorSettings, DurationS
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::{Auth, ClientConfig, HttpClient, RetryPolicy};
+use crate::{Auth, ClientConfig, HttpClient, Pace, Rate, RetryPolicy};
 
 /// A connector's defaults for its [`HttpSettings`]. Every constant has the shared
 /// default; override the ones the platform needs.
@@ -43,6 +45,10 @@ pub trait HttpDefaults {
     const MAX_RETRY_TIME: Duration = Duration::from_secs(600);
     /// `retry_backoff`.
     const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+    /// `rate_limit`: the platform's documented rate (none: not paced).
+    const RATE_LIMIT: Option<Rate> = None;
+    /// `max_in_flight`: the platform's bound on concurrent calls (none: unbounded).
+    const MAX_IN_FLIGHT: Option<u32> = None;
 }
 
 /// A key a connector used to take, now one of [`HttpSettings::KEYS`]: still read, with
@@ -82,6 +88,8 @@ pub struct HttpSettings {
     /// `retry_backoff`: the first backoff after a transient failure (doubles at each
     /// retry).
     pub retry_backoff: Duration,
+    /// `rate_limit` and `max_in_flight`: how the client paces its calls.
+    pub pace: Pace,
 }
 
 /// The keys as written.
@@ -94,6 +102,8 @@ struct Written {
     max_attempts: Option<u32>,
     max_retry_time: Option<DurationSetting>,
     retry_backoff: Option<DurationSetting>,
+    rate_limit: Option<String>,
+    max_in_flight: Option<u32>,
 }
 
 impl HttpSettings {
@@ -105,6 +115,8 @@ impl HttpSettings {
         "max_attempts",
         "max_retry_time",
         "retry_backoff",
+        "rate_limit",
+        "max_in_flight",
     ];
 
     /// Parses a connector's section: its own settings into `T` (which should
@@ -143,6 +155,16 @@ impl HttpSettings {
         if max_attempts == 0 {
             return Err(settings.error("max_attempts", "must be at least 1"));
         }
+        let rate = match written.rate_limit.as_deref().map(str::trim) {
+            None => D::RATE_LIMIT,
+            Some(off) if off.eq_ignore_ascii_case("off") => None,
+            Some(text) => Some(Rate::parse(text).map_err(|e| settings.error("rate_limit", e))?),
+        };
+        let max_in_flight = match written.max_in_flight {
+            None => D::MAX_IN_FLIGHT,
+            Some(0) => return Err(settings.error("max_in_flight", "must be at least 1")),
+            Some(n) => Some(n),
+        };
         let http = HttpSettings {
             base_url,
             connect_timeout: positive(
@@ -158,6 +180,10 @@ impl HttpSettings {
             max_attempts,
             max_retry_time: written.max_retry_time.map_or(D::MAX_RETRY_TIME, |v| v.0),
             retry_backoff: written.retry_backoff.map_or(D::RETRY_BACKOFF, |v| v.0),
+            pace: Pace {
+                rate,
+                max_in_flight,
+            },
         };
         Ok((own, http))
     }
@@ -187,6 +213,7 @@ impl HttpSettings {
         config.user_agent_suffix = Some(user_agent_suffix.to_string());
         config.retry = self.retry_policy();
         config.default_headers = default_headers;
+        config.pace = self.pace;
         HttpClient::new(config, auth)
     }
 }

@@ -40,6 +40,14 @@ pub struct WireFaults {
     pub drop_after_handling: bool,
     /// Hold every call this many milliseconds before handling it.
     pub delay_ms: u64,
+    /// The platform's documented rate, enforced as the service does when a client
+    /// goes beyond it ("calls are slowed, not refused"): at most this many calls in any
+    /// `rate_window_ms`; a call beyond is held until the window has room, and counted
+    /// in [`WireCounts::slowed`]. 0: off (the default, so that tests and benches run at
+    /// full speed).
+    pub rate_calls: u64,
+    /// The window of `rate_calls`, in milliseconds (60,000 for "a minute").
+    pub rate_window_ms: u64,
 }
 
 impl Default for WireFaults {
@@ -53,6 +61,8 @@ impl Default for WireFaults {
             drop_nth: None,
             drop_after_handling: false,
             delay_ms: 0,
+            rate_calls: 0,
+            rate_window_ms: 60_000,
         }
     }
 }
@@ -144,6 +154,8 @@ pub struct WireCounts {
     pub failed: u64,
     /// Connections dropped on purpose.
     pub dropped: u64,
+    /// Calls held because they went beyond [`WireFaults::rate_calls`].
+    pub slowed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +164,8 @@ struct WireState {
     calls: u64,
     log: VecDeque<LoggedRequest>,
     counts: WireCounts,
+    /// When the calls of the current rate window were let through.
+    recent: VecDeque<std::time::Instant>,
 }
 
 /// The fault layer's and the log's shared state. One per running sandbox.
@@ -276,11 +290,31 @@ pub async fn inject_faults(
             Some(Injected::Dropped | Injected::DroppedAfterHandling) => state.counts.dropped += 1,
             None => {}
         }
-        (
-            injected,
-            Duration::from_millis(state.faults.delay_ms),
-            state.faults.retry_after_secs,
-        )
+        let mut delay = Duration::from_millis(state.faults.delay_ms);
+        if state.faults.rate_calls > 0 {
+            let window = Duration::from_millis(state.faults.rate_window_ms);
+            let now = std::time::Instant::now();
+            while state
+                .recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                state.recent.pop_front();
+            }
+            // Beyond the rate: held until the call that fills the window is a window
+            // old, as if it had arrived then.
+            let mut at = now;
+            if state.recent.len() as u64 >= state.faults.rate_calls {
+                let full = state.recent.len() - state.faults.rate_calls as usize;
+                if let Some(t) = state.recent.get(full) {
+                    at = (*t + window).max(now);
+                    delay += at - now;
+                    state.counts.slowed += 1;
+                }
+            }
+            state.recent.push_back(at);
+        }
+        (injected, delay, state.faults.retry_after_secs)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

@@ -46,4 +46,6 @@ pub struct Stats {
     pub unauthorized: u64,
     /// Most requests in flight at once.
     pub max_in_flight: u64,
+    /// Requests slowed for going beyond the rate (the wire's `rate_calls`).
+    pub slowed: u64,
 }

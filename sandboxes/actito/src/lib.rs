@@ -166,7 +166,9 @@ impl Shared {
     /// The counters so far, with the wire's count of requests.
     pub fn stats(&self) -> Stats {
         let mut stats = self.lock().stats.clone();
-        stats.requests = self.wire.counts().requests;
+        let counts = self.wire.counts();
+        stats.requests = counts.requests;
+        stats.slowed = counts.slowed;
         stats
     }
 }
