@@ -47,6 +47,8 @@ api_key_file = "actito-key.txt"
 bulk_threshold = 50
 poll_interval = "50ms"
 retry_backoff = "50ms"
+# The sandbox does not slow calls here; pacing has its own test.
+rate_limit = "off"
 {extra}
 
 [sinks.actito.attributes]

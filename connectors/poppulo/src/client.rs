@@ -9,7 +9,7 @@ use contactsync_core::{CancellationToken, ConnectorError, ProgressReporter};
 use contactsync_http::{header, Answer, Auth, Decision, HttpClient, Method, RetryPolicy};
 
 use crate::config::Connection;
-use crate::xml::{error_text, ImportState, StatusEntity, SubscriberPage};
+use crate::xml::{error_text, Element, ImportState, StatusEntity, SubscriberPage};
 
 /// The content type of every body we send.
 pub const XML: &str = "application/xml; charset=UTF-8";
@@ -73,6 +73,26 @@ impl PoppuloClient {
             message: m,
         })?;
         Ok((answer.call().to_string(), page))
+    }
+
+    /// `GET /{account}/subscriber/{email}`: the subscriber, or `None` (404).
+    pub async fn subscriber(&self, email: &str) -> Result<Option<Element>, ConnectorError> {
+        let answer = self
+            .http
+            .request_segments(Method::GET, &[&self.account, "subscriber", email])
+            .classify(&standard_xml)
+            .send()
+            .await?;
+        if answer.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let answer = finish(answer)?;
+        Element::parse(&answer.text())
+            .map(Some)
+            .map_err(|m| ConnectorError::Protocol {
+                call: answer.call().to_string(),
+                message: m,
+            })
     }
 
     /// `POST /{account}/subscriber_imports`; returns the import's href from the status

@@ -77,6 +77,8 @@ pub struct PoppuloSink {
     resubscribe: bool,
     /// Imports posted by this sink (for the report).
     imports: u64,
+    /// Reads made to establish outcomes (reconciling uncounted rows) this run.
+    reads: u64,
 }
 
 /// One row of an import: the change it carries and what it asks.
@@ -201,6 +203,7 @@ impl PoppuloSink {
             client,
             resubscribe: false,
             imports: 0,
+            reads: 0,
         })
     }
 
@@ -638,6 +641,12 @@ impl PoppuloSink {
     /// that none is recorded as applied. Only rows that can be skipped are looked at:
     /// ACTIVE rows (a person removed on the platform is not reactivated) and, with
     /// `update_existing = false`, creates of people who exist already.
+    ///
+    /// The first page of the account's subscribers is read; it tells the account's
+    /// size. When fewer rows are left to look at than pages are left to read, each is
+    /// looked up on its own (`GET …/subscriber/{email}`): one bounced person in an
+    /// account of a million is a few reads, not a thousand pages (an hour of the
+    /// fair-use allowance). Returns the reads made.
     async fn reconcile(
         &self,
         rows: &[SentRow],
@@ -645,9 +654,9 @@ impl PoppuloSink {
         followed: &Completed,
         posted_at: chrono::DateTime<Utc>,
         cancel: &contactsync_core::CancellationToken,
-    ) -> Result<(), ConnectorError> {
+    ) -> Result<u64, ConnectorError> {
         if followed.uncounted == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let candidates: Vec<usize> = (0..rows.len())
             .filter(|&i| results[i] == RowResult::Applied)
@@ -662,26 +671,60 @@ impl PoppuloSink {
             "Poppulo counted fewer rows than the import held; reading the account to find the skipped ones"
         );
         if candidates.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let mut platform: HashMap<String, (String, Option<chrono::DateTime<Utc>>)> = HashMap::new();
-        let mut next: Option<String> = None;
-        loop {
-            if cancel.is_cancelled() {
-                return Err(ConnectorError::Cancelled);
-            }
-            let (_, page) = self.client.subscribers_page("all", next.as_deref()).await?;
-            for s in &page.subscribers {
-                let Some(email) = s.value("email") else {
-                    continue;
-                };
+        type Seen = HashMap<String, (String, Option<chrono::DateTime<Utc>>)>;
+        let remember = |platform: &mut Seen, s: &crate::xml::Element| {
+            if let Some(email) = s.value("email") {
                 let status = s.value("status").unwrap_or("ACTIVE").to_ascii_uppercase();
                 let modified = s.value("date_modified").and_then(crate::xml::parse_time);
                 platform.insert(email.to_lowercase(), (status, modified));
             }
-            match page.next {
-                Some(n) if !page.subscribers.is_empty() => next = Some(n),
-                _ => break,
+        };
+        let mut platform: Seen = HashMap::new();
+        let mut reads = 1u64;
+        let (_, first) = self.client.subscribers_page("all", None).await?;
+        for s in &first.subscribers {
+            remember(&mut platform, s);
+        }
+        let got = first.subscribers.len() as u64;
+        let pages_left = match (first.next.as_ref(), first.total_results) {
+            (None, _) => 0,
+            (Some(_), Some(total)) if got > 0 => total.saturating_sub(got).div_ceil(got),
+            (Some(_), _) => u64::MAX,
+        };
+        let missing: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| !platform.contains_key(&rows[i].email.to_lowercase()))
+            .collect();
+        if pages_left > 0 && (missing.len() as u64) < pages_left {
+            tracing::info!(
+                lookups = missing.len(),
+                pages_left,
+                "Poppulo: looking the uncounted rows up one by one (fewer reads than paging)"
+            );
+            for i in missing {
+                if cancel.is_cancelled() {
+                    return Err(ConnectorError::Cancelled);
+                }
+                reads += 1;
+                if let Some(s) = self.client.subscriber(&rows[i].email).await? {
+                    remember(&mut platform, &s);
+                }
+            }
+        } else {
+            let mut next = first.next.filter(|_| got > 0);
+            while let Some(href) = next {
+                if cancel.is_cancelled() {
+                    return Err(ConnectorError::Cancelled);
+                }
+                reads += 1;
+                let (_, page) = self.client.subscribers_page("all", Some(&href)).await?;
+                for s in &page.subscribers {
+                    remember(&mut platform, s);
+                }
+                next = page.next.filter(|_| !page.subscribers.is_empty());
             }
         }
         let before = followed.created.unwrap_or(posted_at);
@@ -715,7 +758,7 @@ impl PoppuloSink {
                 followed.uncounted - found
             );
         }
-        Ok(())
+        Ok(reads)
     }
 
     /// Posts and follows one import; the store keeps it from the moment Poppulo took
@@ -779,7 +822,8 @@ impl PoppuloSink {
                 // A `NewOnly` import skips the people Poppulo holds: on purpose, and
                 // the import after it updates them.
                 if !matches!(part.group, Group::NewOnly(_)) {
-                    self.reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
+                    self.reads += self
+                        .reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
                         .await?;
                 }
                 PartResult {
@@ -1235,6 +1279,7 @@ impl Sink for PoppuloSink {
     fn summary(&self) -> SinkSummary {
         SinkSummary {
             jobs: Some(self.imports),
+            reads: Some(self.reads),
             ..SinkSummary::default()
         }
     }

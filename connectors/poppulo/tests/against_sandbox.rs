@@ -634,3 +634,68 @@ async fn an_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
         assert!(store.values().is_empty(), "no import to resume");
     }
 }
+
+/// One bounced person in a large account: Poppulo skips their ACTIVE row without
+/// counting it, and the sink finds out which row by looking up the rows not on the
+/// account's first page, one by one, rather than paging through the whole account.
+#[tokio::test]
+async fn an_uncounted_row_in_a_large_account_is_looked_up_not_paged_for() {
+    use contactsync_sandbox_poppulo::{RemovedBy, SubscriberStatus};
+    let sb = PoppuloSandbox::start(SandboxConfig {
+        tick: Duration::from_millis(20),
+        records_per_tick: 50,
+        ping_interval: Duration::from_millis(100),
+        page_size: 10,
+        ..SandboxConfig::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..100 {
+        sb.seed_subscriber(Subscriber::new(format!("p{i:03}@example.com")))
+            .unwrap();
+    }
+    // A bounce removes p090 on the platform.
+    assert!(sb.edit_on_platform("p090@example.com", |p| {
+        p.status = SubscriberStatus::Inactive;
+        p.removed_by = Some(RemovedBy::Bounced);
+    }));
+    // Creates (to this state: a first sync into a filled account) carry ACTIVE.
+    let update = |email: &str| Change::Create {
+        key: ContactKey::Email(email.into()),
+        contact: person(email, "New"),
+        origin: Origin::Derived,
+    };
+    let mut snk = sink(&sb, "");
+    let mut store = MemoryStore::new();
+    let before = sb.requests().len();
+    let outcomes = snk
+        .apply(
+            &ChangeBatch {
+                id: "b1".into(),
+                changes: vec![update("p080@example.com"), update("p090@example.com")],
+            },
+            &mut store.context(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[0], Outcome::Applied { .. }),
+        "{outcomes:?}"
+    );
+    assert!(
+        !matches!(outcomes[1], Outcome::Applied { .. }),
+        "the bounced person's row was skipped: {outcomes:?}"
+    );
+    let log = sb.requests()[before..].to_vec();
+    let pages = log
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/subscribers"))
+        .count();
+    let lookups = log
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/subscriber/"))
+        .count();
+    assert_eq!(pages, 1, "only the first page: {log:?}");
+    assert_eq!(lookups, 2, "the two rows not on it");
+    assert_eq!(snk.summary().reads, Some(3));
+}
