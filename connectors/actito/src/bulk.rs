@@ -16,7 +16,7 @@
 //! number column; the reason is the first column whose name speaks of an error,
 //! reason or message, else the last column.
 
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Read};
 use std::time::Duration;
 
 use contactsync_core::{CancellationToken, ConnectorError};
@@ -81,23 +81,32 @@ impl<'a> BulkImporter<'a> {
     }
 
     /// The zipped CSV of `rows` under `columns`.
-    pub fn zip_csv(columns: &[String], rows: &[Vec<String>]) -> Result<Vec<u8>, ConnectorError> {
+    pub fn zip_csv<R, C>(
+        columns: &[String],
+        rows: impl IntoIterator<Item = R>,
+    ) -> Result<Vec<u8>, ConnectorError>
+    where
+        R: IntoIterator<Item = C>,
+        C: AsRef<[u8]>,
+    {
         let fail = |e: &dyn std::fmt::Display| {
             ConnectorError::Other(format!("cannot write the import file: {e}"))
         };
-        let mut writer = csv::WriterBuilder::new()
-            .terminator(csv::Terminator::CRLF)
-            .from_writer(Vec::new());
-        writer.write_record(columns).map_err(|e| fail(&e))?;
-        for row in rows {
-            writer.write_record(row).map_err(|e| fail(&e))?;
-        }
-        let data = writer.into_inner().map_err(|e| fail(&e))?;
         let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated);
         zip.start_file(CSV_NAME, options).map_err(|e| fail(&e))?;
-        zip.write_all(&data).map_err(|e| fail(&e))?;
+        {
+            // The CSV is deflated as it is written: the file is never held whole.
+            let mut writer = csv::WriterBuilder::new()
+                .terminator(csv::Terminator::CRLF)
+                .from_writer(&mut zip);
+            writer.write_record(columns).map_err(|e| fail(&e))?;
+            for row in rows {
+                writer.write_record(row).map_err(|e| fail(&e))?;
+            }
+            writer.flush().map_err(|e| fail(&e))?;
+        }
         Ok(zip.finish().map_err(|e| fail(&e))?.into_inner())
     }
 
@@ -371,7 +380,7 @@ mod tests {
     fn zip_round_trip_and_error_file_reading() {
         let zip = BulkImporter::zip_csv(
             &["emailAddress".into(), "firstName".into()],
-            &[vec!["a@b.org".into(), "Ann, \"A\"".into()]],
+            [vec!["a@b.org", "Ann, \"A\""]],
         )
         .expect("zip");
         let text = unzip_first(&zip).expect("unzip");

@@ -36,6 +36,9 @@ use crate::config::{QuotaExhausted, Removal, SinkConfig, BULK_IMPORTS_PER_DAY};
 use crate::cost;
 use crate::schema::{load_schema, Prepared, Schema};
 
+/// The most changes in a batch written one profile at a time.
+pub const ONE_BY_ONE_BATCH: usize = 2_000;
+
 /// The largest zip Actito takes.
 pub const MAX_ZIP_BYTES: usize = 100 * 1024 * 1024;
 
@@ -443,34 +446,37 @@ impl ActitoSink {
                 }
             }
         }
-        let rows: Vec<Vec<String>> = upserts
+        // Written straight into the zip, a row at a time: a batch of 100,000 is
+        // never held as cells too.
+        let header: Vec<String> = columns
             .iter()
-            .map(|(_, p)| {
-                let values: HashMap<&str, &str> = p
-                    .attributes
-                    .iter()
-                    .filter_map(|(n, v)| v.as_deref().map(|v| (n.as_str(), v)))
-                    .collect();
-                let subscribed: HashMap<&str, bool> = p
-                    .subscriptions
-                    .iter()
-                    .map(|(n, on)| (n.as_str(), *on))
-                    .collect();
-                columns
-                    .iter()
-                    .map(|c| values.get(c.as_str()).copied().unwrap_or("").to_string())
-                    .chain(subscription_columns.iter().map(|c| {
-                        match subscribed.get(c.as_str()) {
-                            Some(true) => "Y",
-                            _ => "N",
-                        }
-                        .to_string()
-                    }))
-                    .collect()
-            })
+            .chain(subscription_columns.iter())
+            .cloned()
             .collect();
-        columns.extend(subscription_columns);
-        let zip = BulkImporter::zip_csv(&columns, &rows)?;
+        let rows = upserts.iter().map(|(_, p)| {
+            let values: HashMap<&str, &str> = p
+                .attributes
+                .iter()
+                .filter_map(|(n, v)| v.as_deref().map(|v| (n.as_str(), v)))
+                .collect();
+            let subscribed: HashMap<&str, bool> = p
+                .subscriptions
+                .iter()
+                .map(|(n, on)| (n.as_str(), *on))
+                .collect();
+            columns
+                .iter()
+                .map(|c| values.get(c.as_str()).copied().unwrap_or("").to_string())
+                .chain(subscription_columns.iter().map(|c| {
+                    match subscribed.get(c.as_str()) {
+                        Some(true) => "Y",
+                        _ => "N",
+                    }
+                    .to_string()
+                }))
+                .collect::<Vec<String>>()
+        });
+        let zip = BulkImporter::zip_csv(&header, rows)?;
         if zip.len() > MAX_ZIP_BYTES {
             return Err(ConnectorError::Limit(format!(
                 "the import file of batch {} is {} bytes, over Actito's 100 MB: lower `max_batch`",
@@ -775,7 +781,12 @@ impl Sink for ActitoSink {
             // People are found by their email address.
             addresses_by_email: true,
             mixes_removals: false,
-            max_batch: self.config.max_batch,
+            // One import a batch in bulk; one by one, small batches keep memory low
+            // and record outcomes as they come.
+            max_batch: match self.mode {
+                Mode::Bulk => self.config.max_batch,
+                Mode::OneByOne => self.config.max_batch.min(ONE_BY_ONE_BATCH),
+            },
             asynchronous_jobs: true,
             durable_at_finish: false,
             removal: match self.config.removal {
@@ -1030,8 +1041,8 @@ impl Sink for ActitoSink {
                 let skipped: Vec<usize> = (0..batch.changes.len())
                     .filter(|i| !in_group.contains(i))
                     .collect();
-                let rows: Vec<(usize, Prepared)> =
-                    group.iter().map(|(i, p, _)| (*i, p.clone())).collect();
+                let (rows, clears): (Vec<(usize, Prepared)>, Vec<bool>) =
+                    group.into_iter().map(|(i, p, c)| ((i, p), c)).unzip();
                 let follow_up: Vec<usize> = rows
                     .iter()
                     .filter(|(_, p)| !p.segmentations.is_empty())
@@ -1065,7 +1076,11 @@ impl Sink for ActitoSink {
                             }
                         }
                     }
-                    None => work.extend(group.into_iter().map(|(i, p, c)| (i, Work::Upsert(p, c)))),
+                    None => work.extend(
+                        rows.into_iter()
+                            .zip(clears)
+                            .map(|((i, p), c)| (i, Work::Upsert(p, c))),
+                    ),
                 }
             }
         } else {

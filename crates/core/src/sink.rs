@@ -42,7 +42,8 @@ impl fmt::Display for RemovalStyle {
 /// What a sink can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SinkCapabilities {
-    /// The most changes in one [`ChangeBatch`].
+    /// The most changes in one [`ChangeBatch`]. The engine reads it again after
+    /// [`Sink::begin`], so a sink may size batches by how it chose to write.
     pub max_batch: usize,
     /// Whether `apply` runs asynchronous jobs on the platform (and so reports progress).
     pub asynchronous_jobs: bool,

@@ -1110,13 +1110,6 @@ impl<'r> Run<'r> {
             return Ok(());
         }
         let capabilities = self.capabilities;
-        let batch_size = self
-            .pipeline
-            .settings
-            .batch_size
-            .unwrap_or(usize::MAX)
-            .min(capabilities.max_batch)
-            .max(1);
         // Counted again from the outcomes: the plan's counts become what really happened.
         self.report.unconfirmed = changes.plan.total();
         self.report.created = 0;
@@ -1130,6 +1123,15 @@ impl<'r> Run<'r> {
                 .await
                 .map_err(RunError::Sink)?;
         }
+        // Asked after `begin`: a sink may size its batches by how it chose to write
+        // (Actito: one import a batch in bulk, small batches one by one).
+        let batch_size = self
+            .pipeline
+            .settings
+            .batch_size
+            .unwrap_or(usize::MAX)
+            .min(sink.capabilities().max_batch)
+            .max(1);
         self.state.sample_records(&changes.records.records)?;
         let run_id = self.report.run;
         let addresses = changes.addresses.unwrap_or_default();
