@@ -111,12 +111,24 @@ impl Workspace {
                         if name == "contactsync-engine" {
                             broken("a connector never depends on the engine (it sees state only through SinkStore)");
                         }
-                        if name == "rusqlite" {
-                            broken("a connector never touches SQL (the engine owns the state)");
+                        // A connector may use a database client for its own platform
+                        // (a SQL source); the sync state is the engine's alone.
+                        if name == "contactsync-state" {
+                            broken("a connector never depends on the state crate (it sees state only through SinkStore)");
                         }
                         if sandboxes.contains(name) || name == "contactsync-sandbox-kit" {
                             broken("a connector never links a sandbox (only its tests may)");
                         }
+                    }
+                    Role::Library
+                        if linked
+                            && matches!(
+                                package.name.as_str(),
+                                "contactsync-engine" | "contactsync-state"
+                            )
+                            && (name == "contactsync-http" || name == "reqwest") =>
+                    {
+                        broken("the engine and the state speak no HTTP (the TLS helper is `contactsync-tls`)");
                     }
                     Role::Sandbox => {
                         if connectors.contains(name) {
@@ -140,6 +152,17 @@ impl Workspace {
     pub fn connector_folders(&self) -> BTreeSet<String> {
         self.packages()
             .filter(|p| self.role(p) == Role::Connector)
+            .filter_map(|p| {
+                let dir = p.manifest_path.parent()?;
+                Some(dir.file_name()?.to_string())
+            })
+            .collect()
+    }
+
+    /// The folder names under `crates/` (`core`, `cli`).
+    pub fn crate_folders(&self) -> BTreeSet<String> {
+        self.packages()
+            .filter(|p| matches!(self.role(p), Role::Library | Role::Binary))
             .filter_map(|p| {
                 let dir = p.manifest_path.parent()?;
                 Some(dir.file_name()?.to_string())
@@ -191,6 +214,13 @@ pub fn run(root: &Path) -> Result<()> {
             "ARCHITECTURE.md lists the connectors {listed:?}, the workspace has {folders:?}"
         ));
     }
+    let mapped = crates_in_architecture(&text);
+    let crates = workspace.crate_folders();
+    if mapped != crates {
+        problems.push(format!(
+            "ARCHITECTURE.md's map has the crates {mapped:?}, the workspace has {crates:?}"
+        ));
+    }
     if problems.is_empty() {
         eprintln!("xtask tidy: the crate graph keeps ARCHITECTURE.md's invariants");
         return Ok(());
@@ -211,6 +241,15 @@ pub fn connectors_in_architecture(text: &str) -> BTreeSet<String> {
         .split('`')
         .skip(1)
         .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// The crates ARCHITECTURE.md's map names: each `### \`crates/NAME\`` heading.
+pub fn crates_in_architecture(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("### `crates/"))
+        .filter_map(|rest| rest.split('`').next())
         .map(str::to_string)
         .collect()
 }
@@ -245,6 +284,25 @@ mod tests {
             listed, in_workspace,
             "ARCHITECTURE.md's connectors/* section lists other connector folders than the workspace has"
         );
+    }
+
+    #[test]
+    fn architecture_maps_every_crate() {
+        let workspace = workspace();
+        let text = std::fs::read_to_string(workspace.root.join("ARCHITECTURE.md"))
+            .expect("ARCHITECTURE.md");
+        assert_eq!(
+            crates_in_architecture(&text),
+            workspace.crate_folders(),
+            "ARCHITECTURE.md's map (its `### crates/NAME` headings) names other crates than the workspace has"
+        );
+    }
+
+    #[test]
+    fn the_crate_map_is_read_from_the_headings() {
+        let text = "### `crates/core` (`x`)\ntext `crates/no`\n### `crates/sandbox-kit` and `sandboxes/*`\n";
+        let mapped: Vec<String> = crates_in_architecture(text).into_iter().collect();
+        assert_eq!(mapped, ["core", "sandbox-kit"]);
     }
 
     #[test]

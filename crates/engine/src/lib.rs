@@ -11,13 +11,13 @@
 mod addresses;
 mod index;
 mod preview;
-mod record;
 pub mod report;
 mod run;
 pub mod settings;
 pub mod shaping;
 mod spool;
-pub mod state;
+/// The sync state: the `contactsync-state` crate.
+pub use contactsync_state as state;
 
 pub use preview::{preview, PreviewOutcome, PreviewRecord};
 pub use report::{

@@ -1613,8 +1613,8 @@ impl Default for RecordSample {
 
 impl RecordSample {
     /// How many records are kept: enough to train a dictionary on
-    /// ([`crate::record::TRAINING_RECORDS`] at the least).
-    const SIZE: usize = 2 * crate::record::TRAINING_RECORDS;
+    /// ([`contactsync_state::record::TRAINING_RECORDS`] at the least).
+    const SIZE: usize = 2 * contactsync_state::record::TRAINING_RECORDS;
 
     fn offer(&mut self, contact: &Contact) {
         self.seen += 1;

@@ -8,7 +8,7 @@
 //!
 //! The format is the run's own, never read by another version: a length-prefixed
 //! `postcard` frame a change, the contacts in the state's compact record form
-//! (`crate::record`) and the origin as [`OriginFrame`] (the public [`Origin`] is
+//! (`contactsync_state::record`) and the origin as [`OriginFrame`] (the public [`Origin`] is
 //! internally tagged for its JSON form, which postcard cannot read back). A JSON line
 //! a change cost a first sync of a million people seconds of formatting and parsing.
 
@@ -88,7 +88,7 @@ fn frame(change: &Change) -> std::io::Result<Frame> {
         kind,
         key: change.key().to_string(),
         origin: change.origin().into(),
-        contact: contact.map(crate::record::encode),
+        contact: contact.map(contactsync_state::record::encode),
         updated_at: contact
             .and_then(|c| c.updated_at)
             .map(|t| t.timestamp_micros()),
@@ -96,7 +96,7 @@ fn frame(change: &Change) -> std::io::Result<Frame> {
             content_hash: p.content_hash,
             email: p.email.clone(),
             handle: p.handle.clone(),
-            record: p.record.as_deref().map(crate::record::encode),
+            record: p.record.as_deref().map(contactsync_state::record::encode),
         }),
     })
 }
@@ -106,7 +106,7 @@ fn unframe(frame: Frame) -> std::io::Result<Change> {
     let origin = Origin::from(frame.origin);
     let contact = frame
         .contact
-        .map(|bytes| crate::record::decode(&bytes).map_err(invalid))
+        .map(|bytes| contactsync_state::record::decode(&bytes).map_err(invalid))
         .transpose()?
         .map(|mut c| {
             c.updated_at = frame
@@ -123,7 +123,7 @@ fn unframe(frame: Frame) -> std::io::Result<Change> {
                 handle: p.handle,
                 record: p
                     .record
-                    .map(|bytes| crate::record::decode(&bytes).map_err(invalid))
+                    .map(|bytes| contactsync_state::record::decode(&bytes).map_err(invalid))
                     .transpose()?
                     .map(Box::new),
             })

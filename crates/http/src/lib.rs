@@ -70,7 +70,9 @@ pub mod multipart;
 pub mod pace;
 mod retry;
 mod settings;
-pub mod tls;
+/// The TLS client configuration every TLS connection shares (the `contactsync-tls`
+/// crate, also used by the PostgreSQL state).
+pub use contactsync_tls as tls;
 
 pub use answer::Answer;
 pub use auth::Auth;

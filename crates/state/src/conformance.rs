@@ -4,11 +4,11 @@
 //! # fn main() -> Result<(), String> {
 //! let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
 //! let mut n = 0;
-//! contactsync_engine::state::conformance::check(&mut || {
+//! contactsync_state::conformance::check(&mut || {
 //!     n += 1;
 //!     let path = dir.path().join(format!("state-{n}.db"));
-//!     contactsync_engine::state::SqliteState::open(&path)
-//!         .map(|s| Box::new(s) as Box<dyn contactsync_engine::state::StateStore>)
+//!     contactsync_state::SqliteState::open(&path)
+//!         .map(|s| Box::new(s) as Box<dyn contactsync_state::StateStore>)
 //!         .map_err(|e| e.to_string())
 //! })
 //! # }

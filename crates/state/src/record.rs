@@ -30,7 +30,7 @@ const LEVEL: i32 = 1;
 const DICTIONARY_BYTES: usize = 4096;
 
 /// How many records a dictionary is trained on, at the least.
-pub(crate) const TRAINING_RECORDS: usize = 1000;
+pub const TRAINING_RECORDS: usize = 1000;
 
 /// Compresses and decompresses records with a state's dictionaries (format 2), and
 /// reads format 1 as it is. The state stores each dictionary before the first record
@@ -190,13 +190,13 @@ pub(crate) enum RecordDecodeError {
 }
 
 /// Encodes `contact` for the state, in format 1.
-pub(crate) fn encode(contact: &Contact) -> Vec<u8> {
+pub fn encode(contact: &Contact) -> Vec<u8> {
     contact.encode_binary(vec![VERSION])
 }
 
 /// Decodes a record [`encode`] wrote; the error says what is wrong. A compressed
 /// record needs its state's dictionary: [`RecordCodec::decode`].
-pub(crate) fn decode(bytes: &[u8]) -> Result<Contact, String> {
+pub fn decode(bytes: &[u8]) -> Result<Contact, String> {
     let (&version, body) = bytes
         .split_first()
         .ok_or_else(|| "empty stored record".to_string())?;

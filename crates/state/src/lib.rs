@@ -1,4 +1,10 @@
-//! What the engine remembers between runs, behind a small interface of its own.
+//! What the engine remembers between runs, behind a small interface of its own: the
+//! `contactsync-state` crate. The engine depends on it (and re-exports it as
+//! `contactsync_engine::state`); no connector does.
+//!
+//! Features: `sqlite` (default) the embedded backend, `postgres` the shared one,
+//! `conformance` the suite every backend passes.
+
 //!
 //! The engine is the only code that reads or writes sync state, and it does so only
 //! through [`StateStore`], so that a shared PostgreSQL backend can stand in for the
@@ -7,7 +13,7 @@
 //! Per pipeline (`source->sink`), the state holds:
 //! - `synced`: key → hash of the content the sink last accepted, with the email and the
 //!   sink's handle, so removals can address the person, and the record itself in a
-//!   compact binary form (`crate::record`), so that the next change knows its `before`;
+//!   compact binary form ([`record`]), so that the next change knows its `before`;
 //! - `pending`: changes sent but not yet confirmed, so a crashed run is settled by the
 //!   next one (see DESIGN.md, "Crash safety");
 //! - the source's cursor, advanced only when a run completes;
@@ -19,12 +25,22 @@
 //! This module is the interface and its contract; [`sqlite`] the embedded backend;
 //! [`conformance`] the suite every backend passes (call it from the backend's tests).
 
+// Helpers the two backends share go unused in a build with one of them.
+#![cfg_attr(not(all(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+
+#[cfg(feature = "sqlite")]
 mod compact;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+#[cfg(feature = "postgres")]
 mod postgres;
+pub mod record;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use self::postgres::{redact, PostgresState};
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresState;
+#[cfg(feature = "sqlite")]
 pub use sqlite::SqliteState;
 
 use std::path::{Path, PathBuf};
@@ -86,9 +102,15 @@ impl StateLocation {
     }
 
     /// Opens the store (creating the file, or applying the database's migrations).
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres")),
+        allow(unreachable_code)
+    )]
     pub fn open(&self) -> Result<Box<dyn StateStore>, StateError> {
         Ok(match self {
+            #[cfg(feature = "sqlite")]
             StateLocation::File(path) => Box::new(SqliteState::open(path)?),
+            #[cfg(feature = "postgres")]
             StateLocation::Postgres {
                 url,
                 password_file,
@@ -98,6 +120,15 @@ impl StateLocation {
                 password_file.as_deref(),
                 ca_file.as_deref(),
             )?),
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(StateError::Unavailable {
+                    path: other.file().map(Path::to_path_buf).unwrap_or_default(),
+                    message: format!(
+                        "{other}: this build has no backend for it (the `contactsync-state` features `sqlite` and `postgres`)"
+                    ),
+                })
+            }
         })
     }
 }
@@ -117,10 +148,23 @@ impl std::fmt::Debug for StateLocation {
     }
 }
 
+/// `url` with its password, if any, replaced by `***`: what logs and errors show.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "postgres://(unreadable URL)".to_string(),
+    }
+}
+
 /// A state operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The database could not be opened or used.
+    #[cfg(feature = "sqlite")]
     #[error("state database {}: {source}", path.display())]
     Database {
         /// The database file.

@@ -27,6 +27,7 @@ use super::{
     LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
     StateItem, StateStore, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
 };
+use crate::redact;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: &[&str] = &[
@@ -139,18 +140,6 @@ impl std::fmt::Debug for PostgresState {
         f.debug_struct("PostgresState")
             .field("url", &self.shown)
             .finish()
-    }
-}
-
-/// `url` without a password in it, for messages and logs.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "postgres://(unreadable URL)".to_string(),
     }
 }
 
@@ -295,10 +284,10 @@ impl PostgresState {
             config.application_name("contactsync");
         }
         let certificates = match ca_file {
-            Some(path) => contactsync_http::tls::read_ca_file(path).map_err(unavailable)?,
+            Some(path) => contactsync_tls::read_ca_file(path).map_err(unavailable)?,
             None => Vec::new(),
         };
-        let tls = contactsync_http::tls::client_config(&certificates).map_err(unavailable)?;
+        let tls = contactsync_tls::client_config(&certificates).map_err(unavailable)?;
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
         let (jobs, queue) = mpsc::channel::<Job>();
         let (ready, connected) = mpsc::channel::<Result<(), String>>();
