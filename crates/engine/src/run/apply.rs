@@ -1,0 +1,433 @@
+//! Steps 4 and 5 of a run: apply the change set in batches, settling each outcome, and record the run.
+
+use super::*;
+
+impl<'r> Run<'r> {
+    /// Step 4: applies the spooled change set in batches.
+    pub(super) async fn apply(
+        &mut self,
+        sink: &mut dyn Sink,
+        changes: ChangeSet,
+    ) -> Result<(), RunError> {
+        if changes.upserts.len() + changes.removals.len() == 0 {
+            return Ok(());
+        }
+        let capabilities = self.capabilities;
+        // Counted again from the outcomes: the plan's counts become what really happened.
+        self.report.unconfirmed = changes.plan.total();
+        self.report.created = 0;
+        self.report.updated = 0;
+        self.report.removed = 0;
+        self.observer
+            .phase(Phase::Applying, Some(changes.plan.total()));
+        {
+            let mut lent = self.lend();
+            sink.begin(&changes.plan, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?;
+        }
+        // Asked after `begin`: a sink may size its batches by how it chose to write
+        // (Actito: one import a batch in bulk, small batches one by one).
+        let batch_size = self
+            .pipeline
+            .settings
+            .batch_size
+            .unwrap_or(usize::MAX)
+            .min(sink.capabilities().max_batch)
+            .max(1);
+        self.state.sample_records(&changes.records.records)?;
+        let run_id = self.report.run;
+        let addresses = changes.addresses.unwrap_or_default();
+        let mut parts = [
+            changes.upserts.into_reader()?,
+            changes.removals.into_reader()?,
+        ];
+        let mut number = 0;
+        let parts_len = parts.len();
+        for at in 0..parts_len {
+            loop {
+                let mut batch = parts[at].next_batch(batch_size)?;
+                // A sink whose one job carries removals too gets the last batch of
+                // creates and updates topped up with the first removals.
+                if capabilities.mixes_removals && batch.len() < batch_size {
+                    for next in parts.iter_mut().skip(at + 1) {
+                        let more = next.next_batch(batch_size - batch.len())?;
+                        batch.extend(more);
+                        if batch.len() == batch_size {
+                            break;
+                        }
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                if self.options.cancel.is_cancelled() {
+                    return Err(RunError::Cancelled);
+                }
+                number += 1;
+                let batch = ChangeBatch {
+                    id: format!("run-{run_id}-batch-{number}"),
+                    changes: batch,
+                };
+                self.apply_batch(sink, &batch, &addresses).await?;
+            }
+        }
+        self.observer.phase(Phase::Finishing, None);
+        {
+            let mut lent = self.lend();
+            sink.finish(&mut lent.context())
+                .await
+                .map_err(RunError::Sink)?;
+        }
+        if capabilities.durable_at_finish {
+            let started = Instant::now();
+            let confirmed = self.state.confirm_finished(&self.pipeline.name, run_id)?;
+            tracing::debug!(
+                confirmed,
+                seconds = started.elapsed().as_secs_f64(),
+                "the sink's changes are recorded as synced"
+            );
+            // Made durable now, and only now: what the report counts.
+            let done = std::mem::take(&mut self.awaiting_finish);
+            self.report.created += done.created;
+            self.report.updated += done.updated;
+            self.report.removed += done.removed;
+            self.report.unconfirmed = self
+                .report
+                .unconfirmed
+                .saturating_sub(done.created + done.updated + done.removed);
+        }
+        let summary = sink.summary();
+        self.report.unknown_in_sink = summary.unknown_in_sink;
+        self.report.imports = summary.jobs;
+        self.report.sink_plan = summary.how;
+        self.report.outcome_reads = summary.reads;
+        Ok(())
+    }
+
+    /// Records one batch as pending, sends it, and settles each outcome. A change the
+    /// address rule settles ([`AddressBook::screen`]) is recorded and settled with the
+    /// others, but not sent.
+    pub(super) async fn apply_batch(
+        &mut self,
+        sink: &mut dyn Sink,
+        batch: &ChangeBatch,
+        addresses: &AddressBook,
+    ) -> Result<(), RunError> {
+        let rows: Vec<PendingRow> = batch
+            .changes
+            .iter()
+            .map(|c| PendingRow {
+                key: c.key().clone(),
+                kind: c.kind(),
+                content_hash: c.contact().map(|c| self.pipeline.diff_hash(c)).unwrap_or(0),
+                email: c.email().map(str::to_string),
+                record: c.contact().cloned(),
+            })
+            .collect();
+        let durable_at_finish = self.capabilities.durable_at_finish;
+        // A sink that keeps nothing before it finishes is handed the batch first and the
+        // batch recorded after, already applied, in one write: a crash in between loses
+        // nothing, since that sink has made nothing durable yet (pending first, then
+        // settled as applied, took a second pass over every row of a first sync).
+        if !durable_at_finish {
+            self.state
+                .record_pending(&self.pipeline.name, self.report.run, &batch.id, &rows)?;
+        }
+        let screened = addresses.screen(batch);
+        let sent = screened.sent.as_ref().unwrap_or(batch);
+        let answered = if sent.changes.is_empty() {
+            Vec::new()
+        } else {
+            let mut lent = self.lend();
+            sink.apply(sent, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?
+        };
+        if answered.len() != sent.changes.len() {
+            return Err(RunError::OutcomeCount {
+                got: answered.len(),
+                expected: sent.changes.len(),
+            });
+        }
+        let mut answered = answered.into_iter();
+        let outcomes: Vec<Outcome> = screened
+            .taken
+            .iter()
+            .map(|taken| match taken {
+                Some(_) => Outcome::applied(),
+                None => answered.next().unwrap_or(Outcome::Unknown {
+                    reason: "no outcome".into(),
+                }),
+            })
+            .collect();
+        // Taken whole, as nearly always: recorded applied at once. Otherwise recorded
+        // now as sent, and settled one by one below, as for any other sink.
+        let mut recorded_applied = false;
+        if durable_at_finish {
+            let handles: Option<Vec<Option<String>>> = outcomes
+                .iter()
+                .map(|outcome| match outcome {
+                    Outcome::Applied { handle } => Some(handle.clone()),
+                    _ => None,
+                })
+                .collect();
+            let (pipeline, run) = (&self.pipeline.name, self.report.run);
+            match handles {
+                Some(handles) => {
+                    self.state
+                        .record_awaiting_finish(pipeline, run, &batch.id, &rows, &handles)?;
+                    recorded_applied = true;
+                }
+                None => self.state.record_pending(pipeline, run, &batch.id, &rows)?,
+            }
+        }
+        let mut settlements = Vec::with_capacity(outcomes.len());
+        let mut settled = 0u64;
+        let mut audit: Vec<(&'static str, Option<String>)> = Vec::with_capacity(outcomes.len());
+        for (((change, row), outcome), taken) in batch
+            .changes
+            .iter()
+            .zip(rows)
+            .zip(outcomes)
+            .zip(screened.taken)
+        {
+            let kind = change.kind();
+            let key = row.key.clone();
+            let kept_handle = || change.previous().and_then(|p| p.handle.clone());
+            match outcome {
+                Outcome::Applied { handle } => {
+                    if let Some(why) = taken {
+                        settled += 1;
+                        tracing::info!(key = %key, "{why}");
+                        self.report.address_taken += 1;
+                        audit.push(("address_taken", Some(why)));
+                    } else if durable_at_finish {
+                        // Taken, not yet made durable: counted (and confirmed) once the
+                        // sink's finish succeeds; the history says `sent` until then.
+                        audit.push(("sent", None));
+                        self.awaiting_finish.count(kind);
+                    } else {
+                        settled += 1;
+                        audit.push(("applied", None));
+                        match kind {
+                            ChangeKind::Create => self.report.created += 1,
+                            ChangeKind::Update => self.report.updated += 1,
+                            ChangeKind::Remove => self.report.removed += 1,
+                        }
+                    }
+                    if recorded_applied {
+                        continue;
+                    }
+                    settlements.push(if durable_at_finish {
+                        Settlement::AwaitingFinish { key, handle }
+                    } else if kind == ChangeKind::Remove {
+                        Settlement::Forgotten { key }
+                    } else {
+                        Settlement::Synced {
+                            key,
+                            entry: SyncedEntry {
+                                content_hash: row.content_hash,
+                                email: row.email,
+                                handle: handle.or_else(kept_handle),
+                                record: row.record.map(Box::new),
+                            },
+                        }
+                    });
+                }
+                Outcome::Rejected {
+                    reason,
+                    field,
+                    retry,
+                } => {
+                    audit.push(("rejected", Some(reason.clone())));
+                    settled += 1;
+                    self.reject(Rejection {
+                        stage: RejectStage::Sink,
+                        origin: change.origin(),
+                        key: Some(&key),
+                        email: change.email(),
+                        field: field.as_deref(),
+                        reason,
+                        contact: change.contact(),
+                        raw: None,
+                    })?;
+                    settlements.push(match (retry, kind) {
+                        (true, _) => Settlement::Dropped { key },
+                        // Final: remember the content so it is not re-sent every night,
+                        // only when the person changes again. The last-sent record stays
+                        // what the sink last accepted.
+                        (false, ChangeKind::Remove) => Settlement::Forgotten { key },
+                        (false, _) => Settlement::Synced {
+                            key,
+                            entry: SyncedEntry {
+                                content_hash: row.content_hash,
+                                email: row.email,
+                                handle: kept_handle(),
+                                record: None,
+                            },
+                        },
+                    });
+                }
+                Outcome::Unknown { reason } => {
+                    audit.push(("unknown", Some(reason.clone())));
+                    self.report.unknown += 1;
+                    tracing::debug!(key = %key, "outcome unknown, sent again next run: {reason}");
+                    // Stays pending; the next run settles or re-sends it.
+                }
+            }
+        }
+        if !settlements.is_empty() {
+            self.state
+                .settle(&self.pipeline.name, &batch.id, &settlements)?;
+        }
+        self.audit(batch, audit)?;
+        // What stays pending (unknown outcomes) is still not confirmed.
+        self.report.unconfirmed = self.report.unconfirmed.saturating_sub(settled);
+        self.observer.advance(batch.changes.len() as u64);
+        Ok(())
+    }
+
+    /// Keeps what the sink was asked to do to each person of `batch`, and what came of
+    /// it, for `contactsync history` (unless `audit_days = 0`).
+    pub(super) fn audit(
+        &mut self,
+        batch: &ChangeBatch,
+        outcomes: Vec<(&'static str, Option<String>)>,
+    ) -> Result<(), RunError> {
+        let settings = &self.pipeline.settings;
+        if settings.audit_days == 0 {
+            return Ok(());
+        }
+        let at = chrono::Utc::now().timestamp();
+        let entries: Vec<AuditEntry> = batch
+            .changes
+            .iter()
+            .zip(outcomes)
+            .map(|(change, (outcome, reason))| {
+                // A create keeps its record in the compact form, not as JSON.
+                let created = (settings.audit_values && change.kind() == ChangeKind::Create)
+                    .then(|| change.contact().cloned().map(Box::new))
+                    .flatten();
+                let changes = if created.is_some() {
+                    Vec::new()
+                } else {
+                    change.field_changes()
+                };
+                let fields = if created.is_some() {
+                    String::new()
+                } else if settings.audit_values {
+                    let map: serde_json::Map<String, serde_json::Value> = changes
+                        .into_iter()
+                        .map(|c| (c.field.to_string(), serde_json::json!([c.before, c.after])))
+                        .collect();
+                    serde_json::Value::Object(map).to_string()
+                } else {
+                    let names: Vec<String> =
+                        changes.into_iter().map(|c| c.field.to_string()).collect();
+                    serde_json::Value::from(names).to_string()
+                };
+                AuditEntry {
+                    pipeline: self.pipeline.name.clone(),
+                    run: self.report.run,
+                    at,
+                    key: change.key().to_string(),
+                    email: change.email().map(str::to_string),
+                    kind: change.kind().as_str().to_string(),
+                    outcome: outcome.to_string(),
+                    reason,
+                    fields,
+                    created,
+                }
+            })
+            .collect();
+        self.state.record_audit(&entries)?;
+        Ok(())
+    }
+
+    /// Step 5: decides the run's status and records the run in the state.
+    pub(super) fn record(&mut self, result: Result<Completion, RunError>, started: Instant) {
+        // The error leaves the process (summary, report, runs, webhooks): whatever its
+        // origin, no secret of this process stays in it.
+        let result = result.map_err(|e| match e {
+            RunError::Locked(message) => {
+                RunError::Locked(contactsync_core::redact_secrets(&message).into_owned())
+            }
+            e => e,
+        });
+        let completion = match result {
+            Ok(completion) => Some(completion),
+            Err(RunError::Locked(message)) => {
+                // Another run holds the pipeline: this one did nothing, and records nothing.
+                self.report.status = RunStatus::Locked;
+                self.report.error = Some(message);
+                self.report.duration_ms = started.elapsed().as_millis() as u64;
+                return;
+            }
+            Err(RunError::Cancelled) => {
+                self.report.status = RunStatus::Interrupted;
+                self.report.error = Some(RunError::Cancelled.to_string());
+                None
+            }
+            Err(e) => {
+                self.report.status = RunStatus::Failed;
+                self.report.error =
+                    Some(contactsync_core::redact_secrets(&e.to_string()).into_owned());
+                None
+            }
+        };
+        let report = &mut self.report;
+        if report.status == RunStatus::Synced {
+            if report.unknown > 0 {
+                report.status = RunStatus::Failed;
+                report.error = Some(format!(
+                    "{} changes have an unknown outcome; the next run sends them again",
+                    report.unknown
+                ));
+            } else if report.removals_held > 0 {
+                report.status = RunStatus::RemovalsHeld;
+            } else if report.rejected > 0 {
+                report.status = RunStatus::FinishedWithRejects;
+            }
+        }
+        // A run the user interrupted that therefore could not finish (its job's
+        // outcome unknown, a call cut short) was interrupted, not broken.
+        if report.status == RunStatus::Failed && self.options.cancel.is_cancelled() {
+            report.status = RunStatus::Interrupted;
+        }
+        if report.status.succeeded() || report.status == RunStatus::Refused {
+            report.unconfirmed = 0;
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        if !self.options.dry_run && report.run > 0 {
+            let succeeded = report.status.succeeded();
+            let (cursor, full_read) = match completion.filter(|_| succeeded) {
+                Some(c) => (c.cursor, c.full_read),
+                None => (None, false),
+            };
+            let json = serde_json::to_string(&*report).unwrap_or_default();
+            let audit_days = self.pipeline.settings.audit_days;
+            if audit_days > 0 {
+                let before = chrono::Utc::now().timestamp() - i64::from(audit_days) * 86_400;
+                match self.state.prune_audit(&self.pipeline.name, before) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::debug!("pruned {n} audit entries older than {audit_days} days")
+                    }
+                    Err(e) => tracing::warn!("could not prune the audit: {e}"),
+                }
+            }
+            if let Err(e) = self.state.finish_run(
+                &self.pipeline.name,
+                report.run,
+                report.status.as_str(),
+                &json,
+                cursor.as_deref(),
+                full_read,
+            ) {
+                report.status = RunStatus::Failed;
+                report.error = Some(e.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! The shared backend: the state in a PostgreSQL database, for many runners on many
+//! machines (`state = "postgres://contactsync@db.internal/contactsync"`).
+//!
+//! Why it is shaped so:
+//! - The engine's state calls are synchronous and made from async code. The `postgres`
+//!   client runs its own small runtime, which must not be started inside the engine's:
+//!   so one thread of this store owns the connection, and each call hands it a job and
+//!   waits for the answer (as a SQLite call waits for its file).
+//! - That connection is the run's session: the run locks are `pg_try_advisory_lock`
+//!   keys held on it, so a runner that dies releases them with its connection, at once,
+//!   with no heartbeat. The `locks` table only says who holds them, for messages.
+//! - Writes of many rows (a batch recorded as pending, its settlement) are one
+//!   statement over arrays (`UNNEST`), so that a 1M first sync is not a million round
+//!   trips.
+//! - The schema is versioned (`schema_migrations`); missing migrations are applied on
+//!   open, in one transaction, under an advisory lock so that two runners starting
+//!   together do not both apply them.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+
+use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkStore};
+use postgres::Client;
+
+use super::{
+    audit_entry, from_sql, group_pending, synced_row, to_sql, with_created_fields, AuditEntry,
+    LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
+    StateItem, StateStore, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
+};
+use crate::redact;
+
+mod sink_store;
+mod store;
+use sink_store::PostgresSinkStore;
+
+/// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
+const MIGRATIONS: &[&str] = &[
+    "
+CREATE TABLE pipelines (
+    name TEXT PRIMARY KEY,
+    runs BIGINT NOT NULL DEFAULT 0,
+    cursor TEXT,
+    last_full_run BIGINT
+);
+CREATE TABLE synced (
+    pipeline TEXT NOT NULL,
+    key_hash BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    content_hash BIGINT NOT NULL,
+    email TEXT,
+    handle TEXT,
+    record BYTEA,
+    PRIMARY KEY (pipeline, key_hash)
+);
+CREATE TABLE pending (
+    pipeline TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    run BIGINT NOT NULL,
+    key_hash BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    content_hash BIGINT NOT NULL,
+    email TEXT,
+    applied BOOLEAN NOT NULL DEFAULT FALSE,
+    handle TEXT,
+    record BYTEA,
+    PRIMARY KEY (pipeline, batch_id, seq)
+);
+CREATE INDEX pending_key ON pending (pipeline, batch_id, key);
+CREATE TABLE runs (
+    pipeline TEXT NOT NULL,
+    run BIGINT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT,
+    report TEXT,
+    PRIMARY KEY (pipeline, run)
+);
+CREATE TABLE locks (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    host TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    since TEXT NOT NULL
+);
+CREATE TABLE audit (
+    id BIGSERIAL PRIMARY KEY,
+    pipeline TEXT NOT NULL,
+    run BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    email TEXT,
+    kind TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    fields TEXT NOT NULL,
+    created BYTEA
+);
+CREATE INDEX audit_key ON audit (key);
+CREATE INDEX audit_email ON audit (lower(email));
+CREATE TABLE sink_data (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+",
+    "
+CREATE TABLE slots (
+    slot TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    status TEXT NOT NULL,
+    claimed_at TEXT NOT NULL,
+    finished_at TEXT,
+    PRIMARY KEY (slot, pipeline)
+);
+",
+];
+
+/// The advisory lock key that serialises migrations.
+const MIGRATION_LOCK: i64 = 0x636f_6e74_6163_7473; // "contacts"
+
+type Job = Box<dyn FnOnce(&mut Client) + Send>;
+
+/// The state in a PostgreSQL database.
+pub struct PostgresState {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The URL without its password, for messages.
+    shown: String,
+    /// The worker whose liveness lock this session holds (`sync --worker`).
+    worker: Option<String>,
+    /// Advisory lock keys this store's session holds, with their holder: a session
+    /// may take an advisory lock again, so another holder in this process is refused
+    /// here.
+    held: HashMap<i64, LockHolder>,
+}
+
+impl std::fmt::Debug for PostgresState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresState")
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+/// Where the password comes from when the URL has none: `CONTACTSYNC_STATE_PASSWORD`,
+/// the file `password_file`, `PGPASSWORD`, or the user's `.pgpass` (`PGPASSFILE`).
+fn password_for(
+    config: &postgres::Config,
+    password_file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    let password = find_password(config, password_file)?;
+    if let Some(p) = &password {
+        contactsync_core::remember_secret(p);
+    }
+    if let Some(p) = config.get_password() {
+        contactsync_core::remember_secret(&String::from_utf8_lossy(p));
+    }
+    Ok(password)
+}
+
+fn find_password(
+    config: &postgres::Config,
+    password_file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    if let Ok(p) = std::env::var("CONTACTSYNC_STATE_PASSWORD") {
+        return Ok(Some(p));
+    }
+    if let Some(path) = password_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("the state password file {}: {e}", path.display()))?;
+        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    if let Ok(p) = std::env::var("PGPASSWORD") {
+        return Ok(Some(p));
+    }
+    let file = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")));
+    let Some(text) = file.and_then(|f| std::fs::read_to_string(f).ok()) else {
+        return Ok(None);
+    };
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let db = config.get_dbname().unwrap_or("").to_string();
+    let user = config.get_user().unwrap_or("").to_string();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let parts: Vec<&str> = line.splitn(5, ':').collect();
+        if parts.len() != 5 {
+            continue;
+        }
+        let fits = |pattern: &str, value: &str| pattern == "*" || pattern == value;
+        if fits(parts[0], &host)
+            && fits(parts[1], &port)
+            && fits(parts[2], &db)
+            && fits(parts[3], &user)
+        {
+            return Ok(Some(parts[4].to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// The advisory lock key of a lock name.
+fn lock_key(name: &str) -> i64 {
+    xxhash_rust::xxh3::xxh3_64(format!("contactsync lock {name}").as_bytes()) as i64
+}
+
+impl PostgresState {
+    /// Inserts a batch's pending rows in one statement; with `applied`, each marked
+    /// applied with its handle (awaiting the sink's finish).
+    fn insert_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        applied: Option<&[Option<String>]>,
+    ) -> Result<(), StateError> {
+        let pipeline = pipeline.to_string();
+        let batch_id = batch_id.to_string();
+        let seq: Vec<i64> = (0..rows.len() as i64).collect();
+        let key_hash: Vec<i64> = rows.iter().map(|r| to_sql(r.key.hash64())).collect();
+        let key: Vec<String> = rows.iter().map(|r| r.key.to_string()).collect();
+        let kind: Vec<String> = rows.iter().map(|r| r.kind.as_str().to_string()).collect();
+        let content: Vec<i64> = rows.iter().map(|r| to_sql(r.content_hash)).collect();
+        let email: Vec<Option<String>> = rows.iter().map(|r| r.email.clone()).collect();
+        let record: Vec<Option<Vec<u8>>> = rows
+            .iter()
+            .map(|r| r.record.as_ref().map(crate::record::encode))
+            .collect();
+        let taken = applied.is_some();
+        let handle: Vec<Option<String>> = (0..rows.len())
+            .map(|i| applied.and_then(|h| h.get(i)).cloned().flatten())
+            .collect();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO pending (pipeline, batch_id, seq, run, key_hash, key, kind, content_hash, email, record, applied, handle)
+                 SELECT $1, $2, s, $3, h, k, t, ch, e, r, $11::BOOLEAN, hd
+                 FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::BYTEA[], $12::TEXT[])
+                   AS u(s, h, k, t, ch, e, r, hd)
+                 ON CONFLICT (pipeline, batch_id, seq) DO UPDATE SET run = excluded.run,
+                   key_hash = excluded.key_hash, key = excluded.key, kind = excluded.kind,
+                   content_hash = excluded.content_hash, email = excluded.email,
+                   applied = excluded.applied, handle = excluded.handle, record = excluded.record",
+                &[&pipeline, &batch_id, &run, &seq, &key_hash, &key, &kind, &content, &email, &record, &taken, &handle],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Connects to `url` (`postgres://user@host:port/db`), applying any missing
+    /// migration. The password comes from the URL, `CONTACTSYNC_STATE_PASSWORD`,
+    /// `password_file`, `PGPASSWORD` or `.pgpass`. TLS (rustls) is used as the URL's
+    /// `sslmode` says (`prefer` by default, `require`, `disable`), verifying the server
+    /// against `ca_file` (a private CA) or else the public web roots.
+    pub fn open(
+        url: &str,
+        password_file: Option<&std::path::Path>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StateError> {
+        let shown = redact(url);
+        let unavailable = |message: String| StateError::Shared {
+            url: shown.clone(),
+            message,
+        };
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| unavailable(format!("not a PostgreSQL URL: {e}")))?;
+        if config.get_password().is_none() {
+            if let Some(p) = password_for(&config, password_file).map_err(unavailable)? {
+                config.password(p);
+            }
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("contactsync");
+        }
+        let certificates = match ca_file {
+            Some(path) => contactsync_tls::read_ca_file(path).map_err(unavailable)?,
+            None => Vec::new(),
+        };
+        let tls = contactsync_tls::client_config(&certificates).map_err(unavailable)?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready, connected) = mpsc::channel::<Result<(), String>>();
+        let thread = std::thread::Builder::new()
+            .name("state-postgres".into())
+            .spawn(move || {
+                let mut client = match config.connect(tls) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready.send(Err(describe(&e)));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                while let Ok(job) = queue.recv() {
+                    job(&mut client);
+                }
+            })
+            .map_err(|e| unavailable(format!("cannot start its thread: {e}")))?;
+        match connected.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                return Err(unavailable(format!("cannot connect: {message}")));
+            }
+            Err(_) => return Err(unavailable("the connection thread ended".into())),
+        }
+        let mut state = PostgresState {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            shown,
+            worker: None,
+            held: HashMap::new(),
+        };
+        state.migrate()?;
+        Ok(state)
+    }
+
+    /// The URL, without its password.
+    pub fn url(&self) -> &str {
+        &self.shown
+    }
+
+    /// Runs `work` on the connection's thread and waits for it.
+    fn call<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Client) -> Result<R, postgres::Error> + Send + 'static,
+    ) -> Result<R, StateError> {
+        let (answer, answered) = mpsc::channel();
+        let job: Job = Box::new(move |client| {
+            let _ = answer.send(work(client));
+        });
+        let sent = self
+            .jobs
+            .as_ref()
+            .map(|j| j.send(job).is_ok())
+            .unwrap_or(false);
+        let lost = || StateError::Shared {
+            url: self.shown.clone(),
+            message: "the connection to the state database was lost".into(),
+        };
+        if !sent {
+            return Err(lost());
+        }
+        match answered.recv() {
+            Ok(result) => result.map_err(|e| StateError::Shared {
+                url: self.shown.clone(),
+                message: describe(&e),
+            }),
+            Err(_) => Err(lost()),
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), StateError> {
+        let applied = self.call(|c| {
+            c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+            let result = (|| {
+                c.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
+                )?;
+                let current: i64 = c
+                    .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?
+                    .get(0);
+                let mut applied = Vec::new();
+                for (i, sql) in MIGRATIONS.iter().enumerate() {
+                    let version = i as i64 + 1;
+                    if version <= current {
+                        continue;
+                    }
+                    let mut tx = c.transaction()?;
+                    tx.batch_execute(sql)?;
+                    tx.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                        &[&version, &chrono::Utc::now().to_rfc3339()],
+                    )?;
+                    tx.commit()?;
+                    applied.push(version);
+                }
+                Ok((current, applied))
+            })();
+            c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
+            result
+        })?;
+        let (current, applied) = applied;
+        if current > MIGRATIONS.len() as i64 {
+            return Err(StateError::Shared {
+                url: self.shown.clone(),
+                message: format!(
+                    "schema version {current}, this contactsync understands {}; use a matching contactsync",
+                    MIGRATIONS.len()
+                ),
+            });
+        }
+        if !applied.is_empty() {
+            tracing::info!(state = %self.shown, ?applied, "state schema migrated");
+        }
+        Ok(())
+    }
+
+    fn parse_key(&self, text: &str) -> Result<ContactKey, StateError> {
+        text.parse().map_err(|message| StateError::Shared {
+            url: self.shown.clone(),
+            message: format!("a stored key: {message}"),
+        })
+    }
+}
+
+/// A `postgres::Error` in a sentence: the server's message when there is one.
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+impl Drop for PostgresState {
+    /// Closing the connection releases every advisory lock it holds.
+    fn drop(&mut self) {
+        let mut holders: Vec<String> = self.held.values().map(|h| h.token.clone()).collect();
+        holders.dedup();
+        for token in holders {
+            let _ = self.call(move |c| {
+                c.execute("DELETE FROM locks WHERE token = $1", &[&token])
+                    .map(|_| ())
+            });
+        }
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Who the `locks` table names as the holder of lock `name`, if anyone.
+fn named_holder(c: &mut Client, name: &str) -> Result<Option<LockHolder>, postgres::Error> {
+    Ok(c.query_opt(
+        "SELECT token, pid, host, pipeline, since FROM locks WHERE name = $1",
+        &[&name],
+    )?
+    .map(|r| LockHolder {
+        token: r.get(0),
+        pid: r.get::<_, i64>(1) as u32,
+        host: r.get(2),
+        pipeline: r.get(3),
+        since: r.get(4),
+    }))
+}
+
+/// An audit row's columns, as `SELECT {AUDIT_COLUMNS}` returns them.
+fn audit_columns(r: &postgres::Row) -> StoredAudit {
+    (
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+        r.get(9),
+    )
+}

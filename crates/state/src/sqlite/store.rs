@@ -1,0 +1,796 @@
+//! The SQLite backend's [`StateStore`] methods.
+
+use super::*;
+
+impl StateStore for SqliteState {
+    fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError> {
+        let map = db_error(&self.path);
+        // IMMEDIATE: the check and the insert are one write, so two processes can
+        // never both see the lock free.
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let now = chrono::Utc::now().timestamp();
+        let mut taken_over = Vec::new();
+        {
+            let mut find = tx
+                .prepare_cached(
+                    "SELECT token, pid, host, pipeline, since, heartbeat FROM locks WHERE name = ?1",
+                )
+                .map_err(map)?;
+            for name in names {
+                let found: Option<(LockHolder, i64)> = find
+                    .query_row([name], |r| {
+                        Ok((
+                            LockHolder {
+                                token: r.get(0)?,
+                                pid: r.get::<_, i64>(1)? as u32,
+                                host: r.get(2)?,
+                                pipeline: r.get(3)?,
+                                since: r.get(4)?,
+                            },
+                            r.get(5)?,
+                        ))
+                    })
+                    .optional()
+                    .map_err(map)?;
+                let Some((other, heartbeat)) = found else {
+                    continue;
+                };
+                if other.token == holder.token {
+                    continue;
+                }
+                let silent = now - heartbeat > LOCK_STALE_AFTER.as_secs() as i64;
+                if other.is_gone() || silent {
+                    taken_over.push((name.clone(), other));
+                } else {
+                    return Ok(LockAttempt::Busy {
+                        name: name.clone(),
+                        holder: other,
+                    });
+                }
+            }
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO locks (name, token, pid, host, pipeline, since, heartbeat)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(map)?;
+            for name in names {
+                put.execute(params![
+                    name,
+                    holder.token,
+                    i64::from(holder.pid),
+                    holder.host,
+                    holder.pipeline,
+                    holder.since,
+                    now
+                ])
+                .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)?;
+        if self.heartbeat.as_ref().map(|h| &h.token) != Some(&holder.token) {
+            self.heartbeat = Some(Heartbeat::start(&self.path, &holder.token).map_err(map)?);
+        }
+        Ok(LockAttempt::Acquired { taken_over })
+    }
+
+    fn unlock(&mut self, holder: &LockHolder) -> Result<(), StateError> {
+        if self.heartbeat.as_ref().map(|h| &h.token) == Some(&holder.token) {
+            self.heartbeat = None;
+        }
+        self.conn
+            .execute("DELETE FROM locks WHERE token = ?1", [&holder.token])
+            .map(|_| ())
+            .map_err(db_error(&self.path))
+    }
+
+    fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(WRITE)
+            .map_err(db_error(&self.path))?;
+        let result = (|| {
+            tx.execute(
+                "INSERT INTO pipelines (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                [pipeline],
+            )?;
+            tx.execute(
+                "UPDATE pipelines SET runs = runs + 1 WHERE name = ?1",
+                [pipeline],
+            )?;
+            let (run, last_full): (i64, Option<i64>) = tx.query_row(
+                "SELECT runs, last_full_run FROM pipelines WHERE name = ?1",
+                [pipeline],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO runs (pipeline, run, started_at) VALUES (?1, ?2, ?3)",
+                params![pipeline, run, chrono::Utc::now().to_rfc3339()],
+            )?;
+            Ok((run, last_full))
+        })();
+        let value = result.map_err(db_error(&self.path))?;
+        tx.commit().map_err(db_error(&self.path))?;
+        Ok(value)
+    }
+
+    fn finish_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        status: &str,
+        report: &str,
+        cursor: Option<&str>,
+        full_read: bool,
+    ) -> Result<(), StateError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(WRITE)
+            .map_err(db_error(&self.path))?;
+        let result = (|| {
+            tx.execute(
+                "UPDATE runs SET finished_at = ?3, status = ?4, report = ?5 WHERE pipeline = ?1 AND run = ?2",
+                params![pipeline, run, chrono::Utc::now().to_rfc3339(), status, report],
+            )?;
+            if let Some(cursor) = cursor {
+                tx.execute(
+                    "UPDATE pipelines SET cursor = ?2 WHERE name = ?1",
+                    params![pipeline, cursor],
+                )?;
+            }
+            if full_read {
+                tx.execute(
+                    "UPDATE pipelines SET last_full_run = ?2 WHERE name = ?1",
+                    params![pipeline, run],
+                )?;
+            }
+            Ok(())
+        })();
+        result.map_err(db_error(&self.path))?;
+        tx.commit().map_err(db_error(&self.path))?;
+        self.release_free_pages();
+        Ok(())
+    }
+
+    fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT cursor FROM pipelines WHERE name = ?1",
+                [pipeline],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(db_error(&self.path))
+    }
+
+    fn scan_index(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT key_hash, content_hash FROM synced WHERE pipeline = {PIPELINE_ID}"
+            ))
+            .map_err(db_error(&self.path))?;
+        let mut rows = stmt.query([pipeline]).map_err(db_error(&self.path))?;
+        while let Some(row) = rows.next().map_err(db_error(&self.path))? {
+            let key_hash: i64 = row.get(0).map_err(db_error(&self.path))?;
+            let content_hash: i64 = row.get(1).map_err(db_error(&self.path))?;
+            visit(from_sql(key_hash), from_sql(content_hash));
+        }
+        Ok(())
+    }
+
+    fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {
+        let row: Option<CompactSynced> = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {SYNCED_COLUMNS} FROM synced WHERE pipeline = {PIPELINE_ID} AND key_hash = ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![pipeline, to_sql(key_hash)], compact_synced)
+                    .optional()
+            })
+            .map_err(db_error(&self.path))?;
+        row.map(|stored| synced_row(&mut self.codec, &self.conn, &self.path, stored))
+            .transpose()
+    }
+
+    fn record_pending(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+    ) -> Result<(), StateError> {
+        self.insert_pending(pipeline, run, batch_id, rows, None)
+    }
+
+    fn record_awaiting_finish(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+    ) -> Result<(), StateError> {
+        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
+    }
+
+    fn pending_batches(
+        &mut self,
+        pipeline: &str,
+    ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT batch_id, key, kind, email, content_hash, record FROM pending
+                 WHERE pipeline = {PIPELINE_ID} ORDER BY run, batch_id, seq"
+            ))
+            .map_err(map)?;
+        type Row = (
+            String,
+            Option<String>,
+            Value,
+            Option<String>,
+            i64,
+            Option<Vec<u8>>,
+        );
+        let rows: Vec<Row> = stmt
+            .query_map([pipeline], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(map)?;
+        drop(stmt);
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message: format!("in pending: {message}"),
+        };
+        let mut stored: Vec<crate::StoredPending> = Vec::with_capacity(rows.len());
+        for (batch_id, key, kind, email, content_hash, bytes) in rows {
+            let record = read_record(
+                &mut self.codec,
+                &self.conn,
+                key.as_deref().unwrap_or(&batch_id),
+                bytes.as_deref(),
+            );
+            let key = compact::expand_key(key.as_deref(), record.as_ref()).map_err(corrupt)?;
+            let email = compact::expand_email(email, record.as_ref());
+            let kind = compact::expand_word(kind).map_err(corrupt)?;
+            stored.push((batch_id, key, kind, email, content_hash, record));
+        }
+        group_pending(
+            stored,
+            |text| parse_key(&path, text),
+            |kind| StateError::Corrupt {
+                path: path.clone(),
+                message: format!("unknown change kind {kind:?} in pending"),
+            },
+        )
+    }
+
+    fn settle(
+        &mut self,
+        pipeline: &str,
+        batch_id: &str,
+        settlements: &[Settlement],
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
+        let whole_batch_awaits = !settlements.is_empty()
+            && settlements
+                .iter()
+                .all(|s| matches!(s, Settlement::AwaitingFinish { handle: None, .. }));
+        if whole_batch_awaits {
+            let rows: i64 = tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM pending WHERE pipeline = ?1 AND batch_id = ?2",
+                )
+                .and_then(|mut s| s.query_row(params![id, batch_id], |r| r.get(0)))
+                .map_err(map)?;
+            if rows == settlements.len() as i64 {
+                tx.prepare_cached(
+                    "UPDATE pending SET applied = 1, handle = NULL WHERE pipeline = ?1 AND batch_id = ?2",
+                )
+                .and_then(|mut s| s.execute(params![id, batch_id]))
+                .map_err(map)?;
+                return tx.commit().map_err(map);
+            }
+        }
+        {
+            let mut upsert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) {SYNCED_UPSERT}"
+                ))
+                .map_err(map)?;
+            let mut forget = tx
+                .prepare_cached("DELETE FROM synced WHERE pipeline = ?1 AND key_hash = ?2")
+                .map_err(map)?;
+            let mut unpend = tx
+                .prepare_cached(
+                    "DELETE FROM pending WHERE pipeline = ?1 AND batch_id = ?2 AND key_hash = ?3",
+                )
+                .map_err(map)?;
+            let mut mark = tx
+                .prepare_cached(
+                    "UPDATE pending SET applied = 1, handle = ?4 WHERE pipeline = ?1 AND batch_id = ?2 AND key_hash = ?3",
+                )
+                .map_err(map)?;
+            let mut owner = tx
+                .prepare_cached(
+                    "SELECT key, record FROM synced WHERE pipeline = ?1 AND key_hash = ?2",
+                )
+                .map_err(map)?;
+            for settlement in settlements {
+                match settlement {
+                    Settlement::Synced { key, entry } => {
+                        let hash = to_sql(key.hash64());
+                        // Two keys of one hash: the person there is somebody else.
+                        let existing: Option<(Option<String>, Option<Vec<u8>>)> = owner
+                            .query_row(params![id, hash], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                            .map_err(map)?;
+                        let text = key.to_string();
+                        if let Some((stored, bytes)) = existing {
+                            let record = read_record(&mut self.codec, &tx, &text, bytes.as_deref());
+                            let existing = compact::expand_key(stored.as_deref(), record.as_ref())
+                                .map_err(|message| StateError::Corrupt {
+                                    path: path.clone(),
+                                    message,
+                                })?;
+                            if existing != text {
+                                return Err(StateError::KeyCollision {
+                                    existing,
+                                    new: text,
+                                });
+                            }
+                        }
+                        let record = entry.record.as_deref();
+                        upsert
+                            .execute(params![
+                                id,
+                                hash,
+                                to_sql(entry.content_hash),
+                                record.map(|r| self.codec.encode(r)),
+                                compact::key(key, record),
+                                compact::email(entry.email.as_deref(), record),
+                                entry.handle,
+                            ])
+                            .map_err(map)?;
+                        unpend.execute(params![id, batch_id, hash]).map_err(map)?;
+                    }
+                    Settlement::Forgotten { key } => {
+                        let hash = to_sql(key.hash64());
+                        forget.execute(params![id, hash]).map_err(map)?;
+                        unpend.execute(params![id, batch_id, hash]).map_err(map)?;
+                    }
+                    Settlement::Dropped { key } => {
+                        unpend
+                            .execute(params![id, batch_id, to_sql(key.hash64())])
+                            .map_err(map)?;
+                    }
+                    Settlement::AwaitingFinish { key, handle } => {
+                        mark.execute(params![id, batch_id, to_sql(key.hash64()), handle])
+                            .map_err(map)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(map)
+    }
+
+    fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
+        let map = db_error(&self.path);
+        let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
+            return Ok(0);
+        };
+        let remove = compact::kind(ChangeKind::Remove);
+        // In ranges of key hashes, each its own transaction, so that no transaction
+        // holds the write lock for long (ten million rows took over a minute, and the
+        // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
+        // Ranges of the hash, in the order `synced` keeps them, so that each range's
+        // rows are appended to its b-tree in order (ranges of rows would interleave and
+        // split its pages). Each range scans `pending`; a range holds about
+        // `confirm_range_rows` rows, so a million take one scan.
+        // A crash between two ranges leaves the rest pending, applied: the next run's
+        // recovery asks the sink about them, as after a crash before the confirmation.
+        let pending: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM pending", [], |r| r.get(0))
+            .map_err(map)?;
+        if pending == 0 {
+            return Ok(0);
+        }
+        let ranges = || {
+            let rows = i128::from(pending);
+            let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
+                / i128::from(self.confirm_range_rows.max(1));
+            let width = (1i128 << 64) / parts;
+            (0..parts).map(move |n| {
+                let from = i128::from(i64::MIN) + n * width;
+                let to = if n == parts - 1 {
+                    i128::from(i64::MAX)
+                } else {
+                    from + width - 1
+                };
+                // Both within i64 by construction.
+                (from as i64, to as i64)
+            })
+        };
+        let mut confirmed = 0u64;
+        for (from, to) in ranges() {
+            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+                       (SELECT key_hash FROM pending WHERE key_hash BETWEEN ?4 AND ?5
+                          AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            let upserted = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                           SELECT pipeline, key_hash, content_hash, record, key, email, handle FROM pending
+                           WHERE key_hash BETWEEN ?4 AND ?5
+                             AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
+                           ORDER BY key_hash
+                         {SYNCED_UPSERT}"
+                    ),
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            tx.commit().map_err(map)?;
+            confirmed += (removed + upserted) as u64;
+        }
+        // The confirmed rows leave `pending` last: when they are all it holds (a run
+        // alone, as usual), at once, which costs next to nothing where deleting them row
+        // by row took longer than confirming them. Until then they are pending and
+        // applied, and confirming them again (after a crash, through recovery) changes
+        // nothing.
+        // The check and the delete in one transaction: another pipeline's run may be
+        // recording its own pending changes in the same file.
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let others: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
+                params![id, run],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if !others {
+            tx.execute("DELETE FROM pending", []).map_err(map)?;
+            return tx.commit().map_err(map).map(|()| confirmed);
+        }
+        drop(tx);
+        for (from, to) in ranges() {
+            self.conn
+                .execute(
+                    "DELETE FROM pending WHERE key_hash BETWEEN ?3 AND ?4
+                       AND pipeline = ?1 AND run = ?2 AND applied = 1",
+                    params![id, run, from, to],
+                )
+                .map_err(map)?;
+        }
+        Ok(confirmed)
+    }
+
+    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
+        self.learn(sample.iter())
+    }
+
+    fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                &format!("DELETE FROM pending WHERE pipeline = {PIPELINE_ID} AND batch_id = ?2"),
+                params![pipeline, batch_id],
+            )
+            .map(|_| ())
+            .map_err(db_error(&self.path))
+    }
+
+    fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a> {
+        Box::new(SqliteSinkStore {
+            conn: &mut self.conn,
+            scope: scope.to_string(),
+        })
+    }
+
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.name, p.runs, p.cursor,
+                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.id),
+                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.id),
+                   (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
+                 FROM pipelines p ORDER BY p.name",
+            )
+            .map_err(db_error(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PipelineSummary {
+                    pipeline: r.get(0)?,
+                    runs: r.get::<_, i64>(1)? as u64,
+                    cursor: r.get(2)?,
+                    synced: r.get::<_, i64>(3)? as u64,
+                    pending: r.get::<_, i64>(4)? as u64,
+                    last_run: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(db_error(&self.path))?;
+        Ok(rows)
+    }
+
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT pipeline, run, started_at, finished_at, status, report FROM runs
+                 WHERE ?1 IS NULL OR pipeline = ?1 ORDER BY started_at DESC, run DESC LIMIT ?2",
+            )
+            .map_err(db_error(&self.path))?;
+        let rows = stmt
+            .query_map(params![pipeline, last as i64], |r| {
+                Ok(RunRecord {
+                    pipeline: r.get(0)?,
+                    run: r.get(1)?,
+                    started_at: r.get(2)?,
+                    finished_at: r.get(3)?,
+                    status: r.get(4)?,
+                    report: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(db_error(&self.path))?;
+        Ok(rows)
+    }
+
+    fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        insert_audit(&tx, &mut self.codec, entries).map_err(map)?;
+        tx.commit().map_err(map)
+    }
+
+    fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError> {
+        self.conn
+            .execute(
+                &format!("DELETE FROM audit WHERE pipeline = {PIPELINE_ID} AND at < ?2"),
+                params![pipeline, before],
+            )
+            .map(|n| n as u64)
+            .map_err(db_error(&self.path))
+    }
+
+    fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
+        let who = who.trim();
+        let email = Contact::normalize_email(who).unwrap_or_default();
+        let keys = [
+            who.to_string(),
+            format!("external_id:{who}"),
+            format!("email:{email}"),
+        ];
+        // Rows whose key or email is their record's are matched once expanded.
+        let mut entries = Vec::new();
+        self.audit_rows(
+            "WHERE a.key IS NULL OR a.email IS NULL OR a.key IN (?1, ?2, ?3) OR a.email = ?4 COLLATE NOCASE
+             ORDER BY a.at, a.rowid",
+            params![keys[0], keys[1], keys[2], email],
+            &mut |entry| {
+                let matches = keys.contains(&entry.key)
+                    || entry
+                        .email
+                        .as_deref()
+                        .is_some_and(|e| !email.is_empty() && e.eq_ignore_ascii_case(&email));
+                if matches {
+                    entries.push(with_created_fields(entry));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(entries)
+    }
+
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        for table in ["synced", "pending", "audit"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
+                [pipeline],
+            )
+            .map_err(map)?;
+        }
+        tx.execute("DELETE FROM runs WHERE pipeline = ?1", [pipeline])
+            .map_err(map)?;
+        tx.execute("DELETE FROM pipelines WHERE name = ?1", [pipeline])
+            .map_err(map)?;
+        tx.commit().map_err(map)
+    }
+
+    fn export(
+        &mut self,
+        visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name, runs, cursor, last_full_run FROM pipelines ORDER BY name")
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                visit(StateItem::Pipeline {
+                    name: r.get(0).map_err(map)?,
+                    runs: r.get(1).map_err(map)?,
+                    cursor: r.get(2).map_err(map)?,
+                    last_full_run: r.get(3).map_err(map)?,
+                })?;
+            }
+        }
+        {
+            let mut stmt = self
+                .conn
+                .prepare(&format!(
+                    "SELECT {SYNCED_COLUMNS}, p.name FROM synced JOIN pipelines p ON p.id = synced.pipeline"
+                ))
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                let stored = compact_synced(r).map_err(map)?;
+                let pipeline: String = r.get(5).map_err(map)?;
+                visit(StateItem::Synced {
+                    pipeline,
+                    row: synced_row(&mut self.codec, &self.conn, &path, stored)?,
+                })?;
+            }
+        }
+        for run in self.runs(None, usize::MAX >> 1)?.into_iter().rev() {
+            visit(StateItem::Run(run))?;
+        }
+        self.audit_rows("ORDER BY a.rowid", [], &mut |entry| {
+            visit(StateItem::Audit(entry))
+        })?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT scope, key, value FROM sink_data ORDER BY scope, key")
+            .map_err(map)?;
+        let mut rows = stmt.query([]).map_err(map)?;
+        while let Some(r) = rows.next().map_err(map)? {
+            visit(StateItem::SinkData {
+                scope: r.get(0).map_err(map)?,
+                key: r.get(1).map_err(map)?,
+                value: r.get(2).map_err(map)?,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let found: Option<(String, String)> = tx
+            .query_row(
+                "SELECT worker, status FROM slots WHERE slot = ?1 AND pipeline = ?2",
+                params![slot, pipeline],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(map)?;
+        // A worker is `pid@host`: one on this host whose process is gone left its
+        // claim unfinished, and it is taken over.
+        let gone = |worker: &str| {
+            let here = gethostname::gethostname().to_string_lossy().into_owned();
+            match worker.split_once('@') {
+                Some((pid, host)) if host == here => !Path::new(&format!("/proc/{pid}")).exists(),
+                _ => false,
+            }
+        };
+        let claim = match found {
+            None => true,
+            Some((_, status)) if status != "claimed" => false,
+            Some((other, _)) => other == worker || gone(&other),
+        };
+        if claim {
+            tx.execute(
+                "INSERT OR REPLACE INTO slots (slot, pipeline, worker, status, claimed_at) VALUES (?1, ?2, ?3, 'claimed', ?4)",
+                params![slot, pipeline, worker, chrono::Utc::now().to_rfc3339()],
+            )
+            .map_err(map)?;
+        }
+        tx.commit().map_err(map)?;
+        Ok(claim)
+    }
+
+    fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE slots SET status = ?3, finished_at = ?4 WHERE slot = ?1 AND pipeline = ?2",
+                params![slot, pipeline, status, chrono::Utc::now().to_rfc3339()],
+            )
+            .map(|_| ())
+            .map_err(db_error(&self.path))
+    }
+
+    fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
+        self.learn(items.iter().filter_map(|item| match item {
+            StateItem::Synced { row, .. } => row.entry.record.as_deref(),
+            StateItem::Audit(e) => e.created.as_deref(),
+            _ => None,
+        }))?;
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        for item in items {
+            match item {
+                StateItem::Pipeline {
+                    name,
+                    runs,
+                    cursor,
+                    last_full_run,
+                } => tx
+                    .execute(
+                        // Not OR REPLACE: that would give the pipeline a new id.
+                        "INSERT INTO pipelines (name, runs, cursor, last_full_run) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (name) DO UPDATE SET runs = excluded.runs, cursor = excluded.cursor,
+                           last_full_run = excluded.last_full_run",
+                        params![name, runs, cursor, last_full_run],
+                    )
+                    .map(|_| ()),
+                StateItem::Synced { pipeline, row } => {
+                    ensure_pipeline(&tx, pipeline).and_then(|id| {
+                        let record = row.entry.record.as_deref();
+                        tx.execute(
+                            "INSERT OR REPLACE INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            params![
+                                id,
+                                to_sql(row.key.hash64()),
+                                to_sql(row.entry.content_hash),
+                                record.map(|r| self.codec.encode(r)),
+                                compact::key(&row.key, record),
+                                compact::email(row.entry.email.as_deref(), record),
+                                row.entry.handle,
+                            ],
+                        )
+                        .map(|_| ())
+                    })
+                }
+                StateItem::Run(r) => tx
+                    .execute(
+                        "INSERT OR REPLACE INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![r.pipeline, r.run, r.started_at, r.finished_at, r.status, r.report],
+                    )
+                    .map(|_| ()),
+                StateItem::Audit(e) => insert_audit(&tx, &mut self.codec, std::slice::from_ref(e)),
+                StateItem::SinkData { scope, key, value } => tx
+                    .execute(
+                        "INSERT OR REPLACE INTO sink_data (scope, key, value) VALUES (?1, ?2, ?3)",
+                        params![scope, key, value],
+                    )
+                    .map(|_| ()),
+            }
+            .map_err(map)?;
+        }
+        tx.commit().map_err(map)
+    }
+}
