@@ -136,6 +136,11 @@ fn every_bad_setting_is_refused_with_exit_2_naming_its_key() {
             CONFIG.replace("to = \"out\"", "to = \"out\"\nfull_every = -1"),
             "full_every",
         ),
+        // "Every 0 runs" is not "never": refused, with what to write instead.
+        (
+            CONFIG.replace("to = \"out\"", "to = \"out\"\nfull_every = 0"),
+            "full_every",
+        ),
         (
             CONFIG.replace(
                 "path = \"people.csv\"",

@@ -104,7 +104,7 @@ impl Source for LdapSource {
             reports_deletions: false,
             // An incremental search cannot see a deleted entry: a full read every
             // seventh run (a week of nightly runs) brings removals to the sink, unless
-            // the pipeline's `full_every` says otherwise (`0`: never).
+            // the pipeline's `full_every` says otherwise (`"never"`: never).
             full_every: Some(FULL_EVERY),
         }
     }

@@ -56,8 +56,8 @@ pub struct SinkCapabilities {
     /// carries them all: Poppulo's import). Removals still come after every create and
     /// update of the run; the last batch of creates and updates is topped up with them.
     pub mixes_removals: bool,
-    /// Whether the platform finds people by their email address (Poppulo, Actito,
-    /// Business Catalyst). The engine then rejects the later of two records of one
+    /// Whether the platform finds people by their email address (Poppulo, Actito;
+    /// Business Catalyst matches by `externalId` first, so it does not say so). The engine then rejects the later of two records of one
     /// read that share an email under different keys, on every run, so that one
     /// person can never overwrite another.
     pub addresses_by_email: bool,

@@ -83,8 +83,14 @@ pub struct PipelineSettings {
     /// refused unless `--allow-mass-removal` is given.
     pub max_removal_ratio: f64,
     /// Read everything (and so detect removals by absence) every N runs of an
-    /// incremental source; `0`: only on `--full` or when there is no cursor; `None`:
-    /// the source's own default ([`contactsync_core::SourceCapabilities::full_every`]).
+    /// incremental source; `Some(0)` (written `"never"`): only on `--full` or when there
+    /// is no cursor; `None`: the source's own default
+    /// ([`contactsync_core::SourceCapabilities::full_every`]). A written `0` is refused:
+    /// it reads as "every 0 runs".
+    #[serde(
+        deserialize_with = "full_every_setting",
+        serialize_with = "write_full_every"
+    )]
     pub full_every: Option<u32>,
     /// Copies between fields after the source's own mapping: `target = "source"`,
     /// e.g. `"attributes.cost_center" = "department"`.
@@ -113,6 +119,49 @@ pub struct PipelineSettings {
     /// they did not change there: turns platform-side opt-outs and unsubscribes back
     /// on. Off by default, since consent belongs to the person.
     pub resubscribe: bool,
+}
+
+/// Reads `full_every`: a number of runs, at least 1 (also as text, from the
+/// environment), or `"never"` (kept as `Some(0)`).
+fn full_every_setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Runs(i64),
+        Word(String),
+    }
+    let refuse_zero = || {
+        D::Error::custom(
+            "must be at least 1 (the runs from one full read to the next); leave it out for the source's own default, or write \"never\"",
+        )
+    };
+    let runs = match Written::deserialize(d)? {
+        Written::Word(w) if w.trim().eq_ignore_ascii_case("never") => return Ok(Some(0)),
+        Written::Word(w) => w.trim().parse::<i64>().map_err(|_| {
+            D::Error::custom(format!(
+                "{w:?} is not a number of runs; write a number from 1, or \"never\""
+            ))
+        })?,
+        Written::Runs(n) => n,
+    };
+    match runs {
+        0 => Err(refuse_zero()),
+        n => u32::try_from(n).map(Some).map_err(|_| {
+            D::Error::custom(format!(
+                "{n} is not a number of runs; write a number from 1, or \"never\""
+            ))
+        }),
+    }
+}
+
+/// Writes `full_every` as it is read: a number, or `"never"`.
+fn write_full_every<S: serde::Serializer>(value: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(0) => s.serialize_str("never"),
+        Some(n) => s.serialize_u32(*n),
+        None => s.serialize_none(),
+    }
 }
 
 impl PipelineSettings {
@@ -191,5 +240,36 @@ impl FieldMapping {
             let _ = contact.set(field, "");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_every(json: &str) -> Result<Option<u32>, String> {
+        serde_json::from_str::<PipelineSettings>(json)
+            .map(|s| s.full_every)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_every_is_a_number_of_runs_or_never_and_never_zero() {
+        assert_eq!(full_every("{}"), Ok(None));
+        assert_eq!(full_every(r#"{"full_every":7}"#), Ok(Some(7)));
+        assert_eq!(full_every(r#"{"full_every":"7"}"#), Ok(Some(7)));
+        assert_eq!(full_every(r#"{"full_every":"never"}"#), Ok(Some(0)));
+        let zero = full_every(r#"{"full_every":0}"#).expect_err("0 is refused");
+        assert!(
+            zero.contains("leave it out") && zero.contains("never"),
+            "{zero}"
+        );
+        assert!(full_every(r#"{"full_every":-1}"#).is_err());
+        let never = PipelineSettings {
+            full_every: Some(0),
+            ..PipelineSettings::default()
+        };
+        let written = serde_json::to_string(&never).expect("json");
+        assert!(written.contains(r#""full_every":"never""#), "{written}");
     }
 }

@@ -667,7 +667,7 @@ async fn full_reads_come_at_the_source_s_default_unless_the_pipeline_says_otherw
         ["full", "incremental", "full", "incremental", "full"]
     );
 
-    // `full_every = 0`: never scheduled (the first read, without a cursor, is full).
+    // `full_every = "never"` (kept as 0): never scheduled (the first read, without a cursor, is full).
     let mut f = Fixture::new();
     f.settings.full_every = Some(0);
     source.reads.lock().unwrap().clear();

@@ -7,8 +7,8 @@
 //!   page by page.
 //!
 //! Written by `cargo xtask new-connector`: the calls are a placeholder protocol (JSON
-//! people under `/people`). Replace them with the platform's, from its documents in
-//! `../shared/specs/`, keeping the shape.
+//! people under `/people`). Replace them with the platform's, from its documents (copy
+//! what the connector follows of them into `docs/connectors/`), keeping the shape.
 //!
 //! Read in this order: [`config`] (what a user writes), [`client`] (the calls, on
 //! `contactsync-http`), [`sink`], [`source`].
