@@ -177,7 +177,7 @@ pub fn new_connector(root: &Path, name: &Name, with_sandbox: bool) -> Result<()>
     let fmt: Vec<&str> = fmt.iter().map(String::as_str).collect();
     crate::run(&crate::cargo(), &fmt, root)?;
     eprintln!(
-        "xtask new-connector: wrote {}{}, and wired `{}` into Cargo.toml, crates/cli and ARCHITECTURE.md.\n\
+        "xtask new-connector: wrote {}{}, and wired `{}` into Cargo.toml, crates/cli, ARCHITECTURE.md and README.md, with a docs/connectors/ page to fill in.\n\
          Next: replace the placeholder protocol with the platform's (docs/writing-a-connector.md), then `cargo xtask test`.",
         connector.display(),
         if with_sandbox { format!(" and {}", sandbox.display()) } else { String::new() },
@@ -299,7 +299,40 @@ fn wire_in(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
     })?;
     edit(&root.join("ARCHITECTURE.md"), |text| {
         add_to_architecture(text, kebab)
-    })
+    })?;
+    write_docs_page(root, name)
+}
+
+/// A `docs/connectors/NAME.md` that names every key the new connector takes (tidy
+/// checks it does), and the connector's row in README's table.
+fn write_docs_page(root: &Path, name: &Name) -> Result<()> {
+    let dir = root.join("connectors").join(&name.kebab);
+    let keys = crate::tidy::config_keys(&dir)?;
+    for registered in crate::tidy::registered_names(&dir)? {
+        let rows: String = keys
+            .iter()
+            .map(|k| format!("| `{k}` | describe it |\n"))
+            .collect();
+        let page = format!(
+            "# {registered} (`type = \"{registered}\"`)\n\n\
+             Written by `cargo xtask new-connector`: say what the platform is, what the\n\
+             connector follows of its documents, and its cost model.\n\n\
+             ## Settings\n\n| key | meaning |\n|---|---|\n{rows}"
+        );
+        let path = root
+            .join("docs/connectors")
+            .join(format!("{registered}.md"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        edit(&root.join("README.md"), |text| {
+            insert_after(
+                text,
+                |l| l.starts_with("| `") && l.contains("| yes |"),
+                &format!("| `{registered}` | yes | yes | written by `cargo xtask new-connector` |"),
+                "README's connector table",
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Adds `folder` to the backticked list under `### \`connectors/*\``, kept sorted.

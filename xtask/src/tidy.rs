@@ -214,6 +214,7 @@ pub fn run(root: &Path) -> Result<()> {
             "ARCHITECTURE.md lists the connectors {listed:?}, the workspace has {folders:?}"
         ));
     }
+    problems.extend(workspace.docs_violations()?);
     let mapped = crates_in_architecture(&text);
     let crates = workspace.crate_folders();
     if mapped != crates {
@@ -252,6 +253,151 @@ pub fn crates_in_architecture(text: &str) -> BTreeSet<String> {
         .filter_map(|rest| rest.split('`').next())
         .map(str::to_string)
         .collect()
+}
+
+/// The names a connector crate registers (`SourceFactory { name: "csv", .. }`), read from
+/// its `src/lib.rs`.
+pub fn registered_names(connector_dir: &Path) -> Result<BTreeSet<String>> {
+    let text = std::fs::read_to_string(connector_dir.join("src/lib.rs"))
+        .with_context(|| format!("reading {}", connector_dir.display()))?;
+    let mut names = BTreeSet::new();
+    for factory in ["SourceFactory", "SinkFactory"] {
+        for (at, _) in text.match_indices(factory) {
+            let rest = &text[at + factory.len()..];
+            if !rest.trim_start().starts_with('{') {
+                continue;
+            }
+            if let Some(name) = rest
+                .split_once("name:")
+                .and_then(|(_, after)| after.trim_start().strip_prefix('"'))
+                .and_then(|quoted| quoted.split_once('"'))
+                .map(|(name, _)| name.to_string())
+            {
+                names.insert(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The keys a connector's section takes: the serde names of the fields of every
+/// `Deserialize` struct in its `src/config.rs` (`rename` followed; `skip` and
+/// `flatten` fields are not keys).
+pub fn config_keys(connector_dir: &Path) -> Result<BTreeSet<String>> {
+    let path = connector_dir.join("src/config.rs");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file = syn::parse_file(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let mut keys = BTreeSet::new();
+    for item in file.items {
+        let syn::Item::Struct(item) = item else {
+            continue;
+        };
+        let deserialized = item.attrs.iter().any(|a| {
+            a.path().is_ident("derive")
+                && a.meta
+                    .require_list()
+                    .is_ok_and(|l| l.tokens.to_string().contains("Deserialize"))
+        });
+        let syn::Fields::Named(fields) = item.fields else {
+            continue;
+        };
+        if !deserialized {
+            continue;
+        }
+        for field in fields.named {
+            let mut name = field.ident.map(|i| i.to_string());
+            let mut key = true;
+            for attr in field.attrs.iter().filter(|a| a.path().is_ident("serde")) {
+                attr.parse_nested_meta(|meta| {
+                    if meta.path.is_ident("rename") {
+                        let value: syn::LitStr = meta.value()?.parse()?;
+                        name = Some(value.value());
+                    } else if ["skip", "skip_deserializing", "flatten"]
+                        .iter()
+                        .any(|w| meta.path.is_ident(w))
+                    {
+                        key = false;
+                    } else if meta.input.peek(syn::Token![=]) {
+                        let _: syn::Expr = meta.value()?.parse()?;
+                    }
+                    Ok(())
+                })
+                .with_context(|| format!("reading a serde attribute in {}", path.display()))?;
+            }
+            if let (true, Some(name)) = (key, name) {
+                keys.insert(name);
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// Whether a docs page names `key`: in backticks, as `key =` at the start of a line (a
+/// TOML example), or as a `[….key]` table.
+pub fn page_names_key(page: &str, key: &str) -> bool {
+    page.contains(&format!("`{key}`"))
+        || page.contains(&format!(".{key}]"))
+        || page.lines().any(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        })
+}
+
+/// The connector names in the first column of README's `## Connectors` table.
+pub fn connectors_in_readme(readme: &str) -> BTreeSet<String> {
+    let Some(start) = readme.find("## Connectors") else {
+        return BTreeSet::new();
+    };
+    readme[start..]
+        .lines()
+        .skip(1)
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('|').nth(1))
+        .filter_map(|cell| cell.trim().strip_prefix('`')?.split('`').next())
+        .map(str::to_string)
+        .collect()
+}
+
+impl Workspace {
+    /// The connector docs that do not say what the code takes: a registered connector
+    /// without `docs/connectors/NAME.md`, a config key its page never names, and README's
+    /// connector table against the registered names.
+    pub fn docs_violations(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        let mut registered = BTreeSet::new();
+        for folder in self.connector_folders() {
+            let dir = self.root.join("connectors").join(&folder);
+            let keys = config_keys(&dir)?;
+            for name in registered_names(&dir)? {
+                let page_path = self.root.join("docs/connectors").join(format!("{name}.md"));
+                match std::fs::read_to_string(&page_path) {
+                    Err(_) => found.push(format!(
+                        "connectors/{folder} registers `{name}` but docs/connectors/{name}.md is missing"
+                    )),
+                    Ok(page) => {
+                        for key in keys.iter().filter(|k| !page_names_key(&page, k)) {
+                            found.push(format!(
+                                "docs/connectors/{name}.md never names `{key}`, a key connectors/{folder}/src/config.rs takes"
+                            ));
+                        }
+                    }
+                }
+                registered.insert(name);
+            }
+        }
+        let readme =
+            std::fs::read_to_string(self.root.join("README.md")).context("reading README.md")?;
+        let listed = connectors_in_readme(&readme);
+        if listed != registered {
+            found.push(format!(
+                "README's connector table lists {listed:?}, the connectors register {registered:?}"
+            ));
+        }
+        Ok(found)
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +449,46 @@ mod tests {
         let text = "### `crates/core` (`x`)\ntext `crates/no`\n### `crates/sandbox-kit` and `sandboxes/*`\n";
         let mapped: Vec<String> = crates_in_architecture(text).into_iter().collect();
         assert_eq!(mapped, ["core", "sandbox-kit"]);
+    }
+
+    #[test]
+    fn every_connector_page_names_every_key_and_readme_lists_every_connector() {
+        let violations = workspace().docs_violations().expect("docs");
+        assert!(
+            violations.is_empty(),
+            "the docs do not say what the code takes:\n- {}",
+            violations.join("\n- ")
+        );
+    }
+
+    #[test]
+    fn keys_registrations_and_tables_are_read_as_written() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("src")).expect("src");
+        std::fs::write(
+            dir.path().join("src/config.rs"),
+            "#[derive(Debug, Deserialize)]\n#[serde(deny_unknown_fields)]\npub struct Raw {\n    pub path: String,\n    #[serde(rename = \"where\", default)]\n    pub scope: Option<String>,\n    #[serde(skip)]\n    pub cache: u8,\n}\npub struct NotSettings {\n    pub hidden: u8,\n}\n",
+        )
+        .expect("config");
+        std::fs::write(
+            dir.path().join("src/lib.rs"),
+            "inventory::submit! {\n    SourceFactory {\n        name: \"acme\",\n    }\n}\n",
+        )
+        .expect("lib");
+        let keys: Vec<String> = config_keys(dir.path()).expect("keys").into_iter().collect();
+        assert_eq!(keys, ["path", "where"]);
+        let names: Vec<String> = registered_names(dir.path())
+            .expect("names")
+            .into_iter()
+            .collect();
+        assert_eq!(names, ["acme"]);
+        assert!(page_names_key("| `path` | x |", "path"));
+        assert!(page_names_key("```toml\npath = \"x\"\n```", "path"));
+        assert!(page_names_key("[sinks.x.columns]", "columns"));
+        assert!(!page_names_key("the path of it", "path"));
+        let readme = "# X\n## Connectors\n\n| connector | a |\n|---|---|\n| `csv` | yes |\n| `ldap` | yes |\n\nText `no`.\n";
+        let listed: Vec<String> = connectors_in_readme(readme).into_iter().collect();
+        assert_eq!(listed, ["csv", "ldap"]);
     }
 
     #[test]
