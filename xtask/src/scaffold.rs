@@ -109,7 +109,10 @@ impl Name {
 
     fn fill(&self, template: &str, with_sandbox: bool) -> String {
         let sandbox_dev = if with_sandbox {
-            format!("contactsync-sandbox-{}.workspace = true\n", self.kebab)
+            format!(
+                "contactsync-sandbox-{0} = {{ path = \"../../sandboxes/{0}\" }}\n",
+                self.kebab
+            )
         } else {
             String::new()
         };
@@ -177,7 +180,7 @@ pub fn new_connector(root: &Path, name: &Name, with_sandbox: bool) -> Result<()>
     let fmt: Vec<&str> = fmt.iter().map(String::as_str).collect();
     crate::run(&crate::cargo(), &fmt, root)?;
     eprintln!(
-        "xtask new-connector: wrote {}{}, and wired `{}` into Cargo.toml, crates/cli, ARCHITECTURE.md and README.md, with a docs/connectors/ page to fill in.\n\
+        "xtask new-connector: wrote {}{}, and wired `{}` into crates/cli/Cargo.toml (a dependency and a feature) and README.md, with a docs/connectors/ page to fill in.\n\
          Next: replace the placeholder protocol with the platform's (docs/writing-a-connector.md), then `cargo xtask test`.",
         connector.display(),
         if with_sandbox { format!(" and {}", sandbox.display()) } else { String::new() },
@@ -229,78 +232,76 @@ fn edit(path: &Path, change: impl FnOnce(&str) -> Result<String>) -> Result<()> 
     std::fs::write(path, changed).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The lines outside the new crates: the workspace dependency, the binary's dependency
-/// and `extern crate` (the sandbox's behind the `sandboxes` feature), the
-/// `ARCHITECTURE.md` list.
+/// The lines outside the new crates, all in `crates/cli/Cargo.toml`: the connector's
+/// dependency and feature (in `connectors`), and the sandbox's (in `sandboxes`).
+/// `crates/cli/build.rs` links every enabled feature's crate.
 fn wire_in(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
     let kebab = &name.kebab;
-    edit(&root.join("Cargo.toml"), |text| {
-        let mut text = insert_after(
-            text,
-            |l| l.starts_with("contactsync-") && l.contains("path = \"connectors/"),
-            &format!("contactsync-{kebab} = {{ path = \"connectors/{kebab}\" }}"),
-            "the connectors in [workspace.dependencies]",
-        )?;
-        if with_sandbox {
-            text = insert_after(
-                &text,
-                |l| l.starts_with("contactsync-sandbox-") && l.contains("path = \"sandboxes/"),
-                &format!("contactsync-sandbox-{kebab} = {{ path = \"sandboxes/{kebab}\" }}"),
-                "the sandboxes in [workspace.dependencies]",
-            )?;
-        }
-        Ok(text)
-    })?;
     edit(&root.join("crates/cli/Cargo.toml"), |text| {
         let mut text = insert_after(
             text,
             |l| l == "[dependencies]",
-            &format!("contactsync-{kebab}.workspace = true"),
+            &format!(
+                "contactsync-{kebab} = {{ path = \"../../connectors/{kebab}\", optional = true }}"
+            ),
             "[dependencies]",
         )?;
+        text = insert_after(
+            &text,
+            |l| l.starts_with("connectors = ["),
+            &format!("{kebab} = [\"dep:contactsync-{kebab}\"]"),
+            "the `connectors` feature",
+        )?;
+        text = add_to_feature(&text, "connectors", kebab)?;
         if with_sandbox {
             text = insert_after(
                 &text,
                 |l| l == "[dependencies]",
-                &format!("contactsync-sandbox-{kebab} = {{ workspace = true, optional = true }}"),
+                &format!(
+                    "contactsync-sandbox-{kebab} = {{ path = \"../../sandboxes/{kebab}\", optional = true }}"
+                ),
                 "[dependencies]",
             )?;
             text = insert_after(
                 &text,
-                |l| l.trim() == "sandboxes = [",
-                &format!("    \"dep:contactsync-sandbox-{kebab}\","),
+                |l| l.starts_with("sandboxes = ["),
+                &format!("sandbox-{kebab} = [\"dep:contactsync-sandbox-{kebab}\"]"),
                 "the `sandboxes` feature",
             )?;
+            text = add_to_feature(&text, "sandboxes", &format!("sandbox-{kebab}"))?;
         }
         Ok(text)
-    })?;
-    edit(&root.join("crates/cli/src/main.rs"), |text| {
-        let mut text = insert_after(
-            text,
-            |l| {
-                l.starts_with("extern crate contactsync_")
-                    && !l.starts_with("extern crate contactsync_sandbox_")
-            },
-            &format!("extern crate contactsync_{};", name.snake),
-            "the connectors' `extern crate` lines",
-        )?;
-        if with_sandbox {
-            text = insert_after(
-                &text,
-                |l| l.starts_with("extern crate contactsync_sandbox_"),
-                &format!(
-                    "#[cfg(feature = \"sandboxes\")]\nextern crate contactsync_sandbox_{};",
-                    name.snake
-                ),
-                "the sandboxes' `extern crate` lines",
-            )?;
-        }
-        Ok(text)
-    })?;
-    edit(&root.join("ARCHITECTURE.md"), |text| {
-        add_to_architecture(text, kebab)
     })?;
     write_docs_page(root, name)
+}
+
+/// Adds `item` to the one-line feature list `feature = [...]`.
+fn add_to_feature(text: &str, feature: &str, item: &str) -> Result<String> {
+    let prefix = format!("{feature} = [");
+    let mut found = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(
+            |l| match l.strip_prefix(&prefix).and_then(|r| r.strip_suffix(']')) {
+                Some(list) => {
+                    found = true;
+                    let mut items: Vec<String> = list
+                        .split(',')
+                        .map(|i| i.trim().to_string())
+                        .filter(|i| !i.is_empty())
+                        .collect();
+                    items.push(format!("\"{item}\""));
+                    items.sort();
+                    format!("{prefix}{}]", items.join(", "))
+                }
+                None => l.to_string(),
+            },
+        )
+        .collect();
+    if !found {
+        bail!("crates/cli/Cargo.toml has no one-line `{prefix}...]`: add \"{item}\" by hand");
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 /// A `docs/connectors/NAME.md` that names every key the new connector takes (tidy
@@ -335,30 +336,6 @@ fn write_docs_page(root: &Path, name: &Name) -> Result<()> {
     Ok(())
 }
 
-/// Adds `folder` to the backticked list under `### \`connectors/*\``, kept sorted.
-fn add_to_architecture(text: &str, folder: &str) -> Result<String> {
-    let mut names = crate::tidy::connectors_in_architecture(text);
-    if names.is_empty() {
-        bail!("ARCHITECTURE.md has no list under ### `connectors/*`");
-    }
-    let heading = text
-        .find("### `connectors/*`")
-        .context("no connectors/* heading")?;
-    let list_start = heading + text[heading..].find('\n').context("an empty heading")? + 1;
-    let list_end = list_start
-        + text[list_start..]
-            .find("\n\n")
-            .unwrap_or(text.len() - list_start);
-    names.insert(folder.to_string());
-    let list: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-    Ok(format!(
-        "{}{}.{}",
-        &text[..list_start],
-        list.join(", "),
-        &text[list_end..]
-    ))
-}
-
 /// What `cargo xtask test` does with the scaffold: a temporary copy of the workspace
 /// (its tracked and unignored files), `new-connector demo --sandbox` in it, then
 /// format, clippy, the new crates' tests, the binary's build and the tidy checks there.
@@ -367,9 +344,20 @@ pub fn check_in_copy(root: &Path) -> Result<()> {
         .prefix("contactsync-scaffold-")
         .tempdir()
         .context("creating a temporary directory")?;
-    copy_workspace(root, copy.path())?;
+    let files = copy_workspace(root, copy.path())?;
     let name = Name::parse("demo")?;
     new_connector(copy.path(), &name, true)?;
+    // A new connector touches at most two existing files.
+    let touched: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| std::fs::read(root.join(f)).ok() != std::fs::read(copy.path().join(f)).ok())
+        .collect();
+    if touched.len() > 2 {
+        bail!(
+            "new-connector touched {} existing files, at most 2 allowed: {touched:?}",
+            touched.len()
+        );
+    }
     let cargo = crate::cargo();
     // A target directory of its own, kept between runs, so that only the copy's
     // crates are built again.
@@ -410,14 +398,24 @@ pub fn check_in_copy(root: &Path) -> Result<()> {
         "-p",
         "contactsync-sandbox-demo",
     ])?;
-    in_copy(&["check", "-p", "contactsync"])?;
+    in_copy(&["build", "-p", "contactsync"])?;
+    let listed =
+        std::process::Command::new(std::path::Path::new(&target).join("debug/contactsync"))
+            .arg("connectors")
+            .output()
+            .context("running the copy's `contactsync connectors`")?;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    if !listed.lines().any(|l| l.trim_start().starts_with("demo ")) {
+        bail!("the copy's `contactsync connectors` does not list `demo`:\n{listed}");
+    }
     crate::tidy::run(copy.path()).context("the scaffold breaks a tidy rule")?;
     eprintln!("xtask test: `new-connector demo --sandbox` builds, passes clippy and its tests");
     Ok(())
 }
 
-/// Copies the files git would put in a clean clone (tracked, and new files not ignored).
-fn copy_workspace(root: &Path, to: &Path) -> Result<()> {
+/// Copies the files git would put in a clean clone (tracked, and new files not ignored),
+/// and says which.
+fn copy_workspace(root: &Path, to: &Path) -> Result<Vec<PathBuf>> {
     let listed = std::process::Command::new("git")
         .args([
             "ls-files",
@@ -435,6 +433,7 @@ fn copy_workspace(root: &Path, to: &Path) -> Result<()> {
             String::from_utf8_lossy(&listed.stderr)
         );
     }
+    let mut copied = Vec::new();
     for file in listed.stdout.split(|b| *b == 0).filter(|f| !f.is_empty()) {
         let relative = PathBuf::from(String::from_utf8_lossy(file).into_owned());
         let from = root.join(&relative);
@@ -446,8 +445,9 @@ fn copy_workspace(root: &Path, to: &Path) -> Result<()> {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::copy(&from, &target).with_context(|| format!("copying {}", from.display()))?;
+        copied.push(relative);
     }
-    Ok(())
+    Ok(copied)
 }
 
 #[cfg(test)]
@@ -467,13 +467,14 @@ mod tests {
     }
 
     #[test]
-    fn the_architecture_list_stays_sorted() {
-        let text = "# A\n\n### `connectors/*` — one crate\n`csv-file`, `ldap`.\n\nMore.\n";
-        let added = add_to_architecture(text, "demo").expect("added");
+    fn a_feature_list_takes_the_new_item_in_order() {
+        let text = "[features]\nconnectors = [\"actito\", \"ldap\"]\nx = 1\n";
+        let added = add_to_feature(text, "connectors", "demo").expect("added");
         assert_eq!(
             added,
-            "# A\n\n### `connectors/*` — one crate\n`csv-file`, `demo`, `ldap`.\n\nMore.\n"
+            "[features]\nconnectors = [\"actito\", \"demo\", \"ldap\"]\nx = 1\n"
         );
+        assert!(add_to_feature(text, "sandboxes", "sandbox-demo").is_err());
     }
 
     #[test]

@@ -13,21 +13,10 @@ use contactsync_app::{
     state_command, state_path, sync, usage, Failure, LogFormat, StateCommand, SyncArgs,
 };
 
-// The connectors this binary links. Adding a connector means adding its crate here and
-// to Cargo.toml; each registers itself by name. `extern crate` (not `use … as _`) makes
-// rustc link a crate nothing else names, and with it the crate's registrations.
-extern crate contactsync_actito;
-extern crate contactsync_businesscatalyst;
-extern crate contactsync_csv;
-extern crate contactsync_ldap;
-extern crate contactsync_poppulo;
-// The sandboxes register themselves the same way, in builds with the `sandboxes` feature.
-#[cfg(feature = "sandboxes")]
-extern crate contactsync_sandbox_actito;
-#[cfg(feature = "sandboxes")]
-extern crate contactsync_sandbox_businesscatalyst;
-#[cfg(feature = "sandboxes")]
-extern crate contactsync_sandbox_poppulo;
+// The connectors and sandboxes this build links: an `extern crate` line for each enabled
+// feature of this crate, written by `build.rs` (rustc links a crate nothing else names
+// only when told, and with the crate its registrations).
+include!(concat!(env!("OUT_DIR"), "/linked.rs"));
 
 // The run allocates on two threads (the source's parser and the engine) and frees on
 // the other one: glibc's allocator serialises that on its arena lock, mimalloc does not.
