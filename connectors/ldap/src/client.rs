@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use contactsync_core::{ConnectorError, ExposeSecret};
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, LdapResult};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, LdapResult, Scope};
 
 use crate::config::{Connection, TlsMode};
 
@@ -84,6 +84,34 @@ pub fn is_transport(error: &LdapError) -> bool {
 }
 
 /// An ldap3 error during `call`, as a [`ConnectorError::Call`].
+/// Checks that `base` exists, with a base-scope search of it: the `check` of the source
+/// and of the sink.
+pub async fn check_base(
+    ldap: &mut Ldap,
+    base: &str,
+    timeout: Duration,
+) -> Result<(), ConnectorError> {
+    let call = format!("search {base:?} (scope base)");
+    let result = ldap
+        .with_timeout(timeout)
+        .search(base, Scope::Base, "(objectClass=*)", vec!["1.1"])
+        .await
+        .map_err(|e| call_error(&call, e, timeout))?;
+    match result.1.rc {
+        0 => Ok(()),
+        rc::NO_SUCH_OBJECT => Err(ConnectorError::Call {
+            call,
+            status: None,
+            message: format!("base_dn {base:?} does not exist"),
+        }),
+        _ => Err(ConnectorError::Call {
+            call,
+            status: None,
+            message: describe(&result.1),
+        }),
+    }
+}
+
 pub fn call_error(call: impl Into<String>, error: LdapError, timeout: Duration) -> ConnectorError {
     let message = match &error {
         LdapError::Timeout { .. } => format!(

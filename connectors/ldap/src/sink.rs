@@ -465,26 +465,7 @@ impl Sink for LdapSink {
 
     async fn check(&mut self) -> Result<(), ConnectorError> {
         let mut ldap = self.connection().await?;
-        let base = self.config.base_dn.clone();
-        let call = format!("search {base:?} (scope base)");
-        let result = ldap
-            .with_timeout(self.timeout())
-            .search(&base, Scope::Base, "(objectClass=*)", vec!["1.1"])
-            .await
-            .map_err(|e| client::call_error(&call, e, self.timeout()))?;
-        match result.1.rc {
-            0 => Ok(()),
-            rc::NO_SUCH_OBJECT => Err(ConnectorError::Call {
-                call,
-                status: None,
-                message: format!("base_dn {base:?} does not exist"),
-            }),
-            _ => Err(ConnectorError::Call {
-                call,
-                status: None,
-                message: describe(&result.1),
-            }),
-        }
+        client::check_base(&mut ldap, &self.config.base_dn, self.timeout()).await
     }
 
     async fn apply(

@@ -111,28 +111,14 @@ impl Source for LdapSource {
 
     async fn check(&self) -> Result<(), ConnectorError> {
         let mut ldap = client::connect(&self.config.connection).await?;
-        let base = &self.config.base_dn;
-        let timeout = self.config.connection.operation_timeout;
-        let call = format!("search {base:?} (scope base)");
-        let result = ldap
-            .with_timeout(timeout)
-            .search(base, Scope::Base, "(objectClass=*)", vec!["1.1"])
-            .await
-            .map_err(|e| client::call_error(&call, e, timeout))?;
+        let checked = client::check_base(
+            &mut ldap,
+            &self.config.base_dn,
+            self.config.connection.operation_timeout,
+        )
+        .await;
         let _ = ldap.unbind().await;
-        match result.1.rc {
-            0 => Ok(()),
-            rc::NO_SUCH_OBJECT => Err(ConnectorError::Call {
-                call,
-                status: None,
-                message: format!("base_dn {base:?} does not exist"),
-            }),
-            _ => Err(ConnectorError::Call {
-                call,
-                status: None,
-                message: describe(&result.1),
-            }),
-        }
+        checked
     }
 
     async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {

@@ -400,3 +400,41 @@ async fn sink_conformance_with_mark_removal() {
         .await
         .expect("conformance");
 }
+
+/// `check` of both directions names a base DN the directory does not hold (one check,
+/// `client::check_base`, serves both).
+#[tokio::test]
+async fn check_names_a_base_dn_that_does_not_exist() {
+    let server = slapd(Slapd::builder());
+    let toml = |dn: &str, password: &str| {
+        format!(
+            "url = \"{}\"\nbind_dn = \"{dn}\"\npassword = \"{password}\"\nbase_dn = \"ou=nobody,{}\"\n",
+            server.url(),
+            server.people_dn()
+        )
+    };
+    let source_settings = contactsync_core::ConnectorSettings::from_toml(
+        "sources.directory",
+        &toml(server.reader_dn(), server.reader_password()),
+    )
+    .expect("settings");
+    let sink_settings = contactsync_core::ConnectorSettings::from_toml(
+        "sinks.directory",
+        &toml(server.admin_dn(), server.admin_password()),
+    )
+    .expect("settings");
+    let from_source = source(&source_settings)
+        .check()
+        .await
+        .expect_err("no such base");
+    let from_sink = sink(&sink_settings)
+        .check()
+        .await
+        .expect_err("no such base");
+    for error in [from_source, from_sink] {
+        assert!(
+            error.to_string().contains("ou=nobody") && error.to_string().contains("does not exist"),
+            "{error}"
+        );
+    }
+}
