@@ -89,6 +89,14 @@ fn minutes(d: Duration) -> String {
     }
 }
 
+/// The calls one import costs: [`CALLS_PER_IMPORT`] and a poll every `poll_interval`
+/// through the [`IMPORT_ALLOWANCE`].
+fn calls_per_import(poll_interval: Duration) -> u64 {
+    let polls =
+        (IMPORT_ALLOWANCE.as_secs_f64() / poll_interval.as_secs_f64().max(0.01)).ceil() as u64;
+    CALLS_PER_IMPORT + polls
+}
+
 /// The time `calls` take at `rate` (calls ÷ rate).
 pub fn at_rate(calls: u64, rate: Rate) -> Duration {
     rate.per.mul_f64(calls as f64 / f64::from(rate.calls))
@@ -108,10 +116,10 @@ pub fn choose(
     let upserts = plan.creates + plan.updates;
     let calls = plan.total();
     let imports = upserts.div_ceil(max_batch.max(1) as u64);
-    let polls =
-        (IMPORT_ALLOWANCE.as_secs_f64() / poll_interval.as_secs_f64().max(0.01)).ceil() as u64;
-    let in_bulk = at_rate(imports * (CALLS_PER_IMPORT + polls) + plan.removals, rate)
-        + IMPORT_ALLOWANCE * u32::try_from(imports).unwrap_or(u32::MAX);
+    let in_bulk = at_rate(
+        imports * calls_per_import(poll_interval) + plan.removals,
+        rate,
+    ) + IMPORT_ALLOWANCE * u32::try_from(imports).unwrap_or(u32::MAX);
     let one_by_one = at_rate(calls, rate);
     let mut choice = WriteChoice {
         bulk: false,
@@ -142,9 +150,7 @@ pub fn choose(
 /// The smallest group of rows worth an import of its own at `rate`: below it, its rows
 /// go one by one quicker.
 pub fn break_even(rate: Rate, poll_interval: Duration) -> u64 {
-    let polls =
-        (IMPORT_ALLOWANCE.as_secs_f64() / poll_interval.as_secs_f64().max(0.01)).ceil() as u64;
-    let one_import = at_rate(CALLS_PER_IMPORT + polls, rate) + IMPORT_ALLOWANCE;
+    let one_import = at_rate(calls_per_import(poll_interval), rate) + IMPORT_ALLOWANCE;
     (one_import.as_secs_f64() / rate.per.as_secs_f64() * f64::from(rate.calls)).ceil() as u64
 }
 

@@ -331,7 +331,7 @@ impl BcSink {
                         }
                         return Ok(());
                     }
-                    let backoff = self.config.http.retry_backoff * 2u32.pow(attempts - 1);
+                    let backoff = self.config.http.retry_policy().backoff(attempts);
                     tracing::info!(attempt = attempts, fault = %fault.text, "businesscatalyst: the service faulted on its own; trying again");
                     tokio::select! {
                         () = ctx.cancel.cancelled() => {}

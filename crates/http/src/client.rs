@@ -133,12 +133,6 @@ impl HttpClient {
         &self.retry
     }
 
-    /// The time this client's calls (and its clones') spent waiting for their turn
-    /// under its [`Pace`] so far.
-    pub fn paced_for(&self) -> Duration {
-        Duration::from_millis(self.pacer.waited_ms())
-    }
-
     /// The `User-Agent` sent.
     pub fn user_agent(&self) -> &str {
         &self.user_agent

@@ -19,7 +19,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,7 +138,6 @@ struct Window {
 pub(crate) struct Pacer {
     window: Option<(Rate, Arc<std::sync::Mutex<Window>>, Arc<Notify>)>,
     slots: Option<Arc<Semaphore>>,
-    waited: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Pacer {
@@ -186,13 +184,7 @@ impl Pacer {
             slots: pace
                 .max_in_flight
                 .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
-            waited: Arc::default(),
         }
-    }
-
-    /// The time calls spent waiting for their turn so far, in milliseconds.
-    pub(crate) fn waited_ms(&self) -> u64 {
-        self.waited.load(Ordering::Relaxed)
     }
 
     /// Waits for a free slot and the window's room, then takes both.
@@ -200,7 +192,6 @@ impl Pacer {
         &self,
         cancel: Option<&CancellationToken>,
     ) -> Result<Slot, ConnectorError> {
-        let started = Instant::now();
         let permit = match &self.slots {
             Some(slots) => {
                 let acquire = slots.clone().acquire_owned();
@@ -264,10 +255,6 @@ impl Pacer {
             }
             slot.window = Some((window.clone(), notify.clone()));
         }
-        let waited = started.elapsed().as_millis() as u64;
-        if waited > 0 {
-            self.waited.fetch_add(waited, Ordering::Relaxed);
-        }
         Ok(slot)
     }
 }
@@ -323,7 +310,6 @@ mod tests {
         assert!(at[..3].iter().all(|d| *d < window / 2), "{at:?}");
         assert!(at[3..6].iter().all(|d| *d >= window), "{at:?}");
         assert!(at[6] >= window * 2, "{at:?}");
-        assert!(pacer.waited_ms() >= 400);
     }
 
     #[tokio::test]

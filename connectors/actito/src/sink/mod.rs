@@ -350,17 +350,20 @@ impl ActitoSink {
     /// The fewest rows worth an import of their own: the configured `bulk_threshold`,
     /// else the size at which an import is quicker than one call a row at the rate.
     fn group_threshold(&self) -> u64 {
-        self.config.bulk_threshold.unwrap_or_else(|| {
-            cost::break_even(
-                self.config
-                    .connection
-                    .http
-                    .pace
-                    .rate
-                    .unwrap_or(cost::DOCUMENTED_RATE),
-                self.config.poll_interval,
-            )
-        })
+        self.config
+            .bulk_threshold
+            .unwrap_or_else(|| cost::break_even(self.rate(), self.config.poll_interval))
+    }
+
+    /// The rate the client keeps to: the documented one unless `rate_limit` says
+    /// otherwise (also when it is off against a sandbox: costs are the real service's).
+    fn rate(&self) -> contactsync_http::Rate {
+        self.config
+            .connection
+            .http
+            .pace
+            .rate
+            .unwrap_or(cost::DOCUMENTED_RATE)
     }
 
     /// Waits for an import of ours that is still running (a crashed run's, or one
@@ -654,13 +657,7 @@ impl Sink for ActitoSink {
         };
         // Bulk or one by one, on the time each takes at the rate the client keeps to
         // (the documented one unless `rate_limit` says otherwise).
-        let rate = self
-            .config
-            .connection
-            .http
-            .pace
-            .rate
-            .unwrap_or(cost::DOCUMENTED_RATE);
+        let rate = self.rate();
         let used = self.bulk_used(ctx)?;
         let choice = cost::choose(
             plan,
