@@ -17,9 +17,8 @@
 //! reason or message, else the last column.
 
 use std::io::{Cursor, Read};
-use std::time::Duration;
 
-use contactsync_core::{CancellationToken, ConnectorError};
+use contactsync_core::{CancellationToken, ConnectorError, Posted};
 use contactsync_http::multipart::{self, Part};
 use contactsync_http::{Method, RetryPolicy};
 use serde_json::{json, Value};
@@ -53,19 +52,6 @@ pub struct RejectedRow {
     pub line: Option<usize>,
     /// Why Actito rejected it.
     pub reason: String,
-}
-
-/// What posting an import came to.
-#[derive(Debug)]
-pub enum Posted {
-    /// Accepted; the import's id.
-    Id(String),
-    /// 429 even after retries: the day's imports are used up (or Actito is busy).
-    Refused(String),
-    /// A 5xx or a lost answer: Actito may have taken the import or not. It is not
-    /// posted again; its rows are reported unknown (the engine sends them again next
-    /// run) and it counts against the day's quota.
-    Unknown(String),
 }
 
 /// Makes and follows bulk imports into one profile table.
@@ -129,7 +115,9 @@ impl<'a> BulkImporter<'a> {
     /// posts only while its own count of today's imports is under 12, so a 429 is first
     /// taken for the concurrent case and waited out: up to [`CONCURRENT_429_ATTEMPTS`]
     /// attempts, with the section's backoff, within its `max_retry_time`. Only a 429
-    /// that outlasts that is [`Posted::Refused`].
+    /// that outlasts that is [`Posted::Refused`]. A 5xx or a lost answer is
+    /// [`Posted::Unknown`]: Actito may have taken the import or not; it is not posted
+    /// again, and it counts against the day's imports.
     pub async fn post(
         &self,
         zip: Vec<u8>,
@@ -181,12 +169,13 @@ impl<'a> BulkImporter<'a> {
                     .header("location")
                     .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
                     .map(str::to_string);
-                from_body.or(from_location).map(Posted::Id).ok_or_else(|| {
-                    ConnectorError::Protocol {
+                from_body
+                    .or(from_location)
+                    .map(Posted::Accepted)
+                    .ok_or_else(|| ConnectorError::Protocol {
                         call: answer.call().to_string(),
                         message: "the import was accepted without an id".into(),
-                    }
-                })
+                    })
             }
             429 => Ok(Posted::Refused(error_text(&answer))),
             500..=599 => Ok(Posted::Unknown(format!(
@@ -227,35 +216,6 @@ impl<'a> BulkImporter<'a> {
             }
             _ => ImportState::Running(status),
         })
-    }
-
-    /// Follows import `id` until it ends, polling every `interval`, for at most
-    /// `max_wait`; `Ok(None)` when it is still running then, or when cancelled.
-    pub async fn wait(
-        &self,
-        id: &str,
-        interval: Duration,
-        max_wait: Duration,
-        cancel: &CancellationToken,
-    ) -> Result<Option<ImportState>, ConnectorError> {
-        let started = std::time::Instant::now();
-        loop {
-            let state = match self.state(id, cancel).await {
-                Ok(s) => s,
-                Err(ConnectorError::Cancelled) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            if !matches!(state, ImportState::Running(_)) {
-                return Ok(Some(state));
-            }
-            if started.elapsed() + interval > max_wait {
-                return Ok(None);
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return Ok(None),
-                () = tokio::time::sleep(interval) => {}
-            }
-        }
     }
 
     /// The rejected rows of a finished import: none when `…/result` says there are

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use contactsync_core::{CancellationToken, ConnectorError, ProgressReporter};
+use contactsync_core::{CancellationToken, ConnectorError, Posted, ProgressReporter};
 use contactsync_http::{header, Answer, Auth, Decision, HttpClient, Method, RetryPolicy};
 
 use crate::config::Connection;
@@ -16,15 +16,6 @@ pub const XML: &str = "application/xml; charset=UTF-8";
 
 /// The longest single wait while the account is busy.
 const MAX_BUSY_STEP: Duration = Duration::from_secs(600);
-
-/// What became of an import post.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Posted {
-    /// Taken; the import's href.
-    Accepted(String),
-    /// The answer was lost or was a 5xx: Poppulo may or may not have taken the job.
-    Unknown(String),
-}
 
 /// A Poppulo account, reached over HTTP.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ pub mod change;
 pub mod contact;
 pub mod duration;
 pub mod error;
+pub mod job;
 pub mod origin;
 pub mod registry;
 pub mod secret;
@@ -26,6 +27,10 @@ pub use change::{
 pub use contact::{Contact, ContactKey, ContactStatus, Field, FieldChange, KeyRule};
 pub use duration::DurationSetting;
 pub use error::{ConfigError, ConnectorError, RecordError};
+pub use job::{
+    Followed, ImportJob, JobEntry, JobFollower, JobLedger, JobPoll, JobTiming, Posted, Submitted,
+    Waited,
+};
 pub use origin::Origin;
 pub use registry::{
     ConnectorSettings, RunningSandbox, SandboxFactory, SandboxOptions, SinkFactory, SourceFactory,

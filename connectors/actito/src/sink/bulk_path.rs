@@ -1,6 +1,11 @@
 //! The bulk path: one import a batch, its file built from the rows' own cells, followed to its end and its error rows mapped back.
 
 use super::*;
+use contactsync_core::{
+    CancellationToken, Followed, JobFollower, JobLedger, JobPoll, JobTiming, Posted,
+    ProgressReporter, Submitted,
+};
+use std::time::Duration;
 
 impl ActitoSink {
     /// One bulk import of `upserts` (positions in the batch, prepared rows). Returns
@@ -100,10 +105,24 @@ impl ActitoSink {
             .unwrap_or(0);
         self.count_post(today, ctx)?;
         self.imports += 1;
-        let importer = BulkImporter::new(&self.client);
-        let id = match importer.post(zip, &key_column, &ctx.cancel).await? {
-            Posted::Id(id) => id,
-            Posted::Refused(message) => {
+        let imports = BulkImports {
+            sink: self,
+            key_column,
+        };
+        let ledger = self.ledger();
+        let entry = |id: String| RunningImport {
+            id,
+            batch: batch.id.clone(),
+            skipped,
+            keys: upserts.iter().map(|(_, p)| p.key_value.clone()).collect(),
+            follow_up,
+        };
+        let submitted = JobFollower::new(&imports, &ledger, self.timing())
+            .submit(zip, entry, ctx)
+            .await?;
+        match submitted {
+            Submitted::Followed(followed) => Ok(Some(outcomes_of(followed, upserts.len()))),
+            Submitted::Refused(message) => {
                 // Waited out as a concurrent-request 429 and still refused: the day's
                 // imports are used, by contactsync's count or by another client's.
                 ctx.store
@@ -114,9 +133,9 @@ impl ActitoSink {
                     ),
                     ctx,
                 )?;
-                return Ok(None);
+                Ok(None)
             }
-            Posted::Unknown(why) => {
+            Submitted::Unknown(why) => {
                 // Counted (above), never posted again in this run: the rest goes one
                 // profile at a time, and these rows are sent again next run.
                 tracing::warn!(batch = %batch.id, "Actito may or may not have taken the import ({why}); not posting it again");
@@ -124,73 +143,105 @@ impl ActitoSink {
                     "Actito may or may not have taken an import ({why}); its rows are sent again next run, the rest one by one"
                 ));
                 self.mode = Mode::OneByOne;
-                return Ok(unknown(&format!(
+                Ok(unknown(&format!(
                     "the bulk import's answer was lost ({why}): whether Actito took it is unknown; sent again next run"
-                )));
+                )))
             }
-        };
-        let key = running_key(self.client.entity(), self.client.table());
-        let keys: Vec<String> = upserts.iter().map(|(_, p)| p.key_value.clone()).collect();
-        let running = RunningImport {
-            id: id.clone(),
-            batch: batch.id.clone(),
-            skipped,
-            keys: keys.clone(),
-            follow_up,
-        };
-        ctx.store.put(
-            &key,
-            &serde_json::to_string(&running).map_err(|e| ConnectorError::Other(e.to_string()))?,
-        )?;
-        tracing::info!(import = %id, rows = upserts.len(), batch = %batch.id, "Actito import posted");
-        self.follow(&id, &key_column, &keys, ctx).await.map(Some)
+        }
     }
 
-    /// Follows import `id` to its end and maps its error rows onto `keys` (the key
-    /// column's value of each row of its file, in order): one outcome a row.
-    pub(super) async fn follow(
+    /// The ledger of the table's import in flight.
+    pub(super) fn ledger(&self) -> JobLedger<RunningImport> {
+        JobLedger::new(running_key(self.client.entity(), self.client.table()))
+    }
+
+    /// How Actito's imports are polled: at once, then every `poll_interval`, for at
+    /// most `max_import_wait`.
+    pub(super) fn timing(&self) -> JobTiming {
+        JobTiming {
+            first_poll: Duration::ZERO,
+            poll_interval: self.config.poll_interval,
+            min_poll_interval: self.config.poll_interval,
+            max_wait: self.config.max_import_wait,
+        }
+    }
+}
+
+/// One outcome a row from how following an import ended.
+pub(super) fn outcomes_of(followed: Followed<Vec<Outcome>>, rows: usize) -> Vec<Outcome> {
+    match followed {
+        Followed::Completed(outcomes) => outcomes,
+        Followed::Pending(reason) | Followed::Ended(reason) => {
+            vec![Outcome::Unknown { reason }; rows]
+        }
+    }
+}
+
+/// Actito's bulk imports of one table, as the core [`JobFollower`] follows them.
+pub(super) struct BulkImports<'a> {
+    pub(super) sink: &'a ActitoSink,
+    /// The file's key column.
+    pub(super) key_column: String,
+}
+
+#[async_trait]
+impl contactsync_core::ImportJob for BulkImports<'_> {
+    type Payload = Vec<u8>;
+    type Entry = RunningImport;
+    type Completed = ();
+    type Result = Vec<Outcome>;
+
+    fn label(&self, id: &str) -> String {
+        format!("Actito import {id}")
+    }
+
+    async fn post(
+        &self,
+        zip: Vec<u8>,
+        _progress: &dyn ProgressReporter,
+        cancel: &CancellationToken,
+    ) -> Result<Posted, ConnectorError> {
+        BulkImporter::new(&self.sink.client)
+            .post(zip, &self.key_column, cancel)
+            .await
+    }
+
+    async fn poll(
         &self,
         id: &str,
-        key_column: &str,
-        keys: &[String],
-        ctx: &mut SinkContext<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<JobPoll<()>, ConnectorError> {
+        Ok(
+            match BulkImporter::new(&self.sink.client)
+                .state(id, cancel)
+                .await?
+            {
+                ImportState::Running(_) => JobPoll::Running {
+                    done: None,
+                    total: None,
+                    ask_again_in: None,
+                },
+                ImportState::Finished => JobPoll::Completed(()),
+                ImportState::Failed(status, message) => {
+                    JobPoll::Failed(format!("{status}: {message}"))
+                }
+            },
+        )
+    }
+
+    /// Maps the import's error rows onto the entry's `keys` (the key column's value of
+    /// each row of its file, in order): one outcome a row.
+    async fn result(
+        &self,
+        import: &RunningImport,
+        (): (),
+        cancel: &CancellationToken,
     ) -> Result<Vec<Outcome>, ConnectorError> {
-        let importer = BulkImporter::new(&self.client);
-        let label = format!("Actito import {id}");
-        let state = importer
-            .wait(
-                id,
-                self.config.poll_interval,
-                self.config.max_import_wait,
-                &ctx.cancel,
-            )
+        let label = self.label(&import.id);
+        let keys = &import.keys;
+        let rejected: Vec<RejectedRow> = BulkImporter::new(&self.sink.client)
+            .rejected_rows(&import.id, &self.key_column, cancel)
             .await?;
-        let store_key = running_key(self.client.entity(), self.client.table());
-        let rejected: Vec<RejectedRow> = match state {
-            None => {
-                tracing::warn!("{label} has not ended; the next run waits for it");
-                return Ok(vec![
-                    Outcome::Unknown {
-                        reason: format!("{label} still running; the next run waits for it")
-                    };
-                    keys.len()
-                ]);
-            }
-            Some(ImportState::Failed(status, message)) => {
-                tracing::error!("{label} ended {status}: {message}");
-                ctx.store.remove(&store_key)?;
-                return Ok(vec![
-                    Outcome::Unknown {
-                        reason: format!("{label} ended {status}: {message}")
-                    };
-                    keys.len()
-                ]);
-            }
-            Some(ImportState::Running(_)) | Some(ImportState::Finished) => {
-                importer.rejected_rows(id, key_column, &ctx.cancel).await?
-            }
-        };
-        ctx.store.remove(&store_key)?;
         // Keys compared as Actito compares them: an address it normalised (case,
         // spaces) is still the row's.
         let mut by_key: HashMap<String, usize> = HashMap::new();
@@ -214,6 +265,7 @@ impl ActitoSink {
                     outcomes[i] = Outcome::Rejected {
                         reason: format!("Actito import: {}", row.reason),
                         field: self
+                            .sink
                             .schema
                             .as_ref()
                             .and_then(|s| s.field_in_message(&row.reason)),

@@ -24,13 +24,13 @@ use std::collections::{HashMap, HashSet};
 use chrono::Utc;
 use contactsync_core::async_trait;
 use contactsync_core::{
-    Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Outcome, PendingBatch,
-    RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkSummary,
+    Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, JobEntry, JobFollower, Outcome,
+    PendingBatch, RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkSummary, Waited,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::bulk::{BulkImporter, ImportState, Posted, RejectedRow};
+use crate::bulk::{BulkImporter, ImportState, RejectedRow};
 use crate::client::{ActitoClient, ProfileWrite};
 use crate::config::{QuotaExhausted, Removal, SinkConfig, BULK_IMPORTS_PER_DAY};
 use crate::cost;
@@ -164,6 +164,15 @@ pub struct RunningImport {
     /// and nothing the batch needed is lost.
     #[serde(default)]
     pub follow_up: Vec<usize>,
+}
+
+impl JobEntry for RunningImport {
+    fn handle(&self) -> &str {
+        &self.id
+    }
+    fn rows(&self) -> usize {
+        self.keys.len()
+    }
 }
 
 /// How this run writes.
@@ -369,33 +378,28 @@ impl ActitoSink {
     /// Waits for an import of ours that is still running (a crashed run's, or one
     /// that outlived `max_import_wait`). `false` when it still runs.
     async fn settle_running(&self, ctx: &mut SinkContext<'_>) -> Result<bool, ConnectorError> {
-        let key = running_key(self.client.entity(), self.client.table());
-        let Some(text) = ctx.store.get(&key)? else {
+        let ledger = self.ledger();
+        let Some(running) = ledger.load(ctx.store, |_| None)? else {
             return Ok(true);
         };
-        let running: RunningImport = match serde_json::from_str(&text) {
-            Ok(r) => r,
-            Err(_) => {
-                ctx.store.remove(&key)?;
-                return Ok(true);
-            }
+        let imports = bulk_path::BulkImports {
+            sink: self,
+            key_column: String::new(),
         };
-        ctx.progress.note(&format!(
-            "waiting for Actito import {} (batch {}) to end before posting another",
-            running.id, running.batch
-        ));
-        let state = BulkImporter::new(&self.client)
-            .wait(
-                &running.id,
-                self.config.poll_interval,
-                self.config.max_import_wait,
-                &ctx.cancel,
-            )
-            .await?;
-        if state.is_none() {
-            return Ok(false);
+        let follower = JobFollower::new(&imports, &ledger, self.timing());
+        for import in running {
+            ctx.progress.note(&format!(
+                "waiting for Actito import {} (batch {}) to end before posting another",
+                import.id, import.batch
+            ));
+            let waited = follower
+                .wait(&import.id, None, ctx.progress, &ctx.cancel)
+                .await?;
+            if matches!(waited, Waited::Pending(_)) {
+                return Ok(false);
+            }
+            ledger.forget(ctx.store, &import.id)?;
         }
-        ctx.store.remove(&key)?;
         Ok(true)
     }
 
@@ -576,16 +580,13 @@ impl Sink for ActitoSink {
         batch: &PendingBatch,
         ctx: &mut SinkContext<'_>,
     ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
-        let key = running_key(self.client.entity(), self.client.table());
-        let Some(text) = ctx.store.get(&key)? else {
+        let ledger = self.ledger();
+        let Some(running) = ledger
+            .load(ctx.store, |_| None)?
+            .and_then(|r| r.into_iter().find(|r| r.batch == batch.id))
+        else {
             return Ok(None);
         };
-        let Ok(running) = serde_json::from_str::<RunningImport>(&text) else {
-            return Ok(None);
-        };
-        if running.batch != batch.id {
-            return Ok(None);
-        }
         tracing::info!(batch = %batch.id, import = %running.id, "resuming the Actito import a previous run left running");
         ctx.progress.note(&format!(
             "resuming Actito import {} of batch {}",
@@ -615,9 +616,16 @@ impl Sink for ActitoSink {
             }
             keys
         };
-        let results = self
-            .follow(&running.id, schema.key_attribute(), &keys, ctx)
+        let rows = keys.len();
+        let imports = bulk_path::BulkImports {
+            sink: self,
+            key_column: schema.key_attribute().to_string(),
+        };
+        let entry = RunningImport { keys, ..running };
+        let followed = JobFollower::new(&imports, &ledger, self.timing())
+            .follow(&entry, ctx)
             .await?;
+        let results = bulk_path::outcomes_of(followed, rows);
         // What the import did not carry (removals, rows of another import, rows that
         // go one by one) and segmentations still to follow are unknown: this run's
         // diff sends them again, so the resumed batch does all the first run would.

@@ -2,137 +2,143 @@
 
 use super::*;
 
-impl PoppuloSink {
-    /// Follows the import at `href` to its end: per row (by `emails`), what Poppulo
-    /// counted it as, and the results; or why the rows' fate is not known.
-    pub(super) async fn follow(
+/// Poppulo's subscriber imports, as the core [`JobFollower`] follows them.
+pub(super) struct Imports<'a> {
+    pub(super) sink: &'a PoppuloSink,
+}
+
+#[async_trait]
+impl contactsync_core::ImportJob for Imports<'_> {
+    type Payload = String;
+    type Entry = PostedImport;
+    type Completed = ImportState;
+    type Result = Completed;
+
+    fn label(&self, href: &str) -> String {
+        format!("Poppulo import {}", import_id(href))
+    }
+
+    async fn post(
+        &self,
+        xml: String,
+        progress: &dyn ProgressReporter,
+        cancel: &CancellationToken,
+    ) -> Result<Posted, ConnectorError> {
+        let config = &self.sink.config;
+        self.sink
+            .client
+            .post_import(
+                xml,
+                config.busy_retry_interval,
+                config.max_wait_for_busy_account,
+                progress,
+                cancel.clone(),
+            )
+            .await
+    }
+
+    async fn poll(
         &self,
         href: &str,
-        columns: &[String],
-        emails: &[String],
-        ctx: &mut SinkContext<'_>,
-    ) -> Result<Followed, ConnectorError> {
-        let label = format!("Poppulo import {}", import_id(href));
-        let started = Instant::now();
-        let mut wait = self.config.min_poll_interval;
-        loop {
-            let cancelled = || {
-                Followed::Pending(format!(
-                    "cancelled while {label} was running; the next run resumes it"
-                ))
-            };
-            if !sleep(&ctx.cancel, wait).await {
-                return Ok(cancelled());
+        cancel: &CancellationToken,
+    ) -> Result<JobPoll<ImportState>, ConnectorError> {
+        let state = self.sink.client.import(href, cancel.clone()).await?;
+        Ok(match state.status {
+            ImportStatus::InProgress => JobPoll::Running {
+                done: state.records_processed,
+                total: state.total_records,
+                ask_again_in: state
+                    .ping_after
+                    .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)),
+            },
+            ImportStatus::Completed => JobPoll::Completed(state),
+            ImportStatus::Error | ImportStatus::Cancelled => {
+                let why = state
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                JobPoll::Failed(format!("{}{why}", state.status_text))
             }
-            let state = match self.client.import(href, ctx.cancel.clone()).await {
-                Ok(s) => s,
-                Err(ConnectorError::Cancelled) => return Ok(cancelled()),
-                Err(e) => return Err(e),
-            };
-            match state.status {
-                ImportStatus::InProgress => {
-                    if let (Some(done), Some(total)) =
-                        (state.records_processed, state.total_records)
-                    {
-                        ctx.progress.job_progress(&JobProgress {
-                            label: label.clone(),
-                            done,
-                            total,
-                        });
-                    }
-                    wait = match state.ping_after {
-                        Some(at) => {
-                            (at - Utc::now()).to_std().unwrap_or(Duration::ZERO) + PING_MARGIN
-                        }
-                        None => self.config.poll_interval,
-                    }
-                    .max(self.config.min_poll_interval);
-                    if started.elapsed() + wait > self.config.max_import_wait {
-                        tracing::warn!(import = %href, "{label} still running after {}s; the next run resumes following it", started.elapsed().as_secs());
-                        return Ok(Followed::Pending(format!(
-                            "{label} still running; the next run resumes following it"
-                        )));
-                    }
-                }
-                ImportStatus::Completed => {
-                    let results = state.results.clone().unwrap_or_default();
-                    let total = results.total_records.unwrap_or(emails.len() as u64);
-                    ctx.progress.job_progress(&JobProgress {
-                        label: label.clone(),
-                        done: total,
-                        total,
-                    });
-                    let rejected = if results.has_rejections() {
-                        let link = results.invalid_link.clone().unwrap_or_else(|| {
-                            format!("{}/invalid_subscribers", href.trim_end_matches('/'))
-                        });
-                        let text = self.client.rejected_rows(&link, ctx.cancel.clone()).await?;
-                        parse_rejected(&text, columns).map_err(|m| ConnectorError::Protocol {
-                            call: format!("GET {}", url_path(&link)),
-                            message: m,
-                        })?
-                    } else {
-                        Vec::new()
-                    };
-                    let (mut verdicts, unmatched) = verdicts(emails, &rejected);
-                    let listed =
-                        results.invalid + results.duplicates + results.previously_opted_out;
-                    if listed as usize != rejected.len() {
-                        tracing::warn!(
-                            import = %href,
-                            "{label}: results count {listed} rejected rows, the list holds {}",
-                            rejected.len()
-                        );
-                    }
-                    // A rejection that cannot be matched to a row (an address Poppulo
-                    // rewrote, a list shorter than the count) leaves every row that
-                    // looks applied uncertain: none is recorded as applied.
-                    if unmatched > 0 || listed as usize > rejected.len() {
-                        tracing::warn!(import = %href, unmatched, "{label}: rejected rows that match no row sent; its applied rows are sent again");
-                        for verdict in verdicts.iter_mut().filter(|v| **v == RowResult::Applied) {
-                            *verdict = RowResult::Unknown(
-                                "Poppulo rejected a row of this import that cannot be told apart; sent again next run".into(),
-                            );
-                        }
-                    }
-                    tracing::info!(
-                        import = %href,
-                        new = results.new_subscribers,
-                        updated = results.updated_subscribers,
-                        invalid = results.invalid,
-                        duplicates = results.duplicates,
-                        opted_out = results.previously_opted_out,
-                        "{label} completed"
-                    );
-                    let counted = results.new_subscribers + results.updated_subscribers + listed;
-                    return Ok(Followed::Completed(Completed {
-                        verdicts,
-                        uncounted: total.saturating_sub(counted),
-                        created: state.created,
-                    }));
-                }
-                ImportStatus::Error | ImportStatus::Cancelled => {
-                    let why = state
-                        .message
-                        .as_deref()
-                        .map(|m| format!(": {m}"))
-                        .unwrap_or_default();
-                    tracing::error!(
-                        import = %href,
-                        status = %state.status_text,
-                        "{label} ended {}{why}; its rows will be sent again by the next run",
-                        state.status_text
-                    );
-                    ctx.progress.note(&format!(
-                        "{label} ended {}{why}; its rows will be sent again",
-                        state.status_text
-                    ));
-                    return Ok(Followed::Ended(format!(
-                        "{label} ended {}{why}",
-                        state.status_text
-                    )));
-                }
+        })
+    }
+
+    /// Per row (by email), what Poppulo counted it as, and the import's counts.
+    async fn result(
+        &self,
+        import: &PostedImport,
+        state: ImportState,
+        cancel: &CancellationToken,
+    ) -> Result<Completed, ConnectorError> {
+        let href = &import.href;
+        let label = self.label(href);
+        let emails: Vec<String> = import.rows.iter().map(|r| r.email.clone()).collect();
+        let results = state.results.clone().unwrap_or_default();
+        let total = results.total_records.unwrap_or(emails.len() as u64);
+        let rejected = if results.has_rejections() {
+            let link = results
+                .invalid_link
+                .clone()
+                .unwrap_or_else(|| format!("{}/invalid_subscribers", href.trim_end_matches('/')));
+            let text = self
+                .sink
+                .client
+                .rejected_rows(&link, cancel.clone())
+                .await?;
+            parse_rejected(&text, &import.columns).map_err(|m| ConnectorError::Protocol {
+                call: format!("GET {}", url_path(&link)),
+                message: m,
+            })?
+        } else {
+            Vec::new()
+        };
+        let (mut verdicts, unmatched) = verdicts(&emails, &rejected);
+        let listed = results.invalid + results.duplicates + results.previously_opted_out;
+        if listed as usize != rejected.len() {
+            tracing::warn!(
+                import = %href,
+                "{label}: results count {listed} rejected rows, the list holds {}",
+                rejected.len()
+            );
+        }
+        // A rejection that cannot be matched to a row (an address Poppulo rewrote, a
+        // list shorter than the count) leaves every row that looks applied uncertain:
+        // none is recorded as applied.
+        if unmatched > 0 || listed as usize > rejected.len() {
+            tracing::warn!(import = %href, unmatched, "{label}: rejected rows that match no row sent; its applied rows are sent again");
+            for verdict in verdicts.iter_mut().filter(|v| **v == RowResult::Applied) {
+                *verdict = RowResult::Unknown(
+                    "Poppulo rejected a row of this import that cannot be told apart; sent again next run".into(),
+                );
             }
+        }
+        tracing::info!(
+            import = %href,
+            new = results.new_subscribers,
+            updated = results.updated_subscribers,
+            invalid = results.invalid,
+            duplicates = results.duplicates,
+            opted_out = results.previously_opted_out,
+            "{label} completed"
+        );
+        let counted = results.new_subscribers + results.updated_subscribers + listed;
+        Ok(Completed {
+            verdicts,
+            uncounted: total.saturating_sub(counted),
+            created: state.created,
+        })
+    }
+}
+
+impl PoppuloSink {
+    /// How Poppulo's imports are polled: no earlier than `min_poll_interval`, at
+    /// `ping_after` when it says, for at most `max_import_wait`.
+    pub(super) fn timing(&self) -> JobTiming {
+        JobTiming {
+            first_poll: self.config.min_poll_interval,
+            poll_interval: self.config.poll_interval,
+            min_poll_interval: self.config.min_poll_interval,
+            max_wait: self.config.max_import_wait,
         }
     }
 

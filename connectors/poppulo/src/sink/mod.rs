@@ -8,19 +8,21 @@
 //! lists back to the batch's changes by email.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use contactsync_core::async_trait;
 use contactsync_core::{
-    Change, ChangeBatch, ChangeKind, ConnectorError, Contact, ContactStatus, Field, JobProgress,
-    Outcome, PendingBatch, RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkSummary,
+    CancellationToken, Change, ChangeBatch, ChangeKind, ConnectorError, Contact, ContactStatus,
+    Field, Followed, JobEntry, JobFollower, JobLedger, JobPoll, JobTiming, Outcome, PendingBatch,
+    Posted, ProgressReporter, RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkSummary,
+    Submitted,
 };
 
-use crate::client::{PoppuloClient, Posted};
+use crate::client::PoppuloClient;
 use crate::config::{Removal, SinkConfig};
 use crate::rejected::{parse_rejected, RejectedRow, RejectionKind};
-use crate::xml::{ImportJob, ImportStatus};
+use crate::xml::{ImportJob, ImportState, ImportStatus};
 
 mod build;
 mod follow;
@@ -34,9 +36,6 @@ pub const REASON_OPTED_OUT: &str =
     "previously opted out: the person opted out themselves and is not re-subscribed";
 /// Separator of several permissions in one `permissions` cell.
 pub const PERMISSION_SEPARATOR: &str = "|";
-
-/// A little slack after `ping_after`, for clocks and rounding.
-const PING_MARGIN: Duration = Duration::from_millis(100);
 
 /// The store key of the imports in flight for a batch.
 pub fn store_key(batch_id: &str) -> String {
@@ -70,6 +69,15 @@ pub struct PostedImport {
     /// A `NewOnly` import (skipped rows are expected).
     #[serde(default)]
     pub new_only: bool,
+}
+
+impl JobEntry for PostedImport {
+    fn handle(&self) -> &str {
+        &self.href
+    }
+    fn rows(&self) -> usize {
+        self.rows.len()
+    }
 }
 
 /// The Poppulo sink. Built by the `poppulo` [`contactsync_core::SinkFactory`].
@@ -252,12 +260,16 @@ impl PoppuloSink {
         self.config.update_existing && !self.resubscribe
     }
 
-    /// Posts and follows one import; the store keeps it from the moment Poppulo took
+    /// The ledger of the imports in flight for batch `batch_id`.
+    fn ledger(batch_id: &str) -> JobLedger<PostedImport> {
+        JobLedger::new(store_key(batch_id))
+    }
+
+    /// Posts and follows one import; the ledger keeps it from the moment Poppulo took
     /// it. Returns each row's result.
     async fn run_part(
         &mut self,
-        key: &str,
-        posted: &mut Vec<PostedImport>,
+        ledger: &JobLedger<PostedImport>,
         part: &ImportPart,
         ctx: &mut SinkContext<'_>,
     ) -> Result<PartResult, ConnectorError> {
@@ -271,19 +283,20 @@ impl PoppuloSink {
         tracing::info!(rows = part.rows.len(), "posting a Poppulo import job");
         let posted_at = Utc::now();
         self.imports += 1;
-        let answer = self
-            .client
-            .post_import(
-                part.xml.clone(),
-                self.config.busy_retry_interval,
-                self.config.max_wait_for_busy_account,
-                ctx.progress,
-                ctx.cancel.clone(),
-            )
+        let imports = follow::Imports { sink: self };
+        let entry = |href: String| PostedImport {
+            href,
+            changes: part.rows.iter().map(|r| r.change).collect(),
+            columns: part.columns.clone(),
+            rows: part.rows.clone(),
+            new_only: matches!(part.group, Group::NewOnly(_)),
+        };
+        let submitted = JobFollower::new(&imports, ledger, self.timing())
+            .submit(part.xml.clone(), entry, ctx)
             .await?;
-        let href = match answer {
-            Posted::Accepted(href) => href,
-            Posted::Unknown(why) => {
+        let completed = match submitted {
+            Submitted::Followed(Followed::Completed(completed)) => completed,
+            Submitted::Unknown(why) | Submitted::Refused(why) => {
                 // Not posted again: whatever Poppulo did with it, the engine sends these
                 // rows again next run (an import is an upsert, so both converge).
                 tracing::warn!(
@@ -294,57 +307,25 @@ impl PoppuloSink {
                 ));
                 return Ok(unknown(format!("the import's answer was lost ({why}): whether Poppulo took it is unknown; sent again next run")));
             }
-        };
-        // At once: a crash from here on resumes this import instead of posting another.
-        posted.push(PostedImport {
-            href: href.clone(),
-            changes: part.rows.iter().map(|r| r.change).collect(),
-            columns: part.columns.clone(),
-            rows: part.rows.clone(),
-            new_only: matches!(part.group, Group::NewOnly(_)),
-        });
-        save_posted(ctx, key, posted)?;
-        tracing::info!(import = %href, "Poppulo import accepted");
-        let emails: Vec<String> = part.rows.iter().map(|r| r.email.clone()).collect();
-        let followed = self.follow(&href, &part.columns, &emails, ctx).await?;
-        let result = match followed {
-            Followed::Completed(completed) => {
-                let mut results = completed.verdicts.clone();
-                // A `NewOnly` import skips the people Poppulo holds: on purpose, and
-                // the import after it updates them.
-                if !matches!(part.group, Group::NewOnly(_)) {
-                    self.reads += self
-                        .reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
-                        .await?;
-                }
-                PartResult {
-                    results,
-                    all_counted: completed.uncounted == 0,
-                }
-            }
-            // Kept in the store: the next run resumes following it.
-            Followed::Pending(reason) => return Ok(unknown(reason)),
-            Followed::Ended(reason) => {
-                posted.retain(|p| p.href != href);
-                save_posted(ctx, key, posted)?;
-                return Ok(unknown(reason));
+            // Pending: kept in the ledger, the next run resumes following it.
+            Submitted::Followed(Followed::Pending(reason) | Followed::Ended(reason)) => {
+                return Ok(unknown(reason))
             }
         };
-        posted.retain(|p| p.href != href);
-        save_posted(ctx, key, posted)?;
-        Ok(result)
+        let mut results = completed.verdicts.clone();
+        // A `NewOnly` import skips the people Poppulo holds: on purpose, and the import
+        // after it updates them.
+        if !matches!(part.group, Group::NewOnly(_)) {
+            let reads = self
+                .reconcile(&part.rows, &mut results, &completed, posted_at, &ctx.cancel)
+                .await?;
+            self.reads += reads;
+        }
+        Ok(PartResult {
+            results,
+            all_counted: completed.uncounted == 0,
+        })
     }
-}
-
-/// How following an import ended.
-#[derive(Debug, Clone)]
-enum Followed {
-    /// It completed.
-    Completed(Completed),
-    /// Still running, or the run was cancelled: the next run resumes following it.
-    Pending(String),
-    /// It ended in error or was cancelled on the platform: nothing to resume.
-    Ended(String),
 }
 
 /// What a completed import said.
@@ -358,32 +339,16 @@ struct Completed {
     created: Option<chrono::DateTime<Utc>>,
 }
 
-fn save_posted(
-    ctx: &mut SinkContext<'_>,
-    key: &str,
-    posted: &[PostedImport],
-) -> Result<(), ConnectorError> {
-    if posted.is_empty() {
-        return ctx.store.remove(key);
-    }
-    let json = serde_json::to_string(posted)
-        .map_err(|e| ConnectorError::Other(format!("cannot record the import: {e}")))?;
-    ctx.store.put(key, &json)
-}
-
-/// The imports a stored value names: a JSON list, or (from earlier versions) one href
-/// carrying every change of the batch.
-fn load_posted(value: &str, changes: usize, columns: Vec<String>) -> Vec<PostedImport> {
-    match serde_json::from_str::<Vec<PostedImport>>(value) {
-        Ok(posted) => posted,
-        Err(_) => vec![PostedImport {
-            href: value.trim().to_string(),
-            changes: (0..changes).collect(),
-            columns,
-            rows: Vec::new(),
-            new_only: false,
-        }],
-    }
+/// The import an earlier version's stored value names: one href carrying every change
+/// of the batch.
+fn legacy_posted(value: &str, changes: usize, columns: Vec<String>) -> Vec<PostedImport> {
+    vec![PostedImport {
+        href: value.trim().to_string(),
+        changes: (0..changes).collect(),
+        columns,
+        rows: Vec::new(),
+        new_only: false,
+    }]
 }
 
 fn status_cell(status: ContactStatus) -> &'static str {
@@ -514,14 +479,6 @@ fn no_email(change: &Change) -> Outcome {
     }
 }
 
-/// Sleeps, unless cancelled (then `false`).
-async fn sleep(cancel: &contactsync_core::CancellationToken, wait: Duration) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = tokio::time::sleep(wait) => true,
-    }
-}
-
 /// Maps Poppulo's rejected rows back onto the rows by email (compared ignoring case):
 /// a duplicate is a later row with an email seen earlier, so duplicates take the last
 /// rows of their email; invalid and opted-out rows take the first ones not yet taken.
@@ -618,11 +575,12 @@ impl Sink for PoppuloSink {
         batch: &PendingBatch,
         ctx: &mut SinkContext<'_>,
     ) -> Result<Option<Vec<Outcome>>, ConnectorError> {
-        let key = store_key(&batch.id);
-        let Some(value) = ctx.store.get(&key)? else {
+        let ledger = Self::ledger(&batch.id);
+        let columns = self.columns();
+        let legacy = |text: &str| Some(legacy_posted(text, batch.records.len(), columns));
+        let Some(posted) = ledger.load(ctx.store, legacy)? else {
             return Ok(None);
         };
-        let mut posted = load_posted(&value, batch.records.len(), self.columns());
         tracing::info!(batch = %batch.id, imports = posted.len(), "resuming the Poppulo imports a previous run left running");
         // Changes in no import still followable are sent again.
         let known: Vec<Outcome> = vec![
@@ -631,9 +589,11 @@ impl Sink for PoppuloSink {
             };
             batch.records.len()
         ];
+        let imports = follow::Imports { sink: self };
+        let follower = JobFollower::new(&imports, &ledger, self.timing());
         let mut rows: Vec<SentRow> = Vec::new();
         let mut results: Vec<RowResult> = Vec::new();
-        for import in posted.clone() {
+        for import in posted {
             ctx.progress.note(&format!(
                 "resuming Poppulo import {} of batch {}",
                 import_id(&import.href),
@@ -665,16 +625,14 @@ impl Sink for PoppuloSink {
                     .cloned()
                     .collect()
             };
-            let emails: Vec<String> = sent.iter().map(|r| r.email.clone()).collect();
             let unknown = |reason: &str| vec![RowResult::Unknown(reason.to_string()); sent.len()];
-            let verdicts = match self
-                .follow(&import.href, &import.columns, &emails, ctx)
-                .await
-            {
+            let entry = PostedImport {
+                rows: sent.clone(),
+                ..import
+            };
+            let verdicts = match follower.follow(&entry, ctx).await {
                 Ok(Followed::Completed(followed)) => {
-                    posted.retain(|p| p.href != import.href);
-                    save_posted(ctx, &key, &posted)?;
-                    if followed.uncounted > 0 && !import.new_only {
+                    if followed.uncounted > 0 && !entry.new_only {
                         // Which rows Poppulo skipped is not known here: the applied
                         // ones are sent again (the next run's own import reconciles).
                         followed
@@ -696,24 +654,18 @@ impl Sink for PoppuloSink {
                         followed.verdicts
                     }
                 }
-                // Left in the store: the next run follows it again.
-                Ok(Followed::Pending(reason)) => unknown(&reason),
-                Ok(Followed::Ended(reason)) => {
-                    posted.retain(|p| p.href != import.href);
-                    save_posted(ctx, &key, &posted)?;
-                    unknown(&reason)
-                }
+                // Pending: left in the ledger, the next run follows it again.
+                Ok(Followed::Pending(reason) | Followed::Ended(reason)) => unknown(&reason),
                 Err(e) if cannot_be_followed(&e) => {
                     // A handle that can never be followed again must not wedge the
                     // pipeline: say so once, forget it, and let the engine send the
                     // changes again (an import is an upsert, so whatever it did converges).
-                    tracing::warn!(import = %import.href, "the import an earlier run left can no longer be followed ({e}); its changes are sent again");
+                    tracing::warn!(import = %entry.href, "the import an earlier run left can no longer be followed ({e}); its changes are sent again");
                     ctx.progress.note(&format!(
                         "gave up following Poppulo import {} of an earlier run ({e}); its changes are sent again",
-                        import_id(&import.href)
+                        import_id(&entry.href)
                     ));
-                    posted.retain(|p| p.href != import.href);
-                    save_posted(ctx, &key, &posted)?;
+                    ledger.forget(ctx.store, &entry.href)?;
                     unknown("the import can no longer be followed; sent again")
                 }
                 Err(e) => return Err(e),
@@ -722,7 +674,8 @@ impl Sink for PoppuloSink {
             results.extend(verdicts);
         }
         let outcomes = combine(known, &rows, &results);
-        if posted.is_empty()
+        let still_running = ctx.store.get(ledger.key())?.is_some();
+        if !still_running
             && outcomes
                 .iter()
                 .all(|o| matches!(o, Outcome::Unknown { .. }))
@@ -739,8 +692,7 @@ impl Sink for PoppuloSink {
     ) -> Result<Vec<Outcome>, ConnectorError> {
         self.resubscribe = ctx.resubscribe;
         let PreparedImport { parts, known } = self.build_import(batch)?;
-        let key = store_key(&batch.id);
-        let mut posted = Vec::new();
+        let ledger = Self::ledger(&batch.id);
         let mut rows = Vec::new();
         let mut results = Vec::new();
         // The creates a `NewOnly` import created, every one: their second row is not
@@ -755,7 +707,7 @@ impl Sink for PoppuloSink {
             } else {
                 part
             };
-            let result = self.run_part(&key, &mut posted, &part, ctx).await?;
+            let result = self.run_part(&ledger, &part, ctx).await?;
             // Every row counted: each was created, or refused for what it holds
             // (which its second row would be too).
             if matches!(part.group, Group::NewOnly(_)) && result.all_counted {
