@@ -2,7 +2,8 @@
 //! state conformance suite every backend passes, and its run locks as advisory locks
 //! that a closed connection releases.
 
-use contactsync_engine::state::{conformance, LockAttempt, LockHolder, PostgresState, StateStore};
+use contactsync_engine::state::roles::*;
+use contactsync_engine::state::{conformance, LockAttempt, LockHolder, PostgresState};
 use contactsync_testkit::postgres::Postgres;
 
 fn open(url: &str) -> PostgresState {

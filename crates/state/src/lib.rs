@@ -372,7 +372,7 @@ pub struct RunRecord {
     pub report: Option<String>,
 }
 
-/// What happened to the person `who` (see [`StateStore::history`]), with each change a
+/// What happened to the person `who` (see [`AuditLog::history`]), with each change a
 /// sink durable at its finish took (`sent`) told as it ended: `applied` when its run's
 /// finish made it durable (the run ended `synced`, `finished_with_rejects` or
 /// `removals_held`), else `sent, not confirmed` with why. A change is never said to be
@@ -428,7 +428,7 @@ pub struct AuditEntry {
     pub fields: String,
     /// For a create with values kept: the record created, stored in the compact form
     /// of the last-sent records (a JSON object of every field would be some 300 bytes a
-    /// person on a first sync); [`StateStore::history`] turns it back into `fields`.
+    /// person on a first sync); [`AuditLog::history`] turns it back into `fields`.
     #[serde(skip)]
     pub created: Option<Box<Contact>>,
 }
@@ -470,20 +470,55 @@ pub enum StateItem {
     },
 }
 
-/// The engine's view of the sync state. All writes of one call are atomic.
-pub trait StateStore: Send {
+/// The roles of a state store, to bring their methods into scope:
+/// `use contactsync_state::roles::*;`.
+pub mod roles {
+    pub use super::{
+        AuditLog, Locks, PendingJournal, RunLog, SinkStores, Slots, StateStore, StateTransfer,
+        SyncedIndex,
+    };
+}
+
+/// The engine's view of the sync state: every role below, which a backend implements
+/// one by one. All writes of one call are atomic. A caller names the roles it uses
+/// (`use contactsync_state::roles::*`).
+pub trait StateStore:
+    Locks + RunLog + SyncedIndex + PendingJournal + SinkStores + AuditLog + StateTransfer + Slots
+{
+}
+
+impl<T> StateStore for T where
+    T: Locks
+        + RunLog
+        + SyncedIndex
+        + PendingJournal
+        + SinkStores
+        + AuditLog
+        + StateTransfer
+        + Slots
+{
+}
+
+/// The run locks: one run a pipeline and a sink section at a time.
+pub trait Locks: Send {
     /// Takes every lock of `names` for `holder` at once, or none: a run holds the lock
     /// of its pipeline and of its sink section for its whole length, so that two runs
     /// never post the same change set, nor two pipelines write one sink section at a
     /// time. A lock whose holder is gone (its process no longer exists on this host, or
     /// its heartbeat is older than [`LOCK_STALE_AFTER`]) is taken over. The store keeps
-    /// the locks alive (a heartbeat) until [`StateStore::unlock`] or until it is dropped.
+    /// the locks alive (a heartbeat) until [`Locks::unlock`] or until it is dropped.
     fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError>;
+
     /// Releases the locks `holder` took.
     fn unlock(&mut self, holder: &LockHolder) -> Result<(), StateError>;
+}
+
+/// Runs: their numbers, how they ended, the cursor, and what is reported of them.
+pub trait RunLog: Send {
     /// Starts a run of `pipeline`, returning its number (1, 2, …) and the number of the
     /// last run that read everything, if any.
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError>;
+
     /// Records how a run ended; stores `cursor` only when `Some` and `full_read` marks
     /// the run as the latest complete read.
     fn finish_run(
@@ -495,19 +530,35 @@ pub trait StateStore: Send {
         cursor: Option<&str>,
         full_read: bool,
     ) -> Result<(), StateError>;
+
     /// The cursor the last successful run left.
     fn cursor(&mut self, pipeline: &str) -> Result<Option<String>, StateError>;
+
+    /// Summaries of every pipeline.
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError>;
+
+    /// The last `last` runs, newest first, of `pipeline` (or of every pipeline).
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError>;
+
+    /// Forgets everything about `pipeline` (its sink's key-value space is kept).
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
+}
+
+/// What each person was last sent as: the index the diff reads.
+pub trait SyncedIndex: Send {
     /// Calls `visit(key_hash, content_hash)` for every synced contact.
     fn scan_index(
         &mut self,
         pipeline: &str,
         visit: &mut dyn FnMut(u64, u64),
     ) -> Result<(), StateError>;
+
     /// The synced row with this key hash.
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError>;
+
     /// The synced rows of these key hashes, in their order (`None` where there is none).
     /// A diff looks up the people who changed in batches: one round trip each was most
-    /// of a nightly against a server. The default asks [`StateStore::synced`] for each.
+    /// of a nightly against a server. The default asks [`SyncedIndex::synced`] for each.
     fn synced_many(
         &mut self,
         pipeline: &str,
@@ -518,6 +569,18 @@ pub trait StateStore: Send {
             .map(|&key_hash| self.synced(pipeline, key_hash))
             .collect()
     }
+
+    /// Before a run applies its changes: records drawn evenly across the ones it will
+    /// store, for a backend that compresses records to learn their shape from (the first
+    /// records of a sorted source are not like the rest). A hint; the default ignores it.
+    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
+        let _ = sample;
+        Ok(())
+    }
+}
+
+/// Changes sent and not yet confirmed, and how they settle.
+pub trait PendingJournal: Send {
     /// Records a batch as sent.
     fn record_pending(
         &mut self,
@@ -526,12 +589,14 @@ pub trait StateStore: Send {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError>;
+
     /// Batches left pending by earlier runs, oldest first, each with the rows recorded
     /// for it (in the batch's order).
     fn pending_batches(
         &mut self,
         pipeline: &str,
     ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError>;
+
     /// Settles pending changes of `batch_id` (one transaction).
     fn settle(
         &mut self,
@@ -539,9 +604,10 @@ pub trait StateStore: Send {
         batch_id: &str,
         settlements: &[Settlement],
     ) -> Result<(), StateError>;
+
     /// Records a batch a sink that keeps nothing before it finishes has already taken:
     /// each row pending and applied, awaiting the finish, with the handle the sink gave
-    /// it (`handles[i]` for `rows[i]`). The result is what [`StateStore::record_pending`]
+    /// it (`handles[i]` for `rows[i]`). The result is what [`PendingJournal::record_pending`]
     /// followed by [`Settlement::AwaitingFinish`] for every row leaves; the default
     /// takes exactly those two steps, and a backend that can write it at once overrides
     /// it.
@@ -564,46 +630,55 @@ pub trait StateStore: Send {
             .collect();
         self.settle(pipeline, batch_id, &settlements)
     }
+
     /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
-    /// Before a run applies its changes: records drawn evenly across the ones it will
-    /// store, for a backend that compresses records to learn their shape from (the first
-    /// records of a sorted source are not like the rest). A hint; the default ignores it.
-    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
-        let _ = sample;
-        Ok(())
-    }
+
     /// Drops every pending change of the pipeline.
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError>;
+}
+
+/// The key-value spaces lent to sinks.
+pub trait SinkStores: Send {
     /// The sink's key-value space for config section `scope`.
     fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a>;
-    /// Summaries of every pipeline.
-    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError>;
-    /// The last `last` runs, newest first, of `pipeline` (or of every pipeline).
-    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError>;
+}
+
+/// What each person was sent, kept for `history`.
+pub trait AuditLog: Send {
     /// Keeps what the sink was asked to do to each person.
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError>;
+
     /// Forgets the audit of `pipeline` from before `before` (Unix seconds); returns how
     /// many entries went.
     fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError>;
+
     /// What happened to the person with this key (`external_id:E1`), bare key value, or
     /// email, oldest first.
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError>;
-    /// Forgets everything about `pipeline` (its sink's key-value space is kept).
-    fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
+}
+
+/// Copying a whole state into another store (`state copy`).
+pub trait StateTransfer: Send {
     /// Hands every item the store holds to `visit` (pipelines first), for a copy into
     /// another store. Pending changes and locks are not part of it.
     fn export(
         &mut self,
         visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
     ) -> Result<(), StateError>;
+
     /// Writes items another store exported (in one transaction per call).
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError>;
+}
+
+/// The schedule slots that workers of `sync --all --worker` claim.
+pub trait Slots: Send {
     /// Claims `pipeline` for the schedule slot `slot` (`2026-12-01`) on behalf of
     /// `worker` (`sync --all --worker`): `true` when this worker is to run it now
     /// (nobody claimed it, or the worker that did is gone before finishing); `false`
     /// when it already ran in this slot, or another live worker runs it.
     fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError>;
+
     /// Records that `pipeline` ran in `slot`, and how it ended.
     fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError>;
 }

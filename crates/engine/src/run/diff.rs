@@ -174,7 +174,7 @@ impl<'r> Run<'r> {
 
     /// Plans `change` once the state's row of the person it changes (`lookup`, their
     /// key hash) is fetched: changes wait, in read order, until [`LOOKUP_BATCH`] of them
-    /// need a row, and the rows are fetched together ([`StateStore::synced_many`]).
+    /// need a row, and the rows are fetched together ([`SyncedIndex::synced_many`](crate::state::SyncedIndex::synced_many)).
     pub(super) fn wait(
         &mut self,
         diff: &mut Diff,

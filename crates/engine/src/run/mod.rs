@@ -295,7 +295,7 @@ struct ChangeSet {
     /// Whether the read was a full one.
     full_read: bool,
     /// Records drawn across the creates and updates, for the state to learn from
-    /// ([`StateStore::sample_records`]).
+    /// ([`SyncedIndex::sample_records`](crate::state::SyncedIndex::sample_records)).
     records: RecordSample,
     /// Who holds which address in this read (sinks that find people by email).
     addresses: Option<AddressBook>,

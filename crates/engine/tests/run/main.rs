@@ -8,9 +8,10 @@ use contactsync_core::{
     Origin, Outcome, PendingBatch, ReadMode, ReadOutcome, RecordError, RecordStream, RemovalStyle,
     Sink, SinkCapabilities, SinkContext, Source, SourceCapabilities, SourceItem, SourceRecord,
 };
+use contactsync_engine::state::roles::*;
 use contactsync_engine::{
     run, Pipeline, PipelineSettings, RunOptions, RunReport, RunStatus, SilentObserver, SqliteState,
-    StateStore, SyncMode,
+    SyncMode,
 };
 
 mod crash_and_state;

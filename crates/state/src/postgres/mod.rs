@@ -25,7 +25,7 @@ use postgres::Client;
 use super::{
     audit_entry, from_sql, group_pending, synced_row, to_sql, with_created_fields, AuditEntry,
     LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
-    StateItem, StateStore, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
+    StateItem, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
 };
 use crate::redact;
 

@@ -1,8 +1,9 @@
 //! The PostgreSQL backend's [`StateStore`] methods.
 
 use super::*;
+use crate::roles::*;
 
-impl StateStore for PostgresState {
+impl Locks for PostgresState {
     fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError> {
         for name in names {
             if let Some(other) = self.held.get(&lock_key(name)) {
@@ -104,7 +105,9 @@ impl StateStore for PostgresState {
             Ok(())
         })
     }
+}
 
+impl RunLog for PostgresState {
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
         let pipeline = pipeline.to_string();
         self.call(move |c| {
@@ -172,6 +175,67 @@ impl StateStore for PostgresState {
         })
     }
 
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError> {
+        self.call(|c| {
+            Ok(c.query(
+                "SELECT p.name, p.runs, p.cursor,
+                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.name),
+                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.name),
+                   (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
+                 FROM pipelines p ORDER BY p.name",
+                &[],
+            )?
+            .iter()
+            .map(|r| PipelineSummary {
+                pipeline: r.get(0),
+                runs: r.get::<_, i64>(1) as u64,
+                cursor: r.get(2),
+                synced: r.get::<_, i64>(3) as u64,
+                pending: r.get::<_, i64>(4) as u64,
+                last_run: r.get(5),
+            })
+            .collect())
+        })
+    }
+
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError> {
+        let pipeline = pipeline.map(str::to_string);
+        self.call(move |c| {
+            Ok(c.query(
+                "SELECT pipeline, run, started_at, finished_at, status, report FROM runs
+                 WHERE $1::TEXT IS NULL OR pipeline = $1 ORDER BY started_at DESC, run DESC LIMIT $2",
+                &[&pipeline, &(last as i64)],
+            )?
+            .iter()
+            .map(|r| RunRecord {
+                pipeline: r.get(0),
+                run: r.get(1),
+                started_at: r.get(2),
+                finished_at: r.get(3),
+                status: r.get(4),
+                report: r.get(5),
+            })
+            .collect())
+        })
+    }
+
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
+        let pipeline = pipeline.to_string();
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            for table in ["synced", "pending", "runs", "audit"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE pipeline = $1"),
+                    &[&pipeline],
+                )?;
+            }
+            tx.execute("DELETE FROM pipelines WHERE name = $1", &[&pipeline])?;
+            tx.commit()
+        })
+    }
+}
+
+impl SyncedIndex for PostgresState {
     fn scan_index(
         &mut self,
         pipeline: &str,
@@ -271,7 +335,9 @@ impl StateStore for PostgresState {
         }
         Ok(key_hashes.iter().map(|h| found.get(h).cloned()).collect())
     }
+}
 
+impl PendingJournal for PostgresState {
     fn record_pending(
         &mut self,
         pipeline: &str,
@@ -280,17 +346,6 @@ impl StateStore for PostgresState {
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
         self.insert_pending(pipeline, run, batch_id, rows, None)
-    }
-
-    fn record_awaiting_finish(
-        &mut self,
-        pipeline: &str,
-        run: i64,
-        batch_id: &str,
-        rows: &[PendingRow],
-        handles: &[Option<String>],
-    ) -> Result<(), StateError> {
-        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
     }
 
     fn pending_batches(
@@ -424,6 +479,17 @@ impl StateStore for PostgresState {
         }
     }
 
+    fn record_awaiting_finish(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+    ) -> Result<(), StateError> {
+        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
+    }
+
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
         let pipeline = pipeline.to_string();
         self.call(move |c| {
@@ -461,58 +527,18 @@ impl StateStore for PostgresState {
             .map(|_| ())
         })
     }
+}
 
+impl SinkStores for PostgresState {
     fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a> {
         Box::new(PostgresSinkStore {
             state: self,
             scope: scope.to_string(),
         })
     }
+}
 
-    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError> {
-        self.call(|c| {
-            Ok(c.query(
-                "SELECT p.name, p.runs, p.cursor,
-                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.name),
-                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.name),
-                   (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
-                 FROM pipelines p ORDER BY p.name",
-                &[],
-            )?
-            .iter()
-            .map(|r| PipelineSummary {
-                pipeline: r.get(0),
-                runs: r.get::<_, i64>(1) as u64,
-                cursor: r.get(2),
-                synced: r.get::<_, i64>(3) as u64,
-                pending: r.get::<_, i64>(4) as u64,
-                last_run: r.get(5),
-            })
-            .collect())
-        })
-    }
-
-    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError> {
-        let pipeline = pipeline.map(str::to_string);
-        self.call(move |c| {
-            Ok(c.query(
-                "SELECT pipeline, run, started_at, finished_at, status, report FROM runs
-                 WHERE $1::TEXT IS NULL OR pipeline = $1 ORDER BY started_at DESC, run DESC LIMIT $2",
-                &[&pipeline, &(last as i64)],
-            )?
-            .iter()
-            .map(|r| RunRecord {
-                pipeline: r.get(0),
-                run: r.get(1),
-                started_at: r.get(2),
-                finished_at: r.get(3),
-                status: r.get(4),
-                report: r.get(5),
-            })
-            .collect())
-        })
-    }
-
+impl AuditLog for PostgresState {
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
         if entries.is_empty() {
             return Ok(());
@@ -573,22 +599,9 @@ impl StateStore for PostgresState {
             .map(|row| with_created_fields(audit_entry(row)))
             .collect())
     }
+}
 
-    fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
-        let pipeline = pipeline.to_string();
-        self.call(move |c| {
-            let mut tx = c.transaction()?;
-            for table in ["synced", "pending", "runs", "audit"] {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE pipeline = $1"),
-                    &[&pipeline],
-                )?;
-            }
-            tx.execute("DELETE FROM pipelines WHERE name = $1", &[&pipeline])?;
-            tx.commit()
-        })
-    }
-
+impl StateTransfer for PostgresState {
     fn export(
         &mut self,
         visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
@@ -673,6 +686,78 @@ impl StateStore for PostgresState {
         Ok(())
     }
 
+    fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
+        // Per pipeline: the rows, each with its record encoded.
+        type Encoded = Vec<(SyncedRow, Option<Vec<u8>>)>;
+        let mut synced: HashMap<String, Encoded> = HashMap::new();
+        let mut rest = Vec::new();
+        let mut audit = Vec::new();
+        for item in items {
+            match item {
+                StateItem::Synced { pipeline, row } => {
+                    synced.entry(pipeline.clone()).or_default().push((
+                        row.clone(),
+                        row.entry.record.as_deref().map(crate::record::encode),
+                    ))
+                }
+                StateItem::Audit(e) => audit.push(e.clone()),
+                other => rest.push(other.clone()),
+            }
+        }
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            for item in &rest {
+                match item {
+                    StateItem::Pipeline {
+                        name,
+                        runs,
+                        cursor,
+                        last_full_run,
+                    } => tx.execute(
+                        "INSERT INTO pipelines (name, runs, cursor, last_full_run) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (name) DO UPDATE SET runs = excluded.runs, cursor = excluded.cursor,
+                           last_full_run = excluded.last_full_run",
+                        &[name, runs, cursor, last_full_run],
+                    )?,
+                    StateItem::Run(r) => tx.execute(
+                        "INSERT INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (pipeline, run) DO UPDATE SET started_at = excluded.started_at,
+                           finished_at = excluded.finished_at, status = excluded.status, report = excluded.report",
+                        &[&r.pipeline, &r.run, &r.started_at, &r.finished_at, &r.status, &r.report],
+                    )?,
+                    StateItem::SinkData { scope, key, value } => tx.execute(
+                        "INSERT INTO sink_data (scope, key, value) VALUES ($1, $2, $3)
+                         ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
+                        &[scope, key, value],
+                    )?,
+                    StateItem::Synced { .. } | StateItem::Audit(_) => 0,
+                };
+            }
+            for (pipeline, rows) in &synced {
+                let hash: Vec<i64> = rows.iter().map(|(r, _)| to_sql(r.key.hash64())).collect();
+                let key: Vec<String> = rows.iter().map(|(r, _)| r.key.to_string()).collect();
+                let content: Vec<i64> = rows.iter().map(|(r, _)| to_sql(r.entry.content_hash)).collect();
+                let email: Vec<Option<String>> = rows.iter().map(|(r, _)| r.entry.email.clone()).collect();
+                let handle: Vec<Option<String>> = rows.iter().map(|(r, _)| r.entry.handle.clone()).collect();
+                let record: Vec<Option<Vec<u8>>> = rows.iter().map(|(_, b)| b.clone()).collect();
+                tx.execute(
+                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
+                     SELECT $1, h, k, ch, e, hd, r
+                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::BYTEA[])
+                       AS u(h, k, ch, e, hd, r)
+                     ON CONFLICT (pipeline, key_hash) DO UPDATE SET key = excluded.key,
+                       content_hash = excluded.content_hash, email = excluded.email,
+                       handle = excluded.handle, record = excluded.record",
+                    &[pipeline, &hash, &key, &content, &email, &handle, &record],
+                )?;
+            }
+            tx.commit()
+        })?;
+        self.record_audit(&audit)
+    }
+}
+
+impl Slots for PostgresState {
     fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
         // A worker holds an advisory lock of its own name while it lives: a claim whose
         // worker's lock is free was left by a worker that died, and is taken over.
@@ -743,75 +828,5 @@ impl StateStore for PostgresState {
             )
             .map(|_| ())
         })
-    }
-
-    fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
-        // Per pipeline: the rows, each with its record encoded.
-        type Encoded = Vec<(SyncedRow, Option<Vec<u8>>)>;
-        let mut synced: HashMap<String, Encoded> = HashMap::new();
-        let mut rest = Vec::new();
-        let mut audit = Vec::new();
-        for item in items {
-            match item {
-                StateItem::Synced { pipeline, row } => {
-                    synced.entry(pipeline.clone()).or_default().push((
-                        row.clone(),
-                        row.entry.record.as_deref().map(crate::record::encode),
-                    ))
-                }
-                StateItem::Audit(e) => audit.push(e.clone()),
-                other => rest.push(other.clone()),
-            }
-        }
-        self.call(move |c| {
-            let mut tx = c.transaction()?;
-            for item in &rest {
-                match item {
-                    StateItem::Pipeline {
-                        name,
-                        runs,
-                        cursor,
-                        last_full_run,
-                    } => tx.execute(
-                        "INSERT INTO pipelines (name, runs, cursor, last_full_run) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (name) DO UPDATE SET runs = excluded.runs, cursor = excluded.cursor,
-                           last_full_run = excluded.last_full_run",
-                        &[name, runs, cursor, last_full_run],
-                    )?,
-                    StateItem::Run(r) => tx.execute(
-                        "INSERT INTO runs (pipeline, run, started_at, finished_at, status, report) VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (pipeline, run) DO UPDATE SET started_at = excluded.started_at,
-                           finished_at = excluded.finished_at, status = excluded.status, report = excluded.report",
-                        &[&r.pipeline, &r.run, &r.started_at, &r.finished_at, &r.status, &r.report],
-                    )?,
-                    StateItem::SinkData { scope, key, value } => tx.execute(
-                        "INSERT INTO sink_data (scope, key, value) VALUES ($1, $2, $3)
-                         ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
-                        &[scope, key, value],
-                    )?,
-                    StateItem::Synced { .. } | StateItem::Audit(_) => 0,
-                };
-            }
-            for (pipeline, rows) in &synced {
-                let hash: Vec<i64> = rows.iter().map(|(r, _)| to_sql(r.key.hash64())).collect();
-                let key: Vec<String> = rows.iter().map(|(r, _)| r.key.to_string()).collect();
-                let content: Vec<i64> = rows.iter().map(|(r, _)| to_sql(r.entry.content_hash)).collect();
-                let email: Vec<Option<String>> = rows.iter().map(|(r, _)| r.entry.email.clone()).collect();
-                let handle: Vec<Option<String>> = rows.iter().map(|(r, _)| r.entry.handle.clone()).collect();
-                let record: Vec<Option<Vec<u8>>> = rows.iter().map(|(_, b)| b.clone()).collect();
-                tx.execute(
-                    "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
-                     SELECT $1, h, k, ch, e, hd, r
-                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::BYTEA[])
-                       AS u(h, k, ch, e, hd, r)
-                     ON CONFLICT (pipeline, key_hash) DO UPDATE SET key = excluded.key,
-                       content_hash = excluded.content_hash, email = excluded.email,
-                       handle = excluded.handle, record = excluded.record",
-                    &[pipeline, &hash, &key, &content, &email, &handle, &record],
-                )?;
-            }
-            tx.commit()
-        })?;
-        self.record_audit(&audit)
     }
 }

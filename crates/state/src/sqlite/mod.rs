@@ -13,7 +13,7 @@ use crate::record::{RecordCodec, RecordDecodeError};
 use super::{
     compact, from_sql, group_pending, stored_record, stored_record_with, to_sql,
     with_created_fields, AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary,
-    RunRecord, Settlement, StateError, StateItem, StateStore, SyncedRow, LOCK_HEARTBEAT_EVERY,
+    RunRecord, Settlement, StateError, StateItem, SyncedRow, LOCK_HEARTBEAT_EVERY,
     LOCK_STALE_AFTER,
 };
 
@@ -625,7 +625,7 @@ fn compact_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<CompactSynced> {
 /// How a synced row takes a newer one of the same person: a change without a record
 /// (a final rejection) keeps the last-sent record, and its explicit key and email
 /// stay true beside it; see [`compact`].
-/// Pending rows [`StateStore::confirm_finished`] confirms in one transaction, about.
+/// Pending rows [`PendingJournal::confirm_finished`] confirms in one transaction, about.
 const CONFIRM_RANGE_ROWS: i64 = 2_000_000;
 
 const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET

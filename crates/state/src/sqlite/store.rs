@@ -1,8 +1,9 @@
 //! The SQLite backend's [`StateStore`] methods.
 
 use super::*;
+use crate::roles::*;
 
-impl StateStore for SqliteState {
+impl Locks for SqliteState {
     fn lock(&mut self, names: &[String], holder: &LockHolder) -> Result<LockAttempt, StateError> {
         let map = db_error(&self.path);
         // IMMEDIATE: the check and the insert are one write, so two processes can
@@ -83,7 +84,9 @@ impl StateStore for SqliteState {
             .map(|_| ())
             .map_err(db_error(&self.path))
     }
+}
 
+impl RunLog for SqliteState {
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
         let tx = self
             .conn
@@ -164,6 +167,76 @@ impl StateStore for SqliteState {
             .map_err(db_error(&self.path))
     }
 
+    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.name, p.runs, p.cursor,
+                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.id),
+                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.id),
+                   (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
+                 FROM pipelines p ORDER BY p.name",
+            )
+            .map_err(db_error(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PipelineSummary {
+                    pipeline: r.get(0)?,
+                    runs: r.get::<_, i64>(1)? as u64,
+                    cursor: r.get(2)?,
+                    synced: r.get::<_, i64>(3)? as u64,
+                    pending: r.get::<_, i64>(4)? as u64,
+                    last_run: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(db_error(&self.path))?;
+        Ok(rows)
+    }
+
+    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT pipeline, run, started_at, finished_at, status, report FROM runs
+                 WHERE ?1 IS NULL OR pipeline = ?1 ORDER BY started_at DESC, run DESC LIMIT ?2",
+            )
+            .map_err(db_error(&self.path))?;
+        let rows = stmt
+            .query_map(params![pipeline, last as i64], |r| {
+                Ok(RunRecord {
+                    pipeline: r.get(0)?,
+                    run: r.get(1)?,
+                    started_at: r.get(2)?,
+                    finished_at: r.get(3)?,
+                    status: r.get(4)?,
+                    report: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(db_error(&self.path))?;
+        Ok(rows)
+    }
+
+    fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        for table in ["synced", "pending", "audit"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
+                [pipeline],
+            )
+            .map_err(map)?;
+        }
+        tx.execute("DELETE FROM runs WHERE pipeline = ?1", [pipeline])
+            .map_err(map)?;
+        tx.execute("DELETE FROM pipelines WHERE name = ?1", [pipeline])
+            .map_err(map)?;
+        tx.commit().map_err(map)
+    }
+}
+
+impl SyncedIndex for SqliteState {
     fn scan_index(
         &mut self,
         pipeline: &str,
@@ -199,6 +272,12 @@ impl StateStore for SqliteState {
             .transpose()
     }
 
+    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
+        self.learn(sample.iter())
+    }
+}
+
+impl PendingJournal for SqliteState {
     fn record_pending(
         &mut self,
         pipeline: &str,
@@ -207,17 +286,6 @@ impl StateStore for SqliteState {
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
         self.insert_pending(pipeline, run, batch_id, rows, None)
-    }
-
-    fn record_awaiting_finish(
-        &mut self,
-        pipeline: &str,
-        run: i64,
-        batch_id: &str,
-        rows: &[PendingRow],
-        handles: &[Option<String>],
-    ) -> Result<(), StateError> {
-        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
     }
 
     fn pending_batches(
@@ -395,6 +463,17 @@ impl StateStore for SqliteState {
         tx.commit().map_err(map)
     }
 
+    fn record_awaiting_finish(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+    ) -> Result<(), StateError> {
+        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
+    }
+
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
         let map = db_error(&self.path);
         let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
@@ -492,10 +571,6 @@ impl StateStore for SqliteState {
         Ok(confirmed)
     }
 
-    fn sample_records(&mut self, sample: &[Contact]) -> Result<(), StateError> {
-        self.learn(sample.iter())
-    }
-
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {
         self.conn
             .execute(
@@ -505,65 +580,18 @@ impl StateStore for SqliteState {
             .map(|_| ())
             .map_err(db_error(&self.path))
     }
+}
 
+impl SinkStores for SqliteState {
     fn sink_store<'a>(&'a mut self, scope: &str) -> Box<dyn SinkStore + 'a> {
         Box::new(SqliteSinkStore {
             conn: &mut self.conn,
             scope: scope.to_string(),
         })
     }
+}
 
-    fn summaries(&mut self) -> Result<Vec<PipelineSummary>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT p.name, p.runs, p.cursor,
-                   (SELECT COUNT(*) FROM synced s WHERE s.pipeline = p.id),
-                   (SELECT COUNT(*) FROM pending q WHERE q.pipeline = p.id),
-                   (SELECT finished_at || ' ' || status FROM runs r WHERE r.pipeline = p.name AND finished_at IS NOT NULL ORDER BY run DESC LIMIT 1)
-                 FROM pipelines p ORDER BY p.name",
-            )
-            .map_err(db_error(&self.path))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(PipelineSummary {
-                    pipeline: r.get(0)?,
-                    runs: r.get::<_, i64>(1)? as u64,
-                    cursor: r.get(2)?,
-                    synced: r.get::<_, i64>(3)? as u64,
-                    pending: r.get::<_, i64>(4)? as u64,
-                    last_run: r.get(5)?,
-                })
-            })
-            .and_then(|rows| rows.collect())
-            .map_err(db_error(&self.path))?;
-        Ok(rows)
-    }
-
-    fn runs(&mut self, pipeline: Option<&str>, last: usize) -> Result<Vec<RunRecord>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT pipeline, run, started_at, finished_at, status, report FROM runs
-                 WHERE ?1 IS NULL OR pipeline = ?1 ORDER BY started_at DESC, run DESC LIMIT ?2",
-            )
-            .map_err(db_error(&self.path))?;
-        let rows = stmt
-            .query_map(params![pipeline, last as i64], |r| {
-                Ok(RunRecord {
-                    pipeline: r.get(0)?,
-                    run: r.get(1)?,
-                    started_at: r.get(2)?,
-                    finished_at: r.get(3)?,
-                    status: r.get(4)?,
-                    report: r.get(5)?,
-                })
-            })
-            .and_then(|rows| rows.collect())
-            .map_err(db_error(&self.path))?;
-        Ok(rows)
-    }
-
+impl AuditLog for SqliteState {
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
@@ -609,24 +637,9 @@ impl StateStore for SqliteState {
         )?;
         Ok(entries)
     }
+}
 
-    fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
-        let map = db_error(&self.path);
-        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        for table in ["synced", "pending", "audit"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
-                [pipeline],
-            )
-            .map_err(map)?;
-        }
-        tx.execute("DELETE FROM runs WHERE pipeline = ?1", [pipeline])
-            .map_err(map)?;
-        tx.execute("DELETE FROM pipelines WHERE name = ?1", [pipeline])
-            .map_err(map)?;
-        tx.commit().map_err(map)
-    }
-
+impl StateTransfer for SqliteState {
     fn export(
         &mut self,
         visit: &mut dyn FnMut(StateItem) -> Result<(), StateError>,
@@ -684,52 +697,6 @@ impl StateStore for SqliteState {
             })?;
         }
         Ok(())
-    }
-
-    fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
-        let map = db_error(&self.path);
-        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        let found: Option<(String, String)> = tx
-            .query_row(
-                "SELECT worker, status FROM slots WHERE slot = ?1 AND pipeline = ?2",
-                params![slot, pipeline],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(map)?;
-        // A worker is `pid@host`: one on this host whose process is gone left its
-        // claim unfinished, and it is taken over.
-        let gone = |worker: &str| {
-            let here = gethostname::gethostname().to_string_lossy().into_owned();
-            match worker.split_once('@') {
-                Some((pid, host)) if host == here => !Path::new(&format!("/proc/{pid}")).exists(),
-                _ => false,
-            }
-        };
-        let claim = match found {
-            None => true,
-            Some((_, status)) if status != "claimed" => false,
-            Some((other, _)) => other == worker || gone(&other),
-        };
-        if claim {
-            tx.execute(
-                "INSERT OR REPLACE INTO slots (slot, pipeline, worker, status, claimed_at) VALUES (?1, ?2, ?3, 'claimed', ?4)",
-                params![slot, pipeline, worker, chrono::Utc::now().to_rfc3339()],
-            )
-            .map_err(map)?;
-        }
-        tx.commit().map_err(map)?;
-        Ok(claim)
-    }
-
-    fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError> {
-        self.conn
-            .execute(
-                "UPDATE slots SET status = ?3, finished_at = ?4 WHERE slot = ?1 AND pipeline = ?2",
-                params![slot, pipeline, status, chrono::Utc::now().to_rfc3339()],
-            )
-            .map(|_| ())
-            .map_err(db_error(&self.path))
     }
 
     fn import(&mut self, items: &[StateItem]) -> Result<(), StateError> {
@@ -792,5 +759,53 @@ impl StateStore for SqliteState {
             .map_err(map)?;
         }
         tx.commit().map_err(map)
+    }
+}
+
+impl Slots for SqliteState {
+    fn claim_slot(&mut self, slot: &str, pipeline: &str, worker: &str) -> Result<bool, StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let found: Option<(String, String)> = tx
+            .query_row(
+                "SELECT worker, status FROM slots WHERE slot = ?1 AND pipeline = ?2",
+                params![slot, pipeline],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(map)?;
+        // A worker is `pid@host`: one on this host whose process is gone left its
+        // claim unfinished, and it is taken over.
+        let gone = |worker: &str| {
+            let here = gethostname::gethostname().to_string_lossy().into_owned();
+            match worker.split_once('@') {
+                Some((pid, host)) if host == here => !Path::new(&format!("/proc/{pid}")).exists(),
+                _ => false,
+            }
+        };
+        let claim = match found {
+            None => true,
+            Some((_, status)) if status != "claimed" => false,
+            Some((other, _)) => other == worker || gone(&other),
+        };
+        if claim {
+            tx.execute(
+                "INSERT OR REPLACE INTO slots (slot, pipeline, worker, status, claimed_at) VALUES (?1, ?2, ?3, 'claimed', ?4)",
+                params![slot, pipeline, worker, chrono::Utc::now().to_rfc3339()],
+            )
+            .map_err(map)?;
+        }
+        tx.commit().map_err(map)?;
+        Ok(claim)
+    }
+
+    fn finish_slot(&mut self, slot: &str, pipeline: &str, status: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE slots SET status = ?3, finished_at = ?4 WHERE slot = ?1 AND pipeline = ?2",
+                params![slot, pipeline, status, chrono::Utc::now().to_rfc3339()],
+            )
+            .map(|_| ())
+            .map_err(db_error(&self.path))
     }
 }

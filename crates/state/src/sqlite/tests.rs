@@ -1,4 +1,5 @@
 use super::*;
+use crate::roles::*;
 
 /// A run and `state show` (or two workers) opening a state that does not exist yet
 /// at the same moment: each must see one schema, created once.
