@@ -6,8 +6,9 @@
 //!   PostgreSQL's server).
 //! - `cargo xtask tidy`: the architecture's invariants (`tidy.rs`) as one report; the
 //!   same checks run as tests under `cargo xtask test`.
-//! - `cargo xtask new-connector NAME [--sandbox]`: a new connector crate (and its
-//!   sandbox crate), wired into the workspace and the binary (`scaffold.rs`).
+//! - `cargo xtask new-connector NAME [--sandbox] [--source-only | --sink-only] [--no-http]`:
+//!   a new connector crate of that kind (with `--sandbox`, its sandbox crate too),
+//!   wired into the binary (`scaffold.rs`).
 //! - `cargo xtask bench [--sizes 100000,1000000]`: generates synthetic contacts, times
 //!   a first full sync and a nightly rerun, and prints records/s and peak memory.
 

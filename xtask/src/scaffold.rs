@@ -1,12 +1,24 @@
-//! `cargo xtask new-connector NAME [--sandbox]`: a connector crate (config, client,
-//! source, sink, a conformance test) and, with `--sandbox`, its sandbox crate on the
-//! sandbox kit, wired into the workspace and the binary. The result builds, passes
-//! clippy and its tests unchanged; `cargo xtask test` scaffolds one into a temporary
-//! copy of the workspace to prove it (`check_in_copy`), so the templates and
-//! `docs/writing-a-connector.md` cannot rot.
+//! `cargo xtask new-connector NAME [--sandbox] [--source-only | --sink-only] [--no-http]`:
+//! a connector crate (config, the platform's calls, source, sink, a conformance test)
+//! and, with `--sandbox`, its sandbox crate on the sandbox kit, wired into the binary.
+//!
+//! - An HTTP connector (the default) reaches its platform with `contactsync-http`; with
+//!   `--sandbox` its conformance test runs against the new sandbox, without it against
+//!   a test account named in the environment (an ignored test until one is given).
+//! - `--no-http` writes a connector for a platform reached otherwise (a folder, a local
+//!   database, a command): the placeholder platform is a folder of JSON people, and
+//!   its conformance test runs against a temporary folder.
+//! - `--source-only` registers no sink (and writes none); `--sink-only` registers no
+//!   source (its source module stays, unregistered, as the test's read-back).
+//!
+//! The result builds, passes clippy and its tests unchanged; `cargo xtask test`
+//! scaffolds every kind into a temporary copy of the workspace to prove it
+//! (`check_in_copy`), so the templates and `docs/writing-a-connector.md` cannot rot.
 //!
 //! The templates are under `xtask/templates/`, with `__name__` (`acme-crm`), `__Name__`
-//! (`AcmeCrm`), `__snake__` (`acme_crm`) and `__SNAKE__` (`ACME_CRM`) for the name.
+//! (`AcmeCrm`), `__snake__` (`acme_crm`) and `__SNAKE__` (`ACME_CRM`) for the name, and
+//! lines between `// @if FLAG` (or `// @if !FLAG`) and `// @end` kept only for a
+//! connector of that kind (`sink`, `source`).
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +27,7 @@ use anyhow::{bail, Context, Result};
 /// One template: where it goes (under the crate's folder) and its text.
 type Template = (&'static str, &'static str);
 
+/// An HTTP connector's files.
 const CONNECTOR: &[Template] = &[
     (
         "Cargo.toml",
@@ -37,7 +50,7 @@ const CONNECTOR: &[Template] = &[
         include_str!("../templates/connector/src/source.rs"),
     ),
     (
-        "src/sink.rs",
+        SINK_FILE,
         include_str!("../templates/connector/src/sink.rs"),
     ),
 ];
@@ -51,6 +64,41 @@ const CONFORMANCE_WITHOUT_SANDBOX: Template = (
     "tests/conformance.rs",
     include_str!("../templates/connector/tests/conformance_without_sandbox.rs"),
 );
+
+/// A `--no-http` connector's files.
+const LOCAL_CONNECTOR: &[Template] = &[
+    (
+        "Cargo.toml",
+        include_str!("../templates/connector-local/Cargo.toml"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../templates/connector-local/src/lib.rs"),
+    ),
+    (
+        "src/config.rs",
+        include_str!("../templates/connector-local/src/config.rs"),
+    ),
+    (
+        "src/folder.rs",
+        include_str!("../templates/connector-local/src/folder.rs"),
+    ),
+    (
+        "src/source.rs",
+        include_str!("../templates/connector-local/src/source.rs"),
+    ),
+    (
+        SINK_FILE,
+        include_str!("../templates/connector-local/src/sink.rs"),
+    ),
+    (
+        "tests/conformance.rs",
+        include_str!("../templates/connector-local/tests/conformance.rs"),
+    ),
+];
+
+/// Left out of a `--source-only` connector.
+const SINK_FILE: &str = "src/sink.rs";
 
 const SANDBOX: &[Template] = &[
     (
@@ -107,8 +155,8 @@ impl Name {
         })
     }
 
-    fn fill(&self, template: &str, with_sandbox: bool) -> String {
-        let sandbox_dev = if with_sandbox {
+    fn fill(&self, template: &str, kind: &Kind) -> String {
+        let sandbox_dev = if kind.sandbox {
             format!(
                 "contactsync-sandbox-{0} = {{ path = \"../../sandboxes/{0}\" }}\n",
                 self.kebab
@@ -116,7 +164,7 @@ impl Name {
         } else {
             String::new()
         };
-        template
+        kind.select(template)
             .replace("__sandbox_dev_dependency__", &sandbox_dev)
             .replace("__name__", &self.kebab)
             .replace("__Name__", &self.camel)
@@ -125,28 +173,114 @@ impl Name {
     }
 }
 
-/// `cargo xtask new-connector NAME [--sandbox]`, in the workspace at `root`.
-pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut name = None;
-    let mut with_sandbox = false;
-    for arg in args {
-        match arg.as_str() {
-            "--sandbox" => with_sandbox = true,
-            flag if flag.starts_with('-') => {
-                bail!("unknown option {flag} (usage: cargo xtask new-connector NAME [--sandbox])")
-            }
-            given if name.is_none() => name = Some(given.to_string()),
-            extra => bail!("one name only, not also {extra:?}"),
+/// What kind of connector to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    /// It registers a source.
+    pub source: bool,
+    /// It registers a sink.
+    pub sink: bool,
+    /// It reaches its platform over HTTP (`contactsync-http`).
+    pub http: bool,
+    /// A sandbox crate comes with it (HTTP only).
+    pub sandbox: bool,
+}
+
+const USAGE: &str =
+    "usage: cargo xtask new-connector NAME [--sandbox] [--source-only | --sink-only] [--no-http]";
+
+impl Kind {
+    /// Reads the flags; refuses those that contradict each other.
+    pub fn parse(flags: &[&str]) -> Result<Kind> {
+        let has = |f: &str| flags.contains(&f);
+        if let Some(unknown) = flags
+            .iter()
+            .find(|f| !["--sandbox", "--source-only", "--sink-only", "--no-http"].contains(f))
+        {
+            bail!("unknown option {unknown} ({USAGE})");
+        }
+        if has("--source-only") && has("--sink-only") {
+            bail!("--source-only and --sink-only together make nothing: give one, or neither for both");
+        }
+        if has("--no-http") && has("--sandbox") {
+            bail!("a sandbox is an HTTP server: --sandbox goes with an HTTP connector, not with --no-http");
+        }
+        Ok(Kind {
+            source: !has("--sink-only"),
+            sink: !has("--source-only"),
+            http: !has("--no-http"),
+            sandbox: has("--sandbox"),
+        })
+    }
+
+    /// Whether a template's `// @if FLAG` holds for this kind.
+    fn holds(&self, flag: &str) -> bool {
+        match flag.strip_prefix('!') {
+            Some(flag) => !self.holds(flag),
+            None => match flag {
+                "source" => self.source,
+                "sink" => self.sink,
+                _ => false,
+            },
         }
     }
-    let Some(name) = name else {
-        bail!("usage: cargo xtask new-connector NAME [--sandbox]");
+
+    /// `template` with the lines of `// @if FLAG` … `// @end` blocks kept where the
+    /// flag holds, and the markers dropped.
+    fn select(&self, template: &str) -> String {
+        let mut keep = true;
+        let mut out = String::with_capacity(template.len());
+        for line in template.split_inclusive('\n') {
+            let marker = line.trim();
+            if let Some(flag) = marker.strip_prefix("// @if ") {
+                keep = self.holds(flag.trim());
+            } else if marker == "// @end" {
+                keep = true;
+            } else if keep {
+                out.push_str(line);
+            }
+        }
+        out
+    }
+
+    /// The connector's files.
+    fn templates(&self) -> Vec<&'static Template> {
+        let mut files: Vec<&Template> = if self.http {
+            let conformance = if self.sandbox {
+                &CONFORMANCE_WITH_SANDBOX
+            } else {
+                &CONFORMANCE_WITHOUT_SANDBOX
+            };
+            CONNECTOR
+                .iter()
+                .chain(std::iter::once(conformance))
+                .collect()
+        } else {
+            LOCAL_CONNECTOR.iter().collect()
+        };
+        if !self.sink {
+            files.retain(|(path, _)| *path != SINK_FILE);
+        }
+        files
+    }
+}
+
+/// `cargo xtask new-connector NAME [FLAGS]`, in the workspace at `root`.
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let (flags, names): (Vec<&str>, Vec<&str>) = args
+        .iter()
+        .map(String::as_str)
+        .partition(|a| a.starts_with('-'));
+    let name = match names.as_slice() {
+        [name] => name,
+        [] => bail!("{USAGE}"),
+        [_, extra, ..] => bail!("one name only, not also {extra:?}"),
     };
-    new_connector(root, &Name::parse(&name)?, with_sandbox)
+    new_connector(root, &Name::parse(name)?, Kind::parse(&flags)?)
 }
 
 /// Writes the crates and wires them in.
-pub fn new_connector(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
+pub fn new_connector(root: &Path, name: &Name, kind: Kind) -> Result<()> {
     let connector = root.join("connectors").join(&name.kebab);
     let sandbox = root.join("sandboxes").join(&name.kebab);
     for dir in [&connector, &sandbox] {
@@ -154,23 +288,17 @@ pub fn new_connector(root: &Path, name: &Name, with_sandbox: bool) -> Result<()>
             bail!("{} exists already: pick another name", dir.display());
         }
     }
-    let conformance = if with_sandbox {
-        CONFORMANCE_WITH_SANDBOX
-    } else {
-        CONFORMANCE_WITHOUT_SANDBOX
-    };
-    let connector_files = CONNECTOR.iter().chain(std::iter::once(&conformance));
-    write_all(&connector, connector_files, name, with_sandbox)?;
-    if with_sandbox {
-        write_all(&sandbox, SANDBOX.iter(), name, with_sandbox)?;
+    write_all(&connector, kind.templates().into_iter(), name, &kind)?;
+    if kind.sandbox {
+        write_all(&sandbox, SANDBOX.iter(), name, &kind)?;
     }
-    wire_in(root, name, with_sandbox)?;
+    wire_in(root, name, &kind)?;
     // The binary's crate too: its new `extern crate` lines are put in rustfmt's order.
     let mut packages = vec![
         "contactsync".to_string(),
         format!("contactsync-{}", name.kebab),
     ];
-    if with_sandbox {
+    if kind.sandbox {
         packages.push(format!("contactsync-sandbox-{}", name.kebab));
     }
     let mut fmt = vec!["fmt".to_string()];
@@ -181,9 +309,9 @@ pub fn new_connector(root: &Path, name: &Name, with_sandbox: bool) -> Result<()>
     crate::run(&crate::cargo(), &fmt, root)?;
     eprintln!(
         "xtask new-connector: wrote {}{}, and wired `{}` into crates/cli/Cargo.toml (a dependency and a feature) and README.md, with a docs/connectors/ page to fill in.\n\
-         Next: replace the placeholder protocol with the platform's (docs/writing-a-connector.md), then `cargo xtask test`.",
+         Next: replace the placeholder platform with the real one (docs/writing-a-connector.md), then `cargo xtask test`.",
         connector.display(),
-        if with_sandbox { format!(" and {}", sandbox.display()) } else { String::new() },
+        if kind.sandbox { format!(" and {}", sandbox.display()) } else { String::new() },
         name.kebab
     );
     Ok(())
@@ -193,7 +321,7 @@ fn write_all<'a>(
     dir: &Path,
     templates: impl Iterator<Item = &'a Template>,
     name: &Name,
-    with_sandbox: bool,
+    kind: &Kind,
 ) -> Result<()> {
     for (path, text) in templates {
         let target = dir.join(path);
@@ -201,7 +329,7 @@ fn write_all<'a>(
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::fs::write(&target, name.fill(text, with_sandbox))
+        std::fs::write(&target, name.fill(text, kind))
             .with_context(|| format!("writing {}", target.display()))?;
     }
     Ok(())
@@ -235,7 +363,7 @@ fn edit(path: &Path, change: impl FnOnce(&str) -> Result<String>) -> Result<()> 
 /// The lines outside the new crates, all in `crates/cli/Cargo.toml`: the connector's
 /// dependency and feature (in `connectors`), and the sandbox's (in `sandboxes`).
 /// `crates/cli/build.rs` links every enabled feature's crate.
-fn wire_in(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
+fn wire_in(root: &Path, name: &Name, kind: &Kind) -> Result<()> {
     let kebab = &name.kebab;
     edit(&root.join("crates/cli/Cargo.toml"), |text| {
         let mut text = insert_after(
@@ -253,7 +381,7 @@ fn wire_in(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
             "the `connectors` feature",
         )?;
         text = add_to_feature(&text, "connectors", kebab)?;
-        if with_sandbox {
+        if kind.sandbox {
             text = insert_after(
                 &text,
                 |l| l == "[dependencies]",
@@ -272,7 +400,7 @@ fn wire_in(root: &Path, name: &Name, with_sandbox: bool) -> Result<()> {
         }
         Ok(text)
     })?;
-    write_docs_page(root, name)
+    write_docs_page(root, name, kind)
 }
 
 /// Adds `item` to the one-line feature list `feature = [...]`.
@@ -306,7 +434,7 @@ fn add_to_feature(text: &str, feature: &str, item: &str) -> Result<String> {
 
 /// A `docs/connectors/NAME.md` that names every key the new connector takes (tidy
 /// checks it does), and the connector's row in README's table.
-fn write_docs_page(root: &Path, name: &Name) -> Result<()> {
+fn write_docs_page(root: &Path, name: &Name, kind: &Kind) -> Result<()> {
     let dir = root.join("connectors").join(&name.kebab);
     let keys = crate::tidy::config_keys(&dir)?;
     for registered in crate::tidy::registered_names(&dir)? {
@@ -328,7 +456,11 @@ fn write_docs_page(root: &Path, name: &Name) -> Result<()> {
             insert_after(
                 text,
                 |l| l.starts_with("| `") && l.contains("| yes |"),
-                &format!("| `{registered}` | yes | yes | written by `cargo xtask new-connector` |"),
+                &format!(
+                    "| `{registered}` | {} | {} | written by `cargo xtask new-connector` |",
+                    yes_no(kind.source),
+                    yes_no(kind.sink)
+                ),
                 "README's connector table",
             )
         })?;
@@ -336,27 +468,58 @@ fn write_docs_page(root: &Path, name: &Name) -> Result<()> {
     Ok(())
 }
 
+fn yes_no(yes: bool) -> &'static str {
+    if yes {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The kinds `cargo xtask test` scaffolds, each under its own name in one copy.
+const CHECKED_KINDS: &[(&str, &[&str])] = &[
+    ("demo", &["--sandbox"]),
+    ("demo-http", &["--sink-only"]),
+    ("demo-local", &["--source-only", "--no-http"]),
+    ("demo-folder", &["--sink-only", "--no-http"]),
+];
+
 /// What `cargo xtask test` does with the scaffold: a temporary copy of the workspace
-/// (its tracked and unignored files), `new-connector demo --sandbox` in it, then
-/// format, clippy, the new crates' tests, the binary's build and the tidy checks there.
+/// (its tracked and unignored files), `new-connector` of every kind in
+/// [`CHECKED_KINDS`] in it (together touching at most two existing files), then format,
+/// clippy and the new crates' tests (an ignored test is compiled, not run), the
+/// binary's build, its `contactsync connectors` listing each new one as what it is,
+/// and the tidy checks.
 pub fn check_in_copy(root: &Path) -> Result<()> {
     let copy = tempfile::Builder::new()
         .prefix("contactsync-scaffold-")
         .tempdir()
         .context("creating a temporary directory")?;
     let files = copy_workspace(root, copy.path())?;
-    let name = Name::parse("demo")?;
-    new_connector(copy.path(), &name, true)?;
-    // A new connector touches at most two existing files.
-    let touched: Vec<&PathBuf> = files
-        .iter()
-        .filter(|f| std::fs::read(root.join(f)).ok() != std::fs::read(copy.path().join(f)).ok())
-        .collect();
-    if touched.len() > 2 {
-        bail!(
-            "new-connector touched {} existing files, at most 2 allowed: {touched:?}",
-            touched.len()
-        );
+    let mut packages: Vec<String> = Vec::new();
+    let mut kinds = Vec::new();
+    for (name, flags) in CHECKED_KINDS {
+        let name = Name::parse(name)?;
+        let kind = Kind::parse(flags)?;
+        new_connector(copy.path(), &name, kind)?;
+        packages.push(format!("contactsync-{}", name.kebab));
+        if kind.sandbox {
+            packages.push(format!("contactsync-sandbox-{}", name.kebab));
+        }
+        // A new connector touches at most two existing files (all of them the same two).
+        let touched: Vec<&PathBuf> = files
+            .iter()
+            .filter(|f| std::fs::read(root.join(f)).ok() != std::fs::read(copy.path().join(f)).ok())
+            .collect();
+        if touched.len() > 2 {
+            bail!(
+                "new-connector {} {} touched {} existing files, at most 2 allowed: {touched:?}",
+                name.kebab,
+                flags.join(" "),
+                touched.len()
+            );
+        }
+        kinds.push((name, kind));
     }
     let cargo = crate::cargo();
     // A target directory of its own, kept between runs, so that only the copy's
@@ -379,25 +542,18 @@ pub fn check_in_copy(root: &Path) -> Result<()> {
         }
         Ok(())
     };
+    let mut selected: Vec<&str> = Vec::new();
+    for package in &packages {
+        selected.extend(["-p", package.as_str()]);
+    }
     in_copy(&["fmt", "--all", "--", "--check"])?;
-    in_copy(&[
-        "clippy",
-        "-p",
-        "contactsync-demo",
-        "-p",
-        "contactsync-sandbox-demo",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    in_copy(&[
-        "test",
-        "-p",
-        "contactsync-demo",
-        "-p",
-        "contactsync-sandbox-demo",
-    ])?;
+    let mut clippy = vec!["clippy"];
+    clippy.extend(&selected);
+    clippy.extend(["--all-targets", "--", "-D", "warnings"]);
+    in_copy(&clippy)?;
+    let mut test = vec!["test"];
+    test.extend(&selected);
+    in_copy(&test)?;
     in_copy(&["build", "-p", "contactsync"])?;
     let listed =
         std::process::Command::new(std::path::Path::new(&target).join("debug/contactsync"))
@@ -405,12 +561,47 @@ pub fn check_in_copy(root: &Path) -> Result<()> {
             .output()
             .context("running the copy's `contactsync connectors`")?;
     let listed = String::from_utf8_lossy(&listed.stdout);
-    if !listed.lines().any(|l| l.trim_start().starts_with("demo ")) {
-        bail!("the copy's `contactsync connectors` does not list `demo`:\n{listed}");
+    for (name, kind) in &kinds {
+        let (as_source, as_sink) = listed_as(&listed, &name.kebab);
+        if (as_source, as_sink) != (kind.source, kind.sink) {
+            bail!(
+                "the copy's `contactsync connectors` lists `{}` as a source: {as_source}, a sink: {as_sink}; it should be {}, {}:\n{listed}",
+                name.kebab,
+                kind.source,
+                kind.sink
+            );
+        }
     }
     crate::tidy::run(copy.path()).context("the scaffold breaks a tidy rule")?;
-    eprintln!("xtask test: `new-connector demo --sandbox` builds, passes clippy and its tests");
+    eprintln!(
+        "xtask test: new-connector of every kind ({}) builds, passes clippy and its tests",
+        CHECKED_KINDS
+            .iter()
+            .map(|(name, flags)| format!("{name} {}", flags.join(" ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     Ok(())
+}
+
+/// Whether `contactsync connectors` lists `name` under `sources:` and under `sinks:`.
+fn listed_as(listing: &str, name: &str) -> (bool, bool) {
+    let mut section = "";
+    let (mut source, mut sink) = (false, false);
+    for line in listing.lines() {
+        if !line.starts_with(' ') {
+            section = line.split(' ').next().unwrap_or("");
+            continue;
+        }
+        if line.split_whitespace().next() == Some(name) {
+            match section {
+                "sources:" => source = true,
+                "sinks:" => sink = true,
+                _ => {}
+            }
+        }
+    }
+    (source, sink)
 }
 
 /// Copies the files git would put in a clean clone (tracked, and new files not ignored),
@@ -464,6 +655,37 @@ mod tests {
         for bad in ["Acme", "1acme", "acme-", "ac--me", "acme_crm", ""] {
             assert!(Name::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn kinds_keep_their_own_lines_and_contradictions_are_refused() {
+        let template = "a\n// @if sink\nsink\n// @end\n// @if !source\nreadback\n// @end\nz\n";
+        let sink_only = Kind::parse(&["--sink-only"]).expect("a kind");
+        assert_eq!(sink_only.select(template), "a\nsink\nreadback\nz\n");
+        let both = Kind::parse(&[]).expect("a kind");
+        assert_eq!(both.select(template), "a\nsink\nz\n");
+        let source_only = Kind::parse(&["--source-only", "--no-http"]).expect("a kind");
+        assert_eq!(source_only.select(template), "a\nz\n");
+        assert!(!source_only
+            .templates()
+            .iter()
+            .any(|(path, _)| *path == SINK_FILE));
+        for bad in [
+            &["--source-only", "--sink-only"][..],
+            &["--no-http", "--sandbox"],
+            &["--sandbx"],
+        ] {
+            assert!(Kind::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_listing_says_what_each_connector_is() {
+        let listing =
+            "sources:\n  csv   reads\n  demo-local  x\nsinks:\n  csv   keeps\nsandboxes (…): a\n";
+        assert_eq!(listed_as(listing, "csv"), (true, true));
+        assert_eq!(listed_as(listing, "demo-local"), (true, false));
+        assert_eq!(listed_as(listing, "demo"), (false, false));
     }
 
     #[test]

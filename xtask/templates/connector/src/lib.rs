@@ -1,10 +1,19 @@
 //! __Name__ source and sink.
 //!
+// @if sink
 //! - [`__Name__Sink`] (`type = "__name__"` under `[sinks.…]`) writes each change as one
 //!   call: `PUT /people/{key}` (an upsert, so that a change sent twice does no harm)
 //!   or `DELETE /people/{key}`.
+// @end
+// @if source
 //! - [`__Name__Source`] (`type = "__name__"` under `[sources.…]`) reads `GET /people`,
 //!   page by page.
+// @end
+// @if !source
+//! - [`__Name__Source`] reads `GET /people` back; it is not registered as a source (the
+//!   connector is a sink only): the conformance test reads back what the sink wrote
+//!   with it. Register it with a `SourceFactory` to make the connector a source too.
+// @end
 //!
 //! Written by `cargo xtask new-connector`: the calls are a placeholder protocol (JSON
 //! people under `/people`). Replace them with the platform's, from its documents (copy
@@ -15,26 +24,25 @@
 
 pub mod client;
 pub mod config;
+// @if sink
 pub mod sink;
+// @end
 pub mod source;
 
-pub use config::{SinkConfig, SourceConfig};
+// @if sink
+pub use config::SinkConfig;
 pub use sink::__Name__Sink;
+// @end
+pub use config::SourceConfig;
 pub use source::__Name__Source;
 
-use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory, Source, SourceFactory};
+// @if sink
+use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory};
 
 fn build_sink(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
     let config = SinkConfig::from_settings(settings)?;
     let sink = __Name__Sink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
     Ok(Box::new(sink))
-}
-
-fn build_source(settings: &ConnectorSettings) -> Result<Box<dyn Source>, ConfigError> {
-    let config = SourceConfig::from_settings(settings)?;
-    let source =
-        __Name__Source::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(source))
 }
 
 contactsync_core::inventory::submit! {
@@ -44,6 +52,18 @@ contactsync_core::inventory::submit! {
         build: build_sink,
     }
 }
+// @end
+// @if source
+use contactsync_core::{Source, SourceFactory};
+
+fn build_source(
+    settings: &contactsync_core::ConnectorSettings,
+) -> Result<Box<dyn Source>, contactsync_core::ConfigError> {
+    let config = SourceConfig::from_settings(settings)?;
+    let source =
+        __Name__Source::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
+    Ok(Box::new(source))
+}
 
 contactsync_core::inventory::submit! {
     SourceFactory {
@@ -52,3 +72,4 @@ contactsync_core::inventory::submit! {
         build: build_source,
     }
 }
+// @end

@@ -1,10 +1,15 @@
 //! The testkit's conformance suites, against the __Name__ sandbox over HTTP.
 
-use contactsync___snake__::{__Name__Sink, __Name__Source, SinkConfig, SourceConfig};
 use contactsync___snake__::client::__Name__Client;
-use contactsync_core::{ConnectorSettings, Contact, ContactKey};
+// @if sink
+use contactsync___snake__::{SinkConfig, __Name__Sink};
+use contactsync_core::Contact;
+use contactsync_testkit::SinkConformance;
+// @end
+use contactsync___snake__::{SourceConfig, __Name__Source};
+use contactsync_core::{ConnectorSettings, ContactKey};
 use contactsync_sandbox___snake__::{Running__Name__, SandboxConfig, __Name__Sandbox};
-use contactsync_testkit::{sample_contacts, source_conformance, SinkConformance};
+use contactsync_testkit::{sample_contacts, source_conformance};
 
 async fn sandbox() -> Running__Name__ {
     __Name__Sandbox::start(SandboxConfig::default())
@@ -28,6 +33,7 @@ fn source(sb: &Running__Name__) -> __Name__Source {
     __Name__Source::new(SourceConfig::from_settings(&settings(sb)).expect("config")).expect("source")
 }
 
+// @if sink
 fn sink(sb: &Running__Name__) -> __Name__Sink {
     __Name__Sink::new(SinkConfig::from_settings(&settings(sb)).expect("config")).expect("sink")
 }
@@ -45,6 +51,7 @@ async fn the_sink_passes_the_conformance_suite() {
         .await
         .expect("sink conformance");
 }
+// @end
 
 #[tokio::test]
 async fn the_source_passes_the_conformance_suite() {
