@@ -21,7 +21,7 @@ pub use contactsync_state as state;
 
 pub use preview::{preview, PreviewOutcome, PreviewRecord};
 pub use report::{
-    ChangeCounts, GuardVerdict, PlanError, PlannedChange, RejectStage, RejectionSummary,
+    ChangeCounts, GuardVerdict, PlanError, PlannedChange, RejectStage, Rejection, RejectionSummary,
     RejectsWriter, RunReport, RunStatus,
 };
 pub use run::{run, Phase, Pipeline, RunObserver, RunOptions, SilentObserver};

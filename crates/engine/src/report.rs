@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use contactsync_core::{Change, ChangeKind, ContactKey, FieldChange, Origin, RecordError};
+use contactsync_core::{Change, ChangeKind, Contact, ContactKey, FieldChange, Origin, RecordError};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::SyncMode;
@@ -400,6 +400,48 @@ pub struct RejectsError {
     source: csv::Error,
 }
 
+/// A record that cannot be synced, on its way to the rejects file.
+pub struct Rejection<'a> {
+    /// Where it was refused.
+    pub stage: RejectStage,
+    /// Where it was read.
+    pub origin: &'a Origin,
+    /// Its key, when known.
+    pub key: Option<&'a ContactKey>,
+    /// Its email, when known.
+    pub email: Option<&'a str>,
+    /// The field at fault, when known.
+    pub field: Option<&'a str>,
+    /// Why.
+    pub reason: String,
+    /// The record as the engine saw it, written as JSON…
+    pub contact: Option<&'a Contact>,
+    /// …or as the source read it, when it could not be mapped.
+    pub raw: Option<&'a str>,
+}
+
+impl<'a> Rejection<'a> {
+    /// A record the engine refuses while diffing, at the field `field`.
+    pub fn of_record(
+        origin: &'a Origin,
+        contact: &'a Contact,
+        key: Option<&'a ContactKey>,
+        field: &'a str,
+        reason: String,
+    ) -> Self {
+        Rejection {
+            stage: RejectStage::Validation,
+            origin,
+            key,
+            email: contact.email.as_deref(),
+            field: Some(field),
+            reason,
+            contact: Some(contact),
+            raw: None,
+        }
+    }
+}
+
 /// Writes rejected records, one CSV row each: `stage,source,line,key,email,field,reason,record`.
 pub struct RejectsWriter {
     writer: Option<(csv::Writer<std::fs::File>, PathBuf)>,
@@ -434,35 +476,32 @@ impl RejectsWriter {
     }
 
     /// Writes one rejected record; also logs it, so nothing is silent without a file.
-    #[allow(clippy::too_many_arguments)]
-    pub fn write(
-        &mut self,
-        stage: RejectStage,
-        origin: &Origin,
-        key: Option<&ContactKey>,
-        email: Option<&str>,
-        field: Option<&str>,
-        reason: &str,
-        record: Option<&str>,
-    ) -> Result<(), RejectsError> {
+    pub fn write(&mut self, rejection: &Rejection<'_>) -> Result<(), RejectsError> {
+        let key = rejection.key.map(|k| k.to_string()).unwrap_or_default();
         tracing::warn!(
-            stage = stage.as_str(),
-            origin = %origin,
-            key = key.map(|k| k.to_string()).unwrap_or_default(),
-            field = field.unwrap_or_default(),
-            "rejected: {reason}"
+            stage = rejection.stage.as_str(),
+            origin = %rejection.origin,
+            key,
+            field = rejection.field.unwrap_or_default(),
+            "rejected: {}",
+            rejection.reason
         );
         if let Some((w, path)) = self.writer.as_mut() {
-            let key = key.map(|k| k.to_string()).unwrap_or_default();
+            let record = match rejection.raw {
+                Some(raw) => Some(raw.to_string()),
+                None => rejection
+                    .contact
+                    .and_then(|c| serde_json::to_string(c).ok()),
+            };
             w.write_record([
-                stage.as_str(),
-                &origin.location(),
-                &origin.position(),
+                rejection.stage.as_str(),
+                &rejection.origin.location(),
+                &rejection.origin.position(),
                 &key,
-                email.unwrap_or_default(),
-                field.unwrap_or_default(),
-                reason,
-                record.unwrap_or_default(),
+                rejection.email.unwrap_or_default(),
+                rejection.field.unwrap_or_default(),
+                &rejection.reason,
+                record.as_deref().unwrap_or_default(),
             ])
             .map_err(|source| RejectsError {
                 path: path.clone(),
@@ -478,15 +517,16 @@ impl RejectsWriter {
         stage: RejectStage,
         error: &RecordError,
     ) -> Result<(), RejectsError> {
-        self.write(
+        self.write(&Rejection {
             stage,
-            &error.origin,
-            error.key.as_ref(),
-            None,
-            error.field.as_deref(),
-            &error.reason,
-            error.raw.as_deref(),
-        )
+            origin: &error.origin,
+            key: error.key.as_ref(),
+            email: None,
+            field: error.field.as_deref(),
+            reason: error.reason.clone(),
+            contact: None,
+            raw: error.raw.as_deref(),
+        })
     }
 
     /// Flushes the file.

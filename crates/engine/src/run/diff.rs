@@ -6,104 +6,23 @@ impl<'r> Run<'r> {
     /// Diffs one record read from the source, after the stage that mapped and shaped it.
     pub(super) fn diff_record(&mut self, diff: &mut Diff, staged: Staged) -> Result<(), RunError> {
         let rule = self.pipeline.settings.key;
-        let (
+        let Some((
             SourceRecord {
                 contact,
                 origin,
                 deleted,
             },
             prepared,
-        ) = match staged {
-            Staged::Ready(record, prepared) => (record, prepared),
-            Staged::Rejected(_) => return Ok(()),
-            Staged::Unmapped {
-                record,
-                field,
-                reason,
-            } => return self.reject_seen(diff, &record.origin, &record.contact, &field, reason),
-            Staged::Out(contact) => {
-                self.report.out_of_scope += 1;
-                // Kept: seen, so not removed. Removed: left unseen, so the sweep
-                // removes whoever was synced (through the guard).
-                if self.pipeline.settings.out_of_scope == OutOfScope::Keep {
-                    if let Some(key) = trusted_key(&contact, rule) {
-                        diff.index.mark(key.hash64());
-                    }
-                }
-                return Ok(());
-            }
-            Staged::ScopeError {
-                origin,
-                contact,
-                reason,
-            } => {
-                let reason = format!("where: {reason}");
-                return self.reject_seen(diff, &origin, &contact, "where", reason);
-            }
-            Staged::MapError { origin, failure } => {
-                let FieldFailure {
-                    contact,
-                    field,
-                    reason,
-                } = *failure;
-                let reason = format!("map: {reason}");
-                return self.reject_seen(diff, &origin, &contact, &field, reason);
-            }
+        )) = self.ready(diff, staged)?
+        else {
+            return Ok(());
         };
         let Some(key_hash) = prepared.key_hash else {
             return self.reject_keyless(diff, &origin, &contact);
         };
-        if !deleted && !prepared.email_valid {
-            let trusted = trusted_key(&contact, rule);
-            self.seen_rejected(diff, trusted.as_ref());
-            let email = contact.email.as_deref().unwrap_or_default();
-            let reason = format!("not a valid email address: {email:?}");
-            return self.reject(Rejection::of_record(
-                &origin,
-                &contact,
-                contact.key(rule).as_ref(),
-                "email",
-                reason,
-            ));
-        }
-        let seen = diff.index.mark(key_hash);
-        if seen == Seen::Duplicate {
-            let Some(key) = contact.key(rule) else {
-                return self.reject_keyless(diff, &origin, &contact);
-            };
-            let reason = format!(
-                "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
-            );
-            return self.reject(Rejection::of_record(
-                &origin,
-                &contact,
-                Some(&key),
-                key_field(&key),
-                reason,
-            ));
-        }
-        if let (Some(emails), Some(email), false) =
-            (diff.emails.as_mut(), contact.email.as_deref(), deleted)
-        {
-            if let Some((_, first_line)) = emails.hold(email, key_hash, origin_line(&origin)) {
-                let earlier = if first_line > 0 {
-                    format!("the record on line {first_line}")
-                } else {
-                    "an earlier record of this read".to_string()
-                };
-                let reason = format!(
-                    "duplicate email {email}: {earlier} has it under another key, and the sink finds people by email, \
-                     so this record would overwrite that person; the first one wins. Give each person their own address"
-                );
-                return self.reject(Rejection::of_record(
-                    &origin,
-                    &contact,
-                    contact.key(rule).as_ref(),
-                    "email",
-                    reason,
-                ));
-            }
-        }
+        let Some(seen) = self.screen(diff, &origin, &contact, deleted, &prepared, key_hash)? else {
+            return Ok(());
+        };
         // Most people read are unchanged: they are settled by their hashes alone, and
         // their key is never built.
         if let (Seen::Synced(synced_hash), false, false) = (seen, deleted, diff.resend_all) {
@@ -131,34 +50,10 @@ impl<'r> Run<'r> {
                 },
                 Some(key_hash),
             ),
-            Seen::New => {
-                let contact = match self.pipeline.shaping.clone() {
-                    Some(shaping) => match shaping.on_create(contact) {
-                        Ok(contact) => contact,
-                        Err(failure) => {
-                            let FieldFailure {
-                                contact,
-                                field,
-                                reason,
-                            } = *failure;
-                            return self.reject(Rejection::of_record(
-                                &origin,
-                                &contact,
-                                Some(&key),
-                                &field,
-                                format!("on_create: {reason}"),
-                            ));
-                        }
-                    },
-                    None => contact,
-                };
-                let change = Change::Create {
-                    key,
-                    contact,
-                    origin,
-                };
-                (change, None)
-            }
+            Seen::New => match self.create(key, contact, origin)? {
+                Some(change) => (change, None),
+                None => return Ok(()),
+            },
             Seen::Synced(_) => (
                 Change::Update {
                     previous: SyncedEntry::default(),
@@ -170,6 +65,161 @@ impl<'r> Run<'r> {
             ),
         };
         self.wait(diff, change, lookup)
+    }
+
+    /// The record and what the stage prepared of it, when the stage made it ready;
+    /// else the stage's verdict is taken (rejected, out of scope) and `None` returned.
+    fn ready(
+        &mut self,
+        diff: &mut Diff,
+        staged: Staged,
+    ) -> Result<Option<(SourceRecord, Prepared)>, RunError> {
+        match staged {
+            Staged::Ready(record, prepared) => return Ok(Some((record, prepared))),
+            Staged::Rejected(_) => {}
+            Staged::Unmapped {
+                record,
+                field,
+                reason,
+            } => self.reject_seen(diff, &record.origin, &record.contact, &field, reason)?,
+            Staged::Out(contact) => {
+                self.report.out_of_scope += 1;
+                // Kept: seen, so not removed. Removed: left unseen, so the sweep
+                // removes whoever was synced (through the guard).
+                if self.pipeline.settings.out_of_scope == OutOfScope::Keep {
+                    if let Some(key) = trusted_key(&contact, self.pipeline.settings.key) {
+                        diff.index.mark(key.hash64());
+                    }
+                }
+            }
+            Staged::ScopeError {
+                origin,
+                contact,
+                reason,
+            } => {
+                let reason = format!("where: {reason}");
+                self.reject_seen(diff, &origin, &contact, "where", reason)?;
+            }
+            Staged::MapError { origin, failure } => {
+                let FieldFailure {
+                    contact,
+                    field,
+                    reason,
+                } = *failure;
+                let reason = format!("map: {reason}");
+                self.reject_seen(diff, &origin, &contact, &field, reason)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Marks the record seen and refuses what cannot be sent: an invalid email, a key
+    /// read twice, an address another key of this read holds (for a sink that finds
+    /// people by email). Returns how the index had the key, or `None` when refused.
+    fn screen(
+        &mut self,
+        diff: &mut Diff,
+        origin: &Origin,
+        contact: &Contact,
+        deleted: bool,
+        prepared: &Prepared,
+        key_hash: u64,
+    ) -> Result<Option<Seen>, RunError> {
+        let rule = self.pipeline.settings.key;
+        if !deleted && !prepared.email_valid {
+            let trusted = trusted_key(contact, rule);
+            self.seen_rejected(diff, trusted.as_ref());
+            let email = contact.email.as_deref().unwrap_or_default();
+            let reason = format!("not a valid email address: {email:?}");
+            let key = contact.key(rule);
+            self.reject(Rejection::of_record(
+                origin,
+                contact,
+                key.as_ref(),
+                "email",
+                reason,
+            ))?;
+            return Ok(None);
+        }
+        let seen = diff.index.mark(key_hash);
+        if seen == Seen::Duplicate {
+            let Some(key) = contact.key(rule) else {
+                self.reject_keyless(diff, origin, contact)?;
+                return Ok(None);
+            };
+            let reason = format!(
+                "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
+            );
+            self.reject(Rejection::of_record(
+                origin,
+                contact,
+                Some(&key),
+                key_field(&key),
+                reason,
+            ))?;
+            return Ok(None);
+        }
+        if let (Some(emails), Some(email), false) =
+            (diff.emails.as_mut(), contact.email.as_deref(), deleted)
+        {
+            if let Some((_, first_line)) = emails.hold(email, key_hash, origin_line(origin)) {
+                let earlier = if first_line > 0 {
+                    format!("the record on line {first_line}")
+                } else {
+                    "an earlier record of this read".to_string()
+                };
+                let reason = format!(
+                    "duplicate email {email}: {earlier} has it under another key, and the sink finds people by email, \
+                     so this record would overwrite that person; the first one wins. Give each person their own address"
+                );
+                let key = contact.key(rule);
+                self.reject(Rejection::of_record(
+                    origin,
+                    contact,
+                    key.as_ref(),
+                    "email",
+                    reason,
+                ))?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(seen))
+    }
+
+    /// The create of a person new to the sink, shaped by the pipeline's `on_create`;
+    /// `None` when shaping refused it (rejected).
+    fn create(
+        &mut self,
+        key: ContactKey,
+        contact: Contact,
+        origin: Origin,
+    ) -> Result<Option<Change>, RunError> {
+        let contact = match self.pipeline.shaping.clone() {
+            Some(shaping) => match shaping.on_create(contact) {
+                Ok(contact) => contact,
+                Err(failure) => {
+                    let FieldFailure {
+                        contact,
+                        field,
+                        reason,
+                    } = *failure;
+                    self.reject(Rejection::of_record(
+                        &origin,
+                        &contact,
+                        Some(&key),
+                        &field,
+                        format!("on_create: {reason}"),
+                    ))?;
+                    return Ok(None);
+                }
+            },
+            None => contact,
+        };
+        Ok(Some(Change::Create {
+            key,
+            contact,
+            origin,
+        }))
     }
 
     /// Plans `change` once the state's row of the person it changes (`lookup`, their
@@ -381,21 +431,7 @@ impl<'r> Run<'r> {
                 reason: rejection.reason.clone(),
             });
         }
-        let record = match rejection.raw {
-            Some(raw) => Some(raw.to_string()),
-            None => rejection
-                .contact
-                .and_then(|c| serde_json::to_string(c).ok()),
-        };
-        self.rejects.write(
-            rejection.stage,
-            rejection.origin,
-            rejection.key,
-            rejection.email,
-            rejection.field,
-            &rejection.reason,
-            record.as_deref(),
-        )?;
+        self.rejects.write(&rejection)?;
         Ok(())
     }
 

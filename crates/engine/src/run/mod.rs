@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::addresses::AddressBook;
 use crate::index::{ContactIndex, Seen};
 use crate::report::{
-    ChangeCounts, GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage,
+    ChangeCounts, GuardVerdict, PlanError, PlanWriter, PlannedChange, RejectStage, Rejection,
     RejectionSummary, RejectsWriter, RunReport, RunStatus,
 };
 use crate::settings::{FieldMapping, OutOfScope, PipelineSettings};
@@ -243,42 +243,6 @@ struct Run<'r> {
     /// Changes a sink durable at its finish took, not yet made durable: counted in the
     /// report only once its finish succeeds.
     awaiting_finish: ChangeCounts,
-}
-
-/// A record that cannot be synced, on its way to the rejects file.
-struct Rejection<'a> {
-    stage: RejectStage,
-    origin: &'a Origin,
-    key: Option<&'a ContactKey>,
-    email: Option<&'a str>,
-    field: Option<&'a str>,
-    reason: String,
-    /// The record as the engine saw it, written as JSON…
-    contact: Option<&'a Contact>,
-    /// …or as the source read it, when it could not be mapped.
-    raw: Option<&'a str>,
-}
-
-impl<'a> Rejection<'a> {
-    /// A record the engine refuses while diffing, at the field `field`.
-    fn of_record(
-        origin: &'a Origin,
-        contact: &'a Contact,
-        key: Option<&'a ContactKey>,
-        field: &'a str,
-        reason: String,
-    ) -> Self {
-        Rejection {
-            stage: RejectStage::Validation,
-            origin,
-            key,
-            email: contact.email.as_deref(),
-            field: Some(field),
-            reason,
-            contact: Some(contact),
-            raw: None,
-        }
-    }
 }
 
 /// What the read and diff produced: the change set, spooled, and how the read ended.

@@ -67,53 +67,8 @@ impl<'r> Run<'r> {
                 synced.push((key_hash, content_hash))
             })?;
         let index = ContactIndex::of_synced(synced);
-        // Does the sink still hold what the state says? If not, everyone is sent again.
-        let integrity = {
-            let population = index.population();
-            let mut lent = self.lend();
-            sink.verify(population, &mut lent.context())
-                .await
-                .map_err(RunError::Sink)?
-        };
-        let resend_all = match integrity {
-            SinkIntegrity::Intact => false,
-            SinkIntegrity::Rebuild { reason } => {
-                tracing::warn!("{reason}: everyone is sent again and the sink is rebuilt");
-                self.report.rebuilt = Some(reason);
-                true
-            }
-            SinkIntegrity::Foreign { reason } => {
-                tracing::warn!(
-                    "{reason}: removals cannot be detected for people synced before this state existed; they are kept"
-                );
-                self.report.foreign = Some(reason);
-                false
-            }
-        };
-        // Which read: full when asked, when the source cannot do better, when there is
-        // no cursor yet, when `full_every` (the pipeline's, else the source's) says it is
-        // time, or when the
-        // sink is rebuilt from this read.
-        let cursor = self.state.cursor(&self.pipeline.name)?;
-        let full_every = settings
-            .full_every
-            .or(source.capabilities().full_every)
-            .filter(|&n| n > 0);
-        let full_due = match (full_every, last_full) {
-            (Some(n), Some(last)) => self.report.run - last >= i64::from(n),
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        let read_mode = if self.options.full
-            || resend_all
-            || !source.capabilities().incremental
-            || cursor.is_none()
-            || full_due
-        {
-            ReadMode::Full
-        } else {
-            ReadMode::Incremental { cursor }
-        };
+        let resend_all = self.sink_integrity(sink, index.population()).await?;
+        let read_mode = self.read_mode(source, last_full, resend_all)?;
         tracing::info!(pipeline = %self.pipeline.name, mode = ?read_mode, "reading");
 
         let spool_dir = self.options.spool_dir.as_deref();
@@ -172,30 +127,7 @@ impl<'r> Run<'r> {
                 self.observer.advance(4096);
             }
             match item {
-                Staged::Rejected(error) => {
-                    let key = error
-                        .partial
-                        .as_deref()
-                        .and_then(|partial| {
-                            let mut partial = partial.clone();
-                            // The key may come from a mapped field; a mapping error only
-                            // means the key is taken from the fields as read.
-                            let _ = diff.mapping.apply(&mut partial);
-                            trusted_key(&partial, settings.key)
-                        })
-                        .or_else(|| error.key.clone().filter(|k| rule_allows(settings.key, k)));
-                    self.seen_rejected(&mut diff, key.as_ref());
-                    self.reject(Rejection {
-                        stage: RejectStage::Source,
-                        origin: &error.origin,
-                        key: key.as_ref().or(error.key.as_ref()),
-                        email: error.partial.as_ref().and_then(|c| c.email.as_deref()),
-                        field: error.field.as_deref(),
-                        reason: error.reason.clone(),
-                        contact: None,
-                        raw: error.raw.as_deref(),
-                    })?;
-                }
+                Staged::Rejected(error) => self.source_rejected(&mut diff, &error)?,
                 staged => self.diff_record(&mut diff, staged)?,
             }
         }
@@ -215,5 +147,98 @@ impl<'r> Run<'r> {
         self.report.removed = plan.removals;
         self.report.sample = diff.samples.into_changes();
         Ok(diff.changes)
+    }
+
+    /// Whether the sink still holds what the state says (`false`), or everyone is sent
+    /// again to rebuild it (`true`).
+    async fn sink_integrity(
+        &mut self,
+        sink: &mut dyn Sink,
+        population: u64,
+    ) -> Result<bool, RunError> {
+        let integrity = {
+            let mut lent = self.lend();
+            sink.verify(population, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?
+        };
+        Ok(match integrity {
+            SinkIntegrity::Intact => false,
+            SinkIntegrity::Rebuild { reason } => {
+                tracing::warn!("{reason}: everyone is sent again and the sink is rebuilt");
+                self.report.rebuilt = Some(reason);
+                true
+            }
+            SinkIntegrity::Foreign { reason } => {
+                tracing::warn!(
+                    "{reason}: removals cannot be detected for people synced before this state existed; they are kept"
+                );
+                self.report.foreign = Some(reason);
+                false
+            }
+        })
+    }
+
+    /// Which read: full when asked, when the source cannot do better, when there is
+    /// no cursor yet, when `full_every` (the pipeline's, else the source's) says it is
+    /// time, or when the sink is rebuilt from this read.
+    fn read_mode(
+        &mut self,
+        source: &dyn Source,
+        last_full: Option<i64>,
+        resend_all: bool,
+    ) -> Result<ReadMode, RunError> {
+        let cursor = self.state.cursor(&self.pipeline.name)?;
+        let full_every = self
+            .pipeline
+            .settings
+            .full_every
+            .or(source.capabilities().full_every)
+            .filter(|&n| n > 0);
+        let full_due = match (full_every, last_full) {
+            (Some(n), Some(last)) => self.report.run - last >= i64::from(n),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        Ok(
+            if self.options.full
+                || resend_all
+                || !source.capabilities().incremental
+                || cursor.is_none()
+                || full_due
+            {
+                ReadMode::Full
+            } else {
+                ReadMode::Incremental { cursor }
+            },
+        )
+    }
+
+    /// A record the source could not read: rejected, and still seen when its key can
+    /// be trusted (from the fields it could read, under the pipeline's mapping).
+    fn source_rejected(&mut self, diff: &mut Diff, error: &RecordError) -> Result<(), RunError> {
+        let rule = self.pipeline.settings.key;
+        let key = error
+            .partial
+            .as_deref()
+            .and_then(|partial| {
+                let mut partial = partial.clone();
+                // The key may come from a mapped field; a mapping error only means the
+                // key is taken from the fields as read.
+                let _ = diff.mapping.apply(&mut partial);
+                trusted_key(&partial, rule)
+            })
+            .or_else(|| error.key.clone().filter(|k| rule_allows(rule, k)));
+        self.seen_rejected(diff, key.as_ref());
+        self.reject(Rejection {
+            stage: RejectStage::Source,
+            origin: &error.origin,
+            key: key.as_ref().or(error.key.as_ref()),
+            email: error.partial.as_ref().and_then(|c| c.email.as_deref()),
+            field: error.field.as_deref(),
+            reason: error.reason.clone(),
+            contact: None,
+            raw: error.raw.as_deref(),
+        })
     }
 }
