@@ -273,40 +273,9 @@ impl CsvSink {
             Some((reader, headers)) => (Some(reader), headers.unwrap_or_default()),
             None => (None, Vec::new()),
         };
-        let mut columns = format
-            .columns
-            .resolve(old_headers.iter().map(String::as_str))
-            .fields;
-        let mut headers = old_headers.clone();
-        for field in self.wanted_fields(&run.attributes) {
-            if !columns.contains(&Some(field.clone())) {
-                headers.push(format.columns.header_for(&field));
-                columns.push(Some(field));
-            }
-        }
-        let position = |wanted: &Field| columns.iter().position(|f| f.as_ref() == Some(wanted));
-        let (id_column, email_column, status_column) = (
-            position(&Field::ExternalId),
-            position(&Field::Email),
-            position(&Field::Status),
-        );
-
+        let layout = self.layout(old_headers, &run.attributes);
         let dir = self.directory();
-        std::fs::create_dir_all(&dir).map_err(|e| ConnectorError::io(&dir, e))?;
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        remove_leftover_temps(&dir, &file_name);
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{file_name}."))
-            .suffix(".tmp")
-            .permissions(mode.clone().unwrap_or_else(|| {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::Permissions::from_mode(0o666)
-            }))
-            .tempfile_in(&dir)
-            .map_err(|e| ConnectorError::io(&dir, e))?;
+        let temp = self.temp_file(&dir, mode.clone())?;
         let write_error = |e: csv::Error| csv_error(temp.path(), e);
         let mut writer = csv::WriterBuilder::new()
             .delimiter(format.delimiter)
@@ -319,7 +288,7 @@ impl CsvSink {
                     hasher: xxhash_rust::xxh3::Xxh3::new(),
                 },
             ));
-        writer.write_record(&headers).map_err(write_error)?;
+        writer.write_record(&layout.headers).map_err(write_error)?;
 
         let lookup = ChangeLookup {
             spool: &spool,
@@ -328,115 +297,28 @@ impl CsvSink {
         };
         // Offsets of the changes already written in place of an existing row.
         let mut consumed: HashSet<u64> = HashSet::new();
-        let mut row = csv::ByteRecord::new();
-        let mut out: Vec<Vec<u8>> = Vec::with_capacity(columns.len());
-        let (mut kept, mut replaced, mut removed) = (0u64, 0u64, 0u64);
+        let mut counts = MergeCounts::default();
         if let Some(reader) = reader.as_mut() {
-            while reader
-                .read_byte_record(&mut row)
-                .map_err(|e| csv_error(path, e))?
-            {
-                // Most rows are not changed: their keys' hashes miss the index, and the
-                // keys are never built.
-                let hit = if row_key_hashes(&row, id_column, email_column)
-                    .into_iter()
-                    .flatten()
-                    .any(|hash| run.index.contains_key(&hash))
-                {
-                    lookup.find(row_keys(&row, id_column, email_column))?
-                } else {
-                    None
-                };
-                // Rows of the old header's width get blanks for the new columns; a
-                // malformed row is copied as it was.
-                let width = if row.len() == old_headers.len() {
-                    columns.len()
-                } else {
-                    row.len()
-                };
-                let Some(Found {
-                    offset,
-                    change,
-                    superseded,
-                }) = hit
-                else {
-                    kept += 1;
-                    if width == row.len() {
-                        writer.write_byte_record(&row).map_err(write_error)?;
-                    } else {
-                        for field in row.iter() {
-                            writer.write_field(field).map_err(write_error)?;
-                        }
-                        for _ in row.len()..width {
-                            writer.write_field(b"").map_err(write_error)?;
-                        }
-                        writer.write_record(None::<&[u8]>).map_err(write_error)?;
-                    }
-                    continue;
-                };
-                consumed.extend(superseded);
-                if !consumed.insert(offset) {
-                    // A second row with the key of a change already written: a duplicate.
-                    replaced += 1;
-                    continue;
-                }
-                out.clear();
-                out.extend(row.iter().map(<[u8]>::to_vec));
-                out.resize(width, Vec::new());
-                match change.contact {
-                    Some(contact) => {
-                        render(&mut out, &columns, &contact);
-                        replaced += 1;
-                    }
-                    None => {
-                        removed += 1;
-                        match (self.config.removal, status_column) {
-                            (RemovalMode::Mark, Some(status)) if status < out.len() => {
-                                out[status] = ContactStatus::Inactive.as_str().as_bytes().to_vec();
-                            }
-                            _ => continue,
-                        }
-                    }
-                }
-                writer.write_record(&out).map_err(write_error)?;
-            }
+            self.merge_rows(
+                reader,
+                &mut writer,
+                &layout,
+                &lookup,
+                &mut consumed,
+                &mut counts,
+            )
+            .map_err(|e| e.at(path, temp.path()))?;
         }
-
-        // Changes of people not in the file: creates, and updates (an update is an
-        // upsert too). Removals of people not in the file have nothing to remove.
-        let mut appended = 0u64;
-        let mut offset = 0u64;
-        let mut body = Vec::new();
-        let mut frames = BufReader::with_capacity(1 << 20, &spool);
-        while offset < run.written {
-            let mut length = [0u8; 4];
-            frames.read_exact(&mut length).map_err(spool_error)?;
-            let length = u32::from_le_bytes(length) as usize;
-            let this = offset;
-            offset += 4 + length as u64;
-            if consumed.contains(&this) {
-                frames.seek_relative(length as i64).map_err(spool_error)?;
-                continue;
-            }
-            body.resize(length, 0);
-            frames.read_exact(&mut body).map_err(spool_error)?;
-            let change = unframe_change(&body)?;
-            if lookup.has_collisions(&change.key)
-                && lookup
-                    .latest(&change.key)?
-                    .is_some_and(|latest| latest.offset != this)
-            {
-                continue; // superseded by a later change of the same key
-            }
-            if let Some(contact) = change.contact {
-                out.clear();
-                out.resize(columns.len(), Vec::new());
-                render(&mut out, &columns, &contact);
-                writer.write_record(&out).map_err(write_error)?;
-                appended += 1;
-            }
-        }
-        drop(frames);
+        append_rest(
+            &spool,
+            run.written,
+            &consumed,
+            &lookup,
+            &mut writer,
+            &layout,
+            &mut counts,
+        )
+        .map_err(|e| e.at(path, temp.path()))?;
 
         let mut buffered = writer
             .into_inner()
@@ -462,6 +344,12 @@ impl CsvSink {
             .map_err(|e| ConnectorError::io(path, e.error))?;
         sync_directory(&dir);
         let meta = file.metadata().map_err(|e| ConnectorError::io(path, e))?;
+        let MergeCounts {
+            kept,
+            replaced,
+            removed,
+            appended,
+        } = counts;
         tracing::info!(
             file = %path.display(), kept, replaced, removed, appended,
             rebuilt = self.trust == FileTrust::Rebuild,
@@ -475,6 +363,147 @@ impl CsvSink {
             },
             kept,
         })
+    }
+
+    /// The columns of the file this run writes: the old header's, then one for each
+    /// field the run needs that it lacks.
+    fn layout(&self, old_headers: Vec<String>, attributes: &BTreeSet<String>) -> Layout {
+        let columns_config = &self.config.format.columns;
+        let mut columns = columns_config
+            .resolve(old_headers.iter().map(String::as_str))
+            .fields;
+        let old_width = old_headers.len();
+        let mut headers = old_headers;
+        for field in self.wanted_fields(attributes) {
+            if !columns.contains(&Some(field.clone())) {
+                headers.push(columns_config.header_for(&field));
+                columns.push(Some(field));
+            }
+        }
+        let position = |wanted: &Field| columns.iter().position(|f| f.as_ref() == Some(wanted));
+        Layout {
+            id_column: position(&Field::ExternalId),
+            email_column: position(&Field::Email),
+            status_column: position(&Field::Status),
+            headers,
+            columns,
+            old_width,
+        }
+    }
+
+    /// The temporary file beside the file, with `mode` (or the usual one), after
+    /// removing what a crashed run left.
+    fn temp_file(
+        &self,
+        dir: &Path,
+        mode: Option<std::fs::Permissions>,
+    ) -> Result<tempfile::NamedTempFile, ConnectorError> {
+        std::fs::create_dir_all(dir).map_err(|e| ConnectorError::io(dir, e))?;
+        let file_name = self
+            .config
+            .format
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        remove_leftover_temps(dir, &file_name);
+        tempfile::Builder::new()
+            .prefix(&format!(".{file_name}."))
+            .suffix(".tmp")
+            .permissions(mode.unwrap_or_else(|| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::Permissions::from_mode(0o666)
+            }))
+            .tempfile_in(dir)
+            .map_err(|e| ConnectorError::io(dir, e))
+    }
+
+    /// Copies the existing rows, each replaced by its person's change (or dropped, or
+    /// marked inactive, on a removal); records the changes used in `consumed`.
+    fn merge_rows(
+        &self,
+        reader: &mut csv::Reader<impl Read>,
+        writer: &mut RowWriter<'_>,
+        layout: &Layout,
+        lookup: &ChangeLookup<'_>,
+        consumed: &mut HashSet<u64>,
+        counts: &mut MergeCounts,
+    ) -> Result<(), MergeError> {
+        let mut row = csv::ByteRecord::new();
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(layout.columns.len());
+        while reader
+            .read_byte_record(&mut row)
+            .map_err(MergeError::Read)?
+        {
+            // Most rows are not changed: their keys' hashes miss the index, and the
+            // keys are never built.
+            let hit = if row_key_hashes(&row, layout.id_column, layout.email_column)
+                .into_iter()
+                .flatten()
+                .any(|hash| lookup.index.contains_key(&hash))
+            {
+                lookup
+                    .find(row_keys(&row, layout.id_column, layout.email_column))
+                    .map_err(MergeError::Spool)?
+            } else {
+                None
+            };
+            // Rows of the old header's width get blanks for the new columns; a
+            // malformed row is copied as it was.
+            let width = if row.len() == layout.old_width {
+                layout.columns.len()
+            } else {
+                row.len()
+            };
+            let Some(Found {
+                offset,
+                change,
+                superseded,
+            }) = hit
+            else {
+                counts.kept += 1;
+                if width == row.len() {
+                    writer.write_byte_record(&row).map_err(MergeError::Write)?;
+                } else {
+                    for field in row.iter() {
+                        writer.write_field(field).map_err(MergeError::Write)?;
+                    }
+                    for _ in row.len()..width {
+                        writer.write_field(b"").map_err(MergeError::Write)?;
+                    }
+                    writer
+                        .write_record(None::<&[u8]>)
+                        .map_err(MergeError::Write)?;
+                }
+                continue;
+            };
+            consumed.extend(superseded);
+            if !consumed.insert(offset) {
+                // A second row with the key of a change already written: a duplicate.
+                counts.replaced += 1;
+                continue;
+            }
+            out.clear();
+            out.extend(row.iter().map(<[u8]>::to_vec));
+            out.resize(width, Vec::new());
+            match change.contact {
+                Some(contact) => {
+                    render(&mut out, &layout.columns, &contact);
+                    counts.replaced += 1;
+                }
+                None => {
+                    counts.removed += 1;
+                    match (self.config.removal, layout.status_column) {
+                        (RemovalMode::Mark, Some(status)) if status < out.len() => {
+                            out[status] = ContactStatus::Inactive.as_str().as_bytes().to_vec();
+                        }
+                        _ => continue,
+                    }
+                }
+            }
+            writer.write_record(&out).map_err(MergeError::Write)?;
+        }
+        Ok(())
     }
 
     /// The fields the file must have columns for in this run.
@@ -532,6 +561,97 @@ fn row_key_hashes(
         .and_then(Contact::normalized_email)
         .map(|email| ContactKey::email_hash(&email));
     [by_id, by_email]
+}
+
+/// The file's writer: buffered, hashing what it writes (the fingerprint).
+type RowWriter<'f> = csv::Writer<BufWriter<HashingWriter<&'f File>>>;
+
+/// The columns of the file a run writes.
+struct Layout {
+    /// The header row.
+    headers: Vec<String>,
+    /// The field of each column (`None`: a column no field maps to, kept as it is).
+    columns: Vec<Option<Field>>,
+    /// Columns in the existing file's header.
+    old_width: usize,
+    id_column: Option<usize>,
+    email_column: Option<usize>,
+    status_column: Option<usize>,
+}
+
+/// What a merge did, for the log.
+#[derive(Debug, Default)]
+struct MergeCounts {
+    kept: u64,
+    replaced: u64,
+    removed: u64,
+    appended: u64,
+}
+
+/// Why a merge stopped: reading the file, writing the temporary file, or the spool.
+enum MergeError {
+    Read(csv::Error),
+    Write(csv::Error),
+    Spool(ConnectorError),
+}
+
+impl MergeError {
+    /// The error, naming the file (`path`) or the temporary file (`temp`).
+    fn at(self, path: &Path, temp: &Path) -> ConnectorError {
+        match self {
+            MergeError::Read(e) => csv_error(path, e),
+            MergeError::Write(e) => csv_error(temp, e),
+            MergeError::Spool(e) => e,
+        }
+    }
+}
+
+/// Appends the changes of people not in the file: creates, and updates (an update is
+/// an upsert too). Removals of people not in the file have nothing to remove.
+fn append_rest(
+    spool: &File,
+    written: u64,
+    consumed: &HashSet<u64>,
+    lookup: &ChangeLookup<'_>,
+    writer: &mut RowWriter<'_>,
+    layout: &Layout,
+    counts: &mut MergeCounts,
+) -> Result<(), MergeError> {
+    let spooled = |e: std::io::Error| MergeError::Spool(spool_error(e));
+    let mut offset = 0u64;
+    let mut body = Vec::new();
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(layout.columns.len());
+    let mut frames = BufReader::with_capacity(1 << 20, spool);
+    while offset < written {
+        let mut length = [0u8; 4];
+        frames.read_exact(&mut length).map_err(spooled)?;
+        let length = u32::from_le_bytes(length) as usize;
+        let this = offset;
+        offset += 4 + length as u64;
+        if consumed.contains(&this) {
+            frames.seek_relative(length as i64).map_err(spooled)?;
+            continue;
+        }
+        body.resize(length, 0);
+        frames.read_exact(&mut body).map_err(spooled)?;
+        let change = unframe_change(&body).map_err(MergeError::Spool)?;
+        if lookup.has_collisions(&change.key)
+            && lookup
+                .latest(&change.key)
+                .map_err(MergeError::Spool)?
+                .is_some_and(|latest| latest.offset != this)
+        {
+            continue; // superseded by a later change of the same key
+        }
+        if let Some(contact) = change.contact {
+            out.clear();
+            out.resize(layout.columns.len(), Vec::new());
+            render(&mut out, &layout.columns, &contact);
+            writer.write_record(&out).map_err(MergeError::Write)?;
+            counts.appended += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Finds a key's change in the spool: the index narrows it to offsets, and the lines
