@@ -10,6 +10,8 @@ use contactsync_core::{ConfigError, ConnectorSettings, DurationSetting, Field, S
 use contactsync_http::{HttpDefaults, HttpSettings, Rate};
 use serde::Deserialize;
 
+use crate::xml::ImportFlags;
+
 /// The API base when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.newsweaver.com/v2";
 
@@ -205,22 +207,8 @@ pub struct SinkConfig {
     pub columns: ColumnMap,
     /// Removal policy.
     pub removal: Removal,
-    /// Job flags.
-    pub update_existing: bool,
-    /// See [`SinkSettings::reactivate_api_removed`].
-    pub reactivate_api_removed: bool,
-    /// See [`SinkSettings::reactivate_admin_removed`].
-    pub reactivate_admin_removed: bool,
-    /// See [`SinkSettings::reactivate_bounced_removed`].
-    pub reactivate_bounced_removed: bool,
-    /// Fields set on every row.
-    pub set_fields: BTreeMap<String, String>,
-    /// Permissions granted.
-    pub add_permissions: Vec<String>,
-    /// Permissions withdrawn.
-    pub remove_permissions: Vec<String>,
-    /// Tags.
-    pub tags: Vec<String>,
+    /// What every import job asks besides its rows.
+    pub flags: ImportFlags,
     /// Rows per job.
     pub max_rows_per_job: usize,
     /// Busy-account wait bound.
@@ -367,14 +355,16 @@ impl SinkConfig {
             },
             columns: ColumnMap(ordered),
             removal: s.removal,
-            update_existing: s.update_existing,
-            reactivate_api_removed: s.reactivate_api_removed,
-            reactivate_admin_removed: s.reactivate_admin_removed,
-            reactivate_bounced_removed: s.reactivate_bounced_removed,
-            set_fields: s.set_fields,
-            add_permissions: s.add_permissions,
-            remove_permissions: s.remove_permissions,
-            tags: s.tags,
+            flags: ImportFlags {
+                update_existing: s.update_existing,
+                reactivate_api_removed: s.reactivate_api_removed,
+                reactivate_admin_removed: s.reactivate_admin_removed,
+                reactivate_bounced_removed: s.reactivate_bounced_removed,
+                set_fields: s.set_fields,
+                add_permissions: s.add_permissions,
+                remove_permissions: s.remove_permissions,
+                tags: s.tags,
+            },
             max_rows_per_job: s.max_rows_per_job,
             max_wait_for_busy_account: s.max_wait_for_busy_account.0,
             busy_retry_interval: s.busy_retry_interval.0.max(Duration::from_millis(10)),

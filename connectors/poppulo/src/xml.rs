@@ -150,12 +150,11 @@ fn close(element: Element, stack: &mut [Element], root: &mut Option<Element>) {
     }
 }
 
-/// The `<subscriber_import_job>` to post, except its data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImportJob {
-    /// Always true in practice (the config refuses false).
-    pub accept_terms: bool,
-    /// Update existing subscribers.
+/// What an import job asks of Poppulo besides its rows: the sink's settings of the
+/// same names, as each job sends them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportFlags {
+    /// Update existing subscribers (false: only create).
     pub update_existing: bool,
     /// Reactivate people removed through the API.
     pub reactivate_api_removed: bool,
@@ -165,12 +164,21 @@ pub struct ImportJob {
     pub reactivate_bounced_removed: bool,
     /// Fields set on every row.
     pub set_fields: BTreeMap<String, String>,
-    /// Permissions granted.
+    /// Permissions granted to every row.
     pub add_permissions: Vec<String>,
-    /// Permissions withdrawn.
+    /// Permissions withdrawn from every row.
     pub remove_permissions: Vec<String>,
-    /// Tags.
+    /// Tags put on every row.
     pub tags: Vec<String>,
+}
+
+/// The `<subscriber_import_job>` to post, except its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportJob {
+    /// Always true in practice (the config refuses false).
+    pub accept_terms: bool,
+    /// What the job asks besides its rows.
+    pub flags: ImportFlags,
     /// The column names, in data order.
     pub columns: Vec<String>,
 }
@@ -188,29 +196,30 @@ impl ImportJob {
         let mut w = quick_xml::Writer::new(Vec::new());
         w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
         w.write_event(Event::Start(BytesStart::new("subscriber_import_job")))?;
+        let flags = &self.flags;
         let flag = |w: &mut quick_xml::Writer<Vec<u8>>, name: &str, v: bool| -> XmlResult {
             text_element(w, name, if v { "true" } else { "false" })
         };
         flag(&mut w, "accept_terms", self.accept_terms)?;
-        flag(&mut w, "update_existing", self.update_existing)?;
+        flag(&mut w, "update_existing", flags.update_existing)?;
         flag(
             &mut w,
             "reactivate_api_removed",
-            self.reactivate_api_removed,
+            flags.reactivate_api_removed,
         )?;
         flag(
             &mut w,
             "reactivate_admin_removed",
-            self.reactivate_admin_removed,
+            flags.reactivate_admin_removed,
         )?;
         flag(
             &mut w,
             "reactivate_bounced_removed",
-            self.reactivate_bounced_removed,
+            flags.reactivate_bounced_removed,
         )?;
-        if !self.set_fields.is_empty() {
+        if !flags.set_fields.is_empty() {
             w.write_event(Event::Start(BytesStart::new("set_fields")))?;
-            for (name, value) in &self.set_fields {
+            for (name, value) in &flags.set_fields {
                 let mut start = BytesStart::new("set_field");
                 start.push_attribute(("name", xml_safe(name).as_ref()));
                 w.write_event(Event::Start(start))?;
@@ -223,15 +232,15 @@ impl ImportJob {
             &mut w,
             "add_permissions",
             "permission",
-            &self.add_permissions,
+            &flags.add_permissions,
         )?;
         named_list(
             &mut w,
             "remove_permissions",
             "permission",
-            &self.remove_permissions,
+            &flags.remove_permissions,
         )?;
-        named_list(&mut w, "tags", "tag", &self.tags)?;
+        named_list(&mut w, "tags", "tag", &flags.tags)?;
         w.write_event(Event::Start(BytesStart::new("subscriber_data")))?;
         text_element(&mut w, "columns", &self.columns.join(","))?;
         text_element(&mut w, "skip_first_line", "false")?;

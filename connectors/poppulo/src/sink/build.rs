@@ -39,7 +39,7 @@ impl PoppuloSink {
                     .push(removal_row(index, email, false));
                 continue;
             };
-            if change.kind() == ChangeKind::Update && !self.config.update_existing {
+            if change.kind() == ChangeKind::Update && !self.config.flags.update_existing {
                 known[index] = Outcome::Rejected {
                     reason: REASON_NO_UPDATES.to_string(),
                     field: None,
@@ -56,40 +56,7 @@ impl PoppuloSink {
                     f => change.owned_value(f).map(|v| one_line(&v)),
                 })
                 .collect();
-            // Consent is the person's: a create grants what the source lists (to
-            // someone new to Poppulo only, see `Group::NewOnly`), an update only what
-            // the source added since the last sync, and withdraws what it took away; a
-            // permission the person dropped on Poppulo stays dropped until the source
-            // changes it.
-            let (permissions, withdrawn) = if !self.manages_permissions() {
-                (Vec::new(), Vec::new())
-            } else if create || self.resubscribe {
-                let withdrawn = change
-                    .before()
-                    .map(|b| {
-                        b.subscriptions
-                            .difference(&contact.subscriptions)
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (contact.subscriptions.iter().cloned().collect(), withdrawn)
-            } else {
-                match change.before() {
-                    Some(b) => (
-                        contact
-                            .subscriptions
-                            .difference(&b.subscriptions)
-                            .cloned()
-                            .collect(),
-                        b.subscriptions
-                            .difference(&contact.subscriptions)
-                            .cloned()
-                            .collect(),
-                    ),
-                    None => (Vec::new(), Vec::new()),
-                }
-            };
+            let (permissions, withdrawn) = self.consent(change, contact, create);
             let status = change
                 .sends_status(self.resubscribe)
                 .then(|| status_cell(contact.status).to_string());
@@ -117,7 +84,7 @@ impl PoppuloSink {
                 create,
                 removal: false,
             };
-            let grants = !permissions.is_empty() || !self.config.add_permissions.is_empty();
+            let grants = !permissions.is_empty() || !self.config.flags.add_permissions.is_empty();
             if create && grants && self.grants_to_new_only() {
                 groups
                     .entry(Group::NewOnly(shape(!permissions.is_empty())))
@@ -158,14 +125,55 @@ impl PoppuloSink {
         Ok(PreparedImport { parts, known })
     }
 
+    /// The permissions a row grants and those it withdraws. Consent is the person's: a
+    /// create grants what the source lists (to someone new to Poppulo only, see
+    /// `Group::NewOnly`), an update only what the source added since the last sync,
+    /// and withdraws what it took away; a permission the person dropped on Poppulo
+    /// stays dropped until the source changes it.
+    fn consent(
+        &self,
+        change: &Change,
+        contact: &Contact,
+        create: bool,
+    ) -> (Vec<String>, Vec<String>) {
+        if !self.manages_permissions() {
+            return (Vec::new(), Vec::new());
+        }
+        let before = change.before();
+        let withdrawn = || -> Vec<String> {
+            before
+                .map(|b| {
+                    b.subscriptions
+                        .difference(&contact.subscriptions)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if create || self.resubscribe {
+            return (contact.subscriptions.iter().cloned().collect(), withdrawn());
+        }
+        match before {
+            Some(b) => (
+                contact
+                    .subscriptions
+                    .difference(&b.subscriptions)
+                    .cloned()
+                    .collect(),
+                withdrawn(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
     /// One import: the rows' own cells, and the job-level settings that belong to it.
     pub(super) fn part(
         &self,
         group: Group,
         rows: Vec<Planned>,
     ) -> Result<ImportPart, ConnectorError> {
-        let c = &self.config;
-        let mapped = &c.columns.0;
+        let c = &self.config.flags;
+        let mapped = &self.config.columns.0;
         let cells = match &group {
             Group::NewOnly(cells) | Group::Upsert(cells) => Some(cells),
             Group::Removal => None,
@@ -232,23 +240,25 @@ impl PoppuloSink {
         };
         let job = ImportJob {
             accept_terms: true,
-            update_existing: match &group {
-                Group::NewOnly(_) => false,
-                Group::Upsert(_) => c.update_existing,
-                // A removal must reach existing people whatever the setting.
-                Group::Removal => true,
+            flags: ImportFlags {
+                update_existing: match &group {
+                    Group::NewOnly(_) => false,
+                    Group::Upsert(_) => c.update_existing,
+                    // A removal must reach existing people whatever the setting.
+                    Group::Removal => true,
+                },
+                reactivate_api_removed: upserts && c.reactivate_api_removed,
+                reactivate_admin_removed: upserts && c.reactivate_admin_removed,
+                reactivate_bounced_removed: upserts && c.reactivate_bounced_removed,
+                set_fields: if upserts {
+                    c.set_fields.clone()
+                } else {
+                    Default::default()
+                },
+                add_permissions,
+                remove_permissions,
+                tags: if upserts { c.tags.clone() } else { Vec::new() },
             },
-            reactivate_api_removed: upserts && c.reactivate_api_removed,
-            reactivate_admin_removed: upserts && c.reactivate_admin_removed,
-            reactivate_bounced_removed: upserts && c.reactivate_bounced_removed,
-            set_fields: if upserts {
-                c.set_fields.clone()
-            } else {
-                Default::default()
-            },
-            add_permissions,
-            remove_permissions,
-            tags: if upserts { c.tags.clone() } else { Vec::new() },
             columns: columns.clone(),
         };
         let xml = job.to_xml(&data).map_err(ConnectorError::Other)?;

@@ -168,7 +168,7 @@ impl PoppuloSink {
             .filter(|&i| results[i] == RowResult::Applied)
             .filter(|&i| {
                 rows[i].status.as_deref() == Some("ACTIVE")
-                    || (!self.config.update_existing && rows[i].create)
+                    || (!self.config.flags.update_existing && rows[i].create)
             })
             .collect();
         tracing::warn!(
@@ -250,7 +250,7 @@ impl PoppuloSink {
                     found += 1;
                 }
                 Some((_, Some(modified)))
-                    if !self.config.update_existing && row.create && *modified < before =>
+                    if !self.config.flags.update_existing && row.create && *modified < before =>
                 {
                     results[i] = RowResult::Skipped(REASON_EXISTS);
                     found += 1;

@@ -22,7 +22,7 @@ use contactsync_core::{
 use crate::client::PoppuloClient;
 use crate::config::{Removal, SinkConfig};
 use crate::rejected::{parse_rejected, RejectedRow, RejectionKind};
-use crate::xml::{ImportJob, ImportState, ImportStatus};
+use crate::xml::{ImportFlags, ImportJob, ImportState, ImportStatus};
 
 mod build;
 mod follow;
@@ -257,7 +257,7 @@ impl PoppuloSink {
     /// Whether grants on a create go through a `NewOnly` import first: when the job
     /// updates existing people and the pipeline does not say `resubscribe`.
     fn grants_to_new_only(&self) -> bool {
-        self.config.update_existing && !self.resubscribe
+        self.config.flags.update_existing && !self.resubscribe
     }
 
     /// The ledger of the imports in flight for batch `batch_id`.
