@@ -28,12 +28,15 @@ pub const JSON: &str = "application/json";
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
 
 /// A bearer token and when to stop using it.
+#[derive(Debug)]
 struct Token {
     value: SecretString,
     refresh_at: Instant,
 }
 
-/// A profile table of an Actito entity, reached over HTTP.
+/// A profile table of an Actito entity, reached over HTTP. `Debug` shows the API key
+/// and the token as redacted.
+#[derive(Debug)]
 pub struct ActitoClient {
     http: HttpClient,
     entity: String,
@@ -41,17 +44,6 @@ pub struct ActitoClient {
     api_key: SecretString,
     token: tokio::sync::Mutex<Option<Token>>,
     tokens_fetched: std::sync::atomic::AtomicU64,
-}
-
-impl std::fmt::Debug for ActitoClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ActitoClient")
-            .field("http", &self.http)
-            .field("entity", &self.entity)
-            .field("table", &self.table)
-            .field("api_key", &"[redacted]")
-            .finish()
-    }
 }
 
 /// One request, rebuilt for each attempt (a 401 is retried once with a new token).

@@ -336,6 +336,18 @@ mod tests {
     }
 
     #[test]
+    fn debug_never_shows_the_api_key() {
+        let c = SinkConfig::from_settings(&settings(
+            "entity = \"demo\"\ntable = \"contacts\"\napi_key = \"s3cret-key\"",
+        ))
+        .expect("config");
+        let client = crate::client::ActitoClient::new(&c.connection).expect("client");
+        for shown in [format!("{c:?}"), format!("{client:?}")] {
+            assert!(!shown.contains("s3cret-key"), "{shown}");
+        }
+    }
+
+    #[test]
     fn minimal_sink_settings_take_the_defaults() {
         let c = SinkConfig::from_settings(&settings(
             "entity = \"demo\"\ntable = \"contacts\"\napi_key = \"k\"",

@@ -29,26 +29,16 @@ pub use config::{QuotaExhausted, Removal, SinkConfig, SourceConfig};
 pub use sink::ActitoSink;
 pub use source::ActitoSource;
 
-use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory, Source, SourceFactory};
+use contactsync_core::registry::{boxed_sink, boxed_source};
+use contactsync_core::{SinkFactory, SourceFactory};
 
-fn build_sink(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
-    let config = SinkConfig::from_settings(settings)?;
-    let sink = ActitoSink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(sink))
-}
-
-fn build_source(settings: &ConnectorSettings) -> Result<Box<dyn Source>, ConfigError> {
-    let config = SourceConfig::from_settings(settings)?;
-    let source =
-        ActitoSource::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(source))
-}
-
+// A client that cannot be set up as configured (the URL, a CA file) is an error of
+// `base_url`'s.
 contactsync_core::inventory::submit! {
     SinkFactory {
         name: "actito",
         summary: "Actito (v4): profiles one by one or by bulk import (12/day); removal by unsubscribe or delete",
-        build: build_sink,
+        build: |s| boxed_sink(s, SinkConfig::from_settings, ActitoSink::new, "base_url"),
     }
 }
 
@@ -56,6 +46,6 @@ contactsync_core::inventory::submit! {
     SourceFactory {
         name: "actito",
         summary: "Actito (v4): every profile of a table, page by page",
-        build: build_source,
+        build: |s| boxed_source(s, SourceConfig::from_settings, ActitoSource::new, "base_url"),
     }
 }

@@ -60,8 +60,8 @@ pub struct Page {
     pub more_records: bool,
 }
 
-/// A client for one site's CRM web service.
-#[derive(Clone)]
+/// A client for one site's CRM web service. `Debug` shows the password as redacted.
+#[derive(Debug, Clone)]
 pub struct BcClient {
     http: HttpClient,
     endpoint: String,
@@ -69,16 +69,6 @@ pub struct BcClient {
     site_id: i64,
     username: String,
     password: SecretString,
-}
-
-impl std::fmt::Debug for BcClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BcClient")
-            .field("endpoint", &self.endpoint)
-            .field("site_id", &self.site_id)
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Whether an answer is a SOAP Fault: the service's final word, handed to the caller.

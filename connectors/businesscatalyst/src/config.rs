@@ -118,8 +118,9 @@ pub struct BcSettings {
     pub resolve_entity_ids: bool,
 }
 
-/// The validated configuration the client, source and sink run with.
-#[derive(Clone)]
+/// The validated configuration the client, source and sink run with. `Debug` shows
+/// the password as redacted (a [`SecretString`]).
+#[derive(Debug, Clone)]
 pub struct BcConfig {
     /// The `.asmx` endpoint URL.
     pub endpoint: String,
@@ -145,20 +146,6 @@ pub struct BcConfig {
     pub http: HttpSettings,
     /// Look up entity ids of new contacts.
     pub resolve_entity_ids: bool,
-}
-
-impl std::fmt::Debug for BcConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BcConfig")
-            .field("endpoint", &self.endpoint)
-            .field("site_id", &self.site_id)
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .field("time_zone", &self.time_zone)
-            .field("removal", &self.removal)
-            .field("batch_size", &self.batch_size)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The attribute suffixes an address is spread over, in `Address` element order.
@@ -285,6 +272,18 @@ mod tests {
         assert_eq!(c.removal, Removal::Delete);
         assert_eq!(c.time_zone, Tz::UTC);
         assert!(!format!("{c:?}").contains("\"p\""));
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let c = BcConfig::from_settings(&settings(
+            "base_url = \"https://x\"\nsite_id = 5\nusername = \"u\"\npassword = \"s3cret-pw\"",
+        ))
+        .unwrap();
+        let client = crate::client::BcClient::new(&c).unwrap();
+        for shown in [format!("{c:?}"), format!("{client:?}")] {
+            assert!(!shown.contains("s3cret-pw"), "{shown}");
+        }
     }
 
     #[test]

@@ -437,10 +437,7 @@ impl Sink for BcSink {
             max_batch: self.config.batch_size,
             asynchronous_jobs: false,
             durable_at_finish: false,
-            removal: match self.config.removal {
-                Removal::Delete => RemovalStyle::Delete,
-                Removal::OptOut => RemovalStyle::OptOut,
-            },
+            removal: removal_style(self.config.removal),
         }
     }
 
@@ -534,5 +531,13 @@ impl Sink for BcSink {
                 })
             })
             .collect())
+    }
+}
+
+/// How the engine is told this sink removes people.
+fn removal_style(removal: Removal) -> RemovalStyle {
+    match removal {
+        Removal::Delete => RemovalStyle::Delete,
+        Removal::OptOut => RemovalStyle::OptOut,
     }
 }

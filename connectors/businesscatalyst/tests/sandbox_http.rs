@@ -4,11 +4,12 @@ use chrono::{TimeZone, Utc};
 use contactsync_businesscatalyst::{sink, source};
 use contactsync_core::{
     Change, ChangeBatch, ConnectorError, ConnectorSettings, Contact, ContactKey, ContactStatus,
-    Field, KeyRule, Origin, Outcome, ReadMode, SandboxOptions, Sink, Source, SyncedEntry,
+    Field, Origin, Outcome, ReadMode, SandboxOptions, Sink, Source, SyncedEntry,
 };
 use contactsync_sandbox_businesscatalyst::{
     Faults, Injected, Sandbox, SandboxConfig, SandboxContact, SoapCall, WireFaults,
 };
+use contactsync_testkit::changes::{self, create};
 use contactsync_testkit::{read_all, source_conformance, MemoryStore, SinkConformance};
 
 fn settings_for(base_url: &str, extra: &str) -> ConnectorSettings {
@@ -57,16 +58,6 @@ fn contact(ext: Option<&str>, email: Option<&str>, first: &str) -> Contact {
     }
     c.set(&Field::FirstName, first).unwrap();
     c
-}
-
-fn create(c: Contact) -> Change {
-    Change::Create {
-        key: c
-            .key(KeyRule::Auto)
-            .unwrap_or(ContactKey::Email(String::new())),
-        contact: c,
-        origin: Origin::Derived,
-    }
 }
 
 fn batch(changes: Vec<Change>) -> ChangeBatch {
@@ -722,17 +713,7 @@ async fn creates_update_the_site_s_contacts_that_have_no_external_id() {
 }
 
 fn update_from(before: Contact, after: Contact) -> Change {
-    Change::Update {
-        key: after.key(KeyRule::Auto).expect("key"),
-        contact: after,
-        origin: Origin::Derived,
-        previous: SyncedEntry {
-            content_hash: 1,
-            email: before.email.clone(),
-            handle: None,
-            record: Some(Box::new(before)),
-        },
-    }
+    changes::update_from(&before, after)
 }
 
 /// Consent belongs to the person and fields to the source that gives them: an update

@@ -10,6 +10,7 @@ use contactsync_core::{
 use contactsync_csv::config::{SinkConfig, SourceConfig};
 use contactsync_csv::sink::CsvSink;
 use contactsync_csv::source::CsvSource;
+use contactsync_testkit::changes;
 use contactsync_testkit::{
     read_all, sample_contacts, source_conformance, MemoryStore, SinkConformance, SourceRead,
 };
@@ -58,24 +59,11 @@ async fn apply(sink: &mut CsvSink, changes: Vec<Change>) -> Vec<Outcome> {
 }
 
 fn create(contact: &Contact) -> Change {
-    Change::Create {
-        key: contact.key(KeyRule::Auto).unwrap(),
-        contact: contact.clone(),
-        origin: Origin::line("test", 1),
-    }
+    changes::create(contact.clone())
 }
 
 fn remove(contact: &Contact) -> Change {
-    Change::Remove {
-        key: contact.key(KeyRule::Auto).unwrap(),
-        previous: SyncedEntry {
-            content_hash: contact.content_hash(),
-            email: contact.email.clone(),
-            handle: None,
-            record: None,
-        },
-        origin: Origin::Derived,
-    }
+    changes::removal(contact)
 }
 
 /// Records a sink must refuse: no key at all, and an attribute that would read back as

@@ -4,10 +4,8 @@
 mod common;
 
 use common::{sink, sink_settings, slapd, source, source_settings};
-use contactsync_core::{
-    Change, ChangeBatch, Contact, ContactKey, ContactStatus, KeyRule, Origin, Outcome, Sink,
-    SyncedEntry,
-};
+use contactsync_core::{Change, ChangeBatch, Contact, ContactStatus, Outcome, Sink};
+use contactsync_testkit::changes::{self, create, removal as remove, update};
 use contactsync_testkit::slapd::{Slapd, PEOPLE_DN};
 use contactsync_testkit::{MemoryStore, SinkConformance};
 
@@ -27,47 +25,11 @@ fn ann() -> Contact {
     }
 }
 
-fn key(contact: &Contact) -> ContactKey {
-    contact.key(KeyRule::Auto).expect("key")
-}
-
-fn create(contact: Contact) -> Change {
-    Change::Create {
-        key: key(&contact),
-        contact,
-        origin: Origin::Derived,
-    }
-}
-
-fn update(contact: Contact) -> Change {
-    updated_from(None, contact)
-}
-
 /// An update whose last-sent record is `before` (what the state knows).
 fn updated_from(before: Option<Contact>, contact: Contact) -> Change {
-    Change::Update {
-        key: key(&contact),
-        previous: SyncedEntry {
-            content_hash: 0,
-            email: contact.email.clone(),
-            handle: None,
-            record: before.map(Box::new),
-        },
-        contact,
-        origin: Origin::Derived,
-    }
-}
-
-fn remove(contact: &Contact) -> Change {
-    Change::Remove {
-        key: key(contact),
-        previous: SyncedEntry {
-            content_hash: 0,
-            email: contact.email.clone(),
-            handle: None,
-            record: None,
-        },
-        origin: Origin::Derived,
+    match before {
+        Some(before) => changes::update_from(&before, contact),
+        None => update(contact),
     }
 }
 

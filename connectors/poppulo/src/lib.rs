@@ -27,26 +27,16 @@ pub use config::{Removal, SinkConfig, SourceConfig};
 pub use sink::PoppuloSink;
 pub use source::PoppuloSource;
 
-use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory, Source, SourceFactory};
+use contactsync_core::registry::{boxed_sink, boxed_source};
+use contactsync_core::{SinkFactory, SourceFactory};
 
-fn build_sink(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
-    let config = SinkConfig::from_settings(settings)?;
-    let sink = PoppuloSink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(sink))
-}
-
-fn build_source(settings: &ConnectorSettings) -> Result<Box<dyn Source>, ConfigError> {
-    let config = SourceConfig::from_settings(settings)?;
-    let source =
-        PoppuloSource::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(source))
-}
-
+// A client that cannot be set up as configured (the URL, a CA file) is an error of
+// `base_url`'s.
 contactsync_core::inventory::submit! {
     SinkFactory {
         name: "poppulo",
         summary: "Poppulo (Newsweaver API v2): subscriber import jobs; removal as INACTIVE or OPT_OUT",
-        build: build_sink,
+        build: |s| boxed_sink(s, SinkConfig::from_settings, PoppuloSink::new, "base_url"),
     }
 }
 
@@ -54,6 +44,6 @@ contactsync_core::inventory::submit! {
     SourceFactory {
         name: "poppulo",
         summary: "Poppulo (Newsweaver API v2): every subscriber, page by page",
-        build: build_source,
+        build: |s| boxed_source(s, SourceConfig::from_settings, PoppuloSource::new, "base_url"),
     }
 }

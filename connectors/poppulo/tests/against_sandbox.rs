@@ -15,6 +15,7 @@ use contactsync_poppulo::{PoppuloSink, PoppuloSource, SinkConfig, SourceConfig};
 use contactsync_sandbox_poppulo::{
     Faults, PoppuloSandbox, RunningPoppulo, SandboxConfig, Subscriber, WireFaults,
 };
+use contactsync_testkit::changes::{self, create, update};
 use contactsync_testkit::{read_all, MemoryStore, SinkConformance};
 
 async fn sandbox() -> RunningPoppulo {
@@ -80,42 +81,11 @@ fn person(email: &str, first: &str) -> Contact {
     }
 }
 
-fn create(c: Contact) -> Change {
-    Change::Create {
-        key: ContactKey::Email(c.email.clone().unwrap()),
-        contact: c,
-        origin: Origin::Derived,
-    }
-}
-
-fn update(c: Contact) -> Change {
-    Change::Update {
-        key: ContactKey::Email(c.email.clone().unwrap()),
-        previous: SyncedEntry {
-            content_hash: 0,
-            email: c.email.clone(),
-            handle: None,
-            record: None,
-        },
-        contact: c,
-        origin: Origin::Derived,
-    }
-}
-
 fn remove(email: &str) -> Change {
-    Change::Remove {
-        key: ContactKey::Email(email.into()),
-        previous: SyncedEntry {
-            content_hash: 0,
-            email: Some(email.into()),
-            handle: None,
-            record: Some(Box::new(Contact {
-                email: Some(email.into()),
-                ..Contact::default()
-            })),
-        },
-        origin: Origin::Derived,
-    }
+    changes::removal(&Contact {
+        email: Some(email.into()),
+        ..Contact::default()
+    })
 }
 
 fn batch(id: &str, changes: Vec<Change>) -> ChangeBatch {

@@ -11,6 +11,7 @@ use contactsync_poppulo::xml::{
     cdata_sections, parse_time, Element, ImportState, ImportStatus, StatusEntity, SubscriberPage,
 };
 use contactsync_poppulo::{PoppuloSink, SinkConfig};
+use contactsync_testkit::changes::create;
 
 fn settings(extra: &str) -> ConnectorSettings {
     ConnectorSettings::from_toml(
@@ -30,14 +31,6 @@ fn contact(email: &str, first: &str) -> Contact {
         first_name: Some(first.into()),
         last_name: Some("Lee".into()),
         ..Contact::default()
-    }
-}
-
-fn create(c: Contact) -> Change {
-    Change::Create {
-        key: ContactKey::Email(c.email.clone().unwrap()),
-        contact: c,
-        origin: Origin::Derived,
     }
 }
 

@@ -161,6 +161,36 @@ pub struct SinkFactory {
     pub build: fn(&ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError>,
 }
 
+/// Builds a sink for a [`SinkFactory`]: `config` checks the section, `new` makes the
+/// sink from it (touching no network). An error of `new` (a client that cannot be set
+/// up as configured: a URL, a CA file) is a config error naming `key`.
+///
+/// ```ignore
+/// contactsync_core::inventory::submit! {
+///     SinkFactory { name: "acme", summary: "…", build: |s| registry::boxed_sink(s, SinkConfig::from_settings, AcmeSink::new, "base_url") }
+/// }
+/// ```
+pub fn boxed_sink<C, S: Sink + 'static>(
+    settings: &ConnectorSettings,
+    config: fn(&ConnectorSettings) -> Result<C, ConfigError>,
+    new: fn(C) -> Result<S, ConnectorError>,
+    key: &str,
+) -> Result<Box<dyn Sink>, ConfigError> {
+    let sink = new(config(settings)?).map_err(|e| settings.error(key, e.to_string()))?;
+    Ok(Box::new(sink))
+}
+
+/// Builds a source for a [`SourceFactory`], as [`boxed_sink`] builds a sink.
+pub fn boxed_source<C, S: Source + 'static>(
+    settings: &ConnectorSettings,
+    config: fn(&ConnectorSettings) -> Result<C, ConfigError>,
+    new: fn(C) -> Result<S, ConnectorError>,
+    key: &str,
+) -> Result<Box<dyn Source>, ConfigError> {
+    let source = new(config(settings)?).map_err(|e| settings.error(key, e.to_string()))?;
+    Ok(Box::new(source))
+}
+
 /// How to start a platform's sandbox.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxOptions {

@@ -23,6 +23,7 @@
 //! assert!(!ctx.cancel.is_cancelled());
 //! ```
 
+pub mod changes;
 mod compare;
 mod error;
 pub mod postgres;

@@ -555,10 +555,7 @@ impl Sink for ActitoSink {
             },
             asynchronous_jobs: true,
             durable_at_finish: false,
-            removal: match self.config.removal {
-                Removal::Unsubscribe => RemovalStyle::Unsubscribe,
-                Removal::Delete => RemovalStyle::Delete,
-            },
+            removal: removal_style(self.config.removal),
         }
     }
 
@@ -872,6 +869,14 @@ impl Sink for ActitoSink {
                 })
             })
             .collect())
+    }
+}
+
+/// How the engine is told this sink removes people.
+fn removal_style(removal: Removal) -> RemovalStyle {
+    match removal {
+        Removal::Unsubscribe => RemovalStyle::Unsubscribe,
+        Removal::Delete => RemovalStyle::Delete,
     }
 }
 

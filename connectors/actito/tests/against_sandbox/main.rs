@@ -6,11 +6,12 @@ use contactsync_actito::sink::{posts_key, quota_key};
 use contactsync_actito::{ActitoSink, ActitoSource, SinkConfig, SourceConfig};
 use contactsync_core::{
     Change, ChangeBatch, ChangePlan, ConnectorError, ConnectorSettings, Contact, KeyRule, Origin,
-    Outcome, Sink, SyncedEntry,
+    Outcome, Sink,
 };
 use contactsync_sandbox_actito::{
     ActitoSandbox, Attribute, ProfileInput, RunningActito, SandboxConfig, TableDef, WireFaults,
 };
+use contactsync_testkit::changes::{self, removal};
 use contactsync_testkit::{sample_contacts, source_conformance, MemoryStore, SinkConformance};
 
 mod budget;
@@ -442,19 +443,6 @@ async fn records_failing_table_validation_are_never_sent() {
     assert_eq!(sb.profiles("contacts").len(), 2);
 }
 
-fn removal(contact: &Contact) -> Change {
-    Change::Remove {
-        key: contact.key(KeyRule::Auto).expect("key"),
-        previous: SyncedEntry {
-            content_hash: contact.content_hash(),
-            email: contact.email.clone(),
-            handle: None,
-            record: None,
-        },
-        origin: Origin::Derived,
-    }
-}
-
 #[tokio::test]
 async fn removal_by_unsubscribe_and_by_delete() {
     let sb = sandbox(SandboxConfig::default()).await;
@@ -742,17 +730,7 @@ async fn twelve_imports_in_the_last_24_hours_use_the_quota_up() {
 }
 
 fn update_from(before: &Contact, after: &Contact) -> Change {
-    Change::Update {
-        key: after.key(KeyRule::Auto).expect("key"),
-        contact: after.clone(),
-        origin: Origin::Derived,
-        previous: SyncedEntry {
-            content_hash: 1,
-            email: before.email.clone(),
-            handle: None,
-            record: Some(Box::new(before.clone())),
-        },
-    }
+    changes::update_from(before, after.clone())
 }
 
 /// Consent belongs to the person: a source without subscriptions (a CSV) unsubscribes

@@ -559,10 +559,7 @@ impl Sink for PoppuloSink {
             max_batch: self.config.max_rows_per_job,
             asynchronous_jobs: true,
             durable_at_finish: false,
-            removal: match self.config.removal {
-                Removal::Inactive => RemovalStyle::MarkInactive,
-                Removal::OptOut => RemovalStyle::OptOut,
-            },
+            removal: removal_style(self.config.removal),
         }
     }
 
@@ -745,6 +742,14 @@ impl PoppuloSink {
             return Ok(None);
         }
         self.part(group, rows).map(Some)
+    }
+}
+
+/// How the engine is told this sink removes people.
+fn removal_style(removal: Removal) -> RemovalStyle {
+    match removal {
+        Removal::Inactive => RemovalStyle::MarkInactive,
+        Removal::OptOut => RemovalStyle::OptOut,
     }
 }
 

@@ -36,40 +36,23 @@ pub use sink::__Name__Sink;
 pub use config::SourceConfig;
 pub use source::__Name__Source;
 
+// A client that cannot be set up as configured (the URL, a CA file) is an error of
+// `base_url`'s.
 // @if sink
-use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory};
-
-fn build_sink(settings: &ConnectorSettings) -> Result<Box<dyn Sink>, ConfigError> {
-    let config = SinkConfig::from_settings(settings)?;
-    let sink = __Name__Sink::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(sink))
-}
-
 contactsync_core::inventory::submit! {
-    SinkFactory {
+    contactsync_core::SinkFactory {
         name: "__name__",
         summary: "__Name__: people upserted and deleted one call each",
-        build: build_sink,
+        build: |s| contactsync_core::registry::boxed_sink(s, SinkConfig::from_settings, __Name__Sink::new, "base_url"),
     }
 }
 // @end
 // @if source
-use contactsync_core::{Source, SourceFactory};
-
-fn build_source(
-    settings: &contactsync_core::ConnectorSettings,
-) -> Result<Box<dyn Source>, contactsync_core::ConfigError> {
-    let config = SourceConfig::from_settings(settings)?;
-    let source =
-        __Name__Source::new(config).map_err(|e| settings.error("base_url", e.to_string()))?;
-    Ok(Box::new(source))
-}
-
 contactsync_core::inventory::submit! {
-    SourceFactory {
+    contactsync_core::SourceFactory {
         name: "__name__",
         summary: "__Name__: every person, page by page",
-        build: build_source,
+        build: |s| contactsync_core::registry::boxed_source(s, SourceConfig::from_settings, __Name__Source::new, "base_url"),
     }
 }
 // @end
