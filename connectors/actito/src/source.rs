@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use contactsync_core::async_trait;
 use contactsync_core::{
-    ConnectorError, Origin, ReadMode, ReadOutcome, RecordError, RecordStream, Source,
+    ConnectorError, Origin, ReadMode, ReadOutcome, ReadPasses, RecordError, RecordStream, Source,
     SourceCapabilities, SourceItem, SourceRecord,
 };
 use serde_json::Value;
@@ -82,7 +82,7 @@ impl Source for ActitoSource {
             finished: false,
             complete: true,
             previous_first: None,
-            pass: 1,
+            passes: ReadPasses::new(MAX_PASSES),
             seen_this_pass: HashSet::new(),
             yielded: HashSet::new(),
             moved: false,
@@ -105,8 +105,8 @@ struct ProfileStream {
     finished: bool,
     complete: bool,
     previous_first: Option<String>,
-    /// The pass over the table, from 1.
-    pass: u32,
+    /// The passes over the table.
+    passes: ReadPasses,
     /// Profile ids met in this pass.
     seen_this_pass: HashSet<String>,
     /// Profile ids yielded by any pass.
@@ -137,7 +137,7 @@ impl ProfileStream {
             }
             // No count, or no way to tell a creation: a second pass must find nothing
             // new.
-            _ => self.pass > 1 && !self.found_new,
+            _ => self.passes.current() > 1 && !self.found_new,
         }
     }
 
@@ -222,7 +222,7 @@ impl RecordStream for ProfileStream {
                     if !self.yielded.insert(id) {
                         continue;
                     }
-                    if self.pass > 1 {
+                    if self.passes.current() > 1 {
                         self.found_new = true;
                     }
                 }
@@ -242,19 +242,10 @@ impl RecordStream for ProfileStream {
                 if !self.complete || self.trusted() {
                     return Ok(None);
                 }
-                if self.pass >= MAX_PASSES {
-                    tracing::warn!(
-                        passes = self.pass,
-                        "Actito profiles kept changing while the table was paged; the read is not complete, so no removal comes from it"
-                    );
+                if !self.passes.another("Actito profiles") {
                     self.complete = false;
                     return Ok(None);
                 }
-                tracing::info!(
-                    pass = self.pass + 1,
-                    "Actito: profiles may have moved while the table was paged; reading it again for any profile skipped"
-                );
-                self.pass += 1;
                 self.seen_this_pass.clear();
                 self.moved = false;
                 self.found_new = false;

@@ -37,8 +37,8 @@ use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use contactsync_core::{
     async_trait, ConfigError, ConnectorError, ConnectorSettings, Contact, ContactStatus, Field,
-    Origin, ReadMode, ReadOutcome, RecordStream, Source, SourceCapabilities, SourceItem,
-    SourceRecord,
+    Origin, ReadMode, ReadOutcome, ReadPasses, RecordStream, Source, SourceCapabilities,
+    SourceItem, SourceRecord,
 };
 
 use crate::client::{BcClient, PAGE_SIZE};
@@ -117,7 +117,7 @@ impl Source for BcSource {
             more: true,
             latest: None,
             previous_cursor: previous,
-            pass: 1,
+            passes: ReadPasses::new(MAX_PASSES),
             seen_this_pass: HashSet::new(),
             moved_this_pass: false,
             yielded: HashMap::new(),
@@ -138,8 +138,8 @@ struct RetrieveStream {
     more: bool,
     latest: Option<NaiveDateTime>,
     previous_cursor: Option<String>,
-    /// The pass over the list, from 1.
-    pass: u32,
+    /// The passes over the list.
+    passes: ReadPasses,
     /// The entity ids met in this pass: one met twice moved during the read.
     seen_this_pass: HashSet<i64>,
     /// Whether this pass met a record twice (one behind it may have been skipped).
@@ -165,21 +165,12 @@ impl RecordStream for RetrieveStream {
                 if !self.moved_this_pass {
                     return Ok(None);
                 }
-                if self.pass >= MAX_PASSES {
-                    tracing::warn!(
-                        passes = self.pass,
-                        "businesscatalyst: contacts kept changing while the list was paged; the read is not complete, so no removal comes from it"
-                    );
+                // A record moved under the read: one behind it may have been skipped.
+                // Page through again for the records no pass yielded yet.
+                if !self.passes.another("Business Catalyst contacts") {
                     self.complete = false;
                     return Ok(None);
                 }
-                // A record moved under the read: one behind it may have been skipped.
-                // Page through again for the records no pass yielded yet.
-                tracing::info!(
-                    pass = self.pass + 1,
-                    "businesscatalyst: a contact changed while the list was paged; reading it again for any record skipped"
-                );
-                self.pass += 1;
                 self.seen_this_pass.clear();
                 self.moved_this_pass = false;
                 self.next_start = 0;

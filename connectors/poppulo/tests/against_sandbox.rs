@@ -554,23 +554,7 @@ async fn cancelling_while_polling_leaves_rows_unknown_and_the_import_resumable()
 /// again next run.
 #[tokio::test]
 async fn an_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
-    for (fault, taken) in [
-        (
-            WireFaults {
-                drop_nth: Some(1),
-                drop_after_handling: true,
-                ..WireFaults::default()
-            },
-            1,
-        ),
-        (
-            WireFaults {
-                fail_nth: Some(1),
-                ..WireFaults::default()
-            },
-            0,
-        ),
-    ] {
+    for (fault, taken) in [(WireFaults::answer_lost(1), 1), (WireFaults::fails(1), 0)] {
         let sb = sandbox().await;
         let mut sink = sink(&sb, "");
         let mut store = MemoryStore::new();

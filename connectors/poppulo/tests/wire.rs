@@ -11,7 +11,7 @@ use contactsync_poppulo::xml::{
     cdata_sections, parse_time, Element, ImportState, ImportStatus, StatusEntity, SubscriberPage,
 };
 use contactsync_poppulo::{PoppuloSink, SinkConfig};
-use contactsync_testkit::changes::create;
+use contactsync_testkit::changes::{self, create};
 
 fn settings(extra: &str) -> ConnectorSettings {
     ConnectorSettings::from_toml(
@@ -67,30 +67,11 @@ fn columns_of(root: &Element) -> String {
 }
 
 fn update(c: Contact, before: Contact) -> Change {
-    Change::Update {
-        key: ContactKey::ExternalId("E1".into()),
-        contact: c,
-        origin: Origin::Derived,
-        previous: SyncedEntry {
-            content_hash: 1,
-            email: before.email.clone(),
-            handle: None,
-            record: Some(Box::new(before)),
-        },
-    }
+    changes::update_from(&before, c)
 }
 
 fn remove_known(before: Contact) -> Change {
-    Change::Remove {
-        key: ContactKey::ExternalId("E9".into()),
-        previous: SyncedEntry {
-            content_hash: 1,
-            email: before.email.clone(),
-            handle: None,
-            record: Some(Box::new(before)),
-        },
-        origin: Origin::Derived,
-    }
+    changes::removal(&before)
 }
 
 /// The part (import) whose first row is sent under `email`, with `update_existing` as

@@ -172,3 +172,60 @@ pub trait Source: Send + Sync {
         Vec::new()
     }
 }
+
+/// The passes of a paged read over a list that changes under it: a pass in which
+/// something moved may have skipped a record, so another pass follows for the records
+/// no pass yielded yet, at most `max` in all; past that the read is not complete, and
+/// no removal comes from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPasses {
+    current: u32,
+    max: u32,
+}
+
+impl ReadPasses {
+    /// The first of at most `max` passes.
+    pub fn new(max: u32) -> Self {
+        ReadPasses { current: 1, max }
+    }
+
+    /// The pass under way, from 1.
+    pub fn current(&self) -> u32 {
+        self.current
+    }
+
+    /// After a pass in which `what` (`Actito profiles`) moved: `true` when another
+    /// pass begins; `false` when the passes are used up, and the read is not complete.
+    /// Both are logged.
+    pub fn another(&mut self, what: &str) -> bool {
+        if self.current >= self.max {
+            tracing::warn!(
+                passes = self.current,
+                "{what} kept changing while they were paged; the read is not complete, so no removal comes from it"
+            );
+            return false;
+        }
+        self.current += 1;
+        tracing::info!(
+            pass = self.current,
+            "{what} moved while they were paged; reading them again for any one skipped"
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadPasses;
+
+    #[test]
+    fn passes_stop_at_the_most_allowed() {
+        let mut passes = ReadPasses::new(3);
+        assert_eq!(passes.current(), 1);
+        assert!(passes.another("people"));
+        assert!(passes.another("people"));
+        assert_eq!(passes.current(), 3);
+        assert!(!passes.another("people"), "a fourth pass is not made");
+        assert_eq!(passes.current(), 3);
+    }
+}

@@ -19,15 +19,19 @@
 //! - [`admin_routes`]: `GET`/`POST /_sandbox/faults` (the wire's faults and the
 //!   platform's in one JSON object), `GET`/`DELETE /_sandbox/requests`,
 //!   `POST /_sandbox/reset`.
-//! - [`data`]: the JSON data file, loaded at start and saved atomically.
+//! - [`data`]: the JSON data file, loaded at start and saved atomically; [`Guarded`]
+//!   the state behind one lock, saved to it.
+//! - [`plain_email`]: the plain address form most platforms ask for.
 //! - [`SandboxError`]: why a sandbox could not start, load, save or seed.
 
 pub mod data;
 mod error;
+mod guarded;
 mod server;
 mod wire;
 
 pub use error::SandboxError;
+pub use guarded::{plain_email, Guarded};
 pub use server::{admin_routes, serve, start, Platform, Running};
 pub use wire::{
     inject_faults, log_calls, Answers, Injected, LogDetail, LoggedRequest, Wire, WireCounts,

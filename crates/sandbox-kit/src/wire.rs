@@ -68,6 +68,24 @@ impl Default for WireFaults {
 }
 
 impl WireFaults {
+    /// The Nth call is handled, then its connection closed before the answer: it took
+    /// effect, and the client cannot know.
+    pub fn answer_lost(nth: u64) -> Self {
+        WireFaults {
+            drop_nth: Some(nth),
+            drop_after_handling: true,
+            ..WireFaults::default()
+        }
+    }
+
+    /// The Nth call is answered with the platform's server error, not handled.
+    pub fn fails(nth: u64) -> Self {
+        WireFaults {
+            fail_nth: Some(nth),
+            ..WireFaults::default()
+        }
+    }
+
     /// The JSON keys these faults take, for splitting one `/_sandbox/faults` object
     /// between the wire and the platform.
     pub fn keys() -> Vec<String> {

@@ -160,11 +160,7 @@ async fn drops_before_or_after_handling() {
         "dropped before handling"
     );
 
-    sb.wire().set_faults(WireFaults {
-        drop_nth: Some(1),
-        drop_after_handling: true,
-        ..WireFaults::default()
-    });
+    sb.wire().set_faults(WireFaults::answer_lost(1));
     assert!(call(&http, &sb).await.is_err(), "no answer");
     assert_eq!(
         sb.platform().handled.load(Ordering::SeqCst),

@@ -1,7 +1,9 @@
 //! Changes as the engine hands them to a sink, for a sink's own tests: the key is the
 //! contact's under [`KeyRule::Auto`], the origin [`Origin::Derived`].
 
-use contactsync_core::{Change, Contact, ContactKey, KeyRule, Origin, SyncedEntry};
+use contactsync_core::{
+    Change, Contact, ContactKey, KeyRule, Origin, PendingBatch, PendingRecord, SyncedEntry,
+};
 
 /// The contact's key; an empty email key for a contact with none (a sink must refuse it).
 fn key(contact: &Contact) -> ContactKey {
@@ -61,6 +63,22 @@ pub fn removal(contact: &Contact) -> Change {
         key: key(contact),
         previous: previous(contact.email.clone(), Some(contact.clone())),
         origin: Origin::Derived,
+    }
+}
+
+/// Batch `id` of `changes` as the state keeps it while it is pending (what a sink's
+/// `recover` is handed after a crash).
+pub fn pending(id: &str, changes: &[Change]) -> PendingBatch {
+    PendingBatch {
+        id: id.to_string(),
+        records: changes
+            .iter()
+            .map(|c| PendingRecord {
+                key: c.key().clone(),
+                kind: c.kind(),
+                email: c.email().map(str::to_string),
+            })
+            .collect(),
     }
 }
 

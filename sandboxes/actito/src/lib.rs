@@ -37,13 +37,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
 use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Answers, Platform, Running, Wire};
+use contactsync_sandbox_kit::{Answers, Guarded, Platform, Running, Wire};
 use serde::Deserialize;
 
 pub use contactsync_sandbox_kit::{LoggedRequest, SandboxError, WireFaults};
@@ -144,23 +144,22 @@ pub(crate) struct State {
 /// What the handlers and the import worker share.
 pub(crate) struct Shared {
     pub config: SandboxConfig,
-    pub state: Mutex<State>,
+    pub state: Guarded<State>,
     pub in_flight: AtomicU64,
     pub queue: tokio::sync::mpsc::UnboundedSender<u64>,
     pub wire: Arc<Wire>,
     pub shutdown: CancellationToken,
-    data: DataFile,
 }
 
 impl Shared {
-    /// The state; a poisoned lock (a panic elsewhere) is still usable data.
+    /// The state; see [`Guarded::lock`].
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Saves the data file, if any.
     pub fn save(&self) -> Result<(), SandboxError> {
-        self.data.save(|encode| encode(&self.lock().store))
+        self.state.save(|state| &state.store)
     }
 
     /// The counters so far, with the wire's count of requests.
@@ -260,18 +259,20 @@ impl ActitoSandbox {
         let shared = Arc::new(Shared {
             wire: Arc::new(Wire::new(ANSWERS, config.wire_faults.clone())),
             config,
-            state: Mutex::new(State {
-                store,
-                tokens: HashMap::new(),
-                stats: Stats::default(),
-                delete_while_paging: 0,
-                replace_while_paging: 0,
-                busy_licence: 0,
-            }),
+            state: Guarded::new(
+                State {
+                    store,
+                    tokens: HashMap::new(),
+                    stats: Stats::default(),
+                    delete_while_paging: 0,
+                    replace_while_paging: 0,
+                    busy_licence: 0,
+                },
+                data,
+            ),
             in_flight: AtomicU64::new(0),
             queue,
             shutdown: CancellationToken::new(),
-            data,
         });
         Platform::set_faults(&*shared, faults);
         for id in unfinished {

@@ -138,15 +138,7 @@ impl Attribute {
 /// A simple check of an address: one `@`, both sides non-empty, a dot in the domain,
 /// no whitespace.
 pub fn valid_email(value: &str) -> bool {
-    let Some((local, domain)) = value.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains('@')
-        && !value.chars().any(char::is_whitespace)
+    contactsync_sandbox_kit::plain_email(value)
 }
 
 /// A segmentation of a table.

@@ -46,14 +46,14 @@ mod server;
 mod xml;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use contactsync_core::registry::SandboxStart;
 use contactsync_core::{CancellationToken, ConnectorError, SandboxOptions, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Platform, Running, Wire};
+use contactsync_sandbox_kit::{Guarded, Platform, Running, Wire};
 use serde::{Deserialize, Serialize};
 
 pub use contactsync_sandbox_kit::{Injected, SandboxError, WireFaults};
@@ -200,8 +200,7 @@ impl Sandbox {
                     .as_ref()
                     .map(|t| t.expose_secret().to_string()),
             },
-            data,
-            inner: Mutex::new(inner),
+            inner: Guarded::new(inner, data),
             wire: Arc::new(Wire::new(server::ANSWERS, WireFaults::default())),
         });
         let app = server::router(shared.clone());

@@ -163,18 +163,7 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
 /// Whether the sandbox accepts `email` (its record-level validation rule: one `@`
 /// with something on both sides, a dot in the domain, and no whitespace).
 pub fn email_is_acceptable(email: &str) -> bool {
-    let email = email.trim();
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !domain.contains('@')
-                && !email.chars().any(char::is_whitespace)
-        }
-        None => false,
-    }
+    contactsync_sandbox_kit::plain_email(email.trim())
 }
 
 /// The sandbox's data: what is persisted to `data_file`.

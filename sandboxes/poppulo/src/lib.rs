@@ -40,13 +40,13 @@ mod xml;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
 use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Answers, Platform, Running, Wire};
+use contactsync_sandbox_kit::{Answers, Guarded, Platform, Running, Wire};
 use serde::Deserialize;
 
 pub use contactsync_sandbox_kit::{LoggedRequest, SandboxError, WireFaults};
@@ -146,21 +146,20 @@ pub(crate) struct State {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub config: SandboxConfig,
-    pub state: Mutex<State>,
+    pub state: Guarded<State>,
     pub wire: Arc<Wire>,
     pub shutdown: CancellationToken,
-    data: DataFile,
 }
 
 impl Shared {
-    /// The state; a poisoned lock (a panic elsewhere) is still usable data.
+    /// The state; see [`Guarded::lock`].
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Saves the data file, if any.
     pub fn save(&self) -> Result<(), SandboxError> {
-        self.data.save(|encode| encode(&self.lock().store))
+        self.state.save(|state| &state.store)
     }
 
     /// The counters so far: the platform's and the wire's.
@@ -237,12 +236,14 @@ impl PoppuloSandbox {
         let shared = Arc::new(Shared {
             wire: Arc::new(Wire::new(ANSWERS, config.wire_faults.clone())),
             config,
-            state: Mutex::new(State {
-                store,
-                ..State::default()
-            }),
+            state: Guarded::new(
+                State {
+                    store,
+                    ..State::default()
+                },
+                data,
+            ),
             shutdown: CancellationToken::new(),
-            data,
         });
         Platform::set_faults(&*shared, faults);
         let unfinished: Vec<u64> = shared

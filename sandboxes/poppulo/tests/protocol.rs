@@ -828,11 +828,7 @@ async fn single_subscribers_with_etags() {
 async fn dropped_connections_get_no_answer() {
     let sandbox = start(fast()).await;
     let api = Api::new(&sandbox);
-    sandbox.set_wire_faults(WireFaults {
-        drop_nth: Some(2),
-        drop_after_handling: true,
-        ..WireFaults::default()
-    });
+    sandbox.set_wire_faults(WireFaults::answer_lost(2));
     let url = format!("{}/subscribers", api.account_url);
     assert_eq!(api.get(&url).await.status(), StatusCode::OK);
     let lost = api

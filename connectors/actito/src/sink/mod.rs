@@ -885,7 +885,7 @@ mod tests {
     use super::*;
     use crate::config::Mapping;
     use crate::schema::TableStructure;
-    use contactsync_core::{Contact, ContactKey, ContactStatus, Field, Origin, SyncedEntry};
+    use contactsync_core::{Contact, ContactKey, ContactStatus, Field, Origin};
     use serde_json::json;
 
     fn schema() -> Schema {
@@ -915,15 +915,7 @@ mod tests {
     }
 
     fn update(before: Contact, after: Contact) -> Change {
-        Change::Update {
-            key: ContactKey::ExternalId("E1".into()),
-            contact: after,
-            origin: Origin::Derived,
-            previous: SyncedEntry {
-                record: Some(Box::new(before)),
-                ..SyncedEntry::default()
-            },
-        }
+        contactsync_testkit::changes::update_from(&before, after)
     }
 
     #[test]

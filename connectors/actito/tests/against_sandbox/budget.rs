@@ -10,11 +10,7 @@ use super::*;
 /// unknown (the engine's diff sends it again), never recorded as done.
 #[tokio::test]
 async fn a_resumed_import_carries_its_unsubscribes_and_maps_rejections_past_a_removal() {
-    let sb = sandbox(SandboxConfig {
-        import_delay: Duration::from_millis(300),
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sb = slow_import_sandbox().await;
     let contacts = sample_contacts(13);
     for c in &contacts {
         sb.seed_profile(
@@ -32,17 +28,7 @@ async fn a_resumed_import_carries_its_unsubscribes_and_maps_rejections_past_a_re
     }
     // The address the 6th person moves to belongs to another profile in Actito: the
     // import rejects their row.
-    sb.seed_profile(
-        "contacts",
-        &ProfileInput {
-            attributes: vec![
-                ("emailAddress".into(), Some("taken@example.com".into())),
-                ("customerId".into(), Some("OTHER".into())),
-            ],
-            ..ProfileInput::default()
-        },
-    )
-    .expect("seed");
+    seed_person(&sb, "taken@example.com", "OTHER");
     // Position 0 removes the first person; 1..=12 unsubscribe the others from the
     // newsletter (the source withdrew it).
     let mut changes = vec![removal(&contacts[0])];
@@ -76,17 +62,7 @@ async fn a_resumed_import_carries_its_unsubscribes_and_maps_rejections_past_a_re
             .all(|o| matches!(o, Outcome::Unknown { .. })));
         // The run dies here: its outcomes are never recorded.
     }
-    let pending = contactsync_core::PendingBatch {
-        id: batch.id.clone(),
-        records: changes
-            .iter()
-            .map(|c| contactsync_core::PendingRecord {
-                key: c.key().clone(),
-                kind: c.kind(),
-                email: c.email().map(str::to_string),
-            })
-            .collect(),
-    };
+    let pending = changes::pending(&batch.id.clone(), &changes);
     let recovered = sink(&sb, "bulk_threshold = 10")
         .recover(&pending, &mut store.context())
         .await
@@ -129,14 +105,9 @@ async fn a_resumed_import_carries_its_unsubscribes_and_maps_rejections_past_a_re
 #[tokio::test]
 async fn a_concurrent_request_429_on_the_import_is_waited_out() {
     use contactsync_sandbox_actito::Faults;
-    let sb = sandbox(SandboxConfig::default()).await;
-    let changes = creates(&sample_contacts(20));
-    let mut sink = sink(&sb, "bulk_threshold = 10");
-    let mut store = MemoryStore::new();
+    let (sb, changes, mut sink, mut store) = bulk_of_20().await;
     let mut ctx = store.context();
-    sink.begin(&plan_of(&changes), &mut ctx)
-        .await
-        .expect("begin");
+    begin(&mut sink, &changes, &mut ctx).await;
     // The next calls the sink makes are the import POST and its retries.
     sb.set_faults(Faults {
         busy_licence: 5,
@@ -156,11 +127,10 @@ async fn a_concurrent_request_429_on_the_import_is_waited_out() {
     assert_eq!(sb.stats().imports_posted, 1);
     assert_eq!(sb.stats().profile_posts, 0, "no fall back to one by one");
     assert!(sb.stats().too_many_requests >= 5);
-    let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
     drop(ctx);
     assert_eq!(
-        store.values().get(&key).map(String::as_str),
-        Some("1"),
+        quota_used(&sb, &store),
+        1,
         "one import counted, the quota not marked used"
     );
 }
@@ -171,23 +141,8 @@ async fn a_concurrent_request_429_on_the_import_is_waited_out() {
 /// the sweep).
 #[tokio::test]
 async fn a_profile_deleted_and_another_created_while_paging_skip_nobody() {
-    use contactsync_core::ReadMode;
-    use contactsync_sandbox_actito::Faults;
-    let sb = sandbox(SandboxConfig::default()).await;
-    let contacts = sample_contacts(10);
-    let mut store = MemoryStore::new();
-    all_applied(
-        &run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
-            .await
-            .expect("run"),
-    );
-    sb.set_faults(Faults {
-        replace_while_paging: 1,
-        ..Faults::default()
-    });
-    let read = contactsync_testkit::read_all(&source(&sb), ReadMode::Full)
-        .await
-        .expect("read");
+    let (sb, contacts, _) = seeded(10).await;
+    let read = read_replacing(&sb, 1).await;
     assert!(read.outcome.complete, "read again until nothing moved");
     let got: Vec<String> = read
         .contacts()
@@ -205,13 +160,7 @@ async fn a_profile_deleted_and_another_created_while_paging_skip_nobody() {
     assert_eq!(sb.profiles("contacts").len(), 10, "the count never changed");
 
     // Replacements that never stop: not complete.
-    sb.set_faults(Faults {
-        replace_while_paging: 100,
-        ..Faults::default()
-    });
-    let read = contactsync_testkit::read_all(&source(&sb), ReadMode::Full)
-        .await
-        .expect("read");
+    let read = read_replacing(&sb, 100).await;
     assert!(!read.outcome.complete);
 }
 
@@ -235,14 +184,13 @@ async fn calls_paced_to_the_documented_rate_are_never_slowed() {
         .await;
         let contacts = sample_contacts(45);
         let mut store = MemoryStore::new();
-        let outcomes = run(
-            &mut sink(&sb, &format!("bulk_threshold = 1000\n{pace}")),
+        applied(
+            &sb,
             &mut store,
-            vec![creates(&contacts)],
+            &format!("bulk_threshold = 1000\n{pace}"),
+            creates(&contacts),
         )
-        .await
-        .expect("run");
-        all_applied(&outcomes);
+        .await;
         let stats = sb.stats();
         assert!(stats.requests > 45, "{stats:?}");
         assert_eq!(stats.slowed > 0, slowed, "{pace}: {stats:?}");

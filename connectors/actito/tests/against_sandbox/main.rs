@@ -99,6 +99,136 @@ async fn run(
     Ok(all)
 }
 
+/// Creates `n` sample people through a sink with the `extra` settings, in one batch,
+/// and checks that every one was applied.
+async fn create_applied(
+    sb: &RunningActito,
+    store: &mut MemoryStore,
+    extra: &str,
+    n: usize,
+) -> Vec<Outcome> {
+    applied(sb, store, extra, creates(&sample_contacts(n))).await
+}
+
+/// Applies `changes` in one batch through a sink with the `extra` settings, and checks
+/// that every one was applied.
+async fn applied(
+    sb: &RunningActito,
+    store: &mut MemoryStore,
+    extra: &str,
+    changes: Vec<Change>,
+) -> Vec<Outcome> {
+    let outcomes = run(&mut sink(sb, extra), store, vec![changes])
+        .await
+        .expect("run");
+    all_applied(&outcomes);
+    outcomes
+}
+
+/// Today's count of bulk imports in the sink's store.
+fn quota_today(sb: &RunningActito, store: &MemoryStore) -> Option<String> {
+    let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
+    store.values().get(&key).cloned()
+}
+
+/// Today's count of bulk imports in the sink's store, as a number (0 when unset).
+fn quota_used(sb: &RunningActito, store: &MemoryStore) -> u32 {
+    quota_today(sb, store).map_or(0, |n| n.parse().expect("a count"))
+}
+
+/// A profile someone made in Actito: `email` under the customer id `id`.
+fn seed_person(sb: &RunningActito, email: &str, id: &str) {
+    sb.seed_profile(
+        "contacts",
+        &ProfileInput {
+            attributes: vec![
+                ("emailAddress".into(), Some(email.into())),
+                ("customerId".into(), Some(id.into())),
+            ],
+            ..ProfileInput::default()
+        },
+    )
+    .expect("seed");
+}
+
+/// Begins a run of `changes` on `sink`.
+async fn begin(
+    sink: &mut ActitoSink,
+    changes: &[Change],
+    ctx: &mut contactsync_core::SinkContext<'_>,
+) {
+    sink.begin(&plan_of(changes), ctx).await.expect("begin");
+}
+
+/// A sandbox holding `n` sample people, created through the sink, and the sink's store.
+async fn seeded(n: usize) -> (RunningActito, Vec<Contact>, MemoryStore) {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let contacts = sample_contacts(n);
+    let mut store = MemoryStore::new();
+    applied(&sb, &mut store, "", creates(&contacts)).await;
+    (sb, contacts, store)
+}
+
+/// A full read while staff change the table as `faults` say.
+async fn read_with_faults(
+    sb: &RunningActito,
+    faults: contactsync_sandbox_actito::Faults,
+) -> contactsync_testkit::SourceRead {
+    sb.set_faults(faults);
+    contactsync_testkit::read_all(&source(sb), contactsync_core::ReadMode::Full)
+        .await
+        .expect("read")
+}
+
+/// A full read while staff delete the table's first profile as each of the first
+/// `pages` pages is read.
+async fn read_deleting(sb: &RunningActito, pages: u32) -> contactsync_testkit::SourceRead {
+    let faults = contactsync_sandbox_actito::Faults {
+        delete_while_paging: pages,
+        ..Default::default()
+    };
+    read_with_faults(sb, faults).await
+}
+
+/// A full read while staff replace the table's first profile by a new one as each of
+/// the first `pages` pages is read (the count stays, the list shifts).
+async fn read_replacing(sb: &RunningActito, pages: u32) -> contactsync_testkit::SourceRead {
+    let faults = contactsync_sandbox_actito::Faults {
+        replace_while_paging: pages,
+        ..Default::default()
+    };
+    read_with_faults(sb, faults).await
+}
+
+/// A sandbox whose imports take 300 ms: long enough to crash a run in the middle.
+async fn slow_import_sandbox() -> RunningActito {
+    sandbox(SandboxConfig {
+        import_delay: Duration::from_millis(300),
+        ..SandboxConfig::default()
+    })
+    .await
+}
+
+/// A sandbox, 20 creates, a sink that goes bulk from 10, and its store.
+async fn bulk_of_20() -> (RunningActito, Vec<Change>, ActitoSink, MemoryStore) {
+    let sb = sandbox(SandboxConfig::default()).await;
+    let changes = creates(&sample_contacts(20));
+    let sink = sink(&sb, "bulk_threshold = 10");
+    (sb, changes, sink, MemoryStore::new())
+}
+
+/// Keeps `posts` (when bulk imports were posted) in the sink's store, as a run would.
+fn remember_posts(sb: &RunningActito, store: &mut MemoryStore, posts: &[String]) {
+    store
+        .context()
+        .store
+        .put(
+            &posts_key(sb.entity(), "contacts"),
+            &serde_json::to_string(posts).expect("json"),
+        )
+        .expect("put");
+}
+
 fn all_applied(outcomes: &[Outcome]) {
     for (i, o) in outcomes.iter().enumerate() {
         assert!(matches!(o, Outcome::Applied { .. }), "outcome {i}: {o:?}");
@@ -152,13 +282,7 @@ async fn sink_conformance_with_delete_removal_and_bulk() {
 
 #[tokio::test]
 async fn source_conformance_reads_what_the_sink_wrote() {
-    let sb = sandbox(SandboxConfig::default()).await;
-    let contacts = sample_contacts(9);
-    let mut store = MemoryStore::new();
-    let outcomes = run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
-        .await
-        .expect("run");
-    all_applied(&outcomes);
+    let (sb, contacts, _) = seeded(9).await;
     let read = source_conformance(&source(&sb), &contacts)
         .await
         .expect("source conformance");
@@ -184,14 +308,7 @@ async fn source_conformance_reads_what_the_sink_wrote() {
 async fn small_change_set_goes_one_by_one() {
     let sb = sandbox(SandboxConfig::default()).await;
     let mut store = MemoryStore::new();
-    let outcomes = run(
-        &mut sink(&sb, "bulk_threshold = 10"),
-        &mut store,
-        vec![creates(&sample_contacts(5))],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    let outcomes = create_applied(&sb, &mut store, "bulk_threshold = 10", 5).await;
     assert!(outcomes
         .iter()
         .all(|o| matches!(o, Outcome::Applied { handle: Some(_) })));
@@ -207,14 +324,7 @@ async fn large_change_set_goes_bulk_once() {
     let sb = sandbox(SandboxConfig::default()).await;
     let mut store = MemoryStore::new();
     let contacts = sample_contacts(30);
-    let outcomes = run(
-        &mut sink(&sb, "bulk_threshold = 10"),
-        &mut store,
-        vec![creates(&contacts)],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    applied(&sb, &mut store, "bulk_threshold = 10", creates(&contacts)).await;
     let stats = sb.stats();
     assert_eq!(stats.imports_posted, 1);
     // The subscriptions of the new profiles travel in the import file (`Y`/`N`
@@ -263,14 +373,7 @@ async fn the_13th_bulk_of_the_day_is_never_sent() {
     // Fallback (the default): one by one.
     let mut store = MemoryStore::new();
     store.context().store.put(&key, "12").expect("put");
-    let outcomes = run(
-        &mut sink(&sb, "bulk_threshold = 10"),
-        &mut store,
-        vec![creates(&contacts)],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    applied(&sb, &mut store, "bulk_threshold = 10", creates(&contacts)).await;
     assert_eq!(sb.stats().imports_posted, 0);
     assert_eq!(sb.stats().profile_posts, 20);
 
@@ -297,14 +400,7 @@ async fn platform_quota_refusal_falls_back_and_is_remembered() {
     let sb = sandbox(SandboxConfig::default()).await;
     sb.set_bulk_count_today("contacts", 12);
     let mut store = MemoryStore::new();
-    let outcomes = run(
-        &mut sink(&sb, "bulk_threshold = 10"),
-        &mut store,
-        vec![creates(&sample_contacts(12))],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    create_applied(&sb, &mut store, "bulk_threshold = 10", 12).await;
     assert_eq!(sb.stats().imports_posted, 0);
     assert_eq!(sb.stats().profile_posts, 12);
     let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
@@ -319,9 +415,7 @@ async fn token_expiry_mid_run_is_survived() {
     let mut store = MemoryStore::new();
     let changes = creates(&contacts);
     let mut ctx = store.context();
-    sink.begin(&plan_of(&changes), &mut ctx)
-        .await
-        .expect("begin");
+    begin(&mut sink, &changes, &mut ctx).await;
     let first = ChangeBatch {
         id: "b1".into(),
         changes: changes[..3].to_vec(),
@@ -350,9 +444,7 @@ async fn short_lived_tokens_are_refreshed_before_expiry() {
     let mut sink = sink(&sb, "");
     let mut store = MemoryStore::new();
     let mut ctx = store.context();
-    sink.begin(&plan_of(&changes), &mut ctx)
-        .await
-        .expect("begin");
+    begin(&mut sink, &changes, &mut ctx).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let batch = ChangeBatch {
         id: "b1".into(),
@@ -376,14 +468,7 @@ async fn throttling_429s_are_survived() {
     })
     .await;
     let mut store = MemoryStore::new();
-    let outcomes = run(
-        &mut sink(&sb, ""),
-        &mut store,
-        vec![creates(&sample_contacts(10))],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    create_applied(&sb, &mut store, "", 10).await;
     assert!(sb.stats().too_many_requests > 0, "{:?}", sb.stats());
     assert_eq!(sb.profiles("contacts").len(), 10);
 
@@ -394,14 +479,7 @@ async fn throttling_429s_are_survived() {
         ..WireFaults::default()
     });
     let mut store = MemoryStore::new();
-    let outcomes = run(
-        &mut sink(&sb, ""),
-        &mut store,
-        vec![creates(&sample_contacts(10))],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    create_applied(&sb, &mut store, "", 10).await;
     assert!(sb.stats().too_many_requests >= 3);
     assert_eq!(sb.profiles("contacts").len(), 10);
 }
@@ -445,24 +523,9 @@ async fn records_failing_table_validation_are_never_sent() {
 
 #[tokio::test]
 async fn removal_by_unsubscribe_and_by_delete() {
-    let sb = sandbox(SandboxConfig::default()).await;
-    let contacts = sample_contacts(3);
-    let mut store = MemoryStore::new();
-    all_applied(
-        &run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
-            .await
-            .expect("create"),
-    );
+    let (sb, contacts, mut store) = seeded(3).await;
     // Unsubscribe: the profile stays, subscribed to nothing.
-    all_applied(
-        &run(
-            &mut sink(&sb, ""),
-            &mut store,
-            vec![vec![removal(&contacts[1])]],
-        )
-        .await
-        .expect("unsubscribe"),
-    );
+    applied(&sb, &mut store, "", vec![removal(&contacts[1])]).await;
     let p = sb
         .profile_where("contacts", "customerId", "CS-0002")
         .expect("kept");
@@ -472,15 +535,13 @@ async fn removal_by_unsubscribe_and_by_delete() {
     );
     // Delete, twice: the second finds nothing (404) and still counts as applied.
     for _ in 0..2 {
-        all_applied(
-            &run(
-                &mut sink(&sb, "removal = \"delete\""),
-                &mut store,
-                vec![vec![removal(&contacts[2])]],
-            )
-            .await
-            .expect("delete"),
-        );
+        applied(
+            &sb,
+            &mut store,
+            "removal = \"delete\"",
+            vec![removal(&contacts[2])],
+        )
+        .await;
     }
     assert!(sb
         .profile_where("contacts", "customerId", "CS-0003")
@@ -497,17 +558,7 @@ async fn bulk_error_rows_map_back_to_their_records() {
         ("conformance.0004@example.com", "OTHER"),
         ("someone.else@example.com", "CS-0004"),
     ] {
-        sb.seed_profile(
-            "contacts",
-            &ProfileInput {
-                attributes: vec![
-                    ("emailAddress".into(), Some(email.into())),
-                    ("customerId".into(), Some(id.into())),
-                ],
-                ..ProfileInput::default()
-            },
-        )
-        .expect("seed");
+        seed_person(&sb, email, id);
     }
     let contacts = sample_contacts(12);
     let mut store = MemoryStore::new();
@@ -535,20 +586,14 @@ async fn bulk_error_rows_map_back_to_their_records() {
 
 #[tokio::test]
 async fn a_running_import_is_recovered_after_a_crash() {
-    let sb = sandbox(SandboxConfig {
-        import_delay: Duration::from_millis(300),
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sb = slow_import_sandbox().await;
     let contacts = sample_contacts(11);
     let changes = creates(&contacts);
     let mut store = MemoryStore::new();
     {
         let mut sink = sink(&sb, "bulk_threshold = 10\nmax_import_wait = \"10ms\"");
         let mut ctx = store.context();
-        sink.begin(&plan_of(&changes), &mut ctx)
-            .await
-            .expect("begin");
+        begin(&mut sink, &changes, &mut ctx).await;
         let outcomes = sink
             .apply(
                 &ChangeBatch {
@@ -564,17 +609,7 @@ async fn a_running_import_is_recovered_after_a_crash() {
             .all(|o| matches!(o, Outcome::Unknown { .. })));
     }
     assert!(store.values().keys().any(|k| k.starts_with("import:")));
-    let pending = contactsync_core::PendingBatch {
-        id: "run-1-batch-1".into(),
-        records: changes
-            .iter()
-            .map(|c| contactsync_core::PendingRecord {
-                key: c.key().clone(),
-                kind: c.kind(),
-                email: c.email().map(str::to_string),
-            })
-            .collect(),
-    };
+    let pending = changes::pending("run-1-batch-1", &changes);
     let mut sink = sink(&sb, "bulk_threshold = 10");
     let mut ctx = store.context();
     let recovered = sink
@@ -601,31 +636,10 @@ async fn a_running_import_is_recovered_after_a_crash() {
 /// sends them again next run) and the import counts against the day's quota.
 #[tokio::test]
 async fn a_bulk_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
-    for (fault, taken) in [
-        (
-            WireFaults {
-                drop_nth: Some(1),
-                drop_after_handling: true,
-                ..WireFaults::default()
-            },
-            1,
-        ),
-        (
-            WireFaults {
-                fail_nth: Some(1),
-                ..WireFaults::default()
-            },
-            0,
-        ),
-    ] {
-        let sb = sandbox(SandboxConfig::default()).await;
-        let changes = creates(&sample_contacts(20));
-        let mut sink = sink(&sb, "bulk_threshold = 10");
-        let mut store = MemoryStore::new();
+    for (fault, taken) in [(WireFaults::answer_lost(1), 1), (WireFaults::fails(1), 0)] {
+        let (sb, changes, mut sink, mut store) = bulk_of_20().await;
         let mut ctx = store.context();
-        sink.begin(&plan_of(&changes), &mut ctx)
-            .await
-            .expect("begin");
+        begin(&mut sink, &changes, &mut ctx).await;
         // The next call the sink makes is the import POST.
         sb.set_wire_faults(fault.clone());
         let batch = ChangeBatch {
@@ -640,6 +654,12 @@ async fn a_bulk_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
                 .all(|o| matches!(o, Outcome::Unknown { .. })),
             "{fault:?}: {outcomes:?}"
         );
+        drop(ctx);
+        assert_eq!(
+            quota_used(&sb, &store),
+            1,
+            "{fault:?}: counted against the quota"
+        );
         let posts = sb
             .requests()
             .iter()
@@ -647,13 +667,6 @@ async fn a_bulk_import_whose_answer_is_lost_or_fails_is_not_posted_again() {
             .count();
         assert_eq!(posts, 1, "{fault:?}: posted once, never again");
         assert_eq!(sb.imports().len(), taken, "{fault:?}");
-        let key = quota_key(sb.entity(), "contacts", chrono::Utc::now().date_naive());
-        drop(ctx);
-        assert_eq!(
-            store.values().get(&key).map(String::as_str),
-            Some("1"),
-            "{fault:?}: counted against the quota"
-        );
     }
 }
 
@@ -669,22 +682,8 @@ async fn twelve_imports_in_the_last_24_hours_use_the_quota_up() {
                 .to_rfc3339()
         })
         .collect();
-    store
-        .context()
-        .store
-        .put(
-            &posts_key(sb.entity(), "contacts"),
-            &serde_json::to_string(&yesterday_evening).expect("json"),
-        )
-        .expect("put");
-    let outcomes = run(
-        &mut sink(&sb, "bulk_threshold = 10"),
-        &mut store,
-        vec![creates(&sample_contacts(20))],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    remember_posts(&sb, &mut store, &yesterday_evening);
+    create_applied(&sb, &mut store, "bulk_threshold = 10", 20).await;
     assert_eq!(
         sb.stats().imports_posted,
         0,
@@ -700,22 +699,8 @@ async fn twelve_imports_in_the_last_24_hours_use_the_quota_up() {
         })
         .collect();
     let mut store = MemoryStore::new();
-    store
-        .context()
-        .store
-        .put(
-            &posts_key(sb.entity(), "contacts"),
-            &serde_json::to_string(&old).expect("json"),
-        )
-        .expect("put");
-    let outcomes = run(
-        &mut sink(&sb, "bulk_threshold = 10"),
-        &mut store,
-        vec![creates(&sample_contacts(20))],
-    )
-    .await
-    .expect("run");
-    all_applied(&outcomes);
+    remember_posts(&sb, &mut store, &old);
+    create_applied(&sb, &mut store, "bulk_threshold = 10", 20).await;
     assert_eq!(sb.stats().imports_posted, 1);
     let posts: Vec<String> = store
         .values()
@@ -768,15 +753,7 @@ async fn only_the_subscriptions_the_source_changed_are_sent() {
     // The source (no subscriptions column) changes their name: they stay subscribed.
     let mut renamed = person.clone();
     renamed.first_name = Some("Renamed".into());
-    all_applied(
-        &run(
-            &mut sink(&sb, ""),
-            &mut store,
-            vec![vec![update_from(&person, &renamed)]],
-        )
-        .await
-        .expect("updated"),
-    );
+    applied(&sb, &mut store, "", vec![update_from(&person, &renamed)]).await;
     assert_eq!(
         id().attributes.get("firstName").map(String::as_str),
         Some("Renamed")
@@ -791,29 +768,13 @@ async fn only_the_subscriptions_the_source_changed_are_sent() {
     let mut with = renamed.clone();
     with.subscriptions.insert("newsletter".into());
     let without = renamed.clone();
-    all_applied(
-        &run(
-            &mut sink(&sb, ""),
-            &mut store,
-            vec![vec![update_from(&with, &without)]],
-        )
-        .await
-        .expect("updated"),
-    );
+    applied(&sb, &mut store, "", vec![update_from(&with, &without)]).await;
     assert_eq!(id().subscriptions.get("Newsletter"), Some(&false));
 }
 
 #[tokio::test]
 async fn profiles_deleted_while_the_table_is_paged_skip_nobody() {
-    use contactsync_core::ReadMode;
-    use contactsync_sandbox_actito::Faults;
-    let sb = sandbox(SandboxConfig::default()).await;
-    let contacts = sample_contacts(10);
-    let mut store = MemoryStore::new();
-    let outcomes = run(&mut sink(&sb, ""), &mut store, vec![creates(&contacts)])
-        .await
-        .expect("run");
-    all_applied(&outcomes);
+    let (sb, contacts, _) = seeded(10).await;
     let ids = |read: &contactsync_testkit::SourceRead| {
         let mut ids: Vec<String> = read
             .contacts()
@@ -825,13 +786,7 @@ async fn profiles_deleted_while_the_table_is_paged_skip_nobody() {
     };
     // Staff delete the table's first profile while the read is on page 2: the others
     // shift back by one, and paging by offset alone skips the first of page 2.
-    sb.set_faults(Faults {
-        delete_while_paging: 1,
-        ..Faults::default()
-    });
-    let read = contactsync_testkit::read_all(&source(&sb), ReadMode::Full)
-        .await
-        .expect("read");
+    let read = read_deleting(&sb, 1).await;
     assert!(read.outcome.complete, "read again until nothing moved");
     let mut left: Vec<String> = contacts[1..]
         .iter()
@@ -845,12 +800,6 @@ async fn profiles_deleted_while_the_table_is_paged_skip_nobody() {
     assert_eq!(got.len(), read.contacts().len(), "no profile twice");
 
     // Deletions that never stop: not complete, so no removal comes from it.
-    sb.set_faults(Faults {
-        delete_while_paging: 100,
-        ..Faults::default()
-    });
-    let read = contactsync_testkit::read_all(&source(&sb), ReadMode::Full)
-        .await
-        .expect("read");
+    let read = read_deleting(&sb, 100).await;
     assert!(!read.outcome.complete);
 }

@@ -13,7 +13,7 @@ mod endpoint;
 use contacts::*;
 use endpoint::*;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -31,9 +31,8 @@ use super::model::{
 };
 use super::xml::{self, esc, SoapVersion, XmlNode, CRM_NS};
 use super::{Faults, SoapCall};
-use contactsync_sandbox_kit::data::DataFile;
 use contactsync_sandbox_kit::{
-    inject_faults, log_calls, Answers, LogDetail, Platform, SandboxError, Wire,
+    inject_faults, log_calls, Answers, Guarded, LogDetail, Platform, SandboxError, Wire,
 };
 
 /// The endpoint's path, compared case-insensitively.
@@ -81,28 +80,24 @@ impl Inner {
 /// State shared by every request and the Rust API.
 pub struct Shared {
     pub credentials: Credentials,
-    pub data: DataFile,
-    pub inner: Mutex<Inner>,
+    pub inner: Guarded<Inner>,
     pub wire: Arc<Wire>,
 }
 
 impl Shared {
-    /// The lock, recovered if a previous holder panicked (the data is still consistent:
-    /// every write is completed before the lock is released).
+    /// The state; see [`Guarded::lock`].
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock()
     }
 
     /// Saves the store to `data_file`, atomically.
     pub fn save(&self) -> Result<(), SandboxError> {
-        self.save_store(&self.lock().store)
+        self.inner.save(|inner| &inner.store)
     }
 
     /// Saves `store` (this sandbox's, under the lock the caller holds).
     pub fn save_store(&self, store: &Store) -> Result<(), SandboxError> {
-        self.data.save(|encode| encode(store))
+        self.inner.data().save(|encode| encode(store))
     }
 }
 
