@@ -32,7 +32,7 @@ use std::sync::Arc;
 use contactsync_core::async_trait;
 use contactsync_core::{
     ConnectorError, Origin, ReadMode, ReadOutcome, ReadPasses, RecordError, RecordStream, Source,
-    SourceCapabilities, SourceItem, SourceRecord,
+    SourceItem, SourceRecord,
 };
 use serde_json::Value;
 
@@ -60,10 +60,6 @@ impl ActitoSource {
 
 #[async_trait]
 impl Source for ActitoSource {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
-
     async fn check(&self) -> Result<(), ConnectorError> {
         load_schema(&self.client, &self.config.mapping, &self.config.section)
             .await
@@ -243,7 +239,6 @@ impl RecordStream for ProfileStream {
                     return Ok(None);
                 }
                 if !self.passes.another("Actito profiles") {
-                    self.complete = false;
                     return Ok(None);
                 }
                 self.seen_this_pass.clear();
@@ -259,7 +254,7 @@ impl RecordStream for ProfileStream {
 
     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
         Ok(ReadOutcome {
-            complete: self.complete,
+            complete: self.complete && self.passes.complete(),
             cursor: None,
         })
     }

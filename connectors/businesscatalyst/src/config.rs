@@ -295,12 +295,16 @@ mod tests {
                 .unwrap()
                 .to_string()
         };
-        assert!(err("batch_size = 101").contains("batch_size"));
-        assert!(err("time_zone = \"Mars/Olympus\"").contains("time_zone"));
-        assert!(err("phone_types = { x = \"phone\" }").contains("phone_types"));
-        assert!(err("colour = \"red\"").contains("colour"));
-        assert!(err("removal = \"burn\"").contains("burn"));
-        assert!(err("timeout_secs = 5\nrequest_timeout = 5").contains("timeout_secs"));
+        for (extra, named) in [
+            ("batch_size = 101", "batch_size"),
+            ("time_zone = \"Mars/Olympus\"", "time_zone"),
+            ("phone_types = { x = \"phone\" }", "phone_types"),
+            ("colour = \"red\"", "colour"),
+            ("removal = \"burn\"", "burn"),
+            ("timeout_secs = 5\nrequest_timeout = 5", "timeout_secs"),
+        ] {
+            assert!(err(extra).contains(named), "{extra}: {}", err(extra));
+        }
     }
 
     #[test]

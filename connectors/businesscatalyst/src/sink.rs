@@ -463,9 +463,9 @@ impl Sink for BcSink {
         batch: &ChangeBatch,
         ctx: &mut SinkContext<'_>,
     ) -> Result<Vec<Outcome>, ConnectorError> {
+        // Upserts go in calls of many, deletes one by one; outcomes by position.
+        let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.changes.len()];
-        let mut upserts = Vec::new();
-        let mut deletes = Vec::new();
         for (index, change) in batch.changes.iter().enumerate() {
             let mut handle = change.previous().and_then(|p| p.handle.clone());
             // Consent is the person's: sent for someone new to the site, or when the
@@ -523,14 +523,7 @@ impl Sink for BcSink {
         for index in deletes {
             outcomes[index] = Some(self.delete(&batch.changes[index]).await?);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or(Outcome::Unknown {
-                    reason: "not processed".into(),
-                })
-            })
-            .collect())
+        Ok(Outcome::each_or_unknown(outcomes, "not processed"))
     }
 }
 

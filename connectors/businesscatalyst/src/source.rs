@@ -168,7 +168,6 @@ impl RecordStream for RetrieveStream {
                 // A record moved under the read: one behind it may have been skipped.
                 // Page through again for the records no pass yielded yet.
                 if !self.passes.another("Business Catalyst contacts") {
-                    self.complete = false;
                     return Ok(None);
                 }
                 self.seen_this_pass.clear();
@@ -214,7 +213,7 @@ impl RecordStream for RetrieveStream {
             None => self.previous_cursor,
         };
         Ok(ReadOutcome {
-            complete: self.complete,
+            complete: self.complete && self.passes.complete(),
             cursor,
         })
     }

@@ -22,7 +22,7 @@ use std::io::{BufRead, BufReader};
 
 use contactsync_core::{
     async_trait, ConnectorError, Contact, Field, KeyRule, Origin, ReadMode, ReadOutcome,
-    RecordError, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,
+    RecordError, RecordStream, Source, SourceItem, SourceRecord,
 };
 use tokio::sync::mpsc;
 
@@ -52,10 +52,6 @@ impl CsvSource {
 
 #[async_trait]
 impl Source for CsvSource {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
-
     /// The file exists, its header parses, and every configured column is in it.
     async fn check(&self) -> Result<(), ConnectorError> {
         let format = self.config.format.clone();

@@ -44,6 +44,15 @@ impl std::fmt::Debug for LdapSink {
     }
 }
 
+/// A write of one entry.
+#[derive(Debug, Clone)]
+enum Write {
+    /// Changes to an entry that exists.
+    Modify(Vec<Mod<String>>),
+    /// A new entry's attributes.
+    Add(Vec<(String, HashSet<String>)>),
+}
+
 /// What became of one change, before it is an [`Outcome`]: a failure of the
 /// connection is kept apart, because it also dooms the rest of the batch.
 enum Step {
@@ -278,16 +287,7 @@ impl LdapSink {
                         return Ok(applied(&dn));
                     }
                     tracing::debug!(%dn, changed = mods.len(), "modifying entry");
-                    let result = self
-                        .retrying(
-                            |mut l, t| {
-                                let dn = dn.clone();
-                                let mods = mods.clone();
-                                async move { l.with_timeout(t).modify(&dn, mods).await }
-                            },
-                            &ldap,
-                        )
-                        .await?;
+                    let result = self.write(&ldap, &dn, Write::Modify(mods)).await?;
                     match result.rc {
                         0 => return Ok(applied(&dn)),
                         rc::NO_SUCH_OBJECT => continue,
@@ -305,16 +305,7 @@ impl LdapSink {
                             .map(|(name, values)| (name.clone(), values.iter().cloned().collect())),
                     );
                     tracing::debug!(%dn, "adding entry");
-                    let result = self
-                        .retrying(
-                            |mut l, t| {
-                                let dn = dn.clone();
-                                let attrs = attrs.clone();
-                                async move { l.with_timeout(t).add(&dn, attrs).await }
-                            },
-                            &ldap,
-                        )
-                        .await?;
+                    let result = self.write(&ldap, &dn, Write::Add(attrs)).await?;
                     match result.rc {
                         0 => return Ok(applied(&dn)),
                         rc::ENTRY_ALREADY_EXISTS => continue,
@@ -381,6 +372,24 @@ impl LdapSink {
     }
 
     /// Runs a write, again after a pause when the server says it is busy or unavailable.
+    /// Modifies or adds the entry `dn`, retried while the directory is busy.
+    async fn write(&self, ldap: &Ldap, dn: &str, write: Write) -> Result<LdapResult, LdapError> {
+        self.retrying(
+            |mut l, t| {
+                let write = write.clone();
+                async move {
+                    let l = l.with_timeout(t);
+                    match write {
+                        Write::Modify(mods) => l.modify(dn, mods).await,
+                        Write::Add(attrs) => l.add(dn, attrs).await,
+                    }
+                }
+            },
+            ldap,
+        )
+        .await
+    }
+
     async fn retrying<F, Fut>(&self, op: F, ldap: &Ldap) -> Result<LdapResult, LdapError>
     where
         F: Fn(Ldap, Duration) -> Fut,

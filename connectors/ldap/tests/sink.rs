@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{sink, sink_settings, slapd, source, source_settings};
+use common::{settings_as, sink, sink_settings, slapd, source, source_settings};
 use contactsync_core::{Change, ChangeBatch, Contact, ContactStatus, Outcome, Sink};
 use contactsync_testkit::changes::{self, create, removal as remove, update};
 use contactsync_testkit::slapd::{Slapd, PEOPLE_DN};
@@ -300,15 +300,8 @@ async fn a_person_without_a_surname_is_rejected_with_a_reason() {
 #[tokio::test]
 async fn a_bad_bind_fails_the_batch_without_naming_the_password() {
     let server = slapd(Slapd::builder());
-    let settings = contactsync_core::ConnectorSettings::from_toml(
-        "sinks.directory",
-        &format!(
-            "url = \"{}\"\nbind_dn = \"{}\"\npassword = \"not-the-secret\"\nbase_dn = \"{PEOPLE_DN}\"\n",
-            server.url(),
-            server.admin_dn()
-        ),
-    )
-    .unwrap();
+    let wrong = (server.admin_dn(), "not-the-secret");
+    let settings = settings_as(&server, "sinks.directory", wrong, PEOPLE_DN, "");
     let mut sink = sink(&settings);
     let mut store = MemoryStore::new();
     let mut ctx = store.context();

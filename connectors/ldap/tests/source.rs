@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expected_person, slapd, source, source_settings};
+use common::{expected_person, settings_as, slapd, source, source_settings};
 use contactsync_core::{ConnectorError, ContactStatus, Origin, ReadMode};
 use contactsync_ldap::source::format_generalized_time;
 use contactsync_ldap::SourceConfig;
@@ -259,16 +259,9 @@ async fn bind_failure_names_the_bind_dn_and_not_the_password() {
 #[tokio::test]
 async fn a_missing_base_dn_is_reported_by_check() {
     let server = slapd(Slapd::builder());
-    let settings = contactsync_core::ConnectorSettings::from_toml(
-        "sources.directory",
-        &format!(
-            "url = \"{}\"\nbind_dn = \"{}\"\npassword = \"{}\"\nbase_dn = \"ou=nowhere,dc=example,dc=org\"\n",
-            server.url(),
-            server.reader_dn(),
-            server.reader_password()
-        ),
-    )
-    .unwrap();
+    let reader = (server.reader_dn(), server.reader_password());
+    let nowhere = "ou=nowhere,dc=example,dc=org";
+    let settings = settings_as(&server, "sources.directory", reader, nowhere, "");
     let err = source(&settings).check().await.unwrap_err();
     assert!(
         err.to_string().contains("ou=nowhere,dc=example,dc=org"),

@@ -169,14 +169,7 @@ impl PoppuloClient {
         href: &str,
         cancel: CancellationToken,
     ) -> Result<ImportState, ConnectorError> {
-        let answer = self
-            .http
-            .request_url(Method::GET, href)
-            .classify(&standard_xml)
-            .cancel(cancel)
-            .send()
-            .await?;
-        let answer = finish(answer)?;
+        let answer = self.get_url(href, None, cancel).await?;
         ImportState::parse(&answer.text()).map_err(|m| ConnectorError::Protocol {
             call: answer.call().to_string(),
             message: m,
@@ -189,15 +182,29 @@ impl PoppuloClient {
         href: &str,
         cancel: CancellationToken,
     ) -> Result<String, ConnectorError> {
-        let answer = self
-            .http
-            .request_url(Method::GET, href)
-            .header("Accept", "text/csv, application/xml;q=0.5")
+        let accept = "text/csv, application/xml;q=0.5";
+        Ok(self.get_url(href, Some(accept), cancel).await?.text())
+    }
+
+    /// `GET` a URL Poppulo handed out (an import's, its rejected rows'), accepting
+    /// `accept` instead of the client's XML when given; a 2xx answer, or the error it
+    /// means.
+    async fn get_url(
+        &self,
+        href: &str,
+        accept: Option<&str>,
+        cancel: CancellationToken,
+    ) -> Result<Answer, ConnectorError> {
+        let mut request = self.http.request_url(Method::GET, href);
+        if let Some(accept) = accept {
+            request = request.header("Accept", accept);
+        }
+        let answer = request
             .classify(&standard_xml)
             .cancel(cancel)
             .send()
             .await?;
-        Ok(finish(answer)?.text())
+        finish(answer)
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::{HashSet, VecDeque};
 use contactsync_core::async_trait;
 use contactsync_core::{
     ConnectorError, Contact, ContactStatus, Field, Origin, ReadMode, ReadOutcome, RecordError,
-    RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,
+    RecordStream, Source, SourceItem, SourceRecord,
 };
 
 use crate::client::PoppuloClient;
@@ -34,10 +34,6 @@ impl PoppuloSource {
 
 #[async_trait]
 impl Source for PoppuloSource {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
-
     async fn check(&self) -> Result<(), ConnectorError> {
         self.client
             .subscribers_page(&self.config.status, None)

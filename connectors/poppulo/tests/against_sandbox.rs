@@ -33,17 +33,23 @@ async fn sandbox() -> RunningPoppulo {
 }
 
 fn settings(sb: &RunningPoppulo, section: &str, extra: &str) -> ConnectorSettings {
-    ConnectorSettings::from_toml(
-        section,
-        &format!(
-            "base_url = \"{}\"\naccount = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n{extra}",
-            sb.base_url(),
-            sb.account(),
-            sb.username(),
-            sb.password()
-        ),
-    )
-    .unwrap()
+    settings_with_password(sb, section, sb.password(), extra)
+}
+
+/// As [`settings`], with `password` for the API user's.
+fn settings_with_password(
+    sb: &RunningPoppulo,
+    section: &str,
+    password: &str,
+    extra: &str,
+) -> ConnectorSettings {
+    let toml = format!(
+        "base_url = \"{}\"\naccount = \"{}\"\nusername = \"{}\"\npassword = \"{password}\"\n{extra}",
+        sb.base_url(),
+        sb.account(),
+        sb.username(),
+    );
+    ConnectorSettings::from_toml(section, &toml).unwrap()
 }
 
 const FAST: &str = "min_poll_interval = \"20ms\"\nbusy_retry_interval = \"100ms\"\nmax_wait_for_busy_account = \"10s\"\nmax_retry_time = \"30s\"";
@@ -416,16 +422,7 @@ async fn recover_reads_each_row_of_a_moved_address_under_its_own_address() {
 #[tokio::test]
 async fn bad_credentials_are_an_auth_error() {
     let sb = sandbox().await;
-    let s = ConnectorSettings::from_toml(
-        "sinks.poppulo",
-        &format!(
-            "base_url = \"{}\"\naccount = \"{}\"\nusername = \"{}\"\npassword = \"wrong-secret\"",
-            sb.base_url(),
-            sb.account(),
-            sb.username()
-        ),
-    )
-    .unwrap();
+    let s = settings_with_password(&sb, "sinks.poppulo", "wrong-secret", "");
     let mut sink = PoppuloSink::new(SinkConfig::from_settings(&s).unwrap()).unwrap();
     let err = sink.check().await.unwrap_err();
     assert!(matches!(err, ConnectorError::Auth { .. }), "{err:?}");

@@ -498,11 +498,23 @@ fn a_subscriber_page_with_a_next_link() {
     assert_eq!(page.total_results, Some(3));
     assert_eq!(page.subscribers.len(), 2);
     let ann = subscriber_to_contact(&page.subscribers[0]).unwrap();
-    assert_eq!(ann.email.as_deref(), Some("Ann@example.com"));
-    assert_eq!(ann.last_name.as_deref(), Some("Lee"));
-    assert_eq!(ann.job_title.as_deref(), Some("Engineer"));
-    assert_eq!(ann.external_id.as_deref(), Some("E1"));
-    assert_eq!(ann.department.as_deref(), Some("R&D"));
+    let named = [
+        &ann.email,
+        &ann.last_name,
+        &ann.job_title,
+        &ann.external_id,
+        &ann.department,
+    ];
+    assert_eq!(
+        named.map(|v| v.as_deref()),
+        [
+            Some("Ann@example.com"),
+            Some("Lee"),
+            Some("Engineer"),
+            Some("E1"),
+            Some("R&D")
+        ]
+    );
     assert_eq!(
         ann.attributes.get("Cost Center").map(String::as_str),
         Some("C42")
@@ -518,10 +530,7 @@ fn a_subscriber_page_with_a_next_link() {
 
 #[test]
 fn the_rejected_rows_csv_in_three_sections() {
-    let columns: Vec<String> = ["email", "name.first name", "status"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let columns = ["email", "name.first name", "status"].map(String::from);
     let text = "\"Invalid Subscribers\"\r\n\"email\",\"name.first name\",\"status\"\r\n\"not-an-email\",\"Ann, Jr.\",\"ACTIVE\"\r\n\
 \r\n\"Duplicate Subscribers\"\r\nemail,name.first name,status\r\nbob@example.com,\"Bob \"\"B\"\"\",ACTIVE\r\n\
 \"Opted-out Subscribers\"\r\n\"email\",\"name.first name\",\"status\"\r\n\"Carol@Example.com\",\"Carol\",\"ACTIVE\"\r\n";

@@ -285,6 +285,20 @@ impl Outcome {
         Outcome::Applied { handle: None }
     }
 
+    /// One outcome a change from outcomes gathered by position: a change none was
+    /// found for is [`Outcome::Unknown`] for `reason` (the engine sends it again), never
+    /// applied.
+    pub fn each_or_unknown(outcomes: Vec<Option<Outcome>>, reason: &str) -> Vec<Outcome> {
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::Unknown {
+                    reason: reason.to_string(),
+                })
+            })
+            .collect()
+    }
+
     /// Rejected for `reason`, worth retrying.
     pub fn rejected(reason: impl Into<String>) -> Self {
         Outcome::Rejected {

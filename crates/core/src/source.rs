@@ -111,7 +111,7 @@ pub trait RecordStream: Send {
 /// ```
 /// use contactsync_core::{
 ///     async_trait, Contact, ConnectorError, Origin, ReadMode, ReadOutcome, RecordStream,
-///     Source, SourceCapabilities, SourceItem, SourceRecord,
+///     Source, SourceItem, SourceRecord,
 /// };
 ///
 /// /// A source of people held in memory.
@@ -133,9 +133,6 @@ pub trait RecordStream: Send {
 ///
 /// #[async_trait]
 /// impl Source for Fixed {
-///     fn capabilities(&self) -> SourceCapabilities {
-///         SourceCapabilities::default()
-///     }
 ///     async fn check(&self) -> Result<(), ConnectorError> {
 ///         Ok(())
 ///     }
@@ -156,8 +153,12 @@ pub trait RecordStream: Send {
 /// ```
 #[async_trait]
 pub trait Source: Send + Sync {
-    /// What this source can do.
-    fn capabilities(&self) -> SourceCapabilities;
+    /// What this source can do. The default, [`SourceCapabilities::default`], is the
+    /// safe answer for a source that says nothing: full reads only, deletions not
+    /// reported.
+    fn capabilities(&self) -> SourceCapabilities {
+        SourceCapabilities::default()
+    }
 
     /// Opens the endpoint and checks credentials and configuration, changing nothing
     /// (`contactsync check`).
@@ -181,12 +182,17 @@ pub trait Source: Send + Sync {
 pub struct ReadPasses {
     current: u32,
     max: u32,
+    used_up: bool,
 }
 
 impl ReadPasses {
     /// The first of at most `max` passes.
     pub fn new(max: u32) -> Self {
-        ReadPasses { current: 1, max }
+        ReadPasses {
+            current: 1,
+            max,
+            used_up: false,
+        }
     }
 
     /// The pass under way, from 1.
@@ -194,11 +200,18 @@ impl ReadPasses {
         self.current
     }
 
+    /// Whether no pass was refused: once the passes are used up while records still
+    /// moved, the read is not complete.
+    pub fn complete(&self) -> bool {
+        !self.used_up
+    }
+
     /// After a pass in which `what` (`Actito profiles`) moved: `true` when another
-    /// pass begins; `false` when the passes are used up, and the read is not complete.
-    /// Both are logged.
+    /// pass begins; `false` when the passes are used up, and the read is not complete
+    /// ([`ReadPasses::complete`]). Both are logged.
     pub fn another(&mut self, what: &str) -> bool {
         if self.current >= self.max {
+            self.used_up = true;
             tracing::warn!(
                 passes = self.current,
                 "{what} kept changing while they were paged; the read is not complete, so no removal comes from it"
@@ -225,7 +238,9 @@ mod tests {
         assert!(passes.another("people"));
         assert!(passes.another("people"));
         assert_eq!(passes.current(), 3);
+        assert!(passes.complete());
         assert!(!passes.another("people"), "a fourth pass is not made");
         assert_eq!(passes.current(), 3);
+        assert!(!passes.complete());
     }
 }

@@ -32,7 +32,7 @@ mod wire;
 
 pub use error::SandboxError;
 pub use guarded::{plain_email, Guarded};
-pub use server::{admin_routes, serve, start, Platform, Running};
+pub use server::{admin_routes, serve, start, start_for_registry, Platform, Running};
 pub use wire::{
     inject_faults, log_calls, Answers, Injected, LogDetail, LoggedRequest, Wire, WireCounts,
     WireFaults, LOG_LIMIT,

@@ -195,6 +195,30 @@ impl<P: Platform> Running<P> {
     }
 }
 
+/// The registry's start function of a sandbox (`base_url = "sandbox"`, `contactsync
+/// sandbox NAME`): `config` reads the connector's settings in `options`, `start`
+/// starts the sandbox, whose server then runs detached under the registry's handle.
+///
+/// ```ignore
+/// contactsync_core::inventory::submit! {
+///     SandboxFactory { name: "acme", start: |o| start_for_registry(o, config_from, AcmeSandbox::start) }
+/// }
+/// ```
+pub fn start_for_registry<C, E, R, Fut>(
+    options: contactsync_core::SandboxOptions,
+    config: fn(&contactsync_core::SandboxOptions) -> Result<C, E>,
+    start: fn(C) -> Fut,
+) -> contactsync_core::registry::SandboxStart
+where
+    C: Send + 'static,
+    E: Into<contactsync_core::ConnectorError>,
+    Fut: std::future::Future<Output = Result<R, SandboxError>> + Send + 'static,
+    R: Into<RunningSandbox>,
+{
+    let config = config(&options).map_err(Into::into);
+    Box::pin(async move { Ok(start(config?).await?.into()) })
+}
+
 impl<P: Platform> Drop for Running<P> {
     fn drop(&mut self) {
         // A detached server has no task here and lives on under its RunningSandbox.

@@ -78,7 +78,6 @@ pub async fn read_all(source: &dyn Source, mode: ReadMode) -> Result<SourceRead,
 /// # }
 /// # #[async_trait]
 /// # impl Source for Fixed {
-/// #     fn capabilities(&self) -> SourceCapabilities { SourceCapabilities::default() }
 /// #     async fn check(&self) -> Result<(), ConnectorError> { Ok(()) }
 /// #     async fn read(&self, _mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {
 /// #         Ok(Box::new(FixedStream(self.0.clone().into_iter(), 0)))

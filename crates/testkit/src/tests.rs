@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use contactsync_core::{
     async_trait, Change, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, KeyRule,
     Origin, Outcome, ReadMode, ReadOutcome, RecordStream, RemovalStyle, Sink, SinkCapabilities,
-    SinkContext, Source, SourceCapabilities, SourceItem, SourceRecord,
+    SinkContext, Source, SourceItem, SourceRecord,
 };
 
 use crate::*;
@@ -118,9 +118,6 @@ impl RecordStream for MemoryStream {
 
 #[async_trait]
 impl Source for MemorySource {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
     async fn check(&self) -> Result<(), ConnectorError> {
         Ok(())
     }

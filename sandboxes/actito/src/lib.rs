@@ -40,10 +40,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
+use contactsync_core::registry::{RunningSandbox, SandboxOptions};
 use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Answers, Guarded, Platform, Running, Wire};
+use contactsync_sandbox_kit::{start_for_registry, Answers, Guarded, Platform, Running, Wire};
 use serde::Deserialize;
 
 pub use contactsync_sandbox_kit::{LoggedRequest, SandboxError, WireFaults};
@@ -294,6 +294,13 @@ pub struct RunningActito {
     running: Running<Shared>,
 }
 
+/// Detached: the server runs on under the registry's handle.
+impl From<RunningActito> for RunningSandbox {
+    fn from(sandbox: RunningActito) -> Self {
+        sandbox.running.detach()
+    }
+}
+
 impl RunningActito {
     /// The API base, `http://127.0.0.1:PORT` (`/auth/token`, `/v4/…` follow it).
     pub fn base_url(&self) -> &str {
@@ -468,16 +475,12 @@ fn config_from(options: &SandboxOptions) -> Result<SandboxConfig, SandboxError> 
     Ok(config)
 }
 
-/// Starts the sandbox for the registry (`base_url = "sandbox"`, `contactsync sandbox
-/// actito`): the key, entity and table of the connector settings when given,
-/// otherwise key `sandbox-key`, entity `demo`, table `contacts`.
-pub fn start(options: SandboxOptions) -> SandboxStart {
-    Box::pin(async move {
-        let config = config_from(&options)?;
-        Ok(ActitoSandbox::start(config).await?.running.detach())
-    })
-}
-
+// The sandbox for the registry (`base_url = "sandbox"`, `contactsync sandbox
+// actito`): the key, entity and table of the connector settings when given,
+// otherwise key `sandbox-key`, entity `demo`, table `contacts`.
 contactsync_core::inventory::submit! {
-    SandboxFactory { name: "actito", start }
+    contactsync_core::SandboxFactory {
+        name: "actito",
+        start: |options| start_for_registry(options, config_from, ActitoSandbox::start),
+    }
 }

@@ -50,10 +50,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use contactsync_core::registry::SandboxStart;
+use contactsync_core::registry::RunningSandbox;
 use contactsync_core::{CancellationToken, ConnectorError, SandboxOptions, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Guarded, Platform, Running, Wire};
+use contactsync_sandbox_kit::{start_for_registry, Guarded, Platform, Running, Wire};
 use serde::{Deserialize, Serialize};
 
 pub use contactsync_sandbox_kit::{Injected, SandboxError, WireFaults};
@@ -172,6 +172,13 @@ impl Default for SandboxConfig {
 #[derive(Debug)]
 pub struct Sandbox {
     running: Running<Shared>,
+}
+
+/// Detached: the server runs on under the registry's handle.
+impl From<Sandbox> for RunningSandbox {
+    fn from(sandbox: Sandbox) -> Self {
+        sandbox.running.detach()
+    }
 }
 
 impl Sandbox {
@@ -373,16 +380,12 @@ fn config_from_options(options: &SandboxOptions) -> Result<SandboxConfig, Connec
     Ok(config)
 }
 
-/// The registry's entry point: starts a sandbox for [`SandboxOptions`]. With settings,
-/// it accepts exactly their `username`, `password`/`password_file` and `site_id` (and
-/// uses their `time_zone`); without, user `sandbox`, password `sandbox`, site 1, UTC.
-pub fn start(options: SandboxOptions) -> SandboxStart {
-    Box::pin(async move {
-        let config = config_from_options(&options)?;
-        Ok(Sandbox::start(config).await?.running.detach())
-    })
-}
-
+// The sandbox for the registry. With settings,
+// it accepts exactly their `username`, `password`/`password_file` and `site_id` (and
+// uses their `time_zone`); without, user `sandbox`, password `sandbox`, site 1, UTC.
 contactsync_core::inventory::submit! {
-    contactsync_core::SandboxFactory { name: "businesscatalyst", start }
+    contactsync_core::SandboxFactory {
+        name: "businesscatalyst",
+        start: |options| start_for_registry(options, config_from_options, Sandbox::start),
+    }
 }

@@ -252,18 +252,25 @@ impl Store {
                 *slot = Some(v).filter(|v| !v.trim().is_empty());
             }
         };
-        set(&mut contact.external_id, record.external_id);
-        set(&mut contact.email_address, record.email_address);
-        set(&mut contact.contact_title, record.contact_title);
-        set(&mut contact.full_name, record.full_name);
-        set(&mut contact.first_name, record.first_name);
-        set(&mut contact.last_name, record.last_name);
-        set(&mut contact.username, record.username);
-        set(&mut contact.date_of_birth, record.date_of_birth);
-        set(&mut contact.customer_type, record.customer_type);
-        set(&mut contact.industry_type, record.industry_type);
-        set(&mut contact.lead_source_type, record.lead_source_type);
-        set(&mut contact.rating_type, record.rating_type);
+        // The fields a record gives replace the contact's (a blank one clears it); the
+        // ones it leaves out stay.
+        macro_rules! merge {
+            ($($field:ident),*) => { $( set(&mut contact.$field, record.$field); )* };
+        }
+        merge!(
+            external_id,
+            email_address,
+            contact_title,
+            full_name,
+            first_name,
+            last_name,
+            username,
+            date_of_birth,
+            customer_type,
+            industry_type,
+            lead_source_type,
+            rating_type
+        );
         if let Some(addresses) = record.addresses {
             for address in addresses {
                 contact

@@ -34,57 +34,28 @@ pub(crate) enum Target {
 }
 
 /// The canonical column names the API knows, spelled exactly, and where they go.
+#[rustfmt::skip]
 pub(crate) const CANONICAL: &[(&str, Target)] = &[
     ("email", Target::Email),
     ("name.first name", Target::Field("first_name")),
     ("name.surname", Target::Field("surname")),
-    (
-        "personalDetails.preferredName",
-        Target::Field("personal_details/preferred_name"),
-    ),
-    (
-        "personalDetails.employeeId",
-        Target::Field("personal_details/employee_id"),
-    ),
+    ("personalDetails.preferredName", Target::Field("personal_details/preferred_name")),
+    ("personalDetails.employeeId", Target::Field("personal_details/employee_id")),
     ("employeeId", Target::Field("personal_details/employee_id")),
     ("externalId", Target::Field("external_id")),
     ("company", Target::Field("company")),
     ("position", Target::Field("position_company")),
-    (
-        "workDetails.function",
-        Target::Field("work_details/function"),
-    ),
+    ("workDetails.function", Target::Field("work_details/function")),
     ("workDetails.team", Target::Field("work_details/team")),
-    (
-        "workDetails.department",
-        Target::Field("work_details/department"),
-    ),
-    (
-        "workDetails.division",
-        Target::Field("work_details/division"),
-    ),
-    (
-        "workDetails.businessUnit",
-        Target::Field("work_details/business_unit"),
-    ),
-    (
-        "workLocation.officeBuilding",
-        Target::Field("work_location/office_building"),
-    ),
-    (
-        "workLocation.siteLocation",
-        Target::Field("work_location/site_location"),
-    ),
+    ("workDetails.department", Target::Field("work_details/department")),
+    ("workDetails.division", Target::Field("work_details/division")),
+    ("workDetails.businessUnit", Target::Field("work_details/business_unit")),
+    ("workLocation.officeBuilding", Target::Field("work_location/office_building")),
+    ("workLocation.siteLocation", Target::Field("work_location/site_location")),
     ("workLocation.region", Target::Field("work_location/region")),
-    (
-        "address.address line 1",
-        Target::Field("address/address_line_1"),
-    ),
+    ("address.address line 1", Target::Field("address/address_line_1")),
     ("address.city", Target::Field("address/city")),
-    (
-        "address.state/region",
-        Target::Field("address/state_region"),
-    ),
+    ("address.state/region", Target::Field("address/state_region")),
     ("address.postal code", Target::Field("address/postal_code")),
     ("address.country", Target::Field("address/country")),
     ("permissions", Target::Permissions),

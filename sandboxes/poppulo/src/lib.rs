@@ -43,10 +43,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use contactsync_core::registry::{SandboxFactory, SandboxOptions, SandboxStart};
+use contactsync_core::registry::{RunningSandbox, SandboxOptions};
 use contactsync_core::{CancellationToken, ExposeSecret, SecretString};
 use contactsync_sandbox_kit::data::DataFile;
-use contactsync_sandbox_kit::{Answers, Guarded, Platform, Running, Wire};
+use contactsync_sandbox_kit::{start_for_registry, Answers, Guarded, Platform, Running, Wire};
 use serde::Deserialize;
 
 pub use contactsync_sandbox_kit::{LoggedRequest, SandboxError, WireFaults};
@@ -272,6 +272,13 @@ pub struct RunningPoppulo {
     running: Running<Shared>,
 }
 
+/// Detached: the server runs on under the registry's handle.
+impl From<RunningPoppulo> for RunningSandbox {
+    fn from(sandbox: RunningPoppulo) -> Self {
+        sandbox.running.detach()
+    }
+}
+
 impl RunningPoppulo {
     /// The API base, `http://127.0.0.1:PORT/v2` (the account code follows it).
     pub fn base_url(&self) -> &str {
@@ -450,16 +457,12 @@ fn config_from(options: &SandboxOptions) -> Result<SandboxConfig, SandboxError> 
     Ok(config)
 }
 
-/// Starts the sandbox for the registry (`base_url = "sandbox"`, `contactsync sandbox
-/// poppulo`): the account and credentials of the connector settings when given,
-/// otherwise account `demo`, user `sandbox`, password `sandbox`.
-pub fn start(options: SandboxOptions) -> SandboxStart {
-    Box::pin(async move {
-        let config = config_from(&options)?;
-        Ok(PoppuloSandbox::start(config).await?.running.detach())
-    })
-}
-
+// The sandbox for the registry (`base_url = "sandbox"`, `contactsync sandbox
+// poppulo`): the account and credentials of the connector settings when given,
+// otherwise account `demo`, user `sandbox`, password `sandbox`.
 contactsync_core::inventory::submit! {
-    SandboxFactory { name: "poppulo", start }
+    contactsync_core::SandboxFactory {
+        name: "poppulo",
+        start: |options| start_for_registry(options, config_from, PoppuloSandbox::start),
+    }
 }

@@ -353,6 +353,16 @@ pub(crate) fn now() -> DateTime<Utc> {
 }
 
 impl Store {
+    /// The import whose id is written `id` in a URL.
+    pub fn import(&self, id: &str) -> Option<&Import> {
+        self.imports.get(&id.parse::<u64>().ok()?)
+    }
+
+    /// The import whose id is written `id` in a URL, to change.
+    pub fn import_mut(&mut self, id: &str) -> Option<&mut Import> {
+        self.imports.get_mut(&id.parse::<u64>().ok()?)
+    }
+
     /// The subscriber matched by `email`.
     pub fn find(&self, email: &str) -> Option<&Subscriber> {
         self.by_email

@@ -166,11 +166,7 @@ impl XmlWriter {
 
     /// Opens `<name attr="v"...>`.
     pub fn open(&mut self, name: &str, attributes: &[(&str, &str)]) -> &mut Self {
-        self.out.push('<');
-        self.out.push_str(name);
-        self.push_attributes(attributes);
-        self.out.push('>');
-        self
+        self.start_tag(name, attributes, ">")
     }
 
     /// Closes `</name>`.
@@ -183,16 +179,26 @@ impl XmlWriter {
 
     /// Writes `<name attr="v".../>`.
     pub fn empty(&mut self, name: &str, attributes: &[(&str, &str)]) -> &mut Self {
+        self.start_tag(name, attributes, "/>")
+    }
+
+    /// `<name attr="v"...` and `end` (`>` or `/>`).
+    fn start_tag(&mut self, name: &str, attributes: &[(&str, &str)], end: &str) -> &mut Self {
         self.out.push('<');
         self.out.push_str(name);
         self.push_attributes(attributes);
-        self.out.push_str("/>");
+        self.out.push_str(end);
         self
     }
 
     /// Writes `<name>text</name>`.
     pub fn text(&mut self, name: &str, text: &str) -> &mut Self {
         self.text_with(name, &[], text)
+    }
+
+    /// Writes `<name>number</name>`.
+    pub fn number(&mut self, name: &str, number: impl std::fmt::Display) -> &mut Self {
+        self.text(name, &number.to_string())
     }
 
     /// Writes `<name attr="v"...>text</name>`.

@@ -861,14 +861,7 @@ impl Sink for ActitoSink {
         for (i, o) in positions.into_iter().zip(results) {
             outcomes[i] = Some(o);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or(Outcome::Unknown {
-                    reason: "not handled".into(),
-                })
-            })
-            .collect())
+        Ok(Outcome::each_or_unknown(outcomes, "not handled"))
     }
 }
 

@@ -13,28 +13,39 @@ pub fn slapd(builder: contactsync_testkit::slapd::SlapdBuilder) -> Slapd {
     }
 }
 
+/// The settings of `section` binding as `bind_dn` with `password`, under `base_dn`,
+/// plus `extra` TOML lines.
+pub fn settings_as(
+    slapd: &Slapd,
+    section: &str,
+    (bind_dn, password): (&str, &str),
+    base_dn: &str,
+    extra: &str,
+) -> ConnectorSettings {
+    let toml = format!(
+        "url = \"{}\"\nbind_dn = \"{bind_dn}\"\npassword = \"{password}\"\nbase_dn = \"{base_dn}\"\n{extra}",
+        slapd.url(),
+    );
+    ConnectorSettings::from_toml(section, &toml).expect("settings")
+}
+
 /// Source settings reading `ou=people` as the reader account, plus `extra` TOML lines.
 pub fn source_settings(slapd: &Slapd, extra: &str) -> ConnectorSettings {
-    let toml = format!(
-        "url = \"{}\"\nbind_dn = \"{}\"\npassword = \"{}\"\nbase_dn = \"{}\"\noperation_timeout = \"10s\"\n{extra}",
-        slapd.url(),
-        slapd.reader_dn(),
-        slapd.reader_password(),
-        slapd.people_dn()
-    );
-    ConnectorSettings::from_toml("sources.directory", &toml).expect("settings")
+    let reader = (slapd.reader_dn(), slapd.reader_password());
+    let extra = format!("operation_timeout = \"10s\"\n{extra}");
+    settings_as(
+        slapd,
+        "sources.directory",
+        reader,
+        slapd.people_dn(),
+        &extra,
+    )
 }
 
 /// Sink settings writing under `ou=people` as the admin, plus `extra` TOML lines.
 pub fn sink_settings(slapd: &Slapd, extra: &str) -> ConnectorSettings {
-    let toml = format!(
-        "url = \"{}\"\nbind_dn = \"{}\"\npassword = \"{}\"\nbase_dn = \"{}\"\n{extra}",
-        slapd.url(),
-        slapd.admin_dn(),
-        slapd.admin_password(),
-        slapd.people_dn()
-    );
-    ConnectorSettings::from_toml("sinks.directory", &toml).expect("settings")
+    let admin = (slapd.admin_dn(), slapd.admin_password());
+    settings_as(slapd, "sinks.directory", admin, slapd.people_dn(), extra)
 }
 
 /// Builds through the registry, as the binary does.

@@ -320,9 +320,6 @@ impl RecordStream for FailingStream {
 
 #[async_trait]
 impl Source for FailingSource {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
     async fn check(&self) -> Result<(), ConnectorError> {
         Ok(())
     }

@@ -20,16 +20,10 @@ pub(super) async fn post_import(
     Path((e, t)): Path<(String, String)>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
-    if let Err(r) = table_ok(&shared, &e, &t) {
-        return r;
-    }
-    let used = shared
-        .lock()
-        .store
-        .tables
-        .get(&t)
-        .and_then(|t| t.bulk_days.get(&today()).copied())
-        .unwrap_or(0);
+    let used = match read_table(&shared, &e, &t, |t| t.bulk_days.get(&today()).copied()) {
+        Ok(used) => used.unwrap_or(0),
+        Err(r) => return r,
+    };
     if used >= shared.config.bulk_per_day {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -234,6 +228,19 @@ pub(super) fn find_import(shared: &Shared, e: &str, id: &str) -> Result<Import, 
         .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no import {id}")))
 }
 
+/// Import `id`, once it has finished; else the answer that it has not (or does not
+/// exist).
+fn finished_import(shared: &Shared, e: &str, id: &str) -> Result<Import, Response> {
+    let import = find_import(shared, e, id)?;
+    if import.status != ImportStatus::Finished {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("import {} has not finished", import.id),
+        ));
+    }
+    Ok(import)
+}
+
 pub(super) fn status_name(s: ImportStatus) -> &'static str {
     match s {
         ImportStatus::Waiting => "WAITING",
@@ -266,11 +273,7 @@ pub(super) async fn result(
     State(shared): State<Arc<Shared>>,
     Path((e, id)): Path<(String, String)>,
 ) -> Response {
-    match find_import(&shared, &e, &id) {
-        Ok(i) if i.status != ImportStatus::Finished => error(
-            StatusCode::BAD_REQUEST,
-            format!("import {} has not finished", i.id),
-        ),
+    match finished_import(&shared, &e, &id) {
         Ok(i) => Json(json!({
             "withErrors": !i.errors.is_empty(),
             "rowsInError": i.errors.len(),
@@ -288,13 +291,7 @@ pub(super) async fn result_file(
     State(shared): State<Arc<Shared>>,
     Path((e, id)): Path<(String, String)>,
 ) -> Response {
-    let import = match find_import(&shared, &e, &id) {
-        Ok(i) if i.status != ImportStatus::Finished => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("import {} has not finished", i.id),
-            )
-        }
+    let import = match finished_import(&shared, &e, &id) {
         Ok(i) => i,
         Err(r) => return r,
     };

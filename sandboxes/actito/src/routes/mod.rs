@@ -240,6 +240,24 @@ pub fn table_ok(shared: &Shared, entity: &str, table: &str) -> Result<(), Respon
     }
 }
 
+/// What `read` takes from table `table` of `entity`, or the answer that it does not
+/// exist.
+pub fn read_table<T>(
+    shared: &Shared,
+    entity: &str,
+    table: &str,
+    read: impl FnOnce(&crate::model::Table) -> T,
+) -> Result<T, Response> {
+    table_ok(shared, entity, table)?;
+    let state = shared.lock();
+    state
+        .store
+        .tables
+        .get(table)
+        .map(read)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no profile table {table}")))
+}
+
 async fn entities(State(shared): S) -> Response {
     Json(json!({"entities": [{"name": shared.config.entity}]})).into_response()
 }
@@ -259,17 +277,10 @@ async fn tables(State(shared): S, Path(e): Path<String>) -> Response {
 }
 
 async fn structure(State(shared): S, Path((e, t)): Path<(String, String)>) -> Response {
-    if let Err(r) = table_ok(&shared, &e, &t) {
-        return r;
+    match read_table(&shared, &e, &t, |table| table.def.to_json()) {
+        Ok(json) => Json(json).into_response(),
+        Err(r) => r,
     }
-    let json = shared
-        .lock()
-        .store
-        .tables
-        .get(&t)
-        .map(|t| t.def.to_json())
-        .unwrap_or(Value::Null);
-    Json(json).into_response()
 }
 
 async fn stats(State(shared): S) -> Json<super::Stats> {

@@ -31,15 +31,12 @@ pub(super) fn single_result(op: &str, contact: Option<&SandboxContact>) -> Answe
 /// zoned value is converted into the site's zone; a bare date means midnight.
 pub(super) fn parse_date(value: &str, tz: Tz) -> Option<NaiveDateTime> {
     let value = value.trim();
-    if let Ok(d) = NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f") {
-        return Some(d);
-    }
-    if let Ok(d) = DateTime::parse_from_rfc3339(value) {
-        return Some(d.with_timezone(&tz).naive_local());
-    }
-    chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
+    let local = || NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").ok();
+    let zoned = || DateTime::parse_from_rfc3339(value).ok();
+    let day = || chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d").ok();
+    local()
+        .or_else(|| zoned().map(|d| d.with_timezone(&tz).naive_local()))
+        .or_else(|| day()?.and_hms_opt(0, 0, 0))
 }
 
 pub(super) fn format_date(date: Option<NaiveDateTime>) -> String {

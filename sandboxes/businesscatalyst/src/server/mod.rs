@@ -101,21 +101,18 @@ impl Shared {
     }
 }
 
+// The platform's own faults and data first; the wire is the kit's.
 impl Platform for Shared {
     const NAME: &'static str = "Business Catalyst";
     type Faults = Faults;
 
-    fn wire(&self) -> &Wire {
-        &self.wire
+    fn set_faults(&self, faults: Faults) {
+        tracing::info!(?faults, "businesscatalyst sandbox: faults set");
+        self.lock().faults = faults;
     }
 
     fn faults(&self) -> Faults {
         self.lock().faults.clone()
-    }
-
-    fn set_faults(&self, faults: Faults) {
-        tracing::info!(?faults, "businesscatalyst sandbox: faults set");
-        self.lock().faults = faults;
     }
 
     fn reset(&self) {
@@ -124,6 +121,10 @@ impl Platform for Shared {
 
     fn save(&self) -> Result<(), SandboxError> {
         Shared::save(self)
+    }
+
+    fn wire(&self) -> &Wire {
+        &self.wire
     }
 }
 

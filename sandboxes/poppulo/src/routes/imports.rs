@@ -97,11 +97,7 @@ pub(super) async fn get_import(
     let millis = !whole_seconds(shared.config.ping_interval);
     let base = account_url(&headers, &shared);
     let mut state = shared.lock();
-    let Some(import) = id
-        .parse::<u64>()
-        .ok()
-        .and_then(|id| state.store.imports.get_mut(&id))
-    else {
+    let Some(import) = state.store.import_mut(&id) else {
         return error_response(StatusCode::NOT_FOUND, "no such subscriber import");
     };
     let now = Utc::now();
@@ -149,24 +145,12 @@ pub(super) fn import_xml(import: &Import, base: &str, millis: bool) -> String {
     } else {
         let href = format!("{uri}/invalid_subscribers");
         w.open("results", &[])
-            .text("total_records", &results.total_records.to_string())
-            .text("new_subscribers", &results.new_subscribers.to_string())
-            .text(
-                "updated_subscribers",
-                &results.updated_subscribers.to_string(),
-            )
-            .text(
-                "invalid_subscribers",
-                &results.invalid_subscribers.to_string(),
-            )
-            .text(
-                "duplicate_subscribers",
-                &results.duplicate_subscribers.to_string(),
-            )
-            .text(
-                "previously_opted_out",
-                &results.previously_opted_out.to_string(),
-            )
+            .number("total_records", results.total_records)
+            .number("new_subscribers", results.new_subscribers)
+            .number("updated_subscribers", results.updated_subscribers)
+            .number("invalid_subscribers", results.invalid_subscribers)
+            .number("duplicate_subscribers", results.duplicate_subscribers)
+            .number("previously_opted_out", results.previously_opted_out)
             .empty("link", &[("rel", REL_INVALID), ("href", &href)])
             .close("results");
     }
@@ -220,11 +204,7 @@ pub(super) async fn get_rejected(
 ) -> Response {
     let csv = {
         let state = shared.lock();
-        let Some(import) = id
-            .parse::<u64>()
-            .ok()
-            .and_then(|id| state.store.imports.get(&id))
-        else {
+        let Some(import) = state.store.import(&id) else {
             return error_response(StatusCode::NOT_FOUND, "no such subscriber import");
         };
         import::rejected_csv(import)

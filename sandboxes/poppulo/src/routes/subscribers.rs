@@ -309,14 +309,21 @@ pub(super) fn apply_patch(subscriber: &mut Subscriber, patch: SubscriberPatch) {
     }
 }
 
+/// The subscriber fields a request body sets.
+fn patch_of(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<SubscriberPatch, ApiError> {
+    xml_body(headers, body).and_then(|root| subscriber_patch(&root, &shared.config.custom_fields))
+}
+
 pub(super) async fn create_subscriber(
     State(shared): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let patch = match xml_body(&headers, &body)
-        .and_then(|root| subscriber_patch(&root, &shared.config.custom_fields))
-    {
+    let patch = match patch_of(&shared, &headers, &body) {
         Ok(patch) => patch,
         Err(error) => return error.into_response(),
     };
@@ -357,9 +364,7 @@ pub(super) async fn update_subscriber(
     Path((_, key)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let patch = match xml_body(&headers, &body)
-        .and_then(|root| subscriber_patch(&root, &shared.config.custom_fields))
-    {
+    let patch = match patch_of(&shared, &headers, &body) {
         Ok(patch) => patch,
         Err(error) => return error.into_response(),
     };

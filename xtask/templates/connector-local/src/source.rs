@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use contactsync_core::async_trait;
 use contactsync_core::{
     ConnectorError, Origin, ReadMode, ReadOutcome, RecordError, RecordStream, Source,
-    SourceCapabilities, SourceItem, SourceRecord,
+    SourceItem, SourceRecord,
 };
 
 use crate::config::SourceConfig;
@@ -28,10 +28,6 @@ impl __Name__Source {
 
 #[async_trait]
 impl Source for __Name__Source {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
-
     async fn check(&self) -> Result<(), ConnectorError> {
         self.folder.check().await
     }

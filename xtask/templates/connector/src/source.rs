@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use contactsync_core::async_trait;
 use contactsync_core::{
     ConnectorError, Contact, Origin, ReadMode, ReadOutcome, RecordStream, Source,
-    SourceCapabilities, SourceItem, SourceRecord,
+    SourceItem, SourceRecord,
 };
 
 use crate::client::__Name__Client;
@@ -30,10 +30,6 @@ impl __Name__Source {
 
 #[async_trait]
 impl Source for __Name__Source {
-    fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::default()
-    }
-
     async fn check(&self) -> Result<(), ConnectorError> {
         self.client.page(1, 1).await.map(|_| ())
     }
