@@ -432,12 +432,28 @@ fn bench_one(
             }
         }
     }
+    // Read and diff alone (the state's index loaded, the source parsed, every change
+    // found and counted, nothing written): the nightly's work that csv-diff also does.
+    let anchored = scenario.from == From::Csv && scenario.sandbox.is_none();
+    let read_and_diff = if anchored {
+        let dry = ("bench", "bench");
+        Some(measure_sync(
+            binary,
+            &config,
+            dry,
+            &["--dry-run"],
+            None,
+            state_url,
+        )?)
+    } else {
+        None
+    };
     let mut nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     nightly.state_bytes = state_size();
     drop(sandbox);
     // The anchor: the csv-diff crate on the same two files, in the same run (the
     // machine is shared, so ratios are what compare across runs).
-    if scenario.from == From::Csv && scenario.sandbox.is_none() {
+    if let (true, Some(mut read_and_diff)) = (anchored, read_and_diff) {
         let anchor = measure_anchor(&day_one, &people)?;
         eprintln!(
             "csv-diff on the same two files: {:.2} s, {:.0} MB",
@@ -445,10 +461,12 @@ fn bench_one(
             anchor.max_rss_kib as f64 / 1024.0
         );
         first.anchor = Some(anchor.elapsed);
+        read_and_diff.anchor = Some(anchor.elapsed);
         nightly.anchor = Some(anchor.elapsed);
         let _ = fs::remove_file(&day_one);
         return Ok(vec![
             ("first sync", first),
+            ("nightly read and diff (dry run)", read_and_diff),
             ("nightly rerun", nightly),
             ("csv-diff (anchor)", anchor),
         ]);
@@ -534,7 +552,19 @@ fn generate(path: &PathBuf, n: usize, day: Day) -> Result<()> {
 fn measure(
     binary: &Path,
     config: &Path,
+    pipeline: (&str, &str),
+    sandbox: Option<&str>,
+    state_url: Option<&str>,
+) -> Result<Measured> {
+    measure_sync(binary, config, pipeline, &[], sandbox, state_url)
+}
+
+/// As [`measure`], with more `sync` arguments (`--dry-run`).
+fn measure_sync(
+    binary: &Path,
+    config: &Path,
     (from, to): (&str, &str),
+    extra: &[&str],
     sandbox: Option<&str>,
     state_url: Option<&str>,
 ) -> Result<Measured> {
@@ -547,6 +577,7 @@ fn measure(
         .arg("--config")
         .arg(config)
         .args(["sync", "--from", from, "--to", to])
+        .args(extra)
         .arg("--report")
         .arg(&report)
         .env("RUST_LOG", "warn")
