@@ -508,19 +508,29 @@ mod tests {
         }
     }
 
+    /// Posts and follows `job` with `timing`, a fresh ledger under `jobs` in `store`.
+    async fn submit(
+        job: &Scripted,
+        timing: JobTiming,
+        store: &mut MemoryStore,
+        cancel: CancellationToken,
+    ) -> Submitted<String> {
+        let ledger = JobLedger::<Entry>::new("jobs");
+        let mut ctx = context(store, cancel);
+        JobFollower::new(job, &ledger, timing)
+            .submit((), entry, &mut ctx)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_completed_job_gives_its_result_and_leaves_the_ledger() {
         let job = Scripted::new(
             Posted::Accepted("7".into()),
             vec![running(None), JobPoll::Completed(3)],
         );
-        let ledger = JobLedger::<Entry>::new("jobs");
         let mut store = MemoryStore::default();
-        let mut ctx = context(&mut store, CancellationToken::new());
-        let followed = JobFollower::new(&job, &ledger, FAST)
-            .submit((), entry, &mut ctx)
-            .await
-            .unwrap();
+        let followed = submit(&job, FAST, &mut store, CancellationToken::new()).await;
         assert_eq!(
             followed,
             Submitted::Followed(Followed::Completed("2 rows, code 3".into()))
@@ -531,22 +541,18 @@ mod tests {
     #[tokio::test]
     async fn a_job_still_running_at_the_maximum_wait_stays_for_the_next_run() {
         let job = Scripted::new(Posted::Accepted("7".into()), vec![]);
-        let ledger = JobLedger::<Entry>::new("jobs");
         let mut store = MemoryStore::default();
         let timing = JobTiming {
             max_wait: Duration::from_millis(20),
             poll_interval: Duration::from_millis(5),
             ..FAST
         };
-        let mut ctx = context(&mut store, CancellationToken::new());
-        let followed = JobFollower::new(&job, &ledger, timing)
-            .submit((), entry, &mut ctx)
-            .await
-            .unwrap();
+        let followed = submit(&job, timing, &mut store, CancellationToken::new()).await;
         assert!(
             matches!(followed, Submitted::Followed(Followed::Pending(_))),
             "{followed:?}"
         );
+        let ledger = JobLedger::<Entry>::new("jobs");
         let kept = ledger.load(&store, |_| None).unwrap().unwrap();
         assert_eq!(kept, vec![entry("7".into())]);
 
@@ -576,18 +582,13 @@ mod tests {
             Posted::Accepted("7".into()),
             vec![running(Some(Duration::ZERO)), JobPoll::Completed(1)],
         );
-        let ledger = JobLedger::<Entry>::new("jobs");
         let mut store = MemoryStore::default();
         let timing = JobTiming {
             min_poll_interval: Duration::from_millis(30),
             ..FAST
         };
-        let mut ctx = context(&mut store, CancellationToken::new());
         let started = Instant::now();
-        JobFollower::new(&job, &ledger, timing)
-            .submit((), entry, &mut ctx)
-            .await
-            .unwrap();
+        submit(&job, timing, &mut store, CancellationToken::new()).await;
         assert!(started.elapsed() >= Duration::from_millis(30));
     }
 
@@ -597,13 +598,8 @@ mod tests {
             Posted::Accepted("7".into()),
             vec![JobPoll::Failed("ERROR: bad file".into())],
         );
-        let ledger = JobLedger::<Entry>::new("jobs");
         let mut store = MemoryStore::default();
-        let mut ctx = context(&mut store, CancellationToken::new());
-        let followed = JobFollower::new(&job, &ledger, FAST)
-            .submit((), entry, &mut ctx)
-            .await
-            .unwrap();
+        let followed = submit(&job, FAST, &mut store, CancellationToken::new()).await;
         assert_eq!(
             followed,
             Submitted::Followed(Followed::Ended("job 7 ended: ERROR: bad file".into()))

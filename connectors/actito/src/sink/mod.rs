@@ -382,6 +382,7 @@ impl ActitoSink {
         let Some(running) = ledger.load(ctx.store, |_| None)? else {
             return Ok(true);
         };
+        // Only waited for, its result never read: the key column is not needed.
         let imports = bulk_path::BulkImports {
             sink: self,
             key_column: String::new(),
