@@ -591,19 +591,25 @@ fn measure_sync(
     }
     let after = sandbox.filter(|u| !u.is_empty()).and_then(requests_served);
     let transactions_after = state_url.and_then(state_transactions);
+    let report = fs::read_to_string(&report)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
     Ok(Measured {
         anchor: None,
         elapsed,
         max_rss_kib: usage.ru_maxrss,
         requests: before.zip(after).map(|(b, a)| a.saturating_sub(b)),
-        imports: fs::read_to_string(&report)
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|report| report["imports"].as_u64()),
-        // Less the one transaction of the count's own query.
+        imports: report.as_ref().and_then(|r| r["imports"].as_u64()),
+        // PostgreSQL's own count (less the one transaction of the count's query), else
+        // the run's (SQLite counts its commits; the run's own record comes after).
         state_transactions: transactions_before
             .zip(transactions_after)
-            .map(|(b, a)| a.saturating_sub(b).saturating_sub(1)),
+            .map(|(b, a)| a.saturating_sub(b).saturating_sub(1))
+            .or_else(|| {
+                report
+                    .as_ref()
+                    .and_then(|r| r["state_transactions"].as_u64())
+            }),
         state_bytes: None,
     })
 }

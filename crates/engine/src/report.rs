@@ -276,6 +276,10 @@ pub struct RunReport {
     /// an import did not count), for a sink that makes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome_reads: Option<u64>,
+    /// Transactions the run committed in the state, for a backend that counts them
+    /// (SQLite); the run's own record, written after this report, is not among them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_transactions: Option<u64>,
     /// The removal guard's verdict, when there were removals.
     pub guard: Option<GuardVerdict>,
     /// The first changes of each kind (dry runs).
@@ -359,6 +363,7 @@ impl RunReport {
             imports: None,
             sink_plan: None,
             outcome_reads: None,
+            state_transactions: None,
             guard: None,
             sample: Vec::new(),
             rejections: Vec::new(),

@@ -542,6 +542,12 @@ pub trait RunLog: Send {
 
     /// Forgets everything about `pipeline` (its sink's key-value space is kept).
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError>;
+
+    /// Transactions this store has committed since it was opened, for a backend that
+    /// counts them (the bench prints a run's): `None` otherwise.
+    fn transactions_committed(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What each person was last sent as: the index the diff reads.

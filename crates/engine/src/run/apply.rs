@@ -346,7 +346,14 @@ impl<'r> Run<'r> {
     }
 
     /// Step 5: decides the run's status and records the run in the state.
-    pub(super) fn record(&mut self, result: Result<Completion, RunError>, started: Instant) {
+    /// `transactions_before` is the state's count of committed transactions when the
+    /// run began, for a backend that counts them.
+    pub(super) fn record(
+        &mut self,
+        result: Result<Completion, RunError>,
+        started: Instant,
+        transactions_before: Option<u64>,
+    ) {
         // The error leaves the process (summary, report, runs, webhooks): whatever its
         // origin, no secret of this process stays in it.
         let result = result.map_err(|e| match e {
@@ -399,6 +406,11 @@ impl<'r> Run<'r> {
             report.unconfirmed = 0;
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
+        report.state_transactions = self
+            .state
+            .transactions_committed()
+            .zip(transactions_before)
+            .map(|(now, before)| now.saturating_sub(before));
         if !self.options.dry_run && report.run > 0 {
             let succeeded = report.status.succeeded();
             let (cursor, full_read) = match completion.filter(|_| succeeded) {

@@ -197,6 +197,7 @@ pub async fn run(
     observer: &dyn RunObserver,
 ) -> RunReport {
     let started = Instant::now();
+    let transactions_before = state.transactions_committed();
     let mut run = Run {
         pipeline,
         options,
@@ -212,7 +213,7 @@ pub async fn run(
         Ok(()) => run.execute(source, sink).await,
         Err(e) => Err(e),
     };
-    run.record(result, started);
+    run.record(result, started, transactions_before);
     if !options.dry_run {
         if let Err(e) = run.state.unlock(&holder) {
             tracing::warn!("could not release the run lock: {e}");

@@ -33,6 +33,8 @@ pub struct SqliteState {
     codec: RecordCodec,
     /// See [`CONFIRM_RANGE_ROWS`]; smaller in tests.
     confirm_range_rows: i64,
+    /// Transactions committed on `conn` since it was opened (SQLite's commit hook).
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Records compressed at a time by the thread that compresses a large batch's records
@@ -281,12 +283,19 @@ impl SqliteState {
             });
         }
         let conn = Connection::open(path).map_err(db_error(path))?;
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = commits.clone();
+        conn.commit_hook(Some(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            false // let the commit go ahead
+        }));
         let mut state = SqliteState {
             conn,
             path: path.to_path_buf(),
             heartbeat: None,
             codec: RecordCodec::default(),
             confirm_range_rows: CONFIRM_RANGE_ROWS,
+            commits,
         };
         if unclean {
             state.quick_check()?;

@@ -87,6 +87,10 @@ impl Locks for SqliteState {
 }
 
 impl RunLog for SqliteState {
+    fn transactions_committed(&self) -> Option<u64> {
+        Some(self.commits.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
         let tx = self
             .conn

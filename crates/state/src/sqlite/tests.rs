@@ -502,3 +502,19 @@ fn records_compressed_by_one_connection_read_back_in_another() {
         }
     }
 }
+
+#[test]
+fn committed_transactions_are_counted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+    let before = state.transactions_committed().expect("SQLite counts them");
+    state.begin_run("csv->csv").unwrap();
+    let after_one = state.transactions_committed().unwrap();
+    assert!(after_one > before, "{before} -> {after_one}");
+    state.cursor("csv->csv").unwrap();
+    assert_eq!(
+        state.transactions_committed().unwrap(),
+        after_one,
+        "a read commits nothing"
+    );
+}
