@@ -123,6 +123,15 @@ impl MemorySink {
     fn people(&self) -> BTreeMap<ContactKey, Contact> {
         self.platform.lock().unwrap().people.clone()
     }
+    /// The last batch applied, as (kind, key) pairs.
+    fn last_batch(&self) -> Vec<(String, String)> {
+        let platform = self.platform.lock().unwrap();
+        platform
+            .batches
+            .last()
+            .cloned()
+            .expect("a batch was applied")
+    }
 }
 
 #[async_trait]
@@ -309,14 +318,7 @@ async fn first_run_creates_second_does_nothing_edit_sends_only_the_edit() {
     people[2].set(&Field::FirstName, "Bea").unwrap();
     let r = f.run(&ListSource::of(&people), &mut sink).await;
     assert_eq!((r.created, r.updated, r.unchanged), (0, 1, 4));
-    let last = sink
-        .platform
-        .lock()
-        .unwrap()
-        .batches
-        .last()
-        .unwrap()
-        .clone();
+    let last = sink.last_batch();
     assert_eq!(
         last,
         vec![("update".to_string(), "external_id:E3".to_string())]
@@ -565,14 +567,7 @@ async fn sink_rejections_retry_unless_final_and_unknowns_stay_pending() {
     assert_eq!(r.status, RunStatus::Failed, "unknown outcomes fail the run");
 
     let r = f.run(&ListSource::of(&people), &mut sink).await;
-    let last = sink
-        .platform
-        .lock()
-        .unwrap()
-        .batches
-        .last()
-        .unwrap()
-        .clone();
+    let last = sink.last_batch();
     let sent: Vec<&str> = last.iter().map(|(_, k)| k.as_str()).collect();
     assert_eq!(
         sent,
@@ -584,14 +579,7 @@ async fn sink_rejections_retry_unless_final_and_unknowns_stay_pending() {
     let mut changed = people.clone();
     changed[1].set(&Field::FirstName, "Bee").unwrap();
     f.run(&ListSource::of(&changed), &mut sink).await;
-    let last = sink
-        .platform
-        .lock()
-        .unwrap()
-        .batches
-        .last()
-        .unwrap()
-        .clone();
+    let last = sink.last_batch();
     assert!(last.iter().any(|(_, k)| k == "external_id:E2"));
 }
 

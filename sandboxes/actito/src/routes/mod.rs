@@ -248,7 +248,7 @@ pub fn read_table<T>(
     table: &str,
     read: impl FnOnce(&crate::model::Table) -> T,
 ) -> Result<T, Response> {
-    table_ok(shared, entity, table)?;
+    entity_ok(shared, entity)?;
     let state = shared.lock();
     state
         .store
