@@ -278,53 +278,83 @@ fn a_closed_stdout_stops_neither_the_sync_nor_later_pipelines() {
     assert_ne!(output.status.code(), Some(101));
 }
 
-#[test]
-fn a_run_killed_mid_way_is_finished_by_the_next_without_duplicates() {
-    let s = scenario(0);
-    let n = 60_000;
-    s.write("people.csv", &people_csv(n, |_| "Ann".into()));
-    s.sync("hr", "out", &[]).0.expect_code(0);
-    // Everyone changes, then the run is killed while it works.
-    s.write("people.csv", &people_csv(n, |_| "Zoe".into()));
-    let mut child = s
-        .command(&["sync", "--from", "hr", "--to", "out"])
-        .spawn()
-        .unwrap();
-    // Kill it while it applies: once a batch is recorded as pending, not before.
-    wait_until_applying(&s, &mut child);
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    let status = child.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed mid-run");
-    assert!(pending(&s) > 0, "the killed run left its batch pending");
+/// Where a run is killed: before the sink's finish (applying), during it (writing the
+/// file), after it (the file renamed, the state not yet told). The log line that says
+/// the run got there.
+const KILL_POINTS: [(&str, &str); 3] = [
+    ("before the finish", "applying:"),
+    ("during the finish", "finishing"),
+    ("after the finish", "CSV file written"),
+];
 
-    let (run, report) = s.sync("hr", "out", &[]);
-    run.expect_code(0);
-    assert_eq!(report["rejected"], 0);
-    let rows = read_rows(&s.path("out.csv"));
-    assert_eq!(rows.len(), n, "no duplicate, no loss");
-    assert!(
-        rows.iter().all(|r| r.iter().any(|v| v == "Zoe")),
-        "every change applied"
-    );
-    let (_, report) = s.sync("hr", "out", &[]);
-    assert_eq!(
-        counts(&report),
-        [n as u64, 0, 0, 0, n as u64, 0],
-        "converged"
-    );
-    // The history says what the sink confirmed: the killed run's update (if it was
-    // audited before the kill) was sent, never made durable; the one that was is the
-    // rerun's.
-    let history = s.run(&["history", "person1@example.com"]).stdout();
-    let updates: Vec<&str> = history.lines().filter(|l| l.contains(" update ")).collect();
-    assert_eq!(
-        updates.iter().filter(|l| l.contains("(applied)")).count(),
-        1,
-        "{history}"
-    );
+/// A first sync and a nightly, each killed with -9 at each point: the rerun converges
+/// with no duplicate and no lost change. A sink durable at its finish has its batches
+/// recorded straight into the state once its finish succeeds, so a kill at any point
+/// leaves nothing recorded, and the rerun sends everything again into a file that is
+/// keyed.
+#[test]
+fn a_run_killed_before_during_or_after_the_sinks_finish_is_finished_by_the_next_without_duplicates()
+{
+    let n = 60_000;
+    for (point, line) in KILL_POINTS {
+        let s = scenario(0);
+        s.write("people.csv", &people_csv(n, |_| "Ann".into()));
+        kill_at(&s, line, point);
+        let written_before_rerun = std::fs::metadata(s.path("out.csv")).is_ok();
+        if point == "after the finish" {
+            assert!(written_before_rerun, "{point}: the file was written");
+            assert_eq!(read_rows(&s.path("out.csv")).len(), n, "{point}");
+        }
+        assert_eq!(
+            synced(&s),
+            0,
+            "{point}: nothing recorded before the finish succeeded"
+        );
+        let (run, report) = s.sync("hr", "out", &[]);
+        run.expect_code(0);
+        assert_eq!(report["created"], n as u64, "{point}: everyone sent again");
+        assert_eq!(
+            read_rows(&s.path("out.csv")).len(),
+            n,
+            "{point}: no duplicate"
+        );
+
+        // Everyone changes, and the nightly is killed at the same point.
+        s.write("people.csv", &people_csv(n, |_| "Zoe".into()));
+        kill_at(&s, line, point);
+        if point == "after the finish" {
+            let rows = read_rows(&s.path("out.csv"));
+            assert!(rows.iter().all(|r| r.iter().any(|v| v == "Zoe")), "{point}");
+        }
+        let (run, report) = s.sync("hr", "out", &[]);
+        run.expect_code(0);
+        assert_eq!(report["rejected"], 0);
+        assert_eq!(report["updated"], n as u64, "{point}: everyone sent again");
+        let rows = read_rows(&s.path("out.csv"));
+        assert_eq!(rows.len(), n, "{point}: no duplicate, no loss");
+        assert!(
+            rows.iter().all(|r| r.iter().any(|v| v == "Zoe")),
+            "{point}: every change applied"
+        );
+        let (_, report) = s.sync("hr", "out", &[]);
+        assert_eq!(
+            counts(&report),
+            [n as u64, 0, 0, 0, n as u64, 0],
+            "{point}: converged"
+        );
+        // The history says what the sink confirmed: the killed runs' changes (if they
+        // were audited before the kill) were sent, never made durable; the ones that
+        // were are the reruns'.
+        let history = s.run(&["history", "person1@example.com"]).stdout();
+        for kind in [" create ", " update "] {
+            let lines: Vec<&str> = history.lines().filter(|l| l.contains(kind)).collect();
+            assert_eq!(
+                lines.iter().filter(|l| l.contains("(applied)")).count(),
+                1,
+                "{point}: {history}"
+            );
+        }
+    }
 }
 
 /// Counts say what the sink confirmed: a run interrupted before the CSV file was
@@ -348,9 +378,11 @@ fn an_interrupted_run_counts_nothing_the_sink_did_not_make_durable() {
             "m.prom",
         ])
         .stdout(std::process::Stdio::null())
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until_applying(&s, &mut child);
+    wait_for_line(&mut child, "applying:");
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
@@ -494,27 +526,48 @@ to = "out"
 }
 
 /// The batches the state holds as pending (0 when it cannot tell).
-fn pending(s: &Scenario) -> u64 {
+/// How many people the state holds as synced.
+fn synced(s: &Scenario) -> u64 {
     let out = s.run(&["state", "show", "--json"]).stdout();
     serde_json::from_str::<serde_json::Value>(&out)
         .ok()
-        .and_then(|v| v[0]["pending"].as_u64())
+        .and_then(|v| v[0]["synced"].as_u64())
         .unwrap_or(0)
 }
 
-/// Waits until `child`'s run applies (a batch is pending), and fails the test if it
-/// ended first or never got there.
-fn wait_until_applying(s: &Scenario, child: &mut std::process::Child) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while pending(s) == 0 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be stopped"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never started applying"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
+/// Runs the pipeline and kills it with -9 as soon as its log says `line`; fails the
+/// test if the run ended first.
+fn kill_at(s: &Scenario, line: &str, point: &str) {
+    let mut child = s
+        .command(&["sync", "--from", "hr", "--to", "out"])
+        .env("RUST_LOG", "info,contactsync=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut child, line);
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
     }
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed {point}");
+}
+
+/// Reads `child`'s stderr until a line holds `needle`; fails the test if the output
+/// ends first (the run ended before it got there).
+fn wait_for_line(child: &mut std::process::Child, needle: &str) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains(needle) => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the run ended before its log said {needle:?}"),
+        }
+    }
+    // The rest of the output is read and dropped, so that the run never blocks on a
+    // full pipe before it is killed.
+    std::thread::spawn(move || lines.for_each(drop));
 }

@@ -655,6 +655,28 @@ pub trait AuditLog: Send {
     /// Keeps what the sink was asked to do to each person.
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError>;
 
+    /// Keeps the creates of `run` that a sink durable at its finish takes whole
+    /// ([`PendingJournal::record_awaiting_finish`]) as one history entry for the run,
+    /// made at `at`, with each created record (`values`) or only its field names; each
+    /// person created is marked with the run when [`PendingJournal::confirm_finished`]
+    /// records them. [`AuditLog::history`] still tells each create as an entry of its
+    /// own, from the person's last-sent record, and an update or removal of the person
+    /// writes that entry out first ([`AuditLog::record_audit`]), before the record it
+    /// was made from changes. A first sync so writes each person once.
+    ///
+    /// Returns `false` for a backend that keeps an entry a person: then the caller
+    /// writes them.
+    fn record_created_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        at: i64,
+        values: bool,
+    ) -> Result<bool, StateError> {
+        let _ = (pipeline, run, at, values);
+        Ok(false)
+    }
+
     /// Forgets the audit of `pipeline` from before `before` (Unix seconds); returns how
     /// many entries went.
     fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError>;
@@ -826,6 +848,61 @@ pub(crate) fn audit_entry(
         reason,
         fields,
     }
+}
+
+/// The history entry of one person created by a run that keeps its creates as one
+/// entry ([`AuditLog::record_created_run`]): the entry a person would have had, built
+/// from their row in `synced` (the record the create sent, as nothing has changed it
+/// since: a change writes this entry out first). `sent`, as every change of a sink
+/// durable at its finish, for [`history`] to settle from the run's status.
+pub(crate) fn created_entry(
+    pipeline: String,
+    run: i64,
+    at: i64,
+    values: bool,
+    row: SyncedRow,
+) -> AuditEntry {
+    let record = row.entry.record;
+    let fields = match (&record, values) {
+        (Some(_), true) => String::new(),
+        (Some(record), false) => {
+            let names: Vec<String> = Contact::field_changes(None, record)
+                .into_iter()
+                .map(|c| c.field.to_string())
+                .collect();
+            serde_json::Value::from(names).to_string()
+        }
+        (None, _) => "[]".to_string(),
+    };
+    AuditEntry {
+        pipeline,
+        run,
+        at,
+        key: row.key.to_string(),
+        email: row.entry.email,
+        kind: ChangeKind::Create.as_str().to_string(),
+        outcome: "sent".into(),
+        reason: None,
+        fields,
+        created: record.filter(|_| values),
+    }
+}
+
+/// A person's history from the entries stored one a change (`stored`, oldest first) and
+/// those told from the runs that keep their creates as one entry (`created`): oldest
+/// first, a stored entry before a told one of the same second (a told create is the
+/// person's latest change in its pipeline, or it would have been written out).
+pub(crate) fn merge_history(
+    mut stored: Vec<AuditEntry>,
+    created: Vec<AuditEntry>,
+) -> Vec<AuditEntry> {
+    if created.is_empty() {
+        return stored;
+    }
+    stored.extend(created);
+    // Stable: ties keep the stored entries first.
+    stored.sort_by_key(|e| e.at);
+    stored
 }
 
 /// For `history`: a create whose record was kept shows every field it set, from it.

@@ -37,6 +37,16 @@ impl<'r> Run<'r> {
             .max(1);
         self.state.sample_records(&changes.records.records)?;
         let run_id = self.report.run;
+        let settings = &self.pipeline.settings;
+        self.creates_per_run = capabilities.durable_at_finish
+            && settings.audit_days > 0
+            && changes.plan.creates > 0
+            && self.state.record_created_run(
+                &self.pipeline.name,
+                run_id,
+                chrono::Utc::now().timestamp(),
+                settings.audit_values,
+            )?;
         let addresses = changes.addresses.unwrap_or_default();
         let mut parts = [
             changes.upserts.into_reader()?,
@@ -162,13 +172,15 @@ impl<'r> Run<'r> {
             })
             .collect();
         // Taken whole, as nearly always: recorded applied at once. Otherwise recorded
-        // now as sent, and settled one by one below, as for any other sink.
+        // now as sent, and settled one by one below, as for any other sink (as is a
+        // batch with a change the address rule settled, which has its own history).
         let mut recorded_applied = false;
         if durable_at_finish {
             let handles: Option<Vec<Option<String>>> = outcomes
                 .iter()
-                .map(|outcome| match outcome {
-                    Outcome::Applied { handle } => Some(handle.clone()),
+                .zip(&screened.taken)
+                .map(|(outcome, taken)| match (outcome, taken) {
+                    (Outcome::Applied { handle }, None) => Some(handle.clone()),
                     _ => None,
                 })
                 .collect();
@@ -277,11 +289,13 @@ impl<'r> Run<'r> {
                 }
             }
         }
+        // The history first: writing it writes out a create kept as its run's one
+        // entry from the record that a settlement may be about to change.
+        self.audit(batch, audit, recorded_applied && self.creates_per_run)?;
         if !settlements.is_empty() {
             self.state
                 .settle(&self.pipeline.name, &batch.id, &settlements)?;
         }
-        self.audit(batch, audit)?;
         // What stays pending (unknown outcomes) is still not confirmed.
         self.report.unconfirmed = self.report.unconfirmed.saturating_sub(settled);
         self.observer.advance(batch.changes.len() as u64);
@@ -289,11 +303,14 @@ impl<'r> Run<'r> {
     }
 
     /// Keeps what the sink was asked to do to each person of `batch`, and what came of
-    /// it, for `contactsync history` (unless `audit_days = 0`).
+    /// it, for `contactsync history` (unless `audit_days = 0`); with `creates_kept`, the
+    /// batch's creates are kept by their run's one entry
+    /// ([`AuditLog::record_created_run`]) and get none of their own.
     pub(super) fn audit(
         &mut self,
         batch: &ChangeBatch,
         outcomes: Vec<(&'static str, Option<String>)>,
+        creates_kept: bool,
     ) -> Result<(), RunError> {
         let settings = &self.pipeline.settings;
         if settings.audit_days == 0 {
@@ -304,6 +321,7 @@ impl<'r> Run<'r> {
             .changes
             .iter()
             .zip(outcomes)
+            .filter(|(change, _)| !(creates_kept && change.kind() == ChangeKind::Create))
             .map(|(change, (outcome, reason))| {
                 // A create keeps its record in the compact form, not as JSON.
                 let created = (settings.audit_values && change.kind() == ChangeKind::Create)

@@ -207,6 +207,7 @@ pub async fn run(
         rejects: RejectsWriter::counting(),
         capabilities: sink.capabilities(),
         awaiting_finish: ChangeCounts::default(),
+        creates_per_run: false,
     };
     let holder = LockHolder::current(&pipeline.name);
     let result = match run.lock(&holder).await {
@@ -244,6 +245,10 @@ struct Run<'r> {
     /// Changes a sink durable at its finish took, not yet made durable: counted in the
     /// report only once its finish succeeds.
     awaiting_finish: ChangeCounts,
+    /// Whether the state keeps the creates a sink durable at its finish takes whole as
+    /// one history entry for the run ([`AuditLog::record_created_run`]), so that
+    /// [`Run::audit`] writes none a person for them.
+    creates_per_run: bool,
 }
 
 /// What the read and diff produced: the change set, spooled, and how the read ended.

@@ -1,10 +1,10 @@
-//! Migrations of older SQLite states to schema 3, in the caller's transaction.
+//! Migrations of older SQLite states to the current schema, in the caller's transaction.
 
 use super::*;
 
 /// Rewrites a version 1 (given its `record` columns) or 2 state in the compact rows of
-/// version 3, in the caller's transaction.
-pub(super) fn migrate_to_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+/// version 3 and later, in the caller's transaction.
+pub(super) fn migrate_to_compact_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     // A table of a later release than the file's is not there yet.
     let mut old = Vec::new();
     for table in ["pipelines", "synced", "pending", "audit"] {
@@ -43,7 +43,11 @@ pub(super) fn migrate_to_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<
     for table in old {
         tx.execute_batch(&format!("DROP TABLE {table}_v2;"))?;
     }
-    tx.execute_batch("UPDATE meta SET value = '3' WHERE key = 'schema';")
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+        [SCHEMA_VERSION],
+    )
+    .map(drop)
 }
 
 fn migrate_synced(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {

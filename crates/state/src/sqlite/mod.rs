@@ -11,16 +11,16 @@ use rusqlite::types::Value;
 use crate::record::{RecordCodec, RecordDecodeError};
 
 use super::{
-    compact, from_sql, group_pending, stored_record, stored_record_with, to_sql,
-    with_created_fields, AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary,
-    RunRecord, Settlement, StateError, StateItem, SyncedRow, LOCK_HEARTBEAT_EVERY,
-    LOCK_STALE_AFTER,
+    compact, created_entry, from_sql, group_pending, merge_history, stored_record,
+    stored_record_with, to_sql, with_created_fields, AuditEntry, LockAttempt, LockHolder,
+    PendingRow, PipelineSummary, RunRecord, Settlement, StateError, StateItem, SyncedRow,
+    LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
 };
 
 mod migrate;
 mod sink_store;
 mod store;
-use migrate::migrate_to_v3;
+use migrate::migrate_to_compact_rows;
 use sink_store::SqliteSinkStore;
 
 /// The embedded default: one SQLite file per config, in WAL mode.
@@ -35,6 +35,9 @@ pub struct SqliteState {
     confirm_range_rows: i64,
     /// Transactions committed on `conn` since it was opened (SQLite's commit hook).
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The pipeline and run whose creates are kept as one entry a run
+    /// ([`AuditLog::record_created_run`]).
+    creates_run: Option<(String, i64)>,
 }
 
 /// Records compressed at a time by the thread that compresses a large batch's records
@@ -109,8 +112,10 @@ impl std::fmt::Debug for SqliteState {
 
 /// Version 2 added the last-sent record (`record` in `synced` and `pending`); version 3
 /// made the rows compact (pipelines by integer id, keys and emails not repeated beside
-/// the record that gives them: [`super::compact`]).
-const SCHEMA_VERSION: &str = "3";
+/// the record that gives them: [`super::compact`]); version 4 keeps a first sync's
+/// creates as one entry a run (`creates`) and each person's `created_run` in `synced`
+/// instead of a history row a person ([`AuditLog::record_created_run`]).
+const SCHEMA_VERSION: &str = "4";
 
 /// Every transaction that writes starts IMMEDIATE: in WAL mode a deferred one that
 /// read first and then writes fails at once ("database is locked", no waiting) when
@@ -145,6 +150,7 @@ CREATE TABLE IF NOT EXISTS synced (
     key TEXT,
     email TEXT,
     handle TEXT,
+    created_run INTEGER,
     PRIMARY KEY (pipeline, key_hash)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
@@ -193,6 +199,13 @@ CREATE TABLE IF NOT EXISTS audit (
     email TEXT,
     reason TEXT
 );
+CREATE TABLE IF NOT EXISTS creates (
+    pipeline INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    values_kept INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, run)
+);
 CREATE TABLE IF NOT EXISTS slots (
     slot TEXT NOT NULL,
     pipeline TEXT NOT NULL,
@@ -213,6 +226,41 @@ CREATE TABLE IF NOT EXISTS sink_data (
     PRIMARY KEY (scope, key)
 );
 ";
+
+/// The batches a sink durable at its finish took whole, until its finish made them
+/// durable ([`PendingJournal::record_awaiting_finish`]): `pending`'s columns in a
+/// temporary table of the connection, so that they cost no write to the file (no
+/// journal, no sync) and a crash leaves nothing of them; `created_run` marks the creates
+/// of a run that keeps them as one entry. Appended as they come (a b-tree in key-hash
+/// order took twice as long as the writes it saved, once larger than its cache) and
+/// sorted once, when `synced` takes them.
+const STAGED: &str = "
+CREATE TEMP TABLE IF NOT EXISTS staged (
+    pipeline INTEGER NOT NULL,
+    batch_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    key_hash INTEGER NOT NULL,
+    kind NOT NULL,
+    content_hash INTEGER NOT NULL,
+    applied INTEGER NOT NULL DEFAULT 1,
+    record BLOB,
+    key TEXT,
+    email TEXT,
+    handle TEXT,
+    created_run INTEGER
+);
+";
+
+/// Where [`SqliteState::insert_pending`] writes a batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Journal {
+    /// `pending`, kept across a crash for the next run's recovery.
+    Pending,
+    /// `temp.staged`, applied and awaiting the sink's finish, with the creates marked
+    /// with `created_run` when given.
+    Staged { created_run: Option<i64> },
+}
 
 /// Maps a SQLite error to a [`StateError`] naming the database file. A free function
 /// over the path (not a method) so that it can be used while the connection is borrowed.
@@ -296,6 +344,7 @@ impl SqliteState {
             codec: RecordCodec::default(),
             confirm_range_rows: CONFIRM_RANGE_ROWS,
             commits,
+            creates_run: None,
         };
         if unclean {
             state.quick_check()?;
@@ -396,6 +445,16 @@ impl SqliteState {
                 .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
+            Some("3") => {
+                // Adding a column and a table: nothing is rewritten.
+                tx.execute_batch(
+                    "ALTER TABLE synced ADD COLUMN created_run INTEGER;
+                     UPDATE meta SET value = '4' WHERE key = 'schema';",
+                )
+                .map_err(map)?;
+                tx.execute_batch(SCHEMA).map_err(map)?;
+                rebuild_empty_pending(&tx).map_err(map)?;
+            }
             Some(old @ ("1" | "2")) => {
                 if old == "1" {
                     // Version 1 kept no records: people synced by it have no `before`
@@ -406,7 +465,7 @@ impl SqliteState {
                     )
                     .map_err(map)?;
                 }
-                migrate_to_v3(&tx).map_err(map)?;
+                migrate_to_compact_rows(&tx).map_err(map)?;
                 migrated = true;
                 tracing::info!(state = %self.path.display(), "state migrated from schema {old} to {SCHEMA_VERSION} (compact rows)");
             }
@@ -420,6 +479,8 @@ impl SqliteState {
             }
         }
         tx.commit().map_err(map)?;
+        // This connection's own: gone with it, so nothing a crash leaves behind.
+        self.conn.execute_batch(STAGED).map_err(map)?;
         if migrated {
             // The old tables' pages are free now; a file made before auto-vacuum needs
             // one VACUUM to give them back and to free pages from then on. Another
@@ -434,10 +495,11 @@ impl SqliteState {
         Ok(())
     }
 
-    /// Inserts a batch's pending rows in one transaction; with `applied`, each marked
-    /// applied with its handle (awaiting the sink's finish).
+    /// Inserts a batch's rows into `journal` in one transaction; with `applied`, each
+    /// marked applied with its handle (awaiting the sink's finish).
     fn insert_pending(
         &mut self,
+        journal: Journal,
         pipeline: &str,
         run: i64,
         batch_id: &str,
@@ -448,13 +510,27 @@ impl SqliteState {
         let path = self.path.clone();
         let map = db_error(&path);
         let (conn, codec) = (&mut self.conn, &mut self.codec);
-        let tx = conn.transaction_with_behavior(WRITE).map_err(map)?;
-        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
+        let tx = match journal {
+            Journal::Pending => conn.transaction_with_behavior(WRITE),
+            // Only the temporary database is written: the file's lock is not needed.
+            Journal::Staged { .. } => conn.transaction(),
+        }
+        .map_err(map)?;
+        let id = match pipeline_id(&tx, pipeline).map_err(map)? {
+            Some(id) => id,
+            None => ensure_pipeline(&tx, pipeline).map_err(map)?,
+        };
+        let (table, created_run) = match journal {
+            Journal::Pending => ("pending", None),
+            Journal::Staged { created_run } => ("temp.staged", created_run),
+        };
         let mut stmt = tx
-            .prepare_cached(
-                "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )
+            .prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle{})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12{})",
+                if table == "pending" { "" } else { ", created_run" },
+                if table == "pending" { "" } else { ", ?13" },
+            ))
             .map_err(map)?;
         let mut insert = |seq: usize, row: &PendingRow, bytes: Option<Vec<u8>>| {
             let record = row.record.as_ref();
@@ -462,7 +538,7 @@ impl SqliteState {
                 .and_then(|handles| handles.get(seq))
                 .cloned()
                 .flatten();
-            stmt.execute(params![
+            let values = params![
                 id,
                 batch_id,
                 seq as i64,
@@ -475,7 +551,16 @@ impl SqliteState {
                 compact::email(row.email.as_deref(), record),
                 i64::from(applied.is_some()),
                 handle,
-            ])
+            ];
+            match journal {
+                Journal::Pending => stmt.execute(values),
+                Journal::Staged { .. } => {
+                    let created = created_run.filter(|_| row.kind == ChangeKind::Create);
+                    let mut all = values.to_vec();
+                    all.push(&created);
+                    stmt.execute(&*all)
+                }
+            }
             .map(drop)
             .map_err(map)
         };
@@ -516,6 +601,124 @@ impl SqliteState {
         }
         drop(stmt);
         tx.commit().map_err(map)
+    }
+
+    /// Moves the rows of `run` that `journal` holds applied into `synced` (removals out
+    /// of it), and out of `journal`; returns how many.
+    fn confirm_from(&mut self, journal: Journal, id: i64, run: i64) -> Result<u64, StateError> {
+        let map = db_error(&self.path);
+        let remove = compact::kind(ChangeKind::Remove);
+        let (table, created_run) = match journal {
+            Journal::Pending => ("pending", "NULL"),
+            Journal::Staged { .. } => ("temp.staged", "created_run"),
+        };
+        // In ranges of key hashes, each its own transaction, so that no transaction
+        // holds the write lock for long (ten million rows took over a minute, and the
+        // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
+        // Ranges of the hash, in the order `synced` keeps them, so that each range's
+        // rows are appended to its b-tree in order (ranges of rows would interleave and
+        // split its pages). Each range scans `pending`; a range holds about
+        // `confirm_range_rows` rows, so a million take one scan.
+        // A crash between two ranges leaves the rest pending, applied: the next run's
+        // recovery asks the sink about them, as after a crash before the confirmation
+        // (staged rows go with the process: the next run sends them again, into a sink
+        // that converges).
+        let rows: i64 = self
+            .conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE pipeline = ?1 AND run = ?2"),
+                params![id, run],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if rows == 0 {
+            return Ok(0);
+        }
+        let ranges = || {
+            let rows = i128::from(rows);
+            let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
+                / i128::from(self.confirm_range_rows.max(1));
+            let width = (1i128 << 64) / parts;
+            (0..parts).map(move |n| {
+                let from = i128::from(i64::MIN) + n * width;
+                let to = if n == parts - 1 {
+                    i128::from(i64::MAX)
+                } else {
+                    from + width - 1
+                };
+                // Both within i64 by construction.
+                (from as i64, to as i64)
+            })
+        };
+        let mut confirmed = 0u64;
+        for (from, to) in ranges() {
+            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+            let removed = tx
+                .execute(
+                    &format!(
+                        "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+                           (SELECT key_hash FROM {table} WHERE key_hash BETWEEN ?4 AND ?5
+                              AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)"
+                    ),
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            let upserted = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run)
+                           SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}
+                           FROM {table}
+                           WHERE key_hash BETWEEN ?4 AND ?5
+                             AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
+                           ORDER BY key_hash
+                         {SYNCED_UPSERT}"
+                    ),
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            tx.commit().map_err(map)?;
+            confirmed += (removed + upserted) as u64;
+        }
+        if journal != Journal::Pending {
+            self.conn
+                .execute(
+                    "DELETE FROM temp.staged WHERE pipeline = ?1 AND run = ?2",
+                    params![id, run],
+                )
+                .map_err(map)?;
+            return Ok(confirmed);
+        }
+        // The confirmed rows leave `pending` last: when they are all it holds (a run
+        // alone, as usual), at once, which costs next to nothing where deleting them row
+        // by row took longer than confirming them. Until then they are pending and
+        // applied, and confirming them again (after a crash, through recovery) changes
+        // nothing.
+        // The check and the delete in one transaction: another pipeline's run may be
+        // recording its own pending changes in the same file.
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let others: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
+                params![id, run],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if !others {
+            tx.execute("DELETE FROM pending", []).map_err(map)?;
+            return tx.commit().map_err(map).map(|()| confirmed);
+        }
+        drop(tx);
+        for (from, to) in ranges() {
+            self.conn
+                .execute(
+                    "DELETE FROM pending WHERE key_hash BETWEEN ?3 AND ?4
+                       AND pipeline = ?1 AND run = ?2 AND applied = 1",
+                    params![id, run, from, to],
+                )
+                .map_err(map)?;
+        }
+        Ok(confirmed)
     }
 
     /// The database file.
@@ -639,7 +842,8 @@ const CONFIRM_RANGE_ROWS: i64 = 2_000_000;
 
 const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET
     content_hash = excluded.content_hash, record = COALESCE(excluded.record, synced.record),
-    key = excluded.key, email = excluded.email, handle = COALESCE(excluded.handle, synced.handle)";
+    key = excluded.key, email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
+    created_run = COALESCE(excluded.created_run, synced.created_run)";
 
 /// Writes audit entries in their compact form.
 fn insert_audit(
@@ -676,6 +880,63 @@ fn insert_audit(
         ])?;
     }
     Ok(())
+}
+
+/// Before `entries` change people whose create is told from their run's one entry:
+/// writes that create out as an entry of its own, from the record it sent (about to
+/// change), and unmarks them. In the caller's transaction.
+fn write_out_creates(
+    tx: &rusqlite::Transaction<'_>,
+    codec: &mut RecordCodec,
+    path: &Path,
+    entries: &[AuditEntry],
+) -> Result<(), StateError> {
+    let map = db_error(path);
+    let any: bool = tx
+        .query_row("SELECT EXISTS (SELECT 1 FROM creates)", [], |r| r.get(0))
+        .map_err(map)?;
+    if !any {
+        return Ok(());
+    }
+    let mut written = Vec::new();
+    for entry in entries
+        .iter()
+        .filter(|e| e.kind != ChangeKind::Create.as_str())
+    {
+        let Some(id) = pipeline_id(tx, &entry.pipeline).map_err(map)? else {
+            continue;
+        };
+        let hash = to_sql(parse_key(path, &entry.key)?.hash64());
+        let mut found = Vec::new();
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT s.content_hash, s.record, s.key, s.email, s.handle, c.run, c.at, c.values_kept
+                 FROM synced s JOIN creates c ON c.pipeline = s.pipeline AND c.run = s.created_run
+                 WHERE s.pipeline = ?1 AND s.key_hash = ?2",
+            )
+            .map_err(map)?;
+        let mut rows = stmt.query(params![id, hash]).map_err(map)?;
+        while let Some(r) = rows.next().map_err(map)? {
+            let stored = compact_synced(r).map_err(map)?;
+            let row = synced_row(codec, tx, path, stored)?;
+            found.push(created_entry(
+                entry.pipeline.clone(),
+                r.get(5).map_err(map)?,
+                r.get(6).map_err(map)?,
+                r.get::<_, i64>(7).map_err(map)? != 0,
+                row,
+            ));
+        }
+        if !found.is_empty() {
+            tx.prepare_cached(
+                "UPDATE synced SET created_run = NULL WHERE pipeline = ?1 AND key_hash = ?2",
+            )
+            .and_then(|mut s| s.execute(params![id, hash]))
+            .map_err(map)?;
+            written.extend(found);
+        }
+    }
+    insert_audit(tx, codec, &written).map_err(map)
 }
 
 /// A synced row from its stored columns.
@@ -751,6 +1012,41 @@ impl SqliteState {
                 fields: r.get(8).map_err(map)?,
                 created: created.map(Box::new),
             })?;
+        }
+        Ok(())
+    }
+
+    /// Visits the creates told from the runs that keep them as one entry
+    /// ([`AuditLog::record_created_run`]) whose people `tail` (more of a WHERE over `s`,
+    /// their row in `synced`) selects, as [`created_entry`] builds them.
+    fn created_rows(
+        &mut self,
+        tail: &str,
+        params: impl rusqlite::Params,
+        visit: &mut dyn FnMut(AuditEntry) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT s.content_hash, s.record, s.key, s.email, s.handle, p.name, c.run, c.at, c.values_kept
+                 FROM synced s JOIN creates c ON c.pipeline = s.pipeline AND c.run = s.created_run
+                   JOIN pipelines p ON p.id = s.pipeline
+                 WHERE s.created_run IS NOT NULL {tail}"
+            ))
+            .map_err(map)?;
+        let mut rows = stmt.query(params).map_err(map)?;
+        while let Some(r) = rows.next().map_err(map)? {
+            let stored = compact_synced(r).map_err(map)?;
+            let row = synced_row(&mut self.codec, &self.conn, &path, stored)?;
+            visit(created_entry(
+                r.get(5).map_err(map)?,
+                r.get(6).map_err(map)?,
+                r.get(7).map_err(map)?,
+                r.get::<_, i64>(8).map_err(map)? != 0,
+                row,
+            ))?;
         }
         Ok(())
     }

@@ -114,6 +114,12 @@ impl RunLog for SqliteState {
                 "INSERT OR REPLACE INTO runs (pipeline, run, started_at) VALUES (?1, ?2, ?3)",
                 params![pipeline, run, chrono::Utc::now().to_rfc3339()],
             )?;
+            // What an earlier run of this process staged and never confirmed (its sink's
+            // finish failed) is not sent again by this run's rows.
+            tx.execute(
+                &format!("DELETE FROM temp.staged WHERE pipeline = {PIPELINE_ID}"),
+                [pipeline],
+            )?;
             Ok((run, last_full))
         })();
         let value = result.map_err(db_error(&self.path))?;
@@ -225,7 +231,7 @@ impl RunLog for SqliteState {
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        for table in ["synced", "pending", "audit"] {
+        for table in ["synced", "pending", "audit", "creates"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
                 [pipeline],
@@ -289,7 +295,7 @@ impl PendingJournal for SqliteState {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
-        self.insert_pending(pipeline, run, batch_id, rows, None)
+        self.insert_pending(Journal::Pending, pipeline, run, batch_id, rows, None)
     }
 
     fn pending_batches(
@@ -475,7 +481,19 @@ impl PendingJournal for SqliteState {
         rows: &[PendingRow],
         handles: &[Option<String>],
     ) -> Result<(), StateError> {
-        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
+        let created_run = self
+            .creates_run
+            .as_ref()
+            .is_some_and(|(p, r)| p == pipeline && *r == run)
+            .then_some(run);
+        self.insert_pending(
+            Journal::Staged { created_run },
+            pipeline,
+            run,
+            batch_id,
+            rows,
+            Some(handles),
+        )
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
@@ -483,96 +501,8 @@ impl PendingJournal for SqliteState {
         let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
             return Ok(0);
         };
-        let remove = compact::kind(ChangeKind::Remove);
-        // In ranges of key hashes, each its own transaction, so that no transaction
-        // holds the write lock for long (ten million rows took over a minute, and the
-        // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
-        // Ranges of the hash, in the order `synced` keeps them, so that each range's
-        // rows are appended to its b-tree in order (ranges of rows would interleave and
-        // split its pages). Each range scans `pending`; a range holds about
-        // `confirm_range_rows` rows, so a million take one scan.
-        // A crash between two ranges leaves the rest pending, applied: the next run's
-        // recovery asks the sink about them, as after a crash before the confirmation.
-        let pending: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM pending", [], |r| r.get(0))
-            .map_err(map)?;
-        if pending == 0 {
-            return Ok(0);
-        }
-        let ranges = || {
-            let rows = i128::from(pending);
-            let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
-                / i128::from(self.confirm_range_rows.max(1));
-            let width = (1i128 << 64) / parts;
-            (0..parts).map(move |n| {
-                let from = i128::from(i64::MIN) + n * width;
-                let to = if n == parts - 1 {
-                    i128::from(i64::MAX)
-                } else {
-                    from + width - 1
-                };
-                // Both within i64 by construction.
-                (from as i64, to as i64)
-            })
-        };
-        let mut confirmed = 0u64;
-        for (from, to) in ranges() {
-            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-            let removed = tx
-                .execute(
-                    "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
-                       (SELECT key_hash FROM pending WHERE key_hash BETWEEN ?4 AND ?5
-                          AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
-                    params![id, run, remove, from, to],
-                )
-                .map_err(map)?;
-            let upserted = tx
-                .execute(
-                    &format!(
-                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
-                           SELECT pipeline, key_hash, content_hash, record, key, email, handle FROM pending
-                           WHERE key_hash BETWEEN ?4 AND ?5
-                             AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
-                           ORDER BY key_hash
-                         {SYNCED_UPSERT}"
-                    ),
-                    params![id, run, remove, from, to],
-                )
-                .map_err(map)?;
-            tx.commit().map_err(map)?;
-            confirmed += (removed + upserted) as u64;
-        }
-        // The confirmed rows leave `pending` last: when they are all it holds (a run
-        // alone, as usual), at once, which costs next to nothing where deleting them row
-        // by row took longer than confirming them. Until then they are pending and
-        // applied, and confirming them again (after a crash, through recovery) changes
-        // nothing.
-        // The check and the delete in one transaction: another pipeline's run may be
-        // recording its own pending changes in the same file.
-        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        let others: bool = tx
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
-                params![id, run],
-                |r| r.get(0),
-            )
-            .map_err(map)?;
-        if !others {
-            tx.execute("DELETE FROM pending", []).map_err(map)?;
-            return tx.commit().map_err(map).map(|()| confirmed);
-        }
-        drop(tx);
-        for (from, to) in ranges() {
-            self.conn
-                .execute(
-                    "DELETE FROM pending WHERE key_hash BETWEEN ?3 AND ?4
-                       AND pipeline = ?1 AND run = ?2 AND applied = 1",
-                    params![id, run, from, to],
-                )
-                .map_err(map)?;
-        }
-        Ok(confirmed)
+        let confirmed = self.confirm_from(Journal::Pending, id, run)?;
+        Ok(confirmed + self.confirm_from(Journal::Staged { created_run: None }, id, run)?)
     }
 
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {
@@ -597,20 +527,49 @@ impl SinkStores for SqliteState {
 
 impl AuditLog for SqliteState {
     fn record_audit(&mut self, entries: &[AuditEntry]) -> Result<(), StateError> {
-        let map = db_error(&self.path);
+        let path = self.path.clone();
+        let map = db_error(&path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        write_out_creates(&tx, &mut self.codec, &path, entries)?;
         insert_audit(&tx, &mut self.codec, entries).map_err(map)?;
         tx.commit().map_err(map)
     }
 
+    fn record_created_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        at: i64,
+        values: bool,
+    ) -> Result<bool, StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let id = ensure_pipeline(&tx, pipeline).map_err(map)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO creates (pipeline, run, at, values_kept) VALUES (?1, ?2, ?3, ?4)",
+            params![id, run, at, i64::from(values)],
+        )
+        .map_err(map)?;
+        tx.commit().map_err(map)?;
+        self.creates_run = Some((pipeline.to_string(), run));
+        Ok(true)
+    }
+
     fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError> {
-        self.conn
-            .execute(
-                &format!("DELETE FROM audit WHERE pipeline = {PIPELINE_ID} AND at < ?2"),
-                params![pipeline, before],
-            )
-            .map(|n| n as u64)
-            .map_err(db_error(&self.path))
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let mut pruned = 0;
+        // A run's creates go with it, as their entries would have.
+        for table in ["audit", "creates"] {
+            pruned += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID} AND at < ?2"),
+                    params![pipeline, before],
+                )
+                .map_err(map)? as u64;
+        }
+        tx.commit().map_err(map)?;
+        Ok(pruned)
     }
 
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
@@ -622,24 +581,37 @@ impl AuditLog for SqliteState {
             format!("email:{email}"),
         ];
         // Rows whose key or email is their record's are matched once expanded.
+        let matches = |entry: &AuditEntry| {
+            keys.contains(&entry.key)
+                || entry
+                    .email
+                    .as_deref()
+                    .is_some_and(|e| !email.is_empty() && e.eq_ignore_ascii_case(&email))
+        };
         let mut entries = Vec::new();
         self.audit_rows(
             "WHERE a.key IS NULL OR a.email IS NULL OR a.key IN (?1, ?2, ?3) OR a.email = ?4 COLLATE NOCASE
              ORDER BY a.at, a.rowid",
             params![keys[0], keys[1], keys[2], email],
             &mut |entry| {
-                let matches = keys.contains(&entry.key)
-                    || entry
-                        .email
-                        .as_deref()
-                        .is_some_and(|e| !email.is_empty() && e.eq_ignore_ascii_case(&email));
-                if matches {
+                if matches(&entry) {
                     entries.push(with_created_fields(entry));
                 }
                 Ok(())
             },
         )?;
-        Ok(entries)
+        let mut created = Vec::new();
+        self.created_rows(
+            "AND (s.key IS NULL OR s.email IS NULL OR s.key IN (?1, ?2, ?3) OR s.email = ?4 COLLATE NOCASE)",
+            params![keys[0], keys[1], keys[2], email],
+            &mut |entry| {
+                if matches(&entry) {
+                    created.push(with_created_fields(entry));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(merge_history(entries, created))
     }
 }
 
@@ -688,6 +660,10 @@ impl StateTransfer for SqliteState {
         self.audit_rows("ORDER BY a.rowid", [], &mut |entry| {
             visit(StateItem::Audit(entry))
         })?;
+        // A run's creates kept as one entry go as an entry a person: the other store
+        // keeps them its own way. Last, as `history` tells them after the stored
+        // entries of their second.
+        self.created_rows("", [], &mut |entry| visit(StateItem::Audit(entry)))?;
         let mut stmt = self
             .conn
             .prepare("SELECT scope, key, value FROM sink_data ORDER BY scope, key")
