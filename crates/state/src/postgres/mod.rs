@@ -23,9 +23,10 @@ use contactsync_core::{ConnectorError, Contact, ContactKey, PendingBatch, SinkSt
 use postgres::Client;
 
 use super::{
-    audit_entry, from_sql, group_pending, synced_row, to_sql, with_created_fields, AuditEntry,
-    LockAttempt, LockHolder, PendingRow, PipelineSummary, RunRecord, Settlement, StateError,
-    StateItem, StoredAudit, StoredSynced, SyncedRow, AUDIT_COLUMNS,
+    audit_entry, created_entry, from_sql, group_pending, merge_history, synced_row, to_sql,
+    with_created_fields, AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary,
+    RunRecord, Settlement, StateError, StateItem, StoredAudit, StoredSynced, SyncedRow,
+    AUDIT_COLUMNS,
 };
 use crate::redact;
 
@@ -118,6 +119,32 @@ CREATE TABLE slots (
     PRIMARY KEY (slot, pipeline)
 );
 ",
+    // A run's creates as one entry (AuditLog::record_created_run), and the batches a
+    // sink durable at its finish took whole, staged until its finish (unlogged: no WAL,
+    // and a crash may lose them, as it may).
+    "
+ALTER TABLE synced ADD COLUMN created_run BIGINT;
+CREATE TABLE creates (
+    pipeline TEXT NOT NULL,
+    run BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    values_kept BOOLEAN NOT NULL,
+    PRIMARY KEY (pipeline, run)
+);
+CREATE UNLOGGED TABLE staged (
+    pipeline TEXT NOT NULL,
+    run BIGINT NOT NULL,
+    key_hash BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    content_hash BIGINT NOT NULL,
+    email TEXT,
+    handle TEXT,
+    record BYTEA,
+    created_run BIGINT
+);
+CREATE INDEX staged_run ON staged (pipeline, run);
+",
 ];
 
 /// The advisory lock key that serialises migrations.
@@ -137,6 +164,9 @@ pub struct PostgresState {
     /// may take an advisory lock again, so another holder in this process is refused
     /// here.
     held: HashMap<i64, LockHolder>,
+    /// The pipeline and run whose creates are kept as one entry a run
+    /// ([`AuditLog::record_created_run`]).
+    creates_run: Option<(String, i64)>,
 }
 
 impl std::fmt::Debug for PostgresState {
@@ -261,6 +291,72 @@ impl PostgresState {
         })
     }
 
+    /// Copies a batch a sink durable at its finish took whole into `staged`
+    /// (`COPY … FROM STDIN (FORMAT binary)`), each row applied with its handle, the
+    /// creates marked with `created_run` when given.
+    fn stage(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        rows: &[PendingRow],
+        handles: &[Option<String>],
+        created_run: Option<i64>,
+    ) -> Result<(), StateError> {
+        use postgres::types::Type;
+        type Staged = (
+            i64,
+            String,
+            &'static str,
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<i64>,
+        );
+        let staged: Vec<Staged> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    to_sql(r.key.hash64()),
+                    r.key.to_string(),
+                    r.kind.as_str(),
+                    to_sql(r.content_hash),
+                    r.email.clone(),
+                    handles.get(i).cloned().flatten(),
+                    r.record.as_ref().map(crate::record::encode),
+                    created_run.filter(|_| r.kind == contactsync_core::ChangeKind::Create),
+                )
+            })
+            .collect();
+        let pipeline = pipeline.to_string();
+        self.call(move |c| {
+            let sink = c.copy_in(
+                "COPY staged (pipeline, run, key_hash, key, kind, content_hash, email, handle, record, created_run)
+                 FROM STDIN (FORMAT binary)",
+            )?;
+            let types = [
+                Type::TEXT,
+                Type::INT8,
+                Type::INT8,
+                Type::TEXT,
+                Type::TEXT,
+                Type::INT8,
+                Type::TEXT,
+                Type::TEXT,
+                Type::BYTEA,
+                Type::INT8,
+            ];
+            let mut writer = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+            for (hash, key, kind, content, email, handle, record, created) in &staged {
+                writer.write(&[
+                    &pipeline, &run, hash, key, kind, content, email, handle, record, created,
+                ])?;
+            }
+            writer.finish().map(drop)
+        })
+    }
+
     /// Connects to `url` (`postgres://user@host:port/db`), applying any missing
     /// migration. The password comes from the URL, `CONTACTSYNC_STATE_PASSWORD`,
     /// `password_file`, `PGPASSWORD` or `.pgpass`. TLS (rustls) is used as the URL's
@@ -325,6 +421,7 @@ impl PostgresState {
             shown,
             worker: None,
             held: HashMap::new(),
+            creates_run: None,
         };
         state.migrate()?;
         Ok(state)
@@ -417,6 +514,57 @@ impl PostgresState {
             message: format!("a stored key: {message}"),
         })
     }
+}
+
+/// The people whose create is told from their run's one entry, with it: [`created_row`]'s
+/// columns; a caller adds `AND …` over `s`.
+const CREATED_ROWS: &str = "SELECT s.key, s.content_hash, s.email, s.handle, s.record, s.pipeline, c.run, c.at, c.values_kept
+     FROM synced s JOIN creates c ON c.pipeline = s.pipeline AND c.run = s.created_run
+     WHERE s.created_run IS NOT NULL";
+
+/// A create told from a row of [`CREATED_ROWS`] (or the same columns returned), as
+/// [`created_entry`] builds it; the error says what is damaged.
+fn created_row(r: &postgres::Row) -> Result<AuditEntry, String> {
+    let row = synced_row((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)), |text| {
+        text.parse::<ContactKey>()
+            .map_err(|message| StateError::Shared {
+                url: String::new(),
+                message: format!("a stored key: {message}"),
+            })
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(created_entry(r.get(5), r.get(6), r.get(7), r.get(8), row))
+}
+
+/// Writes audit entries, one statement over arrays, in the caller's transaction.
+fn insert_audit(
+    tx: &mut postgres::Transaction<'_>,
+    entries: &[AuditEntry],
+) -> Result<u64, postgres::Error> {
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let pipeline: Vec<&str> = entries.iter().map(|e| e.pipeline.as_str()).collect();
+    let run: Vec<i64> = entries.iter().map(|e| e.run).collect();
+    let at: Vec<i64> = entries.iter().map(|e| e.at).collect();
+    let key: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+    let email: Vec<Option<&str>> = entries.iter().map(|e| e.email.as_deref()).collect();
+    let kind: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
+    let outcome: Vec<&str> = entries.iter().map(|e| e.outcome.as_str()).collect();
+    let reason: Vec<Option<&str>> = entries.iter().map(|e| e.reason.as_deref()).collect();
+    let fields: Vec<&str> = entries.iter().map(|e| e.fields.as_str()).collect();
+    let created: Vec<Option<Vec<u8>>> = entries
+        .iter()
+        .map(|e| e.created.as_deref().map(crate::record::encode))
+        .collect();
+    tx.execute(
+        "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created)
+         SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[],
+           $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::BYTEA[])",
+        &[
+            &pipeline, &run, &at, &key, &email, &kind, &outcome, &reason, &fields, &created,
+        ],
+    )
 }
 
 /// A `postgres::Error` in a sentence: the server's message when there is one.

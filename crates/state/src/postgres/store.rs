@@ -126,6 +126,9 @@ impl RunLog for PostgresState {
                    finished_at = NULL, status = NULL, report = NULL",
                 &[&pipeline, &run, &chrono::Utc::now().to_rfc3339()],
             )?;
+            // What an earlier run staged and never confirmed (its sink's finish failed,
+            // or it was killed) is not sent again by this run's rows.
+            tx.execute("DELETE FROM staged WHERE pipeline = $1", &[&pipeline])?;
             tx.commit()?;
             Ok((run, last_full))
         })
@@ -223,7 +226,7 @@ impl RunLog for PostgresState {
         let pipeline = pipeline.to_string();
         self.call(move |c| {
             let mut tx = c.transaction()?;
-            for table in ["synced", "pending", "runs", "audit"] {
+            for table in ["synced", "pending", "runs", "audit", "creates", "staged"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE pipeline = $1"),
                     &[&pipeline],
@@ -487,7 +490,13 @@ impl PendingJournal for PostgresState {
         rows: &[PendingRow],
         handles: &[Option<String>],
     ) -> Result<(), StateError> {
-        self.insert_pending(pipeline, run, batch_id, rows, Some(handles))
+        let _ = batch_id; // staged rows are confirmed by run, not by batch
+        let created_run = self
+            .creates_run
+            .as_ref()
+            .is_some_and(|(p, r)| p == pipeline && *r == run)
+            .then_some(run);
+        self.stage(pipeline, run, rows, handles, created_run)
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
@@ -512,8 +521,28 @@ impl PendingJournal for PostgresState {
                 "DELETE FROM pending WHERE pipeline = $1 AND run = $2 AND applied",
                 &[&pipeline, &run],
             )?;
+            let staged_removed = tx.execute(
+                "DELETE FROM synced WHERE pipeline = $1 AND key_hash IN
+                   (SELECT key_hash FROM staged WHERE pipeline = $1 AND run = $2 AND kind = 'remove')",
+                &[&pipeline, &run],
+            )?;
+            let staged_upserted = tx.execute(
+                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record, created_run)
+                   SELECT pipeline, key_hash, key, content_hash, email, handle, record, created_run FROM staged
+                   WHERE pipeline = $1 AND run = $2 AND kind <> 'remove'
+                   ORDER BY key_hash
+                 ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
+                   email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
+                   record = COALESCE(excluded.record, synced.record),
+                   created_run = COALESCE(excluded.created_run, synced.created_run)",
+                &[&pipeline, &run],
+            )?;
+            tx.execute(
+                "DELETE FROM staged WHERE pipeline = $1 AND run = $2",
+                &[&pipeline, &run],
+            )?;
             tx.commit()?;
-            Ok(removed + upserted)
+            Ok(removed + upserted + staged_removed + staged_upserted)
         })
     }
 
@@ -543,61 +572,128 @@ impl AuditLog for PostgresState {
         if entries.is_empty() {
             return Ok(());
         }
-        let pipeline: Vec<String> = entries.iter().map(|e| e.pipeline.clone()).collect();
-        let run: Vec<i64> = entries.iter().map(|e| e.run).collect();
-        let at: Vec<i64> = entries.iter().map(|e| e.at).collect();
-        let key: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
-        let email: Vec<Option<String>> = entries.iter().map(|e| e.email.clone()).collect();
-        let kind: Vec<String> = entries.iter().map(|e| e.kind.clone()).collect();
-        let outcome: Vec<String> = entries.iter().map(|e| e.outcome.clone()).collect();
-        let reason: Vec<Option<String>> = entries.iter().map(|e| e.reason.clone()).collect();
-        let fields: Vec<String> = entries.iter().map(|e| e.fields.clone()).collect();
-        let created: Vec<Option<Vec<u8>>> = entries
+        // The people these entries change whose create is told from their run's one
+        // entry: that create is written out first, from the record about to change.
+        let changed: Vec<&AuditEntry> = entries
             .iter()
-            .map(|e| e.created.as_deref().map(crate::record::encode))
+            .filter(|e| e.kind != contactsync_core::ChangeKind::Create.as_str())
             .collect();
+        let mut pipelines = Vec::with_capacity(changed.len());
+        let mut hashes = Vec::with_capacity(changed.len());
+        for e in changed {
+            pipelines.push(e.pipeline.clone());
+            hashes.push(to_sql(self.parse_key(&e.key)?.hash64()));
+        }
+        let entries = entries.to_vec();
+        let written: Result<(), String> = self.call(move |c| {
+            let mut tx = c.transaction()?;
+            let mut written = Vec::new();
+            if !hashes.is_empty() {
+                let rows = tx.query(
+                    "UPDATE synced s SET created_run = NULL FROM creates c
+                     WHERE c.pipeline = s.pipeline AND c.run = s.created_run
+                       AND (s.pipeline, s.key_hash) IN (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]))
+                     RETURNING s.key, s.content_hash, s.email, s.handle, s.record, s.pipeline, c.run, c.at, c.values_kept",
+                    &[&pipelines, &hashes],
+                )?;
+                for r in &rows {
+                    match created_row(r) {
+                        Ok(entry) => written.push(entry),
+                        Err(message) => return Ok(Err(message)),
+                    }
+                }
+            }
+            insert_audit(&mut tx, &written)?;
+            insert_audit(&mut tx, &entries)?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })?;
+        written.map_err(|message| StateError::Shared {
+            url: self.shown.clone(),
+            message,
+        })
+    }
+
+    fn record_created_run(
+        &mut self,
+        pipeline: &str,
+        run: i64,
+        at: i64,
+        values: bool,
+    ) -> Result<bool, StateError> {
+        let name = pipeline.to_string();
         self.call(move |c| {
             c.execute(
-                "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created)
-                 SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[],
-                   $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::BYTEA[])",
-                &[&pipeline, &run, &at, &key, &email, &kind, &outcome, &reason, &fields, &created],
+                "INSERT INTO creates (pipeline, run, at, values_kept) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (pipeline, run) DO UPDATE SET at = excluded.at, values_kept = excluded.values_kept",
+                &[&name, &run, &at, &values],
             )
-            .map(|_| ())
-        })
+        })?;
+        self.creates_run = Some((pipeline.to_string(), run));
+        Ok(true)
     }
 
     fn prune_audit(&mut self, pipeline: &str, before: i64) -> Result<u64, StateError> {
         let pipeline = pipeline.to_string();
         self.call(move |c| {
-            c.execute(
-                "DELETE FROM audit WHERE pipeline = $1 AND at < $2",
-                &[&pipeline, &before],
-            )
+            let mut tx = c.transaction()?;
+            let mut pruned = 0;
+            // A run's creates go with it, as their entries would have.
+            for table in ["audit", "creates"] {
+                pruned += tx.execute(
+                    &format!("DELETE FROM {table} WHERE pipeline = $1 AND at < $2"),
+                    &[&pipeline, &before],
+                )?;
+            }
+            tx.commit()?;
+            Ok(pruned)
         })
     }
 
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
         let who = who.trim().to_string();
         let email = Contact::normalize_email(&who).unwrap_or_default();
-        let rows: Vec<StoredAudit> = self.call(move |c| {
-            Ok(c.query(
-                &format!(
-                    "SELECT {AUDIT_COLUMNS} FROM audit
-                     WHERE key = $1 OR key = 'external_id:' || $1 OR key = 'email:' || $2
-                        OR lower(email) = lower($2)
-                     ORDER BY at, id"
-                ),
-                &[&who, &email],
-            )?
-            .iter()
-            .map(audit_columns)
-            .collect())
-        })?;
-        Ok(rows
+        let (rows, created): (Vec<StoredAudit>, Vec<Result<AuditEntry, String>>) =
+            self.call(move |c| {
+                let stored = c
+                    .query(
+                        &format!(
+                            "SELECT {AUDIT_COLUMNS} FROM audit
+                             WHERE key = $1 OR key = 'external_id:' || $1 OR key = 'email:' || $2
+                                OR lower(email) = lower($2)
+                             ORDER BY at, id"
+                        ),
+                        &[&who, &email],
+                    )?
+                    .iter()
+                    .map(audit_columns)
+                    .collect();
+                let created = c
+                    .query(
+                        &format!(
+                            "{CREATED_ROWS} AND (s.key = $1 OR s.key = 'external_id:' || $1
+                               OR s.key = 'email:' || $2 OR lower(s.email) = lower($2))"
+                        ),
+                        &[&who, &email],
+                    )?
+                    .iter()
+                    .map(created_row)
+                    .collect();
+                Ok((stored, created))
+            })?;
+        let stored = rows
             .into_iter()
             .map(|row| with_created_fields(audit_entry(row)))
-            .collect())
+            .collect();
+        let created = created
+            .into_iter()
+            .map(|entry| entry.map(with_created_fields))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| StateError::Shared {
+                url: self.shown.clone(),
+                message,
+            })?;
+        Ok(merge_history(stored, created))
     }
 }
 
@@ -670,6 +766,21 @@ impl StateTransfer for PostgresState {
         })?;
         for row in audit {
             visit(StateItem::Audit(audit_entry(row)))?;
+        }
+        // A run's creates kept as one entry go as an entry a person, last, as
+        // `history` tells them after the stored entries of their second.
+        let created: Vec<Result<AuditEntry, String>> = self.call(|c| {
+            Ok(c.query(CREATED_ROWS, &[])?
+                .iter()
+                .map(created_row)
+                .collect())
+        })?;
+        for entry in created {
+            let entry = entry.map_err(|message| StateError::Shared {
+                url: self.shown.clone(),
+                message,
+            })?;
+            visit(StateItem::Audit(entry))?;
         }
         let data: Vec<(String, String, String)> = self.call(|c| {
             Ok(c.query(
