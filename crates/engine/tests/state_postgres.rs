@@ -105,3 +105,57 @@ fn sslmode_require_connects_over_tls_verified_against_the_ca_file() {
     let url = format!("{}?sslmode=require", plain.new_database().unwrap());
     assert!(PostgresState::open(&url, None, Some(ca)).is_err());
 }
+
+/// Records are compressed with a dictionary the database trains on its first records,
+/// as in SQLite, and a runner that connected before the dictionary existed reads them.
+#[test]
+fn records_compressed_by_one_runner_read_back_in_another() {
+    use contactsync_core::{ChangeKind, Contact, ContactKey, SyncedEntry};
+    use contactsync_engine::state::{PendingRow, Settlement};
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let mut reader = open(&url);
+    let mut writer = open(&url);
+    let (run, _) = writer.begin_run("hr->out").unwrap();
+    let people: Vec<PendingRow> = (0..3000)
+        .map(|i| {
+            let contact = Contact {
+                external_id: Some(format!("E{i}")),
+                email: Some(format!("person{i}@example.com")),
+                first_name: Some(format!("Ann{}", i % 17)),
+                department: Some("Finance".into()),
+                ..Contact::default()
+            };
+            PendingRow {
+                key: ContactKey::ExternalId(format!("E{i}")),
+                kind: ChangeKind::Create,
+                content_hash: i,
+                email: contact.email.clone(),
+                record: Some(contact),
+            }
+        })
+        .collect();
+    for (n, batch) in people.chunks(1000).enumerate() {
+        let id = format!("b{n}");
+        writer.record_pending("hr->out", run, &id, batch).unwrap();
+        let settled: Vec<Settlement> = batch
+            .iter()
+            .map(|r| Settlement::Synced {
+                key: r.key.clone(),
+                entry: SyncedEntry {
+                    content_hash: r.content_hash,
+                    email: r.email.clone(),
+                    handle: None,
+                    record: r.record.clone().map(Box::new),
+                },
+            })
+            .collect();
+        writer.settle("hr->out", &id, &settled).unwrap();
+    }
+    let hashes: Vec<u64> = people.iter().map(|r| r.key.hash64()).collect();
+    let read = reader.synced_many("hr->out", &hashes).unwrap();
+    for (row, person) in read.iter().zip(&people) {
+        let row = row.as_ref().expect("synced");
+        assert_eq!(row.entry.record.as_deref(), person.record.as_ref());
+    }
+}

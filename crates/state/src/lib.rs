@@ -802,13 +802,14 @@ pub(crate) type StoredSynced = (String, i64, Option<String>, Option<String>, Opt
 pub(crate) fn synced_row(
     (key, content_hash, email, handle, record): StoredSynced,
     parse_key: impl Fn(&str) -> Result<ContactKey, StateError>,
+    read_record: impl FnOnce(&str, Option<&[u8]>) -> Option<Contact>,
 ) -> Result<SyncedRow, StateError> {
     Ok(SyncedRow {
         entry: SyncedEntry {
             content_hash: from_sql(content_hash),
             email,
             handle,
-            record: stored_record(&key, record.as_deref()).map(Box::new),
+            record: read_record(&key, record.as_deref()).map(Box::new),
         },
         key: parse_key(&key)?,
     })
@@ -835,9 +836,10 @@ pub(crate) type StoredAudit = (
 /// An audit entry from its stored columns, `fields` as stored.
 pub(crate) fn audit_entry(
     (pipeline, run, at, key, email, kind, outcome, reason, fields, created): StoredAudit,
+    read_record: impl FnOnce(&str, Option<&[u8]>) -> Option<Contact>,
 ) -> AuditEntry {
     AuditEntry {
-        created: stored_record(&key, created.as_deref()).map(Box::new),
+        created: read_record(&key, created.as_deref()).map(Box::new),
         pipeline,
         run,
         at,

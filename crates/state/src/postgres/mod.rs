@@ -28,6 +28,7 @@ use super::{
     RunRecord, Settlement, StateError, StateItem, StoredAudit, StoredSynced, SyncedRow,
     AUDIT_COLUMNS,
 };
+use crate::record::{RecordCodec, RecordDecodeError};
 use crate::redact;
 
 mod sink_store;
@@ -145,6 +146,13 @@ CREATE UNLOGGED TABLE staged (
 );
 CREATE INDEX staged_run ON staged (pipeline, run);
 ",
+    // Records compressed with dictionaries the database trains on its own first records.
+    "
+CREATE TABLE dictionaries (
+    id BIGSERIAL PRIMARY KEY,
+    dictionary BYTEA NOT NULL
+);
+",
 ];
 
 /// The advisory lock key that serialises migrations.
@@ -167,6 +175,8 @@ pub struct PostgresState {
     /// The pipeline and run whose creates are kept as one entry a run
     /// ([`AuditLog::record_created_run`]).
     creates_run: Option<(String, i64)>,
+    /// Compresses the records kept with the database's dictionaries, as SQLite does.
+    codec: RecordCodec,
 }
 
 impl std::fmt::Debug for PostgresState {
@@ -259,6 +269,7 @@ impl PostgresState {
         rows: &[PendingRow],
         applied: Option<&[Option<String>]>,
     ) -> Result<(), StateError> {
+        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
         let pipeline = pipeline.to_string();
         let batch_id = batch_id.to_string();
         let seq: Vec<i64> = (0..rows.len() as i64).collect();
@@ -269,7 +280,7 @@ impl PostgresState {
         let email: Vec<Option<String>> = rows.iter().map(|r| r.email.clone()).collect();
         let record: Vec<Option<Vec<u8>>> = rows
             .iter()
-            .map(|r| r.record.as_ref().map(crate::record::encode))
+            .map(|r| r.record.as_ref().map(|c| self.codec.encode(c)))
             .collect();
         let taken = applied.is_some();
         let handle: Vec<Option<String>> = (0..rows.len())
@@ -313,6 +324,8 @@ impl PostgresState {
             Option<Vec<u8>>,
             Option<i64>,
         );
+        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
+        let codec = &mut self.codec;
         let staged: Vec<Staged> = rows
             .iter()
             .enumerate()
@@ -324,7 +337,7 @@ impl PostgresState {
                     to_sql(r.content_hash),
                     r.email.clone(),
                     handles.get(i).cloned().flatten(),
-                    r.record.as_ref().map(crate::record::encode),
+                    r.record.as_ref().map(|c| codec.encode(c)),
                     created_run.filter(|_| r.kind == contactsync_core::ChangeKind::Create),
                 )
             })
@@ -422,8 +435,10 @@ impl PostgresState {
             worker: None,
             held: HashMap::new(),
             creates_run: None,
+            codec: RecordCodec::default(),
         };
         state.migrate()?;
+        state.load_dictionaries(true)?;
         Ok(state)
     }
 
@@ -509,10 +524,99 @@ impl PostgresState {
     }
 
     fn parse_key(&self, text: &str) -> Result<ContactKey, StateError> {
-        text.parse().map_err(|message| StateError::Shared {
-            url: self.shown.clone(),
-            message: format!("a stored key: {message}"),
+        parse_stored_key(&self.shown, text)
+    }
+
+    /// Keeps records to train the database's dictionary on; once there are enough,
+    /// stores the dictionary (committed before any record uses it) and compresses from
+    /// then on.
+    fn learn<'a>(&mut self, contacts: impl Iterator<Item = &'a Contact>) -> Result<(), StateError> {
+        let Some(dictionary) = self.codec.learn(contacts) else {
+            return Ok(());
+        };
+        let stored = dictionary.clone();
+        let id: i64 = self.call(move |c| {
+            Ok(c.query_one(
+                "INSERT INTO dictionaries (dictionary) VALUES ($1) RETURNING id",
+                &[&stored],
+            )?
+            .get(0))
+        })?;
+        if let Err(e) = self.codec.add_dictionary(id as u64, &dictionary, true) {
+            tracing::warn!("records stay uncompressed: dictionary {id} is not usable: {e}");
+        }
+        Ok(())
+    }
+
+    /// Learns the stored dictionaries; `current` makes the newest the one new records
+    /// use.
+    fn load_dictionaries(&mut self, current: bool) -> Result<(), StateError> {
+        let stored: Vec<(i64, Vec<u8>)> = self.call(|c| {
+            Ok(
+                c.query("SELECT id, dictionary FROM dictionaries ORDER BY id", &[])?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect(),
+            )
+        })?;
+        let newest = stored.last().map(|(id, _)| *id);
+        for (id, dictionary) in &stored {
+            let make_current = current && Some(*id) == newest;
+            if make_current || !self.codec.knows(*id as u64) {
+                self.codec
+                    .add_dictionary(*id as u64, dictionary, make_current)
+                    .map_err(|e| StateError::Shared {
+                        url: self.shown.clone(),
+                        message: format!("record dictionary {id}: {e}"),
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A stored record, read with the database's dictionaries: one another runner
+    /// trained since this one connected is loaded first. Unreadable counts as not
+    /// known ([`crate::stored_record`]).
+    fn read_record(&mut self, key: &str, bytes: Option<&[u8]>) -> Option<Contact> {
+        let bytes = bytes?;
+        if let Err(RecordDecodeError::Dictionary(_)) = self.codec.decode(bytes) {
+            if let Err(e) = self.load_dictionaries(false) {
+                tracing::warn!("{e}");
+            }
+        }
+        let codec = &mut self.codec;
+        crate::stored_record_with(key, Some(bytes), |b| {
+            codec.decode(b).map_err(|e| match e {
+                RecordDecodeError::Dictionary(id) => {
+                    format!("record dictionary {id} is not in the database")
+                }
+                RecordDecodeError::Unreadable(message) => message,
+            })
         })
+    }
+
+    /// A synced row from its stored columns, its record read with the dictionaries.
+    fn synced_row(&mut self, stored: StoredSynced) -> Result<SyncedRow, StateError> {
+        let shown = self.shown.clone();
+        synced_row(
+            stored,
+            |text| parse_stored_key(&shown, text),
+            |key, bytes| self.read_record(key, bytes),
+        )
+    }
+
+    /// An audit entry from its stored columns, its record read with the dictionaries.
+    fn audit_entry(&mut self, stored: StoredAudit) -> AuditEntry {
+        audit_entry(stored, |key, bytes| self.read_record(key, bytes))
+    }
+
+    /// A create told from a row of [`CREATED_ROWS`], as [`created_entry`] builds it.
+    fn created_entry(
+        &mut self,
+        (stored, pipeline, run, at, values): StoredCreated,
+    ) -> Result<AuditEntry, StateError> {
+        let row = self.synced_row(stored)?;
+        Ok(created_entry(pipeline, run, at, values, row))
     }
 }
 
@@ -522,24 +626,26 @@ const CREATED_ROWS: &str = "SELECT s.key, s.content_hash, s.email, s.handle, s.r
      FROM synced s JOIN creates c ON c.pipeline = s.pipeline AND c.run = s.created_run
      WHERE s.created_run IS NOT NULL";
 
-/// A create told from a row of [`CREATED_ROWS`] (or the same columns returned), as
-/// [`created_entry`] builds it; the error says what is damaged.
-fn created_row(r: &postgres::Row) -> Result<AuditEntry, String> {
-    let row = synced_row((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)), |text| {
-        text.parse::<ContactKey>()
-            .map_err(|message| StateError::Shared {
-                url: String::new(),
-                message: format!("a stored key: {message}"),
-            })
-    })
-    .map_err(|e| e.to_string())?;
-    Ok(created_entry(r.get(5), r.get(6), r.get(7), r.get(8), row))
+/// A row of [`CREATED_ROWS`]: the person's synced row, their pipeline, and the run's
+/// number, time and whether it kept values.
+type StoredCreated = (StoredSynced, String, i64, i64, bool);
+
+fn created_columns(r: &postgres::Row) -> StoredCreated {
+    (
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+    )
 }
 
-/// Writes audit entries, one statement over arrays, in the caller's transaction.
+/// Writes audit entries, one statement over arrays, in the caller's transaction;
+/// `created[i]` is `entries[i]`'s record as stored.
 fn insert_audit(
     tx: &mut postgres::Transaction<'_>,
     entries: &[AuditEntry],
+    created: &[Option<Vec<u8>>],
 ) -> Result<u64, postgres::Error> {
     if entries.is_empty() {
         return Ok(0);
@@ -553,10 +659,6 @@ fn insert_audit(
     let outcome: Vec<&str> = entries.iter().map(|e| e.outcome.as_str()).collect();
     let reason: Vec<Option<&str>> = entries.iter().map(|e| e.reason.as_deref()).collect();
     let fields: Vec<&str> = entries.iter().map(|e| e.fields.as_str()).collect();
-    let created: Vec<Option<Vec<u8>>> = entries
-        .iter()
-        .map(|e| e.created.as_deref().map(crate::record::encode))
-        .collect();
     tx.execute(
         "INSERT INTO audit (pipeline, run, at, key, email, kind, outcome, reason, fields, created)
          SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[],
@@ -565,6 +667,14 @@ fn insert_audit(
             &pipeline, &run, &at, &key, &email, &kind, &outcome, &reason, &fields, &created,
         ],
     )
+}
+
+/// A key as stored, parsed; the error names the database.
+fn parse_stored_key(shown: &str, text: &str) -> Result<ContactKey, StateError> {
+    text.parse().map_err(|message| StateError::Shared {
+        url: shown.to_string(),
+        message: format!("a stored key: {message}"),
+    })
 }
 
 /// A `postgres::Error` in a sentence: the server's message when there is one.

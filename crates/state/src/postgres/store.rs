@@ -305,8 +305,7 @@ impl SyncedIndex for PostgresState {
             )?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
         })?;
-        row.map(|stored| synced_row(stored, |text| self.parse_key(text)))
-            .transpose()
+        row.map(|stored| self.synced_row(stored)).transpose()
     }
 
     fn synced_many(
@@ -331,10 +330,7 @@ impl SyncedIndex for PostgresState {
         })?;
         let mut found: HashMap<u64, SyncedRow> = HashMap::with_capacity(rows.len());
         for (hash, stored) in rows {
-            found.insert(
-                from_sql(hash),
-                synced_row(stored, |text| self.parse_key(text))?,
-            );
+            found.insert(from_sql(hash), self.synced_row(stored)?);
         }
         Ok(key_hashes.iter().map(|h| found.get(h).cloned()).collect())
     }
@@ -355,7 +351,7 @@ impl PendingJournal for PostgresState {
         &mut self,
         pipeline: &str,
     ) -> Result<Vec<(PendingBatch, Vec<PendingRow>)>, StateError> {
-        type Row = crate::StoredPending;
+        type Row = (String, String, String, Option<String>, i64, Option<Vec<u8>>);
         let pipeline = pipeline.to_string();
         let rows: Vec<Row> = self.call(move |c| {
             Ok(c.query(
@@ -363,14 +359,16 @@ impl PendingJournal for PostgresState {
                 &[&pipeline],
             )?
             .iter()
-            .map(|r| {
-                let key: String = r.get(1);
-                let bytes: Option<Vec<u8>> = r.get(5);
-                let record = crate::stored_record(&key, bytes.as_deref());
-                (r.get(0), key, r.get(2), r.get(3), r.get(4), record)
-            })
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
             .collect())
         })?;
+        let rows: Vec<crate::StoredPending> = rows
+            .into_iter()
+            .map(|(batch_id, key, kind, email, content_hash, bytes)| {
+                let record = self.read_record(&key, bytes.as_deref());
+                (batch_id, key, kind, email, content_hash, record)
+            })
+            .collect();
         group_pending(
             rows,
             |text| self.parse_key(text),
@@ -406,7 +404,7 @@ impl PendingJournal for PostgresState {
                     up_content.push(to_sql(entry.content_hash));
                     up_email.push(entry.email.clone());
                     up_handle.push(entry.handle.clone());
-                    up_record.push(entry.record.as_deref().map(crate::record::encode));
+                    up_record.push(entry.record.as_deref().map(|c| self.codec.encode(c)));
                     unpend.push(key.to_string());
                 }
                 Settlement::Forgotten { key } => {
@@ -542,6 +540,25 @@ impl PendingJournal for PostgresState {
                 &[&pipeline, &run],
             )?;
             tx.commit()?;
+            // Deleted rows keep their space until a vacuum (a first sync's: as large
+            // as what it synced). Emptied, the table is truncated, unless another
+            // runner is writing it just now: its own confirmation will.
+            let truncated = (|| -> Result<(), postgres::Error> {
+                let mut tx = c.transaction()?;
+                tx.batch_execute(
+                    "SET LOCAL lock_timeout = '200ms'; LOCK TABLE staged IN ACCESS EXCLUSIVE MODE",
+                )?;
+                let empty: bool = tx
+                    .query_one("SELECT NOT EXISTS (SELECT 1 FROM staged)", &[])?
+                    .get(0);
+                if empty {
+                    tx.batch_execute("TRUNCATE staged")?;
+                }
+                tx.commit()
+            })();
+            if let Err(e) = truncated {
+                tracing::debug!("the staged rows' space is left to a vacuum: {}", describe(&e));
+            }
             Ok(removed + upserted + staged_removed + staged_upserted)
         })
     }
@@ -584,33 +601,53 @@ impl AuditLog for PostgresState {
             pipelines.push(e.pipeline.clone());
             hashes.push(to_sql(self.parse_key(&e.key)?.hash64()));
         }
-        let entries = entries.to_vec();
-        let written: Result<(), String> = self.call(move |c| {
-            let mut tx = c.transaction()?;
-            let mut written = Vec::new();
-            if !hashes.is_empty() {
-                let rows = tx.query(
-                    "UPDATE synced s SET created_run = NULL FROM creates c
-                     WHERE c.pipeline = s.pipeline AND c.run = s.created_run
-                       AND (s.pipeline, s.key_hash) IN (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]))
-                     RETURNING s.key, s.content_hash, s.email, s.handle, s.record, s.pipeline, c.run, c.at, c.values_kept",
-                    &[&pipelines, &hashes],
-                )?;
-                for r in &rows {
-                    match created_row(r) {
-                        Ok(entry) => written.push(entry),
-                        Err(message) => return Ok(Err(message)),
-                    }
-                }
+        let mut written = Vec::new();
+        if !hashes.is_empty() {
+            let (pipes, keys) = (pipelines.clone(), hashes.clone());
+            let rows: Vec<StoredCreated> = self.call(move |c| {
+                Ok(c.query(
+                    &format!(
+                        "{CREATED_ROWS} AND (s.pipeline, s.key_hash) IN
+                           (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]))"
+                    ),
+                    &[&pipes, &keys],
+                )?
+                .iter()
+                .map(created_columns)
+                .collect())
+            })?;
+            for row in rows {
+                written.push(self.created_entry(row)?);
             }
-            insert_audit(&mut tx, &written)?;
-            insert_audit(&mut tx, &entries)?;
-            tx.commit()?;
-            Ok(Ok(()))
-        })?;
-        written.map_err(|message| StateError::Shared {
-            url: self.shown.clone(),
-            message,
+        }
+        self.learn(entries.iter().filter_map(|e| e.created.as_deref()))?;
+        let encode = |codec: &mut RecordCodec, entries: &[AuditEntry]| -> Vec<Option<Vec<u8>>> {
+            entries
+                .iter()
+                .map(|e| e.created.as_deref().map(|c| codec.encode(c)))
+                .collect()
+        };
+        let written_records = encode(&mut self.codec, &written);
+        let records = encode(&mut self.codec, entries);
+        let entries = entries.to_vec();
+        let unmark: (Vec<String>, Vec<i64>) = written
+            .iter()
+            .map(|e| Ok((e.pipeline.clone(), to_sql(self.parse_key(&e.key)?.hash64()))))
+            .collect::<Result<Vec<_>, StateError>>()?
+            .into_iter()
+            .unzip();
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            if !unmark.0.is_empty() {
+                tx.execute(
+                    "UPDATE synced SET created_run = NULL
+                     WHERE (pipeline, key_hash) IN (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]))",
+                    &[&unmark.0, &unmark.1],
+                )?;
+            }
+            insert_audit(&mut tx, &written, &written_records)?;
+            insert_audit(&mut tx, &entries, &records)?;
+            tx.commit()
         })
     }
 
@@ -653,46 +690,41 @@ impl AuditLog for PostgresState {
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
         let who = who.trim().to_string();
         let email = Contact::normalize_email(&who).unwrap_or_default();
-        let (rows, created): (Vec<StoredAudit>, Vec<Result<AuditEntry, String>>) =
-            self.call(move |c| {
-                let stored = c
-                    .query(
-                        &format!(
-                            "SELECT {AUDIT_COLUMNS} FROM audit
+        let (rows, created): (Vec<StoredAudit>, Vec<StoredCreated>) = self.call(move |c| {
+            let stored = c
+                .query(
+                    &format!(
+                        "SELECT {AUDIT_COLUMNS} FROM audit
                              WHERE key = $1 OR key = 'external_id:' || $1 OR key = 'email:' || $2
                                 OR lower(email) = lower($2)
                              ORDER BY at, id"
-                        ),
-                        &[&who, &email],
-                    )?
-                    .iter()
-                    .map(audit_columns)
-                    .collect();
-                let created = c
-                    .query(
-                        &format!(
-                            "{CREATED_ROWS} AND (s.key = $1 OR s.key = 'external_id:' || $1
+                    ),
+                    &[&who, &email],
+                )?
+                .iter()
+                .map(audit_columns)
+                .collect();
+            let created = c
+                .query(
+                    &format!(
+                        "{CREATED_ROWS} AND (s.key = $1 OR s.key = 'external_id:' || $1
                                OR s.key = 'email:' || $2 OR lower(s.email) = lower($2))"
-                        ),
-                        &[&who, &email],
-                    )?
-                    .iter()
-                    .map(created_row)
-                    .collect();
-                Ok((stored, created))
-            })?;
+                    ),
+                    &[&who, &email],
+                )?
+                .iter()
+                .map(created_columns)
+                .collect();
+            Ok((stored, created))
+        })?;
         let stored = rows
             .into_iter()
-            .map(|row| with_created_fields(audit_entry(row)))
+            .map(|row| with_created_fields(self.audit_entry(row)))
             .collect();
         let created = created
             .into_iter()
-            .map(|entry| entry.map(with_created_fields))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|message| StateError::Shared {
-                url: self.shown.clone(),
-                message,
-            })?;
+            .map(|row| self.created_entry(row).map(with_created_fields))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(merge_history(stored, created))
     }
 }
@@ -746,9 +778,7 @@ impl StateTransfer for PostgresState {
             let Some(last) = page.last() else { break };
             after = (last.0.clone(), last.1);
             for (pipeline, _, key, content_hash, email, handle, record) in page {
-                let row = synced_row((key, content_hash, email, handle, record), |text| {
-                    self.parse_key(text)
-                })?;
+                let row = self.synced_row((key, content_hash, email, handle, record))?;
                 visit(StateItem::Synced { pipeline, row })?;
             }
         }
@@ -765,21 +795,19 @@ impl StateTransfer for PostgresState {
             .collect())
         })?;
         for row in audit {
-            visit(StateItem::Audit(audit_entry(row)))?;
+            let entry = self.audit_entry(row);
+            visit(StateItem::Audit(entry))?;
         }
         // A run's creates kept as one entry go as an entry a person, last, as
         // `history` tells them after the stored entries of their second.
-        let created: Vec<Result<AuditEntry, String>> = self.call(|c| {
+        let created: Vec<StoredCreated> = self.call(|c| {
             Ok(c.query(CREATED_ROWS, &[])?
                 .iter()
-                .map(created_row)
+                .map(created_columns)
                 .collect())
         })?;
-        for entry in created {
-            let entry = entry.map_err(|message| StateError::Shared {
-                url: self.shown.clone(),
-                message,
-            })?;
+        for row in created {
+            let entry = self.created_entry(row)?;
             visit(StateItem::Audit(entry))?;
         }
         let data: Vec<(String, String, String)> = self.call(|c| {
@@ -803,12 +831,16 @@ impl StateTransfer for PostgresState {
         let mut synced: HashMap<String, Encoded> = HashMap::new();
         let mut rest = Vec::new();
         let mut audit = Vec::new();
+        self.learn(items.iter().filter_map(|item| match item {
+            StateItem::Synced { row, .. } => row.entry.record.as_deref(),
+            _ => None,
+        }))?;
         for item in items {
             match item {
                 StateItem::Synced { pipeline, row } => {
                     synced.entry(pipeline.clone()).or_default().push((
                         row.clone(),
-                        row.entry.record.as_deref().map(crate::record::encode),
+                        row.entry.record.as_deref().map(|c| self.codec.encode(c)),
                     ))
                 }
                 StateItem::Audit(e) => audit.push(e.clone()),
