@@ -159,3 +159,45 @@ fn records_compressed_by_one_runner_read_back_in_another() {
         assert_eq!(row.entry.record.as_deref(), person.record.as_ref());
     }
 }
+
+/// The synced index streams in PostgreSQL's binary copy format, which takes no
+/// parameters: a pipeline named with a quote is still only its own.
+#[test]
+fn the_index_of_a_pipeline_named_with_a_quote_is_its_own() {
+    use contactsync_core::{ContactKey, SyncedEntry};
+    use contactsync_engine::state::{PendingRow, Settlement};
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let mut state = open(&url);
+    for (pipeline, id) in [("o'brien->out", "E1"), ("other->out", "E2")] {
+        let (run, _) = state.begin_run(pipeline).unwrap();
+        let key = ContactKey::ExternalId(id.into());
+        let row = PendingRow {
+            key: key.clone(),
+            kind: contactsync_core::ChangeKind::Create,
+            content_hash: 7,
+            email: None,
+            record: None,
+        };
+        state.record_pending(pipeline, run, "b1", &[row]).unwrap();
+        let entry = SyncedEntry {
+            content_hash: 7,
+            email: None,
+            handle: None,
+            record: None,
+        };
+        state
+            .settle(pipeline, "b1", &[Settlement::Synced { key, entry }])
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    state
+        .scan_index("o'brien->out", &mut |hash, content| {
+            seen.push((hash, content))
+        })
+        .unwrap();
+    assert_eq!(
+        seen,
+        vec![(ContactKey::ExternalId("E1".into()).hash64(), 7)]
+    );
+}
