@@ -1,0 +1,272 @@
+//! Where a batch is recorded before it is confirmed: `pending`, the journal kept across
+//! a crash, or `temp.staged`, the batches a sink durable at its finish took whole.
+
+use super::*;
+
+/// The batches a sink durable at its finish took whole, until its finish made them
+/// durable ([`PendingJournal::record_awaiting_finish`]): `pending`'s columns in a
+/// temporary table of the connection, so that they cost no write to the file (no
+/// journal, no sync) and a crash leaves nothing of them; `created_run` marks the creates
+/// of a run that keeps them as one entry. Appended as they come (a b-tree in key-hash
+/// order took twice as long as the writes it saved, once larger than its cache) and
+/// sorted once, when `synced` takes them.
+pub(super) const STAGED: &str = "
+CREATE TEMP TABLE IF NOT EXISTS staged (
+    pipeline INTEGER NOT NULL,
+    batch_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    key_hash INTEGER NOT NULL,
+    kind NOT NULL,
+    content_hash INTEGER NOT NULL,
+    applied INTEGER NOT NULL DEFAULT 1,
+    record BLOB,
+    key TEXT,
+    email TEXT,
+    handle TEXT,
+    created_run INTEGER
+);
+";
+
+/// Where [`SqliteState::insert_pending`] writes a batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Journal {
+    /// `pending`, kept across a crash for the next run's recovery.
+    Pending,
+    /// `temp.staged`, applied and awaiting the sink's finish, with the creates marked
+    /// with `created_run` when given.
+    Staged { created_run: Option<i64> },
+}
+
+impl SqliteState {
+    /// Inserts a batch's rows into `journal` in one transaction; with `applied`, each
+    /// marked applied with its handle (awaiting the sink's finish).
+    pub(super) fn insert_pending(
+        &mut self,
+        journal: Journal,
+        pipeline: &str,
+        run: i64,
+        batch_id: &str,
+        rows: &[PendingRow],
+        applied: Option<&[Option<String>]>,
+    ) -> Result<(), StateError> {
+        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
+        let path = self.path.clone();
+        let map = db_error(&path);
+        let (conn, codec) = (&mut self.conn, &mut self.codec);
+        let tx = match journal {
+            Journal::Pending => conn.transaction_with_behavior(WRITE),
+            // Only the temporary database is written: the file's lock is not needed.
+            Journal::Staged { .. } => conn.transaction(),
+        }
+        .map_err(map)?;
+        let id = match pipeline_id(&tx, pipeline).map_err(map)? {
+            Some(id) => id,
+            None => ensure_pipeline(&tx, pipeline).map_err(map)?,
+        };
+        let (table, created_run) = match journal {
+            Journal::Pending => ("pending", None),
+            Journal::Staged { created_run } => ("temp.staged", created_run),
+        };
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle{})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12{})",
+                if table == "pending" { "" } else { ", created_run" },
+                if table == "pending" { "" } else { ", ?13" },
+            ))
+            .map_err(map)?;
+        let mut insert = |seq: usize, row: &PendingRow, bytes: Option<Vec<u8>>| {
+            let record = row.record.as_ref();
+            let handle = applied
+                .and_then(|handles| handles.get(seq))
+                .cloned()
+                .flatten();
+            let values = params![
+                id,
+                batch_id,
+                seq as i64,
+                run,
+                to_sql(row.key.hash64()),
+                compact::kind(row.kind),
+                to_sql(row.content_hash),
+                bytes,
+                compact::key(&row.key, record),
+                compact::email(row.email.as_deref(), record),
+                i64::from(applied.is_some()),
+                handle,
+            ];
+            match journal {
+                Journal::Pending => stmt.execute(values),
+                Journal::Staged { .. } => {
+                    let created = created_run.filter(|_| row.kind == ChangeKind::Create);
+                    let mut all = values.to_vec();
+                    all.push(&created);
+                    stmt.execute(&*all)
+                }
+            }
+            .map(drop)
+            .map_err(map)
+        };
+        let encode = |codec: &mut RecordCodec, chunk: &[PendingRow]| -> Vec<Option<Vec<u8>>> {
+            chunk
+                .iter()
+                .map(|row| row.record.as_ref().map(|r| codec.encode(r)))
+                .collect()
+        };
+        if rows.len() < 2 * ENCODE_CHUNK {
+            for (seq, (row, bytes)) in rows.iter().zip(encode(codec, rows)).enumerate() {
+                insert(seq, row, bytes)?;
+            }
+        } else {
+            // Records are compressed on a second thread while the rows before them are
+            // inserted: compressing a first sync's million records took as long as
+            // inserting them, one after the other on one core.
+            std::thread::scope(|scope| -> Result<(), StateError> {
+                let (send, receive) = std::sync::mpsc::sync_channel(4);
+                scope.spawn(move || {
+                    for chunk in rows.chunks(ENCODE_CHUNK) {
+                        if send.send(encode(codec, chunk)).is_err() {
+                            return; // the inserting side stopped at an error
+                        }
+                    }
+                });
+                for (n, chunk) in rows.chunks(ENCODE_CHUNK).enumerate() {
+                    let encoded = receive.recv().map_err(|_| StateError::Corrupt {
+                        path: path.clone(),
+                        message: "the thread compressing records stopped".into(),
+                    })?;
+                    for (i, (row, bytes)) in chunk.iter().zip(encoded).enumerate() {
+                        insert(n * ENCODE_CHUNK + i, row, bytes)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        drop(stmt);
+        tx.commit().map_err(map)
+    }
+
+    /// Moves the rows of `run` that `journal` holds applied into `synced` (removals out
+    /// of it), and out of `journal`; returns how many.
+    pub(super) fn confirm_from(
+        &mut self,
+        journal: Journal,
+        id: i64,
+        run: i64,
+    ) -> Result<u64, StateError> {
+        let map = db_error(&self.path);
+        let remove = compact::kind(ChangeKind::Remove);
+        let (table, created_run) = match journal {
+            Journal::Pending => ("pending", "NULL"),
+            Journal::Staged { .. } => ("temp.staged", "created_run"),
+        };
+        // In ranges of key hashes, each its own transaction, so that no transaction
+        // holds the write lock for long (ten million rows took over a minute, and the
+        // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
+        // Ranges of the hash, in the order `synced` keeps them, so that each range's
+        // rows are appended to its b-tree in order (ranges of rows would interleave and
+        // split its pages). Each range scans `pending`; a range holds about
+        // `confirm_range_rows` rows, so a million take one scan.
+        // A crash between two ranges leaves the rest pending, applied: the next run's
+        // recovery asks the sink about them, as after a crash before the confirmation
+        // (staged rows go with the process: the next run sends them again, into a sink
+        // that converges).
+        let rows: i64 = self
+            .conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE pipeline = ?1 AND run = ?2"),
+                params![id, run],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if rows == 0 {
+            return Ok(0);
+        }
+        let ranges = || {
+            let rows = i128::from(rows);
+            let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
+                / i128::from(self.confirm_range_rows.max(1));
+            let width = (1i128 << 64) / parts;
+            (0..parts).map(move |n| {
+                let from = i128::from(i64::MIN) + n * width;
+                let to = if n == parts - 1 {
+                    i128::from(i64::MAX)
+                } else {
+                    from + width - 1
+                };
+                // Both within i64 by construction.
+                (from as i64, to as i64)
+            })
+        };
+        let mut confirmed = 0u64;
+        for (from, to) in ranges() {
+            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+            let removed = tx
+                .execute(
+                    &format!(
+                        "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+                           (SELECT key_hash FROM {table} WHERE key_hash BETWEEN ?4 AND ?5
+                              AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)"
+                    ),
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            let upserted = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run)
+                           SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}
+                           FROM {table}
+                           WHERE key_hash BETWEEN ?4 AND ?5
+                             AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
+                           ORDER BY key_hash
+                         {SYNCED_UPSERT}"
+                    ),
+                    params![id, run, remove, from, to],
+                )
+                .map_err(map)?;
+            tx.commit().map_err(map)?;
+            confirmed += (removed + upserted) as u64;
+        }
+        if journal != Journal::Pending {
+            self.conn
+                .execute(
+                    "DELETE FROM temp.staged WHERE pipeline = ?1 AND run = ?2",
+                    params![id, run],
+                )
+                .map_err(map)?;
+            return Ok(confirmed);
+        }
+        // The confirmed rows leave `pending` last: when they are all it holds (a run
+        // alone, as usual), at once, which costs next to nothing where deleting them row
+        // by row took longer than confirming them. Until then they are pending and
+        // applied, and confirming them again (after a crash, through recovery) changes
+        // nothing.
+        // The check and the delete in one transaction: another pipeline's run may be
+        // recording its own pending changes in the same file.
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let others: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
+                params![id, run],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if !others {
+            tx.execute("DELETE FROM pending", []).map_err(map)?;
+            return tx.commit().map_err(map).map(|()| confirmed);
+        }
+        drop(tx);
+        for (from, to) in ranges() {
+            self.conn
+                .execute(
+                    "DELETE FROM pending WHERE key_hash BETWEEN ?3 AND ?4
+                       AND pipeline = ?1 AND run = ?2 AND applied = 1",
+                    params![id, run, from, to],
+                )
+                .map_err(map)?;
+        }
+        Ok(confirmed)
+    }
+}
