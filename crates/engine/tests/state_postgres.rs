@@ -110,7 +110,7 @@ fn sslmode_require_connects_over_tls_verified_against_the_ca_file() {
 /// as in SQLite, and a runner that connected before the dictionary existed reads them.
 #[test]
 fn records_compressed_by_one_runner_read_back_in_another() {
-    use contactsync_core::{ChangeKind, Contact, ContactKey, SyncedEntry};
+    use contactsync_core::{ChangeKind, Contact, ContactKey};
     use contactsync_engine::state::{PendingRow, Settlement};
     let pg = Postgres::start().expect("a PostgreSQL cluster starts");
     let url = pg.new_database().unwrap();
@@ -138,18 +138,7 @@ fn records_compressed_by_one_runner_read_back_in_another() {
     for (n, batch) in people.chunks(1000).enumerate() {
         let id = format!("b{n}");
         writer.record_pending("hr->out", run, &id, batch).unwrap();
-        let settled: Vec<Settlement> = batch
-            .iter()
-            .map(|r| Settlement::Synced {
-                key: r.key.clone(),
-                entry: SyncedEntry {
-                    content_hash: r.content_hash,
-                    email: r.email.clone(),
-                    handle: None,
-                    record: r.record.clone().map(Box::new),
-                },
-            })
-            .collect();
+        let settled: Vec<Settlement> = batch.iter().map(|r| r.clone().applied(None)).collect();
         writer.settle("hr->out", &id, &settled).unwrap();
     }
     let hashes: Vec<u64> = people.iter().map(|r| r.key.hash64()).collect();

@@ -243,6 +243,22 @@ pub struct PendingRow {
     pub record: Option<Contact>,
 }
 
+impl PendingRow {
+    /// Its settlement once the sink applied it (a create or an update: a removal is
+    /// [`Settlement::Forgotten`]): the sink holds what it sent, under `handle`.
+    pub fn applied(self, handle: Option<String>) -> Settlement {
+        Settlement::Synced {
+            key: self.key,
+            entry: SyncedEntry {
+                content_hash: self.content_hash,
+                email: self.email,
+                handle,
+                record: self.record.map(Box::new),
+            },
+        }
+    }
+}
+
 /// How one pending change ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {

@@ -33,15 +33,7 @@ impl<'r> Run<'r> {
                     (Outcome::Applied { .. }, ChangeKind::Remove) => {
                         Settlement::Forgotten { key: row.key }
                     }
-                    (Outcome::Applied { handle }, _) => Settlement::Synced {
-                        key: row.key,
-                        entry: SyncedEntry {
-                            content_hash: row.content_hash,
-                            email: row.email,
-                            handle,
-                            record: row.record.map(Box::new),
-                        },
-                    },
+                    (Outcome::Applied { handle }, _) => row.applied(handle),
                     // Whatever else: the diff of this run decides again.
                     _ => Settlement::Dropped { key: row.key },
                 })

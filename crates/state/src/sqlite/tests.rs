@@ -463,18 +463,7 @@ fn records_compressed_by_one_connection_read_back_in_another() {
     for (n, batch) in rows.chunks(500).enumerate() {
         let id = format!("run-{run}-batch-{n}");
         writer.record_pending("p", run, &id, batch).unwrap();
-        let settlements: Vec<Settlement> = batch
-            .iter()
-            .map(|r| Settlement::Synced {
-                key: r.key.clone(),
-                entry: SyncedEntry {
-                    content_hash: r.content_hash,
-                    email: r.email.clone(),
-                    handle: None,
-                    record: r.record.clone().map(Box::new),
-                },
-            })
-            .collect();
+        let settlements: Vec<Settlement> = batch.iter().map(|r| r.clone().applied(None)).collect();
         writer.settle("p", &id, &settlements).unwrap();
     }
     let (compressed, average): (i64, f64) = writer
@@ -552,18 +541,7 @@ fn a_state_of_schema_3_gains_the_creates_table_and_keeps_its_rows() {
         let (run, _) = state.begin_run("p").unwrap();
         let rows = creates(3);
         state.record_pending("p", run, "b1", &rows).unwrap();
-        let settlements: Vec<Settlement> = rows
-            .iter()
-            .map(|r| Settlement::Synced {
-                key: r.key.clone(),
-                entry: SyncedEntry {
-                    content_hash: r.content_hash,
-                    email: r.email.clone(),
-                    handle: None,
-                    record: r.record.clone().map(Box::new),
-                },
-            })
-            .collect();
+        let settlements: Vec<Settlement> = rows.iter().map(|r| r.clone().applied(None)).collect();
         state.settle("p", "b1", &settlements).unwrap();
         state
             .conn
