@@ -110,35 +110,16 @@ fn sslmode_require_connects_over_tls_verified_against_the_ca_file() {
 /// as in SQLite, and a runner that connected before the dictionary existed reads them.
 #[test]
 fn records_compressed_by_one_runner_read_back_in_another() {
-    use contactsync_core::{ChangeKind, Contact, ContactKey};
-    use contactsync_engine::state::{PendingRow, Settlement};
     let pg = Postgres::start().expect("a PostgreSQL cluster starts");
     let url = pg.new_database().unwrap();
     let mut reader = open(&url);
     let mut writer = open(&url);
     let (run, _) = writer.begin_run("hr->out").unwrap();
-    let people: Vec<PendingRow> = (0..3000)
-        .map(|i| {
-            let contact = Contact {
-                external_id: Some(format!("E{i}")),
-                email: Some(format!("person{i}@example.com")),
-                first_name: Some(format!("Ann{}", i % 17)),
-                department: Some("Finance".into()),
-                ..Contact::default()
-            };
-            PendingRow {
-                key: ContactKey::ExternalId(format!("E{i}")),
-                kind: ChangeKind::Create,
-                content_hash: i,
-                email: contact.email.clone(),
-                record: Some(contact),
-            }
-        })
-        .collect();
+    let people = conformance::created_people(3000);
     for (n, batch) in people.chunks(1000).enumerate() {
         let id = format!("b{n}");
         writer.record_pending("hr->out", run, &id, batch).unwrap();
-        let settled: Vec<Settlement> = batch.iter().map(|r| r.clone().applied(None)).collect();
+        let settled: Vec<_> = batch.iter().map(|r| r.clone().applied(None)).collect();
         writer.settle("hr->out", &id, &settled).unwrap();
     }
     let hashes: Vec<u64> = people.iter().map(|r| r.key.hash64()).collect();

@@ -67,6 +67,23 @@ fn person(id: &str) -> (ContactKey, Contact) {
     (ContactKey::ExternalId(id.to_string()), contact)
 }
 
+/// `n` people (`E0`, `E1`, …, emails `e0@example.com`, …) created, as the pending rows
+/// of a batch: for a backend's own tests.
+pub fn created_people(n: u64) -> Vec<PendingRow> {
+    (0..n)
+        .map(|i| {
+            let (key, contact) = person(&format!("E{i}"));
+            PendingRow {
+                key,
+                kind: ChangeKind::Create,
+                content_hash: i,
+                email: contact.email.clone(),
+                record: Some(contact),
+            }
+        })
+        .collect()
+}
+
 fn runs_and_cursor(store: &mut dyn StateStore) -> Result<(), String> {
     let (first, full) = store.begin_run(PIPELINE).map_err(err)?;
     ensure!(
@@ -570,18 +587,7 @@ pub(crate) fn play_three_runs(
     kept: bool,
     values: bool,
 ) -> Result<(), String> {
-    let people: Vec<PendingRow> = (0..5)
-        .map(|i| {
-            let (key, contact) = person(&format!("E{i}"));
-            PendingRow {
-                key,
-                kind: ChangeKind::Create,
-                content_hash: i,
-                email: contact.email.clone(),
-                record: Some(contact),
-            }
-        })
-        .collect();
+    let people = created_people(5);
     let entry = |run: i64, at: i64, row: &PendingRow| {
         let created = (values && row.kind == ChangeKind::Create)
             .then(|| row.record.clone().map(Box::new))

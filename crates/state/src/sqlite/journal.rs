@@ -64,16 +64,15 @@ impl SqliteState {
             Some(id) => id,
             None => ensure_pipeline(&tx, pipeline).map_err(map)?,
         };
-        let (table, created_run) = match journal {
-            Journal::Pending => ("pending", None),
-            Journal::Staged { created_run } => ("temp.staged", created_run),
+        // `staged` has one column more: the run that created the person.
+        let (table, created_column, created_value) = match journal {
+            Journal::Pending => ("pending", "", ""),
+            Journal::Staged { .. } => ("temp.staged", ", created_run", ", ?13"),
         };
         let mut stmt = tx
             .prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle{})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12{})",
-                if table == "pending" { "" } else { ", created_run" },
-                if table == "pending" { "" } else { ", ?13" },
+                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle{created_column})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12{created_value})",
             ))
             .map_err(map)?;
         let mut insert = |seq: usize, row: &PendingRow, bytes: Option<Vec<u8>>| {
@@ -98,7 +97,7 @@ impl SqliteState {
             ];
             match journal {
                 Journal::Pending => stmt.execute(values),
-                Journal::Staged { .. } => {
+                Journal::Staged { created_run } => {
                     let created = created_run.filter(|_| row.kind == ChangeKind::Create);
                     let mut all = values.to_vec();
                     all.push(&created);

@@ -129,13 +129,7 @@ fn a_state_of_schema_2_is_migrated_to_compact_rows() {
         .unwrap();
     }
     let mut state = SqliteState::open(&path).unwrap();
-    let version: String = state
-        .conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(schema_version(&state), SCHEMA_VERSION);
     let auto_vacuum: i64 = state
         .conn
         .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
@@ -234,20 +228,19 @@ fn a_state_of_schema_2_is_migrated_to_compact_rows() {
     );
 }
 
+/// The schema version the file says it has.
+fn schema_version(state: &SqliteState) -> String {
+    state
+        .conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
 /// `n` people created, as pending rows.
 fn creates(n: u64) -> Vec<PendingRow> {
-    (0..n)
-        .map(|i| {
-            let contact = person(&format!("E{i}"), &format!("person{i}@example.com"));
-            PendingRow {
-                key: ContactKey::ExternalId(format!("E{i}")),
-                kind: ChangeKind::Create,
-                content_hash: i,
-                email: contact.email.clone(),
-                record: Some(contact),
-            }
-        })
-        .collect()
+    crate::conformance::created_people(n)
 }
 
 fn e1_hash() -> u64 {
@@ -552,13 +545,7 @@ fn a_state_of_schema_3_gains_the_creates_table_and_keeps_its_rows() {
             .unwrap();
     }
     let mut state = SqliteState::open(&path).unwrap();
-    let version: String = state
-        .conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(schema_version(&state), SCHEMA_VERSION);
     assert_eq!(state.summaries().unwrap()[0].synced, 3);
     let (run, _) = state.begin_run("p").unwrap();
     assert!(state.record_created_run("p", run, 1, true).unwrap());
