@@ -3,7 +3,8 @@
 //! - `cargo xtask test`: what CI runs. Formatting, clippy with warnings as errors, and
 //!   every unit, doc and end-to-end test of the workspace. Installs what the tests need
 //!   from Debian's packages when it is missing (OpenLDAP's `slapd` and `ldap-utils`,
-//!   PostgreSQL's server).
+//!   PostgreSQL's server) and, into a virtualenv under `target/`, the reference SCIM
+//!   server the SCIM connector is also tested against (`scim2-server`, from PyPI).
 //! - `cargo xtask tidy`: the architecture's invariants (`tidy.rs`) as one report; the
 //!   same checks run as tests under `cargo xtask test`.
 //! - `cargo xtask new-connector NAME [--sandbox] [--source-only | --sink-only] [--no-http]`:
@@ -72,6 +73,7 @@ fn test() -> Result<()> {
     let cargo = cargo();
     ensure_slapd()?;
     ensure_postgres()?;
+    ensure_scim2_server(&root)?;
     run(&cargo, &["fmt", "--all", "--", "--check"], &root)
         .context("formatting differs: run `cargo fmt --all`")?;
     run(
@@ -134,6 +136,53 @@ fn ensure_postgres() -> Result<()> {
         return Ok(());
     }
     install("the PostgreSQL state tests", &["postgresql"])
+}
+
+/// The version of scim2-server the SCIM connector is tested against.
+const SCIM2_SERVER: &str = "scim2-server==0.8.3";
+
+/// The SCIM connector is also tested against scim2-server, the python-scim project's
+/// reference server, from PyPI: installed into a virtualenv under `target/` (where the
+/// testkit finds it) when missing, with Debian's Python when the machine has none.
+fn ensure_scim2_server(root: &Path) -> Result<()> {
+    let venv = root.join("target/scim2-server");
+    let program = venv.join("bin/scim2-server");
+    let marker = venv.join(SCIM2_SERVER);
+    if program.exists() && marker.exists() {
+        return Ok(());
+    }
+    if !found("python3") && which("python3").is_none() {
+        install("the SCIM tests", &["python3", "python3-venv"])?;
+    }
+    eprintln!("xtask: installing {SCIM2_SERVER} into {}", venv.display());
+    let venv_text = venv.to_string_lossy().to_string();
+    if run("python3", &["-m", "venv", "--clear", &venv_text], root).is_err() {
+        // Debian's python3 needs its venv module as a package of its own.
+        install("the SCIM tests", &["python3-venv"])?;
+        run("python3", &["-m", "venv", "--clear", &venv_text], root)?;
+    }
+    let pip = venv.join("bin/pip").to_string_lossy().to_string();
+    run(
+        &pip,
+        &[
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            SCIM2_SERVER,
+        ],
+        root,
+    )
+    .context("installing scim2-server from PyPI")?;
+    std::fs::write(&marker, "installed by cargo xtask test\n").context("marking the virtualenv")?;
+    Ok(())
+}
+
+/// A program on `PATH`.
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.exists())
 }
 
 /// Installs Debian `packages` (with sudo unless root).

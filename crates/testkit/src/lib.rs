@@ -28,6 +28,7 @@ mod compare;
 mod error;
 pub mod postgres;
 mod samples;
+pub mod scim2_server;
 mod sink;
 pub mod slapd;
 mod source;
