@@ -191,16 +191,16 @@ impl ScimSink {
         }
     }
 
-    /// The value `match_on` looks a contact up by.
-    fn match_value(&self, contact: &Contact) -> Option<String> {
-        match self.config.match_on {
-            MatchOn::UserName => self.config.mapping.user_name(contact),
-            MatchOn::ExternalId => contact.external_id.clone().or_else(|| {
-                // Without an external id, the userName still finds the person.
-                (self.config.mapping.user_name_from() == UserNameFrom::Email)
-                    .then(|| self.config.mapping.user_name(contact))
-                    .flatten()
-            }),
+    /// The attribute and value `match_on` finds `contact` by: `externalId` when asked
+    /// and the contact has one, else `userName`.
+    fn match_key(&self, contact: &Contact) -> Option<(&'static str, String)> {
+        match (self.config.match_on, &contact.external_id) {
+            (MatchOn::ExternalId, Some(id)) => Some(("externalId", id.clone())),
+            _ => self
+                .config
+                .mapping
+                .user_name(contact)
+                .map(|n| ("userName", n)),
         }
     }
 
@@ -209,12 +209,15 @@ impl ScimSink {
         &self,
         contact: &Contact,
     ) -> Result<Option<Map<String, Value>>, ConnectorError> {
-        let Some(value) = self.match_value(contact) else {
+        self.lookup_by(self.match_key(contact)).await
+    }
+
+    async fn lookup_by(
+        &self,
+        key: Option<(&str, String)>,
+    ) -> Result<Option<Map<String, Value>>, ConnectorError> {
+        let Some((attr, value)) = key else {
             return Ok(None);
-        };
-        let attr = match (self.config.match_on, contact.external_id.is_some()) {
-            (MatchOn::ExternalId, true) => "externalId",
-            _ => "userName",
         };
         Tally::add(&self.tally.lookups, 1);
         self.client.find("Users", attr, &value).await
@@ -364,6 +367,28 @@ impl ScimSink {
                 "the app found the user but gave no id",
             )));
         };
+        // A user of the app with another external id is another person who held the
+        // userName (an address given to a new hire): never taken over.
+        let theirs = user.get("externalId").and_then(Value::as_str);
+        if let (Some(theirs), Some(ours)) = (theirs, contact.external_id.as_deref()) {
+            if theirs != ours {
+                return Ok(Prepared::done(Outcome::Rejected {
+                    reason: format!(
+                        "the app's user {id} has this userName and another externalId ({theirs}): \
+                         another person; rename or remove them in the app"
+                    ),
+                    field: Some(
+                        self.config
+                            .mapping
+                            .user_name_from()
+                            .field()
+                            .name()
+                            .to_string(),
+                    ),
+                    retry: true,
+                }));
+            }
+        }
         let ops = self.config.mapping.adopt_ops(&user, contact);
         let step = if ops.is_empty() {
             Step::Done(applied(&id))
@@ -495,7 +520,22 @@ impl ScimSink {
         let Some(contact) = contact else {
             return Ok((unknown(why), false));
         };
-        match self.lookup(contact).await? {
+        // The user `match_on` finds; else the one holding the userName (a 409 names
+        // the unique value taken, whatever `match_on` is).
+        let mut found = self.lookup(contact).await?;
+        if found.is_none()
+            && self
+                .match_key(contact)
+                .is_some_and(|(attr, _)| attr != "userName")
+        {
+            let by_name = self
+                .config
+                .mapping
+                .user_name(contact)
+                .map(|n| ("userName", n));
+            found = self.lookup_by(by_name).await?;
+        }
+        match found {
             Some(user) => {
                 let prepared = self.adopt(user, contact).await?;
                 match &prepared.step {

@@ -1,0 +1,164 @@
+//! What the sink does when the app or the network does something of its own, against
+//! the SCIM sandbox: a create whose answer was lost, a userName taken, another person
+//! holding an address, throttling and server errors, a wrong token.
+
+use contactsync_core::{
+    Change, ChangeBatch, ChangePlan, ConnectorError, ConnectorSettings, Contact, ContactKey,
+    ContactStatus, Origin, Outcome, Sink,
+};
+use contactsync_sandbox_scim::{
+    Kind, RunningScim, SandboxConfig, ScimSandbox, WireFaults, USER_SCHEMA,
+};
+use contactsync_scim::{ScimConfig, ScimSink};
+use contactsync_testkit::{sample_contacts, MemoryStore};
+use serde_json::json;
+
+fn sink(sb: &RunningScim, extra: &str) -> ScimSink {
+    let text = format!(
+        "base_url = \"{}\"\ntoken = \"{}\"\nretry_backoff = \"10ms\"\n{extra}",
+        sb.base_url(),
+        sb.token()
+    );
+    let config = ScimConfig::from_settings(
+        &ConnectorSettings::from_toml("sinks.scim", &text).expect("settings"),
+    )
+    .expect("config");
+    ScimSink::new(config).expect("sink")
+}
+
+fn creates(contacts: &[Contact]) -> ChangeBatch {
+    ChangeBatch {
+        id: "batch".into(),
+        changes: contacts
+            .iter()
+            .map(|c| Change::Create {
+                key: ContactKey::ExternalId(c.external_id.clone().expect("id")),
+                contact: c.clone(),
+                origin: Origin::Derived,
+            })
+            .collect(),
+    }
+}
+
+async fn apply(sink: &mut ScimSink, batch: &ChangeBatch) -> Vec<Outcome> {
+    let mut store = MemoryStore::new();
+    let mut ctx = store.context();
+    sink.begin(&ChangePlan::default(), &mut ctx)
+        .await
+        .expect("begin");
+    sink.apply(batch, &mut ctx).await.expect("apply")
+}
+
+fn posts(sb: &RunningScim) -> usize {
+    sb.requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/Users")
+        .count()
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_found_not_sent_twice() {
+    let sb = ScimSandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox");
+    let people = sample_contacts(1);
+    let mut sink = sink(&sb, "bulk = false");
+    // Calls: ServiceProviderConfig, the look-up, then the POST, whose answer is lost
+    // after the user was created.
+    sb.set_wire_faults(WireFaults::answer_lost(3));
+    let outcomes = apply(&mut sink, &creates(&people)).await;
+    let Outcome::Applied { handle: Some(id) } = &outcomes[0] else {
+        panic!("applied with the user's id: {outcomes:?}");
+    };
+    assert_eq!(sb.users().len(), 1, "no second user");
+    assert_eq!(&sb.users()[0]["id"], id.as_str());
+    assert_eq!(posts(&sb), 1, "the POST was not repeated");
+}
+
+#[tokio::test]
+async fn a_taken_user_name_is_adopted_or_refused_never_posted_twice() {
+    let sb = ScimSandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox");
+    let mut people = sample_contacts(2);
+    // The app has person 1 under their address, without an externalId (a sign-up),
+    // deactivated by an admin; and person 2's address belongs to someone else.
+    let user = |name: &str| json!({ "schemas": [USER_SCHEMA], "userName": name, "active": false });
+    sb.seed(Kind::User, user(people[0].email.as_deref().expect("email")))
+        .expect("seeded");
+    let mut other = user(people[1].email.as_deref().expect("email"));
+    other["externalId"] = json!("SOMEONE-ELSE");
+    sb.seed(Kind::User, other).expect("seeded");
+    people[1].status = ContactStatus::Active;
+    // Looked up by externalId, nobody is found; the POSTs meet 409.
+    let mut sink = sink(&sb, "match_on = \"externalId\"\nbulk = false");
+    let outcomes = apply(&mut sink, &creates(&people)).await;
+    assert!(
+        matches!(&outcomes[0], Outcome::Applied { handle: Some(_) }),
+        "{outcomes:?}"
+    );
+    let Outcome::Rejected { reason, retry, .. } = &outcomes[1] else {
+        panic!("another person's address is refused: {outcomes:?}");
+    };
+    assert!(reason.contains("SOMEONE-ELSE") && *retry, "{reason}");
+    assert_eq!(sb.users().len(), 2, "nobody created twice");
+    assert_eq!(posts(&sb), 2, "one POST each");
+    let adopted = sb
+        .user(people[0].email.as_deref().expect("email"))
+        .expect("adopted");
+    assert_eq!(adopted["externalId"], "CS-0001");
+    assert_eq!(
+        adopted["active"], false,
+        "a user an admin deactivated stays so"
+    );
+}
+
+#[tokio::test]
+async fn throttled_and_failed_calls_are_retried() {
+    let sb = ScimSandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox");
+    let people = sample_contacts(6);
+    sb.set_wire_faults(WireFaults {
+        throttle_every: 3,
+        retry_after_secs: 0,
+        fail_every: 5,
+        ..WireFaults::default()
+    });
+    let mut sink = sink(&sb, "");
+    let outcomes = apply(&mut sink, &creates(&people)).await;
+    // A failed bulk request may have created users: those changes stay pending, and a
+    // second run adopts what the first created.
+    let again = apply(&mut sink, &creates(&people)).await;
+    assert!(
+        again.iter().all(|o| matches!(o, Outcome::Applied { .. })),
+        "first {outcomes:?}, then {again:?}"
+    );
+    assert_eq!(sb.users().len(), 6, "nobody twice");
+    assert!(sb.requests().iter().any(|r| r.status == 429));
+}
+
+#[tokio::test]
+async fn a_wrong_token_fails_the_check_with_what_to_do() {
+    let sb = ScimSandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox");
+    let text = format!(
+        "base_url = \"{}\"\ntoken = \"tok-9f3a-not-the-secret\"\n",
+        sb.base_url()
+    );
+    let config = ScimConfig::from_settings(
+        &ConnectorSettings::from_toml("sinks.scim", &text).expect("settings"),
+    )
+    .expect("config");
+    let error = ScimSink::new(config)
+        .expect("sink")
+        .check()
+        .await
+        .expect_err("refused");
+    assert!(matches!(error, ConnectorError::Auth { .. }), "{error:?}");
+    assert!(
+        !error.to_string().contains("tok-9f3a"),
+        "the token is never printed: {error}"
+    );
+}
