@@ -65,6 +65,7 @@ Engineering = \"CC-200\"\n";
 
 const POPPULO: &str = "type = \"poppulo\"\nbase_url = \"{url}\"\naccount = \"demo\"\nusername = \"sandbox\"\npassword = \"sandbox\"\nmin_poll_interval = \"200ms\"\nrate_limit = \"off\"\n";
 const ACTITO: &str = "type = \"actito\"\nbase_url = \"{url}\"\nentity = \"demo\"\ntable = \"contacts\"\napi_key = \"sandbox-key\"\nrate_limit = \"off\"\nattributes = { external_id = \"customerId\" }\n";
+const SCIM: &str = "type = \"scim\"\nbase_url = \"{url}\"\ntoken = \"sandbox\"\n";
 const BC: &str = "type = \"businesscatalyst\"\nbase_url = \"{url}\"\nsite_id = 1\nusername = \"sandbox\"\npassword = \"sandbox\"\n";
 
 const SCENARIOS: &[Scenario] = &[
@@ -133,6 +134,17 @@ const SCENARIOS: &[Scenario] = &[
         pipeline: "",
         postgres: false,
         rate: Some((100, 60)),
+    },
+    Scenario {
+        name: "csv -> scim",
+        from: From::Csv,
+        sandbox: Some("scim"),
+        sink: SCIM,
+        source: None,
+        max_size: 100_000,
+        pipeline: "",
+        postgres: false,
+        rate: None,
     },
     Scenario {
         name: "businesscatalyst -> csv",

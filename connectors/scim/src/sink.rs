@@ -46,6 +46,8 @@ pub struct ScimSink {
     provider: Option<Provider>,
     /// Subscription -> the id of its group, resolved once a run.
     group_ids: Option<BTreeMap<String, String>>,
+    /// The app's users, read once in `begin` for a run with many creates.
+    app: Option<index::AppIndex>,
     tally: Tally,
 }
 
@@ -138,6 +140,7 @@ impl ScimSink {
             config,
             provider: None,
             group_ids: None,
+            app: None,
             tally: Tally::default(),
         })
     }
@@ -212,7 +215,28 @@ impl ScimSink {
         self.lookup_by(self.match_key(contact)).await
     }
 
+    /// The user whose `attr` is `value`: from the app's users read in `begin` when
+    /// the run read them, else asked of the app.
     async fn lookup_by(
+        &self,
+        key: Option<(&str, String)>,
+    ) -> Result<Option<Map<String, Value>>, ConnectorError> {
+        let Some((attr, value)) = key else {
+            return Ok(None);
+        };
+        if let Some(app) = &self.app {
+            let Some(id) = app.id(attr, &value) else {
+                return Ok(None);
+            };
+            Tally::add(&self.tally.lookups, 1);
+            return Ok(self.client.get(id).await?.map(|(user, _)| user));
+        }
+        self.find_live(Some((attr, value))).await
+    }
+
+    /// The user whose `attr` is `value`, asked of the app now (after a create that may
+    /// have happened, the users read at the start are out of date).
+    async fn find_live(
         &self,
         key: Option<(&str, String)>,
     ) -> Result<Option<Map<String, Value>>, ConnectorError> {
@@ -522,7 +546,7 @@ impl ScimSink {
         };
         // The user `match_on` finds; else the one holding the userName (a 409 names
         // the unique value taken, whatever `match_on` is).
-        let mut found = self.lookup(contact).await?;
+        let mut found = self.find_live(self.match_key(contact)).await?;
         if found.is_none()
             && self
                 .match_key(contact)
@@ -533,7 +557,7 @@ impl ScimSink {
                 .mapping
                 .user_name(contact)
                 .map(|n| ("userName", n));
-            found = self.lookup_by(by_name).await?;
+            found = self.find_live(by_name).await?;
         }
         match found {
             Some(user) => {
@@ -565,6 +589,7 @@ fn version(user: &Map<String, Value>) -> Option<String> {
 
 mod bulk;
 mod groups;
+mod index;
 
 #[async_trait]
 impl Sink for ScimSink {
@@ -600,10 +625,12 @@ impl Sink for ScimSink {
 
     async fn begin(
         &mut self,
-        _plan: &ChangePlan,
+        plan: &ChangePlan,
         _ctx: &mut SinkContext<'_>,
     ) -> Result<(), ConnectorError> {
-        self.ready().await
+        self.ready().await?;
+        self.app = self.app_for(plan.creates).await?;
+        Ok(())
     }
 
     async fn verify(

@@ -162,3 +162,75 @@ async fn a_wrong_token_fails_the_check_with_what_to_do() {
         "the token is never printed: {error}"
     );
 }
+
+fn source(sb: &RunningScim) -> contactsync_scim::ScimSource {
+    let text = format!(
+        "base_url = \"{}\"\ntoken = \"{}\"\npage_size = 2\n",
+        sb.base_url(),
+        sb.token()
+    );
+    let config = ScimConfig::from_settings(
+        &ConnectorSettings::from_toml("sources.scim", &text).expect("settings"),
+    )
+    .expect("config");
+    contactsync_scim::ScimSource::new(config).expect("source")
+}
+
+fn seed_users(sb: &RunningScim, names: std::ops::Range<usize>) {
+    for i in names {
+        let user = json!({ "schemas": [USER_SCHEMA], "userName": format!("u{i}@example.com"),
+            "emails": [{ "value": format!("u{i}@example.com"), "type": "work" }] });
+        sb.seed(Kind::User, user).expect("seeded");
+    }
+}
+
+#[tokio::test]
+async fn a_read_during_which_users_were_added_is_not_complete() {
+    use contactsync_core::{ReadMode, Source};
+    let sb = ScimSandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox");
+    seed_users(&sb, 0..5);
+    let source = source(&sb);
+    let full = contactsync_testkit::read_all(&source, ReadMode::Full)
+        .await
+        .expect("read");
+    assert!(full.outcome.complete);
+    assert_eq!(full.records.len(), 5);
+
+    // Someone is added in the app after the first page was read.
+    let mut stream = source.read(ReadMode::Full).await.expect("read");
+    stream.next().await.expect("first").expect("a user");
+    seed_users(&sb, 5..6);
+    while stream.next().await.expect("next").is_some() {}
+    let outcome = stream.finish().await.expect("finish");
+    assert!(
+        !outcome.complete,
+        "the total moved while paging: no removal may come of it"
+    );
+
+    // An incremental read asks only for what changed since the cursor, and is never
+    // complete.
+    let cursor = outcome.cursor.expect("a cursor");
+    sb.clear_requests();
+    let read = contactsync_testkit::read_all(
+        &source,
+        ReadMode::Incremental {
+            cursor: Some(cursor.clone()),
+        },
+    )
+    .await
+    .expect("incremental");
+    assert!(!read.outcome.complete);
+    let listing = sb
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/Users")
+        .expect("a listing");
+    let query = listing.query.unwrap_or_default();
+    assert!(query.contains("meta.lastModified"), "{query}");
+    assert!(
+        read.outcome.cursor.is_some_and(|c| c >= cursor),
+        "a cursor never moves back"
+    );
+}

@@ -17,7 +17,8 @@
 //!
 //! What people do in the app, beside the client: an admin deactivates a user or renames
 //! them ([`RunningScim::deactivate`], [`RunningScim::rename`], or `POST
-//! /_sandbox/users/deactivate` / `rename` with `{"userName": …, "to": …}`). Faults
+//! /_sandbox/users/deactivate` / `rename` with `{"userName": …, "to": …}`); `GET
+//! /_sandbox/stats` counts the API calls, all and by route. Faults
 //! ([`Faults`], `POST /_sandbox/faults`): PATCH not supported (as in servers behind
 //! wizard-built Okta apps), Bulk not supported; with the kit's wire faults (throttling,
 //! 5xx, lost answers).
@@ -170,7 +171,8 @@ impl ScimSandbox {
     /// [`RunningScim::shutdown`] (or drop).
     pub async fn start(config: SandboxConfig) -> Result<RunningScim, SandboxError> {
         let data = DataFile::new(Shared::NAME, config.data_file.clone());
-        let directory: Directory = data.load()?.unwrap_or_default();
+        let mut directory: Directory = data.load()?.unwrap_or_default();
+        directory.reindex();
         let port = config.port;
         let shared = Arc::new(Shared {
             config,
@@ -192,6 +194,7 @@ impl ScimSandbox {
             .merge(api)
             .layer(from_fn_with_state(shared.wire.clone(), inject_faults))
             .layer(from_fn_with_state(shared.wire.clone(), log_calls))
+            .route("/_sandbox/stats", get(stats))
             .route("/_sandbox/users/deactivate", post(admin_deactivate))
             .route("/_sandbox/users/rename", post(admin_rename))
             .merge(admin_routes(shared.clone()))
@@ -549,6 +552,11 @@ fn with_location(kind: Kind, mut resource: Value) -> Value {
         );
     }
     resource
+}
+
+/// `GET /_sandbox/stats`: the wire's counts of API calls, all and by route.
+async fn stats(State(shared): S) -> Json<contactsync_sandbox_kit::WireCounts> {
+    Json(shared.wire.counts())
 }
 
 #[derive(Debug, Deserialize)]

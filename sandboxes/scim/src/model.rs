@@ -3,7 +3,7 @@
 //! `userName`, compared case-insensitively; read-only `id` and `meta`; a version a
 //! write must name in `If-Match` when it gives one) and what an admin does in the app.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{SecondsFormat, Utc};
 use contactsync_sandbox_kit::plain_email;
@@ -118,6 +118,11 @@ pub struct Directory {
     groups: BTreeMap<String, Map<String, Value>>,
     next_id: u64,
     next_version: u64,
+    /// The unique names (`userName`, group `displayName`), lower-cased, to their ids:
+    /// what the uniqueness check and a look-up by `userName eq` read, so that a
+    /// directory of 100,000 users answers either without a scan. Rebuilt on load.
+    #[serde(skip)]
+    names: [HashMap<String, String>; 2],
 }
 
 fn now() -> String {
@@ -148,6 +153,39 @@ impl Directory {
         }
     }
 
+    fn names(&self, kind: Kind) -> &HashMap<String, String> {
+        &self.names[kind as usize]
+    }
+
+    /// Rebuilds the name index (after loading the data file).
+    pub fn reindex(&mut self) {
+        for kind in [Kind::User, Kind::Group] {
+            let index = self
+                .table(kind)
+                .iter()
+                .filter_map(|(id, r)| Some((text(r, kind.unique())?.to_lowercase(), id.clone())))
+                .collect();
+            self.names[kind as usize] = index;
+        }
+    }
+
+    /// Keeps `resource` under `id`, its name indexed.
+    fn store(&mut self, kind: Kind, id: &str, resource: Map<String, Value>) {
+        self.unstore(kind, id);
+        if let Some(name) = text(&resource, kind.unique()) {
+            self.names[kind as usize].insert(name.to_lowercase(), id.to_string());
+        }
+        self.table_mut(kind).insert(id.to_string(), resource);
+    }
+
+    fn unstore(&mut self, kind: Kind, id: &str) {
+        if let Some(old) = self.table_mut(kind).remove(id) {
+            if let Some(name) = text(&old, kind.unique()) {
+                self.names[kind as usize].remove(&name.to_lowercase());
+            }
+        }
+    }
+
     /// One resource.
     pub fn get(&self, kind: Kind, id: &str) -> Result<&Map<String, Value>, ScimError> {
         self.table(kind).get(id).ok_or_else(|| not_found(kind, id))
@@ -163,43 +201,39 @@ impl Directory {
         self.groups.values()
     }
 
-    /// A resource as the server shows it: a user with the read-only `groups` they
-    /// are a member of (RFC 7643 §4.1.2), computed from the groups' `members`.
-    pub fn shown(&self, kind: Kind, mut resource: Map<String, Value>) -> Map<String, Value> {
+    /// Each user's read-only `groups` (RFC 7643 §4.1.2), from the groups' `members`.
+    fn memberships(&self) -> HashMap<String, Vec<Value>> {
+        let mut of: HashMap<String, Vec<Value>> = HashMap::new();
+        for (gid, group) in &self.groups {
+            let members = group.get("members").and_then(Value::as_array);
+            for id in members
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.get("value").and_then(Value::as_str))
+            {
+                of.entry(id.to_string()).or_default().push(json!({
+                    "value": gid,
+                    "display": group.get("displayName").cloned().unwrap_or(Value::Null),
+                    "$ref": format!("/Groups/{gid}")
+                }));
+            }
+        }
+        of
+    }
+
+    /// A resource as the server shows it: a user with the groups they are a member of.
+    pub fn shown(&self, kind: Kind, resource: Map<String, Value>) -> Map<String, Value> {
         if kind != Kind::User {
             return resource;
         }
-        let id = resource
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let groups: Vec<Value> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| {
-                g.get("members")
-                    .and_then(Value::as_array)
-                    .is_some_and(|m| m.iter().any(|m| m.get("value").and_then(Value::as_str) == Some(id)))
-            })
-            .map(|(gid, g)| {
-                json!({ "value": gid, "display": g.get("displayName").cloned().unwrap_or(Value::Null),
-                        "$ref": format!("/Groups/{gid}") })
-            })
-            .collect();
-        resource.remove("groups");
-        if !groups.is_empty() {
-            resource.insert("groups".into(), Value::Array(groups));
-        }
-        resource
+        shown_with(&self.memberships(), resource)
     }
 
     /// The id of the user whose `userName` is `user_name` (case-insensitively).
     pub fn user_id(&self, user_name: &str) -> Option<String> {
-        let wanted = user_name.to_lowercase();
-        self.users
-            .iter()
-            .find(|(_, u)| text(u, "userName").is_some_and(|n| n.to_lowercase() == wanted))
-            .map(|(id, _)| id.clone())
+        self.names(Kind::User)
+            .get(&user_name.to_lowercase())
+            .cloned()
     }
 
     /// The total matching `filter`, and the page from `start` (1-based) of `count`.
@@ -210,16 +244,34 @@ impl Directory {
         start: usize,
         count: usize,
     ) -> (usize, Vec<Map<String, Value>>) {
-        let matching: Vec<&Map<String, Value>> = self
-            .table(kind)
-            .values()
-            .filter(|r| filter.is_none_or(|f| f.matches(r)))
-            .collect();
+        // `userName eq` (or a group's `displayName eq`) is answered from the index.
+        let indexed = filter.and_then(|f| f.equality_on(kind.unique()));
+        let matching: Vec<&Map<String, Value>> = match indexed {
+            Some(name) => self
+                .names(kind)
+                .get(&name.to_lowercase())
+                .and_then(|id| self.table(kind).get(id))
+                .into_iter()
+                .collect(),
+            None => self
+                .table(kind)
+                .values()
+                .filter(|r| filter.is_none_or(|f| f.matches(r)))
+                .collect(),
+        };
+        let memberships = if kind == Kind::User {
+            self.memberships()
+        } else {
+            HashMap::new()
+        };
         let page = matching
             .iter()
             .skip(start.saturating_sub(1))
             .take(count)
-            .map(|r| self.shown(kind, (*r).clone()))
+            .map(|r| match kind {
+                Kind::User => shown_with(&memberships, (*r).clone()),
+                Kind::Group => (*r).clone(),
+            })
             .collect();
         (matching.len(), page)
     }
@@ -236,7 +288,7 @@ impl Directory {
             json!({ "resourceType": kind.name(), "created": at, "lastModified": at }),
         );
         self.stamp(&mut resource);
-        self.table_mut(kind).insert(id, resource.clone());
+        self.store(kind, &id, resource.clone());
         Ok(resource)
     }
 
@@ -256,7 +308,7 @@ impl Directory {
             old.get("meta").cloned().unwrap_or(Value::Null),
         );
         self.touch(&mut resource);
-        self.table_mut(kind).insert(id.into(), resource.clone());
+        self.store(kind, id, resource.clone());
         Ok(resource)
     }
 
@@ -275,7 +327,7 @@ impl Directory {
         let mut resource = checked;
         resource.insert("id".into(), Value::String(id.into()));
         self.touch(&mut resource);
-        self.table_mut(kind).insert(id.into(), resource.clone());
+        self.store(kind, id, resource.clone());
         Ok(resource)
     }
 
@@ -287,7 +339,7 @@ impl Directory {
         if_match: Option<&str>,
     ) -> Result<(), ScimError> {
         self.current(kind, id, if_match)?;
-        self.table_mut(kind).remove(id);
+        self.unstore(kind, id);
         if kind == Kind::User {
             let ids: Vec<String> = self.groups.keys().cloned().collect();
             for gid in ids {
@@ -391,11 +443,10 @@ impl Directory {
                 format!("{unique} is required"),
             ));
         };
-        let wanted = name.to_lowercase();
-        let taken = self.table(kind).iter().any(|(other, r)| {
-            Some(other.as_str()) != id
-                && text(r, unique).is_some_and(|n| n.to_lowercase() == wanted)
-        });
+        let taken = self
+            .names(kind)
+            .get(&name.to_lowercase())
+            .is_some_and(|other| Some(other.as_str()) != id);
         if taken {
             return Err(ScimError::typed(
                 409,
@@ -438,6 +489,19 @@ impl Directory {
         }
         Ok(())
     }
+}
+
+/// `user` with its `groups` from `memberships` (user id -> group references).
+fn shown_with(
+    memberships: &HashMap<String, Vec<Value>>,
+    mut user: Map<String, Value>,
+) -> Map<String, Value> {
+    user.remove("groups");
+    let id = user.get("id").and_then(Value::as_str).unwrap_or_default();
+    if let Some(groups) = memberships.get(id) {
+        user.insert("groups".into(), Value::Array(groups.clone()));
+    }
+    user
 }
 
 /// A user's own rules: every email a plain address, `active` a boolean (Entra's

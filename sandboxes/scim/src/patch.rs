@@ -186,8 +186,12 @@ fn set(
             match (map.get_mut(&key), value) {
                 // `add` to a multi-valued attribute appends what it does not hold.
                 (Some(Value::Array(items)), Value::Array(new)) if add => {
+                    // A group of 100,000 members takes a batch's additions without a
+                    // scan for each.
+                    let mut held: std::collections::HashSet<String> =
+                        items.iter().map(Value::to_string).collect();
                     for v in new {
-                        if !items.contains(&v) {
+                        if held.insert(v.to_string()) {
                             items.push(v);
                         }
                     }
