@@ -180,6 +180,19 @@ async fn provision_and_export(app: App) {
         "people.csv",
         &people_csv((1..=PEOPLE).map(|i| (i, format!("Last{i}"), "Sales".into(), newsletter(i)))),
     );
+    // `check` says what the server supports.
+    let dir = s.dir.path().to_path_buf();
+    let check = tokio::task::spawn_blocking(move || Scenario::at(dir).run(&["check"]))
+        .await
+        .expect("check");
+    check.expect_code(0);
+    assert!(
+        check
+            .stdout()
+            .contains("ok    [sinks.app] (scim): PATCH yes, Bulk yes"),
+        "{}",
+        check.stdout()
+    );
     let (run, report) = sync(&s, "hr", "app").await;
     run.expect_code(0);
     assert_eq!(counts(&report), [PEOPLE as u64, PEOPLE as u64, 0, 0, 0, 0]);

@@ -48,6 +48,8 @@ pub struct ScimSink {
     group_ids: Option<BTreeMap<String, String>>,
     /// The app's users, read once in `begin` for a run with many creates.
     app: Option<index::AppIndex>,
+    /// What `check` found the server supports.
+    described: Option<String>,
     tally: Tally,
 }
 
@@ -141,6 +143,7 @@ impl ScimSink {
             provider: None,
             group_ids: None,
             app: None,
+            described: None,
             tally: Tally::default(),
         })
     }
@@ -613,11 +616,15 @@ impl Sink for ScimSink {
         let schemas = self.client.schemas().await?;
         // The listing checks the token (the two above may be served without one).
         self.client.page("Users", 1, 1, None).await?;
-        tracing::info!(
-            "SCIM server {}: {provider}; schemas: {}",
-            self.config.connection.http.base_url,
+        let described = format!(
+            "{provider}; schemas: {}",
             schemas.map_or_else(|| "not served".to_string(), |s| s.join(", "))
         );
+        tracing::info!(
+            "SCIM server {}: {described}",
+            self.config.connection.http.base_url
+        );
+        self.described = Some(described);
         self.provider = Some(provider);
         self.group_ids = None;
         self.ready().await
@@ -717,6 +724,10 @@ impl Sink for ScimSink {
         self.follow_groups(batch, &mut outcomes, &adopted, resubscribe)
             .await?;
         Ok(outcomes)
+    }
+
+    fn described(&self) -> Option<String> {
+        self.described.clone()
     }
 
     fn summary(&self) -> SinkSummary {

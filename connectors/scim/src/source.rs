@@ -27,6 +27,8 @@ use crate::user::Mapping;
 pub struct ScimSource {
     client: ScimClient,
     config: ScimConfig,
+    /// What `check` found the server supports.
+    described: std::sync::Mutex<Option<String>>,
 }
 
 impl ScimSource {
@@ -35,6 +37,7 @@ impl ScimSource {
         Ok(ScimSource {
             client: ScimClient::new(&config.connection)?,
             config,
+            described: std::sync::Mutex::new(None),
         })
     }
 }
@@ -79,12 +82,20 @@ impl Source for ScimSource {
     async fn check(&self) -> Result<(), ConnectorError> {
         let provider = self.client.provider().await?;
         let page = self.client.page("Users", 1, 1, None).await?;
+        let described = format!("{provider}; {} users", page.total);
         tracing::info!(
-            "SCIM server {}: {provider}; {} users",
-            self.config.connection.http.base_url,
-            page.total
+            "SCIM server {}: {described}",
+            self.config.connection.http.base_url
         );
+        *self.described.lock().unwrap_or_else(|e| e.into_inner()) = Some(described);
         Ok(())
+    }
+
+    fn described(&self) -> Option<String> {
+        self.described
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {

@@ -234,3 +234,62 @@ async fn a_read_during_which_users_were_added_is_not_complete() {
         "a cursor never moves back"
     );
 }
+
+#[tokio::test]
+async fn a_put_that_finds_the_user_changed_reads_them_again_once() {
+    use contactsync_sandbox_scim::Faults;
+    let sb = ScimSandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox");
+    let people = sample_contacts(2);
+    let mut sink = sink(&sb, "update = \"put\"\nbulk = false");
+    let created = apply(&mut sink, &creates(&people)).await;
+    let update = |i: usize, title: &str| {
+        let mut after = people[i].clone();
+        after.job_title = Some(title.into());
+        let Outcome::Applied { handle } = &created[i] else {
+            panic!("{created:?}")
+        };
+        Change::Update {
+            key: ContactKey::ExternalId(after.external_id.clone().expect("id")),
+            contact: after,
+            origin: Origin::Derived,
+            previous: contactsync_core::SyncedEntry {
+                handle: handle.clone(),
+                record: Some(Box::new(people[i].clone())),
+                ..Default::default()
+            },
+        }
+    };
+    // Someone edits person 1 between the read and the write: read again, written.
+    sb.set_faults(Faults {
+        stale_writes: 1,
+        ..Faults::default()
+    });
+    let batch = ChangeBatch {
+        id: "b".into(),
+        changes: vec![update(0, "Boss")],
+    };
+    let outcomes = apply(&mut sink, &batch).await;
+    assert!(
+        matches!(outcomes[0], Outcome::Applied { .. }),
+        "{outcomes:?}"
+    );
+    let email = |i: usize| people[i].email.clone().expect("email");
+    assert_eq!(sb.user(&email(0)).expect("user")["title"], "Boss");
+    // ...twice in a row: left pending, not forced.
+    sb.set_faults(Faults {
+        stale_writes: 2,
+        ..Faults::default()
+    });
+    let batch = ChangeBatch {
+        id: "c".into(),
+        changes: vec![update(1, "Chief")],
+    };
+    let outcomes = apply(&mut sink, &batch).await;
+    assert!(
+        matches!(outcomes[0], Outcome::Unknown { .. }),
+        "{outcomes:?}"
+    );
+    assert_ne!(sb.user(&email(1)).expect("user")["title"], "Chief");
+}

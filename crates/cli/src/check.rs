@@ -20,7 +20,14 @@ pub async fn check(settings: &Settings) -> Result<u8, Failure> {
             .map_err(failed)?;
         let source = build_source(&section).map_err(usage)?;
         match source.check().await {
-            Ok(()) => say!("ok    [sources.{name}] ({})", section.connector),
+            Ok(()) => say!(
+                "ok    [sources.{name}] ({}){}",
+                section.connector,
+                source
+                    .described()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            ),
             Err(e) => {
                 ok = false;
                 say!("FAIL  [sources.{name}] ({}): {e}", section.connector);
@@ -36,7 +43,13 @@ pub async fn check(settings: &Settings) -> Result<u8, Failure> {
             .map_err(failed)?;
         let mut sink = build_sink(&section).map_err(usage)?;
         match sink.check().await {
-            Ok(()) => say!("ok    [sinks.{name}] ({})", section.connector),
+            Ok(()) => say!(
+                "ok    [sinks.{name}] ({}){}",
+                section.connector,
+                sink.described()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            ),
             Err(e) => {
                 ok = false;
                 say!("FAIL  [sinks.{name}] ({}): {e}", section.connector);

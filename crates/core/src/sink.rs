@@ -226,6 +226,13 @@ pub trait Sink: Send {
         Ok(SinkIntegrity::Intact)
     }
 
+    /// What [`Sink::check`] found out about the platform that a person choosing
+    /// settings wants to see (a SCIM server's `PATCH yes, Bulk yes (100 operations…)`),
+    /// for `contactsync check`; `None` (the default) when there is nothing to add.
+    fn described(&self) -> Option<String> {
+        None
+    }
+
     /// What the sink has to add to the run's report, after [`Sink::finish`].
     fn summary(&self) -> SinkSummary {
         SinkSummary::default()

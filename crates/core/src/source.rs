@@ -167,6 +167,13 @@ pub trait Source: Send + Sync {
     /// Starts a read.
     async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError>;
 
+    /// What [`Source::check`] found out about the system that a person choosing
+    /// settings wants to see, for `contactsync check`; `None` (the default) when there
+    /// is nothing to add.
+    fn described(&self) -> Option<String> {
+        None
+    }
+
     /// The local files this source reads (a CSV export), so that the binary can refuse
     /// to write a report, rejects or plan file over one. Most sources have none.
     fn files(&self) -> Vec<std::path::PathBuf> {

@@ -20,8 +20,9 @@
 //! /_sandbox/users/deactivate` / `rename` with `{"userName": …, "to": …}`); `GET
 //! /_sandbox/stats` counts the API calls, all and by route. Faults
 //! ([`Faults`], `POST /_sandbox/faults`): PATCH not supported (as in servers behind
-//! wizard-built Okta apps), Bulk not supported; with the kit's wire faults (throttling,
-//! 5xx, lost answers).
+//! wizard-built Okta apps), Bulk not supported, writes that find the version moved on
+//! (someone edited the user in between); with the kit's wire faults (throttling, 5xx,
+//! lost answers).
 
 mod bulk;
 pub mod filter;
@@ -95,6 +96,9 @@ pub struct Faults {
     pub patch_unsupported: bool,
     /// The server says `bulk.supported = false` and answers `/Bulk` 501.
     pub bulk_unsupported: bool,
+    /// The next this many writes that name a version (`If-Match`) find it moved on
+    /// (412): someone edited the user between the client's read and its write.
+    pub stale_writes: u64,
 }
 
 /// What the handlers share.
@@ -127,6 +131,16 @@ impl Platform for Shared {
     }
     fn save(&self) -> Result<(), SandboxError> {
         self.directory.save(|d| d)
+    }
+}
+
+impl Shared {
+    /// Whether this write meets one of the [`Faults::stale_writes`] (and uses it up).
+    fn take_stale_write(&self) -> bool {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = faults.stale_writes > 0;
+        faults.stale_writes = faults.stale_writes.saturating_sub(1);
+        stale
     }
 }
 
@@ -492,6 +506,12 @@ pub(crate) fn dispatch(
         return failed(&ScimError::plain(
             501,
             "PATCH is not supported by this server",
+        ));
+    }
+    if if_match.is_some() && *method != Method::GET && shared.take_stale_write() {
+        return failed(&ScimError::plain(
+            412,
+            format!("{path} was changed by someone else"),
         ));
     }
     let empty = Value::Null;
