@@ -115,16 +115,7 @@ fn client(sandbox: &Sandbox) -> BcClient {
 
 /// Runs a sync without blocking the sandbox's runtime.
 async fn sync(s: &Scenario, from: &str, to: &str, extra: &[&str]) -> (Run, serde_json::Value) {
-    let (from, to) = (from.to_string(), to.to_string());
-    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-    let dir = s.dir.path().to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let s = Scenario::at(dir);
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        s.sync(&from, &to, &extra)
-    })
-    .await
-    .expect("sync task")
+    s.sync_off_runtime(from, to, extra).await
 }
 
 fn calls<'a>(log: &'a [SoapCall], operation: &str) -> Vec<&'a SoapCall> {

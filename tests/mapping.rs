@@ -71,10 +71,7 @@ company = "{{{{ company | default('Acme') }}}}"
 }
 
 async fn sync(s: &Scenario) -> (Run, serde_json::Value) {
-    let dir = s.dir.path().to_path_buf();
-    tokio::task::spawn_blocking(move || Scenario::at(dir).sync("hr", "poppulo", &[]))
-        .await
-        .expect("sync task")
+    s.sync_off_runtime("hr", "poppulo", &[]).await
 }
 
 fn subscriber(sandbox: &RunningPoppulo, email: &str) -> Subscriber {
@@ -200,10 +197,7 @@ async fn a_template_syntax_error_exits_2_naming_the_field() {
 async fn check_shows_what_the_first_records_become_before_any_sync() {
     let sandbox = sandbox().await;
     let s = scenario(&sandbox, "remove");
-    let dir = s.dir.path().to_path_buf();
-    let run = tokio::task::spawn_blocking(move || Scenario::at(dir).run(&["check"]))
-        .await
-        .unwrap();
+    let run = s.run_off_runtime(&["check"]).await;
     run.expect_code(0);
     let out = run.stdout();
     assert!(

@@ -54,16 +54,7 @@ max_removal_ratio = 0.5
 
 /// Runs a sync without blocking the sandbox's runtime.
 async fn sync(s: &Scenario, from: &str, extra: &[&str]) -> (Run, serde_json::Value) {
-    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-    let from = from.to_string();
-    let dir = s.dir.path().to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let s = Scenario::at(dir);
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        s.sync(&from, "poppulo", &extra)
-    })
-    .await
-    .expect("sync task")
+    s.sync_off_runtime(from, "poppulo", extra).await
 }
 
 /// Starts a sync in the background and returns once it polls its import on the

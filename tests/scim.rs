@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{counts, read_rows, Run, Scenario};
+use common::{counts, read_rows, Scenario};
 use contactsync_core::ConnectorSettings;
 use contactsync_sandbox_scim::{SandboxConfig, ScimSandbox};
 use contactsync_scim::client::{ScimClient, Written};
@@ -142,15 +142,6 @@ to = "out"
     s
 }
 
-/// Runs a sync without blocking the server's runtime.
-async fn sync(s: &Scenario, from: &str, to: &str) -> (Run, Value) {
-    let (from, to) = (from.to_string(), to.to_string());
-    let dir = s.dir.path().to_path_buf();
-    tokio::task::spawn_blocking(move || Scenario::at(dir).sync(&from, &to, &[]))
-        .await
-        .expect("sync task")
-}
-
 fn id(user: &Map<String, Value>) -> String {
     user["id"].as_str().expect("id").to_string()
 }
@@ -181,10 +172,7 @@ async fn provision_and_export(app: App) {
         &people_csv((1..=PEOPLE).map(|i| (i, format!("Last{i}"), "Sales".into(), newsletter(i)))),
     );
     // `check` says what the server supports.
-    let dir = s.dir.path().to_path_buf();
-    let check = tokio::task::spawn_blocking(move || Scenario::at(dir).run(&["check"]))
-        .await
-        .expect("check");
+    let check = s.run_off_runtime(&["check"]).await;
     check.expect_code(0);
     assert!(
         check
@@ -193,7 +181,7 @@ async fn provision_and_export(app: App) {
         "{}",
         check.stdout()
     );
-    let (run, report) = sync(&s, "hr", "app").await;
+    let (run, report) = s.sync_off_runtime("hr", "app", &[]).await;
     run.expect_code(0);
     assert_eq!(counts(&report), [PEOPLE as u64, PEOPLE as u64, 0, 0, 0, 0]);
     let users = app.users().await;
@@ -212,7 +200,7 @@ async fn provision_and_export(app: App) {
     assert!(members.contains(&id(&users["person2@example.com"])));
 
     // A rerun with nothing changed writes nothing.
-    let (run, report) = sync(&s, "hr", "app").await;
+    let (run, report) = s.sync_off_runtime("hr", "app", &[]).await;
     run.expect_code(0);
     assert_eq!(counts(&report), [PEOPLE as u64, 0, 0, 0, PEOPLE as u64, 0]);
     let again = app.users().await;
@@ -258,7 +246,7 @@ async fn provision_and_export(app: App) {
             (i, last, "Sales".to_string(), sub)
         });
     s.write("people.csv", &people_csv(rows));
-    let (run, report) = sync(&s, "hr", "app").await;
+    let (run, report) = s.sync_off_runtime("hr", "app", &[]).await;
     run.expect_code(0);
     assert_eq!(
         counts(&report),
@@ -335,7 +323,7 @@ async fn provision_and_export(app: App) {
     );
 
     // Everyone, read back.
-    let (run, report) = sync(&s, "app", "out").await;
+    let (run, report) = s.sync_off_runtime("app", "out", &[]).await;
     run.expect_code(0);
     assert_eq!(report["complete_read"], true);
     let rows = read_rows(&s.path("out.csv"));

@@ -98,6 +98,37 @@ impl Scenario {
         (run, json)
     }
 
+    /// [`Scenario::sync`] on a blocking thread, so that a sandbox served by the test's
+    /// own runtime keeps answering while the binary runs.
+    pub async fn sync_off_runtime(
+        &self,
+        from: &str,
+        to: &str,
+        extra: &[&str],
+    ) -> (Run, serde_json::Value) {
+        let (from, to) = (from.to_string(), to.to_string());
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let dir = self.dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Scenario::at(dir).sync(&from, &to, &extra)
+        })
+        .await
+        .expect("sync task")
+    }
+
+    /// [`Scenario::run`] on a blocking thread, as [`Scenario::sync_off_runtime`].
+    pub async fn run_off_runtime(&self, args: &[&str]) -> Run {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let dir = self.dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Scenario::at(dir).run(&args)
+        })
+        .await
+        .expect("run task")
+    }
+
     /// The rejects file's rows (without the header).
     pub fn rejects(&self) -> Vec<csv::StringRecord> {
         let mut reader = csv::Reader::from_path(self.path("rejects.csv")).expect("rejects file");

@@ -3,14 +3,17 @@
 //! holding an address, throttling and server errors, a wrong token.
 
 use contactsync_core::{
-    Change, ChangeBatch, ChangePlan, ConnectorError, ConnectorSettings, Contact, ContactKey,
-    ContactStatus, Origin, Outcome, Sink,
+    Change, ChangeBatch, ConnectorError, ConnectorSettings, ContactKey, ContactStatus, Origin,
+    Outcome, Sink,
 };
 use contactsync_sandbox_scim::{
     Kind, RunningScim, SandboxConfig, ScimSandbox, WireFaults, USER_SCHEMA,
 };
 use contactsync_scim::{ScimConfig, ScimSink};
-use contactsync_testkit::{sample_contacts, MemoryStore};
+use support::{apply, creates};
+
+mod support;
+use contactsync_testkit::sample_contacts;
 use serde_json::json;
 
 fn sink(sb: &RunningScim, extra: &str) -> ScimSink {
@@ -24,29 +27,6 @@ fn sink(sb: &RunningScim, extra: &str) -> ScimSink {
     )
     .expect("config");
     ScimSink::new(config).expect("sink")
-}
-
-fn creates(contacts: &[Contact]) -> ChangeBatch {
-    ChangeBatch {
-        id: "batch".into(),
-        changes: contacts
-            .iter()
-            .map(|c| Change::Create {
-                key: ContactKey::ExternalId(c.external_id.clone().expect("id")),
-                contact: c.clone(),
-                origin: Origin::Derived,
-            })
-            .collect(),
-    }
-}
-
-async fn apply(sink: &mut ScimSink, batch: &ChangeBatch) -> Vec<Outcome> {
-    let mut store = MemoryStore::new();
-    let mut ctx = store.context();
-    sink.begin(&ChangePlan::default(), &mut ctx)
-        .await
-        .expect("begin");
-    sink.apply(batch, &mut ctx).await.expect("apply")
 }
 
 fn posts(sb: &RunningScim) -> usize {

@@ -11,6 +11,8 @@ use contactsync_testkit::{
 };
 use serde_json::json;
 
+mod support;
+
 /// The sample people's attributes, kept in an extension of the test's own.
 const FIELDS: &str = r#"fields = { "attributes.cost_center" = "urn:example:params:scim:schemas:extension:test:2.0:User:costCenter", site = "urn:example:params:scim:schemas:extension:test:2.0:User:site" }
 groups = { newsletter = "Newsletter", events = "Events" }"#;
@@ -161,29 +163,7 @@ async fn the_source_passes_the_conformance_suite() {
     let sb = sandbox(SandboxConfig::default()).await;
     let contacts = sample_contacts(5);
     let mut sink = ScimSink::new(config(&sb, "")).expect("sink");
-    let batch = contactsync_core::ChangeBatch {
-        id: "seed".into(),
-        changes: contactsync_testkit::changes::creates(&contacts),
-    };
-    let mut store = contactsync_testkit::MemoryStore::new();
-    let mut ctx = contactsync_core::SinkContext {
-        store: &mut store,
-        progress: &contactsync_core::NoProgress,
-        cancel: contactsync_core::CancellationToken::new(),
-        resubscribe: false,
-    };
-    use contactsync_core::Sink;
-    sink.begin(&contactsync_core::ChangePlan::default(), &mut ctx)
-        .await
-        .expect("begin");
-    let outcomes = sink.apply(&batch, &mut ctx).await.expect("seeded");
-    assert!(
-        outcomes
-            .iter()
-            .all(|o| matches!(o, contactsync_core::Outcome::Applied { .. })),
-        "{outcomes:?}"
-    );
-    // Five people in pages of two: the read must follow three pages.
+    support::seed(&mut sink, &contacts).await;
     source_conformance(
         &ScimSource::new(config(&sb, "")).expect("source"),
         &contacts,

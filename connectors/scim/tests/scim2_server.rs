@@ -11,6 +11,8 @@ use contactsync_testkit::{
 };
 use serde_json::json;
 
+mod support;
+
 /// The sample people's attributes, in the enterprise extension scim2-server knows.
 const FIELDS: &str = r#"fields = { "attributes.cost_center" = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:costCenter", site = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:division", homepage = "profileUrl" }
 groups = { newsletter = "Newsletter", events = "Events" }"#;
@@ -92,23 +94,7 @@ async fn the_source_passes_the_conformance_suite() {
     let server = server().await;
     let contacts = sample_contacts(5);
     let mut sink = ScimSink::new(config(&server, "")).expect("sink");
-    let mut store = contactsync_testkit::MemoryStore::new();
-    let mut ctx = store.context();
-    use contactsync_core::Sink;
-    sink.begin(&contactsync_core::ChangePlan::default(), &mut ctx)
-        .await
-        .expect("begin");
-    let batch = contactsync_core::ChangeBatch {
-        id: "seed".into(),
-        changes: contactsync_testkit::changes::creates(&contacts),
-    };
-    let outcomes = sink.apply(&batch, &mut ctx).await.expect("seeded");
-    assert!(
-        outcomes
-            .iter()
-            .all(|o| matches!(o, contactsync_core::Outcome::Applied { .. })),
-        "{outcomes:?}"
-    );
+    support::seed(&mut sink, &contacts).await;
     source_conformance(
         &ScimSource::new(config(&server, "")).expect("source"),
         &contacts,

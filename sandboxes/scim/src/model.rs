@@ -301,15 +301,7 @@ impl Directory {
         if_match: Option<&str>,
     ) -> Result<Map<String, Value>, ScimError> {
         let old = self.current(kind, id, if_match)?.clone();
-        let mut resource = self.checked(kind, body, Some(id))?;
-        resource.insert("id".into(), Value::String(id.into()));
-        resource.insert(
-            "meta".into(),
-            old.get("meta").cloned().unwrap_or(Value::Null),
-        );
-        self.touch(&mut resource);
-        self.store(kind, id, resource.clone());
-        Ok(resource)
+        self.rewrite(kind, id, body, &old)
     }
 
     /// Applies a PatchOp body.
@@ -320,12 +312,28 @@ impl Directory {
         body: &Value,
         if_match: Option<&str>,
     ) -> Result<Map<String, Value>, ScimError> {
-        let mut resource = self.current(kind, id, if_match)?.clone();
-        patch::apply(&mut resource, body)
+        let old = self.current(kind, id, if_match)?.clone();
+        let mut patched = old.clone();
+        patch::apply(&mut patched, body)
             .map_err(|e| ScimError::typed(400, e.scim_type, e.detail))?;
-        let checked = self.checked(kind, &Value::Object(resource.clone()), Some(id))?;
-        let mut resource = checked;
+        self.rewrite(kind, id, &Value::Object(patched), &old)
+    }
+
+    /// Stores `body`, checked, as the new version of `old`: its `id` and `meta` kept,
+    /// `lastModified` and the version moved on.
+    fn rewrite(
+        &mut self,
+        kind: Kind,
+        id: &str,
+        body: &Value,
+        old: &Map<String, Value>,
+    ) -> Result<Map<String, Value>, ScimError> {
+        let mut resource = self.checked(kind, body, Some(id))?;
         resource.insert("id".into(), Value::String(id.into()));
+        resource.insert(
+            "meta".into(),
+            old.get("meta").cloned().unwrap_or(Value::Null),
+        );
         self.touch(&mut resource);
         self.store(kind, id, resource.clone());
         Ok(resource)

@@ -169,18 +169,28 @@ fn container<'a>(
 
 const READ_ONLY: [&str; 2] = ["id", "meta"];
 
-fn set(
-    resource: &mut Map<String, Value>,
-    path: &str,
-    value: Value,
-    add: bool,
-) -> Result<(), PatchError> {
+/// What `path` addresses in `resource`: the parsed path, the object holding the
+/// attribute, and the attribute's key there; a read-only attribute is refused.
+fn target<'r, 'p>(
+    resource: &'r mut Map<String, Value>,
+    path: &'p str,
+) -> Result<(Path<'p>, &'r mut Map<String, Value>, String), PatchError> {
     let p = parse(path)?;
     if p.urn.is_none() && READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(p.attr)) {
         return Err(fail("mutability", format!("{} is read-only", p.attr)));
     }
     let map = container(resource, &p);
     let key = key_of(map, p.attr);
+    Ok((p, map, key))
+}
+
+fn set(
+    resource: &mut Map<String, Value>,
+    path: &str,
+    value: Value,
+    add: bool,
+) -> Result<(), PatchError> {
+    let (p, map, key) = target(resource, path)?;
     match (&p.filter, p.sub) {
         (None, None) => {
             match (map.get_mut(&key), value) {
@@ -253,12 +263,7 @@ fn set(
 }
 
 fn remove(resource: &mut Map<String, Value>, path: &str) -> Result<(), PatchError> {
-    let p = parse(path)?;
-    if p.urn.is_none() && READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(p.attr)) {
-        return Err(fail("mutability", format!("{} is read-only", p.attr)));
-    }
-    let map = container(resource, &p);
-    let key = key_of(map, p.attr);
+    let (p, map, key) = target(resource, path)?;
     match (&p.filter, p.sub) {
         (None, None) => {
             map.remove(&key);
