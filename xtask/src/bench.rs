@@ -27,7 +27,13 @@ enum From {
     Sandbox(&'static str),
     /// A throwaway slapd seeded with the generated people.
     Ldap,
+    /// A table of a throwaway PostgreSQL cluster, loaded from the generated CSV with
+    /// `COPY`; the night's file is loaded over it.
+    Sql,
 }
+
+/// The SQL bench's query: the generated file's columns, as the table holds them.
+const SQL_COLUMNS: &str = "external_id, email, first_name, last_name, company, department, job_title, language, subscriptions, status";
 
 /// One pipeline to measure.
 struct Scenario {
@@ -142,6 +148,17 @@ const SCENARIOS: &[Scenario] = &[
         sink: SCIM,
         source: None,
         max_size: 100_000,
+        pipeline: "",
+        postgres: false,
+        rate: None,
+    },
+    Scenario {
+        name: "sql -> csv (postgresql)",
+        from: From::Sql,
+        sandbox: None,
+        sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
+        source: None,
+        max_size: usize::MAX,
         pipeline: "",
         postgres: false,
         rate: None,
@@ -372,6 +389,8 @@ fn bench_one(
                 .source
                 .context("a sandbox source needs its section")?,
         ),
+        // Filled in below, once its database is up.
+        From::Sql => String::new(),
         From::Ldap => {
             let slapd = contactsync_testkit::slapd::Slapd::builder()
                 .people(n)
@@ -388,6 +407,28 @@ fn bench_one(
             _slapd = Some(slapd);
             section
         }
+    };
+    let mut _database = None;
+    if scenario.from == From::Sql {
+        let cluster = contactsync_testkit::postgres::Postgres::start()
+            .context("starting a PostgreSQL cluster (apt-get install postgresql)")?;
+        let url = cluster.new_database()?;
+        let columns = SQL_COLUMNS
+            .split(", ")
+            .map(|c| format!("{c} text"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        psql(&url, &format!("CREATE TABLE people ({columns})"))?;
+        load_people(&url, &people)?;
+        _database = Some((cluster, url));
+    }
+    let source = match (&_database, scenario.from) {
+        (Some((_, url)), From::Sql) => {
+            format!(
+                "type = \"sql\"\nurl = \"{url}\"\nquery = \"SELECT {SQL_COLUMNS} FROM people\"\n"
+            )
+        }
+        _ => source,
     };
     let postgres = if scenario.postgres {
         let cluster = contactsync_testkit::postgres::Postgres::start()
@@ -443,6 +484,13 @@ fn bench_one(
                 change_directory(slapd, n)?;
             }
         }
+        From::Sql => {
+            generate(&people, n, Day::Nightly)?;
+            if let Some((_, url)) = &_database {
+                psql(url, "TRUNCATE people")?;
+                load_people(url, &people)?;
+            }
+        }
     }
     // Read and diff alone (the state's index loaded, the source parsed, every change
     // found and counted, nothing written): the nightly's work that csv-diff also does.
@@ -484,6 +532,29 @@ fn bench_one(
         ]);
     }
     Ok(vec![("first sync", first), ("nightly rerun", nightly)])
+}
+
+/// Runs one SQL statement on `url` with psql.
+fn psql(url: &str, sql: &str) -> Result<()> {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .output()
+        .context("running psql")?;
+    if !out.status.success() {
+        bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Loads the generated CSV into the bench table.
+fn load_people(url: &str, people: &Path) -> Result<()> {
+    psql(
+        url,
+        &format!(
+            "\\copy people ({SQL_COLUMNS}) FROM '{}' WITH (FORMAT csv, HEADER true)",
+            people.display()
+        ),
+    )
 }
 
 /// The directory's night, as [`generate`] changes the file: 1% of the people promoted
