@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use contactsync_core::async_trait;
 use contactsync_core::{
-    ConnectorError, Origin, ReadMode, ReadOutcome, RecordStream, Source, SourceCapabilities,
-    SourceItem, SourceRecord,
+    CheckFindings, ConnectorError, Origin, ReadMode, ReadOutcome, RecordStream, Source,
+    SourceCapabilities, SourceItem, SourceRecord,
 };
 use serde_json::{Map, Value};
 
@@ -28,7 +28,7 @@ pub struct ScimSource {
     client: ScimClient,
     config: ScimConfig,
     /// What `check` found the server supports.
-    described: std::sync::Mutex<Option<String>>,
+    described: CheckFindings,
 }
 
 impl ScimSource {
@@ -37,7 +37,7 @@ impl ScimSource {
         Ok(ScimSource {
             client: ScimClient::new(&config.connection)?,
             config,
-            described: std::sync::Mutex::new(None),
+            described: CheckFindings::default(),
         })
     }
 }
@@ -87,15 +87,12 @@ impl Source for ScimSource {
             "SCIM server {}: {described}",
             self.config.connection.http.base_url
         );
-        *self.described.lock().unwrap_or_else(|e| e.into_inner()) = Some(described);
+        self.described.set(described);
         Ok(())
     }
 
     fn described(&self) -> Option<String> {
-        self.described
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.described.get()
     }
 
     async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {

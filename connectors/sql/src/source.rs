@@ -3,11 +3,9 @@
 //! that sees one snapshot, streamed from a server-side portal by a task of its own that
 //! hands records over a bounded channel.
 
-use std::sync::Mutex;
-
 use contactsync_core::{
-    async_trait, ConnectorError, Contact, Origin, ReadMode, ReadOutcome, RecordError, RecordStream,
-    Source, SourceCapabilities, SourceItem, SourceRecord,
+    async_trait, CheckFindings, ConnectorError, Contact, Origin, ReadMode, ReadOutcome,
+    RecordError, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -21,7 +19,7 @@ use crate::values::{later, Column};
 #[derive(Debug)]
 pub struct SqlSource {
     config: SqlConfig,
-    described: Mutex<Option<String>>,
+    described: CheckFindings,
 }
 
 impl SqlSource {
@@ -29,7 +27,7 @@ impl SqlSource {
     pub fn new(config: SqlConfig) -> Result<Self, ConnectorError> {
         Ok(SqlSource {
             config,
-            described: Mutex::new(None),
+            described: CheckFindings::default(),
         })
     }
 }
@@ -91,15 +89,12 @@ impl Source for SqlSource {
                 }
             }
         }
-        *self.described.lock().unwrap_or_else(|e| e.into_inner()) = Some(said.join("; "));
+        self.described.set(said.join("; "));
         Ok(())
     }
 
     fn described(&self) -> Option<String> {
-        self.described
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.described.get()
     }
 
     async fn read(&self, mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {

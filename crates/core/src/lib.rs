@@ -43,8 +43,8 @@ pub use sink::{
     SinkIntegrity, SinkStore, SinkSummary,
 };
 pub use source::{
-    ReadMode, ReadOutcome, ReadPasses, RecordStream, Source, SourceCapabilities, SourceItem,
-    SourceRecord,
+    CheckFindings, ReadMode, ReadOutcome, ReadPasses, RecordStream, Source, SourceCapabilities,
+    SourceItem, SourceRecord,
 };
 
 /// Re-exported so that connector crates register themselves without naming `inventory`

@@ -181,6 +181,23 @@ pub trait Source: Send + Sync {
     }
 }
 
+/// What a source's [`Source::check`] found, kept for [`Source::described`]: a source
+/// checks through `&self`, so it keeps the sentence here.
+#[derive(Debug, Default)]
+pub struct CheckFindings(std::sync::Mutex<Option<String>>);
+
+impl CheckFindings {
+    /// Keeps what the last check found.
+    pub fn set(&self, found: String) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+    }
+
+    /// What the last check found, if a check ran.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The passes of a paged read over a list that changes under it: a pass in which
 /// something moved may have skipped a record, so another pass follows for the records
 /// no pass yielded yet, at most `max` in all; past that the read is not complete, and
