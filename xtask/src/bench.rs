@@ -27,9 +27,16 @@ enum From {
     Sandbox(&'static str),
     /// A throwaway slapd seeded with the generated people.
     Ldap,
-    /// A table of a throwaway PostgreSQL cluster, loaded from the generated CSV with
-    /// `COPY`; the night's file is loaded over it.
-    Sql,
+    /// A table of a throwaway database server, loaded from the generated CSV (`COPY`,
+    /// `LOAD DATA`); the night's file is loaded over it.
+    Sql(Engine),
+}
+
+/// The database server an SQL scenario reads from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Postgres,
+    MariaDb,
 }
 
 /// The SQL bench's query: the generated file's columns, as the table holds them.
@@ -154,7 +161,18 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "sql -> csv (postgresql)",
-        from: From::Sql,
+        from: From::Sql(Engine::Postgres),
+        sandbox: None,
+        sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
+        source: None,
+        max_size: usize::MAX,
+        pipeline: "",
+        postgres: false,
+        rate: None,
+    },
+    Scenario {
+        name: "sql -> csv (mariadb)",
+        from: From::Sql(Engine::MariaDb),
         sandbox: None,
         sink: "type = \"csv\"\npath = \"{dir}/synced.csv\"\n",
         source: None,
@@ -390,7 +408,7 @@ fn bench_one(
                 .context("a sandbox source needs its section")?,
         ),
         // Filled in below, once its database is up.
-        From::Sql => String::new(),
+        From::Sql(_) => String::new(),
         From::Ldap => {
             let slapd = contactsync_testkit::slapd::Slapd::builder()
                 .people(n)
@@ -408,27 +426,17 @@ fn bench_one(
             section
         }
     };
-    let mut _database = None;
-    if scenario.from == From::Sql {
-        let cluster = contactsync_testkit::postgres::Postgres::start()
-            .context("starting a PostgreSQL cluster (apt-get install postgresql)")?;
-        let url = cluster.new_database()?;
-        let columns = SQL_COLUMNS
-            .split(", ")
-            .map(|c| format!("{c} text"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        psql(&url, &format!("CREATE TABLE people ({columns})"))?;
-        load_people(&url, &people)?;
-        _database = Some((cluster, url));
-    }
-    let source = match (&_database, scenario.from) {
-        (Some((_, url)), From::Sql) => {
-            format!(
-                "type = \"sql\"\nurl = \"{url}\"\nquery = \"SELECT {SQL_COLUMNS} FROM people\"\n"
-            )
+    let database = match scenario.from {
+        From::Sql(engine) => {
+            let database = SqlDatabase::start(engine)?;
+            database.load(&people)?;
+            Some(database)
         }
-        _ => source,
+        _ => None,
+    };
+    let source = match &database {
+        Some(database) => database.source(dir)?,
+        None => source,
     };
     let postgres = if scenario.postgres {
         let cluster = contactsync_testkit::postgres::Postgres::start()
@@ -484,11 +492,10 @@ fn bench_one(
                 change_directory(slapd, n)?;
             }
         }
-        From::Sql => {
+        From::Sql(_) => {
             generate(&people, n, Day::Nightly)?;
-            if let Some((_, url)) = &_database {
-                psql(url, "TRUNCATE people")?;
-                load_people(url, &people)?;
+            if let Some(database) = &database {
+                database.load(&people)?;
             }
         }
     }
@@ -546,15 +553,98 @@ fn psql(url: &str, sql: &str) -> Result<()> {
     Ok(())
 }
 
-/// Loads the generated CSV into the bench table.
-fn load_people(url: &str, people: &Path) -> Result<()> {
-    psql(
-        url,
-        &format!(
-            "\\copy people ({SQL_COLUMNS}) FROM '{}' WITH (FORMAT csv, HEADER true)",
-            people.display()
-        ),
-    )
+/// The database a URL names (its path).
+fn database_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
+/// The bench's table of people, in a throwaway database server.
+enum SqlDatabase {
+    /// The cluster is kept for as long as the table is read.
+    Postgres {
+        _cluster: contactsync_testkit::postgres::Postgres,
+        url: String,
+    },
+    MariaDb(contactsync_testkit::mariadb::MariaDb, String),
+}
+
+impl SqlDatabase {
+    /// A server with an empty `people` table of the generated file's columns.
+    fn start(engine: Engine) -> Result<SqlDatabase> {
+        let columns = |kind: &str| {
+            SQL_COLUMNS
+                .split(", ")
+                .map(|c| format!("{c} {kind}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Ok(match engine {
+            Engine::Postgres => {
+                let cluster = contactsync_testkit::postgres::Postgres::start()
+                    .context("starting a PostgreSQL cluster (apt-get install postgresql)")?;
+                let url = cluster.new_database()?;
+                psql(&url, &format!("CREATE TABLE people ({})", columns("text")))?;
+                SqlDatabase::Postgres {
+                    _cluster: cluster,
+                    url,
+                }
+            }
+            Engine::MariaDb => {
+                let server = contactsync_testkit::mariadb::MariaDb::start()
+                    .context("starting a MariaDB server (apt-get install mariadb-server)")?;
+                let url = server.new_database()?;
+                server.execute(
+                    database_name(&url),
+                    &format!("CREATE TABLE people ({})", columns("varchar(200)")),
+                )?;
+                SqlDatabase::MariaDb(server, url)
+            }
+        })
+    }
+
+    /// The `[sources.bench]` section that reads the table.
+    fn source(&self, dir: &Path) -> Result<String> {
+        Ok(match self {
+            SqlDatabase::Postgres { url, .. } => format!(
+                "type = \"sql\"\nurl = \"{url}\"\nquery = \"SELECT {SQL_COLUMNS} FROM people\"\n"
+            ),
+            SqlDatabase::MariaDb(server, url) => {
+                let password = dir.join("sql-password");
+                fs::write(&password, server.password())?;
+                format!(
+                    "type = \"sql\"\nurl = \"{url}\"\npassword_file = \"{}\"\nquery = \"SELECT {SQL_COLUMNS} FROM people\"\n",
+                    password.display()
+                )
+            }
+        })
+    }
+
+    /// Replaces the table's rows with the generated file's.
+    fn load(&self, people: &Path) -> Result<()> {
+        match self {
+            SqlDatabase::Postgres { url, .. } => {
+                psql(url, "TRUNCATE people")?;
+                psql(
+                    url,
+                    &format!(
+                        "\\copy people ({SQL_COLUMNS}) FROM '{}' WITH (FORMAT csv, HEADER true)",
+                        people.display()
+                    ),
+                )
+            }
+            SqlDatabase::MariaDb(server, url) => {
+                server.execute(
+                    database_name(url),
+                    &format!(
+                        "TRUNCATE people; LOAD DATA LOCAL INFILE '{}' INTO TABLE people \
+                         FIELDS TERMINATED BY ',' ESCAPED BY '' IGNORE 1 LINES ({SQL_COLUMNS})",
+                        people.display()
+                    ),
+                )?;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The directory's night, as [`generate`] changes the file: 1% of the people promoted

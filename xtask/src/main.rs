@@ -73,6 +73,7 @@ fn test() -> Result<()> {
     let cargo = cargo();
     ensure_slapd()?;
     ensure_postgres()?;
+    ensure_mariadb()?;
     ensure_scim2_server(&root)?;
     run(&cargo, &["fmt", "--all", "--", "--check"], &root)
         .context("formatting differs: run `cargo fmt --all`")?;
@@ -136,6 +137,21 @@ fn ensure_postgres() -> Result<()> {
         return Ok(());
     }
     install("the PostgreSQL state tests", &["postgresql"])
+}
+
+/// The SQL source is tested against a real MariaDB server (a throwaway one the testkit
+/// starts); install the server and its client when missing.
+fn ensure_mariadb() -> Result<()> {
+    if (found("mariadbd") || found("mysqld"))
+        && (found("mariadb-install-db") || found("mysql_install_db"))
+        && (found("mariadb") || found("mysql"))
+    {
+        return Ok(());
+    }
+    install(
+        "the SQL source tests",
+        &["mariadb-server", "mariadb-client"],
+    )
 }
 
 /// The version of scim2-server the SCIM connector is tested against.

@@ -3,7 +3,7 @@
 //! ```toml
 //! [sources.hrdb]
 //! type = "sql"
-//! url = "postgres://sync@db.internal:5432/hr"     # or url_env = "HR_DB_URL"
+//! url = "postgres://sync@db.internal:5432/hr"     # or mysql://…; or url_env = "HR_DB_URL"
 //! password_file = "/etc/contactsync/hr-db.pass"   # or password_env; never in the URL
 //! query = "SELECT employee_id AS external_id, work_email AS email FROM employees"
 //! incremental_query = "SELECT … FROM employees WHERE updated_at > :since"
@@ -24,6 +24,18 @@ use crate::query::bind_since;
 pub enum Dialect {
     /// `postgres://` or `postgresql://`.
     Postgres,
+    /// `mysql://` or `mariadb://`: MySQL or MariaDB.
+    MySql,
+}
+
+impl Dialect {
+    /// The port the server listens on unless the URL says otherwise.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Dialect::Postgres => 5432,
+            Dialect::MySql => 3306,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,22 +129,26 @@ impl SqlConfig {
             (None, None) => {
                 return Err(settings.error(
                     "url",
-                    "missing: the database's URL (`postgres://user@host:5432/db`)",
+                    "missing: the database's URL (`postgres://user@host:5432/db` or `mysql://user@host:3306/db`)",
                 ))
             }
         };
         let dialect = match url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()) {
             Some(s) if s == "postgres" || s == "postgresql" => Dialect::Postgres,
+            Some(s) if s == "mysql" || s == "mariadb" => Dialect::MySql,
             _ => {
                 return Err(settings.error(
                     "url",
                     format!(
-                        "{}: not a PostgreSQL URL (postgres://user@host:5432/db)",
+                        "{}: not a PostgreSQL or MySQL URL (postgres://user@host:5432/db, mysql://user@host:3306/db)",
                         redact(&url)
                     ),
                 ))
             }
         };
+        if dialect == Dialect::MySql {
+            crate::mysql::options(&url).map_err(|e| settings.error("url", e))?;
+        }
         // A password written into the URL all the same is kept out of every output.
         if let Some(pw) = url::Url::parse(&url)
             .ok()

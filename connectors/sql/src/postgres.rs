@@ -11,6 +11,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config};
 
 use crate::config::{redact, SqlConfig};
+use crate::query::bind_since;
+use crate::reading::{Query, Reading};
 use crate::values::{Column, Kind};
 
 /// An open connection, its driver task running.
@@ -83,7 +85,7 @@ pub async fn connect(config: &SqlConfig) -> Result<Connection, ConnectorError> {
         ConnectorError::Other(format!(
             "cannot connect to the database at {hosts} port {}: {}",
             if ports.is_empty() {
-                "5432".to_string()
+                config.dialect.default_port().to_string()
             } else {
                 ports
             },
@@ -178,4 +180,86 @@ pub fn as_text(text: &str, columns: &[Column]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!("SELECT {list} FROM (\n{text}\n) AS contactsync_query")
+}
+
+/// The columns of each of `queries` (name, text), described by the server on one
+/// connection without running them.
+pub async fn describe_all(
+    config: &SqlConfig,
+    queries: &[(&'static str, &str)],
+) -> Result<Vec<Vec<Column>>, ConnectorError> {
+    let connection = connect(config).await?;
+    let mut described = Vec::new();
+    for (name, text) in queries {
+        let (columns, _) = describe(&connection.client, &bind_since(text, "$1").0, name).await?;
+        described.push(columns);
+    }
+    Ok(described)
+}
+
+/// Runs `query` in a read-only, repeatable-read transaction and sends each row to
+/// `reading`, fetched from a portal `fetch_size` rows at a time.
+pub async fn read(
+    config: &SqlConfig,
+    query: &Query,
+    reading: &mut Reading,
+) -> Result<(), ConnectorError> {
+    let name = query.name;
+    let mut connection = connect(config).await?;
+    // One snapshot, and no write whatever the query tries: the server refuses it.
+    let client = connection
+        .client
+        .build_transaction()
+        .read_only(true)
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .map_err(|e| query_error(name, &e))?;
+    client
+        .batch_execute("SET LOCAL TIME ZONE 'UTC'; SET LOCAL DateStyle = 'ISO'")
+        .await
+        .map_err(|e| query_error(name, &e))?;
+    let (text, _) = bind_since(&query.text, "$1");
+    let (columns, params) = describe(&client, &text, name).await?;
+    let statement = client
+        .prepare(&as_text(&text, &columns))
+        .await
+        .map_err(|e| query_error(name, &e))?;
+    reading.start(columns);
+    let mut bound: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    if let (Some(since), Some(param)) = (&query.since, params.first()) {
+        bound.push(
+            since_param(param, since)
+                .map_err(|e| ConnectorError::Other(format!("`{name}`: {e}")))?,
+        );
+    }
+    let params: Vec<&(dyn ToSql + Sync)> = bound
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    let portal = client
+        .bind(&statement, &params)
+        .await
+        .map_err(|e| query_error(name, &e))?;
+    loop {
+        let rows = client
+            .query_portal(&portal, config.fetch_size as i32)
+            .await
+            .map_err(|e| query_error(name, &e))?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            let mut values = Vec::with_capacity(reading.columns().len());
+            for (i, column) in reading.columns().iter().enumerate() {
+                let raw: Option<&str> = row.try_get(i).map_err(|e| query_error(name, &e))?;
+                values.push(raw.map(|raw| column.text(raw)));
+            }
+            if !reading.send(values).await {
+                return Ok(());
+            }
+        }
+    }
+    let _ = client.commit().await;
+    Ok(())
 }

@@ -1,19 +1,19 @@
 //! The SQL source: a full read runs `query`, an incremental one `incremental_query`
 //! with `:since` bound to the cursor less `overlap`; each in a read-only transaction
-//! that sees one snapshot, streamed from a server-side portal by a task of its own that
-//! hands records over a bounded channel.
+//! that sees one snapshot, streamed (a PostgreSQL portal, a MySQL result read row by
+//! row) by a task of its own that hands records over a bounded channel.
 
 use contactsync_core::{
-    async_trait, CheckFindings, ConnectorError, Contact, Origin, ReadMode, ReadOutcome,
-    RecordError, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,
+    async_trait, CheckFindings, ConnectorError, ReadMode, ReadOutcome, RecordStream, Source,
+    SourceCapabilities, SourceItem,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::SqlConfig;
-use crate::postgres::{self, as_text, describe, query_error, since_param};
-use crate::query::bind_since;
-use crate::values::{later, Column};
+use crate::config::{Dialect, SqlConfig};
+use crate::reading::{Query, Reading};
+use crate::values::{utc_text, Column};
+use crate::{mysql, postgres};
 
 /// The SQL source. Built by the `sql` [`contactsync_core::SourceFactory`].
 #[derive(Debug)]
@@ -47,17 +47,16 @@ impl Source for SqlSource {
     }
 
     async fn check(&self) -> Result<(), ConnectorError> {
-        let connection = postgres::connect(&self.config).await?;
+        let mut queries = vec![("query", self.config.query.as_str())];
+        if let Some(q) = &self.config.incremental_query {
+            queries.push(("incremental_query", q.as_str()));
+        }
+        let described = match self.config.dialect {
+            Dialect::Postgres => postgres::describe_all(&self.config, &queries).await?,
+            Dialect::MySql => mysql::describe_all(&self.config, &queries).await?,
+        };
         let mut said = Vec::new();
-        let queries = std::iter::once(("query", &self.config.query)).chain(
-            self.config
-                .incremental_query
-                .as_ref()
-                .map(|q| ("incremental_query", q)),
-        );
-        for (name, text) in queries {
-            let (columns, _) =
-                describe(&connection.client, &bind_since(text, "$1").0, name).await?;
+        for ((name, _), columns) in queries.iter().zip(&described) {
             let (mapped, ignored): (Vec<&Column>, Vec<&Column>) =
                 columns.iter().partition(|c| c.field.is_some());
             let list = |cs: &[&Column]| {
@@ -80,7 +79,7 @@ impl Source for SqlSource {
                 }
             ));
             if let Some(cursor) = &self.config.cursor_column {
-                if name == "incremental_query"
+                if *name == "incremental_query"
                     && !columns.iter().any(|c| c.name.eq_ignore_ascii_case(cursor))
                 {
                     return Err(ConnectorError::Other(format!(
@@ -148,121 +147,30 @@ async fn run_query(
     incremental: Option<(String, String)>,
     sender: mpsc::Sender<SourceItem>,
 ) -> Result<ReadOutcome, ConnectorError> {
-    let (name, text, since) = match &incremental {
-        Some((q, cursor)) => ("incremental_query", q.as_str(), Some(cursor.as_str())),
-        None => ("query", config.query.as_str(), None),
+    let (query, cursor) = match incremental {
+        Some((text, cursor)) => (
+            Query {
+                name: "incremental_query",
+                text,
+                since: Some(earlier(&cursor, config.overlap)),
+            },
+            Some(cursor),
+        ),
+        None => (
+            Query {
+                name: "query",
+                text: config.query.clone(),
+                since: None,
+            },
+            None,
+        ),
     };
-    let mut connection = postgres::connect(&config).await?;
-    // One snapshot, and no write whatever the query tries: the server refuses it.
-    let client = connection
-        .client
-        .build_transaction()
-        .read_only(true)
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .map_err(|e| query_error(name, &e))?;
-    client
-        .batch_execute("SET LOCAL TIME ZONE 'UTC'; SET LOCAL DateStyle = 'ISO'")
-        .await
-        .map_err(|e| query_error(name, &e))?;
-    let (text, _) = bind_since(text, "$1");
-    let (columns, params) = describe(&client, &text, name).await?;
-    let cursor_at = config.cursor_column.as_ref().and_then(|c| {
-        columns
-            .iter()
-            .position(|col| col.name.eq_ignore_ascii_case(c))
-    });
-    let mut bound: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
-    if let (Some(since), Some(param)) = (since, params.first()) {
-        let since = earlier(since, config.overlap);
-        bound.push(
-            since_param(param, &since)
-                .map_err(|e| ConnectorError::Other(format!("`{name}`: {e}")))?,
-        );
+    let mut reading = Reading::new(&query, config.cursor_column.clone(), sender);
+    match config.dialect {
+        Dialect::Postgres => postgres::read(&config, &query, &mut reading).await?,
+        Dialect::MySql => mysql::read(&config, &query, &mut reading).await?,
     }
-    let statement = client
-        .prepare(&as_text(&text, &columns))
-        .await
-        .map_err(|e| query_error(name, &e))?;
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
-        .iter()
-        .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let portal = client
-        .bind(&statement, &params)
-        .await
-        .map_err(|e| query_error(name, &e))?;
-    let mut position = 0u64;
-    let mut newest: Option<String> = None;
-    loop {
-        let rows = client
-            .query_portal(&portal, config.fetch_size as i32)
-            .await
-            .map_err(|e| query_error(name, &e))?;
-        if rows.is_empty() {
-            break;
-        }
-        for row in rows {
-            position += 1;
-            let origin = Origin::line(name, position);
-            let mut contact = Contact::default();
-            let mut fault: Option<(String, String)> = None;
-            for (i, column) in columns.iter().enumerate() {
-                let raw: Option<&str> = row.try_get(i).map_err(|e| query_error(name, &e))?;
-                let Some(raw) = raw else { continue };
-                let value = match column.text(raw) {
-                    Ok(v) => v,
-                    Err(reason) => {
-                        if column.field.is_some() {
-                            fault.get_or_insert((column.name.clone(), reason));
-                        }
-                        continue;
-                    }
-                };
-                if Some(i) == cursor_at
-                    && newest
-                        .as_deref()
-                        .is_none_or(|n| later(column.kind, &value, n))
-                {
-                    newest = Some(value.clone());
-                }
-                if let Some(field) = &column.field {
-                    if let Err(reason) = contact.set(field, &value) {
-                        fault.get_or_insert((
-                            column.name.clone(),
-                            format!("column {}: {reason}", column.name),
-                        ));
-                    }
-                }
-            }
-            let item = match fault {
-                None => SourceItem::Record(SourceRecord::new(contact, origin)),
-                Some((column, reason)) => {
-                    let mut error = RecordError::new(origin, reason);
-                    error.field = Some(column);
-                    error.partial = Some(Box::new(contact));
-                    SourceItem::Rejected(error)
-                }
-            };
-            if sender.send(item).await.is_err() {
-                // The reader stopped listening: nothing more to do.
-                return Ok(ReadOutcome::default());
-            }
-        }
-    }
-    let _ = client.commit().await;
-    Ok(ReadOutcome {
-        // Only a full read that ran to its end sees everyone.
-        complete: incremental.is_none(),
-        // The greatest value read, never behind the cursor this read started from
-        // (the overlap re-reads rows from before it).
-        cursor: match (newest, since, cursor_at.map(|i| columns[i].kind)) {
-            (Some(n), Some(s), Some(kind)) if !later(kind, &n, s) => Some(s.to_string()),
-            (Some(n), _, _) => Some(n),
-            (None, s, _) => s.map(str::to_string),
-        },
-    })
+    Ok(reading.outcome(cursor.as_deref()))
 }
 
 /// `since` moved back by `overlap` when it is a timestamp (rows whose transaction
@@ -272,12 +180,9 @@ fn earlier(since: &str, overlap: std::time::Duration) -> String {
         chrono::DateTime::parse_from_rfc3339(since),
         chrono::Duration::from_std(overlap),
     ) {
-        (Ok(t), Ok(d)) if !overlap.is_zero() => {
-            t.checked_sub_signed(d).map_or(since.to_string(), |t| {
-                t.to_utc()
-                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-            })
-        }
+        (Ok(t), Ok(d)) if !overlap.is_zero() => t
+            .checked_sub_signed(d)
+            .map_or(since.to_string(), |t| utc_text(t.to_utc())),
         _ => since.to_string(),
     }
 }

@@ -4,17 +4,18 @@
 //! `first_name`, …, `subscriptions`, `updated_at`) or `attributes.NAME`. Other columns
 //! are ignored (alias them in the query to use them). NULL is absent.
 //!
-//! | SQL type | text |
-//! |---|---|
-//! | text, varchar, char, name, citext, uuid | as stored |
-//! | integers, numeric, float | as the server prints them (`42`, `3.50`) |
-//! | boolean | `true` / `false` |
-//! | date | `2026-12-07` |
-//! | timestamp with time zone | RFC 3339 in UTC, `2026-12-07T10:00:00Z` |
-//! | timestamp without time zone | the same, the value taken as UTC |
-//! | anything else (json, bytea, arrays, intervals…) | a reject naming the column and its type |
+//! | PostgreSQL | MySQL, MariaDB | text |
+//! |---|---|---|
+//! | text, varchar, char, name, citext, uuid | char, varchar, text, enum, set (not binary) | as stored |
+//! | smallint, integer, bigint | tinyint, smallint, mediumint, int, bigint, year | `42` |
+//! | numeric, real, double precision | decimal, float, double | as the server prints them (`3.50`) |
+//! | boolean | tinyint(1), which is what BOOLEAN is | `true` / `false` (MySQL: 0 is false) |
+//! | date | date | `2026-12-07` |
+//! | timestamp with time zone | timestamp (the session in UTC) | RFC 3339 in UTC, `2026-12-07T10:00:00Z` |
+//! | timestamp without time zone | datetime | the same, the value taken as UTC |
+//! | anything else: json, bytea, arrays, intervals… | time, bit, binary, varbinary, blob, json, geometry, a zero date | a reject naming the column and its type |
 
-use chrono::{DateTime, NaiveDateTime, SecondsFormat};
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use contactsync_core::Field;
 
 /// How a column's values are turned into text.
@@ -76,7 +77,7 @@ impl Column {
                     NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S%.f").map(|t| t.and_utc())
                 })
                 .map_err(|e| format!("{raw:?} is not a timestamp the source reads ({e})"))?;
-            Ok(parsed.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+            Ok(utc_text(parsed))
         };
         match self.kind {
             Kind::Text | Kind::Integer | Kind::Number | Kind::Date => Ok(raw.to_string()),
@@ -86,12 +87,23 @@ impl Column {
                 other => other.to_string(),
             }),
             Kind::Timestamp | Kind::TimestampTz => timestamp(raw),
-            Kind::Other => Err(format!(
-                "column {} has type {}, which is not read: cast it to text in the query",
-                self.name, self.type_name
-            )),
+            Kind::Other => Err(self.not_read()),
         }
     }
+
+    /// Why a value of a type not read is a reject.
+    pub fn not_read(&self) -> String {
+        format!(
+            "column {} has type {}, which is not read: cast it to text in the query",
+            self.name, self.type_name
+        )
+    }
+}
+
+/// A point in time in the documented format: RFC 3339 in UTC, fractions only when
+/// there are some.
+pub fn utc_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// Whether cursor value `a` comes after `b` (both in this module's format).

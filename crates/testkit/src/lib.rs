@@ -26,6 +26,7 @@
 pub mod changes;
 mod compare;
 mod error;
+pub mod mariadb;
 pub mod postgres;
 mod samples;
 pub mod scim2_server;
