@@ -258,7 +258,7 @@ pub fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, 
                     held.len()
                 )));
             }
-            let mut counts = [0u64; 5];
+            let mut counts = [0u64; 6];
             let mut chunk = Vec::with_capacity(10_000);
             state
                 .export(&mut |item| {
@@ -268,6 +268,7 @@ pub fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, 
                         StateItem::Run(_) => 2,
                         StateItem::Audit(_) => 3,
                         StateItem::SinkData { .. } => 4,
+                        StateItem::Reject { .. } => 5,
                     };
                     counts[slot] += 1;
                     chunk.push(item);
@@ -280,8 +281,8 @@ pub fn state_command(path: &StateLocation, command: StateCommand) -> Result<u8, 
                 .map_err(|e| failed(anyhow!(e)))?;
             target.import(&chunk).map_err(|e| failed(anyhow!(e)))?;
             say!(
-                "copied {path} to {target_location}: {} pipelines, {} synced people, {} runs, {} audit entries, {} sink values",
-                counts[0], counts[1], counts[2], counts[3], counts[4]
+                "copied {path} to {target_location}: {} pipelines, {} synced people, {} runs, {} audit entries, {} sink values, {} rejects",
+                counts[0], counts[1], counts[2], counts[3], counts[4], counts[5]
             );
             Ok(0)
         }

@@ -26,6 +26,7 @@ pub mod notify;
 pub mod output;
 pub mod progress;
 pub mod report_text;
+pub mod serve;
 pub mod settings;
 pub mod sync;
 

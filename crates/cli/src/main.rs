@@ -100,6 +100,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         state: Option<PathBuf>,
     },
+    /// Serve a read-only web dashboard of the state: pipelines, runs, rejects, people.
+    Serve(contactsync_app::serve::ServeArgs),
     /// Run a platform's sandbox on loopback until interrupted, to try a mapping offline.
     Sandbox {
         /// The platform (see `contactsync connectors`).
@@ -171,6 +173,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let path = state_path(&config_path, state)?;
             history_command(&path, &who, json)
         }
+        Command::Serve(args) => contactsync_app::serve::serve(&config_path, args).await,
         Command::Sandbox { name, port, data } => sandbox(&name, port, data).await,
     }
 }

@@ -69,9 +69,98 @@ fn label_value(value: &str) -> String {
     out
 }
 
+/// What the metrics say of one run: its report's numbers, when it finished and when
+/// its pipeline last synced (Unix seconds).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunNumbers {
+    /// `source->sink`.
+    pub pipeline: String,
+    /// How it ended (`synced`, `failed`, …).
+    pub status: String,
+    /// Records by outcome: created, updated, removed, unchanged, rejected, held,
+    /// address_taken.
+    pub outcomes: [u64; 7],
+    /// How long it took.
+    pub duration_ms: u64,
+    /// When it finished.
+    pub finished_at: f64,
+    /// When the pipeline last synced.
+    pub last_success: Option<f64>,
+}
+
+/// The outcomes [`RunNumbers::outcomes`] counts, in its order.
+const OUTCOMES: [&str; 7] = [
+    "created",
+    "updated",
+    "removed",
+    "unchanged",
+    "rejected",
+    "held",
+    "address_taken",
+];
+
+impl RunNumbers {
+    /// The numbers of a run's report.
+    pub fn of_report(report: &RunReport, finished_at: f64, last_success: Option<f64>) -> Self {
+        RunNumbers {
+            pipeline: report.pipeline.clone(),
+            status: report.status.as_str().to_string(),
+            outcomes: [
+                report.created,
+                report.updated,
+                report.removed,
+                report.unchanged,
+                report.rejected,
+                report.removals_held,
+                report.address_taken,
+            ],
+            duration_ms: report.duration_ms,
+            finished_at,
+            last_success,
+        }
+    }
+
+    /// The numbers of a report as the state keeps it (JSON); a field it lacks is 0.
+    pub fn of_stored(
+        pipeline: &str,
+        status: &str,
+        report: &serde_json::Value,
+        finished_at: f64,
+        last_success: Option<f64>,
+    ) -> Self {
+        let n = |k: &str| report[k].as_u64().unwrap_or(0);
+        RunNumbers {
+            pipeline: pipeline.to_string(),
+            status: status.to_string(),
+            outcomes: [
+                n("created"),
+                n("updated"),
+                n("removed"),
+                n("unchanged"),
+                n("rejected"),
+                n("removals_held"),
+                n("address_taken"),
+            ],
+            duration_ms: n("duration_ms"),
+            finished_at,
+            last_success,
+        }
+    }
+}
+
 /// The text exposition of the metrics of one or more runs (one a pipeline), finished
 /// at `finished_at`; with each, when its pipeline last synced (Unix seconds).
 pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<String> {
+    let numbers: Vec<RunNumbers> = runs
+        .iter()
+        .map(|&(report, last_success)| RunNumbers::of_report(report, finished_at, last_success))
+        .collect();
+    render_numbers(&numbers)
+}
+
+/// The text exposition of the metrics of runs (one a pipeline): what `--metrics`
+/// writes, and what `contactsync serve` answers at `/metrics`.
+pub fn render_numbers(runs: &[RunNumbers]) -> Result<String> {
     let mut registry = Registry::default();
     let records = Family::<OutcomeLabels, Gauge>::default();
     registry.register(
@@ -105,21 +194,13 @@ pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<St
         "1 for the status the last run ended with, 0 for the others",
         status.clone(),
     );
-    for &(report, last_success) in runs {
-        let pipeline = label_value(&report.pipeline);
-        for (outcome, n) in [
-            ("created", report.created),
-            ("updated", report.updated),
-            ("removed", report.removed),
-            ("unchanged", report.unchanged),
-            ("rejected", report.rejected),
-            ("held", report.removals_held),
-            ("address_taken", report.address_taken),
-        ] {
+    for run in runs {
+        let pipeline = label_value(&run.pipeline);
+        for (outcome, n) in OUTCOMES.iter().zip(run.outcomes) {
             records
                 .get_or_create(&OutcomeLabels {
                     pipeline: pipeline.clone(),
-                    outcome: outcome.into(),
+                    outcome: (*outcome).into(),
                 })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
@@ -128,9 +209,9 @@ pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<St
         };
         duration
             .get_or_create(&label)
-            .set(report.duration_ms as f64 / 1000.0);
-        last_run.get_or_create(&label).set(finished_at);
-        if let Some(at) = last_success {
+            .set(run.duration_ms as f64 / 1000.0);
+        last_run.get_or_create(&label).set(run.finished_at);
+        if let Some(at) = run.last_success {
             last_success_family.get_or_create(&label).set(at);
         }
         for s in STATUSES {
@@ -139,7 +220,7 @@ pub fn render(runs: &[(&RunReport, Option<f64>)], finished_at: f64) -> Result<St
                     pipeline: pipeline.clone(),
                     status: s.as_str().into(),
                 })
-                .set(i64::from(s == report.status));
+                .set(i64::from(s.as_str() == run.status));
         }
     }
     let mut out = String::new();

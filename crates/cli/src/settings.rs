@@ -31,6 +31,8 @@ pub struct Settings {
     pub notify: NotifySettings,
     /// `[metrics]`.
     pub metrics: MetricsSettings,
+    /// `[dashboard]`: what `contactsync serve` shows.
+    pub dashboard: crate::serve::DashboardSettings,
     /// The `[pipelines.NAME]` sections in the order the file lists them.
     pipeline_order: Vec<String>,
     /// `[lookups.NAME]`: the tables `lookup()` reads, loaded once.
@@ -47,7 +49,7 @@ pub struct Section {
     pub settings: ConnectorSettings,
 }
 
-const TOP_LEVEL: [&str; 11] = [
+const TOP_LEVEL: [&str; 12] = [
     "lookups",
     "state",
     "state_ca_file",
@@ -59,6 +61,7 @@ const TOP_LEVEL: [&str; 11] = [
     "config",
     "notify",
     "metrics",
+    "dashboard",
 ];
 
 /// Where the config is: `--config`, else `$CONTACTSYNC_CONFIG`, else `./contactsync.toml`.
@@ -143,7 +146,7 @@ impl Settings {
         for key in root.keys() {
             if !TOP_LEVEL.contains(&key.as_str()) {
                 bail!(
-                    "{}: unknown top-level key `{key}` (expected state, [sources.NAME], [sinks.NAME], [pipelines.NAME], [notify], [metrics])",
+                    "{}: unknown top-level key `{key}` (expected state, [sources.NAME], [sinks.NAME], [pipelines.NAME], [notify], [metrics], [dashboard])",
                     file.display()
                 );
             }
@@ -218,6 +221,13 @@ impl Settings {
                 .map_err(|e| anyhow!("{}: [metrics]: {e}", file.display()))?,
             None => MetricsSettings::default(),
         };
+        let dashboard: crate::serve::DashboardSettings = match root.get("dashboard") {
+            Some(value) => value
+                .clone()
+                .try_deserialize()
+                .map_err(|e| anyhow!("{}: [dashboard]: {e}", file.display()))?,
+            None => crate::serve::DashboardSettings::default(),
+        };
         // The config crate keeps no order; `sync --all` runs pipelines as listed.
         let pipeline_order = std::fs::read_to_string(file)
             .ok()
@@ -232,6 +242,7 @@ impl Settings {
             pipeline_order,
             notify,
             metrics,
+            dashboard,
             file: file.to_path_buf(),
             base_dir,
             state,

@@ -387,7 +387,8 @@ pub enum RejectStage {
 }
 
 impl RejectStage {
-    fn as_str(self) -> &'static str {
+    /// The stage as the rejects file and the state name it.
+    pub fn as_str(self) -> &'static str {
         match self {
             RejectStage::Source => "source",
             RejectStage::Validation => "validation",

@@ -171,3 +171,24 @@ fn the_index_of_a_pipeline_named_with_a_quote_is_its_own() {
         vec![(ContactKey::ExternalId("E1".into()).hash64(), 7)]
     );
 }
+
+/// `contactsync serve` reads the shared state and never writes it, nor migrates it.
+#[test]
+fn a_state_opened_read_only_reads_and_refuses_to_write() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    assert!(
+        PostgresState::open_read_only(&url, None, None)
+            .is_err_and(|e| e.to_string().contains("not a contactsync state")),
+        "an empty database is not migrated"
+    );
+    let mut writer = open(&url);
+    let (run, _) = writer.begin_run("hr->out").unwrap();
+    writer
+        .finish_run("hr->out", run, "synced", "{}", None, false)
+        .unwrap();
+    let mut reader = PostgresState::open_read_only(&url, None, None).expect("read-only");
+    assert_eq!(reader.run_page("hr->out", None, 5).unwrap().len(), 1);
+    let refused = reader.begin_run("hr->out").expect_err("read-only");
+    assert!(refused.to_string().contains("read-only"), "{refused}");
+}

@@ -35,6 +35,8 @@ pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
     sink_store_is_scoped(new_store()?.as_mut()).map_err(|e| format!("sink store: {e}"))?;
     audit_and_history(new_store()?.as_mut()).map_err(|e| format!("audit: {e}"))?;
     slots_run_each_pipeline_once(new_store()?.as_mut()).map_err(|e| format!("slots: {e}"))?;
+    rejects_kept_with_their_run(new_store()?.as_mut()).map_err(|e| format!("rejects: {e}"))?;
+    runs_a_page_at_a_time(new_store()?.as_mut()).map_err(|e| format!("run pages: {e}"))?;
     creates_kept_as_one_entry_a_run(new_store)
         .map_err(|e| format!("creates kept as one entry a run: {e}"))?;
     let mut from = new_store()?;
@@ -392,7 +394,19 @@ fn locks_are_exclusive(store: &mut dyn StateStore) -> Result<(), String> {
         matches!(&busy, LockAttempt::Busy { name, holder } if name == &names[1] && holder.token == "first"),
         "a held lock is refused, naming it and its holder: {busy:?}"
     );
+    let held = store.held_locks().map_err(err)?;
+    ensure!(
+        held.len() == 2
+            && held
+                .iter()
+                .all(|l| l.live && l.holder.token == "first" && names.contains(&l.name)),
+        "the locks held now are listed, live, with their holder: {held:?}"
+    );
     store.unlock(&first).map_err(err)?;
+    ensure!(
+        store.held_locks().map_err(err)?.is_empty(),
+        "a released lock is no longer listed"
+    );
     ensure!(
         matches!(
             store.lock(&names, &second).map_err(err)?,
@@ -401,6 +415,83 @@ fn locks_are_exclusive(store: &mut dyn StateStore) -> Result<(), String> {
         "a released lock can be taken"
     );
     store.unlock(&second).map_err(err)?;
+    Ok(())
+}
+
+fn reject(n: u32) -> crate::RejectRow {
+    crate::RejectRow {
+        stage: "validation".into(),
+        origin: format!("people.csv:{}", n + 1),
+        key: n.is_multiple_of(2).then(|| format!("external_id:E{n}")),
+        email: Some(format!("<b>e{n}</b>@example.com")),
+        field: Some("email".into()),
+        reason: format!("reason {n}"),
+    }
+}
+
+fn rejects_kept_with_their_run(store: &mut dyn StateStore) -> Result<(), String> {
+    let (run, _) = store.begin_run(PIPELINE).map_err(err)?;
+    let (other, _) = store.begin_run(PIPELINE).map_err(err)?;
+    let at = chrono::Utc::now().timestamp();
+    store
+        .record_rejects(PIPELINE, run, at, &[reject(0), reject(1)])
+        .map_err(err)?;
+    store
+        .record_rejects(PIPELINE, run, at, &[reject(2)])
+        .map_err(err)?;
+    store
+        .record_rejects(PIPELINE, other, at, &[reject(9)])
+        .map_err(err)?;
+    let all = store.rejects(PIPELINE, run, 0, 10).map_err(err)?;
+    ensure!(
+        all == [reject(0), reject(1), reject(2)],
+        "a run's rejects come back as kept, in order: {all:?}"
+    );
+    let page = store.rejects(PIPELINE, run, 1, 1).map_err(err)?;
+    ensure!(page == [reject(1)], "a page of rejects: {page:?}");
+    ensure!(
+        store.rejects(PIPELINE, other, 0, 10).map_err(err)? == [reject(9)],
+        "each run keeps its own rejects"
+    );
+    store.prune_audit(PIPELINE, at + 1).map_err(err)?;
+    ensure!(
+        store.rejects(PIPELINE, run, 0, 10).map_err(err)?.is_empty(),
+        "rejects older than the audit are pruned with it"
+    );
+    store
+        .record_rejects(PIPELINE, run, at, &[reject(3)])
+        .map_err(err)?;
+    store.reset(PIPELINE).map_err(err)?;
+    ensure!(
+        store.rejects(PIPELINE, run, 0, 10).map_err(err)?.is_empty(),
+        "reset forgets the rejects"
+    );
+    Ok(())
+}
+
+fn runs_a_page_at_a_time(store: &mut dyn StateStore) -> Result<(), String> {
+    for _ in 0..5 {
+        let (run, _) = store.begin_run(PIPELINE).map_err(err)?;
+        store
+            .finish_run(PIPELINE, run, "synced", "{}", None, false)
+            .map_err(err)?;
+    }
+    let numbers = |runs: Vec<crate::RunRecord>| runs.iter().map(|r| r.run).collect::<Vec<_>>();
+    let first = numbers(store.run_page(PIPELINE, None, 2).map_err(err)?);
+    ensure!(first == [5, 4], "the newest runs first: {first:?}");
+    let next = numbers(store.run_page(PIPELINE, Some(4), 2).map_err(err)?);
+    ensure!(
+        next == [3, 2],
+        "the next page starts below the last: {next:?}"
+    );
+    ensure!(
+        store
+            .run_page(PIPELINE, Some(1), 2)
+            .map_err(err)?
+            .is_empty()
+            && store.run_page("other->x", None, 2).map_err(err)?.is_empty(),
+        "no run below the first, none of another pipeline"
+    );
     Ok(())
 }
 
@@ -537,6 +628,8 @@ fn export_then_import(from: &mut dyn StateStore, to: &mut dyn StateStore) -> Res
     from.sink_store("sinks.platform")
         .put("quota", "3")
         .map_err(err)?;
+    from.record_rejects(PIPELINE, run, 100, &[reject(0), reject(1)])
+        .map_err(err)?;
     let mut items = Vec::new();
     from.export(&mut |item| {
         items.push(item);
@@ -572,6 +665,10 @@ fn export_then_import(from: &mut dyn StateStore, to: &mut dyn StateStore) -> Res
             .as_deref()
             == Some("3"),
         "the sink's values are copied"
+    );
+    ensure!(
+        to.rejects(PIPELINE, run, 0, 10).map_err(err)? == [reject(0), reject(1)],
+        "a run's rejects are copied, in order"
     );
     Ok(())
 }

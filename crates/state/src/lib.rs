@@ -32,133 +32,26 @@
 mod compact;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod location;
 #[cfg(feature = "postgres")]
 mod postgres;
 pub mod record;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod views;
 
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresState;
+pub use location::{redact, StateLocation};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteState;
+pub use views::{HeldLock, RejectLog, RejectRow, Views, KEPT_REJECTS};
 
 use std::path::{Path, PathBuf};
 
 use contactsync_core::{
     ChangeKind, Contact, ContactKey, PendingBatch, PendingRecord, SinkStore, SyncedEntry,
 };
-
-/// Where the state lives: a SQLite file (the embedded default) or a PostgreSQL
-/// database shared by many runners. Shown (`Display`, `Debug`) without a password.
-#[derive(Clone, PartialEq, Eq)]
-pub enum StateLocation {
-    /// A SQLite database file.
-    File(PathBuf),
-    /// A PostgreSQL database: `postgres://user@host:port/db`.
-    Postgres {
-        /// The URL as configured (it may hold a password; never shown).
-        url: String,
-        /// A file holding the password, when the URL and environment give none.
-        password_file: Option<PathBuf>,
-        /// The PEM certificates of a private CA the server's certificate is checked
-        /// against (else the public web roots).
-        ca_file: Option<PathBuf>,
-    },
-}
-
-impl StateLocation {
-    /// Reads a `state` value: a `postgres://` (or `postgresql://`) URL, else a file
-    /// path, relative to `base_dir`. Any other scheme is refused.
-    pub fn parse(value: &str, base_dir: &Path) -> Result<Self, String> {
-        if let Some((scheme, _)) = value.split_once("://") {
-            if scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")
-            {
-                return Ok(StateLocation::Postgres {
-                    url: value.to_string(),
-                    password_file: None,
-                    ca_file: None,
-                });
-            }
-            let looks_like_scheme = !scheme.is_empty()
-                && scheme
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-            if looks_like_scheme {
-                return Err(format!(
-                    "{scheme}://…: the state is a SQLite file (\"contactsync-data/state.db\") or a PostgreSQL URL (\"postgres://user@host/db\")"
-                ));
-            }
-        }
-        Ok(StateLocation::File(base_dir.join(value)))
-    }
-
-    /// The SQLite file, when the state is one.
-    pub fn file(&self) -> Option<&Path> {
-        match self {
-            StateLocation::File(path) => Some(path),
-            StateLocation::Postgres { .. } => None,
-        }
-    }
-
-    /// Opens the store (creating the file, or applying the database's migrations).
-    #[cfg_attr(
-        not(any(feature = "sqlite", feature = "postgres")),
-        allow(unreachable_code)
-    )]
-    pub fn open(&self) -> Result<Box<dyn StateStore>, StateError> {
-        Ok(match self {
-            #[cfg(feature = "sqlite")]
-            StateLocation::File(path) => Box::new(SqliteState::open(path)?),
-            #[cfg(feature = "postgres")]
-            StateLocation::Postgres {
-                url,
-                password_file,
-                ca_file,
-            } => Box::new(PostgresState::open(
-                url,
-                password_file.as_deref(),
-                ca_file.as_deref(),
-            )?),
-            #[allow(unreachable_patterns)]
-            other => {
-                return Err(StateError::Unavailable {
-                    path: other.file().map(Path::to_path_buf).unwrap_or_default(),
-                    message: format!(
-                        "{other}: this build has no backend for it (the `contactsync-state` features `sqlite` and `postgres`)"
-                    ),
-                })
-            }
-        })
-    }
-}
-
-impl std::fmt::Display for StateLocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateLocation::File(path) => write!(f, "{}", path.display()),
-            StateLocation::Postgres { url, .. } => f.write_str(&redact(url)),
-        }
-    }
-}
-
-impl std::fmt::Debug for StateLocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "StateLocation({self})")
-    }
-}
-
-/// `url` with its password, if any, replaced by `***`: what logs and errors show.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "postgres://(unreadable URL)".to_string(),
-    }
-}
 
 /// A state operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -475,6 +368,17 @@ pub enum StateItem {
     Run(RunRecord),
     /// An audit entry.
     Audit(AuditEntry),
+    /// A record a run rejected, after the others of its run.
+    Reject {
+        /// `source->sink`.
+        pipeline: String,
+        /// The run.
+        run: i64,
+        /// When (Unix seconds).
+        at: i64,
+        /// The reject.
+        row: RejectRow,
+    },
     /// A sink's key-value pair.
     SinkData {
         /// The sink config section.
@@ -490,8 +394,8 @@ pub enum StateItem {
 /// `use contactsync_state::roles::*;`.
 pub mod roles {
     pub use super::{
-        AuditLog, Locks, PendingJournal, RunLog, SinkStores, Slots, StateStore, StateTransfer,
-        SyncedIndex,
+        AuditLog, Locks, PendingJournal, RejectLog, RunLog, SinkStores, Slots, StateStore,
+        StateTransfer, SyncedIndex, Views,
     };
 }
 
@@ -499,7 +403,16 @@ pub mod roles {
 /// one by one. All writes of one call are atomic. A caller names the roles it uses
 /// (`use contactsync_state::roles::*`).
 pub trait StateStore:
-    Locks + RunLog + SyncedIndex + PendingJournal + SinkStores + AuditLog + StateTransfer + Slots
+    Locks
+    + RunLog
+    + SyncedIndex
+    + PendingJournal
+    + SinkStores
+    + AuditLog
+    + StateTransfer
+    + Slots
+    + RejectLog
+    + Views
 {
 }
 
@@ -512,6 +425,8 @@ impl<T> StateStore for T where
         + AuditLog
         + StateTransfer
         + Slots
+        + RejectLog
+        + Views
 {
 }
 

@@ -447,6 +447,15 @@ impl<'r> Run<'r> {
                     Err(e) => tracing::warn!("could not prune the audit: {e}"),
                 }
             }
+            let kept = std::mem::take(&mut self.kept_rejects);
+            if let Err(e) = self.state.record_rejects(
+                &self.pipeline.name,
+                report.run,
+                chrono::Utc::now().timestamp(),
+                &kept,
+            ) {
+                tracing::warn!("could not keep the run's rejects in the state (the rejects file has them): {e}");
+            }
             if let Err(e) = self.state.finish_run(
                 &self.pipeline.name,
                 report.run,

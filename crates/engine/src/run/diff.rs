@@ -431,6 +431,19 @@ impl<'r> Run<'r> {
                 reason: rejection.reason.clone(),
             });
         }
+        if !self.options.dry_run && self.kept_rejects.len() < contactsync_state::KEPT_REJECTS {
+            self.kept_rejects.push(contactsync_state::RejectRow {
+                stage: rejection.stage.as_str().to_string(),
+                origin: rejection.origin.to_string(),
+                key: rejection.key.map(ToString::to_string),
+                email: rejection
+                    .email
+                    .or_else(|| rejection.contact.and_then(|c| c.email.as_deref()))
+                    .map(str::to_string),
+                field: rejection.field.map(str::to_string),
+                reason: rejection.reason.clone(),
+            });
+        }
         self.rejects.write(&rejection)?;
         Ok(())
     }

@@ -205,6 +205,7 @@ pub async fn run(
         state,
         report: RunReport::new(&pipeline.name, pipeline.settings.mode, options.dry_run),
         rejects: RejectsWriter::counting(),
+        kept_rejects: Vec::new(),
         capabilities: sink.capabilities(),
         awaiting_finish: ChangeCounts::default(),
         creates_per_run: false,
@@ -241,6 +242,9 @@ struct Run<'r> {
     state: &'r mut dyn StateStore,
     report: RunReport,
     rejects: RejectsWriter,
+    /// The run's rejects as the state keeps them with it (the first
+    /// [`contactsync_state::KEPT_REJECTS`]), written when it is recorded.
+    kept_rejects: Vec<contactsync_state::RejectRow>,
     capabilities: SinkCapabilities,
     /// Changes a sink durable at its finish took, not yet made durable: counted in the
     /// report only once its finish succeeds.

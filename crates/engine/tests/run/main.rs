@@ -549,6 +549,24 @@ async fn invalid_and_duplicate_records_are_rejected_with_their_line() {
         line_of("wrong number of columns"),
         ("people.csv".into(), "7".into(), "".into())
     );
+
+    // The state keeps the same rejects with the run, for the dashboard: where, whose
+    // and why, never the record.
+    let kept = f
+        .state()
+        .rejects("list->memory", r.run, 0, 10)
+        .expect("rejects");
+    assert_eq!(kept.len(), 4);
+    let bad = kept
+        .iter()
+        .find(|k| k.reason.contains("not a valid email"))
+        .expect("the bad email");
+    assert_eq!(
+        (bad.stage.as_str(), bad.origin.as_str(), bad.key.as_deref()),
+        ("validation", "people.csv:3", Some("external_id:E2"))
+    );
+    assert_eq!(bad.email.as_deref(), Some("not an email"));
+    assert_eq!(kept[3].origin, "people.csv:7");
 }
 
 #[tokio::test]

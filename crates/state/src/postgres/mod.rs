@@ -33,6 +33,7 @@ use crate::redact;
 
 mod sink_store;
 mod store;
+mod views;
 use sink_store::PostgresSinkStore;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
@@ -151,6 +152,22 @@ CREATE INDEX staged_run ON staged (pipeline, run);
 CREATE TABLE dictionaries (
     id BIGSERIAL PRIMARY KEY,
     dictionary BYTEA NOT NULL
+);
+",
+    // Each run's rejects (RejectLog), for `contactsync serve`.
+    "
+CREATE TABLE rejects (
+    pipeline TEXT NOT NULL,
+    run BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    stage TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    key TEXT,
+    email TEXT,
+    field TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (pipeline, run, seq)
 );
 ",
 ];
@@ -380,6 +397,53 @@ impl PostgresState {
         password_file: Option<&std::path::Path>,
         ca_file: Option<&std::path::Path>,
     ) -> Result<Self, StateError> {
+        let mut state = PostgresState::connect(url, password_file, ca_file)?;
+        state.migrate()?;
+        state.load_dictionaries(true)?;
+        Ok(state)
+    }
+
+    /// Opens the database for reading only (`contactsync serve`): every transaction of
+    /// the session is read-only, and no migration is applied; a database of another
+    /// schema version is refused.
+    pub fn open_read_only(
+        url: &str,
+        password_file: Option<&std::path::Path>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StateError> {
+        let mut state = PostgresState::connect(url, password_file, ca_file)?;
+        let version: Option<i64> = state.call(|c| {
+            c.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")?;
+            let exists: bool = c
+                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])?
+                .get(0);
+            if !exists {
+                return Ok(None);
+            }
+            Ok(
+                c.query_one("SELECT MAX(version) FROM schema_migrations", &[])?
+                    .get(0),
+            )
+        })?;
+        if version != Some(MIGRATIONS.len() as i64) {
+            return Err(StateError::Shared {
+                url: state.shown.clone(),
+                message: format!(
+                    "schema version {}, this contactsync reads {}: run `contactsync sync` of this version once, or use a matching contactsync",
+                    version.map_or("none (not a contactsync state)".into(), |v| v.to_string()),
+                    MIGRATIONS.len()
+                ),
+            });
+        }
+        state.load_dictionaries(false)?;
+        Ok(state)
+    }
+
+    fn connect(
+        url: &str,
+        password_file: Option<&std::path::Path>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StateError> {
         let shown = redact(url);
         let unavailable = |message: String| StateError::Shared {
             url: shown.clone(),
@@ -428,7 +492,7 @@ impl PostgresState {
             }
             Err(_) => return Err(unavailable("the connection thread ended".into())),
         }
-        let mut state = PostgresState {
+        Ok(PostgresState {
             jobs: Some(jobs),
             thread: Some(thread),
             shown,
@@ -436,10 +500,7 @@ impl PostgresState {
             held: HashMap::new(),
             creates_run: None,
             codec: RecordCodec::default(),
-        };
-        state.migrate()?;
-        state.load_dictionaries(true)?;
-        Ok(state)
+        })
     }
 
     /// The URL, without its password.

@@ -226,7 +226,9 @@ impl RunLog for PostgresState {
         let pipeline = pipeline.to_string();
         self.call(move |c| {
             let mut tx = c.transaction()?;
-            for table in ["synced", "pending", "runs", "audit", "creates", "staged"] {
+            for table in [
+                "synced", "pending", "runs", "audit", "creates", "staged", "rejects",
+            ] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE pipeline = $1"),
                     &[&pipeline],
@@ -692,8 +694,8 @@ impl AuditLog for PostgresState {
         self.call(move |c| {
             let mut tx = c.transaction()?;
             let mut pruned = 0;
-            // A run's creates go with it, as their entries would have.
-            for table in ["audit", "creates"] {
+            // A run's creates go with it, as their entries would have; so do its rejects.
+            for table in ["audit", "creates", "rejects"] {
                 pruned += tx.execute(
                     &format!("DELETE FROM {table} WHERE pipeline = $1 AND at < $2"),
                     &[&pipeline, &before],
@@ -839,6 +841,31 @@ impl StateTransfer for PostgresState {
         for (scope, key, value) in data {
             visit(StateItem::SinkData { scope, key, value })?;
         }
+        let rejects: Vec<StateItem> = self.call(|c| {
+            Ok(c.query(
+                "SELECT pipeline, run, at, stage, origin, key, email, field, reason FROM rejects
+                 ORDER BY pipeline, run, seq",
+                &[],
+            )?
+            .iter()
+            .map(|r| StateItem::Reject {
+                pipeline: r.get(0),
+                run: r.get(1),
+                at: r.get(2),
+                row: crate::RejectRow {
+                    stage: r.get(3),
+                    origin: r.get(4),
+                    key: r.get(5),
+                    email: r.get(6),
+                    field: r.get(7),
+                    reason: r.get(8),
+                },
+            })
+            .collect())
+        })?;
+        for item in rejects {
+            visit(item)?;
+        }
         Ok(())
     }
 
@@ -889,6 +916,12 @@ impl StateTransfer for PostgresState {
                         "INSERT INTO sink_data (scope, key, value) VALUES ($1, $2, $3)
                          ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
                         &[scope, key, value],
+                    )?,
+                    StateItem::Reject { pipeline, run, at, row } => tx.execute(
+                        "INSERT INTO rejects (pipeline, run, seq, at, stage, origin, key, email, field, reason)
+                         VALUES ($1, $2, (SELECT COALESCE(MAX(seq) + 1, 0) FROM rejects WHERE pipeline = $1 AND run = $2),
+                                 $3, $4, $5, $6, $7, $8, $9)",
+                        &[pipeline, run, at, &row.stage, &row.origin, &row.key, &row.email, &row.field, &row.reason],
                     )?,
                     StateItem::Synced { .. } | StateItem::Audit(_) => 0,
                 };

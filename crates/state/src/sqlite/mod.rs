@@ -22,6 +22,7 @@ mod journal;
 mod migrate;
 mod sink_store;
 mod store;
+mod views;
 use creates::write_out_creates;
 use journal::{Journal, STAGED};
 use migrate::migrate_to_compact_rows;
@@ -118,8 +119,9 @@ impl std::fmt::Debug for SqliteState {
 /// made the rows compact (pipelines by integer id, keys and emails not repeated beside
 /// the record that gives them: [`super::compact`]); version 4 keeps a first sync's
 /// creates as one entry a run (`creates`) and each person's `created_run` in `synced`
-/// instead of a history row a person ([`AuditLog::record_created_run`]).
-const SCHEMA_VERSION: &str = "4";
+/// instead of a history row a person ([`AuditLog::record_created_run`]); version 5 keeps
+/// each run's rejects (`rejects`, [`crate::RejectLog`]).
+const SCHEMA_VERSION: &str = "5";
 
 /// Every transaction that writes starts IMMEDIATE: in WAL mode a deferred one that
 /// read first and then writes fails at once ("database is locked", no waiting) when
@@ -210,6 +212,19 @@ CREATE TABLE IF NOT EXISTS creates (
     values_kept INTEGER NOT NULL,
     PRIMARY KEY (pipeline, run)
 );
+CREATE TABLE IF NOT EXISTS rejects (
+    pipeline INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    key TEXT,
+    email TEXT,
+    field TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (pipeline, run, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slots (
     slot TEXT NOT NULL,
     pipeline TEXT NOT NULL,
@@ -328,6 +343,56 @@ impl SqliteState {
         Ok(state)
     }
 
+    /// Opens an existing state for reading only (`contactsync serve`): the file is
+    /// opened read-only, beside runs that write it (WAL readers never block the writer),
+    /// nothing is created or migrated, and a file of another schema version is refused.
+    pub fn open_read_only(path: &Path) -> Result<Self, StateError> {
+        if !path.is_file() {
+            return Err(StateError::Unavailable {
+                path: path.to_path_buf(),
+                message:
+                    "no state here: run `contactsync sync` first, or name the state with --state"
+                        .into(),
+            });
+        }
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags).map_err(db_error(path))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error(path))?;
+        let version: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .unwrap_or(None);
+        if version.as_deref() != Some(SCHEMA_VERSION) {
+            return Err(StateError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!(
+                    "schema version {}, this contactsync reads {SCHEMA_VERSION}: run `contactsync sync` of this version once, or use a matching contactsync",
+                    version.as_deref().unwrap_or("none (not a contactsync state)")
+                ),
+            });
+        }
+        let mut state = SqliteState {
+            conn,
+            path: path.to_path_buf(),
+            heartbeat: None,
+            codec: RecordCodec::default(),
+            confirm_range_rows: CONFIRM_RANGE_ROWS,
+            commits: Default::default(),
+            creates_run: None,
+        };
+        load_dictionaries(&mut state.codec, &state.conn, false).map_err(|message| {
+            StateError::Corrupt {
+                path: path.to_path_buf(),
+                message,
+            }
+        })?;
+        Ok(state)
+    }
+
     /// SQLite's `quick_check`: refuses a damaged file (garbage pages, a torn write)
     /// with what to do, instead of syncing against whatever it would read.
     fn quick_check(&self) -> Result<(), StateError> {
@@ -414,14 +479,18 @@ impl SqliteState {
                 .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
-            Some("3") => {
-                // Adding a column and a table: nothing is rewritten.
-                tx.execute_batch(
-                    "ALTER TABLE synced ADD COLUMN created_run INTEGER;
-                     UPDATE meta SET value = '4' WHERE key = 'schema';",
+            Some(old @ ("3" | "4")) => {
+                // Adding a column (3) and tables: nothing is rewritten.
+                if old == "3" {
+                    tx.execute_batch("ALTER TABLE synced ADD COLUMN created_run INTEGER;")
+                        .map_err(map)?;
+                }
+                tx.execute_batch(SCHEMA).map_err(map)?;
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                    [SCHEMA_VERSION],
                 )
                 .map_err(map)?;
-                tx.execute_batch(SCHEMA).map_err(map)?;
                 rebuild_empty_pending(&tx).map_err(map)?;
             }
             Some(old @ ("1" | "2")) => {

@@ -231,7 +231,7 @@ impl RunLog for SqliteState {
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        for table in ["synced", "pending", "audit", "creates"] {
+        for table in ["synced", "pending", "audit", "creates", "rejects"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
                 [pipeline],
@@ -559,8 +559,8 @@ impl AuditLog for SqliteState {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
         let mut pruned = 0;
-        // A run's creates go with it, as their entries would have.
-        for table in ["audit", "creates"] {
+        // A run's creates go with it, as their entries would have; so do its rejects.
+        for table in ["audit", "creates", "rejects"] {
             pruned += tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID} AND at < ?2"),
@@ -664,6 +664,31 @@ impl StateTransfer for SqliteState {
         // keeps them its own way. Last, as `history` tells them after the stored
         // entries of their second.
         self.created_rows("", [], &mut |entry| visit(StateItem::Audit(entry)))?;
+        {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT p.name, r.run, r.at, r.stage, r.origin, r.key, r.email, r.field, r.reason
+                     FROM rejects r JOIN pipelines p ON p.id = r.pipeline ORDER BY p.name, r.run, r.seq",
+                )
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                visit(StateItem::Reject {
+                    pipeline: r.get(0).map_err(map)?,
+                    run: r.get(1).map_err(map)?,
+                    at: r.get(2).map_err(map)?,
+                    row: crate::RejectRow {
+                        stage: r.get(3).map_err(map)?,
+                        origin: r.get(4).map_err(map)?,
+                        key: r.get(5).map_err(map)?,
+                        email: r.get(6).map_err(map)?,
+                        field: r.get(7).map_err(map)?,
+                        reason: r.get(8).map_err(map)?,
+                    },
+                })?;
+            }
+        }
         let mut stmt = self
             .conn
             .prepare("SELECT scope, key, value FROM sink_data ORDER BY scope, key")
@@ -729,6 +754,17 @@ impl StateTransfer for SqliteState {
                     )
                     .map(|_| ()),
                 StateItem::Audit(e) => insert_audit(&tx, &mut self.codec, std::slice::from_ref(e)),
+                StateItem::Reject { pipeline, run, at, row } => {
+                    ensure_pipeline(&tx, pipeline).and_then(|id| {
+                        tx.execute(
+                            "INSERT INTO rejects (pipeline, run, seq, at, stage, origin, key, email, field, reason)
+                             VALUES (?1, ?2, (SELECT COALESCE(MAX(seq) + 1, 0) FROM rejects WHERE pipeline = ?1 AND run = ?2),
+                                     ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                            params![id, run, at, row.stage, row.origin, row.key, row.email, row.field, row.reason],
+                        )
+                        .map(|_| ())
+                    })
+                }
                 StateItem::SinkData { scope, key, value } => tx
                     .execute(
                         "INSERT OR REPLACE INTO sink_data (scope, key, value) VALUES (?1, ?2, ?3)",

@@ -550,3 +550,29 @@ fn a_state_of_schema_3_gains_the_creates_table_and_keeps_its_rows() {
     let (run, _) = state.begin_run("p").unwrap();
     assert!(state.record_created_run("p", run, 1, true).unwrap());
 }
+
+/// `contactsync serve` reads a state beside a run that writes it, and never writes.
+#[test]
+fn a_state_opened_read_only_reads_beside_a_writer_and_refuses_to_write() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("state.db");
+    assert!(
+        SqliteState::open_read_only(&path)
+            .is_err_and(|e| e.to_string().contains("run `contactsync sync` first")),
+        "a missing state is not created"
+    );
+    assert!(!path.exists());
+    let mut writer = SqliteState::open(&path).expect("open");
+    let (run, _) = writer.begin_run("a->b").expect("run");
+    let mut reader = SqliteState::open_read_only(&path).expect("read-only");
+    writer
+        .finish_run("a->b", run, "synced", "{}", None, false)
+        .expect("the writer is not blocked by the reader");
+    let runs = reader.run_page("a->b", None, 10).expect("runs");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status.as_deref(), Some("synced"));
+    assert!(
+        reader.begin_run("a->b").is_err(),
+        "a read-only store cannot write"
+    );
+}
