@@ -316,6 +316,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     println!("\n{table}");
+    // The dashboard on a big state: `--only dashboard`, or every scenario.
+    if only
+        .as_deref()
+        .is_none_or(|o| "dashboard".contains(o.trim_start_matches('=')))
+    {
+        let people = sizes.iter().copied().max().unwrap_or(1_000_000);
+        let pages =
+            crate::bench_dashboard::run(&binary, &root.join("target/bench/dashboard"), people)?;
+        println!("\n{pages}");
+    }
     Ok(())
 }
 
@@ -676,13 +686,13 @@ fn change_directory(slapd: &contactsync_testkit::slapd::Slapd, n: usize) -> Resu
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Day {
+pub(crate) enum Day {
     First,
     Nightly,
 }
 
 /// Writes `n` people. The nightly file has 1% changed, 0.5% removed, 0.5% added.
-fn generate(path: &PathBuf, n: usize, day: Day) -> Result<()> {
+pub(crate) fn generate(path: &PathBuf, n: usize, day: Day) -> Result<()> {
     let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     writeln!(w, "external_id,email,first_name,last_name,company,department,job_title,language,subscriptions,status")?;

@@ -14,6 +14,7 @@
 //!   a first full sync and a nightly rerun, and prints records/s and peak memory.
 
 mod bench;
+mod bench_dashboard;
 mod scaffold;
 mod tidy;
 
@@ -74,6 +75,7 @@ fn test() -> Result<()> {
     ensure_slapd()?;
     ensure_postgres()?;
     ensure_mariadb()?;
+    ensure_chromium()?;
     ensure_scim2_server(&root)?;
     run(&cargo, &["fmt", "--all", "--", "--check"], &root)
         .context("formatting differs: run `cargo fmt --all`")?;
@@ -152,6 +154,14 @@ fn ensure_mariadb() -> Result<()> {
         "the SQL source tests",
         &["mariadb-server", "mariadb-client"],
     )
+}
+
+/// The dashboard's pages are checked in a real headless browser: Debian's Chromium.
+fn ensure_chromium() -> Result<()> {
+    if found("chromium") || found("chromium-browser") || found("google-chrome") {
+        return Ok(());
+    }
+    install("the dashboard's browser tests", &["chromium"])
 }
 
 /// The version of scim2-server the SCIM connector is tested against.

@@ -53,6 +53,29 @@ fn derived_key(record: &Contact) -> Option<ContactKey> {
     record.key(KeyRule::Auto)
 }
 
+/// The hash a person is found by their email with (what `email:ADDRESS` hashes to as a
+/// key, the address in lower case: `history` matches emails whatever their case), stored beside a row so that `history EMAIL` (and the dashboard's person search)
+/// reads an index instead of every record. `None` when the row has no email, or when
+/// the hash is its key hash already (a pipeline keyed by email: the primary key finds
+/// it, and the row keeps a byte).
+pub(crate) fn email_hash(
+    key_hash: u64,
+    email: Option<&str>,
+    record: Option<&Contact>,
+) -> Option<i64> {
+    let email = email
+        .filter(|e| !e.is_empty())
+        .or_else(|| record.and_then(|r| r.email.as_deref()))?;
+    let hash = email_lookup_hash(email)?;
+    (hash != key_hash).then_some(hash as i64)
+}
+
+/// The hash [`email_hash`] gives `email`, as a search computes it.
+pub(crate) fn email_lookup_hash(email: &str) -> Option<u64> {
+    let normalized = Contact::normalize_email(email)?.to_lowercase();
+    Some(ContactKey::Email(normalized).hash64())
+}
+
 /// The email as stored beside `record`: `None` when it is the record's.
 pub(crate) fn email(email: Option<&str>, record: Option<&Contact>) -> Option<String> {
     match record {

@@ -154,8 +154,12 @@ CREATE TABLE dictionaries (
     dictionary BYTEA NOT NULL
 );
 ",
-    // Each run's rejects (RejectLog), for `contactsync serve`.
+    // Each run's rejects (RejectLog), for `contactsync serve`; and a person's synced
+    // row found by key or email through an index (`history`, the dashboard's search),
+    // as the audit's already are.
     "
+CREATE INDEX synced_key ON synced (key);
+CREATE INDEX synced_email ON synced (lower(email));
 CREATE TABLE rejects (
     pipeline TEXT NOT NULL,
     run BIGINT NOT NULL,

@@ -64,6 +64,8 @@ impl SqliteState {
     /// Visits the creates told from the runs that keep them as one entry
     /// ([`AuditLog::record_created_run`]) whose people `tail` (more of a WHERE over `s`,
     /// their row in `synced`) selects, as [`created_entry`] builds them.
+    /// Calls `visit` with the create entry of every person kept with their run's
+    /// creates, narrowed by `tail` (`AND …`, see [`created_rows_sql`]).
     pub(super) fn created_rows(
         &mut self,
         tail: &str,
@@ -74,12 +76,7 @@ impl SqliteState {
         let map = db_error(&path);
         let mut stmt = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT s.content_hash, s.record, s.key, s.email, s.handle, p.name, c.run, c.at, c.values_kept
-                 FROM synced s JOIN creates c ON c.pipeline = s.pipeline AND c.run = s.created_run
-                   JOIN pipelines p ON p.id = s.pipeline
-                 WHERE s.created_run IS NOT NULL {tail}"
-            ))
+            .prepare_cached(&created_rows_sql(tail))
             .map_err(map)?;
         let mut rows = stmt.query(params).map_err(map)?;
         while let Some(r) = rows.next().map_err(map)? {
@@ -95,4 +92,14 @@ impl SqliteState {
         }
         Ok(())
     }
+}
+
+/// The query [`SqliteState::created_rows`] runs, narrowed by `tail`.
+pub(super) fn created_rows_sql(tail: &str) -> String {
+    format!(
+        "SELECT s.content_hash, s.record, s.key, s.email, s.handle, p.name, c.run, c.at, c.values_kept
+         FROM synced s JOIN creates c ON c.pipeline = s.pipeline AND c.run = s.created_run
+           JOIN pipelines p ON p.id = s.pipeline
+         WHERE s.created_run IS NOT NULL {tail}"
+    )
 }

@@ -24,7 +24,8 @@ CREATE TEMP TABLE IF NOT EXISTS staged (
     key TEXT,
     email TEXT,
     handle TEXT,
-    created_run INTEGER
+    created_run INTEGER,
+    email_hash INTEGER
 );
 ";
 
@@ -67,12 +68,12 @@ impl SqliteState {
         // `staged` has one column more: the run that created the person.
         let (table, created_column, created_value) = match journal {
             Journal::Pending => ("pending", "", ""),
-            Journal::Staged { .. } => ("temp.staged", ", created_run", ", ?13"),
+            Journal::Staged { .. } => ("temp.staged", ", created_run", ", ?14"),
         };
         let mut stmt = tx
             .prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle{created_column})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12{created_value})",
+                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle, email_hash{created_column})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13{created_value})",
             ))
             .map_err(map)?;
         let mut insert = |seq: usize, row: &PendingRow, bytes: Option<Vec<u8>>| {
@@ -94,6 +95,7 @@ impl SqliteState {
                 compact::email(row.email.as_deref(), record),
                 i64::from(applied.is_some()),
                 handle,
+                compact::email_hash(row.key.hash64(), row.email.as_deref(), record),
             ];
             match journal {
                 Journal::Pending => stmt.execute(values),
@@ -214,8 +216,8 @@ impl SqliteState {
             let upserted = tx
                 .execute(
                     &format!(
-                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run)
-                           SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}
+                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run, email_hash)
+                           SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}, email_hash
                            FROM {table}
                            WHERE key_hash BETWEEN ?4 AND ?5
                              AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3

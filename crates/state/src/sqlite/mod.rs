@@ -43,6 +43,9 @@ pub struct SqliteState {
     /// The pipeline and run whose creates are kept as one entry a run
     /// ([`AuditLog::record_created_run`]).
     creates_run: Option<(String, i64)>,
+    /// Set by a migration to schema 5: the synced rows' email hashes are to be filled
+    /// in once the records can be read.
+    backfill_email_hashes: bool,
 }
 
 /// Records compressed at a time by the thread that compresses a large batch's records
@@ -120,7 +123,9 @@ impl std::fmt::Debug for SqliteState {
 /// the record that gives them: [`super::compact`]); version 4 keeps a first sync's
 /// creates as one entry a run (`creates`) and each person's `created_run` in `synced`
 /// instead of a history row a person ([`AuditLog::record_created_run`]); version 5 keeps
-/// each run's rejects (`rejects`, [`crate::RejectLog`]).
+/// each run's rejects (`rejects`, [`crate::RejectLog`]) and finds a person's rows by
+/// index (`email_hash` in `synced`, `key_hash` and `email_hash` in `audit`:
+/// [`compact::email_hash`]).
 const SCHEMA_VERSION: &str = "5";
 
 /// Every transaction that writes starts IMMEDIATE: in WAL mode a deferred one that
@@ -157,8 +162,10 @@ CREATE TABLE IF NOT EXISTS synced (
     email TEXT,
     handle TEXT,
     created_run INTEGER,
+    email_hash INTEGER,
     PRIMARY KEY (pipeline, key_hash)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS synced_email ON synced (email_hash) WHERE email_hash IS NOT NULL;
 CREATE TABLE IF NOT EXISTS pending (
     pipeline INTEGER NOT NULL,
     batch_id TEXT NOT NULL,
@@ -172,6 +179,7 @@ CREATE TABLE IF NOT EXISTS pending (
     key TEXT,
     email TEXT,
     handle TEXT,
+    email_hash INTEGER,
     PRIMARY KEY (pipeline, batch_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_key ON pending (pipeline, batch_id, key_hash);
@@ -203,8 +211,12 @@ CREATE TABLE IF NOT EXISTS audit (
     created BLOB,
     key TEXT,
     email TEXT,
-    reason TEXT
+    reason TEXT,
+    key_hash INTEGER,
+    email_hash INTEGER
 );
+CREATE INDEX IF NOT EXISTS audit_key ON audit (key_hash);
+CREATE INDEX IF NOT EXISTS audit_email ON audit (email_hash) WHERE email_hash IS NOT NULL;
 CREATE TABLE IF NOT EXISTS creates (
     pipeline INTEGER NOT NULL,
     run INTEGER NOT NULL,
@@ -329,6 +341,7 @@ impl SqliteState {
             confirm_range_rows: CONFIRM_RANGE_ROWS,
             commits,
             creates_run: None,
+            backfill_email_hashes: false,
         };
         if unclean {
             state.quick_check()?;
@@ -340,7 +353,53 @@ impl SqliteState {
                 message,
             }
         })?;
+        if state.backfill_email_hashes {
+            state.backfill_email_hashes()?;
+        }
         Ok(state)
+    }
+
+    /// Fills in the email hash of every synced row (a state migrated to schema 5), in
+    /// one transaction: reads each record once.
+    fn backfill_email_hashes(&mut self) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let map = db_error(&path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        let mut hashes: Vec<(i64, i64, i64)> = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {SYNCED_COLUMNS}, pipeline, key_hash FROM synced"
+                ))
+                .map_err(map)?;
+            let mut rows = stmt.query([]).map_err(map)?;
+            while let Some(r) = rows.next().map_err(map)? {
+                let stored = compact_synced(r).map_err(map)?;
+                let (pipeline, key_hash): (i64, i64) =
+                    (r.get(5).map_err(map)?, r.get(6).map_err(map)?);
+                let row = synced_row(&mut self.codec, &tx, &path, stored)?;
+                if let Some(hash) = compact::email_hash(
+                    from_sql(key_hash),
+                    row.entry.email.as_deref(),
+                    row.entry.record.as_deref(),
+                ) {
+                    hashes.push((pipeline, key_hash, hash));
+                }
+            }
+        }
+        {
+            let mut put = tx
+                .prepare("UPDATE synced SET email_hash = ?3 WHERE pipeline = ?1 AND key_hash = ?2")
+                .map_err(map)?;
+            for (pipeline, key_hash, hash) in &hashes {
+                put.execute(params![pipeline, key_hash, hash])
+                    .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)?;
+        self.backfill_email_hashes = false;
+        tracing::info!(state = %path.display(), rows = hashes.len(), "indexed the synced people's emails (schema 5)");
+        Ok(())
     }
 
     /// Opens an existing state for reading only (`contactsync serve`): the file is
@@ -383,6 +442,7 @@ impl SqliteState {
             confirm_range_rows: CONFIRM_RANGE_ROWS,
             commits: Default::default(),
             creates_run: None,
+            backfill_email_hashes: false,
         };
         load_dictionaries(&mut state.codec, &state.conn, false).map_err(|message| {
             StateError::Corrupt {
@@ -479,12 +539,20 @@ impl SqliteState {
                 .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
-            Some(old @ ("3" | "4")) => {
-                // Adding a column (3) and tables: nothing is rewritten.
-                if old == "3" {
-                    tx.execute_batch("ALTER TABLE synced ADD COLUMN created_run INTEGER;")
-                        .map_err(map)?;
+            Some("3" | "4") => {
+                // Adding columns and tables: nothing is rewritten. The synced rows'
+                // email hashes are filled in once the records can be read (`open`); the
+                // audit's older rows are found without an index until they are pruned.
+                for (table, column) in [
+                    ("synced", "created_run"),
+                    ("synced", "email_hash"),
+                    ("pending", "email_hash"),
+                    ("audit", "key_hash"),
+                    ("audit", "email_hash"),
+                ] {
+                    add_column(&tx, table, column).map_err(map)?;
                 }
+                self.backfill_email_hashes = true;
                 tx.execute_batch(SCHEMA).map_err(map)?;
                 tx.execute(
                     "UPDATE meta SET value = ?1 WHERE key = 'schema'",
@@ -505,6 +573,7 @@ impl SqliteState {
                 }
                 migrate_to_compact_rows(&tx).map_err(map)?;
                 migrated = true;
+                self.backfill_email_hashes = true;
                 tracing::info!(state = %self.path.display(), "state migrated from schema {old} to {SCHEMA_VERSION} (compact rows)");
             }
             Some(other) => {
@@ -558,6 +627,19 @@ impl SqliteState {
         }
         Ok(())
     }
+}
+
+/// Adds the integer `column` to `table` unless it has it.
+fn add_column(tx: &rusqlite::Transaction<'_>, table: &str, column: &str) -> rusqlite::Result<()> {
+    let has: bool = tx.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+        [column],
+        |r| r.get(0),
+    )?;
+    if !has {
+        tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} INTEGER;"))?;
+    }
+    Ok(())
 }
 
 /// A pipeline's id, in SQL, from its name as parameter `?1`.
@@ -655,7 +737,8 @@ const CONFIRM_RANGE_ROWS: i64 = 2_000_000;
 const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET
     content_hash = excluded.content_hash, record = COALESCE(excluded.record, synced.record),
     key = excluded.key, email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-    created_run = COALESCE(excluded.created_run, synced.created_run)";
+    created_run = COALESCE(excluded.created_run, synced.created_run),
+    email_hash = excluded.email_hash";
 
 /// Writes audit entries in their compact form.
 fn insert_audit(
@@ -665,8 +748,8 @@ fn insert_audit(
 ) -> rusqlite::Result<()> {
     let mut ids: Vec<(&str, i64)> = Vec::new();
     let mut put = conn.prepare_cached(
-        "INSERT INTO audit (pipeline, run, at, kind, outcome, fields, created, key, email, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO audit (pipeline, run, at, kind, outcome, fields, created, key, email, reason, key_hash, email_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     for e in entries {
         let id = match ids.iter().find(|(name, _)| *name == e.pipeline) {
@@ -678,6 +761,12 @@ fn insert_audit(
             }
         };
         let created = e.created.as_deref();
+        // The key's hash as a key hashes (its text form); what `history` looks it up by.
+        let key_hash = e
+            .key
+            .parse::<ContactKey>()
+            .map(|k| k.hash64())
+            .unwrap_or_default();
         put.execute(params![
             id,
             e.run,
@@ -689,6 +778,8 @@ fn insert_audit(
             compact::key_text(&e.key, created),
             compact::email(e.email.as_deref(), created),
             e.reason,
+            to_sql(key_hash),
+            compact::email_hash(key_hash, e.email.as_deref(), created),
         ])?;
     }
     Ok(())

@@ -393,8 +393,8 @@ impl PendingJournal for SqliteState {
         {
             let mut upsert = tx
                 .prepare_cached(&format!(
-                    "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) {SYNCED_UPSERT}"
+                    "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, email_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) {SYNCED_UPSERT}"
                 ))
                 .map_err(map)?;
             let mut forget = tx
@@ -449,6 +449,7 @@ impl PendingJournal for SqliteState {
                                 compact::key(key, record),
                                 compact::email(entry.email.as_deref(), record),
                                 entry.handle,
+                                compact::email_hash(key.hash64(), entry.email.as_deref(), record),
                             ])
                             .map_err(map)?;
                         unpend.execute(params![id, batch_id, hash]).map_err(map)?;
@@ -588,11 +589,23 @@ impl AuditLog for SqliteState {
                     .as_deref()
                     .is_some_and(|e| !email.is_empty() && e.eq_ignore_ascii_case(&email))
         };
+        // What the rows are found by, through the indexes (schema 5): the hash of each
+        // key WHO may be, and of its email. The email's is a key hash too (a pipeline
+        // keyed by email keeps it as one).
+        let hash = |text: &str| {
+            text.parse::<ContactKey>()
+                .map(|k| to_sql(k.hash64()))
+                .unwrap_or_default()
+        };
+        let by_key = [hash(&keys[0]), hash(&keys[1]), hash(&keys[2])];
+        let by_email = compact::email_lookup_hash(who)
+            .map(to_sql)
+            .unwrap_or_default();
         let mut entries = Vec::new();
+        // Audit rows written before schema 5 have no hashes: read as before until pruned.
         self.audit_rows(
-            "WHERE a.key IS NULL OR a.email IS NULL OR a.key IN (?1, ?2, ?3) OR a.email = ?4 COLLATE NOCASE
-             ORDER BY a.at, a.rowid",
-            params![keys[0], keys[1], keys[2], email],
+            HISTORY_AUDIT,
+            params![by_key[0], by_key[1], by_key[2], by_email],
             &mut |entry| {
                 if matches(&entry) {
                     entries.push(with_created_fields(entry));
@@ -602,8 +615,8 @@ impl AuditLog for SqliteState {
         )?;
         let mut created = Vec::new();
         self.created_rows(
-            "AND (s.key IS NULL OR s.email IS NULL OR s.key IN (?1, ?2, ?3) OR s.email = ?4 COLLATE NOCASE)",
-            params![keys[0], keys[1], keys[2], email],
+            HISTORY_CREATED,
+            params![by_key[0], by_key[1], by_key[2], by_email],
             &mut |entry| {
                 if matches(&entry) {
                     created.push(with_created_fields(entry));
@@ -614,6 +627,20 @@ impl AuditLog for SqliteState {
         Ok(merge_history(entries, created))
     }
 }
+
+/// How `history` finds a person's audit rows: by the hash of each key they may be
+/// (`?1`-`?3`) or of their email in lower case (`?4`, also the key of a pipeline keyed
+/// by a lower-case email), through `audit_key` and `audit_email`.
+pub(super) const HISTORY_AUDIT: &str =
+    "WHERE a.key_hash IN (?1, ?2, ?3, ?4) OR a.email_hash = ?4 OR a.key_hash IS NULL
+     ORDER BY a.at, a.rowid";
+
+/// How `history` finds the people kept with their run's creates: each pipeline's
+/// primary key for the key hashes, `synced_email` for the email's.
+pub(super) const HISTORY_CREATED: &str = "AND ((s.pipeline, s.key_hash) IN
+        (SELECT p2.id, k.h FROM pipelines p2,
+           (SELECT ?1 AS h UNION ALL SELECT ?2 UNION ALL SELECT ?3 UNION ALL SELECT ?4) k)
+      OR s.email_hash = ?4)";
 
 impl StateTransfer for SqliteState {
     fn export(
@@ -732,8 +759,8 @@ impl StateTransfer for SqliteState {
                     ensure_pipeline(&tx, pipeline).and_then(|id| {
                         let record = row.entry.record.as_deref();
                         tx.execute(
-                            "INSERT OR REPLACE INTO synced (pipeline, key_hash, content_hash, record, key, email, handle)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            "INSERT OR REPLACE INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, email_hash)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                             params![
                                 id,
                                 to_sql(row.key.hash64()),
@@ -742,6 +769,11 @@ impl StateTransfer for SqliteState {
                                 compact::key(&row.key, record),
                                 compact::email(row.entry.email.as_deref(), record),
                                 row.entry.handle,
+                                compact::email_hash(
+                                    row.key.hash64(),
+                                    row.entry.email.as_deref(),
+                                    record
+                                ),
                             ],
                         )
                         .map(|_| ())
