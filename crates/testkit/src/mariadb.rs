@@ -18,11 +18,13 @@
 //! # Ok::<(), contactsync_testkit::mariadb::MariaDbError>(())
 //! ```
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::postgres::{free_port, is_root};
 
 /// Why the server could not be started or used.
 #[derive(Debug, thiserror::Error)]
@@ -67,21 +69,6 @@ fn program(names: &[&str]) -> Option<PathBuf> {
         .iter()
         .flat_map(|name| dirs.iter().map(move |d| d.join(name)))
         .find(|p| p.exists())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn failed(program: &str, output: impl Into<String>) -> MariaDbError {

@@ -72,8 +72,8 @@ fn bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
-fn is_root() -> bool {
-    // The uid of this process, as the kernel reports it (no libc call needed).
+/// Whether this process runs as root (the uid the kernel reports; no libc call needed).
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -84,7 +84,8 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> Result<u16, std::io::Error> {
+/// A port free on 127.0.0.1 this instant.
+pub(crate) fn free_port() -> Result<u16, std::io::Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

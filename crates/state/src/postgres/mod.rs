@@ -33,6 +33,7 @@ use crate::redact;
 
 mod sink_store;
 mod store;
+mod transfer;
 mod views;
 use sink_store::PostgresSinkStore;
 

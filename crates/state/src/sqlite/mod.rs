@@ -629,6 +629,19 @@ impl SqliteState {
     }
 }
 
+/// A run as `SELECT pipeline, run, started_at, finished_at, status, report FROM runs`
+/// returns it.
+fn run_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        pipeline: r.get(0)?,
+        run: r.get(1)?,
+        started_at: r.get(2)?,
+        finished_at: r.get(3)?,
+        status: r.get(4)?,
+        report: r.get(5)?,
+    })
+}
+
 /// Adds the integer `column` to `table` unless it has it.
 fn add_column(tx: &rusqlite::Transaction<'_>, table: &str, column: &str) -> rusqlite::Result<()> {
     let has: bool = tx.query_row(

@@ -213,16 +213,7 @@ impl RunLog for SqliteState {
             )
             .map_err(db_error(&self.path))?;
         let rows = stmt
-            .query_map(params![pipeline, last as i64], |r| {
-                Ok(RunRecord {
-                    pipeline: r.get(0)?,
-                    run: r.get(1)?,
-                    started_at: r.get(2)?,
-                    finished_at: r.get(3)?,
-                    status: r.get(4)?,
-                    report: r.get(5)?,
-                })
-            })
+            .query_map(params![pipeline, last as i64], run_record)
             .and_then(|rows| rows.collect())
             .map_err(db_error(&self.path))?;
         Ok(rows)

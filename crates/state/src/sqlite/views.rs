@@ -2,7 +2,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{db_error, SqliteState, PIPELINE_ID, WRITE};
+use super::{db_error, run_record, SqliteState, PIPELINE_ID, WRITE};
 use crate::{HeldLock, LockHolder, RejectLog, RejectRow, RunRecord, StateError, Views};
 use crate::{KEPT_REJECTS, LOCK_STALE_AFTER};
 
@@ -113,16 +113,7 @@ impl Views for SqliteState {
         let rows = stmt
             .query_map(
                 params![pipeline, before.unwrap_or(i64::MAX), limit as i64],
-                |r| {
-                    Ok(RunRecord {
-                        pipeline: r.get(0)?,
-                        run: r.get(1)?,
-                        started_at: r.get(2)?,
-                        finished_at: r.get(3)?,
-                        status: r.get(4)?,
-                        report: r.get(5)?,
-                    })
-                },
+                run_record,
             )
             .and_then(|rows| rows.collect())
             .map_err(map)?;
