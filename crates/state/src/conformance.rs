@@ -476,6 +476,10 @@ fn runs_a_page_at_a_time(store: &mut dyn StateStore) -> Result<(), String> {
             .finish_run(PIPELINE, run, "synced", "{}", None, false)
             .map_err(err)?;
     }
+    ensure!(
+        store.pipelines().map_err(err)? == [PIPELINE],
+        "the pipelines are listed by name"
+    );
     let numbers = |runs: Vec<crate::RunRecord>| runs.iter().map(|r| r.run).collect::<Vec<_>>();
     let first = numbers(store.run_page(PIPELINE, None, 2).map_err(err)?);
     ensure!(first == [5, 4], "the newest runs first: {first:?}");

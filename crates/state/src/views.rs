@@ -64,6 +64,11 @@ pub struct HeldLock {
 
 /// Runs and locks as a reader pages through them.
 pub trait Views: Send {
+    /// The pipelines the state knows, by name: what [`crate::RunLog::summaries`] lists,
+    /// without counting each one's people (a reader of a page wants no work that grows
+    /// with them).
+    fn pipelines(&mut self) -> Result<Vec<String>, StateError>;
+
     /// Runs of `pipeline`, newest first, numbered below `before` (all when `None`), at
     /// most `limit`.
     fn run_page(

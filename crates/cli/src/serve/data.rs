@@ -162,8 +162,7 @@ pub fn overview(
 ) -> Result<Vec<PipelineOverview>, StateError> {
     let locks = state.held_locks()?;
     let mut rows = Vec::new();
-    for summary in state.summaries()? {
-        let name = summary.pipeline;
+    for name in state.pipelines()? {
         let held: Vec<LockView> = locks
             .iter()
             .filter(|l| l.holder.pipeline == name)
@@ -241,7 +240,7 @@ pub fn pipeline_page(
     pipeline: &str,
     before: Option<i64>,
 ) -> Result<Option<PipelinePage>, StateError> {
-    if !state.summaries()?.iter().any(|s| s.pipeline == pipeline) {
+    if !state.pipelines()?.iter().any(|p| p == pipeline) {
         return Ok(None);
     }
     let running = state
@@ -430,8 +429,7 @@ fn field_changes(fields: &str) -> Vec<FieldChange> {
 /// The numbers `/metrics` answers: each pipeline's last finished run.
 pub fn metrics(state: &mut dyn StateStore) -> Result<Vec<crate::metrics::RunNumbers>, StateError> {
     let mut numbers = Vec::new();
-    for summary in state.summaries()? {
-        let name = summary.pipeline;
+    for name in state.pipelines()? {
         let recent: Vec<RunSummary> = state
             .run_page(&name, None, CHART_RUNS)?
             .iter()

@@ -83,6 +83,15 @@ impl RejectLog for PostgresState {
 }
 
 impl Views for PostgresState {
+    fn pipelines(&mut self) -> Result<Vec<String>, StateError> {
+        self.call(|c| {
+            Ok(c.query("SELECT name FROM pipelines ORDER BY name", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        })
+    }
+
     fn run_page(
         &mut self,
         pipeline: &str,

@@ -96,6 +96,19 @@ impl RejectLog for SqliteState {
 }
 
 impl Views for SqliteState {
+    fn pipelines(&mut self) -> Result<Vec<String>, StateError> {
+        let map = db_error(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM pipelines ORDER BY name")
+            .map_err(map)?;
+        let names = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(map)?;
+        Ok(names)
+    }
+
     fn run_page(
         &mut self,
         pipeline: &str,
