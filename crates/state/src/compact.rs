@@ -72,8 +72,13 @@ pub(crate) fn email_hash(
 
 /// The hash [`email_hash`] gives `email`, as a search computes it.
 pub(crate) fn email_lookup_hash(email: &str) -> Option<u64> {
-    let normalized = Contact::normalize_email(email)?.to_lowercase();
-    Some(ContactKey::Email(normalized).hash64())
+    let normalized = Contact::normalized_email(email)?;
+    // Every row of a first sync passes here: no copy unless the address has capitals.
+    Some(if normalized.chars().any(char::is_uppercase) {
+        ContactKey::email_hash(&normalized.to_lowercase())
+    } else {
+        ContactKey::email_hash(&normalized)
+    })
 }
 
 /// The email as stored beside `record`: `None` when it is the record's.
