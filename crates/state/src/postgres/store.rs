@@ -709,6 +709,14 @@ impl AuditLog for PostgresState {
     fn history(&mut self, who: &str) -> Result<Vec<AuditEntry>, StateError> {
         let who = who.trim().to_string();
         let email = Contact::normalize_email(&who).unwrap_or_default();
+        // The key hashes WHO may be: the synced rows' primary key finds them.
+        let mut hashes: Vec<i64> = vec![
+            to_sql(ContactKey::external_id_hash(&who)),
+            to_sql(ContactKey::email_hash(&email)),
+        ];
+        if let Ok(key) = who.parse::<ContactKey>() {
+            hashes.push(to_sql(key.hash64()));
+        }
         let (rows, created): (Vec<StoredAudit>, Vec<StoredCreated>) = self.call(move |c| {
             let stored = c
                 .query(
@@ -726,10 +734,13 @@ impl AuditLog for PostgresState {
             let created = c
                 .query(
                     &format!(
-                        "{CREATED_ROWS} AND (s.key = $1 OR s.key = 'external_id:' || $1
-                               OR s.key = 'email:' || $2 OR lower(s.email) = lower($2))"
+                        "{CREATED_ROWS} AND ((s.pipeline, s.key_hash) IN
+                               (SELECT p.name, h FROM pipelines p, unnest($3::BIGINT[]) AS h)
+                             OR lower(s.email) = lower($2))
+                           AND (s.key = $1 OR s.key = 'external_id:' || $1
+                             OR s.key = 'email:' || $2 OR lower(s.email) = lower($2))"
                     ),
-                    &[&who, &email],
+                    &[&who, &email, &hashes],
                 )?
                 .iter()
                 .map(created_columns)
