@@ -344,26 +344,22 @@ async fn http_checks(served: &Served, token: Option<&str>) {
         csp.contains("default-src 'none'") && !csp.contains("script-src"),
         "{csp}"
     );
-    let json = |text: String| -> serde_json::Value { serde_json::from_str(&text).expect("json") };
-    let overview = json(
-        authorised(get("/api/overview"))
-            .send()
-            .await
-            .expect("api")
-            .text()
-            .await
-            .expect("body"),
-    );
+    let json = |path: &'static str| {
+        let request = authorised(get(path));
+        async move {
+            let text = request
+                .send()
+                .await
+                .expect("api")
+                .text()
+                .await
+                .expect("body");
+            serde_json::from_str::<serde_json::Value>(&text).expect("json")
+        }
+    };
+    let overview = json("/api/overview").await;
     assert_eq!(overview["pipelines"].as_array().map(Vec::len), Some(3));
-    let run = json(
-        authorised(get("/api/pipelines/bad-%3Eother/runs/1"))
-            .send()
-            .await
-            .expect("api")
-            .text()
-            .await
-            .expect("body"),
-    );
+    let run = json("/api/pipelines/bad-%3Eother/runs/1").await;
     assert_eq!(run["rejects"][0]["origin"], "bad.csv:3");
     assert_eq!(run["report"]["rejected"], 1);
     let csv = authorised(get("/pipelines/bad-%3Eother/runs/1/rejects.csv"))

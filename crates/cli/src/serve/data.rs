@@ -430,14 +430,12 @@ fn field_changes(fields: &str) -> Vec<FieldChange> {
 pub fn metrics(state: &mut dyn StateStore) -> Result<Vec<crate::metrics::RunNumbers>, StateError> {
     let mut numbers = Vec::new();
     for name in state.pipelines()? {
-        let recent: Vec<RunSummary> = state
-            .run_page(&name, None, CHART_RUNS)?
+        let records = state.run_page(&name, None, CHART_RUNS)?;
+        let recent: Vec<RunSummary> = records.iter().map(|r| RunSummary::of(r, false)).collect();
+        let Some((last, record)) = recent
             .iter()
-            .map(|r| RunSummary::of(r, false))
-            .collect();
-        let Some(last) = recent
-            .iter()
-            .find(|r| r.finished_at.is_some() && !r.dry_run)
+            .zip(&records)
+            .find(|(r, _)| r.finished_at.is_some() && !r.dry_run)
         else {
             continue;
         };
@@ -446,15 +444,12 @@ pub fn metrics(state: &mut dyn StateStore) -> Result<Vec<crate::metrics::RunNumb
                 .map(|t| t.timestamp() as f64)
                 .ok()
         };
-        let last_success = last_success(state, &name, &recent)?;
-        let record = state
-            .run_page(&name, Some(last.run + 1), 1)?
-            .into_iter()
-            .next();
         let report: serde_json::Value = record
-            .and_then(|r| r.report)
-            .and_then(|t| serde_json::from_str(&t).ok())
+            .report
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
             .unwrap_or_default();
+        let last_success = last_success(state, &name, &recent)?;
         numbers.push(crate::metrics::RunNumbers::of_stored(
             &name,
             &last.status,

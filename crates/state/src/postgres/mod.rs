@@ -792,6 +792,32 @@ fn named_holder(c: &mut Client, name: &str) -> Result<Option<LockHolder>, postgr
     }))
 }
 
+/// A run as `SELECT pipeline, run, started_at, finished_at, status, report FROM runs`
+/// returns it.
+fn run_record(r: &postgres::Row) -> RunRecord {
+    RunRecord {
+        pipeline: r.get(0),
+        run: r.get(1),
+        started_at: r.get(2),
+        finished_at: r.get(3),
+        status: r.get(4),
+        report: r.get(5),
+    }
+}
+
+/// A reject as `SELECT … stage, origin, key, email, field, reason FROM rejects`
+/// returns it, its columns from `first` on.
+fn reject_row(r: &postgres::Row, first: usize) -> crate::RejectRow {
+    crate::RejectRow {
+        stage: r.get(first),
+        origin: r.get(first + 1),
+        key: r.get(first + 2),
+        email: r.get(first + 3),
+        field: r.get(first + 4),
+        reason: r.get(first + 5),
+    }
+}
+
 /// An audit row's columns, as `SELECT {AUDIT_COLUMNS}` returns them.
 fn audit_columns(r: &postgres::Row) -> StoredAudit {
     (

@@ -210,14 +210,7 @@ impl RunLog for PostgresState {
                 &[&pipeline, &(last as i64)],
             )?
             .iter()
-            .map(|r| RunRecord {
-                pipeline: r.get(0),
-                run: r.get(1),
-                started_at: r.get(2),
-                finished_at: r.get(3),
-                status: r.get(4),
-                report: r.get(5),
-            })
+            .map(run_record)
             .collect())
         })
     }

@@ -108,14 +108,7 @@ impl StateTransfer for PostgresState {
                 pipeline: r.get(0),
                 run: r.get(1),
                 at: r.get(2),
-                row: crate::RejectRow {
-                    stage: r.get(3),
-                    origin: r.get(4),
-                    key: r.get(5),
-                    email: r.get(6),
-                    field: r.get(7),
-                    reason: r.get(8),
-                },
+                row: reject_row(r, 3),
             })
             .collect())
         })?;

@@ -1,6 +1,6 @@
 //! The PostgreSQL backend's [`RejectLog`] and [`Views`].
 
-use super::{lock_key, PostgresState};
+use super::{lock_key, reject_row, run_record, PostgresState};
 use crate::KEPT_REJECTS;
 use crate::{HeldLock, LockHolder, RejectLog, RejectRow, RunRecord, StateError, Views};
 
@@ -69,14 +69,7 @@ impl RejectLog for PostgresState {
                 &[&pipeline, &run, &(offset as i64), &(limit as i64)],
             )?
             .iter()
-            .map(|r| RejectRow {
-                stage: r.get(0),
-                origin: r.get(1),
-                key: r.get(2),
-                email: r.get(3),
-                field: r.get(4),
-                reason: r.get(5),
-            })
+            .map(|r| reject_row(r, 0))
             .collect())
         })
     }
@@ -107,14 +100,7 @@ impl Views for PostgresState {
                 &[&pipeline, &before, &(limit as i64)],
             )?
             .iter()
-            .map(|r| RunRecord {
-                pipeline: r.get(0),
-                run: r.get(1),
-                started_at: r.get(2),
-                finished_at: r.get(3),
-                status: r.get(4),
-                report: r.get(5),
-            })
+            .map(run_record)
             .collect())
         })
     }

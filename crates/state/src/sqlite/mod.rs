@@ -642,6 +642,19 @@ fn run_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     })
 }
 
+/// A reject as `SELECT … stage, origin, key, email, field, reason FROM rejects`
+/// returns it, its columns from `first` on.
+fn reject_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<crate::RejectRow> {
+    Ok(crate::RejectRow {
+        stage: r.get(first)?,
+        origin: r.get(first + 1)?,
+        key: r.get(first + 2)?,
+        email: r.get(first + 3)?,
+        field: r.get(first + 4)?,
+        reason: r.get(first + 5)?,
+    })
+}
+
 /// Adds the integer `column` to `table` unless it has it.
 fn add_column(tx: &rusqlite::Transaction<'_>, table: &str, column: &str) -> rusqlite::Result<()> {
     let has: bool = tx.query_row(

@@ -696,14 +696,7 @@ impl StateTransfer for SqliteState {
                     pipeline: r.get(0).map_err(map)?,
                     run: r.get(1).map_err(map)?,
                     at: r.get(2).map_err(map)?,
-                    row: crate::RejectRow {
-                        stage: r.get(3).map_err(map)?,
-                        origin: r.get(4).map_err(map)?,
-                        key: r.get(5).map_err(map)?,
-                        email: r.get(6).map_err(map)?,
-                        field: r.get(7).map_err(map)?,
-                        reason: r.get(8).map_err(map)?,
-                    },
+                    row: reject_row(r, 3).map_err(map)?,
                 })?;
             }
         }

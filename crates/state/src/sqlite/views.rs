@@ -2,7 +2,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{db_error, run_record, SqliteState, PIPELINE_ID, WRITE};
+use super::{db_error, reject_row, run_record, SqliteState, PIPELINE_ID, WRITE};
 use crate::{HeldLock, LockHolder, RejectLog, RejectRow, RunRecord, StateError, Views};
 use crate::{KEPT_REJECTS, LOCK_STALE_AFTER};
 
@@ -80,14 +80,7 @@ impl RejectLog for SqliteState {
             .map_err(map)?;
         let rows = stmt
             .query_map(params![pipeline, run, offset as i64, limit as i64], |r| {
-                Ok(RejectRow {
-                    stage: r.get(0)?,
-                    origin: r.get(1)?,
-                    key: r.get(2)?,
-                    email: r.get(3)?,
-                    field: r.get(4)?,
-                    reason: r.get(5)?,
-                })
+                reject_row(r, 0)
             })
             .and_then(|rows| rows.collect())
             .map_err(map)?;
