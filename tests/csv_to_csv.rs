@@ -165,6 +165,42 @@ fn bad_rows_are_rejected_with_file_line_and_field_and_the_run_goes_on() {
     assert_eq!(read_rows(&s.path("out.csv")).len(), 2);
 }
 
+/// A nightly settles the rows it finds as the state holds them by their hashes alone
+/// (no record built), and they are still seen: a second row of a person, identical to
+/// what was synced, is rejected as a duplicate with its line, and the person is kept.
+#[test]
+fn a_nightly_rejects_a_repeated_unchanged_row_and_keeps_its_person() {
+    let s = scenario(5);
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(0);
+    assert_eq!(counts(&report), [5, 5, 0, 0, 0, 0]);
+    let mut rows: Vec<String> = people_csv(5, |_| "Ann".into())
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // Line 4 repeats line 3 (E2) as it was synced; E4's row changes; E3's row reads as
+    // before through padding and a domain in capitals.
+    rows.insert(3, rows[2].clone());
+    rows[4] = " E3 , person3@EXAMPLE.com ,Ann,Last3,Dept0".to_string();
+    rows[5] = rows[5].replace("Ann", "Bea");
+    s.write("people.csv", &(rows.join("\n") + "\n"));
+    let (run, report) = s.sync("hr", "out", &[]);
+    run.expect_code(3);
+    assert_eq!(counts(&report), [6, 0, 1, 0, 4, 1]);
+    let rejects = s.rejects();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(rejects[0].get(2), Some("4"));
+    assert_eq!(rejects[0].get(5), Some("external_id"));
+    assert!(
+        rejects[0]
+            .get(6)
+            .unwrap()
+            .contains("duplicate key external_id:E2"),
+        "{rejects:?}"
+    );
+    assert_eq!(read_rows(&s.path("out.csv")).len(), 5);
+}
+
 #[test]
 fn config_errors_name_the_key_and_exit_2() {
     let s = scenario(1);

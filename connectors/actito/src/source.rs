@@ -228,10 +228,12 @@ impl RecordStream for ProfileStream {
                     index,
                 };
                 return Ok(Some(match self.schema.contact_from(&profile) {
-                    Ok((_, contact)) => SourceItem::Record(SourceRecord::new(contact, origin)),
-                    Err(reason) => SourceItem::Rejected(
+                    Ok((_, contact)) => {
+                        SourceItem::Record(Box::new(SourceRecord::new(contact, origin)))
+                    }
+                    Err(reason) => SourceItem::Rejected(Box::new(
                         RecordError::new(origin, reason).with_raw(profile.to_string()),
-                    ),
+                    )),
                 }));
             }
             if self.finished {

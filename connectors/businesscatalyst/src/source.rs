@@ -274,12 +274,12 @@ impl RetrieveStream {
         }
         let deleted = record.deleted;
         match to_contact(&record, &self.config) {
-            Ok(contact) => SourceItem::Record(SourceRecord {
+            Ok(contact) => SourceItem::Record(Box::new(SourceRecord {
                 contact,
                 origin,
                 deleted,
-            }),
-            Err(e) => SourceItem::Rejected(e.into_record_error(origin)),
+            })),
+            Err(e) => SourceItem::Rejected(Box::new(e.into_record_error(origin))),
         }
     }
 }

@@ -21,8 +21,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 
 use contactsync_core::{
-    async_trait, ConnectorError, Contact, Field, KeyRule, Origin, ReadMode, ReadOutcome,
-    RecordError, RecordStream, Source, SourceItem, SourceRecord,
+    async_trait, ConnectorError, Contact, ContactText, Field, KeyRule, Origin, ReadMode,
+    ReadOutcome, RecordError, RecordStream, Source, SourceItem, SourceRecord, Unchanged,
+    UnchangedRow,
 };
 use tokio::sync::mpsc;
 
@@ -64,8 +65,29 @@ impl Source for CsvSource {
 
     /// Every row; an incremental read is a full read (`complete: true`, no cursor).
     async fn read(&self, _mode: ReadMode) -> Result<Box<dyn RecordStream>, ConnectorError> {
+        self.read_rows(None).await
+    }
+
+    /// Every row, each one the state holds unchanged as an [`UnchangedRow`]: its fields
+    /// hashed as borrowed text ([`ContactText`]) on the parsing thread, no `Contact`
+    /// built.
+    async fn read_skipping_unchanged(
+        &self,
+        _mode: ReadMode,
+        unchanged: Unchanged,
+    ) -> Result<Box<dyn RecordStream>, ConnectorError> {
+        self.read_rows(Some(unchanged)).await
+    }
+}
+
+impl CsvSource {
+    async fn read_rows(
+        &self,
+        unchanged: Option<Unchanged>,
+    ) -> Result<Box<dyn RecordStream>, ConnectorError> {
         let format = self.config.format.clone();
         let mut rows = run_blocking(move || RowReader::open(&format)).await?;
+        rows.unchanged = unchanged;
         let (sender, receiver) = mpsc::channel(CHUNKS_AHEAD);
         let path = self.config.format.path.clone();
         std::thread::Builder::new()
@@ -128,6 +150,10 @@ pub(crate) struct RowReader {
     quote: u8,
     record: csv::ByteRecord,
     max_record_bytes: u64,
+    /// What a row is compared with to be yielded as unchanged, when the engine asked.
+    unchanged: Option<Unchanged>,
+    /// `display_name`, shared by the rows yielded as unchanged.
+    shared_name: std::sync::Arc<str>,
 }
 
 impl RowReader {
@@ -170,6 +196,8 @@ impl RowReader {
             quote: format.quote,
             record: csv::ByteRecord::new(),
             max_record_bytes: format.max_record_bytes,
+            unchanged: None,
+            shared_name: format.display_name.as_str().into(),
         })
     }
 
@@ -267,6 +295,9 @@ impl RowReader {
             }
             return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
         }
+        if let Some(row) = self.unchanged_row(line) {
+            return Ok(Some(SourceItem::Unchanged(row)));
+        }
         let mut contact = Contact::default();
         let mut failure: Option<(Field, String)> = None;
         for (i, field) in self.fields.iter().enumerate() {
@@ -285,7 +316,54 @@ impl RowReader {
             let error = RecordError::new(origin, reason).with_field(field.name());
             return Ok(Some(self.reject(error, Some(contact))));
         }
-        Ok(Some(SourceItem::Record(SourceRecord::new(contact, origin))))
+        Ok(Some(SourceItem::Record(Box::new(SourceRecord::new(
+            contact, origin,
+        )))))
+    }
+
+    /// The current row (starting on `line`) as an [`UnchangedRow`], when the engine asked
+    /// for them and the state holds the row's key with the content it reads as, and it
+    /// has a valid email or none. `None` for every other row, which is then read into a
+    /// `Contact` (and rejected there if a value is bad).
+    fn unchanged_row(&self, line: u64) -> Option<UnchangedRow> {
+        let unchanged = self.unchanged.as_ref()?;
+        // The row's bytes are checked once; a field that does not start and end on a
+        // character boundary (one invalid alone) takes the `Contact` path, which says so.
+        let row = std::str::from_utf8(self.record.as_slice()).ok()?;
+        let last = self.record.len().checked_sub(1)?;
+        let mut whole = true;
+        let text = ContactText::read(
+            self.fields
+                .iter()
+                .enumerate()
+                .filter_map(|(i, field)| Some((field.as_ref()?, i)))
+                .map_while(|(field, i)| {
+                    let value = self.record.range(i).and_then(|range| row.get(range));
+                    // As `field_value`: without the `\r` of a `\r\n` line end.
+                    let value = value.map(|v| {
+                        if i == last {
+                            v.strip_suffix('\r').unwrap_or(v)
+                        } else {
+                            v
+                        }
+                    });
+                    whole &= value.is_some();
+                    Some((field, value?))
+                }),
+        )?;
+        if !whole {
+            return None;
+        }
+        let key_hash = text.key_hash(unchanged.rule)?;
+        let known = unchanged.known.content_hash(key_hash)?;
+        if known != text.content_hash() || !text.email().is_none_or(Contact::is_valid_email) {
+            return None;
+        }
+        Some(UnchangedRow {
+            key_hash,
+            file: std::sync::Arc::clone(&self.shared_name),
+            line,
+        })
     }
 
     /// A rejection carrying the row as text (re-quoted as written) and, when the row's
@@ -297,7 +375,11 @@ impl RowReader {
             }
             error = error.with_partial(partial);
         }
-        SourceItem::Rejected(error.with_raw(raw_row(&self.record, self.delimiter, self.quote)))
+        SourceItem::Rejected(Box::new(error.with_raw(raw_row(
+            &self.record,
+            self.delimiter,
+            self.quote,
+        ))))
     }
 }
 

@@ -400,3 +400,107 @@ async fn reads_a_million_rows() {
     // Speed is `cargo xtask bench`'s to measure; this asserts every row arrives.
     assert_eq!(n, 1_000_000);
 }
+
+/// The state's content hashes for a read that skips unchanged rows.
+struct Known(std::collections::HashMap<u64, u64>);
+
+impl contactsync_core::KnownContent for Known {
+    fn content_hash(&self, key_hash: u64) -> Option<u64> {
+        self.0.get(&key_hash).copied()
+    }
+}
+
+/// A row the state holds as it reads (however it is padded or cased) comes as
+/// `Unchanged`, with its line and key hash; every other row comes as a read without
+/// skipping gives it: changed, new, keyed otherwise, or one the engine must see to
+/// reject (an invalid email, an unknown status, invalid UTF-8).
+#[tokio::test]
+async fn a_read_skipping_unchanged_rows_yields_only_the_rows_the_state_holds_as_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = "external_id,email,first_name,status,subscriptions\n";
+    let synced = [
+        ("E1", "ann@example.com", "Ann", "active", "news;offers"),
+        ("E2", "bo@example.com", "Bo", "active", ""),
+        ("E3", "cy@example.com", "Cy", "active", ""),
+        ("E4", "not-an-email", "Di", "active", ""),
+        ("E5", "ed@example.com", "Ed", "active", ""),
+        ("E6", "fay@example.com", "Fay", "active", ""),
+    ];
+    let mut known = std::collections::HashMap::new();
+    for (id, email, first, status, subscriptions) in synced {
+        let mut contact = Contact::default();
+        for (field, value) in [
+            (Field::ExternalId, id),
+            (Field::Email, email),
+            (Field::FirstName, first),
+            (Field::Status, status),
+            (Field::Subscriptions, subscriptions),
+        ] {
+            contact.set(&field, value).unwrap();
+        }
+        known.insert(
+            contact.key_hash(KeyRule::Auto).unwrap(),
+            contact.content_hash(),
+        );
+    }
+    let mut file = header.as_bytes().to_vec();
+    file.extend_from_slice(
+        b" E1 ,ann@EXAMPLE.com,Ann , ACTIVE ,offers|news;news\n\
+          E2,bo@example.com,Bob,active,\n\
+          E3,cy@example.com,Cy,active,\n\
+          E4,not-an-email,Di,active,\n\
+          E5,ed@example.com,Ed,retired,\n\
+          E7,gus@example.com,Gus,active,\n",
+    );
+    file.extend_from_slice(b"E6,fay@example.com,F\xFFy,active,\n");
+    std::fs::write(dir.path().join("p.csv"), &file).unwrap();
+    let unchanged = contactsync_core::Unchanged {
+        known: std::sync::Arc::new(Known(known)),
+        rule: KeyRule::Auto,
+    };
+    let source = source(dir.path(), "path = \"p.csv\"\n");
+    let read = contactsync_testkit::read_all_skipping_unchanged(&source, ReadMode::Full, unchanged)
+        .await
+        .unwrap();
+    let unchanged: Vec<(u64, u64)> = read
+        .unchanged
+        .iter()
+        .map(|row| (row.line, row.key_hash))
+        .collect();
+    assert_eq!(
+        unchanged,
+        [
+            (2, ContactKey::external_id_hash("E1")),
+            (4, ContactKey::external_id_hash("E3")),
+        ]
+    );
+    assert_eq!(read.unchanged[0].origin(), Origin::line("p.csv", 2));
+    let records: Vec<(u64, &str)> = read
+        .records
+        .iter()
+        .map(|r| {
+            (
+                line_of(&r.origin),
+                r.contact.external_id.as_deref().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(records, [(3, "E2"), (5, "E4"), (7, "E7")]);
+    let rejected: Vec<(u64, Option<&str>)> = read
+        .rejected
+        .iter()
+        .map(|e| (line_of(&e.origin), e.field.as_deref()))
+        .collect();
+    assert_eq!(rejected, [(6, Some("status")), (8, Some("first_name"))]);
+
+    // Keyed by email, the same rows are other people.
+    let by_email = contactsync_core::Unchanged {
+        known: std::sync::Arc::new(Known(std::collections::HashMap::new())),
+        rule: KeyRule::Email,
+    };
+    let read = contactsync_testkit::read_all_skipping_unchanged(&source, ReadMode::Full, by_email)
+        .await
+        .unwrap();
+    assert!(read.unchanged.is_empty());
+    assert_eq!(read.records.len(), 5);
+}

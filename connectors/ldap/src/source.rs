@@ -280,7 +280,7 @@ impl LdapRecordStream {
                     contact.status = ContactStatus::Inactive;
                 }
                 tracing::trace!(dn = %entry.dn, entry_uuid = ?first_value(&entry, ENTRY_UUID), "read entry");
-                SourceItem::Record(SourceRecord::new(contact, origin))
+                SourceItem::Record(Box::new(SourceRecord::new(contact, origin)))
             }
             Err((field, reason)) => {
                 let raw = format!(
@@ -288,11 +288,11 @@ impl LdapRecordStream {
                     first_value(&entry, ENTRY_UUID).unwrap_or("?"),
                     entry.attrs
                 );
-                SourceItem::Rejected(
+                SourceItem::Rejected(Box::new(
                     RecordError::new(origin, reason)
                         .with_field(field.to_string())
                         .with_raw(raw),
-                )
+                ))
             }
         }
     }

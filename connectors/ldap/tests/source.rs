@@ -327,6 +327,7 @@ async fn twenty_thousand_entries_are_read_in_pages_under_a_size_limit() {
                 last = r.contact.external_id;
             }
             contactsync_core::SourceItem::Rejected(e) => panic!("rejected: {e}"),
+            contactsync_core::SourceItem::Unchanged(row) => panic!("not asked for: {row:?}"),
         }
     }
     let outcome = stream.finish().await.unwrap();

@@ -100,13 +100,13 @@ impl SubscriberStream {
                 index: i as u64 + 1,
             };
             self.buffer.push_back(match subscriber_to_contact(element) {
-                Ok(contact) => SourceItem::Record(SourceRecord::new(contact, origin)),
+                Ok(contact) => SourceItem::Record(Box::new(SourceRecord::new(contact, origin))),
                 Err((field, reason)) => {
                     let mut e = RecordError::new(origin, reason);
                     if let Some(f) = field {
                         e = e.with_field(f);
                     }
-                    SourceItem::Rejected(e)
+                    SourceItem::Rejected(Box::new(e))
                 }
             });
         }

@@ -241,7 +241,9 @@ impl RecordStream for Users {
                     page: self.page,
                     index,
                 };
-                return Ok(Some(SourceItem::Record(SourceRecord::new(contact, origin))));
+                return Ok(Some(SourceItem::Record(Box::new(SourceRecord::new(
+                    contact, origin,
+                )))));
             }
             if self.finished {
                 return Ok(None);

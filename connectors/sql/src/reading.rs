@@ -111,12 +111,12 @@ impl Reading {
             }
         }
         let item = match fault {
-            None => SourceItem::Record(SourceRecord::new(contact, origin)),
+            None => SourceItem::Record(Box::new(SourceRecord::new(contact, origin))),
             Some((column, reason)) => {
                 let mut error = RecordError::new(origin, reason);
                 error.field = Some(column);
                 error.partial = Some(Box::new(contact));
-                SourceItem::Rejected(error)
+                SourceItem::Rejected(Box::new(error))
             }
         };
         if self.sender.send(item).await.is_err() {

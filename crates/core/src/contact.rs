@@ -388,11 +388,10 @@ impl FromStr for ContactKey {
 /// a record reshaped in place (a pipeline's `map`) allocates nothing for a value that
 /// is unchanged or fits.
 fn assign(slot: &mut Option<String>, value: &str) {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
+    let Some(trimmed) = field_text(value) else {
         *slot = None;
         return;
-    }
+    };
     match slot {
         Some(current) => {
             if current != trimmed {
@@ -569,7 +568,7 @@ impl Contact {
             Field::JobTitle => assign(&mut self.job_title, value),
             Field::Language => assign(&mut self.language, value),
             Field::Subscriptions => {
-                self.subscriptions = value.split([';', '|', ',']).filter_map(clean).collect();
+                self.subscriptions = subscription_names(value).map(str::to_string).collect();
             }
             Field::Status => self.status = value.parse()?,
             Field::UpdatedAt => {
@@ -700,51 +699,83 @@ impl Contact {
     /// sorted. `updated_at` is left out. The same person hashes the same on every
     /// machine and every version that keeps this encoding.
     pub fn content_hash(&self) -> u64 {
-        // The canonical form is laid out in one buffer and hashed at once: XXH3 of the
-        // whole is what feeding it piece by piece gives, and a nightly hashes every
-        // person read, so the streaming hasher's copies into its own buffer were a
-        // sixth of its time.
-        thread_local! {
-            static CANONICAL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        CANONICAL.with_borrow_mut(|out| {
-            out.clear();
-            self.canonical_form(out);
-            xxhash_rust::xxh3::xxh3_64(out)
-        })
+        canonical_hash(
+            [
+                self.external_id.as_deref(),
+                self.email.as_deref(),
+                self.first_name.as_deref(),
+                self.last_name.as_deref(),
+                self.display_name.as_deref(),
+                self.phone.as_deref(),
+                self.mobile.as_deref(),
+                self.company.as_deref(),
+                self.department.as_deref(),
+                self.job_title.as_deref(),
+                self.language.as_deref(),
+            ],
+            self.status,
+            self.attributes
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+            self.subscriptions.iter().map(String::as_str),
+        )
     }
+}
 
-    /// The bytes [`Contact::content_hash`] hashes, appended to `out`.
-    fn canonical_form(&self, out: &mut Vec<u8>) {
+/// The text fields of the canonical form, in its order: [`Field::CANONICAL`] up to
+/// `subscriptions`.
+pub(crate) const TEXT_FIELDS: usize = 11;
+
+/// The hash of a record's canonical form (see [`Contact::content_hash`]), from its
+/// parts: the [`TEXT_FIELDS`] text fields in order, the status, the attributes sorted
+/// by name and the subscriptions sorted, each once. The one encoding of a record's
+/// content, whether it was built as a [`Contact`] or read as text
+/// ([`ContactText`](crate::ContactText)).
+pub(crate) fn canonical_hash<'a>(
+    text: [Option<&str>; TEXT_FIELDS],
+    status: ContactStatus,
+    attributes: impl Iterator<Item = (&'a str, &'a str)>,
+    subscriptions: impl Iterator<Item = &'a str>,
+) -> u64 {
+    // The canonical form is laid out in one buffer and hashed at once: XXH3 of the
+    // whole is what feeding it piece by piece gives, and a nightly hashes every
+    // person read, so the streaming hasher's copies into its own buffer were a
+    // sixth of its time.
+    thread_local! {
+        static CANONICAL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CANONICAL.with_borrow_mut(|out| {
+        out.clear();
         let mut put = |tag: u8, v: &str| {
             out.push(tag);
             out.extend_from_slice(&(v.len() as u64).to_le_bytes());
             out.extend_from_slice(v.as_bytes());
         };
-        fn opt(v: &Option<String>) -> &str {
+        for (tag, value) in (1..).zip(text) {
             // A NUL stands for "unset", so that unset and "" (never stored) differ.
-            v.as_deref().unwrap_or("\u{0}")
+            put(tag, value.unwrap_or("\u{0}"));
         }
-        put(1, opt(&self.external_id));
-        put(2, opt(&self.email));
-        put(3, opt(&self.first_name));
-        put(4, opt(&self.last_name));
-        put(5, opt(&self.display_name));
-        put(6, opt(&self.phone));
-        put(7, opt(&self.mobile));
-        put(8, opt(&self.company));
-        put(9, opt(&self.department));
-        put(10, opt(&self.job_title));
-        put(11, opt(&self.language));
-        put(12, self.status.as_str());
-        for (name, value) in &self.attributes {
+        put(12, status.as_str());
+        for (name, value) in attributes {
             put(13, name);
             put(14, value);
         }
-        for sub in &self.subscriptions {
+        for sub in subscriptions {
             put(15, sub);
         }
-    }
+        xxhash_rust::xxh3::xxh3_64(out)
+    })
+}
+
+/// `value` as a field holds it: trimmed, `None` when blank.
+pub(crate) fn field_text(value: &str) -> Option<&str> {
+    Some(value.trim()).filter(|v| !v.is_empty())
+}
+
+/// The subscriptions a `subscriptions` value names: split on `;`, `|` or `,`, each
+/// trimmed, blanks left out (in the value's order, possibly repeated).
+pub(crate) fn subscription_names(value: &str) -> impl Iterator<Item = &str> {
+    value.split([';', '|', ',']).filter_map(field_text)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 mod binary;
 pub mod change;
 pub mod contact;
+mod contact_text;
 pub mod duration;
 pub mod error;
 pub mod job;
@@ -25,6 +26,7 @@ pub use change::{
     Change, ChangeBatch, ChangeKind, ChangePlan, Outcome, PendingBatch, PendingRecord, SyncedEntry,
 };
 pub use contact::{Contact, ContactKey, ContactStatus, Field, FieldChange, KeyRule};
+pub use contact_text::ContactText;
 pub use duration::DurationSetting;
 pub use error::{ConfigError, ConnectorError, RecordError};
 pub use job::{
@@ -43,8 +45,8 @@ pub use sink::{
     SinkIntegrity, SinkStore, SinkSummary,
 };
 pub use source::{
-    CheckFindings, ReadMode, ReadOutcome, ReadPasses, RecordStream, Source, SourceCapabilities,
-    SourceItem, SourceRecord,
+    CheckFindings, KnownContent, ReadMode, ReadOutcome, ReadPasses, RecordStream, Source,
+    SourceCapabilities, SourceItem, SourceRecord, Unchanged, UnchangedRow,
 };
 
 /// Re-exported so that connector crates register themselves without naming `inventory`

@@ -12,7 +12,9 @@
 //! key) go to a set of their own.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
+use contactsync_core::KnownContent;
 use nohash_hasher::BuildNoHashHasher;
 
 /// What the index says about a key read in this run.
@@ -26,16 +28,45 @@ pub(crate) enum Seen {
     Duplicate,
 }
 
-/// The diff's index; see the module's documentation.
+/// The state's people as the diff looks them up: immutable, so that a source may look
+/// them up too ([`KnownContent`]) while the diff marks who was seen.
 #[derive(Default)]
-pub(crate) struct ContactIndex {
+pub(crate) struct SyncedHashes {
     /// (key hash, content hash) of the state's people, sorted by key hash.
     synced: Vec<(u64, u64)>,
     /// Where each bucket of key hashes (by their top `bits`) starts in `synced`; one
     /// entry more than there are buckets.
     starts: Vec<u32>,
     bits: u32,
-    /// One bit a person of `synced`: read in this run.
+}
+
+impl SyncedHashes {
+    /// Where `key_hash` is in `synced`.
+    fn find(&self, key_hash: u64) -> Option<usize> {
+        let bucket = bucket_of(key_hash, self.bits);
+        let (from, to) = (
+            *self.starts.get(bucket)? as usize,
+            *self.starts.get(bucket + 1)? as usize,
+        );
+        let entries = self.synced.get(from..to)?;
+        entries
+            .iter()
+            .position(|(k, _)| *k == key_hash)
+            .map(|i| from + i)
+    }
+}
+
+impl KnownContent for SyncedHashes {
+    fn content_hash(&self, key_hash: u64) -> Option<u64> {
+        self.find(key_hash).map(|at| self.synced[at].1)
+    }
+}
+
+/// The diff's index; see the module's documentation.
+#[derive(Default)]
+pub(crate) struct ContactIndex {
+    hashes: Arc<SyncedHashes>,
+    /// One bit a person of the state: read in this run.
     seen: Vec<u64>,
     /// Key hashes read in this run that the state does not hold. Key hashes are already
     /// uniformly distributed: hashing them again is wasted work.
@@ -67,9 +98,11 @@ impl ContactIndex {
         starts.push(synced.len() as u32);
         let seen = vec![0u64; synced.len().div_ceil(64)];
         ContactIndex {
-            synced,
-            starts,
-            bits,
+            hashes: Arc::new(SyncedHashes {
+                synced,
+                starts,
+                bits,
+            }),
             seen,
             new: HashSet::default(),
         }
@@ -77,21 +110,12 @@ impl ContactIndex {
 
     /// How many contacts the state holds.
     pub(crate) fn population(&self) -> u64 {
-        self.synced.len() as u64
+        self.hashes.synced.len() as u64
     }
 
-    /// Where `key_hash` is in `synced`.
-    fn find(&self, key_hash: u64) -> Option<usize> {
-        let bucket = bucket_of(key_hash, self.bits);
-        let (from, to) = (
-            *self.starts.get(bucket)? as usize,
-            *self.starts.get(bucket + 1)? as usize,
-        );
-        let entries = self.synced.get(from..to)?;
-        entries
-            .iter()
-            .position(|(k, _)| *k == key_hash)
-            .map(|i| from + i)
+    /// The state's content hashes, to share with a source.
+    pub(crate) fn known(&self) -> Arc<SyncedHashes> {
+        Arc::clone(&self.hashes)
     }
 
     /// Touches where each of `key_hashes` is in the index, so that the memory loads of
@@ -99,9 +123,10 @@ impl ContactIndex {
     /// is larger than the caches, and a nightly looks every person up.
     pub(crate) fn warm(&self, key_hashes: impl Iterator<Item = u64>) {
         let mut touched = 0u64;
+        let hashes = &*self.hashes;
         for key_hash in key_hashes {
-            let start = self.starts.get(bucket_of(key_hash, self.bits));
-            if let Some((k, _)) = start.and_then(|&at| self.synced.get(at as usize)) {
+            let start = hashes.starts.get(bucket_of(key_hash, hashes.bits));
+            if let Some((k, _)) = start.and_then(|&at| hashes.synced.get(at as usize)) {
                 touched = touched.wrapping_add(*k);
             }
         }
@@ -110,14 +135,14 @@ impl ContactIndex {
 
     /// Marks `key_hash` as read in this run and says what the state knows of it.
     pub(crate) fn mark(&mut self, key_hash: u64) -> Seen {
-        match self.find(key_hash) {
+        match self.hashes.find(key_hash) {
             Some(at) => {
                 let (word, bit) = (at / 64, 1u64 << (at % 64));
                 if self.seen[word] & bit != 0 {
                     Seen::Duplicate
                 } else {
                     self.seen[word] |= bit;
-                    Seen::Synced(self.synced[at].1)
+                    Seen::Synced(self.hashes.synced[at].1)
                 }
             }
             None if self.new.insert(key_hash) => Seen::New,
@@ -127,7 +152,8 @@ impl ContactIndex {
 
     /// Key hashes in the state that this run did not read.
     pub(crate) fn unseen(&self) -> impl Iterator<Item = u64> + '_ {
-        self.synced
+        self.hashes
+            .synced
             .iter()
             .enumerate()
             .filter(|(at, _)| self.seen[at / 64] & (1u64 << (at % 64)) == 0)

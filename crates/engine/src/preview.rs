@@ -64,6 +64,8 @@ pub async fn preview(
                 continue;
             }
             SourceItem::Record(record) => record,
+            // Only a read that skips unchanged records yields these; this one does not.
+            SourceItem::Unchanged(_) => continue,
         };
         let before = record.contact.clone();
         let mut contact = record.contact;

@@ -226,6 +226,11 @@ impl FieldMapping {
         }
     }
 
+    /// Whether the mapping leaves every record as it was read.
+    pub(crate) fn is_identity(&self) -> bool {
+        self.copies.is_empty() && self.drops.is_empty()
+    }
+
     /// Applies the mapping; an error names the target field and why.
     pub(crate) fn apply(&self, contact: &mut Contact) -> Result<(), (String, String)> {
         for (target, source) in &self.copies {

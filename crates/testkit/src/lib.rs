@@ -40,7 +40,7 @@ pub use compare::{compare_contacts, Difference, FieldDifference};
 pub use error::{Check, ConformanceError};
 pub use samples::{default_round_trip_fields, sample_contacts, SAMPLE_ATTRIBUTES};
 pub use sink::SinkConformance;
-pub use source::{read_all, source_conformance, SourceRead};
+pub use source::{read_all, read_all_skipping_unchanged, source_conformance, SourceRead};
 pub use store::MemoryStore;
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! where each was read, and is the same when repeated (the engine's diff relies on it).
 
 use contactsync_core::{
-    ConnectorError, Contact, Origin, ReadMode, ReadOutcome, RecordError, Source, SourceItem,
-    SourceRecord,
+    ConnectorError, Contact, Origin, ReadMode, ReadOutcome, RecordError, RecordStream, Source,
+    SourceItem, SourceRecord, Unchanged, UnchangedRow,
 };
 
 use crate::compare::{compare_contacts, identity};
@@ -16,6 +16,9 @@ pub struct SourceRead {
     pub records: Vec<SourceRecord>,
     /// The items the source rejected, in the order read.
     pub rejected: Vec<RecordError>,
+    /// The records the source found unchanged, in the order read (only from
+    /// [`read_all_skipping_unchanged`]).
+    pub unchanged: Vec<UnchangedRow>,
     /// How the read ended.
     pub outcome: ReadOutcome,
 }
@@ -34,21 +37,34 @@ impl SourceRead {
 /// Reads `source` to the end in `mode`, as the engine does (`next` until `None`, then
 /// `finish`), and collects every item.
 pub async fn read_all(source: &dyn Source, mode: ReadMode) -> Result<SourceRead, ConnectorError> {
-    let mut stream = source.read(mode).await?;
-    let mut records = Vec::new();
-    let mut rejected = Vec::new();
+    collect(source.read(mode).await?).await
+}
+
+/// As [`read_all`], through [`Source::read_skipping_unchanged`].
+pub async fn read_all_skipping_unchanged(
+    source: &dyn Source,
+    mode: ReadMode,
+    unchanged: Unchanged,
+) -> Result<SourceRead, ConnectorError> {
+    collect(source.read_skipping_unchanged(mode, unchanged).await?).await
+}
+
+async fn collect(mut stream: Box<dyn RecordStream>) -> Result<SourceRead, ConnectorError> {
+    let mut read = SourceRead {
+        records: Vec::new(),
+        rejected: Vec::new(),
+        unchanged: Vec::new(),
+        outcome: ReadOutcome::default(),
+    };
     while let Some(item) = stream.next().await? {
         match item {
-            SourceItem::Record(record) => records.push(record),
-            SourceItem::Rejected(error) => rejected.push(error),
+            SourceItem::Record(record) => read.records.push(*record),
+            SourceItem::Rejected(error) => read.rejected.push(*error),
+            SourceItem::Unchanged(row) => read.unchanged.push(row),
         }
     }
-    let outcome = stream.finish().await?;
-    Ok(SourceRead {
-        records,
-        rejected,
-        outcome,
-    })
+    read.outcome = stream.finish().await?;
+    Ok(read)
 }
 
 /// Checks a source that holds exactly `expected` (in any order):
@@ -70,7 +86,7 @@ pub async fn read_all(source: &dyn Source, mode: ReadMode) -> Result<SourceRead,
 /// #     async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
 /// #         self.1 += 1;
 /// #         let line = self.1;
-/// #         Ok(self.0.next().map(|c| SourceItem::Record(SourceRecord::new(c, Origin::line("fixed", line)))))
+/// #         Ok(self.0.next().map(|c| SourceItem::Record(Box::new(SourceRecord::new(c, Origin::line("fixed", line))))))
 /// #     }
 /// #     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
 /// #         Ok(ReadOutcome { complete: true, cursor: None })

@@ -134,7 +134,7 @@ impl Source for MemorySource {
                 } else {
                     Origin::line("memory", i as u64 + 2)
                 };
-                SourceItem::Record(SourceRecord::new(c.clone(), origin))
+                SourceItem::Record(Box::new(SourceRecord::new(c.clone(), origin)))
             })
             .collect();
         Ok(Box::new(MemoryStream(items.into_iter(), self.complete)))

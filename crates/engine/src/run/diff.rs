@@ -75,8 +75,9 @@ impl<'r> Run<'r> {
         staged: Staged,
     ) -> Result<Option<(SourceRecord, Prepared)>, RunError> {
         match staged {
-            Staged::Ready(record, prepared) => return Ok(Some((record, prepared))),
-            Staged::Rejected(_) => {}
+            Staged::Ready(record, prepared) => return Ok(Some((*record, prepared))),
+            // Taken before the diff (see `Run::read_and_diff`).
+            Staged::Rejected(_) | Staged::Unchanged(_) => {}
             Staged::Unmapped {
                 record,
                 field,
@@ -143,20 +144,10 @@ impl<'r> Run<'r> {
         }
         let seen = diff.index.mark(key_hash);
         if seen == Seen::Duplicate {
-            let Some(key) = contact.key(rule) else {
-                self.reject_keyless(diff, origin, contact)?;
-                return Ok(None);
-            };
-            let reason = format!(
-                "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
-            );
-            self.reject(Rejection::of_record(
-                origin,
-                contact,
-                Some(&key),
-                key_field(&key),
-                reason,
-            ))?;
+            match contact.key(rule) {
+                Some(key) => self.reject_duplicate(origin, contact, &key)?,
+                None => self.reject_keyless(diff, origin, contact)?,
+            }
             return Ok(None);
         }
         if let (Some(emails), Some(email), false) =
@@ -184,6 +175,64 @@ impl<'r> Run<'r> {
             }
         }
         Ok(Some(seen))
+    }
+
+    /// Settles a record the source found as the state holds it. Its key is in the
+    /// state, so only a second record of the same key is more than seen: a duplicate,
+    /// rejected with the content it shares with the state's record.
+    pub(super) fn diff_unchanged(
+        &mut self,
+        diff: &mut Diff,
+        row: &UnchangedRow,
+    ) -> Result<(), RunError> {
+        if let Seen::Synced(_) = diff.index.mark(row.key_hash) {
+            self.report.unchanged += 1;
+            return Ok(());
+        }
+        let origin = row.origin();
+        match self
+            .state
+            .synced_many(&self.pipeline.name, &[row.key_hash])?
+            .pop()
+            .flatten()
+        {
+            Some(synced) => {
+                let contact = synced.entry.record.map(|c| *c).unwrap_or_default();
+                self.reject_duplicate(&origin, &contact, &synced.key)
+            }
+            // The state's row is gone while the run holds its lock: not expected, and
+            // still a record this read cannot send twice.
+            None => self.reject(Rejection {
+                stage: RejectStage::Source,
+                origin: &origin,
+                key: None,
+                email: None,
+                field: None,
+                reason: "duplicate key: an earlier record of this read has the same key, and the first one wins"
+                    .to_string(),
+                contact: None,
+                raw: None,
+            }),
+        }
+    }
+
+    /// Rejects a second record of `key` in one read.
+    fn reject_duplicate(
+        &mut self,
+        origin: &Origin,
+        contact: &Contact,
+        key: &ContactKey,
+    ) -> Result<(), RunError> {
+        let reason = format!(
+            "duplicate key {key}: an earlier record of this read has the same key, and the first one wins"
+        );
+        self.reject(Rejection::of_record(
+            origin,
+            contact,
+            Some(key),
+            key_field(key),
+            reason,
+        ))
     }
 
     /// The create of a person new to the sink, shaped by the pipeline's `on_create`;

@@ -23,7 +23,7 @@ use contactsync_core::{
     Change, ChangeBatch, ChangeKind, ChangePlan, ConnectorError, Contact, ContactKey, KeyRule,
     NoProgress, Origin, Outcome, ProgressReporter, ReadMode, ReadOutcome, RecordError,
     RecordStream, Sink, SinkCapabilities, SinkContext, SinkIntegrity, SinkStore, Source,
-    SourceItem, SourceRecord, SyncedEntry,
+    SourceItem, SourceRecord, SyncedEntry, Unchanged, UnchangedRow,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -574,21 +574,23 @@ impl Samples {
 /// One source item after the pipeline's field mapping and shaping.
 enum Staged {
     /// The source refused it.
-    Rejected(RecordError),
+    Rejected(Box<RecordError>),
+    /// The source found it as the state holds it (see [`Source::read_skipping_unchanged`]).
+    Unchanged(UnchangedRow),
     /// Mapped and shaped: ready to diff, with what the diff needs of it.
-    Ready(SourceRecord, Prepared),
+    Ready(Box<SourceRecord>, Prepared),
     /// The field mapping refused it.
     Unmapped {
-        record: SourceRecord,
+        record: Box<SourceRecord>,
         field: String,
         reason: String,
     },
     /// Out of the pipeline's `where`.
-    Out(Contact),
+    Out(Box<Contact>),
     /// `where` could not be decided.
     ScopeError {
         origin: Origin,
-        contact: Contact,
+        contact: Box<Contact>,
         reason: String,
     },
     /// A `map` expression failed.
@@ -603,6 +605,7 @@ impl Staged {
     fn key_hash(&self) -> Option<u64> {
         match self {
             Staged::Ready(_, prepared) => prepared.key_hash,
+            Staged::Unchanged(row) => Some(row.key_hash),
             _ => None,
         }
     }
@@ -659,6 +662,7 @@ struct Preparing {
 fn stage(how: &Preparing, item: SourceItem) -> Staged {
     let mut record = match item {
         SourceItem::Rejected(error) => return Staged::Rejected(error),
+        SourceItem::Unchanged(row) => return Staged::Unchanged(row),
         SourceItem::Record(record) => record,
     };
     if let Err((field, reason)) = how.mapping.apply(&mut record.contact) {
@@ -672,30 +676,24 @@ fn stage(how: &Preparing, item: SourceItem) -> Staged {
         let prepared = Prepared::of(&record.contact, how);
         return Staged::Ready(record, prepared);
     };
-    let SourceRecord {
-        contact,
-        origin,
-        deleted,
-    } = record;
+    // The record's box is kept for the shaped contact.
+    let contact = std::mem::take(&mut record.contact);
     match shaping.scope_and_map(contact) {
         Shaped::In(contact) => {
             let prepared = Prepared::of(&contact, how);
-            Staged::Ready(
-                SourceRecord {
-                    contact,
-                    origin,
-                    deleted,
-                },
-                prepared,
-            )
+            record.contact = contact;
+            Staged::Ready(record, prepared)
         }
-        Shaped::Out(contact) => Staged::Out(contact),
+        Shaped::Out(contact) => Staged::Out(Box::new(contact)),
         Shaped::ScopeError(contact, reason) => Staged::ScopeError {
-            origin,
-            contact,
+            origin: record.origin,
+            contact: Box::new(contact),
             reason,
         },
-        Shaped::MapError(failure) => Staged::MapError { origin, failure },
+        Shaped::MapError(failure) => Staged::MapError {
+            origin: record.origin,
+            failure,
+        },
     }
 }
 

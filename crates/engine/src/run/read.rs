@@ -95,7 +95,23 @@ impl<'r> Run<'r> {
         };
 
         self.observer.phase(Phase::Reading, None);
-        let stream = source.read(read_mode).await.map_err(RunError::Source)?;
+        // A record compared as read (no mapping, no shaping, no address book to keep)
+        // can be settled by the source's hashes alone when it did not change.
+        let skipping = diff.index.population() > 0
+            && !diff.resend_all
+            && diff.emails.is_none()
+            && diff.mapping.is_identity()
+            && self.pipeline.shaping.is_none();
+        let stream = if skipping {
+            let unchanged = Unchanged {
+                known: diff.index.known(),
+                rule: settings.key,
+            };
+            source.read_skipping_unchanged(read_mode, unchanged).await
+        } else {
+            source.read(read_mode).await
+        }
+        .map_err(RunError::Source)?;
         let mut feed = Feed::new(
             stream,
             diff.mapping.clone(),
@@ -120,6 +136,7 @@ impl<'r> Run<'r> {
             }
             match item {
                 Staged::Rejected(error) => self.source_rejected(&mut diff, &error)?,
+                Staged::Unchanged(row) => self.diff_unchanged(&mut diff, &row)?,
                 staged => self.diff_record(&mut diff, staged)?,
             }
         }

@@ -263,11 +263,11 @@ async fn a_source_reject_with_a_key_is_seen_and_one_without_holds_back_removals(
 
     // E2's row could not be mapped, but the source read its id: E2 is seen.
     let mut source = ListSource::of(&[people[0].clone(), people[2].clone(), people[3].clone()]);
-    source.items.push(SourceItem::Rejected(
+    source.items.push(SourceItem::Rejected(Box::new(
         RecordError::new(Origin::line("people.csv", 9), "bad value")
             .with_field("status")
             .with_partial(people[1].clone()),
-    ));
+    )));
     let r = f.run(&source, &mut sink).await;
     assert_eq!(r.status, RunStatus::FinishedWithRejects, "{r:?}");
     assert_eq!((r.removed, r.removals_held, r.rejected), (0, 0, 1));
@@ -276,10 +276,12 @@ async fn a_source_reject_with_a_key_is_seen_and_one_without_holds_back_removals(
     // A row whose shape cannot be trusted (no partial record): nobody is removed,
     // although E2 and E4 are missing.
     let mut source = ListSource::of(&[people[0].clone(), people[2].clone()]);
-    source.items.push(SourceItem::Rejected(RecordError::new(
-        Origin::line("people.csv", 4),
-        "the row has 2 fields, the header has 5",
-    )));
+    source
+        .items
+        .push(SourceItem::Rejected(Box::new(RecordError::new(
+            Origin::line("people.csv", 4),
+            "the row has 2 fields, the header has 5",
+        ))));
     let r = f.run(&source, &mut sink).await;
     assert_eq!(r.status, RunStatus::RemovalsHeld, "{r:?}");
     assert_eq!((r.removed, r.removals_held), (0, 2));
@@ -307,7 +309,10 @@ impl RecordStream for FailingStream {
         }
         self.2 += 1;
         Ok(self.0.next().map(|c| {
-            SourceItem::Record(SourceRecord::new(c, Origin::line("people.csv", self.2 + 1)))
+            SourceItem::Record(Box::new(SourceRecord::new(
+                c,
+                Origin::line("people.csv", self.2 + 1),
+            )))
         }))
     }
     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {

@@ -41,10 +41,10 @@ impl ListSource {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    SourceItem::Record(SourceRecord::new(
+                    SourceItem::Record(Box::new(SourceRecord::new(
                         c.clone(),
                         Origin::line("people.csv", i as u64 + 2),
-                    ))
+                    )))
                 })
                 .collect(),
             complete: true,
@@ -497,9 +497,9 @@ async fn invalid_and_duplicate_records_are_rejected_with_their_line() {
         person(3, "C"),
     ];
     let mut source = ListSource::of(&people);
-    source.items.push(SourceItem::Rejected(
+    source.items.push(SourceItem::Rejected(Box::new(
         RecordError::new(Origin::line("people.csv", 7), "wrong number of columns").with_raw("a,b"),
-    ));
+    )));
     let rejects = f.dir.path().join("rejects.csv");
     let options = RunOptions {
         rejects: Some(rejects.clone()),
@@ -632,7 +632,7 @@ async fn deleted_records_from_the_source_are_removals_even_in_incremental_reads(
     f.run(&source, &mut sink).await;
     let mut deleted = SourceRecord::new(people[0].clone(), Origin::line("x", 1));
     deleted.deleted = true;
-    source.items = vec![SourceItem::Record(deleted)];
+    source.items = vec![SourceItem::Record(Box::new(deleted))];
     let r = f.run(&source, &mut sink).await;
     assert!(
         matches!(source.reads.lock().unwrap().last(), Some(ReadMode::Incremental { cursor: Some(c) }) if c == "c1")

@@ -55,11 +55,11 @@ impl RecordStream for People {
         };
         let origin = Origin::line(file.display().to_string(), 1);
         Ok(Some(match self.folder.read(&file).await? {
-            Ok(contact) => SourceItem::Record(SourceRecord::new(contact, origin)),
+            Ok(contact) => SourceItem::Record(Box::new(SourceRecord::new(contact, origin))),
             // Reported and written to the rejects file; with no key known, the
             // engine removes nobody after this read.
             Err((raw, reason)) => {
-                SourceItem::Rejected(RecordError::new(origin, reason).with_raw(raw))
+                SourceItem::Rejected(Box::new(RecordError::new(origin, reason).with_raw(raw)))
             }
         }))
     }

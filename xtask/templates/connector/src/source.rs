@@ -66,7 +66,7 @@ impl RecordStream for People {
                     page: self.page,
                     index,
                 };
-                return Ok(Some(SourceItem::Record(SourceRecord::new(contact, origin))));
+                return Ok(Some(SourceItem::Record(Box::new(SourceRecord::new(contact, origin)))));
             }
             if self.finished {
                 return Ok(None);
