@@ -330,7 +330,6 @@ impl RowReader {
         // The row's bytes are checked once; a field that does not start and end on a
         // character boundary (one invalid alone) takes the `Contact` path, which says so.
         let row = std::str::from_utf8(self.record.as_slice()).ok()?;
-        let last = self.record.len().checked_sub(1)?;
         let mut whole = true;
         let text = ContactText::read(
             self.fields
@@ -338,15 +337,7 @@ impl RowReader {
                 .enumerate()
                 .filter_map(|(i, field)| Some((field.as_ref()?, i)))
                 .map_while(|(field, i)| {
-                    let value = self.record.range(i).and_then(|range| row.get(range));
-                    // As `field_value`: without the `\r` of a `\r\n` line end.
-                    let value = value.map(|v| {
-                        if i == last {
-                            v.strip_suffix('\r').unwrap_or(v)
-                        } else {
-                            v
-                        }
-                    });
+                    let value = field_range(&self.record, i).and_then(|range| row.get(range));
                     whole &= value.is_some();
                     Some((field, value?))
                 }),
@@ -404,12 +395,17 @@ pub(crate) enum LineEnds {
 /// Field `i` of a record read with [`LineEnds::Newline`], without the `\r` of a
 /// `\r\n` line end.
 pub(crate) fn field_value(record: &csv::ByteRecord, i: usize) -> &[u8] {
-    let value = record.get(i).unwrap_or_default();
-    if i + 1 == record.len() {
-        value.strip_suffix(b"\r").unwrap_or(value)
-    } else {
-        value
+    field_range(record, i).map_or(&[], |range| &record.as_slice()[range])
+}
+
+/// Where field `i` of a record read with [`LineEnds::Newline`] is in the record's bytes
+/// ([`csv::ByteRecord::as_slice`]), without the `\r` of a `\r\n` line end.
+fn field_range(record: &csv::ByteRecord, i: usize) -> Option<std::ops::Range<usize>> {
+    let mut range = record.range(i)?;
+    if i + 1 == record.len() && record.as_slice()[range.clone()].ends_with(b"\r") {
+        range.end -= 1;
     }
+    Some(range)
 }
 
 /// One error for the whole file when its header cannot be trusted: a column named

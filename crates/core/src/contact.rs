@@ -677,21 +677,7 @@ impl Contact {
     /// The hash of the contact's key under `rule` ([`ContactKey::hash64`] of
     /// [`Contact::key`]), without building the key; `None` when it has none.
     pub fn key_hash(&self, rule: KeyRule) -> Option<u64> {
-        let by_id = || {
-            self.external_id
-                .as_deref()
-                .map(|v| key_text_hash(ID_PREFIX, v))
-        };
-        let by_email = || {
-            self.email
-                .as_deref()
-                .map(|v| key_text_hash(EMAIL_PREFIX, v))
-        };
-        match rule {
-            KeyRule::Auto => by_id().or_else(by_email),
-            KeyRule::ExternalId => by_id(),
-            KeyRule::Email => by_email(),
-        }
+        key_hash_of(rule, self.external_id.as_deref(), self.email.as_deref())
     }
 
     /// A stable 64-bit hash of everything a sink would write, in a canonical form:
@@ -765,6 +751,22 @@ pub(crate) fn canonical_hash<'a>(
         }
         xxhash_rust::xxh3::xxh3_64(out)
     })
+}
+
+/// The hash of the key `rule` picks from a record's external id and normalised email
+/// (see [`Contact::key_hash`]).
+pub(crate) fn key_hash_of(
+    rule: KeyRule,
+    external_id: Option<&str>,
+    email: Option<&str>,
+) -> Option<u64> {
+    let by_id = || external_id.map(|v| key_text_hash(ID_PREFIX, v));
+    let by_email = || email.map(|v| key_text_hash(EMAIL_PREFIX, v));
+    match rule {
+        KeyRule::Auto => by_id().or_else(by_email),
+        KeyRule::ExternalId => by_id(),
+        KeyRule::Email => by_email(),
+    }
 }
 
 /// `value` as a field holds it: trimmed, `None` when blank.

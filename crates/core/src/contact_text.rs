@@ -10,8 +10,8 @@ use std::borrow::Cow;
 
 use smallvec::SmallVec;
 
-use crate::contact::{canonical_hash, field_text, subscription_names, TEXT_FIELDS};
-use crate::{Contact, ContactKey, ContactStatus, Field, KeyRule};
+use crate::contact::{canonical_hash, field_text, key_hash_of, subscription_names, TEXT_FIELDS};
+use crate::{Contact, ContactStatus, Field, KeyRule};
 
 /// A record's fields as borrowed text, as [`Contact::set`] would hold them: the same
 /// [`ContactText::content_hash`] and [`ContactText::key_hash`] as the `Contact` that
@@ -96,13 +96,7 @@ impl<'a> ContactText<'a> {
 
     /// [`Contact::key_hash`] of the record.
     pub fn key_hash(&self, rule: KeyRule) -> Option<u64> {
-        let by_id = || self.text[0].map(ContactKey::external_id_hash);
-        let by_email = || self.email().map(ContactKey::email_hash);
-        match rule {
-            KeyRule::Auto => by_id().or_else(by_email),
-            KeyRule::ExternalId => by_id(),
-            KeyRule::Email => by_email(),
-        }
+        key_hash_of(rule, self.text[0], self.email())
     }
 
     /// [`Contact::content_hash`] of the record.
