@@ -95,9 +95,10 @@ impl UnchangedRow {
     }
 }
 
-/// What the state holds of the people a run diffs against: a content hash by key hash
-/// ([`Contact::key_hash`] to [`Contact::content_hash`]), for a source that can skip
-/// building the records that did not change.
+/// What the state knows of the people a run diffs against: the content hash of each
+/// one's record as the source last read it, by key hash ([`Contact::key_hash`] to
+/// [`Contact::content_hash`]), for a source that can skip building the records that
+/// did not change.
 pub trait KnownContent: Send + Sync {
     /// The content hash the state holds for `key_hash`, `None` for a key it does not hold.
     fn content_hash(&self, key_hash: u64) -> Option<u64>;
@@ -217,8 +218,10 @@ pub trait Source: Send + Sync {
     /// [`Contact::key_hash`] under `unchanged.rule` is known with the same
     /// [`Contact::content_hash`], and whose email (if any) is valid, without building
     /// its `Contact` (see [`ContactText`](crate::ContactText)). Every other record comes
-    /// as [`Source::read`] gives it. The engine asks only when the pipeline compares
-    /// records as read (no mapping, no shaping). The default reads as `read` does.
+    /// as [`Source::read`] gives it. The engine asks when it knows people by their
+    /// records as read: by the state's content hashes for a pipeline that sends
+    /// records as read, by its memo of what each record as read became for one that
+    /// maps them. The default reads as `read` does.
     async fn read_skipping_unchanged(
         &self,
         mode: ReadMode,

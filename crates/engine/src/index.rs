@@ -15,6 +15,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use contactsync_core::KnownContent;
+
+use crate::state::SourceMemo;
 use nohash_hasher::BuildNoHashHasher;
 
 /// What the index says about a key read in this run.
@@ -62,12 +64,29 @@ impl KnownContent for SyncedHashes {
     }
 }
 
+/// The state's people as a pipeline that maps its records can skip them: by the
+/// content hash of each one's record as the source read it, where the pipeline's
+/// [`SourceMemo`] says what that record became and the state still holds it.
+/// The index's own array, with the source hash in place of each content hash (0 for
+/// none): the source and the diff then touch the same cache lines, as they do for a
+/// pipeline that compares records as read.
+pub(crate) struct KnownAsRead(Arc<SyncedHashes>);
+
+impl KnownContent for KnownAsRead {
+    fn content_hash(&self, key_hash: u64) -> Option<u64> {
+        self.0.content_hash(key_hash).filter(|&hash| hash != 0)
+    }
+}
+
 /// The diff's index; see the module's documentation.
 #[derive(Default)]
 pub(crate) struct ContactIndex {
     hashes: Arc<SyncedHashes>,
     /// One bit a person of the state: read in this run.
     seen: Vec<u64>,
+    /// The content hashes, at the places of `hashes`, once those hold the source
+    /// hashes instead ([`ContactIndex::known_as_read`]).
+    content: Option<Vec<u64>>,
     /// Key hashes read in this run that the state does not hold. Key hashes are already
     /// uniformly distributed: hashing them again is wasted work.
     new: HashSet<u64, BuildNoHashHasher<u64>>,
@@ -104,6 +123,7 @@ impl ContactIndex {
                 bits,
             }),
             seen,
+            content: None,
             new: HashSet::default(),
         }
     }
@@ -116,6 +136,53 @@ impl ContactIndex {
     /// The state's content hashes, to share with a source.
     pub(crate) fn known(&self) -> Arc<SyncedHashes> {
         Arc::clone(&self.hashes)
+    }
+
+    /// The state's people by the hashes of their records as read, from a pipeline's
+    /// memo, which `scan` visits in the order it was recorded (a later entry of a key
+    /// replaces an earlier one): an entry counts while the person's synced content hash
+    /// is the one whose [`tag_of`](SourceMemo::tag) is the entry's tag. The index keeps
+    /// the source hashes in its array from then on, and the content hashes beside it.
+    /// Also returns how many entries the memo holds.
+    pub(crate) fn known_as_read<E>(
+        &mut self,
+        scan: impl FnOnce(&mut dyn FnMut(SourceMemo)) -> Result<(), E>,
+        tag_of: impl Fn(u64) -> u64,
+    ) -> Result<(KnownAsRead, u64), E> {
+        let hashes = &self.hashes;
+        let content: Vec<u64> = hashes.synced.iter().map(|&(_, c)| c).collect();
+        let mut source: Vec<(u64, u64)> = hashes.synced.iter().map(|&(k, _)| (k, 0)).collect();
+        let mut entries = 0u64;
+        scan(&mut |entry| {
+            entries += 1;
+            if let Some(at) = hashes.find(entry.key_hash) {
+                source[at].1 = if tag_of(content[at]) == entry.tag {
+                    entry.source_hash
+                } else {
+                    0
+                };
+            }
+        })?;
+        let (starts, bits) = (hashes.starts.clone(), hashes.bits);
+        self.hashes = Arc::new(SyncedHashes {
+            synced: source,
+            starts,
+            bits,
+        });
+        self.content = Some(content);
+        Ok((KnownAsRead(Arc::clone(&self.hashes)), entries))
+    }
+
+    /// The memo entries that count, after [`ContactIndex::known_as_read`]: (key hash,
+    /// source hash, content hash).
+    pub(crate) fn known_entries(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let content = self.content.as_deref().unwrap_or_default();
+        self.hashes
+            .synced
+            .iter()
+            .zip(content)
+            .filter(|((_, source), _)| *source != 0)
+            .map(|(&(key, source), &content)| (key, source, content))
     }
 
     /// Touches where each of `key_hashes` is in the index, so that the memory loads of
@@ -142,7 +209,8 @@ impl ContactIndex {
                     Seen::Duplicate
                 } else {
                     self.seen[word] |= bit;
-                    Seen::Synced(self.hashes.synced[at].1)
+                    let content = self.content.as_ref().map(|content| content[at]);
+                    Seen::Synced(content.unwrap_or(self.hashes.synced[at].1))
                 }
             }
             None if self.new.insert(key_hash) => Seen::New,

@@ -20,7 +20,7 @@
 
 use contactsync_core::{ChangeKind, Contact, ContactKey, SyncedEntry};
 
-use super::{AuditEntry, LockAttempt, LockHolder, PendingRow, Settlement, StateStore};
+use super::{AuditEntry, LockAttempt, LockHolder, PendingRow, Settlement, SourceMemo, StateStore};
 
 /// Makes a new, empty store.
 pub type NewStore<'a> = dyn FnMut() -> Result<Box<dyn StateStore>, String> + 'a;
@@ -37,6 +37,8 @@ pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
     slots_run_each_pipeline_once(new_store()?.as_mut()).map_err(|e| format!("slots: {e}"))?;
     rejects_kept_with_their_run(new_store()?.as_mut()).map_err(|e| format!("rejects: {e}"))?;
     runs_a_page_at_a_time(new_store()?.as_mut()).map_err(|e| format!("run pages: {e}"))?;
+    source_memo_kept_in_order_and_reset(new_store()?.as_mut())
+        .map_err(|e| format!("source memo: {e}"))?;
     creates_kept_as_one_entry_a_run(new_store)
         .map_err(|e| format!("creates kept as one entry a run: {e}"))?;
     let mut from = new_store()?;
@@ -584,6 +586,60 @@ fn slots_run_each_pipeline_once(store: &mut dyn StateStore) -> Result<(), String
 }
 
 /// What `state copy` relies on: everything exported and imported reads back the same.
+fn source_memo_kept_in_order_and_reset(store: &mut dyn StateStore) -> Result<(), String> {
+    let memo = |key_hash: u64, source_hash: u64| SourceMemo {
+        key_hash,
+        source_hash,
+        // Hashes use all 64 bits: the top one too.
+        tag: u64::MAX - key_hash,
+    };
+    let scan = |store: &mut dyn StateStore, pipeline: &str| -> Result<Vec<SourceMemo>, String> {
+        let mut seen = Vec::new();
+        store
+            .scan_source_memo(pipeline, &mut |m| seen.push(m))
+            .map_err(err)?;
+        Ok(seen)
+    };
+    store.begin_run(PIPELINE).map_err(err)?;
+    store.begin_run("other").map_err(err)?;
+    // More than a stored row holds, so that the order across rows is checked too.
+    let first: Vec<SourceMemo> = (0..5000).map(|k| memo(k, k + 1)).collect();
+    store
+        .record_source_memo(PIPELINE, &first, false)
+        .map_err(err)?;
+    let later = [memo(2, 21), memo(1 << 63, 30)];
+    store
+        .record_source_memo(PIPELINE, &later, false)
+        .map_err(err)?;
+    store
+        .record_source_memo("other", &[memo(1, 99)], false)
+        .map_err(err)?;
+    let kept = scan(store, PIPELINE)?;
+    ensure!(
+        kept.len() == 5002 && kept[..5000] == first[..] && kept[5000..] == later,
+        "the entries come back in the order they were recorded, got {} entries",
+        kept.len()
+    );
+    store
+        .record_source_memo(PIPELINE, &[memo(7, 70)], true)
+        .map_err(err)?;
+    let kept = scan(store, PIPELINE)?;
+    ensure!(
+        kept == [memo(7, 70)],
+        "a replacing write leaves only its entries, got {kept:?}"
+    );
+    store.reset(PIPELINE).map_err(err)?;
+    ensure!(
+        scan(store, PIPELINE)?.is_empty(),
+        "reset forgets the pipeline's memo"
+    );
+    ensure!(
+        scan(store, "other")? == [memo(1, 99)],
+        "each pipeline keeps its own memo, and reset keeps another's"
+    );
+    Ok(())
+}
+
 fn export_then_import(from: &mut dyn StateStore, to: &mut dyn StateStore) -> Result<(), String> {
     let (run, _) = from.begin_run(PIPELINE).map_err(err)?;
     let (ann, ann_record) = person("E1");

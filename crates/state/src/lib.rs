@@ -120,6 +120,60 @@ pub struct SyncedRow {
     pub entry: SyncedEntry,
 }
 
+/// What one source row became in a pipeline that maps its records: a memo, so that a
+/// nightly can tell an unchanged row by the source's hash alone, as a pipeline that
+/// sends records as read does by the state's content hash.
+///
+/// The memo claims nothing about the sink, so it is written apart from `synced` and
+/// `pending`, with no crash safety of its own: an entry counts only while the synced
+/// content hash of its key is the one its `tag` names (the engine folds the mapping's
+/// configuration into the tag). An entry gone stale (the person's update failed, the
+/// mapping changed, the person was removed) is ignored, and the row is read in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceMemo {
+    /// The person's key hash, the same before and after the mapping.
+    pub key_hash: u64,
+    /// [`Contact::content_hash`] of the record as the source read it.
+    pub source_hash: u64,
+    /// What the record became: the engine's fold of the mapped content hash and the
+    /// mapping's configuration.
+    pub tag: u64,
+}
+
+impl SourceMemo {
+    /// Bytes an entry takes packed.
+    const PACKED: usize = 24;
+
+    /// Entries packed in one stored row.
+    pub(crate) const A_ROW: usize = 4096;
+
+    /// `entries` as stored: each one's three hashes, little-endian.
+    pub(crate) fn pack(entries: &[SourceMemo]) -> Vec<u8> {
+        let mut packed = Vec::with_capacity(entries.len() * Self::PACKED);
+        for e in entries {
+            for hash in [e.key_hash, e.source_hash, e.tag] {
+                packed.extend_from_slice(&hash.to_le_bytes());
+            }
+        }
+        packed
+    }
+
+    /// The entries of a stored row. A row cut short loses only its last entry: the
+    /// memo is a cache, and a row read in full again on the next night costs nothing.
+    pub(crate) fn unpack(packed: &[u8]) -> impl Iterator<Item = SourceMemo> + '_ {
+        let hash = |bytes: &[u8]| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(bytes);
+            u64::from_le_bytes(word)
+        };
+        packed.chunks_exact(Self::PACKED).map(move |e| SourceMemo {
+            key_hash: hash(&e[..8]),
+            source_hash: hash(&e[8..16]),
+            tag: hash(&e[16..]),
+        })
+    }
+}
+
 /// A change recorded as sent, before the sink confirmed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRow {
@@ -506,6 +560,26 @@ pub trait SyncedIndex: Send {
             .map(|&key_hash| self.synced(pipeline, key_hash))
             .collect()
     }
+
+    /// Calls `visit` with every entry of the pipeline's [`SourceMemo`], in the order
+    /// they were recorded: a later entry of a key replaces an earlier one.
+    fn scan_source_memo(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(SourceMemo),
+    ) -> Result<(), StateError>;
+
+    /// Appends these entries to the pipeline's [`SourceMemo`]; with `replace`, they
+    /// are the whole memo from then on (one transaction). The entries are kept packed,
+    /// [`SourceMemo::pack`]ed a few thousand a row: a nightly's entries are a few rows
+    /// appended, not a row each scattered over the table, and a million are read back
+    /// in a few hundredths of a second.
+    fn record_source_memo(
+        &mut self,
+        pipeline: &str,
+        entries: &[SourceMemo],
+        replace: bool,
+    ) -> Result<(), StateError>;
 
     /// Before a run applies its changes: records drawn evenly across the ones it will
     /// store, for a backend that compresses records to learn their shape from (the first

@@ -23,6 +23,13 @@ impl<'r> Run<'r> {
         let Some(seen) = self.screen(diff, &origin, &contact, deleted, &prepared, key_hash)? else {
             return Ok(());
         };
+        if let (Some(memo), Some(source_hash), false) =
+            (diff.memo.as_mut(), prepared.source_hash, deleted)
+        {
+            if memo.keep(key_hash, source_hash, prepared.content_hash) {
+                self.write_memo(memo)?;
+            }
+        }
         // Most people read are unchanged: they are settled by their hashes alone, and
         // their key is never built.
         if let (Seen::Synced(synced_hash), false, false) = (seen, deleted, diff.resend_all) {

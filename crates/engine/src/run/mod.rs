@@ -42,6 +42,7 @@ use crate::state::{
 
 mod apply;
 mod diff;
+mod memo;
 mod read;
 
 /// A pipeline to run: a source, a sink, and how they sync.
@@ -90,6 +91,35 @@ impl Pipeline {
     /// sets, which are never compared.
     fn diff_hash(&self, contact: &Contact) -> u64 {
         diff_hash(self.shaping.as_deref(), contact)
+    }
+
+    /// A hash of everything that decides what a record as read becomes in this
+    /// pipeline: the field mapping, `map`, `on_create`, `where` and what happens out of
+    /// it, the key rule, and the lookup tables. The templates are pure (no clock, file
+    /// or environment: see [`crate::shaping`]), so a record as read and this
+    /// fingerprint decide the record sent ([`crate::state::SourceMemo`]).
+    fn mapping_fingerprint(&self) -> u64 {
+        let s = &self.settings;
+        let lookups: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> = self
+            .shaping
+            .as_deref()
+            .map(|shaping| {
+                shaping
+                    .lookups()
+                    .iter()
+                    .map(|(name, table)| (name, table.iter().collect()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let settings = (
+            (&s.fields, &s.drop, &s.map, &s.on_create),
+            (&s.scope, &s.out_of_scope, &s.key),
+            lookups,
+        );
+        // Serialising maps and strings cannot fail; were it to, every fingerprint
+        // would be the same empty one and the memo would still be checked per person.
+        let bytes = serde_json::to_vec(&settings).unwrap_or_default();
+        xxhash_rust::xxh3::xxh3_64(&bytes)
     }
 
     /// The identity in the state of the pipeline from `from` to `to`: `from->to`.
@@ -293,6 +323,8 @@ struct Diff {
     /// needs (see [`Run::wait`]); `lookups` counts those.
     waiting: Vec<(Change, Option<u64>)>,
     lookups: usize,
+    /// The memo entries to write, in a pipeline that maps its records.
+    memo: Option<memo::MemoWriter>,
 }
 
 /// State rows a diff fetches at once: one round trip per changed person was most of a
@@ -622,6 +654,10 @@ struct Prepared {
     content_hash: u64,
     /// The email is valid, or there is none.
     email_valid: bool,
+    /// The content hash of the record as the source read it, for the pipeline's
+    /// [`SourceMemo`](crate::state::SourceMemo): when it keeps one, and the mapping
+    /// left the key's hash as it was.
+    source_hash: Option<u64>,
 }
 
 impl Prepared {
@@ -634,6 +670,7 @@ impl Prepared {
                 0
             },
             email_valid: contact.email.as_deref().is_none_or(Contact::is_valid_email),
+            source_hash: None,
         }
     }
 }
@@ -653,8 +690,12 @@ struct Preparing {
     mapping: FieldMapping,
     shaping: Option<std::sync::Arc<RecordShaping>>,
     rule: KeyRule,
-    /// Whether records are compared by content: not when the state holds nobody.
+    /// Whether records are compared by content: not when the state holds nobody, unless
+    /// the memo needs their hashes.
     hash_content: bool,
+    /// Whether the pipeline keeps a [`SourceMemo`](crate::state::SourceMemo): each
+    /// record's hash as read is taken before it is mapped.
+    hash_source: bool,
 }
 
 /// Maps and shapes one item. The scope is decided on the record as read: who is in at
@@ -665,6 +706,19 @@ fn stage(how: &Preparing, item: SourceItem) -> Staged {
         SourceItem::Unchanged(row) => return Staged::Unchanged(row),
         SourceItem::Record(record) => record,
     };
+    let as_read = how.hash_source.then(|| {
+        (
+            record.contact.key_hash(how.rule),
+            record.contact.content_hash(),
+        )
+    });
+    let prepared = |contact: &Contact| {
+        let mut prepared = Prepared::of(contact, how);
+        prepared.source_hash = as_read
+            .filter(|(key_hash, _)| key_hash.is_some() && *key_hash == prepared.key_hash)
+            .map(|(_, content_hash)| content_hash);
+        prepared
+    };
     if let Err((field, reason)) = how.mapping.apply(&mut record.contact) {
         return Staged::Unmapped {
             record,
@@ -673,14 +727,14 @@ fn stage(how: &Preparing, item: SourceItem) -> Staged {
         };
     }
     let Some(shaping) = how.shaping.as_deref() else {
-        let prepared = Prepared::of(&record.contact, how);
+        let prepared = prepared(&record.contact);
         return Staged::Ready(record, prepared);
     };
     // The record's box is kept for the shaped contact.
     let contact = std::mem::take(&mut record.contact);
     match shaping.scope_and_map(contact) {
         Shaped::In(contact) => {
-            let prepared = Prepared::of(&contact, how);
+            let prepared = prepared(&contact);
             record.contact = contact;
             Staged::Ready(record, prepared)
         }
@@ -718,19 +772,7 @@ struct Feed {
 type Batch<T> = Result<Vec<T>, ConnectorError>;
 
 impl Feed {
-    fn new(
-        stream: Box<dyn RecordStream>,
-        mapping: FieldMapping,
-        shaping: Option<std::sync::Arc<RecordShaping>>,
-        rule: KeyRule,
-        hash_content: bool,
-    ) -> Feed {
-        let how = Preparing {
-            mapping,
-            shaping,
-            rule,
-            hash_content,
-        };
+    fn new(stream: Box<dyn RecordStream>, how: Preparing) -> Feed {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         let mut inputs = Vec::with_capacity(workers);
         let mut staged = Vec::with_capacity(workers);

@@ -1,6 +1,8 @@
 //! Steps 1 and 2 of a run: recover what an interrupted run left pending, then read the source and diff it against the state.
 
+use super::memo::MemoWriter;
 use super::*;
+use contactsync_core::KnownContent;
 
 impl<'r> Run<'r> {
     /// Step 1: settles batches an interrupted run left pending.
@@ -92,34 +94,48 @@ impl<'r> Run<'r> {
             resend_all,
             waiting: Vec::new(),
             lookups: 0,
+            memo: None,
         };
 
         self.observer.phase(Phase::Reading, None);
-        // A record compared as read (no mapping, no shaping, no address book to keep)
-        // can be settled by the source's hashes alone when it did not change.
-        let skipping = diff.index.population() > 0
-            && !diff.resend_all
-            && diff.emails.is_none()
-            && diff.mapping.is_identity()
-            && self.pipeline.shaping.is_none();
-        let stream = if skipping {
-            let unchanged = Unchanged {
-                known: diff.index.known(),
-                rule: settings.key,
-            };
-            source.read_skipping_unchanged(read_mode, unchanged).await
+        // A record unchanged since it was sent can be settled by the source's hashes
+        // alone, without building it: compared as read (no mapping, no shaping) by the
+        // state's content hashes, and in a pipeline that maps by its memo of what each
+        // record as read became. Not with an address book to keep, which needs every
+        // record's address.
+        let as_read = diff.mapping.is_identity() && self.pipeline.shaping.is_none();
+        let memo_kept = !as_read && diff.emails.is_none();
+        let fingerprint = self.pipeline.mapping_fingerprint();
+        diff.memo = (memo_kept && !self.options.dry_run)
+            .then(|| MemoWriter::new(fingerprint, diff.index.population()));
+        let compared = diff.index.population() > 0 && !diff.resend_all && diff.emails.is_none();
+        let known: Option<std::sync::Arc<dyn KnownContent>> = if !compared {
+            None
+        } else if as_read {
+            Some(diff.index.known())
         } else {
-            source.read(read_mode).await
+            Some(self.known_as_read(&mut diff.index, fingerprint, diff.memo.as_mut())?)
+        };
+        let stream = match known {
+            Some(known) => {
+                let unchanged = Unchanged {
+                    known,
+                    rule: settings.key,
+                };
+                source.read_skipping_unchanged(read_mode, unchanged).await
+            }
+            None => source.read(read_mode).await,
         }
         .map_err(RunError::Source)?;
-        let mut feed = Feed::new(
-            stream,
-            diff.mapping.clone(),
-            self.pipeline.shaping.clone(),
-            settings.key,
+        let preparing = Preparing {
+            mapping: diff.mapping.clone(),
+            shaping: self.pipeline.shaping.clone(),
+            rule: settings.key,
             // With nobody synced (a first sync) no record is compared by content.
-            diff.index.population() > 0,
-        );
+            hash_content: diff.index.population() > 0 || diff.memo.is_some(),
+            hash_source: diff.memo.is_some(),
+        };
+        let mut feed = Feed::new(stream, preparing);
         loop {
             if self.options.cancel.is_cancelled() {
                 return Err(RunError::Cancelled);
@@ -141,6 +157,9 @@ impl<'r> Run<'r> {
             }
         }
         self.plan_waiting(&mut diff)?;
+        if let Some(mut memo) = diff.memo.take() {
+            self.write_memo(&mut memo)?;
+        }
         diff.changes.read = feed.finish().await.map_err(RunError::Source)?;
         self.report.complete_read = diff.changes.read.complete;
         self.observer.advance(self.report.read % 4096);

@@ -6,7 +6,8 @@
 //! error naming the pipeline, the field and the position. Every expression sees the
 //! whole record as read (`first_name`, `attributes.cost_center`, `subscriptions`, …),
 //! and can call `lookup('table', key)` (or `lookup('table', key, 'default')`). The
-//! environment offers no way to read a file, the environment or a secret.
+//! environment offers no way to read a file, the environment, a secret or the clock: a
+//! record as read and the pipeline's settings decide what it becomes.
 
 mod direct;
 
@@ -406,6 +407,11 @@ impl RecordShaping {
             direct,
             lookups,
         })
+    }
+
+    /// The lookup tables the templates read.
+    pub(crate) fn lookups(&self) -> &Lookups {
+        &self.lookups
     }
 
     /// Whether there is anything to do.

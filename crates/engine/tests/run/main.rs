@@ -15,6 +15,7 @@ use contactsync_engine::{
 };
 
 mod crash_and_state;
+mod source_memo;
 
 fn person(id: u32, first: &str) -> Contact {
     let mut c = Contact::default();

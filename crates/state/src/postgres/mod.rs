@@ -25,7 +25,7 @@ use postgres::Client;
 use super::{
     audit_entry, created_entry, from_sql, group_pending, merge_history, synced_row, to_sql,
     with_created_fields, AuditEntry, LockAttempt, LockHolder, PendingRow, PipelineSummary,
-    RunRecord, Settlement, StateError, StateItem, StoredAudit, StoredSynced, SyncedRow,
+    RunRecord, Settlement, SourceMemo, StateError, StateItem, StoredAudit, StoredSynced, SyncedRow,
     AUDIT_COLUMNS,
 };
 use crate::record::{RecordCodec, RecordDecodeError};
@@ -173,6 +173,15 @@ CREATE TABLE rejects (
     field TEXT,
     reason TEXT NOT NULL,
     PRIMARY KEY (pipeline, run, seq)
+);
+",
+    // What a mapped pipeline's source rows became (SourceMemo).
+    "
+CREATE TABLE source_memo (
+    pipeline TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    entries BYTEA NOT NULL,
+    PRIMARY KEY (pipeline, seq)
 );
 ",
 ];
@@ -430,7 +439,9 @@ impl PostgresState {
                     .get(0),
             )
         })?;
-        if version != Some(MIGRATIONS.len() as i64) {
+        // The last migration only added `source_memo`, which nothing read-only reads.
+        let readable = MIGRATIONS.len() as i64 - 1..=MIGRATIONS.len() as i64;
+        if !version.is_some_and(|v| readable.contains(&v)) {
             return Err(StateError::Shared {
                 url: state.shown.clone(),
                 message: format!(

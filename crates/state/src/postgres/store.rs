@@ -220,7 +220,14 @@ impl RunLog for PostgresState {
         self.call(move |c| {
             let mut tx = c.transaction()?;
             for table in [
-                "synced", "pending", "runs", "audit", "creates", "staged", "rejects",
+                "synced",
+                "pending",
+                "runs",
+                "audit",
+                "creates",
+                "staged",
+                "rejects",
+                "source_memo",
             ] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE pipeline = $1"),
@@ -306,6 +313,59 @@ impl SyncedIndex for PostgresState {
             }),
             Err(_) => Err(lost()),
         }
+    }
+
+    fn scan_source_memo(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(SourceMemo),
+    ) -> Result<(), StateError> {
+        let pipeline = pipeline.to_string();
+        let rows: Vec<Vec<u8>> = self.call(move |c| {
+            Ok(c.query(
+                "SELECT entries FROM source_memo WHERE pipeline = $1 ORDER BY seq",
+                &[&pipeline],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })?;
+        for packed in &rows {
+            SourceMemo::unpack(packed).for_each(&mut *visit);
+        }
+        Ok(())
+    }
+
+    fn record_source_memo(
+        &mut self,
+        pipeline: &str,
+        entries: &[SourceMemo],
+        replace: bool,
+    ) -> Result<(), StateError> {
+        let pipeline = pipeline.to_string();
+        let packed: Vec<Vec<u8>> = entries
+            .chunks(SourceMemo::A_ROW)
+            .map(SourceMemo::pack)
+            .collect();
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            if replace {
+                tx.execute("DELETE FROM source_memo WHERE pipeline = $1", &[&pipeline])?;
+            }
+            let next: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM source_memo WHERE pipeline = $1",
+                    &[&pipeline],
+                )?
+                .get(0);
+            let seqs: Vec<i64> = (next..).take(packed.len()).collect();
+            tx.execute(
+                "INSERT INTO source_memo (pipeline, seq, entries)
+                 SELECT $1, s, e FROM UNNEST($2::BIGINT[], $3::BYTEA[]) AS u(s, e)",
+                &[&pipeline, &seqs, &packed],
+            )?;
+            tx.commit()
+        })
     }
 
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {

@@ -13,8 +13,8 @@ use crate::record::{RecordCodec, RecordDecodeError};
 use super::{
     compact, created_entry, from_sql, group_pending, merge_history, stored_record,
     stored_record_with, to_sql, with_created_fields, AuditEntry, LockAttempt, LockHolder,
-    PendingRow, PipelineSummary, RunRecord, Settlement, StateError, StateItem, SyncedRow,
-    LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
+    PendingRow, PipelineSummary, RunRecord, Settlement, SourceMemo, StateError, StateItem,
+    SyncedRow, LOCK_HEARTBEAT_EVERY, LOCK_STALE_AFTER,
 };
 
 mod creates;
@@ -125,8 +125,13 @@ impl std::fmt::Debug for SqliteState {
 /// instead of a history row a person ([`AuditLog::record_created_run`]); version 5 keeps
 /// each run's rejects (`rejects`, [`crate::RejectLog`]) and finds a person's rows by
 /// index (`email_hash` in `synced`, `key_hash` and `email_hash` in `audit`:
-/// [`compact::email_hash`]).
-const SCHEMA_VERSION: &str = "5";
+/// [`compact::email_hash`]); version 6 keeps what a mapped pipeline's source rows became
+/// (`source_memo`, [`crate::SourceMemo`]).
+const SCHEMA_VERSION: &str = "6";
+
+/// A version a read-only open reads too: version 6 only added `source_memo`, which
+/// nothing read-only reads.
+const READABLE_VERSION: &str = "5";
 
 /// Every transaction that writes starts IMMEDIATE: in WAL mode a deferred one that
 /// read first and then writes fails at once ("database is locked", no waiting) when
@@ -249,6 +254,12 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE TABLE IF NOT EXISTS dictionaries (
     id INTEGER PRIMARY KEY,
     dictionary BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS source_memo (
+    pipeline INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    entries BLOB NOT NULL,
+    PRIMARY KEY (pipeline, seq)
 );
 CREATE TABLE IF NOT EXISTS sink_data (
     scope TEXT NOT NULL,
@@ -425,7 +436,7 @@ impl SqliteState {
             })
             .optional()
             .unwrap_or(None);
-        if version.as_deref() != Some(SCHEMA_VERSION) {
+        if !matches!(version.as_deref(), Some(SCHEMA_VERSION | READABLE_VERSION)) {
             return Err(StateError::Corrupt {
                 path: path.to_path_buf(),
                 message: format!(
@@ -539,6 +550,16 @@ impl SqliteState {
                 .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
+            Some(READABLE_VERSION) => {
+                // A table added: nothing is rewritten.
+                tx.execute_batch(SCHEMA).map_err(map)?;
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                    [SCHEMA_VERSION],
+                )
+                .map_err(map)?;
+                rebuild_empty_pending(&tx).map_err(map)?;
+            }
             Some("3" | "4") => {
                 // Adding columns and tables: nothing is rewritten. The synced rows'
                 // email hashes are filled in once the records can be read (`open`); the

@@ -222,7 +222,14 @@ impl RunLog for SqliteState {
     fn reset(&mut self, pipeline: &str) -> Result<(), StateError> {
         let map = db_error(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        for table in ["synced", "pending", "audit", "creates", "rejects"] {
+        for table in [
+            "synced",
+            "pending",
+            "audit",
+            "creates",
+            "rejects",
+            "source_memo",
+        ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE pipeline = {PIPELINE_ID}"),
                 [pipeline],
@@ -256,6 +263,64 @@ impl SyncedIndex for SqliteState {
             visit(from_sql(key_hash), from_sql(content_hash));
         }
         Ok(())
+    }
+
+    fn scan_source_memo(
+        &mut self,
+        pipeline: &str,
+        visit: &mut dyn FnMut(SourceMemo),
+    ) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT entries FROM source_memo WHERE pipeline = {PIPELINE_ID} ORDER BY seq"
+            ))
+            .map_err(map)?;
+        let mut rows = stmt.query([pipeline]).map_err(map)?;
+        while let Some(row) = rows.next().map_err(map)? {
+            let packed = row.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(map)?;
+            SourceMemo::unpack(packed).for_each(&mut *visit);
+        }
+        Ok(())
+    }
+
+    fn record_source_memo(
+        &mut self,
+        pipeline: &str,
+        entries: &[SourceMemo],
+        replace: bool,
+    ) -> Result<(), StateError> {
+        let map = db_error(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
+        // A pipeline that never ran has no synced people for a memo to speak of.
+        let Some(id) = pipeline_id(&tx, pipeline).map_err(map)? else {
+            return Ok(());
+        };
+        if replace {
+            tx.execute("DELETE FROM source_memo WHERE pipeline = ?1", [id])
+                .map_err(map)?;
+        }
+        let next: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM source_memo WHERE pipeline = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO source_memo (pipeline, seq, entries) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(map)?;
+            for (seq, chunk) in (next..).zip(entries.chunks(SourceMemo::A_ROW)) {
+                insert
+                    .execute(params![id, seq, SourceMemo::pack(chunk)])
+                    .map_err(map)?;
+            }
+        }
+        tx.commit().map_err(map)
     }
 
     fn synced(&mut self, pipeline: &str, key_hash: u64) -> Result<Option<SyncedRow>, StateError> {

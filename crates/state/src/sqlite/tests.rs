@@ -653,3 +653,33 @@ fn a_state_of_schema_4_is_indexed_on_open() {
     assert_eq!(unindexed, 0, "every person's email hash is filled in");
     assert!(!state.history("e1@example.com").unwrap().is_empty());
 }
+
+#[test]
+fn a_state_of_schema_5_is_read_as_it_is_and_gains_the_source_memo_on_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("state.db");
+    {
+        let mut state = SqliteState::open(&path).unwrap();
+        state.begin_run("p").unwrap();
+        state
+            .conn
+            .execute_batch(
+                "DROP TABLE source_memo; UPDATE meta SET value = '5' WHERE key = 'schema';",
+            )
+            .unwrap();
+    }
+    let mut reader = SqliteState::open_read_only(&path).expect("a schema-5 file is read");
+    assert_eq!(reader.runs(Some("p"), 10).unwrap().len(), 1);
+    drop(reader);
+    let mut state = SqliteState::open(&path).unwrap();
+    assert_eq!(schema_version(&state), SCHEMA_VERSION);
+    let memo = SourceMemo {
+        key_hash: 1,
+        source_hash: 2,
+        tag: 3,
+    };
+    state.record_source_memo("p", &[memo], false).unwrap();
+    let mut kept = Vec::new();
+    state.scan_source_memo("p", &mut |m| kept.push(m)).unwrap();
+    assert_eq!(kept, [memo]);
+}
