@@ -817,7 +817,19 @@ pub(crate) fn play_three_runs(
         state,
         200,
         vec![people[3].clone(), renamed(&people[4], "Zoe")],
-    )
+    )?;
+    // An update of E1 the sink refuses for now, two nights running: its create is
+    // written out each night and still told, and the history tells it once.
+    for at in [300, 400] {
+        let (run, _) = state.begin_run(PIPELINE).map_err(err)?;
+        let mut refused = entry(run, at, &renamed(&people[1], "Ada"));
+        refused.outcome = "rejected".into();
+        state.record_audit(&[refused]).map_err(err)?;
+        state
+            .finish_run(PIPELINE, run, "finished_with_rejects", "{}", None, false)
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 /// A run that keeps its creates as one entry tells every person's history as an entry

@@ -899,14 +899,26 @@ pub(crate) fn created_entry(
 /// those told from the runs that keep their creates as one entry (`created`): oldest
 /// first, a stored entry before a told one of the same second (a told create is the
 /// person's latest change in its pipeline, or it would have been written out).
+///
+/// A create of such a run is written out before the person's first change after it,
+/// and told from their synced row until that change is recorded as synced; a change
+/// that never lands writes it out again the next night. The same create (pipeline,
+/// run, key) is told once: by its first entry.
 pub(crate) fn merge_history(
     mut stored: Vec<AuditEntry>,
     created: Vec<AuditEntry>,
 ) -> Vec<AuditEntry> {
+    let create = ChangeKind::Create.as_str();
+    let mut told = std::collections::HashSet::new();
+    stored.retain(|e| e.kind != create || told.insert((e.pipeline.clone(), e.run, e.key.clone())));
     if created.is_empty() {
         return stored;
     }
-    stored.extend(created);
+    stored.extend(
+        created
+            .into_iter()
+            .filter(|e| !told.contains(&(e.pipeline.clone(), e.run, e.key.clone()))),
+    );
     // Stable: ties keep the stored entries first.
     stored.sort_by_key(|e| e.at);
     stored

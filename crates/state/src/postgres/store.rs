@@ -504,7 +504,8 @@ impl PendingJournal for PostgresState {
                        AS u(h, k, ch, e, hd, r)
                      ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
                        email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-                       record = COALESCE(excluded.record, synced.record)
+                       record = COALESCE(excluded.record, synced.record),
+                       created_run = CASE WHEN excluded.record IS NULL THEN synced.created_run END
                      WHERE synced.key = excluded.key
                      RETURNING key",
                     &[&pipeline, &up_hash, &up_key, &up_content, &up_email, &up_handle, &up_record],
@@ -584,7 +585,8 @@ impl PendingJournal for PostgresState {
                    WHERE pipeline = $1 AND run = $2 AND applied AND kind <> 'remove'
                  ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
                    email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-                   record = COALESCE(excluded.record, synced.record)",
+                   record = COALESCE(excluded.record, synced.record),
+                   created_run = CASE WHEN excluded.record IS NULL THEN synced.created_run END",
                 &[&pipeline, &run],
             )?;
             tx.execute(
@@ -604,7 +606,8 @@ impl PendingJournal for PostgresState {
                  ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
                    email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
                    record = COALESCE(excluded.record, synced.record),
-                   created_run = COALESCE(excluded.created_run, synced.created_run)",
+                   created_run = CASE WHEN excluded.record IS NULL THEN synced.created_run
+                     ELSE excluded.created_run END",
                 &[&pipeline, &run],
             )?;
             tx.execute(
@@ -662,7 +665,8 @@ impl AuditLog for PostgresState {
             return Ok(());
         }
         // The people these entries change whose create is told from their run's one
-        // entry: that create is written out first, from the record about to change.
+        // entry: that create is written out first, from the record about to change (see
+        // `write_out_creates` in the SQLite backend).
         let changed: Vec<&AuditEntry> = entries
             .iter()
             .filter(|e| e.kind != contactsync_core::ChangeKind::Create.as_str())
@@ -702,21 +706,8 @@ impl AuditLog for PostgresState {
         let written_records = encode(&mut self.codec, &written);
         let records = encode(&mut self.codec, entries);
         let entries = entries.to_vec();
-        let unmark: (Vec<String>, Vec<i64>) = written
-            .iter()
-            .map(|e| Ok((e.pipeline.clone(), to_sql(self.parse_key(&e.key)?.hash64()))))
-            .collect::<Result<Vec<_>, StateError>>()?
-            .into_iter()
-            .unzip();
         self.call(move |c| {
             let mut tx = c.transaction()?;
-            if !unmark.0.is_empty() {
-                tx.execute(
-                    "UPDATE synced SET created_run = NULL
-                     WHERE (pipeline, key_hash) IN (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]))",
-                    &[&unmark.0, &unmark.1],
-                )?;
-            }
             insert_audit(&mut tx, &written, &written_records)?;
             insert_audit(&mut tx, &entries, &records)?;
             tx.commit()

@@ -5,7 +5,13 @@ use super::*;
 
 /// Before `entries` change people whose create is told from their run's one entry:
 /// writes that create out as an entry of its own, from the record it sent (about to
-/// change), and unmarks them. In the caller's transaction.
+/// change). In the caller's transaction.
+///
+/// The person stays marked with their run until the change is recorded as synced,
+/// which writes the row anyway ([`SYNCED_UPSERT`] ends the mark with a new record):
+/// unmarking them here dirtied a random page of `synced` a person, a tenth of a
+/// nightly. Until then, and for a change that never lands (rejected, retried the next
+/// night), the create is both written out and told: [`merge_history`] tells it once.
 pub(super) fn write_out_creates(
     tx: &rusqlite::Transaction<'_>,
     codec: &mut RecordCodec,
@@ -48,14 +54,7 @@ pub(super) fn write_out_creates(
                 row,
             ));
         }
-        if !found.is_empty() {
-            tx.prepare_cached(
-                "UPDATE synced SET created_run = NULL WHERE pipeline = ?1 AND key_hash = ?2",
-            )
-            .and_then(|mut s| s.execute(params![id, hash]))
-            .map_err(map)?;
-            written.extend(found);
-        }
+        written.extend(found);
     }
     insert_audit(tx, codec, &written).map_err(map)
 }

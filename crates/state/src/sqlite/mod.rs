@@ -777,14 +777,17 @@ fn compact_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<CompactSynced> {
 
 /// How a synced row takes a newer one of the same person: a change without a record
 /// (a final rejection) keeps the last-sent record, and its explicit key and email
-/// stay true beside it; see [`compact`].
+/// stay true beside it; see [`compact`]. A new record ends the create told from the
+/// person's run ([`AuditLog::record_created_run`]): it was written out before
+/// (`write_out_creates`).
 /// Pending rows [`PendingJournal::confirm_finished`] confirms in one transaction, about.
 const CONFIRM_RANGE_ROWS: i64 = 2_000_000;
 
 const SYNCED_UPSERT: &str = "ON CONFLICT (pipeline, key_hash) DO UPDATE SET
     content_hash = excluded.content_hash, record = COALESCE(excluded.record, synced.record),
     key = excluded.key, email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-    created_run = COALESCE(excluded.created_run, synced.created_run),
+    created_run = CASE WHEN excluded.record IS NULL THEN synced.created_run
+        ELSE excluded.created_run END,
     email_hash = excluded.email_hash";
 
 /// Writes audit entries in their compact form.
