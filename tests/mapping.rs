@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{counts, Run, Scenario};
+use common::{counts, read_rows, Run, Scenario};
 use contactsync_sandbox_poppulo::{RunningPoppulo, Subscriber, SubscriberStatus};
 
 const PASSWORD: &str = common::POPPULO_PASSWORD;
@@ -216,4 +216,71 @@ async fn check_shows_what_the_first_records_become_before_any_sync() {
     );
     assert!(out.contains("people.csv:4: out of scope"), "{out}");
     assert!(sandbox.subscribers().is_empty(), "check changes nothing");
+}
+
+/// A csv -> csv pipeline that maps its records skips the rows that did not change by
+/// its memo of what each became; a new lookup table or template is a new mapping, and
+/// re-sends exactly the people it changes.
+#[test]
+fn a_new_lookup_table_or_template_re_sends_the_people_it_changes_to_a_csv_file() {
+    let s = Scenario::new();
+    s.write("people.csv", PEOPLE);
+    let centers = |sales: &str| {
+        s.write(
+            "cost-centers.csv",
+            &format!("department,cost_center\nSales,{sales}\nMarketing,CC-200\n"),
+        )
+    };
+    let config = |display: &str| {
+        s.config(&format!(
+            r#"
+state = "data/state.db"
+
+[sources.hr]
+type = "csv"
+path = "people.csv"
+
+[sinks.out]
+type = "csv"
+path = "out.csv"
+
+[lookups.cost_centers]
+file = "cost-centers.csv"
+
+[pipelines.nightly]
+from = "hr"
+to = "out"
+
+[pipelines.nightly.map]
+display_name = "{display}"
+"attributes.cost_center" = "{{{{ lookup('cost_centers', department, 'none') }}}}"
+"#
+        ))
+    };
+    let cells = |value: &str| {
+        read_rows(&s.path("out.csv"))
+            .iter()
+            .filter(|row| row.iter().any(|cell| cell == value))
+            .count()
+    };
+    centers("CC-100");
+    config("{{ first_name }} {{ last_name | upper }}");
+    let sync = || {
+        let (run, report) = s.sync("hr", "out", &[]);
+        run.expect_code(0);
+        counts(&report)
+    };
+    assert_eq!(sync(), [4, 4, 0, 0, 0, 0]);
+    assert_eq!(sync(), [4, 0, 0, 0, 4, 0]);
+    assert_eq!(cells("Ann LEE"), 1);
+
+    centers("CC-900");
+    assert_eq!(sync(), [4, 0, 2, 0, 2, 0], "the two in Sales");
+    assert_eq!((cells("CC-900"), cells("CC-100")), (2, 0));
+    assert_eq!(sync(), [4, 0, 0, 0, 4, 0]);
+
+    config("{{ last_name }}, {{ first_name }}");
+    assert_eq!(sync(), [4, 0, 4, 0, 0, 0], "everyone's display name");
+    assert_eq!((cells("Lee, Ann"), cells("Ann LEE")), (1, 0));
+    assert_eq!(sync(), [4, 0, 0, 0, 4, 0]);
 }
