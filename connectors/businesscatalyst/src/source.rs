@@ -81,6 +81,7 @@ impl Source for BcSource {
             // Deleted contacts come back from incremental reads (`deleted=true`).
             reports_deletions: true,
             full_every: None,
+            skips_unchanged: false,
         }
     }
 

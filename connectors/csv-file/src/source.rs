@@ -22,8 +22,8 @@ use std::io::{BufRead, BufReader};
 
 use contactsync_core::{
     async_trait, ConnectorError, Contact, ContactText, Field, KeyRule, Origin, ReadMode,
-    ReadOutcome, RecordError, RecordStream, Source, SourceItem, SourceRecord, Unchanged,
-    UnchangedRow,
+    ReadOutcome, RecordError, RecordStream, Source, SourceCapabilities, SourceItem, SourceRecord,
+    Unchanged, UnchangedRow,
 };
 use tokio::sync::mpsc;
 
@@ -53,6 +53,14 @@ impl CsvSource {
 
 #[async_trait]
 impl Source for CsvSource {
+    /// Full reads of the whole file, which skip the rows the engine knows as they are.
+    fn capabilities(&self) -> SourceCapabilities {
+        SourceCapabilities {
+            skips_unchanged: true,
+            ..SourceCapabilities::default()
+        }
+    }
+
     /// The file exists, its header parses, and every configured column is in it.
     async fn check(&self) -> Result<(), ConnectorError> {
         let format = self.config.format.clone();

@@ -106,6 +106,7 @@ impl Source for LdapSource {
             // seventh run (a week of nightly runs) brings removals to the sink, unless
             // the pipeline's `full_every` says otherwise (`"never"`: never).
             full_every: Some(FULL_EVERY),
+            skips_unchanged: false,
         }
     }
 

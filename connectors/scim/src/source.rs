@@ -76,6 +76,7 @@ impl Source for ScimSource {
             reports_deletions: false,
             // Incremental reads cannot see deletions: a full read a week.
             full_every: Some(7),
+            skips_unchanged: false,
         }
     }
 

@@ -43,6 +43,7 @@ impl Source for SqlSource {
             reports_deletions: false,
             // Incremental reads cannot see deleted rows: a full read a week.
             full_every: self.config.incremental_query.as_ref().map(|_| 7),
+            skips_unchanged: false,
         }
     }
 

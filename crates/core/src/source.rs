@@ -35,6 +35,9 @@ pub struct SourceCapabilities {
     /// a source whose incremental reads cannot see deletions sets one, so that removals
     /// reach the sink (LDAP: 7, a week of nightly runs). `None`: only when asked.
     pub full_every: Option<u32>,
+    /// Whether [`Source::read_skipping_unchanged`] skips anything (the CSV source): only
+    /// then does a pipeline that maps its records keep the memo that lets it skip.
+    pub skips_unchanged: bool,
 }
 
 /// One person as read, with where they were read.
@@ -221,7 +224,8 @@ pub trait Source: Send + Sync {
     /// as [`Source::read`] gives it. The engine asks when it knows people by their
     /// records as read: by the state's content hashes for a pipeline that sends
     /// records as read, by its memo of what each record as read became for one that
-    /// maps them. The default reads as `read` does.
+    /// maps them, when [`SourceCapabilities::skips_unchanged`] says the source skips.
+    /// The default reads as `read` does.
     async fn read_skipping_unchanged(
         &self,
         mode: ReadMode,

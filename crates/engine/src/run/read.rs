@@ -101,10 +101,10 @@ impl<'r> Run<'r> {
         // A record unchanged since it was sent can be settled by the source's hashes
         // alone, without building it: compared as read (no mapping, no shaping) by the
         // state's content hashes, and in a pipeline that maps by its memo of what each
-        // record as read became. Not with an address book to keep, which needs every
-        // record's address.
+        // record as read became, kept only for a source that skips. Not with an
+        // address book to keep, which needs every record's address.
         let as_read = diff.mapping.is_identity() && self.pipeline.shaping.is_none();
-        let memo_kept = !as_read && diff.emails.is_none();
+        let memo_kept = !as_read && diff.emails.is_none() && source.capabilities().skips_unchanged;
         let fingerprint = self.pipeline.mapping_fingerprint();
         diff.memo = (memo_kept && !self.options.dry_run)
             .then(|| MemoWriter::new(fingerprint, diff.index.population()));

@@ -78,6 +78,7 @@ impl Source for ListSource {
             incremental: self.incremental,
             reports_deletions: false,
             full_every: self.full_every,
+            skips_unchanged: false,
         }
     }
     async fn check(&self) -> Result<(), ConnectorError> {

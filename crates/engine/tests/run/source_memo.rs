@@ -31,7 +31,10 @@ impl SkippingSource {
 #[async_trait]
 impl Source for SkippingSource {
     fn capabilities(&self) -> SourceCapabilities {
-        self.list.capabilities()
+        SourceCapabilities {
+            skips_unchanged: true,
+            ..self.list.capabilities()
+        }
     }
     async fn check(&self) -> Result<(), ConnectorError> {
         Ok(())
@@ -218,4 +221,28 @@ async fn a_memo_entry_counts_only_while_the_state_holds_what_the_record_became()
     let r = run_mapped(&f, &pipeline, &source, &mut sink).await;
     assert_eq!(source.skipped(), ["E1", "E3"]);
     assert_eq!((r.rejected, r.unchanged), (1, 2), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_source_that_cannot_skip_leaves_no_memo_to_keep() {
+    let f = Fixture::new();
+    let mut sink = MemorySink::new(100);
+    let pipeline = mapped(&f, &[("display_name", "{{ first_name }}!")], &[]);
+    let people: Vec<Contact> = (1..=3).map(|i| person(i, "Ann")).collect();
+    let source = ListSource::of(&people);
+    for _ in 0..2 {
+        let mut state = f.state();
+        let options = RunOptions::default();
+        let r = run(
+            &pipeline,
+            &source,
+            &mut sink,
+            &mut state,
+            &options,
+            &SilentObserver,
+        )
+        .await;
+        assert_eq!(r.status, RunStatus::Synced, "{r:?}");
+    }
+    assert_eq!(memo_entries(&f), 0, "every row is read in full anyway");
 }
