@@ -15,9 +15,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use contactsync_core::KnownContent;
+use nohash_hasher::BuildNoHashHasher;
 
 use crate::state::SourceMemo;
-use nohash_hasher::BuildNoHashHasher;
 
 /// What the index says about a key read in this run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +67,9 @@ impl KnownContent for SyncedHashes {
 /// The state's people as a pipeline that maps its records can skip them: by the
 /// content hash of each one's record as the source read it, where the pipeline's
 /// [`SourceMemo`] says what that record became and the state still holds it.
-/// The index's own array, with the source hash in place of each content hash (0 for
-/// none): the source and the diff then touch the same cache lines, as they do for a
+///
+/// It is the index's own array, with the source hash in place of each content hash (0
+/// for none): the source and the diff touch the same cache lines, as they do for a
 /// pipeline that compares records as read.
 pub(crate) struct KnownAsRead(Arc<SyncedHashes>);
 

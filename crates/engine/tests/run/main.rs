@@ -271,9 +271,20 @@ impl Fixture {
         sink: &mut MemorySink,
         options: RunOptions,
     ) -> RunReport {
+        self.run_pipeline(&self.pipeline(), source, sink, options)
+            .await
+    }
+    /// As [`Fixture::run_with`], for another pipeline and any source.
+    async fn run_pipeline(
+        &self,
+        pipeline: &Pipeline,
+        source: &dyn Source,
+        sink: &mut MemorySink,
+        options: RunOptions,
+    ) -> RunReport {
         let mut state = self.state();
         run(
-            &self.pipeline(),
+            pipeline,
             source,
             sink,
             &mut state,

@@ -99,17 +99,8 @@ async fn run_mapped(
     source: &SkippingSource,
     sink: &mut MemorySink,
 ) -> RunReport {
-    let mut state = f.state();
-    let options = RunOptions::default();
-    run(
-        pipeline,
-        source,
-        sink,
-        &mut state,
-        &options,
-        &SilentObserver,
-    )
-    .await
+    f.run_pipeline(pipeline, source, sink, RunOptions::default())
+        .await
 }
 
 fn memo_entries(f: &Fixture) -> usize {
@@ -231,17 +222,9 @@ async fn a_source_that_cannot_skip_leaves_no_memo_to_keep() {
     let people: Vec<Contact> = (1..=3).map(|i| person(i, "Ann")).collect();
     let source = ListSource::of(&people);
     for _ in 0..2 {
-        let mut state = f.state();
-        let options = RunOptions::default();
-        let r = run(
-            &pipeline,
-            &source,
-            &mut sink,
-            &mut state,
-            &options,
-            &SilentObserver,
-        )
-        .await;
+        let r = f
+            .run_pipeline(&pipeline, &source, &mut sink, RunOptions::default())
+            .await;
         assert_eq!(r.status, RunStatus::Synced, "{r:?}");
     }
     assert_eq!(memo_entries(&f), 0, "every row is read in full anyway");

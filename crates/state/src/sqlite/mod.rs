@@ -550,30 +550,23 @@ impl SqliteState {
                 .map_err(map)?;
             }
             Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
-            Some(READABLE_VERSION) => {
-                // A table added: nothing is rewritten.
-                tx.execute_batch(SCHEMA).map_err(map)?;
-                tx.execute(
-                    "UPDATE meta SET value = ?1 WHERE key = 'schema'",
-                    [SCHEMA_VERSION],
-                )
-                .map_err(map)?;
-                rebuild_empty_pending(&tx).map_err(map)?;
-            }
-            Some("3" | "4") => {
+            Some(old @ ("3" | "4" | READABLE_VERSION)) => {
                 // Adding columns and tables: nothing is rewritten. The synced rows'
                 // email hashes are filled in once the records can be read (`open`); the
                 // audit's older rows are found without an index until they are pruned.
-                for (table, column) in [
-                    ("synced", "created_run"),
-                    ("synced", "email_hash"),
-                    ("pending", "email_hash"),
-                    ("audit", "key_hash"),
-                    ("audit", "email_hash"),
-                ] {
-                    add_column(&tx, table, column).map_err(map)?;
+                // Version 5 lacks only a table.
+                if old != READABLE_VERSION {
+                    for (table, column) in [
+                        ("synced", "created_run"),
+                        ("synced", "email_hash"),
+                        ("pending", "email_hash"),
+                        ("audit", "key_hash"),
+                        ("audit", "email_hash"),
+                    ] {
+                        add_column(&tx, table, column).map_err(map)?;
+                    }
+                    self.backfill_email_hashes = true;
                 }
-                self.backfill_email_hashes = true;
                 tx.execute_batch(SCHEMA).map_err(map)?;
                 tx.execute(
                     "UPDATE meta SET value = ?1 WHERE key = 'schema'",
