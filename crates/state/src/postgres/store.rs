@@ -320,20 +320,30 @@ impl SyncedIndex for PostgresState {
         pipeline: &str,
         visit: &mut dyn FnMut(SourceMemo),
     ) -> Result<(), StateError> {
-        let pipeline = pipeline.to_string();
-        let rows: Vec<Vec<u8>> = self.call(move |c| {
-            Ok(c.query(
-                "SELECT entries FROM source_memo WHERE pipeline = $1 ORDER BY seq",
-                &[&pipeline],
-            )?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
-        })?;
-        for packed in &rows {
-            SourceMemo::unpack(packed).for_each(&mut *visit);
+        // A page of rows at a time (about 4 MB): ten million people's memo is 240 MB,
+        // which a run should not hold on top of its index.
+        const PAGE: i64 = 40;
+        let mut after = 0i64;
+        loop {
+            let pipeline = pipeline.to_string();
+            let rows: Vec<(i64, Vec<u8>)> = self.call(move |c| {
+                Ok(c.query(
+                    "SELECT seq, entries FROM source_memo WHERE pipeline = $1 AND seq > $2
+                     ORDER BY seq LIMIT $3",
+                    &[&pipeline, &after, &PAGE],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+            })?;
+            for (_, packed) in &rows {
+                SourceMemo::unpack(packed).for_each(&mut *visit);
+            }
+            match rows.last() {
+                Some((seq, _)) if rows.len() as i64 == PAGE => after = *seq,
+                _ => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     fn record_source_memo(
