@@ -192,3 +192,79 @@ fn a_state_opened_read_only_reads_and_refuses_to_write() {
     let refused = reader.begin_run("hr->out").expect_err("read-only");
     assert!(refused.to_string().contains("read-only"), "{refused}");
 }
+
+/// Whether the database has the index `synced_email`, as its migration made it.
+fn email_index(url: &str) -> Option<String> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    client
+        .query_opt(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'synced_email'",
+            &[],
+        )
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+/// `n` people recorded as a first sync's batches awaiting the sink's finish, then
+/// confirmed; the number confirmed.
+fn first_sync(state: &mut PostgresState, pipeline: &str, n: u64) -> u64 {
+    let (run, _) = state.begin_run(pipeline).unwrap();
+    let people = conformance::created_people(n);
+    for (i, batch) in people.chunks(4_000).enumerate() {
+        let handles = vec![None; batch.len()];
+        state
+            .record_awaiting_finish(pipeline, run, &format!("b{i}"), batch, &handles)
+            .unwrap();
+    }
+    state.confirm_finished(pipeline, run).unwrap()
+}
+
+/// A first sync into a new database builds `synced_email` again after its rows (rather
+/// than insert into it row by row): the index ends as the migration made it, with
+/// everyone in it; and while another worker reads `synced`, the drop gives up after a
+/// second and the index is kept, the first sync confirmed all the same.
+#[test]
+fn a_large_first_sync_leaves_the_email_index_whole() {
+    let pg = Postgres::start().expect("a PostgreSQL cluster starts");
+    let url = pg.new_database().unwrap();
+    let made = email_index(&url);
+    assert!(made.is_none(), "no schema before the first open");
+    let mut state = open(&url);
+    let made = email_index(&url).expect("the migration makes the index");
+    assert_eq!(first_sync(&mut state, "hr->out", 10_001), 10_001);
+    assert_eq!(email_index(&url).as_ref(), Some(&made));
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let explained: Vec<String> = client
+        .query(
+            "EXPLAIN SELECT key FROM synced WHERE lower(email) = 'e10000@example.com'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        explained.iter().any(|line| line.contains("synced_email")),
+        "{explained:?}"
+    );
+    let found: i64 = client
+        .query_one(
+            "SELECT COUNT(*) FROM synced WHERE lower(email) = 'e10000@example.com'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(found, 1, "the last person is in the rebuilt index");
+
+    // Another database, where a worker is reading `synced` when the first sync confirms.
+    let url = pg.new_database().unwrap();
+    let mut state = open(&url);
+    let mut reader = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut reading = reader.transaction().unwrap();
+    reading
+        .batch_execute("LOCK TABLE synced IN ACCESS SHARE MODE")
+        .unwrap();
+    assert_eq!(first_sync(&mut state, "hr->out", 10_001), 10_001);
+    reading.commit().unwrap();
+    assert_eq!(email_index(&url).as_ref(), Some(&made));
+}

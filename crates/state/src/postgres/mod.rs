@@ -37,6 +37,15 @@ mod transfer;
 mod views;
 use sink_store::PostgresSinkStore;
 
+/// How `synced_email` is made: by migration 5, and again by a first sync that dropped
+/// it (`insert_staged` in `store.rs`).
+macro_rules! synced_email_index {
+    () => {
+        "CREATE INDEX synced_email ON synced USING hash (lower(email))"
+    };
+}
+pub(crate) use synced_email_index;
+
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: &[&str] = &[
     "
@@ -159,8 +168,10 @@ CREATE TABLE dictionaries (
     // row found by email through an index (`history`, the dashboard's search; by key
     // it is the primary key). A hash index: some 20 bytes a person, where a B-tree of
     // the addresses took about 50.
-    "
-CREATE INDEX synced_email ON synced USING hash (lower(email));
+    concat!(
+        "\n",
+        synced_email_index!(),
+        ";
 CREATE TABLE rejects (
     pipeline TEXT NOT NULL,
     run BIGINT NOT NULL,
@@ -175,6 +186,7 @@ CREATE TABLE rejects (
     PRIMARY KEY (pipeline, run, seq)
 );
 ",
+    ),
     // What a mapped pipeline's source rows became (SourceMemo).
     "
 CREATE TABLE source_memo (

@@ -549,7 +549,10 @@ impl SqliteState {
                 )
                 .map_err(map)?;
             }
-            Some(SCHEMA_VERSION) => rebuild_empty_pending(&tx).map_err(map)?,
+            Some(SCHEMA_VERSION) => {
+                restore_indexes(&tx).map_err(map)?;
+                rebuild_empty_pending(&tx).map_err(map)?;
+            }
             Some(old @ ("3" | "4" | READABLE_VERSION)) => {
                 // Adding columns and tables: nothing is rewritten. The synced rows'
                 // email hashes are filled in once the records can be read (`open`); the
@@ -964,6 +967,13 @@ fn rebuild_empty_pending(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()>
         tx.execute_batch(SCHEMA)?;
     }
     Ok(())
+}
+
+/// Creates the schema's indexes that are missing: one a bulk confirm dropped to build
+/// it again after (`synced_email`), left missing by a crash in between. Every statement
+/// of [`SCHEMA`] is `IF NOT EXISTS`, so it only adds what is missing.
+fn restore_indexes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(SCHEMA)
 }
 
 #[cfg(test)]

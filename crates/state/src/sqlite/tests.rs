@@ -684,3 +684,52 @@ fn a_state_of_schema_5_is_read_as_it_is_and_gains_the_source_memo_on_open() {
     state.scan_source_memo("p", &mut |m| kept.push(m)).unwrap();
     assert_eq!(kept, [memo]);
 }
+
+/// Whether the file has the index `synced_email`.
+fn has_email_index(state: &SqliteState) -> bool {
+    state
+        .conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'synced_email')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// A first sync large enough to build `synced_email` again after its rows rather than
+/// insert into it row by row ends with the index in place and every person in it; an
+/// index left missing by a crash in between is restored when the file is next opened.
+#[test]
+fn a_large_first_sync_leaves_the_email_index_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("state.db");
+    let mut state = SqliteState::open(&path).unwrap();
+    let (run, _) = state.begin_run("p").unwrap();
+    let people = creates(super::journal::REBUILD_EMAIL_INDEX_ROWS as u64 + 1);
+    for (n, batch) in people.chunks(4_000).enumerate() {
+        let handles = vec![None; batch.len()];
+        state
+            .record_awaiting_finish("p", run, &format!("b{n}"), batch, &handles)
+            .unwrap();
+    }
+    assert_eq!(
+        state.confirm_finished("p", run).unwrap(),
+        people.len() as u64
+    );
+    assert!(has_email_index(&state));
+    let indexed: i64 = state
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM synced INDEXED BY synced_email WHERE email_hash IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexed, people.len() as i64);
+    // A crash between the drop and the build.
+    state.conn.execute_batch("DROP INDEX synced_email").unwrap();
+    drop(state);
+    let state = SqliteState::open(&path).unwrap();
+    assert!(has_email_index(&state), "restored on open");
+}
