@@ -221,8 +221,9 @@ fn first_sync(state: &mut PostgresState, pipeline: &str, n: u64) -> u64 {
 
 /// A first sync into a new database builds `synced_email` again after its rows (rather
 /// than insert into it row by row): the index ends as the migration made it, with
-/// everyone in it; and while another worker reads `synced`, the drop gives up after a
-/// second and the index is kept, the first sync confirmed all the same.
+/// everyone in it, and `staged` is truncated, unless another run's rows are in it too;
+/// and while another worker reads `synced`, the drop gives up after a second and the
+/// index is kept, the first sync confirmed all the same.
 #[test]
 fn a_large_first_sync_leaves_the_email_index_whole() {
     let pg = Postgres::start().expect("a PostgreSQL cluster starts");
@@ -231,9 +232,14 @@ fn a_large_first_sync_leaves_the_email_index_whole() {
     assert!(made.is_none(), "no schema before the first open");
     let mut state = open(&url);
     let made = email_index(&url).expect("the migration makes the index");
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    // An autovacuum of `staged` holding its lock past the truncation's 200 ms would
+    // have the rows deleted instead: correct, but not what this test looks at.
+    client
+        .batch_execute("ALTER TABLE staged SET (autovacuum_enabled = false)")
+        .unwrap();
     assert_eq!(first_sync(&mut state, "hr->out", 10_001), 10_001);
     assert_eq!(email_index(&url).as_ref(), Some(&made));
-    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let explained: Vec<String> = client
         .query(
             "EXPLAIN SELECT key FROM synced WHERE lower(email) = 'e10000@example.com'",
@@ -255,6 +261,32 @@ fn a_large_first_sync_leaves_the_email_index_whole() {
         .unwrap()
         .get(0);
     assert_eq!(found, 1, "the last person is in the rebuilt index");
+    let staged_bytes = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one("SELECT pg_relation_size('staged')", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(
+        staged_bytes(&mut client),
+        0,
+        "staged is truncated, not deleted from"
+    );
+
+    // Another pipeline's run has staged rows of its own: they stay, and are confirmed by
+    // that run.
+    let (crm_run, _) = state.begin_run("crm->out").unwrap();
+    let crm = conformance::created_people(3);
+    state
+        .record_awaiting_finish("crm->out", crm_run, "c1", &crm, &[None, None, None])
+        .unwrap();
+    assert_eq!(first_sync(&mut state, "hr->out2", 10_001), 10_001);
+    assert_eq!(state.confirm_finished("crm->out", crm_run).unwrap(), 3);
+    assert_eq!(
+        staged_bytes(&mut client),
+        0,
+        "truncated once the last run is in"
+    );
 
     // Another database, where a worker is reading `synced` when the first sync confirms.
     let url = pg.new_database().unwrap();
