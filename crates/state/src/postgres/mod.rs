@@ -31,6 +31,7 @@ use super::{
 use crate::record::{RecordCodec, RecordDecodeError};
 use crate::redact;
 
+mod confirm;
 mod sink_store;
 mod store;
 mod transfer;
@@ -38,7 +39,7 @@ mod views;
 use sink_store::PostgresSinkStore;
 
 /// How `synced_email` is made: by migration 5, and again by a first sync that dropped
-/// it (`insert_staged` in `store.rs`).
+/// it (`confirm::insert_staged`).
 macro_rules! synced_email_index {
     () => {
         "CREATE INDEX synced_email ON synced USING hash (lower(email))"
