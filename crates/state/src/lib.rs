@@ -820,6 +820,14 @@ pub(crate) fn synced_row(
     })
 }
 
+/// Fewer rows than this, confirmed into `synced`, go into its email index row by row
+/// in either backend; a confirm of this many or more into a `synced` that holds fewer (a
+/// first sync) drops the index and builds it again after them, which costs a fifth of
+/// taking a million random email hashes one at a time. Below it, dropping and building
+/// the index is not worth it.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) const REBUILD_EMAIL_INDEX_ROWS: i64 = 10_000;
+
 /// The audit's columns, in the order of [`StoredAudit`].
 pub(crate) const AUDIT_COLUMNS: &str =
     "pipeline, run, at, key, email, kind, outcome, reason, fields, created";

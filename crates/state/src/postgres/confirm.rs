@@ -4,6 +4,7 @@
 //! [`PendingJournal::confirm_finished`](crate::roles::PendingJournal::confirm_finished)).
 
 use super::{describe, synced_email_index};
+use crate::REBUILD_EMAIL_INDEX_ROWS;
 
 /// Moves a run's staged rows (removals aside) into `synced`, in key order.
 ///
@@ -148,6 +149,3 @@ pub(super) fn clear_staged(
 /// How far [`outnumber_synced`] counts `synced`; a `synced` that large keeps its index
 /// (counting further would scan a large table at every large first sync).
 const SYNCED_COUNTED: i64 = 1_000_000;
-
-/// Fewer staged rows than this keep `synced_email` as it is ([`insert_staged`]).
-const REBUILD_EMAIL_INDEX_ROWS: i64 = 10_000;

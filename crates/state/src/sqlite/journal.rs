@@ -39,10 +39,6 @@ pub(super) enum Journal {
     Staged { created_run: Option<i64> },
 }
 
-/// Fewer rows than this are confirmed into `synced_email` row by row, whatever `synced`
-/// holds: dropping and building the index again is not worth it.
-pub(super) const REBUILD_EMAIL_INDEX_ROWS: i64 = 10_000;
-
 /// Drops `synced_email` before `rows` rows are confirmed, when there are many and
 /// `synced` holds fewer (a first sync), and says so; the caller builds it again
 /// once they are in ([`restore_indexes`]). Its email hashes are random, so rows
@@ -51,7 +47,7 @@ pub(super) const REBUILD_EMAIL_INDEX_ROWS: i64 = 10_000;
 /// the table afterwards takes 1.0 s. A crash in between leaves the index missing
 /// until the next open restores it; `history` finds people without it, only slower.
 fn drop_email_index_for(conn: &mut rusqlite::Connection, rows: i64) -> rusqlite::Result<bool> {
-    if rows < REBUILD_EMAIL_INDEX_ROWS {
+    if rows < crate::REBUILD_EMAIL_INDEX_ROWS {
         return Ok(false);
     }
     let tx = conn.transaction_with_behavior(WRITE)?;

@@ -706,7 +706,7 @@ fn a_large_first_sync_leaves_the_email_index_whole() {
     let path = dir.path().join("state.db");
     let mut state = SqliteState::open(&path).unwrap();
     let (run, _) = state.begin_run("p").unwrap();
-    let people = creates(super::journal::REBUILD_EMAIL_INDEX_ROWS as u64 + 1);
+    let people = creates(crate::REBUILD_EMAIL_INDEX_ROWS as u64 + 1);
     for (n, batch) in people.chunks(4_000).enumerate() {
         let handles = vec![None; batch.len()];
         state
