@@ -95,16 +95,14 @@ impl CsvSource {
     ) -> Result<Box<dyn RecordStream>, ConnectorError> {
         let format = self.config.format.clone();
         let mut rows = run_blocking(move || RowReader::open(&format)).await?;
-        rows.unchanged = unchanged;
+        rows.builder.unchanged = unchanged;
         let (sender, receiver) = mpsc::channel(CHUNKS_AHEAD);
-        let path = self.config.format.path.clone();
-        std::thread::Builder::new()
-            .name("csv-source".into())
-            .spawn(move || rows.send_all(&sender))
-            .map_err(|e| ConnectorError::io(path, e))?;
+        rows.spawn(sender)
+            .map_err(|e| ConnectorError::io(&self.config.format.path, e))?;
         Ok(Box::new(CsvStream {
             receiver,
             chunk: Vec::new().into_iter(),
+            ended: false,
         }))
     }
 }
@@ -120,8 +118,10 @@ async fn run_blocking<T: Send + 'static>(
 
 /// The engine's end of a read.
 struct CsvStream {
-    receiver: mpsc::Receiver<Result<Vec<SourceItem>, ConnectorError>>,
+    receiver: mpsc::Receiver<ReadMessage<Vec<SourceItem>>>,
     chunk: std::vec::IntoIter<SourceItem>,
+    /// The reader said the file ended.
+    ended: bool,
 }
 
 #[async_trait]
@@ -131,9 +131,15 @@ impl RecordStream for CsvStream {
             if let Some(item) = self.chunk.next() {
                 return Ok(Some(item));
             }
+            if self.ended {
+                return Ok(None);
+            }
             match self.receiver.recv().await {
-                Some(chunk) => self.chunk = chunk?.into_iter(),
-                None => return Ok(None),
+                Some(ReadMessage::Rows(chunk)) => self.chunk = chunk.into_iter(),
+                Some(ReadMessage::End) => self.ended = true,
+                Some(ReadMessage::Failed(e)) => return Err(e),
+                // Not the end of the file: a read cut short must not look complete.
+                None => return Err(stopped_early()),
             }
         }
     }
@@ -146,22 +152,90 @@ impl RecordStream for CsvStream {
     }
 }
 
-/// Parses one file row by row, with the column→field mapping worked out once.
+/// Parses one file row by row, with the column→field mapping worked out once: a
+/// [`RowParser`] splits the file into rows, a [`RowBuilder`] turns each into an item.
+/// A read runs each on a thread of its own.
 pub(crate) struct RowReader {
+    parser: RowParser,
+    builder: RowBuilder,
+}
+
+/// The first half of a read: splits the file into rows and rejects the rows whose
+/// shape is wrong (too long, an unclosed quote, the wrong number of fields), which only
+/// the reader's position can tell.
+struct RowParser {
     reader: csv::Reader<RecordLimiter<BufReader<File>>>,
+    /// Fields a row must have: the header's.
+    width: usize,
+    display_name: String,
+    path: std::path::PathBuf,
+    quoting: Quoting,
+    max_record_bytes: u64,
+}
+
+/// The second half of a read: a row of the right shape as a record, a rejection, or
+/// (when the engine asked) a row the state holds unchanged.
+struct RowBuilder {
     /// The field each column is read into.
     fields: Vec<Option<Field>>,
     /// The file as the user named it.
     display_name: String,
-    path: std::path::PathBuf,
-    delimiter: u8,
-    quote: u8,
-    record: csv::ByteRecord,
-    max_record_bytes: u64,
+    quoting: Quoting,
     /// What a row is compared with to be yielded as unchanged, when the engine asked.
     unchanged: Option<Unchanged>,
     /// `display_name`, shared by the rows yielded as unchanged.
     shared_name: std::sync::Arc<str>,
+}
+
+/// The file's delimiter and quote, to write a rejected row back as text.
+#[derive(Debug, Clone, Copy)]
+struct Quoting {
+    delimiter: u8,
+    quote: u8,
+}
+
+/// [`CHUNK_ROWS`] rows on their way from the parser to the builder. Its records are
+/// handed back and parsed into again, so that a read does not allocate a row's buffers
+/// for every row.
+struct RawChunk {
+    /// The rows of the right shape, in order; `records[..parsed]` are this chunk's.
+    records: Vec<csv::ByteRecord>,
+    parsed: usize,
+    /// Every row in file order.
+    rows: Vec<RawRow>,
+}
+
+/// One row of a [`RawChunk`].
+enum RawRow {
+    /// The next of the chunk's records, which starts on this line.
+    Parsed { line: u64 },
+    /// A row the parser rejected for its shape.
+    Rejected(SourceItem),
+}
+
+/// What one thread of a read sends the next. A channel that closes without
+/// [`ReadMessage::End`] means the sender stopped early (it panicked): the read failed.
+enum ReadMessage<T> {
+    Rows(T),
+    /// The file ended; nothing follows.
+    End,
+    /// The read failed; nothing follows.
+    Failed(ConnectorError),
+}
+
+/// What the parser sends the builder.
+type RawMessage = ReadMessage<RawChunk>;
+
+/// Where a read's chunks of items go.
+type ItemSender = mpsc::Sender<ReadMessage<Vec<SourceItem>>>;
+
+/// The error for a read whose thread stopped before the end of the file.
+fn stopped_early() -> ConnectorError {
+    ConnectorError::Other(
+        "the CSV reader stopped before the end of the file (one of its threads failed); \
+         nothing was removed, run again"
+            .into(),
+    )
 }
 
 impl RowReader {
@@ -195,66 +269,125 @@ impl RowReader {
             )));
         }
         check_header(format, &headers, &resolved.fields)?;
-        Ok(RowReader {
-            reader,
-            fields: resolved.fields,
-            display_name: format.display_name.clone(),
-            path: format.path.clone(),
+        let quoting = Quoting {
             delimiter: format.delimiter,
             quote: format.quote,
-            record: csv::ByteRecord::new(),
-            max_record_bytes: format.max_record_bytes,
-            unchanged: None,
-            shared_name: format.display_name.as_str().into(),
+        };
+        Ok(RowReader {
+            parser: RowParser {
+                reader,
+                width: resolved.fields.len(),
+                display_name: format.display_name.clone(),
+                path: format.path.clone(),
+                quoting,
+                max_record_bytes: format.max_record_bytes,
+            },
+            builder: RowBuilder {
+                fields: resolved.fields,
+                display_name: format.display_name.clone(),
+                quoting,
+                unchanged: None,
+                shared_name: format.display_name.as_str().into(),
+            },
         })
     }
 
-    /// Parses every row into chunks for `sender`; stops early when the engine dropped the
-    /// stream, and sends a read error as the last message.
-    fn send_all(&mut self, sender: &mpsc::Sender<Result<Vec<SourceItem>, ConnectorError>>) {
+    /// Reads the file on two threads, the parser's and the builder's, each a chunk of
+    /// rows ahead of the next; the builder's chunks go to `sender`. Splitting the work
+    /// lets a large file's parsing and hashing run side by side: the hashing, lookups
+    /// and `Contact`s are more than half of a read.
+    fn spawn(self, sender: ItemSender) -> std::io::Result<()> {
+        let RowReader {
+            mut parser,
+            builder,
+        } = self;
+        let (raw_sender, raw_receiver) = std::sync::mpsc::sync_channel::<RawMessage>(CHUNKS_AHEAD);
+        let (spent_sender, spent_receiver) = std::sync::mpsc::channel::<RawChunk>();
+        std::thread::Builder::new()
+            .name("csv-rows".into())
+            .spawn(move || builder.build_all(&raw_receiver, &spent_sender, &sender))?;
+        std::thread::Builder::new()
+            .name("csv-source".into())
+            .spawn(move || parser.parse_all(&raw_sender, &spent_receiver))?;
+        Ok(())
+    }
+}
+
+impl RowParser {
+    /// Parses every row into chunks for the builder, reusing the chunks it hands back;
+    /// stops early when the builder is gone (the engine dropped the stream), and sends a
+    /// read error as the last message.
+    fn parse_all(
+        &mut self,
+        sender: &std::sync::mpsc::SyncSender<RawMessage>,
+        spent: &std::sync::mpsc::Receiver<RawChunk>,
+    ) {
         loop {
-            let mut chunk = Vec::with_capacity(CHUNK_ROWS);
-            let mut at_end = false;
-            while chunk.len() < CHUNK_ROWS {
-                match self.next_item() {
-                    Ok(Some(item)) => chunk.push(item),
+            let mut chunk = spent.try_recv().unwrap_or_else(|_| RawChunk {
+                records: Vec::with_capacity(CHUNK_ROWS),
+                parsed: 0,
+                rows: Vec::with_capacity(CHUNK_ROWS),
+            });
+            chunk.parsed = 0;
+            chunk.rows.clear();
+            let mut ended = None;
+            while chunk.rows.len() < CHUNK_ROWS {
+                if chunk.records.len() == chunk.parsed {
+                    chunk.records.push(csv::ByteRecord::new());
+                }
+                let record = &mut chunk.records[chunk.parsed];
+                match self.next_row(record) {
+                    Ok(Some(Ok(line))) => {
+                        chunk.parsed += 1;
+                        chunk.rows.push(RawRow::Parsed { line });
+                    }
+                    Ok(Some(Err(rejected))) => chunk.rows.push(RawRow::Rejected(rejected)),
                     Ok(None) => {
-                        at_end = true;
+                        ended = Some(None);
                         break;
                     }
                     Err(e) => {
-                        if !chunk.is_empty() && sender.blocking_send(Ok(chunk)).is_err() {
-                            return;
-                        }
-                        let _ = sender.blocking_send(Err(e));
-                        return;
+                        ended = Some(Some(e));
+                        break;
                     }
                 }
             }
-            if !chunk.is_empty() && sender.blocking_send(Ok(chunk)).is_err() {
+            if !chunk.rows.is_empty() && sender.send(ReadMessage::Rows(chunk)).is_err() {
                 tracing::debug!(file = %self.display_name, "read abandoned by the engine");
                 return;
             }
-            if at_end {
-                return;
+            match ended {
+                None => {}
+                Some(None) => {
+                    let _ = sender.send(ReadMessage::End);
+                    return;
+                }
+                Some(Some(e)) => {
+                    let _ = sender.send(ReadMessage::Failed(e));
+                    return;
+                }
             }
         }
     }
 
-    /// The next row as a record or a rejection; `None` at the end of the file.
-    pub(crate) fn next_item(&mut self) -> Result<Option<SourceItem>, ConnectorError> {
+    /// The next row into `record`: the line it starts on, or its rejection when its
+    /// shape is wrong; `None` at the end of the file.
+    fn next_row(
+        &mut self,
+        record: &mut csv::ByteRecord,
+    ) -> Result<Option<Result<u64, SourceItem>>, ConnectorError> {
         let (start, end) = loop {
             let start = self.reader.position().clone();
             if !self
                 .reader
-                .read_byte_record(&mut self.record)
+                .read_byte_record(record)
                 .map_err(|e| csv_error(&self.path, e))?
             {
                 return Ok(None);
             }
-            let start = self.record.position().cloned().unwrap_or(start);
+            let start = record.position().cloned().unwrap_or(start);
             // A blank line of a `\r\n` file reads as one field holding `\r`.
-            if self.record.len() == 1 && field_value(&self.record, 0).is_empty() {
+            if record.len() == 1 && field_value(record, 0).is_empty() {
                 continue;
             }
             break (start, self.reader.position().clone());
@@ -262,14 +395,20 @@ impl RowReader {
         let line = start.line();
         let origin = Origin::line(self.display_name.clone(), line);
         // Only a quoted field can hold a line break, legitimate or not.
-        let spans_lines = self.record.as_slice().contains(&b'\n');
+        let spans_lines = record.as_slice().contains(&b'\n');
+        let quoting = self.quoting;
         if self.reader.get_mut().oversized(line) {
             let reason = format!(
                 "the record is longer than max_record_bytes ({} bytes), so it was not read; \
                  raise max_record_bytes if such records are real",
                 self.max_record_bytes
             );
-            return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
+            return Ok(Some(Err(reject(
+                record,
+                quoting,
+                RecordError::new(origin, reason),
+                None,
+            ))));
         }
         if spans_lines {
             let unclosed = self
@@ -282,35 +421,116 @@ impl RowReader {
                     "the quoted field that starts on line {quote_line} is never closed, so it runs to the end of the file \
                      and takes lines {line} to {} with it; close or remove the stray {:?}",
                     end.line().saturating_sub(1).max(line),
-                    self.quote as char
+                    quoting.quote as char
                 );
                 let origin = Origin::line(self.display_name.clone(), quote_line);
-                return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
+                return Ok(Some(Err(reject(
+                    record,
+                    quoting,
+                    RecordError::new(origin, reason),
+                    None,
+                ))));
             }
         }
-        if self.record.len() != self.fields.len() {
+        if record.len() != self.width {
             let mut reason = format!(
                 "the row has {} fields, the header has {}",
-                self.record.len(),
-                self.fields.len()
+                record.len(),
+                self.width
             );
             if spans_lines {
                 reason.push_str(&format!(
                     " (a quoted field runs from line {line} to line {}: check for a stray {:?})",
                     end.line().saturating_sub(1).max(line),
-                    self.quote as char
+                    quoting.quote as char
                 ));
             }
-            return Ok(Some(self.reject(RecordError::new(origin, reason), None)));
+            return Ok(Some(Err(reject(
+                record,
+                quoting,
+                RecordError::new(origin, reason),
+                None,
+            ))));
         }
-        if let Some(row) = self.unchanged_row(line) {
-            return Ok(Some(SourceItem::Unchanged(row)));
+        Ok(Some(Ok(line)))
+    }
+}
+
+impl RowBuilder {
+    /// Turns the parser's chunks into items for `sender`, handing each chunk back to be
+    /// parsed into again; stops early when the engine dropped the stream, and passes a
+    /// read error on as the last message.
+    fn build_all(
+        &self,
+        raw: &std::sync::mpsc::Receiver<RawMessage>,
+        spent: &std::sync::mpsc::Sender<RawChunk>,
+        sender: &ItemSender,
+    ) {
+        let mut read_as: Vec<Option<RowRead>> = Vec::with_capacity(CHUNK_ROWS);
+        let mut keys: Vec<u64> = Vec::with_capacity(CHUNK_ROWS);
+        loop {
+            let chunk = match raw.recv() {
+                Ok(ReadMessage::Rows(chunk)) => chunk,
+                Ok(ReadMessage::End) => {
+                    let _ = sender.blocking_send(ReadMessage::End);
+                    return;
+                }
+                Ok(ReadMessage::Failed(e)) => {
+                    let _ = sender.blocking_send(ReadMessage::Failed(e));
+                    return;
+                }
+                Err(std::sync::mpsc::RecvError) => {
+                    let _ = sender.blocking_send(ReadMessage::Failed(stopped_early()));
+                    return;
+                }
+            };
+            let records = &chunk.records[..chunk.parsed];
+            // What each row reads as first, then the chunk's keys warmed in one go, then
+            // the lookups: each row's lookup no longer waits alone for memory.
+            read_as.clear();
+            read_as.extend(records.iter().map(|record| self.read_as(record)));
+            if let Some(unchanged) = &self.unchanged {
+                keys.clear();
+                keys.extend(read_as.iter().flatten().map(|read| read.key_hash));
+                unchanged.known.warm(&keys);
+            }
+            let mut parsed = records.iter().zip(&read_as);
+            let items: Vec<SourceItem> = chunk
+                .rows
+                .into_iter()
+                .filter_map(|row| match row {
+                    RawRow::Parsed { line } => {
+                        let (record, read) = parsed.next()?;
+                        Some(self.item(record, *read, line))
+                    }
+                    RawRow::Rejected(item) => Some(item),
+                })
+                .collect();
+            let chunk = RawChunk {
+                rows: Vec::with_capacity(CHUNK_ROWS),
+                ..chunk
+            };
+            // The parser may have ended: then the chunk is not needed.
+            let _ = spent.send(chunk);
+            if sender.blocking_send(ReadMessage::Rows(items)).is_err() {
+                tracing::debug!(file = %self.display_name, "read abandoned by the engine");
+                return;
+            }
         }
+    }
+
+    /// A row of the right shape, starting on `line`, as an item: unchanged when it
+    /// reads as (`read`) what the state holds for its key, else a record or a rejection.
+    fn item(&self, record: &csv::ByteRecord, read: Option<RowRead>, line: u64) -> SourceItem {
+        if let Some(row) = self.unchanged_row(read, line) {
+            return SourceItem::Unchanged(row);
+        }
+        let origin = Origin::line(self.display_name.clone(), line);
         let mut contact = Contact::default();
         let mut failure: Option<(Field, String)> = None;
         for (i, field) in self.fields.iter().enumerate() {
             let Some(field) = field else { continue };
-            let result = match std::str::from_utf8(field_value(&self.record, i)) {
+            let result = match std::str::from_utf8(field_value(record, i)) {
                 Ok(value) => contact.set(field, value),
                 Err(e) => Err(format!("invalid UTF-8 ({e})")),
             };
@@ -322,22 +542,21 @@ impl RowReader {
         }
         if let Some((field, reason)) = failure {
             let error = RecordError::new(origin, reason).with_field(field.name());
-            return Ok(Some(self.reject(error, Some(contact))));
+            return reject(record, self.quoting, error, Some(contact));
         }
-        Ok(Some(SourceItem::Record(Box::new(SourceRecord::new(
-            contact, origin,
-        )))))
+        SourceItem::Record(Box::new(SourceRecord::new(contact, origin)))
     }
 
-    /// The current row (starting on `line`) as an [`UnchangedRow`], when the engine asked
-    /// for them and the state holds the row's key with the content it reads as, and it
-    /// has a valid email or none. `None` for every other row, which is then read into a
-    /// `Contact` (and rejected there if a value is bad).
-    fn unchanged_row(&self, line: u64) -> Option<UnchangedRow> {
+    /// What `record` reads as, when the engine asked for unchanged rows: the hashes of
+    /// its key and content, read as borrowed text ([`ContactText`]). `None` for a row
+    /// that cannot be unchanged: no key, a value `Contact::set` would refuse, an invalid
+    /// email, or bytes that are not UTF-8 (such a row is read into a `Contact`, which
+    /// says what is wrong).
+    fn read_as(&self, record: &csv::ByteRecord) -> Option<RowRead> {
         let unchanged = self.unchanged.as_ref()?;
         // The row's bytes are checked once; a field that does not start and end on a
         // character boundary (one invalid alone) takes the `Contact` path, which says so.
-        let row = std::str::from_utf8(self.record.as_slice()).ok()?;
+        let row = std::str::from_utf8(record.as_slice()).ok()?;
         let mut whole = true;
         let text = ContactText::read(
             self.fields
@@ -345,41 +564,62 @@ impl RowReader {
                 .enumerate()
                 .filter_map(|(i, field)| Some((field.as_ref()?, i)))
                 .map_while(|(field, i)| {
-                    let value = field_range(&self.record, i).and_then(|range| row.get(range));
+                    let value = field_range(record, i).and_then(|range| row.get(range));
                     whole &= value.is_some();
                     Some((field, value?))
                 }),
         )?;
-        if !whole {
+        if !whole || !text.email().is_none_or(Contact::is_valid_email) {
             return None;
         }
-        let key_hash = text.key_hash(unchanged.rule)?;
-        let known = unchanged.known.content_hash(key_hash)?;
-        if known != text.content_hash() || !text.email().is_none_or(Contact::is_valid_email) {
+        Some(RowRead {
+            key_hash: text.key_hash(unchanged.rule)?,
+            content_hash: text.content_hash(),
+        })
+    }
+
+    /// The row (starting on `line`) as an [`UnchangedRow`] when it reads as (`read`)
+    /// the content the state holds for its key. `None` for every other row, which is
+    /// then read into a `Contact` (and rejected there if a value is bad).
+    fn unchanged_row(&self, read: Option<RowRead>, line: u64) -> Option<UnchangedRow> {
+        let (unchanged, read) = (self.unchanged.as_ref()?, read?);
+        if unchanged.known.content_hash(read.key_hash)? != read.content_hash {
             return None;
         }
         Some(UnchangedRow {
-            key_hash,
+            key_hash: read.key_hash,
             file: std::sync::Arc::clone(&self.shared_name),
             line,
         })
     }
+}
 
-    /// A rejection carrying the row as text (re-quoted as written) and, when the row's
-    /// shape could be trusted, the fields that could be read (and the key they give).
-    fn reject(&self, mut error: RecordError, partial: Option<Contact>) -> SourceItem {
-        if let Some(partial) = partial {
-            if let Some(key) = partial.key(KeyRule::Auto) {
-                error = error.with_key(key);
-            }
-            error = error.with_partial(partial);
+/// The hashes a row reads as ([`RowBuilder::read_as`]).
+#[derive(Debug, Clone, Copy)]
+struct RowRead {
+    key_hash: u64,
+    content_hash: u64,
+}
+
+/// A rejection carrying the row as text (re-quoted as written) and, when the row's
+/// shape could be trusted, the fields that could be read (and the key they give).
+fn reject(
+    record: &csv::ByteRecord,
+    quoting: Quoting,
+    mut error: RecordError,
+    partial: Option<Contact>,
+) -> SourceItem {
+    if let Some(partial) = partial {
+        if let Some(key) = partial.key(KeyRule::Auto) {
+            error = error.with_key(key);
         }
-        SourceItem::Rejected(Box::new(error.with_raw(raw_row(
-            &self.record,
-            self.delimiter,
-            self.quote,
-        ))))
+        error = error.with_partial(partial);
     }
+    SourceItem::Rejected(Box::new(error.with_raw(raw_row(
+        record,
+        quoting.delimiter,
+        quoting.quote,
+    ))))
 }
 
 /// A CSV file opened for reading: the reader past the header, and the header row

@@ -504,3 +504,89 @@ async fn a_read_skipping_unchanged_rows_yields_only_the_rows_the_state_holds_as_
     assert!(read.unchanged.is_empty());
     assert_eq!(read.records.len(), 5);
 }
+
+/// A file of several chunks read on the source's two threads (the parser's and the
+/// builder's): every row comes once, in file order, at its line, as what it is, with
+/// rejections for shape and for value, unchanged rows and records mixed across the
+/// chunks' edges (whose row buffers are used again).
+#[tokio::test]
+async fn a_read_of_many_chunks_keeps_every_row_in_order() {
+    use contactsync_core::SourceItem;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 3 * contactsync_csv::source::CHUNK_ROWS + 517;
+    let mut file = String::from("external_id,email,first_name,status\n");
+    let mut known = std::collections::HashMap::new();
+    #[derive(Debug, PartialEq)]
+    enum Kind {
+        Shape,
+        Status,
+        Unchanged(u64),
+        Record(String),
+    }
+    let mut expected = Vec::new();
+    for i in 0..rows {
+        let id = format!("E{i}");
+        // A long name now and then, so that a reused row buffer would show what it held.
+        let first = if i % 5 == 0 {
+            "F".repeat(300)
+        } else {
+            format!("F{i}")
+        };
+        let line = (i + 2) as u64;
+        if i % 7 == 3 {
+            file.push_str(&format!("{id},p{i}@example.com\n"));
+            expected.push((line, Kind::Shape));
+        } else if i % 11 == 5 {
+            file.push_str(&format!("{id},p{i}@example.com,{first},sleeping\n"));
+            expected.push((line, Kind::Status));
+        } else {
+            file.push_str(&format!("{id},p{i}@example.com,{first},active\n"));
+            if i % 2 == 0 {
+                let mut contact = Contact::default();
+                contact.set(&Field::ExternalId, &id).unwrap();
+                contact
+                    .set(&Field::Email, &format!("p{i}@example.com"))
+                    .unwrap();
+                contact.set(&Field::FirstName, &first).unwrap();
+                let key_hash = contact.key_hash(KeyRule::Auto).unwrap();
+                known.insert(key_hash, contact.content_hash());
+                expected.push((line, Kind::Unchanged(key_hash)));
+            } else {
+                expected.push((line, Kind::Record(id)));
+            }
+        }
+    }
+    std::fs::write(dir.path().join("p.csv"), file).unwrap();
+    let unchanged = contactsync_core::Unchanged {
+        known: std::sync::Arc::new(Known(known)),
+        rule: KeyRule::Auto,
+    };
+    let source = source(dir.path(), "path = \"p.csv\"\n");
+    let mut stream = source
+        .read_skipping_unchanged(ReadMode::Full, unchanged)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(item) = stream.next().await.unwrap() {
+        got.push(match item {
+            SourceItem::Unchanged(row) => (row.line, Kind::Unchanged(row.key_hash)),
+            SourceItem::Record(record) => (
+                line_of(&record.origin),
+                Kind::Record(record.contact.external_id.clone().unwrap()),
+            ),
+            SourceItem::Rejected(error) => (
+                line_of(&error.origin),
+                match error.field.as_deref() {
+                    Some("status") => Kind::Status,
+                    None => Kind::Shape,
+                    other => panic!("rejected for {other:?}: {error:?}"),
+                },
+            ),
+        });
+    }
+    assert_eq!(got.len(), expected.len());
+    for (got, expected) in got.iter().zip(&expected) {
+        assert_eq!(got, expected);
+    }
+    assert!(stream.finish().await.unwrap().complete);
+}

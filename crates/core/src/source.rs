@@ -105,6 +105,13 @@ impl UnchangedRow {
 pub trait KnownContent: Send + Sync {
     /// The content hash the state holds for `key_hash`, `None` for a key it does not hold.
     fn content_hash(&self, key_hash: u64) -> Option<u64>;
+
+    /// Brings where each of `key_hashes` is into the cache, so that the lookups of a
+    /// batch of rows wait for memory together rather than one after another. A source
+    /// calls it with a chunk's keys before it looks them up; it changes no answer.
+    fn warm(&self, key_hashes: &[u64]) {
+        let _ = key_hashes;
+    }
 }
 
 /// What [`Source::read_skipping_unchanged`] compares records with.

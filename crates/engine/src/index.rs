@@ -56,11 +56,28 @@ impl SyncedHashes {
             .position(|(k, _)| *k == key_hash)
             .map(|i| from + i)
     }
+
+    /// Loads where each of `key_hashes` is ([`ContactIndex::warm`]): a short loop of
+    /// independent loads, whose cache misses the processor overlaps.
+    fn touch(&self, key_hashes: impl Iterator<Item = u64>) {
+        let mut touched = 0u64;
+        for key_hash in key_hashes {
+            let start = self.starts.get(bucket_of(key_hash, self.bits));
+            if let Some((k, _)) = start.and_then(|&at| self.synced.get(at as usize)) {
+                touched = touched.wrapping_add(*k);
+            }
+        }
+        std::hint::black_box(touched);
+    }
 }
 
 impl KnownContent for SyncedHashes {
     fn content_hash(&self, key_hash: u64) -> Option<u64> {
         self.find(key_hash).map(|at| self.synced[at].1)
+    }
+
+    fn warm(&self, key_hashes: &[u64]) {
+        self.touch(key_hashes.iter().copied());
     }
 }
 
@@ -76,6 +93,10 @@ pub(crate) struct KnownAsRead(Arc<SyncedHashes>);
 impl KnownContent for KnownAsRead {
     fn content_hash(&self, key_hash: u64) -> Option<u64> {
         self.0.content_hash(key_hash).filter(|&hash| hash != 0)
+    }
+
+    fn warm(&self, key_hashes: &[u64]) {
+        self.0.touch(key_hashes.iter().copied());
     }
 }
 
@@ -190,15 +211,7 @@ impl ContactIndex {
     /// a batch of records overlap instead of each record waiting for its own: the array
     /// is larger than the caches, and a nightly looks every person up.
     pub(crate) fn warm(&self, key_hashes: impl Iterator<Item = u64>) {
-        let mut touched = 0u64;
-        let hashes = &*self.hashes;
-        for key_hash in key_hashes {
-            let start = hashes.starts.get(bucket_of(key_hash, hashes.bits));
-            if let Some((k, _)) = start.and_then(|&at| hashes.synced.get(at as usize)) {
-                touched = touched.wrapping_add(*k);
-            }
-        }
-        std::hint::black_box(touched);
+        self.hashes.touch(key_hashes);
     }
 
     /// Marks `key_hash` as read in this run and says what the state knows of it.
