@@ -144,6 +144,28 @@ impl RecordStream for CsvStream {
         }
     }
 
+    /// The rest of the chunk at hand, or of the next one, at most `max`.
+    async fn next_batch(
+        &mut self,
+        into: &mut Vec<SourceItem>,
+        max: usize,
+    ) -> Result<bool, ConnectorError> {
+        if max == 0 {
+            return Ok(true);
+        }
+        if self.chunk.as_slice().is_empty() {
+            // The next chunk (its first item taken), or the end.
+            match self.next().await? {
+                Some(item) => into.push(item),
+                None => return Ok(false),
+            }
+            into.extend(self.chunk.by_ref().take(max - 1));
+        } else {
+            into.extend(self.chunk.by_ref().take(max));
+        }
+        Ok(true)
+    }
+
     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError> {
         Ok(ReadOutcome {
             complete: true,

@@ -149,6 +149,25 @@ pub trait RecordStream: Send {
     /// run without applying anything, so a broken read never looks like a short one.
     async fn next(&mut self) -> Result<Option<SourceItem>, ConnectorError>;
 
+    /// Appends the next items to `into`, at most `max` of them; `Ok(false)` once the
+    /// stream has ended (after what it appended). The engine reads through this. The
+    /// default takes them from [`RecordStream::next`] one by one; a stream that receives
+    /// its items in chunks hands them over together, saving a call an item. On an error,
+    /// what was appended before it stays in `into`.
+    async fn next_batch(
+        &mut self,
+        into: &mut Vec<SourceItem>,
+        max: usize,
+    ) -> Result<bool, ConnectorError> {
+        for _ in 0..max {
+            match self.next().await? {
+                Some(item) => into.push(item),
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Called once after `next` returned `None`: whether the read was complete, and the
     /// cursor for the next incremental read.
     async fn finish(self: Box<Self>) -> Result<ReadOutcome, ConnectorError>;

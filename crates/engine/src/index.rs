@@ -58,13 +58,21 @@ impl SyncedHashes {
     }
 
     /// Loads where each of `key_hashes` is ([`ContactIndex::warm`]): a short loop of
-    /// independent loads, whose cache misses the processor overlaps.
+    /// independent loads, whose cache misses the processor overlaps. A bucket's first
+    /// and last entries, since a bucket of a few 16-byte entries often spans two cache
+    /// lines.
     fn touch(&self, key_hashes: impl Iterator<Item = u64>) {
         let mut touched = 0u64;
         for key_hash in key_hashes {
-            let start = self.starts.get(bucket_of(key_hash, self.bits));
-            if let Some((k, _)) = start.and_then(|&at| self.synced.get(at as usize)) {
-                touched = touched.wrapping_add(*k);
+            let bucket = bucket_of(key_hash, self.bits);
+            let (Some(&first), Some(&end)) = (self.starts.get(bucket), self.starts.get(bucket + 1))
+            else {
+                continue;
+            };
+            for at in [first as usize, (end as usize).saturating_sub(1)] {
+                if let Some((k, _)) = self.synced.get(at) {
+                    touched = touched.wrapping_add(*k);
+                }
             }
         }
         std::hint::black_box(touched);

@@ -797,20 +797,10 @@ impl Feed {
             let mut turn = 0;
             loop {
                 let mut batch = Vec::with_capacity(STAGE_BATCH);
-                let mut end = Ok(false);
-                while batch.len() < STAGE_BATCH {
-                    match stream.next().await {
-                        Ok(Some(item)) => batch.push(item),
-                        Ok(None) => {
-                            end = Ok(true);
-                            break;
-                        }
-                        Err(e) => {
-                            end = Err(e);
-                            break;
-                        }
-                    }
-                }
+                let end = stream
+                    .next_batch(&mut batch, STAGE_BATCH)
+                    .await
+                    .map(|more| !more);
                 if !batch.is_empty() {
                     if inputs[turn].send(Ok(batch)).await.is_err() {
                         break; // The run stopped reading.

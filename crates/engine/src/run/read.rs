@@ -55,12 +55,20 @@ impl<'r> Run<'r> {
         last_full: Option<i64>,
     ) -> Result<ChangeSet, RunError> {
         let settings = &self.pipeline.settings;
+        let started = std::time::Instant::now();
         let mut synced = Vec::new();
         self.state
             .scan_index(&self.pipeline.name, &mut |key_hash, content_hash| {
                 synced.push((key_hash, content_hash))
             })?;
+        let scanned = started.elapsed().as_secs_f64();
         let index = ContactIndex::of_synced(synced);
+        tracing::debug!(
+            people = index.population(),
+            scanned,
+            seconds = started.elapsed().as_secs_f64(),
+            "the synced index loaded"
+        );
         let resend_all = self.sink_integrity(sink, index.population()).await?;
         let read_mode = self.read_mode(source, last_full, resend_all)?;
         tracing::info!(pipeline = %self.pipeline.name, mode = ?read_mode, "reading");
@@ -137,13 +145,14 @@ impl<'r> Run<'r> {
         };
         let mut feed = Feed::new(stream, preparing);
         loop {
-            if self.options.cancel.is_cancelled() {
-                return Err(RunError::Cancelled);
-            }
             let Some(item) = feed.next().await.map_err(RunError::Source)? else {
                 break;
             };
             if let Some(ahead) = feed.fresh_batch() {
+                // Once a batch: the token takes a lock to answer.
+                if self.options.cancel.is_cancelled() {
+                    return Err(RunError::Cancelled);
+                }
                 diff.index.warm(ahead.iter().filter_map(Staged::key_hash));
             }
             self.report.read += 1;
