@@ -520,12 +520,17 @@ impl RowBuilder {
             let items: Vec<SourceItem> = chunk
                 .rows
                 .into_iter()
-                .filter_map(|row| match row {
+                .map(|row| match row {
                     RawRow::Parsed { line } => {
-                        let (record, read) = parsed.next()?;
-                        Some(self.item(record, *read, line))
+                        // The parser pushes one record a parsed row. Were that broken,
+                        // the panic fails the read (`stopped_early`) instead of a row
+                        // going missing.
+                        let (record, read) = parsed
+                            .next()
+                            .expect("the parser keeps a record for each parsed row");
+                        self.item(record, *read, line)
                     }
-                    RawRow::Rejected(item) => Some(item),
+                    RawRow::Rejected(item) => item,
                 })
                 .collect();
             let chunk = RawChunk {
