@@ -200,13 +200,11 @@ struct RowParser {
 struct RowBuilder {
     /// The field each column is read into.
     fields: Vec<Option<Field>>,
-    /// The file as the user named it.
-    display_name: String,
+    /// The file as the user named it, shared by the rows yielded as unchanged.
+    display_name: std::sync::Arc<str>,
     quoting: Quoting,
     /// What a row is compared with to be yielded as unchanged, when the engine asked.
     unchanged: Option<Unchanged>,
-    /// `display_name`, shared by the rows yielded as unchanged.
-    shared_name: std::sync::Arc<str>,
 }
 
 /// The file's delimiter and quote, to write a rejected row back as text.
@@ -306,10 +304,9 @@ impl RowReader {
             },
             builder: RowBuilder {
                 fields: resolved.fields,
-                display_name: format.display_name.clone(),
+                display_name: format.display_name.as_str().into(),
                 quoting,
                 unchanged: None,
-                shared_name: format.display_name.as_str().into(),
             },
         })
     }
@@ -352,7 +349,8 @@ impl RowParser {
             });
             chunk.parsed = 0;
             chunk.rows.clear();
-            let mut ended = None;
+            // The message that ends the read, once the file has ended or failed.
+            let mut last = None;
             while chunk.rows.len() < CHUNK_ROWS {
                 if chunk.records.len() == chunk.parsed {
                     chunk.records.push(csv::ByteRecord::new());
@@ -365,11 +363,11 @@ impl RowParser {
                     }
                     Ok(Some(Err(rejected))) => chunk.rows.push(RawRow::Rejected(rejected)),
                     Ok(None) => {
-                        ended = Some(None);
+                        last = Some(ReadMessage::End);
                         break;
                     }
                     Err(e) => {
-                        ended = Some(Some(e));
+                        last = Some(ReadMessage::Failed(e));
                         break;
                     }
                 }
@@ -378,16 +376,9 @@ impl RowParser {
                 tracing::debug!(file = %self.display_name, "read abandoned by the engine");
                 return;
             }
-            match ended {
-                None => {}
-                Some(None) => {
-                    let _ = sender.send(ReadMessage::End);
-                    return;
-                }
-                Some(Some(e)) => {
-                    let _ = sender.send(ReadMessage::Failed(e));
-                    return;
-                }
+            if let Some(last) = last {
+                let _ = sender.send(last);
+                return;
             }
         }
     }
@@ -415,7 +406,8 @@ impl RowParser {
             break (start, self.reader.position().clone());
         };
         let line = start.line();
-        let origin = Origin::line(self.display_name.clone(), line);
+        // Built for a rejection only: most rows have none.
+        let origin = || Origin::line(self.display_name.clone(), line);
         // Only a quoted field can hold a line break, legitimate or not.
         let spans_lines = record.as_slice().contains(&b'\n');
         let quoting = self.quoting;
@@ -428,7 +420,7 @@ impl RowParser {
             return Ok(Some(Err(reject(
                 record,
                 quoting,
-                RecordError::new(origin, reason),
+                RecordError::new(origin(), reason),
                 None,
             ))));
         }
@@ -470,7 +462,7 @@ impl RowParser {
             return Ok(Some(Err(reject(
                 record,
                 quoting,
-                RecordError::new(origin, reason),
+                RecordError::new(origin(), reason),
                 None,
             ))));
         }
@@ -491,7 +483,7 @@ impl RowBuilder {
         let mut read_as: Vec<Option<RowRead>> = Vec::with_capacity(CHUNK_ROWS);
         let mut keys: Vec<u64> = Vec::with_capacity(CHUNK_ROWS);
         loop {
-            let chunk = match raw.recv() {
+            let mut chunk = match raw.recv() {
                 Ok(ReadMessage::Rows(chunk)) => chunk,
                 Ok(ReadMessage::End) => {
                     let _ = sender.blocking_send(ReadMessage::End);
@@ -506,7 +498,12 @@ impl RowBuilder {
                     return;
                 }
             };
-            let records = &chunk.records[..chunk.parsed];
+            let RawChunk {
+                records,
+                parsed,
+                rows,
+            } = &mut chunk;
+            let records = &records[..*parsed];
             // What each row reads as first, then the chunk's keys warmed in one go, then
             // the lookups: each row's lookup no longer waits alone for memory.
             read_as.clear();
@@ -517,9 +514,8 @@ impl RowBuilder {
                 unchanged.known.warm(&keys);
             }
             let mut parsed = records.iter().zip(&read_as);
-            let items: Vec<SourceItem> = chunk
-                .rows
-                .into_iter()
+            let items: Vec<SourceItem> = rows
+                .drain(..)
                 .map(|row| match row {
                     RawRow::Parsed { line } => {
                         // The parser pushes one record a parsed row. Were that broken,
@@ -533,10 +529,6 @@ impl RowBuilder {
                     RawRow::Rejected(item) => item,
                 })
                 .collect();
-            let chunk = RawChunk {
-                rows: Vec::with_capacity(CHUNK_ROWS),
-                ..chunk
-            };
             // The parser may have ended: then the chunk is not needed.
             let _ = spent.send(chunk);
             if sender.blocking_send(ReadMessage::Rows(items)).is_err() {
@@ -552,7 +544,7 @@ impl RowBuilder {
         if let Some(row) = self.unchanged_row(read, line) {
             return SourceItem::Unchanged(row);
         }
-        let origin = Origin::line(self.display_name.clone(), line);
+        let origin = Origin::line(&*self.display_name, line);
         let mut contact = Contact::default();
         let mut failure: Option<(Field, String)> = None;
         for (i, field) in self.fields.iter().enumerate() {
@@ -615,7 +607,7 @@ impl RowBuilder {
         }
         Some(UnchangedRow {
             key_hash: read.key_hash,
-            file: std::sync::Arc::clone(&self.shared_name),
+            file: std::sync::Arc::clone(&self.display_name),
             line,
         })
     }
