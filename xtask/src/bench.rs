@@ -5,7 +5,11 @@
 //! changed, 0.5% were added and 0.5% left. Each run is timed, and its peak memory (max
 //! RSS) is read from the kernel with `wait4`. Platform sandboxes run as separate
 //! `contactsync sandbox` processes, so the figures are the sync's alone; the number of
-//! HTTP requests a run made is read from the sandbox's own counters.
+//! HTTP requests a run made is read from the sandbox's own counters. Where the scenario
+//! has the csv-diff anchor, the nightly's dry run (read and diff) and the anchor write
+//! nothing, so each is timed five times, in turn, and the median run of each is
+//! reported; every ratio is to the anchor's median. The page cache's dirty pages are
+//! written out before every timed run.
 //!
 //! `cargo xtask bench [--sizes 100000,1000000] [--only NAME | --only =NAME]`
 
@@ -485,6 +489,7 @@ fn bench_one(
             size(&state_file).map(|db| db + size(&wal).unwrap_or(0))
         }
     };
+    settle_disk();
     let mut first = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     first.state_bytes = state_size();
     let day_one = dir.join("people-day-one.csv");
@@ -511,29 +516,38 @@ fn bench_one(
     }
     // Read and diff alone (the state's index loaded, the source parsed, every change
     // found and counted, nothing written): the nightly's work that csv-diff also does.
+    // With the anchor, the csv-diff crate on the same two files, in the same run (the
+    // machine is shared, so ratios are what compare across runs). Neither writes, so
+    // each is timed several times, in turn, and the median run of each is the figure: a
+    // run of under a second on a shared machine varies by a third from one to the next.
     let anchored = scenario.from == From::Csv && scenario.sandbox.is_none();
     let read_and_diff = if anchored {
-        let dry = ("bench", "bench");
-        Some(measure_sync(
-            binary,
-            &config,
-            dry,
-            &["--dry-run"],
-            None,
-            state_url,
-        )?)
+        let mut dry_runs = Vec::with_capacity(REPEATS);
+        let mut anchor_runs = Vec::with_capacity(REPEATS);
+        for _ in 0..REPEATS {
+            settle_disk();
+            anchor_runs.push(measure_anchor(&day_one, &people)?);
+            settle_disk();
+            dry_runs.push(measure_sync(
+                binary,
+                &config,
+                ("bench", "bench"),
+                &["--dry-run"],
+                None,
+                state_url,
+            )?);
+        }
+        Some((median(dry_runs), median(anchor_runs)))
     } else {
         None
     };
+    settle_disk();
     let mut nightly = measure(binary, &config, ("bench", "bench"), Some(&url), state_url)?;
     nightly.state_bytes = state_size();
     drop(sandbox);
-    // The anchor: the csv-diff crate on the same two files, in the same run (the
-    // machine is shared, so ratios are what compare across runs).
-    if let (true, Some(mut read_and_diff)) = (anchored, read_and_diff) {
-        let anchor = measure_anchor(&day_one, &people)?;
+    if let Some((mut read_and_diff, anchor)) = read_and_diff {
         eprintln!(
-            "csv-diff on the same two files: {:.2} s, {:.0} MB",
+            "csv-diff on the same two files: {:.2} s, {:.0} MB (median of {REPEATS})",
             anchor.elapsed.as_secs_f64(),
             anchor.max_rss_kib as f64 / 1024.0
         );
@@ -730,6 +744,22 @@ pub(crate) fn generate(path: &PathBuf, n: usize, day: Day) -> Result<()> {
     }
     w.flush()?;
     Ok(())
+}
+
+/// How many times the runs that write nothing (the dry run, the anchor) are timed.
+const REPEATS: usize = 5;
+
+/// The run of median time among `runs` (at least one).
+fn median(mut runs: Vec<Measured>) -> Measured {
+    runs.sort_by_key(|m| m.elapsed);
+    runs.swap_remove(runs.len() / 2)
+}
+
+/// Writes the page cache's dirty pages out before a timed run, so that no run pays
+/// for the files the one before it (or the generator) wrote.
+fn settle_disk() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 fn measure(
