@@ -602,13 +602,15 @@ impl RowBuilder {
     /// then read into a `Contact` (and rejected there if a value is bad).
     fn unchanged_row(&self, read: Option<RowRead>, line: u64) -> Option<UnchangedRow> {
         let (unchanged, read) = (self.unchanged.as_ref()?, read?);
-        if unchanged.known.content_hash(read.key_hash)? != read.content_hash {
+        let known = unchanged.known.entry(read.key_hash)?;
+        if known.content_hash != read.content_hash {
             return None;
         }
         Some(UnchangedRow {
             key_hash: read.key_hash,
             file: std::sync::Arc::clone(&self.display_name),
             line,
+            at: known.at,
         })
     }
 }

@@ -45,8 +45,8 @@ pub use sink::{
     SinkIntegrity, SinkStore, SinkSummary,
 };
 pub use source::{
-    CheckFindings, KnownContent, ReadMode, ReadOutcome, ReadPasses, RecordStream, Source,
-    SourceCapabilities, SourceItem, SourceRecord, Unchanged, UnchangedRow,
+    CheckFindings, KnownContent, KnownEntry, ReadMode, ReadOutcome, ReadPasses, RecordStream,
+    Source, SourceCapabilities, SourceItem, SourceRecord, Unchanged, UnchangedRow,
 };
 
 /// Re-exported so that connector crates register themselves without naming `inventory`

@@ -89,6 +89,11 @@ pub struct UnchangedRow {
     pub file: std::sync::Arc<str>,
     /// The line the row starts on, 1-based.
     pub line: u64,
+    /// Where the [`KnownContent`] that found the row unchanged holds its key
+    /// ([`KnownEntry::at`]), when it said: the engine marks the person read there
+    /// instead of looking the key up again (and looks it up when that place holds
+    /// another key).
+    pub at: Option<u32>,
 }
 
 impl UnchangedRow {
@@ -98,6 +103,16 @@ impl UnchangedRow {
     }
 }
 
+/// A key [`KnownContent`] holds ([`KnownContent::entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownEntry {
+    /// The content hash held for the key.
+    pub content_hash: u64,
+    /// Where the key is among the people held, when the [`KnownContent`] says: a place
+    /// only it and the engine that made it read, carried by [`UnchangedRow::at`].
+    pub at: Option<u32>,
+}
+
 /// What the state knows of the people a run diffs against: the content hash of each
 /// one's record as the source last read it, by key hash ([`Contact::key_hash`] to
 /// [`Contact::content_hash`]), for a source that can skip building the records that
@@ -105,6 +120,15 @@ impl UnchangedRow {
 pub trait KnownContent: Send + Sync {
     /// The content hash the state holds for `key_hash`, `None` for a key it does not hold.
     fn content_hash(&self, key_hash: u64) -> Option<u64>;
+
+    /// As [`KnownContent::content_hash`], with where the key is held, which a source
+    /// hands back in [`UnchangedRow::at`]. The default says no place.
+    fn entry(&self, key_hash: u64) -> Option<KnownEntry> {
+        self.content_hash(key_hash).map(|content_hash| KnownEntry {
+            content_hash,
+            at: None,
+        })
+    }
 
     /// Brings where each of `key_hashes` is into the cache, so that the lookups of a
     /// batch of rows wait for memory together rather than one after another. A source

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use contactsync_core::KnownContent;
+use contactsync_core::{KnownContent, KnownEntry};
 use nohash_hasher::BuildNoHashHasher;
 
 use crate::state::SourceMemo;
@@ -84,6 +84,14 @@ impl KnownContent for SyncedHashes {
         self.find(key_hash).map(|at| self.synced[at].1)
     }
 
+    fn entry(&self, key_hash: u64) -> Option<KnownEntry> {
+        let at = self.find(key_hash)?;
+        Some(KnownEntry {
+            content_hash: self.synced[at].1,
+            at: u32::try_from(at).ok(),
+        })
+    }
+
     fn warm(&self, key_hashes: &[u64]) {
         self.touch(key_hashes.iter().copied());
     }
@@ -101,6 +109,12 @@ pub(crate) struct KnownAsRead(Arc<SyncedHashes>);
 impl KnownContent for KnownAsRead {
     fn content_hash(&self, key_hash: u64) -> Option<u64> {
         self.0.content_hash(key_hash).filter(|&hash| hash != 0)
+    }
+
+    fn entry(&self, key_hash: u64) -> Option<KnownEntry> {
+        self.0
+            .entry(key_hash)
+            .filter(|entry| entry.content_hash != 0)
     }
 
     fn warm(&self, key_hashes: &[u64]) {
@@ -225,18 +239,38 @@ impl ContactIndex {
     /// Marks `key_hash` as read in this run and says what the state knows of it.
     pub(crate) fn mark(&mut self, key_hash: u64) -> Seen {
         match self.hashes.find(key_hash) {
-            Some(at) => {
-                let (word, bit) = (at / 64, 1u64 << (at % 64));
-                if self.seen[word] & bit != 0 {
-                    Seen::Duplicate
-                } else {
-                    self.seen[word] |= bit;
-                    let content = self.content.as_ref().map(|content| content[at]);
-                    Seen::Synced(content.unwrap_or(self.hashes.synced[at].1))
-                }
-            }
+            Some(at) => self.mark_held(at),
             None if self.new.insert(key_hash) => Seen::New,
             None => Seen::Duplicate,
+        }
+    }
+
+    /// As [`ContactIndex::mark`], for a key a source found in the index's
+    /// [`KnownContent`] at `at` ([`KnownEntry::at`]): one load instead of a lookup.
+    /// A place that does not hold `key_hash` is not taken on trust; the key is looked
+    /// up then.
+    pub(crate) fn mark_at(&mut self, key_hash: u64, at: Option<u32>) -> Seen {
+        let at = at.map(|at| at as usize);
+        match at.filter(|&at| {
+            self.hashes
+                .synced
+                .get(at)
+                .is_some_and(|(k, _)| *k == key_hash)
+        }) {
+            Some(at) => self.mark_held(at),
+            None => self.mark(key_hash),
+        }
+    }
+
+    /// Marks the state's person at `at` as read.
+    fn mark_held(&mut self, at: usize) -> Seen {
+        let (word, bit) = (at / 64, 1u64 << (at % 64));
+        if self.seen[word] & bit != 0 {
+            Seen::Duplicate
+        } else {
+            self.seen[word] |= bit;
+            let content = self.content.as_ref().map(|content| content[at]);
+            Seen::Synced(content.unwrap_or(self.hashes.synced[at].1))
         }
     }
 
@@ -270,6 +304,26 @@ mod tests {
         assert_eq!(index.mark(3), Seen::Duplicate);
         assert_eq!(index.unseen().collect::<Vec<_>>(), vec![2]);
         assert_eq!(index.population(), 2);
+    }
+
+    /// A place a source hands back marks the person held there only when it holds the
+    /// key read; any other place, or none, and the key is looked up.
+    #[test]
+    fn a_place_a_source_hands_back_is_checked_before_it_is_marked() {
+        let mut index = ContactIndex::of_synced(vec![(1, 10), (2, 20), (3, 30)]);
+        let known = index.known();
+        let place = |key| known.entry(key).and_then(|entry| entry.at);
+        assert_eq!(known.entry(2).map(|entry| entry.content_hash), Some(20));
+        assert!(place(2).is_some());
+        assert_eq!(index.mark_at(2, place(2)), Seen::Synced(20));
+        assert_eq!(index.mark_at(2, place(2)), Seen::Duplicate);
+        // Key 1's place for key 3: key 3 is marked, key 1 is not.
+        assert_eq!(index.mark_at(3, place(1)), Seen::Synced(30));
+        assert_eq!(index.unseen().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(index.mark_at(9, Some(0)), Seen::New);
+        assert_eq!(index.mark_at(1, Some(99)), Seen::Synced(10));
+        assert_eq!(index.mark_at(1, None), Seen::Duplicate);
+        assert_eq!(index.unseen().count(), 0);
     }
 
     #[test]

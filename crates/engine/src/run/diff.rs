@@ -192,7 +192,7 @@ impl<'r> Run<'r> {
         diff: &mut Diff,
         row: &UnchangedRow,
     ) -> Result<(), RunError> {
-        if let Seen::Synced(_) = diff.index.mark(row.key_hash) {
+        if let Seen::Synced(_) = diff.index.mark_at(row.key_hash, row.at) {
             self.report.unchanged += 1;
             return Ok(());
         }

@@ -633,11 +633,12 @@ enum Staged {
 }
 
 impl Staged {
-    /// The key hash of a record ready to diff.
+    /// The key hash the diff will look up in the index: of a record ready to diff, or
+    /// of an unchanged row the source gave no place for ([`UnchangedRow::at`]).
     fn key_hash(&self) -> Option<u64> {
         match self {
             Staged::Ready(_, prepared) => prepared.key_hash,
-            Staged::Unchanged(row) => Some(row.key_hash),
+            Staged::Unchanged(row) if row.at.is_none() => Some(row.key_hash),
             _ => None,
         }
     }

@@ -64,6 +64,7 @@ impl Source for SkippingSource {
                 key_hash,
                 file: Arc::from("people.csv"),
                 line: i as u64 + 2,
+                at: None,
             })
         });
         Ok(Box::new(ListStream(
