@@ -28,8 +28,9 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use contactsync_core::{
-    async_trait, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, Field, KeyRule,
-    Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext, SinkIntegrity, SinkSummary,
+    async_trait, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, Field,
+    FinishStarted, KeyRule, Outcome, RemovalStyle, Sink, SinkCapabilities, SinkContext,
+    SinkIntegrity, SinkSummary,
 };
 use nohash_hasher::BuildNoHashHasher;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,8 @@ pub struct CsvSink {
     trust: FileTrust,
     /// Rows kept that the state never synced, counted when the file was foreign.
     unknown_in_sink: Option<u64>,
+    /// The file being written, from [`Sink::start_finish`] until `finish` ends it.
+    writing: Option<tokio::task::JoinHandle<Result<Written, ConnectorError>>>,
 }
 
 /// What the sink makes of the file it finds.
@@ -112,7 +115,7 @@ fn hash_file(path: &Path) -> std::io::Result<u64> {
 /// What writing the file did, for the fingerprint and the summary.
 struct Written {
     fingerprint: Fingerprint,
-    kept: u64,
+    counts: MergeCounts,
 }
 
 /// What the current run has applied, waiting for `finish`.
@@ -197,6 +200,7 @@ impl CsvSink {
             run: None,
             trust: FileTrust::default(),
             unknown_in_sink: None,
+            writing: None,
         }
     }
 
@@ -344,24 +348,13 @@ impl CsvSink {
             .map_err(|e| ConnectorError::io(path, e.error))?;
         sync_directory(&dir);
         let meta = file.metadata().map_err(|e| ConnectorError::io(path, e))?;
-        let MergeCounts {
-            kept,
-            replaced,
-            removed,
-            appended,
-        } = counts;
-        tracing::info!(
-            file = %path.display(), kept, replaced, removed, appended,
-            rebuilt = self.trust == FileTrust::Rebuild,
-            "CSV file written"
-        );
         Ok(Written {
             fingerprint: Fingerprint {
                 size: meta.len(),
                 modified_ns: modified_ns(&meta),
                 hash,
             },
-            kept,
+            counts,
         })
     }
 
@@ -889,24 +882,58 @@ impl Sink for CsvSink {
     /// Merges the run's changes into the file (or writes it anew when it could not be
     /// trusted), replaces it atomically, and records its fingerprint.
     async fn finish(&mut self, ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
-        let Some(run) = self.run.take() else {
+        if self.writing.is_none() {
+            self.start_finish()?;
+        }
+        let Some(writing) = self.writing.take() else {
             return Ok(());
+        };
+        let written = writing
+            .await
+            .map_err(|e| ConnectorError::Other(format!("CSV sink finish failed: {e}")))??;
+        let MergeCounts {
+            kept,
+            replaced,
+            removed,
+            appended,
+        } = written.counts;
+        if self.trust == FileTrust::Foreign {
+            self.unknown_in_sink = Some(kept);
+        }
+        let fingerprint = serde_json::to_string(&written.fingerprint)
+            .map_err(|e| ConnectorError::Other(format!("CSV sink fingerprint: {e}")))?;
+        ctx.store.put(&self.fingerprint_key(), &fingerprint)?;
+        // Said once the sink's work is all done: after the state's confirm when the
+        // engine held it meanwhile (all but a SQLite state's largest runs), so that a
+        // run killed after this line has nothing left to do.
+        tracing::info!(
+            file = %self.config.format.path.display(), kept, replaced, removed, appended,
+            rebuilt = self.trust == FileTrust::Rebuild,
+            "CSV file written"
+        );
+        Ok(())
+    }
+
+    /// Writes, syncs and renames the file on a blocking thread, which `finish` waits
+    /// for.
+    fn start_finish(&mut self) -> Result<Option<FinishStarted>, ConnectorError> {
+        let Some(run) = self.run.take() else {
+            return Ok(None);
         };
         let sink = CsvSink {
             config: self.config.clone(),
             run: None,
             trust: self.trust,
             unknown_in_sink: None,
+            writing: None,
         };
-        let written = tokio::task::spawn_blocking(move || sink.write_file(run))
-            .await
-            .map_err(|e| ConnectorError::Other(format!("CSV sink finish failed: {e}")))??;
-        if self.trust == FileTrust::Foreign {
-            self.unknown_in_sink = Some(written.kept);
-        }
-        let fingerprint = serde_json::to_string(&written.fingerprint)
-            .map_err(|e| ConnectorError::Other(format!("CSV sink fingerprint: {e}")))?;
-        ctx.store.put(&self.fingerprint_key(), &fingerprint)
+        let (ended, started) = FinishStarted::channel();
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            let written = sink.write_file(run);
+            let _ = ended.send(written.is_ok());
+            written
+        }));
+        Ok(Some(started))
     }
 
     /// Whether the file is still what this sink last wrote (see [`FileTrust`]).

@@ -41,8 +41,8 @@ pub use secret::{
     redact_secrets, remember_secret, resolve_secret, ExposeSecret, SecretString, REDACTED,
 };
 pub use sink::{
-    JobProgress, NoProgress, ProgressReporter, RemovalStyle, Sink, SinkCapabilities, SinkContext,
-    SinkIntegrity, SinkStore, SinkSummary,
+    FinishStarted, JobProgress, NoProgress, ProgressReporter, RemovalStyle, Sink, SinkCapabilities,
+    SinkContext, SinkIntegrity, SinkStore, SinkSummary,
 };
 pub use source::{
     CheckFindings, KnownContent, KnownEntry, ReadMode, ReadOutcome, ReadPasses, RecordStream,

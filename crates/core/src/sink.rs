@@ -155,6 +155,30 @@ pub struct SinkContext<'a> {
     pub resubscribe: bool,
 }
 
+/// The part of a sink's finish [`Sink::start_finish`] started on another thread. The
+/// engine waits for it blocking, not awaiting: while it waits, it holds the state's
+/// confirm of the run open, and nothing else of the process may run on its thread in
+/// between (another pipeline of `sync --all --jobs` would wait there for the state's
+/// write lock, on the thread this run needs to go on).
+pub struct FinishStarted {
+    ended: std::sync::mpsc::Receiver<bool>,
+}
+
+impl FinishStarted {
+    /// A started part, and what its thread sends once it ends: whether it made the run
+    /// durable. A sender dropped unsent (the thread panicked) says it did not.
+    pub fn channel() -> (std::sync::mpsc::SyncSender<bool>, FinishStarted) {
+        let (sender, ended) = std::sync::mpsc::sync_channel(1);
+        (sender, FinishStarted { ended })
+    }
+
+    /// Blocks until the started part ends: whether it made the run durable
+    /// ([`Sink::finish`] says why not).
+    pub fn wait(self) -> bool {
+        self.ended.recv().unwrap_or(false)
+    }
+}
+
 /// A system changes are written to.
 ///
 /// # Contract
@@ -210,6 +234,18 @@ pub trait Sink: Send {
     /// Called once after the last batch: make everything durable.
     async fn finish(&mut self, _ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
         Ok(())
+    }
+
+    /// Starts the part of [`finish`](Self::finish) that makes the run durable and needs
+    /// no [`SinkContext`] (a file written, synced and renamed on a blocking thread),
+    /// without waiting for it; `finish`, called after, waits for it and ends the work
+    /// (what the sink keeps of its own). A sink [durable at its
+    /// finish](SinkCapabilities::durable_at_finish) is called so, and the engine
+    /// confirms the run's changes in its state meanwhile, kept only if the started part
+    /// says it succeeded. The default starts nothing: `finish` does all, and the engine
+    /// confirms after it.
+    fn start_finish(&mut self) -> Result<Option<FinishStarted>, ConnectorError> {
+        Ok(None)
     }
 
     /// Called once a run, before the read, with the number of people the state says

@@ -31,6 +31,8 @@ pub fn check(new_store: &mut NewStore<'_>) -> Result<(), String> {
     pending_then_settled(new_store()?.as_mut())
         .map_err(|e| format!("pending and settlement: {e}"))?;
     awaiting_finish(new_store()?.as_mut()).map_err(|e| format!("awaiting finish: {e}"))?;
+    confirm_held_while_finishing(new_store()?.as_mut())
+        .map_err(|e| format!("confirm held while the sink finishes: {e}"))?;
     locks_are_exclusive(new_store()?.as_mut()).map_err(|e| format!("locks: {e}"))?;
     sink_store_is_scoped(new_store()?.as_mut()).map_err(|e| format!("sink store: {e}"))?;
     audit_and_history(new_store()?.as_mut()).map_err(|e| format!("audit: {e}"))?;
@@ -366,6 +368,93 @@ fn awaiting_finish(store: &mut dyn StateStore) -> Result<(), String> {
             .map_err(err)?
             .is_some(),
         "the other pipeline's change is synced"
+    );
+    Ok(())
+}
+
+/// A confirm held while the sink finishes: nothing of it (nor of the sink's own writes
+/// made meanwhile) is kept when it is abandoned, and all of it once committed.
+fn confirm_held_while_finishing(store: &mut dyn StateStore) -> Result<(), String> {
+    let rows = created_people(3);
+    let (run, _) = store.begin_run(PIPELINE).map_err(err)?;
+    store
+        .record_awaiting_finish(PIPELINE, run, "b1", &rows[..2], &[None, None])
+        .map_err(err)?;
+    store
+        .record_pending(PIPELINE, run, "b2", &rows[2..])
+        .map_err(err)?;
+    let awaiting = Settlement::AwaitingFinish {
+        key: rows[2].key.clone(),
+        handle: None,
+    };
+    store.settle(PIPELINE, "b2", &[awaiting]).map_err(err)?;
+    let synced = |store: &mut dyn StateStore| -> Result<usize, String> {
+        let mut n = 0;
+        for row in &rows {
+            n += usize::from(
+                store
+                    .synced(PIPELINE, row.key.hash64())
+                    .map_err(err)?
+                    .is_some(),
+            );
+        }
+        Ok(n)
+    };
+    let fingerprint = |store: &mut dyn StateStore| store.sink_store("sinks.a").get("fingerprint");
+    let Some(held) = store.hold_confirm(PIPELINE, run).map_err(err)? else {
+        // A backend that holds nothing confirms after the finish.
+        ensure!(
+            store.confirm_finished(PIPELINE, run).map_err(err)? == 3,
+            "an unheld confirm confirms the three changes"
+        );
+        return Ok(());
+    };
+    ensure!(
+        held == 3,
+        "the held confirm counts the three changes, not {held}"
+    );
+    store
+        .sink_store("sinks.a")
+        .put("fingerprint", "1")
+        .map_err(err)?;
+    store.abandon_confirm().map_err(err)?;
+    ensure!(
+        synced(store)? == 0,
+        "an abandoned confirm leaves nobody synced"
+    );
+    ensure!(
+        fingerprint(store).map_err(err)?.is_none(),
+        "a sink's write made while the confirm was held goes with it"
+    );
+    let status = |store: &mut dyn StateStore| -> Result<Option<String>, String> {
+        let runs = store.runs(Some(PIPELINE), 1).map_err(err)?;
+        Ok(runs.into_iter().next().and_then(|r| r.status))
+    };
+    ensure!(
+        status(store)?.is_none(),
+        "an abandoned confirm leaves the run's status unset"
+    );
+    ensure!(
+        store.hold_confirm(PIPELINE, run).map_err(err)? == Some(3),
+        "an abandoned confirm leaves the changes to confirm again"
+    );
+    store
+        .sink_store("sinks.a")
+        .put("fingerprint", "2")
+        .map_err(err)?;
+    store.commit_confirm().map_err(err)?;
+    ensure!(synced(store)? == 3, "a committed confirm syncs the three");
+    ensure!(
+        status(store)?.as_deref() == Some("confirmed"),
+        "a committed confirm marks its run confirmed until the run's end says more"
+    );
+    ensure!(
+        fingerprint(store).map_err(err)?.as_deref() == Some("2"),
+        "a sink's write made while the confirm was held is kept with it"
+    );
+    ensure!(
+        store.pending_batches(PIPELINE).map_err(err)?.is_empty(),
+        "nothing is left pending"
     );
     Ok(())
 }

@@ -338,8 +338,8 @@ pub struct RunRecord {
 /// What happened to the person `who` (see [`AuditLog::history`]), with each change a
 /// sink durable at its finish took (`sent`) told as it ended: `applied` when its run's
 /// finish made it durable (the run ended `synced`, `finished_with_rejects` or
-/// `removals_held`), else `sent, not confirmed` with why. A change is never said to be
-/// applied before the sink made it so.
+/// `removals_held`, or was killed after its changes were `confirmed`), else `sent, not
+/// confirmed` with why. A change is never said to be applied before the sink made it so.
 pub fn history(state: &mut dyn StateStore, who: &str) -> Result<Vec<AuditEntry>, StateError> {
     let mut entries = state.history(who)?;
     let mut statuses: std::collections::HashMap<(String, i64), Option<String>> = Default::default();
@@ -352,7 +352,7 @@ pub fn history(state: &mut dyn StateStore, who: &str) -> Result<Vec<AuditEntry>,
         }
         let status = statuses.get(&key).cloned().flatten();
         match status.as_deref() {
-            Some("synced" | "finished_with_rejects" | "removals_held") => {
+            Some("synced" | "finished_with_rejects" | "removals_held" | "confirmed") => {
                 entry.outcome = "applied".into();
             }
             other => {
@@ -644,6 +644,38 @@ pub trait PendingJournal: Send {
 
     /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
+
+    /// Does the work of [`confirm_finished`](Self::confirm_finished) while the sink's
+    /// finish is still under way, in one transaction left open: nothing of it is durable
+    /// until [`commit_confirm`](Self::commit_confirm), called once the finish has
+    /// succeeded; [`abandon_confirm`](Self::abandon_confirm) drops it when the finish
+    /// fails. Until either, every write of this store (the sink's own key-value space
+    /// among them) goes into that transaction and is committed or dropped with it.
+    ///
+    /// The run's status becomes `confirmed` in the same transaction, until its end
+    /// records how it ended: a run killed once the commit is done still has its changes
+    /// told as applied by [`history`](crate::history).
+    ///
+    /// Returns how many changes the commit will confirm, or `None` when the backend did
+    /// not hold the confirm (too large to keep one transaction open for, or a backend
+    /// that cannot): the caller then calls `confirm_finished` after the finish, as
+    /// before. A caller that gets `Some` must commit or abandon before any other call.
+    /// The default holds nothing.
+    fn hold_confirm(&mut self, pipeline: &str, run: i64) -> Result<Option<u64>, StateError> {
+        let _ = (pipeline, run);
+        Ok(None)
+    }
+
+    /// Makes the confirm [`hold_confirm`](Self::hold_confirm) holds durable.
+    fn commit_confirm(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Drops the confirm [`hold_confirm`](Self::hold_confirm) holds: the run's changes
+    /// stay unconfirmed, as if it had never been done.
+    fn abandon_confirm(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
 
     /// Drops every pending change of the pipeline.
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError>;

@@ -83,15 +83,30 @@ impl<'r> Run<'r> {
             }
         }
         self.observer.phase(Phase::Finishing, None);
-        {
+        let committed = if capabilities.durable_at_finish {
+            self.confirm_while_finishing(sink, run_id)?
+        } else {
+            None
+        };
+        let finished = {
             let mut lent = self.lend();
             sink.finish(&mut lent.context())
                 .await
-                .map_err(RunError::Sink)?;
-        }
+                .map_err(RunError::Sink)
+        };
+        // Committed, the changes are durable and counted below, even if the sink then
+        // failed to end its own work (its file's fingerprint not kept), which still
+        // fails the run; otherwise nothing is confirmed unless the finish succeeded.
+        let finished = match (committed, finished) {
+            (None, Err(e)) => return Err(e),
+            (_, finished) => finished,
+        };
         if capabilities.durable_at_finish {
             let started = Instant::now();
-            let confirmed = self.state.confirm_finished(&self.pipeline.name, run_id)?;
+            let confirmed = match committed {
+                Some(confirmed) => confirmed,
+                None => self.state.confirm_finished(&self.pipeline.name, run_id)?,
+            };
             tracing::debug!(
                 confirmed,
                 seconds = started.elapsed().as_secs_f64(),
@@ -107,12 +122,59 @@ impl<'r> Run<'r> {
                 .unconfirmed
                 .saturating_sub(done.created + done.updated + done.removed);
         }
+        finished?;
         let summary = sink.summary();
         self.report.unknown_in_sink = summary.unknown_in_sink;
         self.report.imports = summary.jobs;
         self.report.sink_plan = summary.how;
         self.report.outcome_reads = summary.reads;
         Ok(())
+    }
+
+    /// Starts the finish of a sink durable at its finish ([`Sink::start_finish`]) and,
+    /// while its part runs (the CSV file written), confirms the run's changes in a
+    /// transaction the state holds open ([`PendingJournal::hold_confirm`]); commits it
+    /// once that part says the run is durable, or drops it. Returns how many changes
+    /// the commit confirmed; `None` when nothing was held (a sink that starts nothing,
+    /// a confirm too large to hold, or a part that failed), confirmed after the finish.
+    ///
+    /// The wait is blocking, with no await while the confirm is held: another pipeline
+    /// of this process (`sync --all --jobs`, on the same task) that wrote to the state
+    /// meanwhile would wait for its write lock on the very thread this run needs.
+    fn confirm_while_finishing(
+        &mut self,
+        sink: &mut dyn Sink,
+        run_id: i64,
+    ) -> Result<Option<u64>, RunError> {
+        let Some(started) = sink.start_finish().map_err(RunError::Sink)? else {
+            return Ok(None);
+        };
+        let began = Instant::now();
+        let held = self
+            .state
+            .hold_confirm(&self.pipeline.name, run_id)
+            .unwrap_or_else(|e| {
+                tracing::debug!("the confirm waits for the sink's finish: {e}");
+                None
+            });
+        let Some(confirmed) = held else {
+            return Ok(None);
+        };
+        let confirming = began.elapsed();
+        let durable = started.wait();
+        tracing::debug!(
+            confirm_seconds = confirming.as_secs_f64(),
+            seconds = began.elapsed().as_secs_f64(),
+            durable,
+            "the sink's changes confirmed while it finished"
+        );
+        if durable {
+            self.state.commit_confirm()?;
+            Ok(Some(confirmed))
+        } else {
+            self.state.abandon_confirm()?;
+            Ok(None)
+        }
     }
 
     /// Records one batch as pending, sends it, and settles each outcome. A change the

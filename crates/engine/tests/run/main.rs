@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use contactsync_core::{
     async_trait, Change, ChangeBatch, ConnectorError, Contact, ContactKey, ContactStatus, Field,
-    Origin, Outcome, PendingBatch, ReadMode, ReadOutcome, RecordError, RecordStream, RemovalStyle,
-    Sink, SinkCapabilities, SinkContext, Source, SourceCapabilities, SourceItem, SourceRecord,
+    FinishStarted, Origin, Outcome, PendingBatch, ReadMode, ReadOutcome, RecordError, RecordStream,
+    RemovalStyle, Sink, SinkCapabilities, SinkContext, Source, SourceCapabilities, SourceItem,
+    SourceRecord,
 };
 use contactsync_engine::state::roles::*;
 use contactsync_engine::{
@@ -15,6 +16,7 @@ use contactsync_engine::{
 };
 
 mod crash_and_state;
+mod finish;
 mod source_memo;
 
 fn person(id: u32, first: &str) -> Contact {

@@ -5,6 +5,52 @@
 
 use super::{describe, synced_email_index};
 use crate::REBUILD_EMAIL_INDEX_ROWS;
+use postgres::GenericClient;
+
+// The savepoints below are named in SQL rather than taken from a `Transaction`, so that
+// the steps run the same in a transaction of their own and in a confirm held open on
+// the client (`hold_confirm`), where `transaction()` would begin and commit one apart.
+
+/// Undoes a failed drop of `synced_email` and its lock timeout.
+const ROLLBACK_TO_DROP_EMAIL_INDEX: &str =
+    "ROLLBACK TO SAVEPOINT drop_email_index; RELEASE SAVEPOINT drop_email_index";
+
+/// Moves a run's applied changes, pending and staged, into `synced` (removals out of
+/// it), and out of `pending` and `staged`; returns how many. Run in one transaction,
+/// `tx`'s or one held open on the client.
+pub(super) fn confirm_run(
+    tx: &mut impl GenericClient,
+    pipeline: &str,
+    run: i64,
+) -> Result<u64, postgres::Error> {
+    let removed = tx.execute(
+        "DELETE FROM synced WHERE pipeline = $1 AND key_hash IN
+           (SELECT key_hash FROM pending WHERE pipeline = $1 AND run = $2 AND applied AND kind = 'remove')",
+        &[&pipeline, &run],
+    )?;
+    let upserted = tx.execute(
+        "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
+           SELECT pipeline, key_hash, key, content_hash, email, handle, record FROM pending
+           WHERE pipeline = $1 AND run = $2 AND applied AND kind <> 'remove'
+         ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
+           email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
+           record = COALESCE(excluded.record, synced.record),
+           created_run = CASE WHEN excluded.record IS NULL THEN synced.created_run END",
+        &[&pipeline, &run],
+    )?;
+    tx.execute(
+        "DELETE FROM pending WHERE pipeline = $1 AND run = $2 AND applied",
+        &[&pipeline, &run],
+    )?;
+    let staged_removed = tx.execute(
+        "DELETE FROM synced WHERE pipeline = $1 AND key_hash IN
+           (SELECT key_hash FROM staged WHERE pipeline = $1 AND run = $2 AND kind = 'remove')",
+        &[&pipeline, &run],
+    )?;
+    let staged_upserted = insert_staged(tx, pipeline, run)?;
+    clear_staged(tx, pipeline, run)?;
+    Ok(removed + upserted + staged_removed + staged_upserted)
+}
 
 /// Moves a run's staged rows (removals aside) into `synced`, in key order.
 ///
@@ -21,7 +67,7 @@ use crate::REBUILD_EMAIL_INDEX_ROWS;
 /// some seconds at most, as the table is small; it waits a second at most for their
 /// reads, or keeps the index.
 pub(super) fn insert_staged(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut impl GenericClient,
     pipeline: &str,
     run: i64,
 ) -> Result<u64, postgres::Error> {
@@ -60,7 +106,7 @@ pub(super) fn insert_staged(
 /// `synced` holds in all. Counted no further than that tells: a first sync into an
 /// empty database counts 10,000 staged rows, not its million (0.4 s).
 fn outnumber_synced(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut impl GenericClient,
     pipeline: &str,
     run: i64,
 ) -> Result<bool, postgres::Error> {
@@ -85,16 +131,19 @@ fn outnumber_synced(
 
 /// Drops `synced_email`, and says whether it did: the drop waits a second at most for
 /// other workers' reads of `synced`, or the index is kept.
-fn drop_email_index(tx: &mut postgres::Transaction<'_>) -> Result<bool, postgres::Error> {
-    let mut drop = tx.savepoint("drop_email_index")?;
-    let dropped = drop.batch_execute(
+fn drop_email_index(tx: &mut impl GenericClient) -> Result<bool, postgres::Error> {
+    tx.batch_execute("SAVEPOINT drop_email_index")?;
+    let dropped = tx.batch_execute(
         "SET LOCAL lock_timeout = '1s'; DROP INDEX synced_email; SET LOCAL lock_timeout = 0",
     );
     match dropped {
-        Ok(()) => drop.commit().map(|()| true),
+        Ok(()) => tx
+            .batch_execute("RELEASE SAVEPOINT drop_email_index")
+            .map(|()| true),
         Err(e) => {
             tracing::debug!("synced_email kept for a first sync: {}", describe(&e));
-            drop.rollback().map(|()| false)
+            tx.batch_execute(ROLLBACK_TO_DROP_EMAIL_INDEX)
+                .map(|()| false)
         }
     }
 }
@@ -105,13 +154,13 @@ fn drop_email_index(tx: &mut postgres::Transaction<'_>) -> Result<bool, postgres
 /// to a vacuum); otherwise, or when another runner is copying into it just now (waited
 /// for 200 ms at most), by deleting them.
 pub(super) fn clear_staged(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut impl GenericClient,
     pipeline: &str,
     run: i64,
 ) -> Result<(), postgres::Error> {
-    let mut lock = tx.savepoint("truncate_staged")?;
+    tx.batch_execute("SAVEPOINT truncate_staged")?;
     let alone = (|| -> Result<bool, postgres::Error> {
-        lock.batch_execute(
+        tx.batch_execute(
             "SET LOCAL lock_timeout = '200ms'; LOCK TABLE staged IN ACCESS EXCLUSIVE MODE;
              SET LOCAL lock_timeout = 0",
         )?;
@@ -120,7 +169,7 @@ pub(super) fn clear_staged(
         // the other rows was planned as a scan of the whole table.)
         let mut others = false;
         for order in ["ASC", "DESC"] {
-            let end = lock.query_opt(
+            let end = tx.query_opt(
                 &format!("SELECT pipeline, run FROM staged ORDER BY pipeline {order}, run {order} LIMIT 1"),
                 &[],
             )?;
@@ -129,16 +178,17 @@ pub(super) fn clear_staged(
             });
         }
         if !others {
-            lock.batch_execute("TRUNCATE staged")?;
+            tx.batch_execute("TRUNCATE staged")?;
         }
         Ok(!others)
     })();
     match alone {
-        Ok(true) => return lock.commit(),
+        Ok(true) => return tx.batch_execute("RELEASE SAVEPOINT truncate_staged"),
         Ok(false) => {}
         Err(e) => tracing::debug!("staged rows deleted, not truncated: {}", describe(&e)),
     }
-    lock.rollback()?;
+    // Rolled back, the savepoint lets the table's lock go.
+    tx.batch_execute("ROLLBACK TO SAVEPOINT truncate_staged; RELEASE SAVEPOINT truncate_staged")?;
     tx.execute(
         "DELETE FROM staged WHERE pipeline = $1 AND run = $2",
         &[&pipeline, &run],

@@ -221,6 +221,9 @@ pub struct PostgresState {
     creates_run: Option<(String, i64)>,
     /// Compresses the records kept with the database's dictionaries, as SQLite does.
     codec: RecordCodec,
+    /// A confirm done and not yet committed is open on the connection
+    /// ([`PendingJournal::hold_confirm`]).
+    held_confirm: bool,
 }
 
 impl std::fmt::Debug for PostgresState {
@@ -528,6 +531,7 @@ impl PostgresState {
             worker: None,
             held: HashMap::new(),
             creates_run: None,
+            held_confirm: false,
             codec: RecordCodec::default(),
         })
     }

@@ -584,35 +584,48 @@ impl PendingJournal for PostgresState {
         let pipeline = pipeline.to_string();
         self.call(move |c| {
             let mut tx = c.transaction()?;
-            let removed = tx.execute(
-                "DELETE FROM synced WHERE pipeline = $1 AND key_hash IN
-                   (SELECT key_hash FROM pending WHERE pipeline = $1 AND run = $2 AND applied AND kind = 'remove')",
-                &[&pipeline, &run],
-            )?;
-            let upserted = tx.execute(
-                "INSERT INTO synced (pipeline, key_hash, key, content_hash, email, handle, record)
-                   SELECT pipeline, key_hash, key, content_hash, email, handle, record FROM pending
-                   WHERE pipeline = $1 AND run = $2 AND applied AND kind <> 'remove'
-                 ON CONFLICT (pipeline, key_hash) DO UPDATE SET content_hash = excluded.content_hash,
-                   email = excluded.email, handle = COALESCE(excluded.handle, synced.handle),
-                   record = COALESCE(excluded.record, synced.record),
-                   created_run = CASE WHEN excluded.record IS NULL THEN synced.created_run END",
-                &[&pipeline, &run],
-            )?;
-            tx.execute(
-                "DELETE FROM pending WHERE pipeline = $1 AND run = $2 AND applied",
-                &[&pipeline, &run],
-            )?;
-            let staged_removed = tx.execute(
-                "DELETE FROM synced WHERE pipeline = $1 AND key_hash IN
-                   (SELECT key_hash FROM staged WHERE pipeline = $1 AND run = $2 AND kind = 'remove')",
-                &[&pipeline, &run],
-            )?;
-            let staged_upserted = confirm::insert_staged(&mut tx, &pipeline, run)?;
-            confirm::clear_staged(&mut tx, &pipeline, run)?;
+            let confirmed = confirm::confirm_run(&mut tx, &pipeline, run)?;
             tx.commit()?;
-            Ok(removed + upserted + staged_removed + staged_upserted)
+            Ok(confirmed)
         })
+    }
+
+    fn hold_confirm(&mut self, pipeline: &str, run: i64) -> Result<Option<u64>, StateError> {
+        let pipeline = pipeline.to_string();
+        // Begun in SQL, not as a `Transaction`, which could not outlive this call: the
+        // client's next statements (the sink's own key-value writes among them) run in
+        // it until the commit or the rollback. Held whatever its size: a run's locks
+        // are the connection's, with no heartbeat to keep up.
+        let confirmed = self.call(move |c| {
+            c.batch_execute("BEGIN")?;
+            let confirmed = confirm::confirm_run(c, &pipeline, run).and_then(|confirmed| {
+                c.execute(
+                    "UPDATE runs SET status = 'confirmed' WHERE pipeline = $1 AND run = $2 AND status IS NULL",
+                    &[&pipeline, &run],
+                )
+                .map(|_| confirmed)
+            });
+            confirmed.inspect_err(|_| {
+                let _ = c.batch_execute("ROLLBACK");
+            })
+        })?;
+        self.held_confirm = true;
+        Ok(Some(confirmed))
+    }
+
+    fn commit_confirm(&mut self) -> Result<(), StateError> {
+        if !std::mem::take(&mut self.held_confirm) {
+            return Ok(());
+        }
+        // A COMMIT that fails ends the transaction too, rolled back.
+        self.call(|c| c.batch_execute("COMMIT"))
+    }
+
+    fn abandon_confirm(&mut self) -> Result<(), StateError> {
+        if !std::mem::take(&mut self.held_confirm) {
+            return Ok(());
+        }
+        self.call(|c| c.batch_execute("ROLLBACK"))
     }
 
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {

@@ -46,11 +46,10 @@ pub(super) enum Journal {
 /// 4.8 s inserting them one by one through the WAL, where building the index from
 /// the table afterwards takes 1.0 s. A crash in between leaves the index missing
 /// until the next open restores it; `history` finds people without it, only slower.
-fn drop_email_index_for(conn: &mut rusqlite::Connection, rows: i64) -> rusqlite::Result<bool> {
+fn drop_email_index_for(tx: &rusqlite::Connection, rows: i64) -> rusqlite::Result<bool> {
     if rows < crate::REBUILD_EMAIL_INDEX_ROWS {
         return Ok(false);
     }
-    let tx = conn.transaction_with_behavior(WRITE)?;
     // Counts no further than `rows`: a nightly's few thousand rows do not count a
     // large `synced`.
     let held: i64 = tx.query_row(
@@ -62,7 +61,6 @@ fn drop_email_index_for(conn: &mut rusqlite::Connection, rows: i64) -> rusqlite:
         return Ok(false);
     }
     tx.execute_batch("DROP INDEX IF EXISTS synced_email")?;
-    tx.commit()?;
     Ok(true)
 }
 
@@ -177,13 +175,18 @@ impl SqliteState {
 
     /// Moves the rows of `run` that `journal` holds applied into `synced` (removals out
     /// of it), and out of `journal`; returns how many.
+    ///
+    /// With a confirm held ([`SqliteState::held_confirm`]) every statement goes into
+    /// that one open transaction, and `None` says the rows are too many for one range
+    /// (the caller rolls back and confirms after the sink's finish instead).
     pub(super) fn confirm_from(
         &mut self,
         journal: Journal,
         id: i64,
         run: i64,
-    ) -> Result<u64, StateError> {
+    ) -> Result<Option<u64>, StateError> {
         let map = db_error(&self.path);
+        let held = self.held_confirm;
         let remove = compact::kind(ChangeKind::Remove);
         let (table, created_run) = match journal {
             Journal::Pending => ("pending", "NULL"),
@@ -209,12 +212,16 @@ impl SqliteState {
             )
             .map_err(map)?;
         if rows == 0 {
-            return Ok(0);
+            return Ok(Some(0));
+        }
+        let parts = {
+            let range = i128::from(self.confirm_range_rows.max(1));
+            (i128::from(rows) + range - 1) / range
+        };
+        if held && parts > 1 {
+            return Ok(None);
         }
         let ranges = || {
-            let rows = i128::from(rows);
-            let parts = (rows + i128::from(self.confirm_range_rows.max(1)) - 1)
-                / i128::from(self.confirm_range_rows.max(1));
             let width = (1i128 << 64) / parts;
             (0..parts).map(move |n| {
                 let from = i128::from(i64::MIN) + n * width;
@@ -227,41 +234,17 @@ impl SqliteState {
                 (from as i64, to as i64)
             })
         };
-        let rebuild_email_index = drop_email_index_for(&mut self.conn, rows).map_err(map)?;
+        let rebuild_email_index =
+            in_write(&mut self.conn, held, |tx| drop_email_index_for(tx, rows)).map_err(map)?;
         let mut confirmed = 0u64;
         for (from, to) in ranges() {
-            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-            let removed = tx
-                .execute(
-                    &format!(
-                        "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
-                           (SELECT key_hash FROM {table} WHERE key_hash BETWEEN ?4 AND ?5
-                              AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)"
-                    ),
-                    params![id, run, remove, from, to],
-                )
-                .map_err(map)?;
-            let upserted = tx
-                .execute(
-                    &format!(
-                        "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run, email_hash)
-                           SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}, email_hash
-                           FROM {table}
-                           WHERE key_hash BETWEEN ?4 AND ?5
-                             AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
-                           ORDER BY key_hash
-                         {SYNCED_UPSERT}"
-                    ),
-                    params![id, run, remove, from, to],
-                )
-                .map_err(map)?;
-            tx.commit().map_err(map)?;
-            confirmed += (removed + upserted) as u64;
+            confirmed += in_write(&mut self.conn, held, |tx| {
+                confirm_range(tx, table, created_run, params![id, run, remove, from, to])
+            })
+            .map_err(map)?;
         }
         if rebuild_email_index {
-            let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-            restore_indexes(&tx).map_err(map)?;
-            tx.commit().map_err(map)?;
+            in_write(&mut self.conn, held, restore_indexes).map_err(map)?;
         }
         if journal != Journal::Pending {
             self.conn
@@ -270,7 +253,7 @@ impl SqliteState {
                     params![id, run],
                 )
                 .map_err(map)?;
-            return Ok(confirmed);
+            return Ok(Some(confirmed));
         }
         // The confirmed rows leave `pending` last: when they are all it holds (a run
         // alone, as usual), at once, which costs next to nothing where deleting them row
@@ -279,19 +262,21 @@ impl SqliteState {
         // nothing.
         // The check and the delete in one transaction: another pipeline's run may be
         // recording its own pending changes in the same file.
-        let tx = self.conn.transaction_with_behavior(WRITE).map_err(map)?;
-        let others: bool = tx
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
-                params![id, run],
-                |r| r.get(0),
-            )
+        let alone = in_write(&mut self.conn, held, |tx| {
+                let others: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM pending WHERE NOT (pipeline = ?1 AND run = ?2 AND applied = 1))",
+                    params![id, run],
+                    |r| r.get(0),
+                )?;
+                if !others {
+                    tx.execute("DELETE FROM pending", [])?;
+                }
+                Ok(!others)
+            })
             .map_err(map)?;
-        if !others {
-            tx.execute("DELETE FROM pending", []).map_err(map)?;
-            return tx.commit().map_err(map).map(|()| confirmed);
+        if alone {
+            return Ok(Some(confirmed));
         }
-        drop(tx);
         for (from, to) in ranges() {
             self.conn
                 .execute(
@@ -301,6 +286,53 @@ impl SqliteState {
                 )
                 .map_err(map)?;
         }
-        Ok(confirmed)
+        Ok(Some(confirmed))
     }
+}
+
+/// Runs `step` in a write transaction of its own, committed when it succeeds; or, with
+/// a confirm `held`, in that transaction, left open.
+fn in_write<T>(
+    conn: &mut rusqlite::Connection,
+    held: bool,
+    step: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    if held {
+        return step(conn);
+    }
+    let tx = conn.transaction_with_behavior(WRITE)?;
+    let done = step(&tx)?;
+    tx.commit()?;
+    Ok(done)
+}
+
+/// Moves one range of key hashes of a run's applied rows from `table` into `synced`:
+/// `values` are the pipeline, the run, the removal's kind and the range's ends.
+fn confirm_range(
+    conn: &rusqlite::Connection,
+    table: &str,
+    created_run: &str,
+    values: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<u64> {
+    let removed = conn.execute(
+        &format!(
+            "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+               (SELECT key_hash FROM {table} WHERE key_hash BETWEEN ?4 AND ?5
+                  AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)"
+        ),
+        values,
+    )?;
+    let upserted = conn.execute(
+        &format!(
+            "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run, email_hash)
+               SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}, email_hash
+               FROM {table}
+               WHERE key_hash BETWEEN ?4 AND ?5
+                 AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
+               ORDER BY key_hash
+             {SYNCED_UPSERT}"
+        ),
+        values,
+    )?;
+    Ok((removed + upserted) as u64)
 }

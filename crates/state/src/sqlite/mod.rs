@@ -46,6 +46,9 @@ pub struct SqliteState {
     /// Set by a migration to schema 5: the synced rows' email hashes are to be filled
     /// in once the records can be read.
     backfill_email_hashes: bool,
+    /// A confirm done and not yet committed is open on `conn`
+    /// ([`PendingJournal::hold_confirm`]).
+    held_confirm: bool,
 }
 
 /// Records compressed at a time by the thread that compresses a large batch's records
@@ -353,6 +356,7 @@ impl SqliteState {
             commits,
             creates_run: None,
             backfill_email_hashes: false,
+            held_confirm: false,
         };
         if unclean {
             state.quick_check()?;
@@ -454,6 +458,7 @@ impl SqliteState {
             commits: Default::default(),
             creates_run: None,
             backfill_email_hashes: false,
+            held_confirm: false,
         };
         load_dictionaries(&mut state.codec, &state.conn, false).map_err(|message| {
             StateError::Corrupt {
@@ -972,7 +977,7 @@ fn rebuild_empty_pending(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()>
 /// Creates the schema's indexes that are missing: one a bulk confirm dropped to build
 /// it again after (`synced_email`), left missing by a crash in between. Every statement
 /// of [`SCHEMA`] is `IF NOT EXISTS`, so it only adds what is missing.
-fn restore_indexes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+fn restore_indexes(tx: &rusqlite::Connection) -> rusqlite::Result<()> {
     tx.execute_batch(SCHEMA)
 }
 

@@ -558,8 +558,70 @@ impl PendingJournal for SqliteState {
         let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
             return Ok(0);
         };
-        let confirmed = self.confirm_from(Journal::Pending, id, run)?;
-        Ok(confirmed + self.confirm_from(Journal::Staged { created_run: None }, id, run)?)
+        let mut confirmed = 0;
+        for journal in [Journal::Pending, Journal::Staged { created_run: None }] {
+            // Not held: in ranges, never `None`.
+            confirmed += self.confirm_from(journal, id, run)?.unwrap_or_default();
+        }
+        Ok(confirmed)
+    }
+
+    fn hold_confirm(&mut self, pipeline: &str, run: i64) -> Result<Option<u64>, StateError> {
+        let map = db_error(&self.path);
+        let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
+            return Ok(None);
+        };
+        // IMMEDIATE, as every write transaction here: the write lock from the start.
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(map)?;
+        self.held_confirm = true;
+        let mut confirmed = Some(0);
+        for journal in [Journal::Pending, Journal::Staged { created_run: None }] {
+            let done = match self.confirm_from(journal, id, run) {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = self.abandon_confirm();
+                    return Err(e);
+                }
+            };
+            confirmed = confirmed.zip(done).map(|(a, b)| a + b);
+            if confirmed.is_none() {
+                // Too many rows to hold the write lock for: confirmed after the finish.
+                self.abandon_confirm()?;
+                return Ok(None);
+            }
+        }
+        if let Err(e) = self.conn.execute(
+            "UPDATE runs SET status = 'confirmed' WHERE pipeline = ?1 AND run = ?2 AND status IS NULL",
+            params![pipeline, run],
+        ) {
+            let _ = self.abandon_confirm();
+            return Err(db_error(&self.path)(e));
+        }
+        Ok(confirmed)
+    }
+
+    fn commit_confirm(&mut self) -> Result<(), StateError> {
+        if !std::mem::take(&mut self.held_confirm) {
+            return Ok(());
+        }
+        let map = db_error(&self.path);
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            // A failed COMMIT may leave the transaction open: nothing of it is kept.
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(map(e));
+        }
+        Ok(())
+    }
+
+    fn abandon_confirm(&mut self) -> Result<(), StateError> {
+        if !std::mem::take(&mut self.held_confirm) || self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("ROLLBACK")
+            .map_err(db_error(&self.path))
     }
 
     fn drop_pending(&mut self, pipeline: &str, batch_id: &str) -> Result<(), StateError> {

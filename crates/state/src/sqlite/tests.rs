@@ -733,3 +733,67 @@ fn a_large_first_sync_leaves_the_email_index_whole() {
     let state = SqliteState::open(&path).unwrap();
     assert!(has_email_index(&state), "restored on open");
 }
+
+/// The suite every backend passes, here where a broken promise names itself (the
+/// crate's doc example runs it too, with the `conformance` feature).
+#[test]
+fn the_state_conformance_suite_passes_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut n = 0;
+    let checked = crate::conformance::check(&mut || {
+        n += 1;
+        SqliteState::open(&dir.path().join(format!("state-{n}.db")))
+            .map(|s| Box::new(s) as Box<dyn crate::StateStore>)
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(checked, Ok(()));
+}
+
+/// A confirm held while the sink finishes is one open transaction: a process that
+/// ends before the commit (here, its store dropped) leaves nothing confirmed and the
+/// applied changes pending, for the next run's recovery, and a commit keeps it all; a
+/// confirm too large for one range is not held at all, and changes nothing.
+#[test]
+fn a_held_confirm_is_kept_only_once_committed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("state.db");
+    let rows = creates(20);
+    let run = {
+        let mut state = SqliteState::open(&path).unwrap();
+        let (run, _) = state.begin_run("p").unwrap();
+        state.record_pending("p", run, "b1", &rows).unwrap();
+        let awaiting: Vec<Settlement> = rows
+            .iter()
+            .map(|r| Settlement::AwaitingFinish {
+                key: r.key.clone(),
+                handle: None,
+            })
+            .collect();
+        state.settle("p", "b1", &awaiting).unwrap();
+        state.confirm_range_rows = 7;
+        assert_eq!(state.hold_confirm("p", run).unwrap(), None, "three ranges");
+        assert!(state.conn.is_autocommit(), "nothing is held");
+        state.confirm_range_rows = CONFIRM_RANGE_ROWS;
+        assert_eq!(state.hold_confirm("p", run).unwrap(), Some(20));
+        run
+    };
+    let mut state = SqliteState::open(&path).unwrap();
+    assert_eq!(state.summaries().unwrap()[0].synced, 0);
+    let pending: usize = state
+        .pending_batches("p")
+        .unwrap()
+        .iter()
+        .map(|(_, rows)| rows.len())
+        .sum();
+    assert_eq!(pending, 20, "the applied changes are still pending");
+    assert_eq!(state.hold_confirm("p", run).unwrap(), Some(20));
+    state.commit_confirm().unwrap();
+    drop(state);
+    let mut state = SqliteState::open(&path).unwrap();
+    assert_eq!(
+        state.summaries().unwrap()[0].synced,
+        20,
+        "kept once committed"
+    );
+    assert!(state.pending_batches("p").unwrap().is_empty());
+}
