@@ -243,6 +243,16 @@ fn creates(n: u64) -> Vec<PendingRow> {
     crate::conformance::created_people(n)
 }
 
+/// Each of `rows` applied, awaiting the sink's finish.
+fn awaiting(rows: &[PendingRow]) -> Vec<Settlement> {
+    rows.iter()
+        .map(|r| Settlement::AwaitingFinish {
+            key: r.key.clone(),
+            handle: None,
+        })
+        .collect()
+}
+
 fn e1_hash() -> u64 {
     ContactKey::ExternalId("E1".into()).hash64()
 }
@@ -335,14 +345,7 @@ fn the_pages_a_confirmed_run_emptied_are_given_back() {
     for (n, batch) in rows.chunks(10_000).enumerate() {
         let id = format!("run-{run}-batch-{n}");
         state.record_pending("p", run, &id, batch).unwrap();
-        let settlements: Vec<Settlement> = batch
-            .iter()
-            .map(|r| Settlement::AwaitingFinish {
-                key: r.key.clone(),
-                handle: None,
-            })
-            .collect();
-        state.settle("p", &id, &settlements).unwrap();
+        state.settle("p", &id, &awaiting(batch)).unwrap();
     }
     assert_eq!(state.confirm_finished("p", run).unwrap(), 80_000);
     let free = |state: &SqliteState| -> i64 {
@@ -375,14 +378,6 @@ fn a_run_confirmed_in_many_ranges_confirms_exactly_its_applied_changes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut state = SqliteState::open(&dir.path().join("state.db")).unwrap();
     state.confirm_range_rows = 7;
-    let awaiting = |rows: &[PendingRow]| -> Vec<Settlement> {
-        rows.iter()
-            .map(|r| Settlement::AwaitingFinish {
-                key: r.key.clone(),
-                handle: None,
-            })
-            .collect()
-    };
     let (run, _) = state.begin_run("p").unwrap();
     let rows = creates(50);
     for (n, batch) in rows.chunks(12).enumerate() {
@@ -762,14 +757,7 @@ fn a_held_confirm_is_kept_only_once_committed() {
         let mut state = SqliteState::open(&path).unwrap();
         let (run, _) = state.begin_run("p").unwrap();
         state.record_pending("p", run, "b1", &rows).unwrap();
-        let awaiting: Vec<Settlement> = rows
-            .iter()
-            .map(|r| Settlement::AwaitingFinish {
-                key: r.key.clone(),
-                handle: None,
-            })
-            .collect();
-        state.settle("p", "b1", &awaiting).unwrap();
+        state.settle("p", "b1", &awaiting(&rows)).unwrap();
         state.confirm_range_rows = 7;
         assert_eq!(state.hold_confirm("p", run).unwrap(), None, "three ranges");
         assert!(state.conn.is_autocommit(), "nothing is held");
