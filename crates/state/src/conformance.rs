@@ -299,6 +299,11 @@ fn awaiting_finish(store: &mut dyn StateStore) -> Result<(), String> {
         confirmed == 3,
         "the three applied changes are confirmed, not {confirmed}"
     );
+    let runs = store.runs(Some(PIPELINE), 1).map_err(err)?;
+    ensure!(
+        runs.first().and_then(|r| r.status.as_deref()) == Some("confirmed"),
+        "a run whose changes are confirmed is marked so until its end says more: {runs:?}"
+    );
     for row in [&whole[0], &whole[1], &part[0]] {
         ensure!(
             store

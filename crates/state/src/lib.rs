@@ -642,7 +642,9 @@ pub trait PendingJournal: Send {
         self.settle(pipeline, batch_id, &settlements)
     }
 
-    /// Moves every change of `run` marked applied-awaiting-finish into `synced`.
+    /// Moves every change of `run` marked applied-awaiting-finish into `synced`, and
+    /// marks the run `confirmed` when there were any (see
+    /// [`hold_confirm`](Self::hold_confirm)).
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError>;
 
     /// Does the work of [`confirm_finished`](Self::confirm_finished) while the sink's

@@ -16,8 +16,8 @@ const ROLLBACK_TO_DROP_EMAIL_INDEX: &str =
     "ROLLBACK TO SAVEPOINT drop_email_index; RELEASE SAVEPOINT drop_email_index";
 
 /// Moves a run's applied changes, pending and staged, into `synced` (removals out of
-/// it), and out of `pending` and `staged`; returns how many. Run in one transaction,
-/// `tx`'s or one held open on the client.
+/// it), and out of `pending` and `staged`, and marks the run `confirmed`; returns how
+/// many. Run in one transaction, `tx`'s or one held open on the client.
 pub(super) fn confirm_run(
     tx: &mut impl GenericClient,
     pipeline: &str,
@@ -49,7 +49,16 @@ pub(super) fn confirm_run(
     )?;
     let staged_upserted = insert_staged(tx, pipeline, run)?;
     clear_staged(tx, pipeline, run)?;
-    Ok(removed + upserted + staged_removed + staged_upserted)
+    let confirmed = removed + upserted + staged_removed + staged_upserted;
+    if confirmed > 0 {
+        // Until the run's end says how it ended: `history` then tells its changes
+        // applied even if the process dies first.
+        tx.execute(
+            "UPDATE runs SET status = 'confirmed' WHERE pipeline = $1 AND run = $2 AND status IS NULL",
+            &[&pipeline, &run],
+        )?;
+    }
+    Ok(confirmed)
 }
 
 /// Moves a run's staged rows (removals aside) into `synced`, in key order.

@@ -598,14 +598,7 @@ impl PendingJournal for PostgresState {
         // are the connection's, with no heartbeat to keep up.
         let confirmed = self.call(move |c| {
             c.batch_execute("BEGIN")?;
-            let confirmed = confirm::confirm_run(c, &pipeline, run).and_then(|confirmed| {
-                c.execute(
-                    "UPDATE runs SET status = 'confirmed' WHERE pipeline = $1 AND run = $2 AND status IS NULL",
-                    &[&pipeline, &run],
-                )
-                .map(|_| confirmed)
-            });
-            confirmed.inspect_err(|_| {
+            confirm::confirm_run(c, &pipeline, run).inspect_err(|_| {
                 let _ = c.batch_execute("ROLLBACK");
             })
         })?;

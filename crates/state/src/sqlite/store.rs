@@ -343,6 +343,12 @@ impl SyncedIndex for SqliteState {
     }
 }
 
+/// Marks a run whose changes are confirmed (`?1` its pipeline, `?2` the run) until its
+/// end says how it ended: `history` then tells them applied even if the process dies
+/// first.
+const MARK_CONFIRMED: &str =
+    "UPDATE runs SET status = 'confirmed' WHERE pipeline = ?1 AND run = ?2 AND status IS NULL";
+
 impl PendingJournal for SqliteState {
     fn record_pending(
         &mut self,
@@ -563,6 +569,11 @@ impl PendingJournal for SqliteState {
             // Not held: in ranges, never `None`.
             confirmed += self.confirm_from(journal, id, run)?.unwrap_or_default();
         }
+        if confirmed > 0 {
+            self.conn
+                .execute(MARK_CONFIRMED, params![pipeline, run])
+                .map_err(db_error(&self.path))?;
+        }
         Ok(confirmed)
     }
 
@@ -590,10 +601,7 @@ impl PendingJournal for SqliteState {
                 return Ok(None);
             }
         }
-        if let Err(e) = self.conn.execute(
-            "UPDATE runs SET status = 'confirmed' WHERE pipeline = ?1 AND run = ?2 AND status IS NULL",
-            params![pipeline, run],
-        ) {
+        if let Err(e) = self.conn.execute(MARK_CONFIRMED, params![pipeline, run]) {
             let _ = self.abandon_confirm();
             return Err(db_error(&self.path)(e));
         }
