@@ -83,11 +83,8 @@ impl<'r> Run<'r> {
             }
         }
         self.observer.phase(Phase::Finishing, None);
-        let committed = if capabilities.durable_at_finish {
-            self.confirm_while_finishing(sink, run_id)?
-        } else {
-            None
-        };
+        let committed =
+            capabilities.durable_at_finish && self.confirm_while_finishing(sink, run_id)?;
         let finished = {
             let mut lent = self.lend();
             sink.finish(&mut lent.context())
@@ -98,20 +95,19 @@ impl<'r> Run<'r> {
         // failed to end its own work (its file's fingerprint not kept), which still
         // fails the run; otherwise nothing is confirmed unless the finish succeeded.
         let finished = match (committed, finished) {
-            (None, Err(e)) => return Err(e),
+            (false, Err(e)) => return Err(e),
             (_, finished) => finished,
         };
         if capabilities.durable_at_finish {
-            let started = Instant::now();
-            let confirmed = match committed {
-                Some(confirmed) => confirmed,
-                None => self.state.confirm_finished(&self.pipeline.name, run_id)?,
-            };
-            tracing::debug!(
-                confirmed,
-                seconds = started.elapsed().as_secs_f64(),
-                "the sink's changes are recorded as synced"
-            );
+            if !committed {
+                let started = Instant::now();
+                let confirmed = self.state.confirm_finished(&self.pipeline.name, run_id)?;
+                tracing::debug!(
+                    confirmed,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "the sink's changes are recorded as synced after its finish"
+                );
+            }
             // Made durable now, and only now: what the report counts.
             let done = std::mem::take(&mut self.awaiting_finish);
             self.report.created += done.created;
@@ -134,9 +130,9 @@ impl<'r> Run<'r> {
     /// Starts the finish of a sink durable at its finish ([`Sink::start_finish`]) and,
     /// while its part runs (the CSV file written), confirms the run's changes in a
     /// transaction the state holds open ([`PendingJournal::hold_confirm`]); commits it
-    /// once that part says the run is durable, or drops it. Returns how many changes
-    /// the commit confirmed; `None` when nothing was held (a sink that starts nothing,
-    /// a confirm too large to hold, or a part that failed), confirmed after the finish.
+    /// once that part says the run is durable, or drops it. Returns whether it
+    /// committed; if not (a sink that starts nothing, a confirm too large to hold, or a
+    /// part that failed), the confirm comes after the finish.
     ///
     /// The wait is blocking, with no await while the confirm is held: another pipeline
     /// of this process (`sync --all --jobs`, on the same task) that wrote to the state
@@ -145,9 +141,9 @@ impl<'r> Run<'r> {
         &mut self,
         sink: &mut dyn Sink,
         run_id: i64,
-    ) -> Result<Option<u64>, RunError> {
+    ) -> Result<bool, RunError> {
         let Some(started) = sink.start_finish().map_err(RunError::Sink)? else {
-            return Ok(None);
+            return Ok(false);
         };
         let began = Instant::now();
         let held = self
@@ -158,11 +154,12 @@ impl<'r> Run<'r> {
                 None
             });
         let Some(confirmed) = held else {
-            return Ok(None);
+            return Ok(false);
         };
         let confirming = began.elapsed();
         let durable = started.wait();
         tracing::debug!(
+            confirmed,
             confirm_seconds = confirming.as_secs_f64(),
             seconds = began.elapsed().as_secs_f64(),
             durable,
@@ -170,11 +167,10 @@ impl<'r> Run<'r> {
         );
         if durable {
             self.state.commit_confirm()?;
-            Ok(Some(confirmed))
         } else {
             self.state.abandon_confirm()?;
-            Ok(None)
         }
+        Ok(durable)
     }
 
     /// Records one batch as pending, sends it, and settles each outcome. A change the

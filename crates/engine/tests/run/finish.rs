@@ -12,6 +12,8 @@ struct Written {
     taken: Vec<Change>,
     /// Whether the next finish fails (the disk full as the file is written).
     fail_finish: bool,
+    /// `start_finish` was called and no `finish` since.
+    start_called: bool,
     /// Whether `start_finish` came before each `finish`.
     started: Vec<bool>,
 }
@@ -45,7 +47,7 @@ impl Sink for FileSink {
     }
     fn start_finish(&mut self) -> Result<Option<FinishStarted>, ConnectorError> {
         let mut written = self.0.lock().unwrap();
-        written.started.push(true);
+        written.start_called = true;
         // The file written at once, or not (the disk full).
         let (ended, started) = FinishStarted::channel();
         let _ = ended.send(!written.fail_finish);
@@ -53,7 +55,7 @@ impl Sink for FileSink {
     }
     async fn finish(&mut self, ctx: &mut SinkContext<'_>) -> Result<(), ConnectorError> {
         let mut written = self.0.lock().unwrap();
-        let started = written.started.pop() == Some(true);
+        let started = std::mem::take(&mut written.start_called);
         written.started.push(started);
         let taken = std::mem::take(&mut written.taken);
         if std::mem::take(&mut written.fail_finish) {

@@ -11,9 +11,13 @@ use postgres::GenericClient;
 // the steps run the same in a transaction of their own and in a confirm held open on
 // the client (`hold_confirm`), where `transaction()` would begin and commit one apart.
 
-/// Undoes a failed drop of `synced_email` and its lock timeout.
-const ROLLBACK_TO_DROP_EMAIL_INDEX: &str =
-    "ROLLBACK TO SAVEPOINT drop_email_index; RELEASE SAVEPOINT drop_email_index";
+/// Undoes what was done since the savepoint `name` (its locks and `SET LOCAL`s with it),
+/// and ends it.
+fn roll_back_to(tx: &mut impl GenericClient, name: &str) -> Result<(), postgres::Error> {
+    tx.batch_execute(&format!(
+        "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
+    ))
+}
 
 /// Moves a run's applied changes, pending and staged, into `synced` (removals out of
 /// it), and out of `pending` and `staged`, and marks the run `confirmed`; returns how
@@ -151,8 +155,7 @@ fn drop_email_index(tx: &mut impl GenericClient) -> Result<bool, postgres::Error
             .map(|()| true),
         Err(e) => {
             tracing::debug!("synced_email kept for a first sync: {}", describe(&e));
-            tx.batch_execute(ROLLBACK_TO_DROP_EMAIL_INDEX)
-                .map(|()| false)
+            roll_back_to(tx, "drop_email_index").map(|()| false)
         }
     }
 }
@@ -197,7 +200,7 @@ pub(super) fn clear_staged(
         Err(e) => tracing::debug!("staged rows deleted, not truncated: {}", describe(&e)),
     }
     // Rolled back, the savepoint lets the table's lock go.
-    tx.batch_execute("ROLLBACK TO SAVEPOINT truncate_staged; RELEASE SAVEPOINT truncate_staged")?;
+    roll_back_to(tx, "truncate_staged")?;
     tx.execute(
         "DELETE FROM staged WHERE pipeline = $1 AND run = $2",
         &[&pipeline, &run],
