@@ -213,7 +213,7 @@ fn first_sync(state: &mut PostgresState, pipeline: &str, n: u64) -> u64 {
     for (i, batch) in people.chunks(4_000).enumerate() {
         let handles = vec![None; batch.len()];
         state
-            .record_awaiting_finish(pipeline, run, &format!("b{i}"), batch, &handles)
+            .record_awaiting_finish(pipeline, run, &format!("b{i}"), batch.to_vec(), handles)
             .unwrap();
     }
     state.confirm_finished(pipeline, run).unwrap()
@@ -278,7 +278,13 @@ fn a_large_first_sync_leaves_the_email_index_whole() {
     let (crm_run, _) = state.begin_run("crm->out").unwrap();
     let crm = conformance::created_people(3);
     state
-        .record_awaiting_finish("crm->out", crm_run, "c1", &crm, &[None, None, None])
+        .record_awaiting_finish(
+            "crm->out",
+            crm_run,
+            "c1",
+            crm.clone(),
+            vec![None, None, None],
+        )
         .unwrap();
     assert_eq!(first_sync(&mut state, "hr->out2", 10_001), 10_001);
     assert_eq!(state.confirm_finished("crm->out", crm_run).unwrap(), 3);

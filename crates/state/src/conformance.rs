@@ -275,7 +275,13 @@ fn awaiting_finish(store: &mut dyn StateStore) -> Result<(), String> {
     // b1 as a sink that keeps nothing before its finish has it recorded: taken
     // already, in one step; b2 recorded first and settled after.
     store
-        .record_awaiting_finish(PIPELINE, run, "b1", &whole, &[None, Some("h-2".into())])
+        .record_awaiting_finish(
+            PIPELINE,
+            run,
+            "b1",
+            whole.to_vec(),
+            vec![None, Some("h-2".into())],
+        )
         .map_err(err)?;
     store
         .record_pending(PIPELINE, run, "b2", &part)
@@ -383,7 +389,7 @@ fn confirm_held_while_finishing(store: &mut dyn StateStore) -> Result<(), String
     let rows = created_people(3);
     let (run, _) = store.begin_run(PIPELINE).map_err(err)?;
     store
-        .record_awaiting_finish(PIPELINE, run, "b1", &rows[..2], &[None, None])
+        .record_awaiting_finish(PIPELINE, run, "b1", rows[..2].to_vec(), vec![None, None])
         .map_err(err)?;
     store
         .record_pending(PIPELINE, run, "b2", &rows[2..])
@@ -882,7 +888,7 @@ pub(crate) fn play_three_runs(
                 .map_err(err)?;
         let id = format!("run-{run}-batch-1");
         state
-            .record_awaiting_finish(PIPELINE, run, &id, &rows, &vec![None; rows.len()])
+            .record_awaiting_finish(PIPELINE, run, &id, rows.clone(), vec![None; rows.len()])
             .map_err(err)?;
         let entries: Vec<AuditEntry> = rows
             .iter()

@@ -621,22 +621,24 @@ pub trait PendingJournal: Send {
     /// it (`handles[i]` for `rows[i]`). The result is what [`PendingJournal::record_pending`]
     /// followed by [`Settlement::AwaitingFinish`] for every row leaves; the default
     /// takes exactly those two steps, and a backend that can write it at once overrides
-    /// it.
+    /// it. The rows are given, not lent: a backend may keep them until the confirm
+    /// (SQLite hands them to a thread that compresses and stages them while the run
+    /// goes on).
     fn record_awaiting_finish(
         &mut self,
         pipeline: &str,
         run: i64,
         batch_id: &str,
-        rows: &[PendingRow],
-        handles: &[Option<String>],
+        rows: Vec<PendingRow>,
+        handles: Vec<Option<String>>,
     ) -> Result<(), StateError> {
-        self.record_pending(pipeline, run, batch_id, rows)?;
+        self.record_pending(pipeline, run, batch_id, &rows)?;
         let settlements: Vec<Settlement> = rows
-            .iter()
+            .into_iter()
             .zip(handles)
             .map(|(row, handle)| Settlement::AwaitingFinish {
-                key: row.key.clone(),
-                handle: handle.clone(),
+                key: row.key,
+                handle,
             })
             .collect();
         self.settle(pipeline, batch_id, &settlements)

@@ -40,6 +40,8 @@ pub const TRAINING_RECORDS: usize = 1000;
 pub(crate) struct RecordCodec {
     /// The dictionary new records are compressed with, by id.
     current: Option<(u64, zstd::bulk::Compressor<'static>)>,
+    /// That dictionary's bytes, for [`RecordCodec::writer`].
+    current_dictionary: Vec<u8>,
     /// Every dictionary known, by id.
     readers: std::collections::HashMap<u64, zstd::bulk::Decompressor<'static>>,
     /// Format-1 bodies kept to train the first dictionary on.
@@ -86,10 +88,29 @@ impl RecordCodec {
                 writer.set_parameter(parameter)?;
             }
             self.current = Some((id, writer));
+            self.current_dictionary = dictionary.to_vec();
             self.samples = Vec::new();
             self.recent.clear();
         }
         Ok(())
+    }
+
+    /// The id of the dictionary new records are compressed with, if any.
+    pub(crate) fn current_id(&self) -> Option<u64> {
+        self.current.as_ref().map(|(id, _)| *id)
+    }
+
+    /// A codec that compresses new records as this one does, for another thread (it
+    /// reads only what it writes).
+    pub(crate) fn writer(&self) -> RecordCodec {
+        let mut codec = RecordCodec::default();
+        if let Some(id) = self.current_id() {
+            // Usable here, so usable there: the same bytes.
+            if let Err(e) = codec.add_dictionary(id, &self.current_dictionary, true) {
+                tracing::warn!("records stay uncompressed: dictionary {id} is not usable: {e}");
+            }
+        }
+        codec
     }
 
     /// Whether the dictionary `id` is known.

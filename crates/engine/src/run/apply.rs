@@ -182,7 +182,7 @@ impl<'r> Run<'r> {
         batch: &ChangeBatch,
         addresses: &AddressBook,
     ) -> Result<(), RunError> {
-        let rows: Vec<PendingRow> = batch
+        let mut rows: Vec<PendingRow> = batch
             .changes
             .iter()
             .map(|c| PendingRow {
@@ -245,8 +245,9 @@ impl<'r> Run<'r> {
             let (pipeline, run) = (&self.pipeline.name, self.report.run);
             match handles {
                 Some(handles) => {
+                    let rows = std::mem::take(&mut rows);
                     self.state
-                        .record_awaiting_finish(pipeline, run, &batch.id, &rows, &handles)?;
+                        .record_awaiting_finish(pipeline, run, &batch.id, rows, handles)?;
                     recorded_applied = true;
                 }
                 None => self.state.record_pending(pipeline, run, &batch.id, &rows)?,
@@ -255,6 +256,15 @@ impl<'r> Run<'r> {
         let mut settlements = Vec::with_capacity(outcomes.len());
         let mut settled = 0u64;
         let mut audit: Vec<(&'static str, Option<String>)> = Vec::with_capacity(outcomes.len());
+        if recorded_applied {
+            // Every change applied, none taken by the address rule (`handles` above),
+            // and its rows given to the state: counted once the finish succeeds, told
+            // `sent` until then.
+            for change in &batch.changes {
+                audit.push(("sent", None));
+                self.awaiting_finish.count(change.kind());
+            }
+        }
         for (((change, row), outcome), taken) in batch
             .changes
             .iter()
@@ -285,9 +295,6 @@ impl<'r> Run<'r> {
                             ChangeKind::Update => self.report.updated += 1,
                             ChangeKind::Remove => self.report.removed += 1,
                         }
-                    }
-                    if recorded_applied {
-                        continue;
                     }
                     settlements.push(if durable_at_finish {
                         Settlement::AwaitingFinish { key, handle }

@@ -568,8 +568,8 @@ impl PendingJournal for PostgresState {
         pipeline: &str,
         run: i64,
         batch_id: &str,
-        rows: &[PendingRow],
-        handles: &[Option<String>],
+        rows: Vec<PendingRow>,
+        handles: Vec<Option<String>>,
     ) -> Result<(), StateError> {
         let _ = batch_id; // staged rows are confirmed by run, not by batch
         let created_run = self
@@ -577,7 +577,7 @@ impl PendingJournal for PostgresState {
             .as_ref()
             .is_some_and(|(p, r)| p == pipeline && *r == run)
             .then_some(run);
-        self.stage(pipeline, run, rows, handles, created_run)
+        self.stage(pipeline, run, &rows, &handles, created_run)
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {

@@ -1,43 +1,11 @@
 //! Where a batch is recorded before it is confirmed: `pending`, the journal kept across
-//! a crash, or `temp.staged`, the batches a sink durable at its finish took whole.
+//! a crash (the batches a sink durable at its finish took whole are staged apart,
+//! `staging.rs`).
 
+use super::staging::{ConfirmError, StagedRun};
+use super::store::MARK_CONFIRMED;
 use super::*;
-
-/// The batches a sink durable at its finish took whole, until its finish made them
-/// durable ([`PendingJournal::record_awaiting_finish`]): `pending`'s columns in a
-/// temporary table of the connection, so that they cost no write to the file (no
-/// journal, no sync) and a crash leaves nothing of them; `created_run` marks the creates
-/// of a run that keeps them as one entry. Appended as they come (a b-tree in key-hash
-/// order took twice as long as the writes it saved, once larger than its cache) and
-/// sorted once, when `synced` takes them.
-pub(super) const STAGED: &str = "
-CREATE TEMP TABLE IF NOT EXISTS staged (
-    pipeline INTEGER NOT NULL,
-    batch_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    run INTEGER NOT NULL,
-    key_hash INTEGER NOT NULL,
-    kind NOT NULL,
-    content_hash INTEGER NOT NULL,
-    applied INTEGER NOT NULL DEFAULT 1,
-    record BLOB,
-    key TEXT,
-    email TEXT,
-    handle TEXT,
-    created_run INTEGER,
-    email_hash INTEGER
-);
-";
-
-/// Where [`SqliteState::insert_pending`] writes a batch.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Journal {
-    /// `pending`, kept across a crash for the next run's recovery.
-    Pending,
-    /// `temp.staged`, applied and awaiting the sink's finish, with the creates marked
-    /// with `created_run` when given.
-    Staged { created_run: Option<i64> },
-}
+use crate::PendingJournal;
 
 /// Drops `synced_email` before `rows` rows are confirmed, when there are many and
 /// `synced` holds fewer (a first sync), and says so; the caller builds it again
@@ -46,7 +14,7 @@ pub(super) enum Journal {
 /// 4.8 s inserting them one by one through the WAL, where building the index from
 /// the table afterwards takes 1.0 s. A crash in between leaves the index missing
 /// until the next open restores it; `history` finds people without it, only slower.
-fn drop_email_index_for(tx: &rusqlite::Connection, rows: i64) -> rusqlite::Result<bool> {
+pub(super) fn drop_email_index_for(tx: &rusqlite::Connection, rows: i64) -> rusqlite::Result<bool> {
     if rows < crate::REBUILD_EMAIL_INDEX_ROWS {
         return Ok(false);
     }
@@ -64,12 +32,72 @@ fn drop_email_index_for(tx: &rusqlite::Connection, rows: i64) -> rusqlite::Resul
     Ok(true)
 }
 
+/// What a confirm moves into `synced`.
+pub(super) enum Confirming<'a> {
+    /// A run's applied rows in `pending`.
+    Pending,
+    /// A run's staged rows.
+    Staged(&'a mut StagedRun),
+}
+
+/// The staged rows could not be read back (or the thread writing them failed).
+fn staging_error(path: &std::path::Path, e: std::io::Error) -> StateError {
+    StateError::Unavailable {
+        path: path.to_path_buf(),
+        message: format!("the changes staged for it in a temporary file: {e}"),
+    }
+}
+
 impl SqliteState {
-    /// Inserts a batch's rows into `journal` in one transaction; with `applied`, each
+    /// The confirm of [`PendingJournal::hold_confirm`](crate::PendingJournal::hold_confirm),
+    /// its transaction begun: `pending`'s rows, then `staged`'s; abandoned on an error or
+    /// when the rows are too many to hold.
+    pub(super) fn confirm_held(
+        &mut self,
+        pipeline: &str,
+        id: i64,
+        run: i64,
+        mut staged: Option<&mut StagedRun>,
+    ) -> Result<Option<u64>, StateError> {
+        let mut confirmed = Some(0);
+        for pending in [true, false] {
+            let source = match (pending, staged.as_deref_mut()) {
+                (true, _) => Confirming::Pending,
+                (false, Some(staged)) => Confirming::Staged(staged),
+                (false, None) => break,
+            };
+            let done = match self.confirm_from(source, id, run) {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = self.abandon_confirm();
+                    return Err(e);
+                }
+            };
+            confirmed = confirmed.zip(done).map(|(a, b)| a + b);
+            if confirmed.is_none() {
+                // Too many rows to hold the write lock for: confirmed after the finish.
+                self.abandon_confirm()?;
+                return Ok(None);
+            }
+        }
+        if let Err(e) = self.conn.execute(MARK_CONFIRMED, params![pipeline, run]) {
+            let _ = self.abandon_confirm();
+            return Err(db_error(&self.path)(e));
+        }
+        Ok(confirmed)
+    }
+
+    /// Gives the staged rows of a held confirm back to their run: it was dropped.
+    pub(super) fn unhold_staged(&mut self) {
+        if let Some((pipeline, staged)) = self.held_staged.take() {
+            self.staged.insert(pipeline, staged);
+        }
+    }
+
+    /// Inserts a batch's rows into `pending` in one transaction; with `applied`, each
     /// marked applied with its handle (awaiting the sink's finish).
     pub(super) fn insert_pending(
         &mut self,
-        journal: Journal,
         pipeline: &str,
         run: i64,
         batch_id: &str,
@@ -80,26 +108,16 @@ impl SqliteState {
         let path = self.path.clone();
         let map = db_error(&path);
         let (conn, codec) = (&mut self.conn, &mut self.codec);
-        let tx = match journal {
-            Journal::Pending => conn.transaction_with_behavior(WRITE),
-            // Only the temporary database is written: the file's lock is not needed.
-            Journal::Staged { .. } => conn.transaction(),
-        }
-        .map_err(map)?;
+        let tx = conn.transaction_with_behavior(WRITE).map_err(map)?;
         let id = match pipeline_id(&tx, pipeline).map_err(map)? {
             Some(id) => id,
             None => ensure_pipeline(&tx, pipeline).map_err(map)?,
         };
-        // `staged` has one column more: the run that created the person.
-        let (table, created_column, created_value) = match journal {
-            Journal::Pending => ("pending", "", ""),
-            Journal::Staged { .. } => ("temp.staged", ", created_run", ", ?14"),
-        };
         let mut stmt = tx
-            .prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {table} (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle, email_hash{created_column})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13{created_value})",
-            ))
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pending (pipeline, batch_id, seq, run, key_hash, kind, content_hash, record, key, email, applied, handle, email_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )
             .map_err(map)?;
         let mut insert = |seq: usize, row: &PendingRow, bytes: Option<Vec<u8>>| {
             let record = row.record.as_ref();
@@ -122,17 +140,7 @@ impl SqliteState {
                 handle,
                 compact::email_hash(row.key.hash64(), row.email.as_deref(), record),
             ];
-            match journal {
-                Journal::Pending => stmt.execute(values),
-                Journal::Staged { created_run } => {
-                    let created = created_run.filter(|_| row.kind == ChangeKind::Create);
-                    let mut all = values.to_vec();
-                    all.push(&created);
-                    stmt.execute(&*all)
-                }
-            }
-            .map(drop)
-            .map_err(map)
+            stmt.execute(values).map(drop).map_err(map)
         };
         let encode = |codec: &mut RecordCodec, chunk: &[PendingRow]| -> Vec<Option<Vec<u8>>> {
             chunk
@@ -173,25 +181,22 @@ impl SqliteState {
         tx.commit().map_err(map)
     }
 
-    /// Moves the rows of `run` that `journal` holds applied into `synced` (removals out
-    /// of it), and out of `journal`; returns how many.
+    /// Moves the rows of `run` that `source` holds applied into `synced` (removals out
+    /// of it), and out of `pending`; returns how many.
     ///
     /// With a confirm held ([`SqliteState::held_confirm`]) every statement goes into
     /// that one open transaction, and `None` says the rows are too many for one range
     /// (the caller rolls back and confirms after the sink's finish instead).
     pub(super) fn confirm_from(
         &mut self,
-        journal: Journal,
+        mut source: Confirming<'_>,
         id: i64,
         run: i64,
     ) -> Result<Option<u64>, StateError> {
-        let map = db_error(&self.path);
+        let path = self.path.clone();
+        let map = db_error(&path);
         let held = self.held_confirm;
         let remove = compact::kind(ChangeKind::Remove);
-        let (table, created_run) = match journal {
-            Journal::Pending => ("pending", "NULL"),
-            Journal::Staged { .. } => ("temp.staged", "created_run"),
-        };
         // In ranges of key hashes, each its own transaction, so that no transaction
         // holds the write lock for long (ten million rows took over a minute, and the
         // run lock's heartbeat counts a lock not renewed for two minutes as abandoned).
@@ -203,14 +208,19 @@ impl SqliteState {
         // recovery asks the sink about them, as after a crash before the confirmation
         // (staged rows go with the process: the next run sends them again, into a sink
         // that converges).
-        let rows: i64 = self
-            .conn
-            .query_row(
-                &format!("SELECT COUNT(*) FROM {table} WHERE pipeline = ?1 AND run = ?2"),
-                params![id, run],
-                |r| r.get(0),
-            )
-            .map_err(map)?;
+        let rows: i64 = match &mut source {
+            Confirming::Pending => self
+                .conn
+                .query_row(
+                    "SELECT COUNT(*) FROM pending WHERE pipeline = ?1 AND run = ?2",
+                    params![id, run],
+                    |r| r.get(0),
+                )
+                .map_err(map)?,
+            Confirming::Staged(staged) => {
+                staged.rows().map_err(|e| staging_error(&path, e))? as i64
+            }
+        };
         if rows == 0 {
             return Ok(Some(0));
         }
@@ -238,21 +248,24 @@ impl SqliteState {
             in_write(&mut self.conn, held, |tx| drop_email_index_for(tx, rows)).map_err(map)?;
         let mut confirmed = 0u64;
         for (from, to) in ranges() {
-            confirmed += in_write(&mut self.conn, held, |tx| {
-                confirm_range(tx, table, created_run, params![id, run, remove, from, to])
-            })
-            .map_err(map)?;
+            confirmed += match &mut source {
+                Confirming::Pending => in_write(&mut self.conn, held, |tx| {
+                    confirm_range(tx, params![id, run, remove, from, to])
+                })
+                .map_err(map)?,
+                Confirming::Staged(staged) => in_write(&mut self.conn, held, |tx| {
+                    staged.confirm_range(tx, id, from, to)
+                })
+                .map_err(|e| match e {
+                    ConfirmError::Database(e) => map(e),
+                    ConfirmError::Staging(e) => staging_error(&path, e),
+                })?,
+            };
         }
         if rebuild_email_index {
             in_write(&mut self.conn, held, restore_indexes).map_err(map)?;
         }
-        if journal != Journal::Pending {
-            self.conn
-                .execute(
-                    "DELETE FROM temp.staged WHERE pipeline = ?1 AND run = ?2",
-                    params![id, run],
-                )
-                .map_err(map)?;
+        if let Confirming::Staged(_) = source {
             return Ok(Some(confirmed));
         }
         // The confirmed rows leave `pending` last: when they are all it holds (a run
@@ -292,11 +305,11 @@ impl SqliteState {
 
 /// Runs `step` in a write transaction of its own, committed when it succeeds; or, with
 /// a confirm `held`, in that transaction, left open.
-fn in_write<T>(
+fn in_write<T, E: From<rusqlite::Error>>(
     conn: &mut rusqlite::Connection,
     held: bool,
-    step: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
+    step: impl FnOnce(&rusqlite::Connection) -> Result<T, E>,
+) -> Result<T, E> {
     if held {
         return step(conn);
     }
@@ -306,27 +319,23 @@ fn in_write<T>(
     Ok(done)
 }
 
-/// Moves one range of key hashes of a run's applied rows from `table` into `synced`:
+/// Moves one range of key hashes of a run's applied rows from `pending` into `synced`:
 /// `values` are the pipeline, the run, the removal's kind and the range's ends.
 fn confirm_range(
     conn: &rusqlite::Connection,
-    table: &str,
-    created_run: &str,
     values: &[&dyn rusqlite::ToSql],
 ) -> rusqlite::Result<u64> {
     let removed = conn.execute(
-        &format!(
-            "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
-               (SELECT key_hash FROM {table} WHERE key_hash BETWEEN ?4 AND ?5
-                  AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)"
-        ),
+        "DELETE FROM synced WHERE pipeline = ?1 AND key_hash IN
+           (SELECT key_hash FROM pending WHERE key_hash BETWEEN ?4 AND ?5
+              AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind = ?3)",
         values,
     )?;
     let upserted = conn.execute(
         &format!(
             "INSERT INTO synced (pipeline, key_hash, content_hash, record, key, email, handle, created_run, email_hash)
-               SELECT pipeline, key_hash, content_hash, record, key, email, handle, {created_run}, email_hash
-               FROM {table}
+               SELECT pipeline, key_hash, content_hash, record, key, email, handle, NULL, email_hash
+               FROM pending
                WHERE key_hash BETWEEN ?4 AND ?5
                  AND pipeline = ?1 AND run = ?2 AND applied = 1 AND kind != ?3
                ORDER BY key_hash

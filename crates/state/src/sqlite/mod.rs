@@ -21,12 +21,14 @@ mod creates;
 mod journal;
 mod migrate;
 mod sink_store;
+mod staging;
 mod store;
 mod views;
 use creates::write_out_creates;
-use journal::{Journal, STAGED};
+use journal::Confirming;
 use migrate::migrate_to_compact_rows;
 use sink_store::SqliteSinkStore;
+use staging::{staging_dir, StagedRun};
 
 /// The embedded default: one SQLite file per config, in WAL mode.
 pub struct SqliteState {
@@ -49,6 +51,11 @@ pub struct SqliteState {
     /// A confirm done and not yet committed is open on `conn`
     /// ([`PendingJournal::hold_confirm`]).
     held_confirm: bool,
+    /// The rows each pipeline's current run staged for its confirm, by pipeline
+    /// ([`PendingJournal::record_awaiting_finish`]).
+    staged: std::collections::HashMap<String, StagedRun>,
+    /// The staged rows a held confirm took, by pipeline, until its commit.
+    held_staged: Option<(String, StagedRun)>,
 }
 
 /// Records compressed at a time by the thread that compresses a large batch's records
@@ -357,6 +364,8 @@ impl SqliteState {
             creates_run: None,
             backfill_email_hashes: false,
             held_confirm: false,
+            staged: Default::default(),
+            held_staged: None,
         };
         if unclean {
             state.quick_check()?;
@@ -459,6 +468,8 @@ impl SqliteState {
             creates_run: None,
             backfill_email_hashes: false,
             held_confirm: false,
+            staged: Default::default(),
+            held_staged: None,
         };
         load_dictionaries(&mut state.codec, &state.conn, false).map_err(|message| {
             StateError::Corrupt {
@@ -608,8 +619,6 @@ impl SqliteState {
             }
         }
         tx.commit().map_err(map)?;
-        // This connection's own: gone with it, so nothing a crash leaves behind.
-        self.conn.execute_batch(STAGED).map_err(map)?;
         if migrated {
             // The old tables' pages are free now; a file made before auto-vacuum needs
             // one VACUUM to give them back and to free pages from then on. Another

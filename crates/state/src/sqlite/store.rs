@@ -114,16 +114,13 @@ impl RunLog for SqliteState {
                 "INSERT OR REPLACE INTO runs (pipeline, run, started_at) VALUES (?1, ?2, ?3)",
                 params![pipeline, run, chrono::Utc::now().to_rfc3339()],
             )?;
-            // What an earlier run of this process staged and never confirmed (its sink's
-            // finish failed) is not sent again by this run's rows.
-            tx.execute(
-                &format!("DELETE FROM temp.staged WHERE pipeline = {PIPELINE_ID}"),
-                [pipeline],
-            )?;
             Ok((run, last_full))
         })();
         let value = result.map_err(db_error(&self.path))?;
         tx.commit().map_err(db_error(&self.path))?;
+        // What an earlier run of this process staged and never confirmed (its sink's
+        // finish failed) is not confirmed with this run's rows.
+        self.staged.remove(pipeline);
         Ok(value)
     }
 
@@ -346,7 +343,7 @@ impl SyncedIndex for SqliteState {
 /// Marks a run whose changes are confirmed (`?1` its pipeline, `?2` the run) until its
 /// end says how it ended: `history` then tells them applied even if the process dies
 /// first.
-const MARK_CONFIRMED: &str =
+pub(super) const MARK_CONFIRMED: &str =
     "UPDATE runs SET status = 'confirmed' WHERE pipeline = ?1 AND run = ?2 AND status IS NULL";
 
 impl PendingJournal for SqliteState {
@@ -357,7 +354,7 @@ impl PendingJournal for SqliteState {
         batch_id: &str,
         rows: &[PendingRow],
     ) -> Result<(), StateError> {
-        self.insert_pending(Journal::Pending, pipeline, run, batch_id, rows, None)
+        self.insert_pending(pipeline, run, batch_id, rows, None)
     }
 
     fn pending_batches(
@@ -541,22 +538,37 @@ impl PendingJournal for SqliteState {
         pipeline: &str,
         run: i64,
         batch_id: &str,
-        rows: &[PendingRow],
-        handles: &[Option<String>],
+        rows: Vec<PendingRow>,
+        handles: Vec<Option<String>>,
     ) -> Result<(), StateError> {
+        let _ = batch_id; // staged rows are confirmed by run, not by batch
         let created_run = self
             .creates_run
             .as_ref()
             .is_some_and(|(p, r)| p == pipeline && *r == run)
             .then_some(run);
-        self.insert_pending(
-            Journal::Staged { created_run },
-            pipeline,
-            run,
-            batch_id,
-            rows,
-            Some(handles),
-        )
+        // The dictionary is trained (and stored) here, before the staging thread
+        // compresses with it.
+        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
+        let path = self.path.clone();
+        let staging = |e: std::io::Error| StateError::Unavailable {
+            path: path.clone(),
+            message: format!("staging the changes for the confirm in a temporary file: {e}"),
+        };
+        let staged = match self.staged.entry(pipeline.to_string()) {
+            std::collections::hash_map::Entry::Occupied(mut held) => {
+                if held.get().run() != run {
+                    held.insert(StagedRun::start(run, &staging_dir(&path)).map_err(staging)?);
+                }
+                held.into_mut()
+            }
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(StagedRun::start(run, &staging_dir(&path)).map_err(staging)?)
+            }
+        };
+        staged
+            .push(rows, handles, created_run, &self.codec)
+            .map_err(staging)
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
@@ -564,10 +576,14 @@ impl PendingJournal for SqliteState {
         let Some(id) = pipeline_id(&self.conn, pipeline).map_err(map)? else {
             return Ok(0);
         };
-        let mut confirmed = 0;
-        for journal in [Journal::Pending, Journal::Staged { created_run: None }] {
-            // Not held: in ranges, never `None`.
-            confirmed += self.confirm_from(journal, id, run)?.unwrap_or_default();
+        // Not held: in ranges, never `None`.
+        let mut confirmed = self
+            .confirm_from(Confirming::Pending, id, run)?
+            .unwrap_or_default();
+        if let Some(mut staged) = self.take_staged(pipeline, run) {
+            confirmed += self
+                .confirm_from(Confirming::Staged(&mut staged), id, run)?
+                .unwrap_or_default();
         }
         if confirmed > 0 {
             self.conn
@@ -585,27 +601,19 @@ impl PendingJournal for SqliteState {
         // IMMEDIATE, as every write transaction here: the write lock from the start.
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(map)?;
         self.held_confirm = true;
-        let mut confirmed = Some(0);
-        for journal in [Journal::Pending, Journal::Staged { created_run: None }] {
-            let done = match self.confirm_from(journal, id, run) {
-                Ok(done) => done,
-                Err(e) => {
-                    let _ = self.abandon_confirm();
-                    return Err(e);
+        // The staged rows stay the run's until the commit: an abandoned confirm (or
+        // one too large to hold) leaves them to confirm again.
+        let mut staged = self.take_staged(pipeline, run);
+        let held = self.confirm_held(pipeline, id, run, staged.as_mut());
+        if let Some(staged) = staged {
+            match held {
+                Ok(Some(_)) => self.held_staged = Some((pipeline.to_string(), staged)),
+                _ => {
+                    self.staged.insert(pipeline.to_string(), staged);
                 }
-            };
-            confirmed = confirmed.zip(done).map(|(a, b)| a + b);
-            if confirmed.is_none() {
-                // Too many rows to hold the write lock for: confirmed after the finish.
-                self.abandon_confirm()?;
-                return Ok(None);
             }
         }
-        if let Err(e) = self.conn.execute(MARK_CONFIRMED, params![pipeline, run]) {
-            let _ = self.abandon_confirm();
-            return Err(db_error(&self.path)(e));
-        }
-        Ok(confirmed)
+        held
     }
 
     fn commit_confirm(&mut self) -> Result<(), StateError> {
@@ -618,12 +626,16 @@ impl PendingJournal for SqliteState {
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
-            return Err(map(e));
+            let e = map(e);
+            self.unhold_staged();
+            return Err(e);
         }
+        self.held_staged = None;
         Ok(())
     }
 
     fn abandon_confirm(&mut self) -> Result<(), StateError> {
+        self.unhold_staged();
         if !std::mem::take(&mut self.held_confirm) || self.conn.is_autocommit() {
             return Ok(());
         }

@@ -705,7 +705,7 @@ fn a_large_first_sync_leaves_the_email_index_whole() {
     for (n, batch) in people.chunks(4_000).enumerate() {
         let handles = vec![None; batch.len()];
         state
-            .record_awaiting_finish("p", run, &format!("b{n}"), batch, &handles)
+            .record_awaiting_finish("p", run, &format!("b{n}"), batch.to_vec(), handles)
             .unwrap();
     }
     assert_eq!(
@@ -784,4 +784,63 @@ fn a_held_confirm_is_kept_only_once_committed() {
         "kept once committed"
     );
     assert!(state.pending_batches("p").unwrap().is_empty());
+}
+
+/// Staged rows reach `synced` once each, whatever range and bucket their key hash
+/// falls in: a confirm too large to hold leaves them all for the confirm after the
+/// finish, which goes in ranges; a key staged twice in a run ends as its last change,
+/// and a removal takes the person out.
+#[test]
+fn staged_rows_are_confirmed_once_each_across_ranges() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+    let people = creates(300);
+    let (run, _) = state.begin_run("p").unwrap();
+    for (n, batch) in people.chunks(120).enumerate() {
+        let handles = vec![None; batch.len()];
+        state
+            .record_awaiting_finish("p", run, &format!("b{n}"), batch.to_vec(), handles)
+            .unwrap();
+    }
+    state.confirm_range_rows = 7;
+    assert_eq!(state.hold_confirm("p", run).unwrap(), None, "43 ranges");
+    assert_eq!(state.confirm_finished("p", run).unwrap(), 300);
+    assert_eq!(state.summaries().unwrap()[0].synced, 300);
+    for person in &people {
+        let row = state.synced("p", person.key.hash64()).unwrap();
+        assert_eq!(row.map(|r| r.entry.content_hash), Some(person.content_hash));
+    }
+
+    let (run, _) = state.begin_run("p").unwrap();
+    let changed = |row: &PendingRow, content_hash: u64| PendingRow {
+        kind: ChangeKind::Update,
+        content_hash,
+        ..row.clone()
+    };
+    let removed = PendingRow {
+        kind: ChangeKind::Remove,
+        content_hash: 0,
+        record: None,
+        ..people[1].clone()
+    };
+    let first = vec![changed(&people[0], 11), removed, changed(&people[2], 12)];
+    let second = vec![changed(&people[2], 13)];
+    for (id, batch) in [("c1", first), ("c2", second)] {
+        let handles = vec![None; batch.len()];
+        state
+            .record_awaiting_finish("p", run, id, batch, handles)
+            .unwrap();
+    }
+    assert_eq!(state.hold_confirm("p", run).unwrap(), Some(4));
+    state.commit_confirm().unwrap();
+    let hash = |state: &mut SqliteState, n: usize| {
+        state
+            .synced("p", people[n].key.hash64())
+            .unwrap()
+            .map(|r| r.entry.content_hash)
+    };
+    assert_eq!(hash(&mut state, 0), Some(11));
+    assert_eq!(hash(&mut state, 1), None, "removed");
+    assert_eq!(hash(&mut state, 2), Some(13), "the last of its two changes");
+    assert_eq!(state.summaries().unwrap()[0].synced, 299);
 }
