@@ -79,7 +79,7 @@ impl<'r> Run<'r> {
                     id: format!("run-{run_id}-batch-{number}"),
                     changes: batch,
                 };
-                self.apply_batch(sink, &batch, &addresses).await?;
+                self.apply_batch(sink, batch, &addresses).await?;
             }
         }
         self.observer.phase(Phase::Finishing, None);
@@ -173,37 +173,61 @@ impl<'r> Run<'r> {
         Ok(durable)
     }
 
+    /// What the state records of each change of `batch`, in its order.
+    fn pending_rows(&self, batch: &ChangeBatch) -> Vec<PendingRow> {
+        batch
+            .changes
+            .iter()
+            .map(|change| self.pending_row(change.clone()))
+            .collect()
+    }
+
+    /// What the state records of `change`, which it takes: its contact is moved, not
+    /// copied.
+    fn pending_row(&self, change: Change) -> PendingRow {
+        let kind = change.kind();
+        let content_hash = change
+            .contact()
+            .map(|c| self.pipeline.diff_hash(c))
+            .unwrap_or(0);
+        let email = change.email().map(str::to_string);
+        let (key, record) = match change {
+            Change::Create { key, contact, .. } | Change::Update { key, contact, .. } => {
+                (key, Some(contact))
+            }
+            Change::Remove { key, .. } => (key, None),
+        };
+        PendingRow {
+            key,
+            kind,
+            content_hash,
+            email,
+            record,
+        }
+    }
+
     /// Records one batch as pending, sends it, and settles each outcome. A change the
     /// address rule settles ([`AddressBook::screen`]) is recorded and settled with the
     /// others, but not sent.
     pub(super) async fn apply_batch(
         &mut self,
         sink: &mut dyn Sink,
-        batch: &ChangeBatch,
+        batch: ChangeBatch,
         addresses: &AddressBook,
     ) -> Result<(), RunError> {
-        let mut rows: Vec<PendingRow> = batch
-            .changes
-            .iter()
-            .map(|c| PendingRow {
-                key: c.key().clone(),
-                kind: c.kind(),
-                content_hash: c.contact().map(|c| self.pipeline.diff_hash(c)).unwrap_or(0),
-                email: c.email().map(str::to_string),
-                record: c.contact().cloned(),
-            })
-            .collect();
         let durable_at_finish = self.capabilities.durable_at_finish;
         // A sink that keeps nothing before it finishes is handed the batch first and the
         // batch recorded after, already applied, in one write: a crash in between loses
         // nothing, since that sink has made nothing durable yet (pending first, then
         // settled as applied, took a second pass over every row of a first sync).
+        let mut rows = Vec::new();
         if !durable_at_finish {
+            rows = self.pending_rows(&batch);
             self.state
                 .record_pending(&self.pipeline.name, self.report.run, &batch.id, &rows)?;
         }
-        let screened = addresses.screen(batch);
-        let sent = screened.sent.as_ref().unwrap_or(batch);
+        let screened = addresses.screen(&batch);
+        let sent = screened.sent.as_ref().unwrap_or(&batch);
         let answered = if sent.changes.is_empty() {
             Vec::new()
         } else {
@@ -232,7 +256,6 @@ impl<'r> Run<'r> {
         // Taken whole, as nearly always: recorded applied at once. Otherwise recorded
         // now as sent, and settled one by one below, as for any other sink (as is a
         // batch with a change the address rule settled, which has its own history).
-        let mut recorded_applied = false;
         if durable_at_finish {
             let handles: Option<Vec<Option<String>>> = outcomes
                 .iter()
@@ -243,34 +266,53 @@ impl<'r> Run<'r> {
                 })
                 .collect();
             let (pipeline, run) = (&self.pipeline.name, self.report.run);
-            match handles {
-                Some(handles) => {
-                    let rows = std::mem::take(&mut rows);
-                    self.state
-                        .record_awaiting_finish(pipeline, run, &batch.id, rows, handles)?;
-                    recorded_applied = true;
-                }
-                None => self.state.record_pending(pipeline, run, &batch.id, &rows)?,
+            let Some(handles) = handles else {
+                rows = self.pending_rows(&batch);
+                self.state.record_pending(
+                    &self.pipeline.name,
+                    self.report.run,
+                    &batch.id,
+                    &rows,
+                )?;
+                return self.settle_batch(batch, rows, outcomes, screened.taken);
+            };
+            // Every change applied and none taken by the address rule: counted once the
+            // finish succeeds, told `sent` until then. The history first, then the rows
+            // given to the state, moved out of the batch (a first sync's million records
+            // are not copied).
+            let told = vec![("sent", None); batch.changes.len()];
+            for change in &batch.changes {
+                self.awaiting_finish.count(change.kind());
             }
+            self.audit(&batch, told, self.creates_per_run)?;
+            let size = batch.changes.len() as u64;
+            let rows = batch
+                .changes
+                .into_iter()
+                .map(|change| self.pending_row(change))
+                .collect();
+            self.state
+                .record_awaiting_finish(pipeline, run, &batch.id, rows, handles)?;
+            self.observer.advance(size);
+            return Ok(());
         }
+        self.settle_batch(batch, rows, outcomes, screened.taken)
+    }
+
+    /// Settles each outcome of a batch recorded pending (`rows`, in its order).
+    fn settle_batch(
+        &mut self,
+        batch: ChangeBatch,
+        rows: Vec<PendingRow>,
+        outcomes: Vec<Outcome>,
+        taken: Vec<Option<String>>,
+    ) -> Result<(), RunError> {
+        let durable_at_finish = self.capabilities.durable_at_finish;
         let mut settlements = Vec::with_capacity(outcomes.len());
         let mut settled = 0u64;
         let mut audit: Vec<(&'static str, Option<String>)> = Vec::with_capacity(outcomes.len());
-        if recorded_applied {
-            // Every change applied, none taken by the address rule (`handles` above),
-            // and its rows given to the state: counted once the finish succeeds, told
-            // `sent` until then.
-            for change in &batch.changes {
-                audit.push(("sent", None));
-                self.awaiting_finish.count(change.kind());
-            }
-        }
-        for (((change, row), outcome), taken) in batch
-            .changes
-            .iter()
-            .zip(rows)
-            .zip(outcomes)
-            .zip(screened.taken)
+        for (((change, row), outcome), taken) in
+            batch.changes.iter().zip(rows).zip(outcomes).zip(taken)
         {
             let kind = change.kind();
             let key = row.key.clone();
@@ -356,7 +398,7 @@ impl<'r> Run<'r> {
         }
         // The history first: writing it writes out a create kept as its run's one
         // entry from the record that a settlement may be about to change.
-        self.audit(batch, audit, recorded_applied && self.creates_per_run)?;
+        self.audit(&batch, audit, false)?;
         if !settlements.is_empty() {
             self.state
                 .settle(&self.pipeline.name, &batch.id, &settlements)?;
