@@ -48,7 +48,10 @@ pub struct SinkCapabilities {
     /// Whether `apply` runs asynchronous jobs on the platform (and so reports progress).
     pub asynchronous_jobs: bool,
     /// Whether applied changes only become durable in [`Sink::finish`] (a file replaced
-    /// at the end). The engine then confirms them only after `finish` succeeds.
+    /// at the end). The engine then confirms them only after `finish` succeeds, and
+    /// sends a first sync while it is still reading the source: such a sink may get
+    /// batches before the read ends, and a [`Sink::begin`] plan that counts only the
+    /// changes planned by its first batch.
     pub durable_at_finish: bool,
     /// How removals are carried out.
     pub removal: RemovalStyle,
@@ -215,7 +218,9 @@ pub trait Sink: Send {
         Ok(None)
     }
 
-    /// Called once before the first batch, with the counts of the whole change set.
+    /// Called once before the first batch, with the counts of the whole change set (for
+    /// a sink [durable at its finish](SinkCapabilities::durable_at_finish), in a first
+    /// sync, those planned so far).
     async fn begin(
         &mut self,
         _plan: &ChangePlan,

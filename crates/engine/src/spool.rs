@@ -19,14 +19,17 @@ use std::path::Path;
 use contactsync_core::{Change, ContactKey, Origin, SyncedEntry};
 use serde::{Deserialize, Serialize};
 
-/// One spooled change.
+/// One spooled change. The records' bytes follow it, the contact's then the previous
+/// one's, their lengths in it: postcard writes a byte vector a byte at a time, which
+/// cost a first sync of a million people about a second in the CSV sink's spool.
 #[derive(Serialize, Deserialize)]
 struct Frame {
     /// 0 create, 1 update, 2 remove.
     kind: u8,
     key: String,
     origin: OriginFrame,
-    contact: Option<Vec<u8>>,
+    /// The length of the contact's record.
+    contact: Option<u32>,
     /// The contact's `updated_at`, in microseconds since the epoch (not in the record).
     updated_at: Option<i64>,
     previous: Option<Previous>,
@@ -37,7 +40,15 @@ struct Previous {
     content_hash: u64,
     email: Option<String>,
     handle: Option<String>,
-    record: Option<Vec<u8>>,
+    /// The length of its record.
+    record: Option<u32>,
+}
+
+/// A record's bytes, their length checked for a frame.
+fn record_bytes(contact: &contactsync_core::Contact) -> std::io::Result<(Vec<u8>, u32)> {
+    let bytes = contactsync_state::record::encode(contact);
+    let length = u32::try_from(bytes.len()).map_err(invalid)?;
+    Ok((bytes, length))
 }
 
 /// [`Origin`] in an externally tagged form, which postcard can frame.
@@ -78,35 +89,52 @@ fn invalid(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
-fn frame(change: &Change) -> std::io::Result<Frame> {
+/// `change` as a frame, and the bytes of its records that follow it.
+fn frame(change: &Change) -> std::io::Result<(Frame, Vec<u8>)> {
     let (kind, contact) = match change {
         Change::Create { contact, .. } => (0, Some(contact)),
         Change::Update { contact, .. } => (1, Some(contact)),
         Change::Remove { .. } => (2, None),
     };
-    Ok(Frame {
+    let contact = contact.map(record_bytes).transpose()?;
+    let before = change
+        .previous()
+        .and_then(|p| p.record.as_deref())
+        .map(record_bytes)
+        .transpose()?;
+    let frame = Frame {
         kind,
         key: change.key().to_string(),
         origin: change.origin().into(),
-        contact: contact.map(contactsync_state::record::encode),
-        updated_at: contact
+        contact: contact.as_ref().map(|(_, length)| *length),
+        updated_at: change
+            .contact()
             .and_then(|c| c.updated_at)
             .map(|t| t.timestamp_micros()),
         previous: change.previous().map(|p| Previous {
             content_hash: p.content_hash,
             email: p.email.clone(),
             handle: p.handle.clone(),
-            record: p.record.as_deref().map(contactsync_state::record::encode),
+            record: before.as_ref().map(|(_, length)| *length),
         }),
-    })
+    };
+    let mut records = contact.map(|(bytes, _)| bytes).unwrap_or_default();
+    if let Some((bytes, _)) = before {
+        records.extend_from_slice(&bytes);
+    }
+    Ok((frame, records))
 }
 
-fn unframe(frame: Frame) -> std::io::Result<Change> {
+/// The change a frame and its records' bytes (`records`) hold.
+fn unframe(frame: Frame, records: &[u8]) -> std::io::Result<Change> {
     let key: ContactKey = frame.key.parse().map_err(invalid)?;
     let origin = Origin::from(frame.origin);
+    let cut = || invalid("a spooled change's records are cut short");
+    let contact_length = frame.contact.unwrap_or_default() as usize;
+    let (contact_bytes, before_bytes) = records.split_at_checked(contact_length).ok_or_else(cut)?;
     let contact = frame
         .contact
-        .map(|bytes| contactsync_state::record::decode(&bytes).map_err(invalid))
+        .map(|_| contactsync_state::record::decode(contact_bytes).map_err(invalid))
         .transpose()?
         .map(|mut c| {
             c.updated_at = frame
@@ -123,7 +151,10 @@ fn unframe(frame: Frame) -> std::io::Result<Change> {
                 handle: p.handle,
                 record: p
                     .record
-                    .map(|bytes| contactsync_state::record::decode(&bytes).map_err(invalid))
+                    .map(|length| {
+                        let bytes = before_bytes.get(..length as usize).ok_or_else(cut)?;
+                        contactsync_state::record::decode(bytes).map_err(invalid)
+                    })
                     .transpose()?
                     .map(Box::new),
             })
@@ -174,8 +205,10 @@ impl ChangeSpool {
 
     pub(crate) fn push(&mut self, change: &Change) -> std::io::Result<()> {
         self.buf.clear();
-        let bytes =
-            postcard::to_extend(&frame(change)?, std::mem::take(&mut self.buf)).map_err(invalid)?;
+        let (frame, records) = frame(change)?;
+        let mut bytes =
+            postcard::to_extend(&frame, std::mem::take(&mut self.buf)).map_err(invalid)?;
+        bytes.extend_from_slice(&records);
         let len = u32::try_from(bytes.len()).map_err(invalid)?;
         self.writer.write_all(&len.to_le_bytes())?;
         self.writer.write_all(&bytes)?;
@@ -215,8 +248,9 @@ impl SpoolReader {
             self.frames.read_exact(&mut len)?;
             self.buf.resize(u32::from_le_bytes(len) as usize, 0);
             self.frames.read_exact(&mut self.buf)?;
-            let frame: Frame = postcard::from_bytes(&self.buf).map_err(invalid)?;
-            batch.push(unframe(frame)?);
+            let (frame, records): (Frame, &[u8]) =
+                postcard::take_from_bytes(&self.buf).map_err(invalid)?;
+            batch.push(unframe(frame, records)?);
             self.left -= 1;
         }
         Ok(batch)

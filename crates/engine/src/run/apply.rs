@@ -3,56 +3,44 @@
 use super::*;
 
 impl<'r> Run<'r> {
-    /// Step 4: applies the spooled change set in batches.
+    /// Step 4: applies the change set in batches: what a streamed first sync left
+    /// (see [`Streamed`]), then the spooled changes.
     pub(super) async fn apply(
         &mut self,
         sink: &mut dyn Sink,
-        changes: ChangeSet,
+        mut changes: ChangeSet,
     ) -> Result<(), RunError> {
-        if changes.upserts.len() + changes.removals.len() == 0 {
+        let streamed = changes.streamed.take().unwrap_or_default();
+        if changes.upserts.len() + changes.removals.len() + streamed.sent + streamed.left() == 0 {
             return Ok(());
         }
         let capabilities = self.capabilities;
         // Counted again from the outcomes: the plan's counts become what really happened.
-        self.report.unconfirmed = changes.plan.total();
+        self.report.unconfirmed = changes.plan.total().saturating_sub(self.settled);
         self.report.created = 0;
         self.report.updated = 0;
         self.report.removed = 0;
         self.observer
             .phase(Phase::Applying, Some(changes.plan.total()));
-        {
-            let mut lent = self.lend();
-            sink.begin(&changes.plan, &mut lent.context())
-                .await
-                .map_err(RunError::Sink)?;
+        if streamed.sent > 0 {
+            self.observer.advance(streamed.sent);
         }
-        // Asked after `begin`: a sink may size its batches by how it chose to write
-        // (Actito: one import a batch in bulk, small batches one by one).
-        let batch_size = self
-            .pipeline
-            .settings
-            .batch_size
-            .unwrap_or(usize::MAX)
-            .min(sink.capabilities().max_batch)
-            .max(1);
-        self.state.sample_records(&changes.records.records)?;
-        let run_id = self.report.run;
-        let settings = &self.pipeline.settings;
-        self.creates_per_run = capabilities.durable_at_finish
-            && settings.audit_days > 0
-            && changes.plan.creates > 0
-            && self.state.record_created_run(
-                &self.pipeline.name,
-                run_id,
-                chrono::Utc::now().timestamp(),
-                settings.audit_values,
-            )?;
+        if !streamed.begun {
+            self.begin_apply(sink, &changes.plan, &changes.records)
+                .await?;
+        }
+        let batch_size = self.batch_size(sink);
         let addresses = changes.addresses.unwrap_or_default();
+        let mut left = streamed.buffer;
+        while !left.is_empty() {
+            let rest = left.split_off(batch_size.min(left.len()));
+            let batch = std::mem::replace(&mut left, rest);
+            self.send_batch(sink, batch, &addresses, true).await?;
+        }
         let mut parts = [
             changes.upserts.into_reader()?,
             changes.removals.into_reader()?,
         ];
-        let mut number = 0;
         let parts_len = parts.len();
         for at in 0..parts_len {
             loop {
@@ -71,17 +59,10 @@ impl<'r> Run<'r> {
                 if batch.is_empty() {
                     break;
                 }
-                if self.options.cancel.is_cancelled() {
-                    return Err(RunError::Cancelled);
-                }
-                number += 1;
-                let batch = ChangeBatch {
-                    id: format!("run-{run_id}-batch-{number}"),
-                    changes: batch,
-                };
-                self.apply_batch(sink, batch, &addresses).await?;
+                self.send_batch(sink, batch, &addresses, true).await?;
             }
         }
+        let run_id = self.report.run;
         self.observer.phase(Phase::Finishing, None);
         let committed =
             capabilities.durable_at_finish && self.confirm_while_finishing(sink, run_id)?;
@@ -171,6 +152,117 @@ impl<'r> Run<'r> {
             self.state.abandon_confirm()?;
         }
         Ok(durable)
+    }
+
+    /// Tells the sink the run's work begins, and readies the state for its records:
+    /// a dictionary trained on `records` (a sample of them), and the creates of a sink
+    /// durable at its finish kept as one history entry for the run.
+    async fn begin_apply(
+        &mut self,
+        sink: &mut dyn Sink,
+        plan: &ChangePlan,
+        records: &RecordSample,
+    ) -> Result<(), RunError> {
+        {
+            let mut lent = self.lend();
+            sink.begin(plan, &mut lent.context())
+                .await
+                .map_err(RunError::Sink)?;
+        }
+        self.state.sample_records(&records.records)?;
+        let settings = &self.pipeline.settings;
+        self.creates_per_run = self.capabilities.durable_at_finish
+            && settings.audit_days > 0
+            && plan.creates > 0
+            && self.state.record_created_run(
+                &self.pipeline.name,
+                self.report.run,
+                chrono::Utc::now().timestamp(),
+                settings.audit_values,
+            )?;
+        Ok(())
+    }
+
+    /// The size of the sink's batches. Asked after `begin`: a sink may size its
+    /// batches by how it chose to write (Actito: one import a batch in bulk, small
+    /// batches one by one).
+    pub(super) fn batch_size(&self, sink: &dyn Sink) -> usize {
+        self.pipeline
+            .settings
+            .batch_size
+            .unwrap_or(usize::MAX)
+            .min(sink.capabilities().max_batch)
+            .max(1)
+    }
+
+    /// Sends the creates a streamed first sync planned so far, a whole batch at a time,
+    /// while the read goes on; the first batch begins the sink's work. What is left
+    /// when the read ends is sent by [`Run::apply`].
+    pub(super) async fn apply_streamed(
+        &mut self,
+        sink: &mut dyn Sink,
+        changes: &mut ChangeSet,
+    ) -> Result<(), RunError> {
+        let ChangeSet {
+            streamed: Some(streamed),
+            plan,
+            records,
+            ..
+        } = changes
+        else {
+            return Ok(());
+        };
+        if !streamed.begun {
+            self.begin_apply(sink, plan, records).await?;
+            streamed.begun = true;
+            streamed.batch_size = self.batch_size(sink);
+            tracing::info!(
+                batch = streamed.batch_size,
+                "a first sync: sent to the sink as it is read"
+            );
+        }
+        let addresses = AddressBook::default();
+        while streamed.left() >= streamed.batch_size as u64 {
+            // The next batch's room made at once: grown a push at a time, a first
+            // sync's buffer was copied over and over (a fifth of the diff's time).
+            let mut rest = Vec::with_capacity(streamed.batch_size.min(STREAMED_ROOM));
+            rest.extend(streamed.buffer.drain(streamed.batch_size..));
+            let batch = std::mem::replace(&mut streamed.buffer, rest);
+            streamed.sent += batch.len() as u64;
+            // Counted in the progress when the read is done (`apply`).
+            self.send_batch(sink, batch, &addresses, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `changes` as the run's next batch; `progress` counts them in the
+    /// observer's current phase.
+    async fn send_batch(
+        &mut self,
+        sink: &mut dyn Sink,
+        changes: Vec<Change>,
+        addresses: &AddressBook,
+        progress: bool,
+    ) -> Result<(), RunError> {
+        if self.options.cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        self.batches += 1;
+        let size = changes.len() as u64;
+        if !progress {
+            // Sent while reading: not confirmed until the finish, as `apply` counts
+            // every change planned once the read is done.
+            self.report.unconfirmed += size;
+        }
+        let batch = ChangeBatch {
+            id: format!("run-{}-batch-{}", self.report.run, self.batches),
+            changes,
+        };
+        self.apply_batch(sink, batch, addresses).await?;
+        if progress {
+            self.observer.advance(size);
+        }
+        Ok(())
     }
 
     /// What the state records of each change of `batch`, in its order.
@@ -285,7 +377,6 @@ impl<'r> Run<'r> {
                 self.awaiting_finish.count(change.kind());
             }
             self.audit(&batch, told, self.creates_per_run)?;
-            let size = batch.changes.len() as u64;
             let rows = batch
                 .changes
                 .into_iter()
@@ -293,7 +384,6 @@ impl<'r> Run<'r> {
                 .collect();
             self.state
                 .record_awaiting_finish(pipeline, run, &batch.id, rows, handles)?;
-            self.observer.advance(size);
             return Ok(());
         }
         self.settle_batch(batch, rows, outcomes, screened.taken)
@@ -405,7 +495,7 @@ impl<'r> Run<'r> {
         }
         // What stays pending (unknown outcomes) is still not confirmed.
         self.report.unconfirmed = self.report.unconfirmed.saturating_sub(settled);
-        self.observer.advance(batch.changes.len() as u64);
+        self.settled += settled;
         Ok(())
     }
 

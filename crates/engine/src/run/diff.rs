@@ -288,7 +288,7 @@ impl<'r> Run<'r> {
         lookup: Option<u64>,
     ) -> Result<(), RunError> {
         if lookup.is_none() && diff.waiting.is_empty() {
-            return self.plan_change(diff, &change);
+            return self.plan_change(diff, change);
         }
         diff.lookups += usize::from(lookup.is_some());
         diff.waiting.push((change, lookup));
@@ -332,7 +332,7 @@ impl<'r> Run<'r> {
                     Change::Create { .. } => {}
                 }
             }
-            self.plan_change(diff, &change)?;
+            self.plan_change(diff, change)?;
         }
         Ok(())
     }
@@ -366,7 +366,7 @@ impl<'r> Run<'r> {
                     previous: row.entry,
                     origin: Origin::Derived,
                 };
-                self.plan_change(diff, &change)?;
+                self.plan_change(diff, change)?;
             }
         }
         Ok(())
@@ -443,7 +443,7 @@ impl<'r> Run<'r> {
     }
 
     /// Counts a change against the mode, and spools it when the mode applies it.
-    pub(super) fn plan_change(&mut self, diff: &mut Diff, change: &Change) -> Result<(), RunError> {
+    pub(super) fn plan_change(&mut self, diff: &mut Diff, change: Change) -> Result<(), RunError> {
         let mode = self.pipeline.settings.mode;
         let plan = &mut diff.changes.plan;
         let (wanted, counter) = match change.kind() {
@@ -456,16 +456,17 @@ impl<'r> Run<'r> {
             return Ok(());
         }
         *counter += 1;
-        diff.samples.offer(change);
+        diff.samples.offer(&change);
         if let Some(contact) = change.contact() {
             diff.changes.records.offer(contact);
         }
         if let Some(plan_file) = diff.plan_file.as_mut() {
-            plan_file.write(change)?;
+            plan_file.write(&change)?;
         }
-        match change.kind() {
-            ChangeKind::Remove => diff.changes.removals.push(change)?,
-            _ => diff.changes.upserts.push(change)?,
+        match (change.kind(), diff.changes.streamed.as_mut()) {
+            (ChangeKind::Remove, _) => diff.changes.removals.push(&change)?,
+            (_, Some(streamed)) => streamed.buffer.push(change),
+            (_, None) => diff.changes.upserts.push(&change)?,
         }
         Ok(())
     }

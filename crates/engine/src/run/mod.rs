@@ -239,6 +239,8 @@ pub async fn run(
         capabilities: sink.capabilities(),
         awaiting_finish: ChangeCounts::default(),
         creates_per_run: false,
+        batches: 0,
+        settled: 0,
     };
     let holder = LockHolder::current(&pipeline.name);
     let result = match run.lock(&holder).await {
@@ -283,6 +285,11 @@ struct Run<'r> {
     /// one history entry for the run ([`AuditLog::record_created_run`]), so that
     /// [`Run::audit`] writes none a person for them.
     creates_per_run: bool,
+    /// Batches sent so far (their ids are numbered from 1).
+    batches: u64,
+    /// Changes whose outcome the batches settled so far (rejected, or applied by a
+    /// sink that keeps as it goes).
+    settled: u64,
 }
 
 /// What the read and diff produced: the change set, spooled, and how the read ended.
@@ -303,6 +310,37 @@ struct ChangeSet {
     records: RecordSample,
     /// Who holds which address in this read (sinks that find people by email).
     addresses: Option<AddressBook>,
+    /// A first sync sent while it is read, not spooled.
+    streamed: Option<Streamed>,
+}
+
+/// A first sync into a sink durable at its finish (the CSV file), sent while it is read:
+/// its creates are batched as the diff plans them and handed to the sink, with no
+/// change spool in between (writing a million changes to the spool and reading them
+/// back was a fifth of the run). Safe because nothing is durable before the sink's
+/// finish, which comes after the read: a read that fails, or a run killed, leaves
+/// nothing recorded, as before; and a first sync has no removal for the guard to weigh.
+/// The sink's `begin` is told the plan as it stands at the first batch.
+#[derive(Default)]
+struct Streamed {
+    /// Planned and not sent yet.
+    buffer: Vec<Change>,
+    /// Sent while reading.
+    sent: u64,
+    /// Whether the sink's work has begun ([`Run::apply_streamed`]).
+    begun: bool,
+    /// The sink's batch size (as its capabilities say before `begin`, then after).
+    batch_size: usize,
+}
+
+/// The most changes a streamed first sync makes room for at once.
+const STREAMED_ROOM: usize = 100_000;
+
+impl Streamed {
+    /// Planned and not sent yet.
+    fn left(&self) -> u64 {
+        self.buffer.len() as u64
+    }
 }
 
 /// The diff's working set during the read.

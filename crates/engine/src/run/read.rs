@@ -84,6 +84,7 @@ impl<'r> Run<'r> {
                 full_read: read_mode == ReadMode::Full,
                 records: RecordSample::default(),
                 addresses: None,
+                streamed: None,
             },
             index,
             mapping: FieldMapping::new(settings),
@@ -105,6 +106,19 @@ impl<'r> Run<'r> {
             memo: None,
         };
 
+        // A first sync into a sink durable at its finish is sent as it is read.
+        let streams = !self.options.dry_run
+            && self.capabilities.durable_at_finish
+            && diff.index.population() == 0
+            && diff.emails.is_none();
+        if streams {
+            let batch_size = self.batch_size(sink);
+            diff.changes.streamed = Some(Streamed {
+                buffer: Vec::with_capacity(batch_size.min(STREAMED_ROOM)),
+                batch_size,
+                ..Streamed::default()
+            });
+        }
         self.observer.phase(Phase::Reading, None);
         // A record unchanged since it was sent can be settled by the source's hashes
         // alone, without building it: compared as read (no mapping, no shaping) by the
@@ -163,6 +177,11 @@ impl<'r> Run<'r> {
                 Staged::Rejected(error) => self.source_rejected(&mut diff, &error)?,
                 Staged::Unchanged(row) => self.diff_unchanged(&mut diff, &row)?,
                 staged => self.diff_record(&mut diff, staged)?,
+            }
+            if let Some(streamed) = &diff.changes.streamed {
+                if streamed.left() >= streamed.batch_size as u64 {
+                    self.apply_streamed(sink, &mut diff.changes).await?;
+                }
             }
         }
         self.plan_waiting(&mut diff)?;

@@ -218,7 +218,14 @@ impl SqliteState {
                 )
                 .map_err(map)?,
             Confirming::Staged(staged) => {
-                staged.rows().map_err(|e| staging_error(&path, e))? as i64
+                let started = std::time::Instant::now();
+                let rows = staged.rows().map_err(|e| staging_error(&path, e))?;
+                tracing::debug!(
+                    rows,
+                    waited = started.elapsed().as_secs_f64(),
+                    "the staged rows are written"
+                );
+                rows as i64
             }
         };
         if rows == 0 {
