@@ -186,6 +186,15 @@ impl RecordCodec {
         }
     }
 
+    /// `record` ([`encode`]'s format 1) compressed with the current dictionary, or
+    /// `None` when there is none (or the record is compressed already).
+    pub(crate) fn compress_encoded(&mut self, record: &[u8]) -> Option<Vec<u8>> {
+        let (id, writer) = self.current.as_mut()?;
+        let body = record.strip_prefix(&[VERSION])?;
+        let frame = writer.compress(body).ok()?;
+        Some(compressed(*id, body, &frame))
+    }
+
     /// Decodes a record of either format. A compressed one names its dictionary;
     /// [`RecordDecodeError::Dictionary`] asks the caller for one it does not know.
     pub(crate) fn decode(&mut self, bytes: &[u8]) -> Result<Contact, RecordDecodeError> {

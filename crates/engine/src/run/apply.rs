@@ -25,8 +25,11 @@ impl<'r> Run<'r> {
         if streamed.sent > 0 {
             self.observer.advance(streamed.sent);
         }
-        if !streamed.begun {
-            self.begin_apply(sink, &changes.plan, &changes.records)
+        if streamed.begun {
+            // Only now: the sample is drawn across the whole read (see `apply_streamed`).
+            self.state.sample_records(&changes.records.records)?;
+        } else {
+            self.begin_apply(sink, &changes.plan, Some(&changes.records))
                 .await?;
         }
         let batch_size = self.batch_size(sink);
@@ -155,13 +158,13 @@ impl<'r> Run<'r> {
     }
 
     /// Tells the sink the run's work begins, and readies the state for its records:
-    /// a dictionary trained on `records` (a sample of them), and the creates of a sink
-    /// durable at its finish kept as one history entry for the run.
+    /// a dictionary trained on `records` (a sample of them, when given), and the creates
+    /// of a sink durable at its finish kept as one history entry for the run.
     async fn begin_apply(
         &mut self,
         sink: &mut dyn Sink,
         plan: &ChangePlan,
-        records: &RecordSample,
+        records: Option<&RecordSample>,
     ) -> Result<(), RunError> {
         {
             let mut lent = self.lend();
@@ -169,7 +172,9 @@ impl<'r> Run<'r> {
                 .await
                 .map_err(RunError::Sink)?;
         }
-        self.state.sample_records(&records.records)?;
+        if let Some(records) = records {
+            self.state.sample_records(&records.records)?;
+        }
         let settings = &self.pipeline.settings;
         self.creates_per_run = self.capabilities.durable_at_finish
             && settings.audit_days > 0
@@ -206,14 +211,17 @@ impl<'r> Run<'r> {
         let ChangeSet {
             streamed: Some(streamed),
             plan,
-            records,
             ..
         } = changes
         else {
             return Ok(());
         };
         if !streamed.begun {
-            self.begin_apply(sink, plan, records).await?;
+            // No dictionary trained yet: a sample of the first batch (of a file sorted
+            // by id) made the records a third larger than one drawn across the whole
+            // read, which `apply` gives the state once the read is done. The state
+            // compresses staged records only at the confirm.
+            self.begin_apply(sink, plan, None).await?;
             streamed.begun = true;
             streamed.batch_size = self.batch_size(sink);
             tracing::info!(

@@ -204,6 +204,61 @@ const MIGRATION_LOCK: i64 = 0x636f_6e74_6163_7473; // "contacts"
 
 type Job = Box<dyn FnOnce(&mut Client) + Send>;
 
+/// A batch handed to the connection's thread to stage: answers once copied.
+type Staging = mpsc::Receiver<Result<(), postgres::Error>>;
+
+/// Batches handed to the connection's thread to stage and not yet done, at most: the
+/// run prepares the next while the thread copies these, and no more wait in memory.
+const STAGING_AHEAD: usize = 2;
+
+/// `COPY`s a batch's rows into `staged` ([`PostgresState::stage`]), compressing their
+/// records with `codec`.
+fn copy_staged(
+    c: &mut Client,
+    pipeline: &str,
+    run: i64,
+    rows: Vec<PendingRow>,
+    handles: Vec<Option<String>>,
+    created_run: Option<i64>,
+    codec: &mut RecordCodec,
+) -> Result<(), postgres::Error> {
+    use postgres::types::Type;
+    let sink = c.copy_in(
+        "COPY staged (pipeline, run, key_hash, key, kind, content_hash, email, handle, record, created_run)
+         FROM STDIN (FORMAT binary)",
+    )?;
+    let types = [
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::BYTEA,
+        Type::INT8,
+    ];
+    let mut writer = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    for (row, handle) in rows.into_iter().zip(handles) {
+        let record = row.record.as_ref().map(|c| codec.encode(c));
+        let created = created_run.filter(|_| row.kind == contactsync_core::ChangeKind::Create);
+        writer.write(&[
+            &pipeline,
+            &run,
+            &to_sql(row.key.hash64()),
+            &row.key.to_string(),
+            &row.kind.as_str(),
+            &to_sql(row.content_hash),
+            &row.email,
+            &handle,
+            &record,
+            &created,
+        ])?;
+    }
+    writer.finish().map(drop)
+}
+
 /// The state in a PostgreSQL database.
 pub struct PostgresState {
     jobs: Option<mpsc::Sender<Job>>,
@@ -224,6 +279,10 @@ pub struct PostgresState {
     /// A confirm done and not yet committed is open on the connection
     /// ([`PendingJournal::hold_confirm`]).
     held_confirm: bool,
+    /// Batches handed to the connection's thread to stage, each answering once copied
+    /// ([`PostgresState::stage`]); in a mutex only so that the store is `Sync` (only
+    /// `&mut self` touches it).
+    staging: std::sync::Mutex<std::collections::VecDeque<Staging>>,
 }
 
 impl std::fmt::Debug for PostgresState {
@@ -351,70 +410,86 @@ impl PostgresState {
 
     /// Copies a batch a sink durable at its finish took whole into `staged`
     /// (`COPY … FROM STDIN (FORMAT binary)`), each row applied with its handle, the
-    /// creates marked with `created_run` when given.
+    /// creates marked with `created_run` when given. Handed to the connection's thread,
+    /// which compresses the records and copies them while the run goes on, as SQLite's
+    /// staging thread does; [`PostgresState::staged`] says how it went, before the
+    /// confirm. At most [`STAGING_AHEAD`] batches wait there.
     fn stage(
         &mut self,
         pipeline: &str,
         run: i64,
-        rows: &[PendingRow],
-        handles: &[Option<String>],
+        rows: Vec<PendingRow>,
+        handles: Vec<Option<String>>,
         created_run: Option<i64>,
     ) -> Result<(), StateError> {
-        use postgres::types::Type;
-        type Staged = (
-            i64,
-            String,
-            &'static str,
-            i64,
-            Option<String>,
-            Option<String>,
-            Option<Vec<u8>>,
-            Option<i64>,
-        );
         self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
-        let codec = &mut self.codec;
-        let staged: Vec<Staged> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                (
-                    to_sql(r.key.hash64()),
-                    r.key.to_string(),
-                    r.kind.as_str(),
-                    to_sql(r.content_hash),
-                    r.email.clone(),
-                    handles.get(i).cloned().flatten(),
-                    r.record.as_ref().map(|c| codec.encode(c)),
-                    created_run.filter(|_| r.kind == contactsync_core::ChangeKind::Create),
-                )
-            })
-            .collect();
+        while self.staging_queue().len() >= STAGING_AHEAD {
+            self.staged_one()?;
+        }
+        let mut codec = self.codec.writer();
         let pipeline = pipeline.to_string();
-        self.call(move |c| {
-            let sink = c.copy_in(
-                "COPY staged (pipeline, run, key_hash, key, kind, content_hash, email, handle, record, created_run)
-                 FROM STDIN (FORMAT binary)",
-            )?;
-            let types = [
-                Type::TEXT,
-                Type::INT8,
-                Type::INT8,
-                Type::TEXT,
-                Type::TEXT,
-                Type::INT8,
-                Type::TEXT,
-                Type::TEXT,
-                Type::BYTEA,
-                Type::INT8,
-            ];
-            let mut writer = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
-            for (hash, key, kind, content, email, handle, record, created) in &staged {
-                writer.write(&[
-                    &pipeline, &run, hash, key, kind, content, email, handle, record, created,
-                ])?;
+        let (answer, answered) = mpsc::channel();
+        let job: Job = Box::new(move |client| {
+            let copied = copy_staged(
+                client,
+                &pipeline,
+                run,
+                rows,
+                handles,
+                created_run,
+                &mut codec,
+            );
+            let _ = answer.send(copied);
+        });
+        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !sent {
+            return Err(self.lost());
+        }
+        self.staging_queue().push_back(answered);
+        Ok(())
+    }
+
+    /// The batches handed to the connection's thread to stage.
+    fn staging_queue(&mut self) -> &mut std::collections::VecDeque<Staging> {
+        self.staging
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits for the oldest batch handed to [`PostgresState::stage`].
+    fn staged_one(&mut self) -> Result<(), StateError> {
+        let Some(answered) = self.staging_queue().pop_front() else {
+            return Ok(());
+        };
+        match answered.recv() {
+            Ok(copied) => copied.map_err(|e| StateError::Shared {
+                url: self.shown.clone(),
+                message: describe(&e),
+            }),
+            Err(_) => Err(self.lost()),
+        }
+    }
+
+    /// Waits for every batch handed to [`PostgresState::stage`]: the first error, if
+    /// one failed.
+    pub(crate) fn staged(&mut self) -> Result<(), StateError> {
+        let mut first = Ok(());
+        while !self.staging_queue().is_empty() {
+            if let Err(e) = self.staged_one() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
             }
-            writer.finish().map(drop)
-        })
+        }
+        first
+    }
+
+    /// The connection's thread is gone.
+    fn lost(&self) -> StateError {
+        StateError::Shared {
+            url: self.shown.clone(),
+            message: "the connection to the state database was lost".into(),
+        }
     }
 
     /// Connects to `url` (`postgres://user@host:port/db`), applying any missing
@@ -526,6 +601,7 @@ impl PostgresState {
         }
         Ok(PostgresState {
             jobs: Some(jobs),
+            staging: Default::default(),
             thread: Some(thread),
             shown,
             worker: None,

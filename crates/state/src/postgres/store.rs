@@ -109,6 +109,11 @@ impl Locks for PostgresState {
 
 impl RunLog for PostgresState {
     fn begin_run(&mut self, pipeline: &str) -> Result<(i64, Option<i64>), StateError> {
+        // What an earlier run of this store staged is done with before this one; a
+        // failure there was that run's, which never confirmed.
+        if let Err(e) = self.staged() {
+            tracing::debug!("an earlier run's staged batch was not copied: {e}");
+        }
         let pipeline = pipeline.to_string();
         self.call(move |c| {
             let mut tx = c.transaction()?;
@@ -577,10 +582,11 @@ impl PendingJournal for PostgresState {
             .as_ref()
             .is_some_and(|(p, r)| p == pipeline && *r == run)
             .then_some(run);
-        self.stage(pipeline, run, &rows, &handles, created_run)
+        self.stage(pipeline, run, rows, handles, created_run)
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
+        self.staged()?;
         let pipeline = pipeline.to_string();
         self.call(move |c| {
             let mut tx = c.transaction()?;
@@ -591,6 +597,7 @@ impl PendingJournal for PostgresState {
     }
 
     fn hold_confirm(&mut self, pipeline: &str, run: i64) -> Result<Option<u64>, StateError> {
+        self.staged()?;
         let pipeline = pipeline.to_string();
         // Begun in SQL, not as a `Transaction`, which could not outlive this call: the
         // client's next statements (the sink's own key-value writes among them) run in

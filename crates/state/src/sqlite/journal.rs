@@ -261,7 +261,7 @@ impl SqliteState {
                 })
                 .map_err(map)?,
                 Confirming::Staged(staged) => in_write(&mut self.conn, held, |tx| {
-                    staged.confirm_range(tx, id, from, to)
+                    staged.confirm_range(tx, &mut self.codec, id, from, to)
                 })
                 .map_err(|e| match e {
                     ConfirmError::Database(e) => map(e),

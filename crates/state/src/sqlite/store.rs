@@ -547,9 +547,6 @@ impl PendingJournal for SqliteState {
             .as_ref()
             .is_some_and(|(p, r)| p == pipeline && *r == run)
             .then_some(run);
-        // The dictionary is trained (and stored) here, before the staging thread
-        // compresses with it.
-        self.learn(rows.iter().filter_map(|r| r.record.as_ref()))?;
         let path = self.path.clone();
         let staging = |e: std::io::Error| StateError::Unavailable {
             path: path.clone(),
@@ -566,9 +563,7 @@ impl PendingJournal for SqliteState {
                 vacant.insert(StagedRun::start(run, &staging_dir(&path)).map_err(staging)?)
             }
         };
-        staged
-            .push(rows, handles, created_run, &self.codec)
-            .map_err(staging)
+        staged.push(rows, handles, created_run).map_err(staging)
     }
 
     fn confirm_finished(&mut self, pipeline: &str, run: i64) -> Result<u64, StateError> {
