@@ -29,6 +29,7 @@ pub mod config;
 mod limiter;
 pub mod sink;
 pub mod source;
+mod spool;
 
 use contactsync_core::{ConfigError, ConnectorSettings, Sink, SinkFactory, Source, SourceFactory};
 

@@ -38,7 +38,7 @@ impl<'r> Run<'r> {
         while !left.is_empty() {
             let rest = left.split_off(batch_size.min(left.len()));
             let batch = std::mem::replace(&mut left, rest);
-            self.send_batch(sink, batch, &addresses, true).await?;
+            self.send_batch(sink, batch, &addresses, false).await?;
         }
         let mut parts = [
             changes.upserts.into_reader()?,
@@ -62,7 +62,7 @@ impl<'r> Run<'r> {
                 if batch.is_empty() {
                     break;
                 }
-                self.send_batch(sink, batch, &addresses, true).await?;
+                self.send_batch(sink, batch, &addresses, false).await?;
             }
         }
         let run_id = self.report.run;
@@ -237,29 +237,28 @@ impl<'r> Run<'r> {
             rest.extend(streamed.buffer.drain(streamed.batch_size..));
             let batch = std::mem::replace(&mut streamed.buffer, rest);
             streamed.sent += batch.len() as u64;
-            // Counted in the progress when the read is done (`apply`).
-            self.send_batch(sink, batch, &addresses, false).await?;
+            self.send_batch(sink, batch, &addresses, true).await?;
         }
         Ok(())
     }
 
-    /// Sends `changes` as the run's next batch; `progress` counts them in the
-    /// observer's current phase.
+    /// Sends `changes` as the run's next batch. Sent `while_reading` (a streamed first
+    /// sync), they count as unconfirmed and not in the progress, which `apply` counts
+    /// once the read is done.
     async fn send_batch(
         &mut self,
         sink: &mut dyn Sink,
         changes: Vec<Change>,
         addresses: &AddressBook,
-        progress: bool,
+        while_reading: bool,
     ) -> Result<(), RunError> {
         if self.options.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
         }
         self.batches += 1;
         let size = changes.len() as u64;
-        if !progress {
-            // Sent while reading: not confirmed until the finish, as `apply` counts
-            // every change planned once the read is done.
+        if while_reading {
+            // Not confirmed until the finish; `apply` counts every change planned.
             self.report.unconfirmed += size;
         }
         let batch = ChangeBatch {
@@ -267,7 +266,7 @@ impl<'r> Run<'r> {
             changes,
         };
         self.apply_batch(sink, batch, addresses).await?;
-        if progress {
+        if !while_reading {
             self.observer.advance(size);
         }
         Ok(())
