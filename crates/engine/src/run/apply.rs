@@ -1,5 +1,7 @@
 //! Steps 4 and 5 of a run: apply the change set in batches, settling each outcome, and record the run.
 
+use std::borrow::Cow;
+
 use super::*;
 
 impl<'r> Run<'r> {
@@ -277,13 +279,13 @@ impl<'r> Run<'r> {
         batch
             .changes
             .iter()
-            .map(|change| self.pending_row(change.clone()))
+            .map(|change| self.pending_row(Cow::Borrowed(change)))
             .collect()
     }
 
-    /// What the state records of `change`, which it takes: its contact is moved, not
-    /// copied.
-    fn pending_row(&self, change: Change) -> PendingRow {
+    /// What the state records of `change`: given, its key and contact are moved, not
+    /// copied (a first sync's million records).
+    fn pending_row(&self, change: Cow<'_, Change>) -> PendingRow {
         let kind = change.kind();
         let content_hash = change
             .contact()
@@ -291,10 +293,11 @@ impl<'r> Run<'r> {
             .unwrap_or(0);
         let email = change.email().map(str::to_string);
         let (key, record) = match change {
-            Change::Create { key, contact, .. } | Change::Update { key, contact, .. } => {
-                (key, Some(contact))
-            }
-            Change::Remove { key, .. } => (key, None),
+            Cow::Borrowed(change) => (change.key().clone(), change.contact().cloned()),
+            Cow::Owned(
+                Change::Create { key, contact, .. } | Change::Update { key, contact, .. },
+            ) => (key, Some(contact)),
+            Cow::Owned(Change::Remove { key, .. }) => (key, None),
         };
         PendingRow {
             key,
@@ -387,7 +390,7 @@ impl<'r> Run<'r> {
             let rows = batch
                 .changes
                 .into_iter()
-                .map(|change| self.pending_row(change))
+                .map(|change| self.pending_row(Cow::Owned(change)))
                 .collect();
             self.state
                 .record_awaiting_finish(pipeline, run, &batch.id, rows, handles)?;

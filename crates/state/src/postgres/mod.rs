@@ -428,9 +428,8 @@ impl PostgresState {
         }
         let mut codec = self.codec.writer();
         let pipeline = pipeline.to_string();
-        let (answer, answered) = mpsc::channel();
-        let job: Job = Box::new(move |client| {
-            let copied = copy_staged(
+        let answered = self.submit(move |client| {
+            copy_staged(
                 client,
                 &pipeline,
                 run,
@@ -438,13 +437,8 @@ impl PostgresState {
                 handles,
                 created_run,
                 &mut codec,
-            );
-            let _ = answer.send(copied);
-        });
-        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
-        if !sent {
-            return Err(self.lost());
-        }
+            )
+        })?;
         self.staging_queue().push_back(answered);
         Ok(())
     }
@@ -461,13 +455,7 @@ impl PostgresState {
         let Some(answered) = self.staging_queue().pop_front() else {
             return Ok(());
         };
-        match answered.recv() {
-            Ok(copied) => copied.map_err(|e| StateError::Shared {
-                url: self.shown.clone(),
-                message: describe(&e),
-            }),
-            Err(_) => Err(self.lost()),
-        }
+        self.answer(answered)
     }
 
     /// Waits for every batch handed to [`PostgresState::stage`]: the first error, if
@@ -622,28 +610,36 @@ impl PostgresState {
         &self,
         work: impl FnOnce(&mut Client) -> Result<R, postgres::Error> + Send + 'static,
     ) -> Result<R, StateError> {
+        let answered = self.submit(work)?;
+        self.answer(answered)
+    }
+
+    /// Hands `work` to the connection's thread; the receiver answers with its result.
+    fn submit<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Client) -> Result<R, postgres::Error> + Send + 'static,
+    ) -> Result<mpsc::Receiver<Result<R, postgres::Error>>, StateError> {
         let (answer, answered) = mpsc::channel();
         let job: Job = Box::new(move |client| {
             let _ = answer.send(work(client));
         });
-        let sent = self
-            .jobs
-            .as_ref()
-            .map(|j| j.send(job).is_ok())
-            .unwrap_or(false);
-        let lost = || StateError::Shared {
-            url: self.shown.clone(),
-            message: "the connection to the state database was lost".into(),
-        };
-        if !sent {
-            return Err(lost());
+        if self.jobs.as_ref().is_none_or(|j| j.send(job).is_err()) {
+            return Err(self.lost());
         }
+        Ok(answered)
+    }
+
+    /// Waits for what the connection's thread answered to one [`submit`](Self::submit).
+    fn answer<R>(
+        &self,
+        answered: mpsc::Receiver<Result<R, postgres::Error>>,
+    ) -> Result<R, StateError> {
         match answered.recv() {
             Ok(result) => result.map_err(|e| StateError::Shared {
                 url: self.shown.clone(),
                 message: describe(&e),
             }),
-            Err(_) => Err(lost()),
+            Err(_) => Err(self.lost()),
         }
     }
 

@@ -1,15 +1,16 @@
 //! The batches a sink durable at its finish took whole, until its finish made them
 //! durable ([`PendingJournal::record_awaiting_finish`]).
 //!
-//! They never touch the database file until the confirm: a thread of their own
-//! encodes each record and writes the row, framed, to an anonymous temporary file (a
-//! crash leaves nothing of them). The confirm compresses the records, with the
-//! dictionary the state trained on a sample of the whole run: a first sync is staged
-//! while it is read, and a dictionary trained on its first batch (of a file sorted by
-//! id) made its records a third larger. The frames go into [`BUCKETS`] buckets by the top bits
-//! of their key hash, each buffered and appended to the file in chunks, so that the
-//! confirm reads one bucket at a time in a few large reads, sorts it by key hash in
-//! memory, and inserts its rows into `synced` in that order: its b-tree is appended to.
+//! They never touch the database file until the confirm: a thread of their own encodes
+//! each row and writes it, framed, into [`BUCKETS`] buckets by the top bits of its key
+//! hash, each buffered and appended in chunks to an anonymous temporary file (a crash
+//! leaves nothing of them). The confirm reads one bucket at a time in a few large
+//! reads, sorts it by key hash in memory, and inserts its rows into `synced` in that
+//! order, so that its b-tree is appended to; another thread prepares the next bucket
+//! meanwhile, compressing its records with the dictionary the state trained on a
+//! sample of the whole run (a first sync is staged while it is read, and a dictionary
+//! trained on its first batch, of a file sorted by id, made its records a third larger).
+//!
 //! Before, the rows went into a temporary table and `synced` took them with one `INSERT
 //! … SELECT … ORDER BY`: on a 1M first sync the inserts into the table took 1.1 s of the
 //! run's own thread, and the confirm's sort and copy 2.3 s. (Reading each row back
@@ -53,7 +54,7 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// One staged row as its frame holds it (after its key hash and length): `synced`'s
 /// columns but the key hash and the record, whose bytes follow it to the frame's end
 /// (postcard writes a byte vector a byte at a time: a first sync's million records
-/// took the staging thread 0.3 s that way, and as long again to read back).
+/// took 0.3 s that way, and as long again to read back).
 #[derive(Serialize, Deserialize)]
 struct StagedFrame {
     removal: bool,
